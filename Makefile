@@ -1,0 +1,33 @@
+# Two commands: `make demo` and `make test`. Each bootstraps .venv from nothing.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench venv clean
+
+venv: $(STAMP)
+
+# torch is installed first and pinned to the CPU wheel so that nothing pulls a multi-GB CUDA build;
+# pyproject.toml only asks for torch>=2.4, which GPU images satisfy with their own build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dcgan demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/lmdb_decode.py
+	$(PY) benchmarks/face_detect.py
+	$(PY) benchmarks/dedup_quality.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

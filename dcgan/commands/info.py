@@ -1,0 +1,36 @@
+"""`dcgan info --config X`: the layer table, parameter counts and D feature dimension of a config's networks."""
+
+from __future__ import annotations
+
+import torch
+
+from dcgan.config import load_config
+from dcgan.networks import Discriminator, Generator, layer_table, parameter_count
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="print the networks' layer table and parameter counts")
+    p.add_argument("--config", help="YAML config (default: the paper's 64x64 model)")
+    p.set_defaults(func=run)
+
+
+def _print_table(title: str, rows) -> None:
+    print(f"\n{title}")
+    print(f"  {'layer':<22}{'type':<18}{'output':<20}{'params':>12}")
+    for name, kind, shape, n in rows:
+        print(f"  {name:<22}{kind:<18}{'x'.join(map(str, shape)):<20}{n:>12,}")
+
+
+def run(args) -> int:
+    cfg = load_config(args.config)
+    m = cfg.model
+    g, d = Generator(m), Discriminator(m)
+    z = torch.zeros(2, m.z_dim)
+    x = torch.zeros(2, m.channels, m.resolution, m.resolution)
+    print(f"config: {args.config or '(paper defaults)'}  resolution {m.resolution}  z {m.z_dim}-d {m.z_dist}")
+    _print_table(f"Generator: {parameter_count(g):,} parameters", layer_table(g, z))
+    _print_table(f"Discriminator: {parameter_count(d):,} parameters", layer_table(d, x))
+    from dcgan.evaluation.features import feature_dim
+
+    print(f"\nD features (every conv layer max-pooled to 4x4, concatenated): {feature_dim(d):,}-d")
+    return 0

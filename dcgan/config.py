@@ -1,0 +1,192 @@
+"""Typed configuration with the paper's defaults.
+
+One set of pydantic models serves the CLI, the Prefect flows (as flow parameters) and the tests. Unknown keys and
+impossible values fail at load time with the field named, before any Ray worker starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from preprocessing.config import BuildConfig, DedupConfig
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _power_of_two(v: int) -> bool:
+    return v > 0 and (v & (v - 1)) == 0
+
+
+class ModelConfig(Strict):
+    """The networks. Defaults are the authors' 64x64 faces/LSUN model (widths 1024..128, 5x5 kernels)."""
+
+    resolution: int = Field(64, description="image side in pixels: 16, 32, 64 or 128")
+    channels: int = Field(3, ge=1, le=4)
+    z_dim: int = Field(100, ge=1)
+    z_dist: Literal["uniform", "normal"] = "uniform"  # paper: U[-1, 1]; dcgan.torch/pytorch examples: N(0, 1)
+    ngf: int = Field(128, ge=1, description="G width of the last hidden layer; doubles towards the projection")
+    ndf: int = Field(128, ge=1, description="D width of the first layer; doubles with depth")
+    kernel_size: int = Field(5, description="5 in the authors' code, 4 in dcgan.torch / pytorch examples")
+    # Optional explicit D conv stack (the authors' 32x32 ImageNet feature model); None = the strided pyramid.
+    d_channels: list[int] | None = None
+    d_strides: list[int] | None = None
+    d_kernel_size: int | None = None
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, v: int) -> int:
+        if not _power_of_two(v) or not 16 <= v <= 256:
+            raise ValueError(f"resolution must be a power of two between 16 and 256, got {v}")
+        return v
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _kernel(cls, v: int) -> int:
+        if v not in (4, 5):
+            raise ValueError(f"kernel_size must be 4 or 5 (stride-2 up/down-sampling by exactly 2), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _d_stack(self) -> "ModelConfig":
+        if (self.d_channels is None) != (self.d_strides is None):
+            raise ValueError("d_channels and d_strides must be given together")
+        if self.d_channels is not None:
+            assert self.d_strides is not None
+            if len(self.d_channels) != len(self.d_strides) or not self.d_channels:
+                raise ValueError("d_channels and d_strides must have the same, non-zero length")
+            if any(s not in (1, 2) for s in self.d_strides):
+                raise ValueError(f"d_strides must be 1 or 2, got {self.d_strides}")
+            down = 2 ** sum(1 for s in self.d_strides if s == 2)
+            if self.resolution % down:
+                raise ValueError(f"d_strides downsample by {down}, which does not divide resolution {self.resolution}")
+        return self
+
+    @property
+    def n_up(self) -> int:
+        """Number of fractionally-strided convolutions in G (and strided ones in the default D): 4x4 -> resolution."""
+        return (self.resolution // 4).bit_length() - 1
+
+
+class TrainConfig(Strict):
+    """Optimisation. Paper section 4: batch 128, Adam lr 2e-4, beta1 0.5, non-saturating GAN loss."""
+
+    batch_size: int = Field(128, ge=1, description="global batch, split evenly over workers")
+    lr: float = Field(2e-4, gt=0)
+    beta1: float = Field(0.5, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, description="the authors' Theano code used 1e-5 (L2)")
+    steps: int = Field(1000, ge=1, description="total generator updates")
+    alternate_updates: bool = Field(False, description="authors' quirk: update D and G on alternate minibatches")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
+    channels_last: bool | None = Field(None, description="None = on GPU only")
+    compile: bool | None = Field(None, description="torch.compile the step; None = on GPU only")
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+    shuffle_buffer: int = Field(4096, ge=0, description="rows in Ray Data's local shuffle buffer; 0 = no shuffle")
+
+
+class ClusterConfig(Strict):
+    """Where Ray Train runs. `address` None = RAY_ADDRESS or a local in-process Ray."""
+
+    workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    address: str | None = None
+    max_failures: int = Field(3, ge=0, description="worker/node failures Ray Train recovers from by resuming")
+
+
+class EvalConfig(Strict):
+    """What `dcgan evaluate` runs (see dcgan.evaluation)."""
+
+    suites: list[str] = Field(default_factory=lambda: ["samples", "walks", "arithmetic", "memorisation"])
+    n_samples: int = Field(64, ge=1)
+    cifar10: str | None = None
+    svhn: str | None = None
+    inception_weights: str | None = None
+
+
+class Config(Strict):
+    """A whole experiment: where data and runs live, how to build the data, the model, training, evaluation."""
+
+    name: str = "dcgan"
+    root: str = Field("./runs", description="storage root URI: datasets/ and runs/ live under it")
+    data: str | None = Field(None, description="dataset URI; default <root>/datasets/<name>/v1")
+    run: str | None = Field(None, description="run URI; default <root>/runs/<name>")
+    build: BuildConfig | None = None
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.train.batch_size % self.cluster.workers:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must be divisible by cluster.workers ({self.cluster.workers})"
+            )
+        if self.build is not None and self.build.resolution != self.model.resolution:
+            raise ValueError(
+                f"build.resolution ({self.build.resolution}) differs from model.resolution ({self.model.resolution})"
+            )
+        return self
+
+    @property
+    def data_uri(self) -> str:
+        return self.data or f"{self.root.rstrip('/')}/datasets/{self.name}/v1"
+
+    @property
+    def run_uri(self) -> str:
+        return self.run or f"{self.root.rstrip('/')}/runs/{self.name}"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the offending field."""
+
+
+def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    lines = [f"invalid {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Load a YAML config (or the defaults), apply dotted overrides like {"train.steps": 10}, and validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_config(data, str(path) if path else "config")
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

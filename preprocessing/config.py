@@ -1,0 +1,61 @@
+"""Typed parameters of the dataset builds and of de-duplication.
+
+They live here, not in `dcgan`, because `preprocessing` is importable on its own; `dcgan.config.Config` embeds them.
+The manifest records `model_dump()` of these, so equal parameters give equal datasets.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DedupConfig(_Strict):
+    """Paper section 4.1: a 3072-128-3072 denoising, dropout-regularised ReLU autoencoder on 32x32 center crops."""
+
+    enabled: bool = True
+    crop: int = Field(32, description="side of the center crop fed to the autoencoder (3*crop*crop inputs)")
+    code_bits: int = Field(128, ge=8, le=1024)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    input_noise: float = Field(0.1, ge=0, description="std of the Gaussian corruption of the denoising AE")
+    dropout: float = Field(0.2, ge=0, lt=1)
+    radius: int = Field(0, ge=0, description="Hamming radius; 0 = identical codes only (linear time)")
+    seed: int = 0
+
+
+class BuildConfig(_Strict):
+    """How raw inputs become a sharded dataset (build-lsun and build-faces share it)."""
+
+    kind: Literal["lsun", "faces"] = "lsun"
+    input: str | None = Field(None, description="LMDB dir, image folder, s3:// prefix or URL list file")
+    resolution: int = 64
+    limit: int | None = Field(None, ge=1, description="read at most this many inputs")
+    shard_rows: int = Field(2048, ge=1, description="rows per shard file")
+    max_reject_rate: float = Field(1.0, ge=0, le=1, description="fail the build if more inputs than this are rejected")
+    max_pixels: int = Field(50_000_000, ge=1, description="decompression-bomb cap on width*height")
+    overwrite: bool = False
+    # faces
+    min_face: int = Field(64, ge=1, description="smallest detected face side kept, in source pixels")
+    margin: float = Field(0.0, ge=0, le=1, description="extra context around a face box, as a fraction of its side")
+    cascade: str = Field("haarcascade_frontalface_default.xml", description="file under cv2.data.haarcascades or a path")
+    scale_factor: float = Field(1.1, gt=1)
+    min_neighbors: int = Field(5, ge=0)
+    # URL lists
+    download_concurrency: int = Field(16, ge=1)
+    download_timeout_s: float = Field(10.0, gt=0)
+    download_retries: int = Field(2, ge=0)
+    max_download_bytes: int = Field(20_000_000, ge=1)
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, v: int) -> int:
+        if v <= 0 or v & (v - 1) or not 8 <= v <= 256:
+            raise ValueError(f"resolution must be a power of two between 8 and 256, got {v}")
+        return v

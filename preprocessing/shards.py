@@ -1,0 +1,312 @@
+"""The dataset contract: Parquet shards of training-resolution pixels, committed by a manifest written last.
+
+Layout (ARCHITECTURE.md): <dataset>/manifest.json, shards/part-NNNNN.parquet, rejects/part-NNNNN.parquet, dedup/.
+Rows: key (stable id), image (uint8 HxWx3 as an Arrow fixed-shape tensor, so training never decodes), source, box
+(face box in source pixels, null for LSUN), hash (the dedup code, null until de-duplicated). Readers trust only what
+the manifest lists, and check row counts, sizes and sha256, so a crash never leaves a half dataset that looks whole.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from preprocessing import storage
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+CODE_VERSION = "0.1.0"
+
+
+class DatasetError(RuntimeError):
+    """A dataset that is missing, incomplete, or disagrees with its manifest; the message names the file."""
+
+
+# ------------------------------------------------------------------------------------------------------ schema
+
+
+def image_type(resolution: int, channels: int = 3) -> pa.DataType:
+    return pa.fixed_shape_tensor(pa.uint8(), (resolution, resolution, channels))
+
+
+def shard_schema(resolution: int, channels: int = 3) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("image", image_type(resolution, channels), nullable=False),
+            pa.field("source", pa.string()),
+            pa.field("box", pa.list_(pa.int32(), 4)),
+            pa.field("hash", pa.binary()),
+        ],
+        metadata={b"dcgan.schema_version": str(SCHEMA_VERSION).encode()},
+    )
+
+
+REJECT_SCHEMA = pa.schema(
+    [pa.field("key", pa.string()), pa.field("source", pa.string()), pa.field("reason", pa.string()),
+     pa.field("detail", pa.string())]
+)
+
+
+def make_table(
+    keys: Sequence[str],
+    images: np.ndarray,
+    sources: Sequence[str | None] | None = None,
+    boxes: Sequence[Sequence[int] | None] | None = None,
+    hashes: Sequence[bytes | None] | None = None,
+) -> pa.Table:
+    """Rows -> an Arrow table in the shard schema. `images` is (N, R, R, C) uint8."""
+    images = np.ascontiguousarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"images must be (N, R, R, C) uint8, got {images.shape} {images.dtype}")
+    n, res, _, ch = images.shape
+    if len(keys) != n:
+        raise ValueError(f"{len(keys)} keys for {n} images")
+    schema = shard_schema(res, ch)
+    image_col = pa.ExtensionArray.from_storage(
+        image_type(res, ch), pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1), pa.uint8()), res * res * ch)
+    )
+    box_col = pa.array(
+        [None if b is None else [int(v) for v in b] for b in (boxes or [None] * n)], pa.list_(pa.int32(), 4)
+    )
+    return pa.Table.from_arrays(
+        [
+            pa.array(list(keys), pa.string()),
+            image_col,
+            pa.array(list(sources) if sources is not None else [None] * n, pa.string()),
+            box_col,
+            pa.array(list(hashes) if hashes is not None else [None] * n, pa.binary()),
+        ],
+        schema=schema,
+    )
+
+
+def images_of(table: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """The image column as one (N, R, R, C) uint8 array, without copying per row."""
+    col = table.column("image")
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    shape = col.type.shape
+    flat = col.storage.values.to_numpy(zero_copy_only=False)
+    return flat.reshape(len(col), *shape)
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+
+
+def shard_name(index: int, prefix: str = "shards") -> str:
+    return f"{prefix}/part-{index:05d}.parquet"
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    # No compression on pixels gains little; zstd on everything is a fair default and deterministic.
+    pq.write_table(table, buf, compression="zstd", row_group_size=1024, write_statistics=["key"])
+    return buf.getvalue()
+
+
+def write_table(dataset_uri: str, relpath: str, table: pa.Table) -> dict[str, Any]:
+    """Write one Parquet file under the dataset and return its manifest entry (path, rows, bytes, sha256)."""
+    data = _parquet_bytes(table)
+    storage.write_bytes(storage.join(dataset_uri, relpath), data)
+    return {"path": relpath, "rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def content_hash(shards: Iterable[dict[str, Any]]) -> str:
+    """One digest of the dataset's rows: the shards' checksums in order."""
+    h = hashlib.sha256()
+    for s in shards:
+        h.update(f"{s['path']}:{s['rows']}:{s['sha256']}\n".encode())
+    return h.hexdigest()
+
+
+def write_manifest(
+    dataset_uri: str,
+    *,
+    kind: str,
+    resolution: int,
+    shards: list[dict[str, Any]],
+    rejects: list[dict[str, Any]] | None = None,
+    reject_counts: dict[str, int] | None = None,
+    inputs: int | None = None,
+    dedup: dict[str, Any] | None = None,
+    inputs_fingerprint: str | None = None,
+    params: dict[str, Any] | None = None,
+    channels: int = 3,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Commit a dataset: the manifest is the last object written, and its presence means complete."""
+    shards = sorted(shards, key=lambda s: s["path"])
+    rows = sum(s["rows"] for s in shards)
+    reject_counts = dict(sorted((reject_counts or {}).items()))
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind,
+        "resolution": resolution,
+        "channels": channels,
+        "counts": {
+            "inputs": inputs,
+            "rows": rows,
+            "rejected": sum(reject_counts.values()),
+            "duplicates_removed": (dedup or {}).get("removed", 0),
+        },
+        "content_hash": content_hash(shards),
+        "shards": shards,
+        "rejects": {"by_reason": reject_counts, "shards": sorted(rejects or [], key=lambda s: s["path"])},
+        "dedup": dedup or {"method": "none"},
+        "inputs_fingerprint": inputs_fingerprint,
+        "params": params or {},
+        "code_version": CODE_VERSION,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if extra:
+        manifest.update(extra)
+    storage.write_json(storage.join(dataset_uri, MANIFEST), manifest)
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------------ reading
+
+
+def read_manifest(dataset_uri: str) -> dict[str, Any]:
+    uri = storage.join(dataset_uri, MANIFEST)
+    try:
+        if not storage.exists(uri):
+            raise DatasetError(f"{dataset_uri}: no {MANIFEST} (not a dataset, or its build did not finish)")
+        manifest = storage.read_json(uri)
+    except storage.StorageError as err:
+        raise DatasetError(str(err)) from None
+    except ValueError as err:
+        raise DatasetError(f"{uri}: not valid JSON ({err})") from None
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise DatasetError(f"{uri}: schema_version {version!r}, this code reads {SCHEMA_VERSION}")
+    for field in ("kind", "resolution", "shards"):
+        if field not in manifest:
+            raise DatasetError(f"{uri}: missing field {field!r}")
+    return manifest
+
+
+def verify(dataset_uri: str, manifest: dict[str, Any] | None = None, checksums: bool = True) -> dict[str, Any]:
+    """Check every shard the manifest lists: present, same size, same sha256, same row count, same schema."""
+    manifest = manifest or read_manifest(dataset_uri)
+    expected = shard_schema(manifest["resolution"], manifest.get("channels", 3))
+    for entry in manifest["shards"]:
+        uri = storage.join(dataset_uri, entry["path"])
+        try:
+            data = storage.read_bytes(uri)
+        except storage.StorageError:
+            raise DatasetError(f"shard {entry['path']} listed in the manifest is missing ({uri})") from None
+        if len(data) != entry["bytes"]:
+            raise DatasetError(f"shard {entry['path']}: {len(data)} bytes, manifest says {entry['bytes']}")
+        if checksums and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise DatasetError(f"shard {entry['path']}: sha256 differs from the manifest (corrupt or replaced)")
+        meta = pq.ParquetFile(io.BytesIO(data))
+        if meta.metadata.num_rows != entry["rows"]:
+            raise DatasetError(f"shard {entry['path']}: {meta.metadata.num_rows} rows, manifest says {entry['rows']}")
+        schema = meta.schema_arrow
+        if schema.get_field_index("image") < 0 or schema.field("image").type != expected.field("image").type:
+            raise DatasetError(f"shard {entry['path']}: schema does not match version {SCHEMA_VERSION} "
+                               f"at resolution {manifest['resolution']}")
+    return manifest
+
+
+@dataclass
+class _Shard:
+    path: str
+    start: int
+    rows: int
+
+
+class ShardDataset:
+    """Plain-Python reader (length, iteration, random access) for evaluation, dedup and tests.
+
+    Shards are loaded lazily and the most recent one is cached, so sequential access reads each file once.
+    """
+
+    def __init__(self, dataset_uri: str, check: bool = True, checksums: bool = True):
+        self.uri = dataset_uri
+        self.manifest = verify(dataset_uri, checksums=checksums) if check else read_manifest(dataset_uri)
+        self._shards, start = [], 0
+        for entry in self.manifest["shards"]:
+            self._shards.append(_Shard(entry["path"], start, entry["rows"]))
+            start += entry["rows"]
+        self._len = start
+        self._cache: tuple[int, pa.Table] | None = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def resolution(self) -> int:
+        return int(self.manifest["resolution"])
+
+    def shard_table(self, i: int) -> pa.Table:
+        if self._cache is None or self._cache[0] != i:
+            data = storage.read_bytes(storage.join(self.uri, self._shards[i].path))
+            self._cache = (i, pq.read_table(io.BytesIO(data)))
+        return self._cache[1]
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        if not -self._len <= index < self._len:
+            raise IndexError(index)
+        index %= self._len
+        lo, hi = 0, len(self._shards) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._shards[mid].start <= index:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo, index - self._shards[lo].start
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s, r = self._locate(index)
+        row = self.shard_table(s).slice(r, 1)
+        out = row.drop_columns(["image"]).to_pylist()[0]
+        out["image"] = images_of(row)[0]
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for table in self.tables():
+            imgs = images_of(table)
+            for j, row in enumerate(table.drop_columns(["image"]).to_pylist()):
+                row["image"] = imgs[j]
+                yield row
+
+    def tables(self) -> Iterator[pa.Table]:
+        for i in range(len(self._shards)):
+            yield self.shard_table(i)
+
+    def images(self, indices: Sequence[int] | None = None) -> np.ndarray:
+        """(N, R, R, C) uint8 for the given row indices (all rows if None)."""
+        if indices is None:
+            return np.concatenate([images_of(t) for t in self.tables()]) if self._shards else np.zeros((0,))
+        return np.stack([self[int(i)]["image"] for i in indices])
+
+    def keys(self) -> list[str]:
+        return [k for t in self.tables() for k in t.column("key").to_pylist()]
+
+
+def shard_uris(dataset_uri: str, manifest: dict[str, Any] | None = None) -> list[str]:
+    manifest = manifest or read_manifest(dataset_uri)
+    return [storage.join(dataset_uri, s["path"]) for s in manifest["shards"]]
+
+
+def ray_dataset(dataset_uri: str, columns: Sequence[str] = ("image",), manifest: dict[str, Any] | None = None):
+    """The manifest's shards as a Ray Dataset; the image column arrives as uint8 (R, R, C) tensors, no decode."""
+    import ray.data
+
+    manifest = manifest or read_manifest(dataset_uri)
+    if not manifest["shards"]:
+        raise DatasetError(f"{dataset_uri}: the manifest lists no shards")
+    fs, _ = storage.arrow_filesystem(dataset_uri)
+    paths = [storage.arrow_filesystem(u)[1] for u in shard_uris(dataset_uri, manifest)]
+    return ray.data.read_parquet(paths, filesystem=fs, columns=list(columns), file_extensions=["parquet"])

@@ -1,0 +1,299 @@
+"""One URI for every location: a local path / file:// URI, or s3://bucket/prefix on any S3-compatible store.
+
+The endpoint and credentials come only from the standard AWS settings (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, profiles, instance roles). boto3 does object I/O with multipart
+transfers and bounded retries with backoff; `arrow_filesystem` gives Ray Data and Ray Train the same store through
+pyarrow. No credential is printed or written: errors name the URI and the cause, never a key.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+
+
+class StorageError(RuntimeError):
+    """A storage location that cannot be used (missing bucket, bad credentials, unreachable endpoint, no object)."""
+
+
+# ---------------------------------------------------------------------------------------------------------- URIs
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def local_path(uri: str | Path) -> Path:
+    """The filesystem path of a local URI (plain path or file://)."""
+    s = str(uri)
+    if s.startswith("file://"):
+        return Path(urlparse(s).path)
+    if "://" in s:
+        raise StorageError(f"not a local path: {s}")
+    return Path(s)
+
+
+def normalize(uri: str | Path) -> str:
+    """s3:// URIs without a trailing slash; local URIs as absolute paths."""
+    s = str(uri)
+    if is_s3(s):
+        return s.rstrip("/")
+    return str(local_path(s).expanduser().resolve())
+
+
+def join(uri: str, *parts: str) -> str:
+    base = str(uri).rstrip("/")
+    for p in parts:
+        base = f"{base}/{str(p).strip('/')}"
+    return base
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StorageError(f"not an s3:// URI: {uri}")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def endpoint_url() -> str | None:
+    """The S3 endpoint from the standard settings (None = AWS itself)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+# ------------------------------------------------------------------------------------------------------- clients
+
+
+@functools.lru_cache(maxsize=None)
+def _client(endpoint: str | None, pid: int):
+    import boto3
+    from botocore.config import Config
+
+    cfg = Config(
+        retries={"max_attempts": 6, "mode": "adaptive"},  # backoff on throttling, 5xx and connection resets
+        connect_timeout=10,
+        read_timeout=60,
+        max_pool_connections=32,
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=cfg)
+
+
+def s3_client():
+    """A boto3 S3 client for the configured endpoint (one per process; boto3 clients are not fork-safe)."""
+    return _client(endpoint_url(), os.getpid())
+
+
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
+
+
+def _explain(err: Exception, uri: str) -> StorageError:
+    """One clear line for the errors users hit: no bucket, no object, bad credentials, no endpoint."""
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(err, ClientError):
+        code = err.response.get("Error", {}).get("Code", "")
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("NoSuchBucket",):
+            return StorageError(f"{uri}: bucket does not exist")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return StorageError(f"{uri}: no such object")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "ExpiredToken"):
+            return StorageError(f"{uri}: access denied ({code}); check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/profile")
+        return StorageError(f"{uri}: S3 error {code or status}")
+    if isinstance(err, NoCredentialsError):
+        return StorageError(f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
+    if isinstance(err, EndpointConnectionError):
+        return StorageError(f"{uri}: cannot reach the S3 endpoint {endpoint_url() or '(AWS default)'}")
+    if isinstance(err, BotoCoreError):
+        return StorageError(f"{uri}: {type(err).__name__}: {err}")
+    return StorageError(f"{uri}: {err}")
+
+
+def _s3_call(uri: str, fn, *args, **kwargs):
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn(*args, **kwargs)
+    except (ClientError, BotoCoreError) as err:
+        raise _explain(err, uri) from None
+
+
+# ------------------------------------------------------------------------------------------------------ objects
+
+
+def read_bytes(uri: str) -> bytes:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        buf = io.BytesIO()
+        _s3_call(uri, s3_client().download_fileobj, bucket, key, buf, Config=_transfer_config())
+        return buf.getvalue()
+    p = local_path(uri)
+    if not p.is_file():
+        raise StorageError(f"{uri}: no such file")
+    return p.read_bytes()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write an object whole: locally through a temporary file and a rename, so readers never see half of it."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        _s3_call(uri, s3_client().upload_fileobj, io.BytesIO(data), bucket, key, Config=_transfer_config())
+        return
+    p = local_path(uri)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def upload_file(path: str | Path, uri: str) -> None:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        _s3_call(uri, s3_client().upload_file, str(path), bucket, key, Config=_transfer_config())
+    else:
+        dst = local_path(uri)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, dst)
+
+
+def download_file(uri: str, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        _s3_call(uri, s3_client().download_file, bucket, key, str(path), Config=_transfer_config())
+    else:
+        shutil.copyfile(local_path(uri), path)
+
+
+def exists(uri: str) -> bool:
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise _explain(err, uri) from None
+    return local_path(uri).exists()
+
+
+def list_uris(prefix: str, suffix: str = "") -> list[str]:
+    """Every object (file) under a prefix (directory), recursively, sorted by URI."""
+    if is_s3(prefix):
+        bucket, key = split_s3(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        out = []
+        paginator = s3_client().get_paginator("list_objects_v2")
+        for page in _s3_call(prefix, lambda: list(paginator.paginate(Bucket=bucket, Prefix=key))):
+            for obj in page.get("Contents", []):
+                if obj["Key"].endswith(suffix):
+                    out.append(f"s3://{bucket}/{obj['Key']}")
+        return sorted(out)
+    root = local_path(prefix)
+    if not root.exists():
+        return []
+    return sorted(str(p) for p in root.rglob(f"*{suffix}") if p.is_file() and not p.name.startswith("."))
+
+
+def delete_prefix(uri: str) -> int:
+    """Remove everything under a prefix; returns how many objects went."""
+    if is_s3(uri):
+        bucket, _ = split_s3(uri)
+        keys = [split_s3(u)[1] for u in list_uris(uri)]
+        client = s3_client()
+        for i in range(0, len(keys), 1000):
+            chunk = [{"Key": k} for k in keys[i : i + 1000]]
+            _s3_call(uri, client.delete_objects, Bucket=bucket, Delete={"Objects": chunk, "Quiet": True})
+        return len(keys)
+    p = local_path(uri)
+    if p.is_dir():
+        n = sum(1 for q in p.rglob("*") if q.is_file())
+        shutil.rmtree(p)
+        return n
+    if p.exists():
+        p.unlink()
+        return 1
+    return 0
+
+
+def check_writable(uri: str) -> None:
+    """Fail early, in one line, when a location cannot be written (missing bucket, bad credentials, no endpoint)."""
+    if is_s3(uri):
+        bucket, _ = split_s3(uri)
+        _s3_call(f"s3://{bucket}", s3_client().head_bucket, Bucket=bucket)
+    else:
+        p = local_path(uri)
+        p.mkdir(parents=True, exist_ok=True)
+        if not os.access(p, os.W_OK):
+            raise StorageError(f"{uri}: not writable")
+
+
+# ------------------------------------------------------------------------------------------------------ pyarrow
+
+
+def arrow_filesystem(uri: str):
+    """(pyarrow FileSystem, path inside it) for Ray Data / Ray Train, with the same endpoint as boto3."""
+    import pyarrow.fs as pafs
+
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), str(local_path(uri).expanduser().resolve())
+    bucket, key = split_s3(uri)
+    return s3_arrow_filesystem(), f"{bucket}/{key}".rstrip("/")
+
+
+def s3_arrow_filesystem():
+    import pyarrow.fs as pafs
+
+    kwargs: dict[str, Any] = {}
+    ep = endpoint_url()
+    if ep:
+        parsed = urlparse(ep)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        kwargs["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=6)
+    return pafs.S3FileSystem(**kwargs)
