@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/dcgan demo
+	$(PY) -m pipelines.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

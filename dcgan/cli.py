@@ -8,7 +8,7 @@ import logging
 import sys
 
 # Subcommand modules, in the order `dcgan --help` lists them.
-COMMANDS = ["info", "build", "dedup", "train", "sample", "evaluate", "demo"]
+COMMANDS = ["info", "build", "dedup", "train", "sample", "evaluate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -309,4 +309,4 @@ def ray_dataset(dataset_uri: str, columns: Sequence[str] = ("image",), manifest:
         raise DatasetError(f"{dataset_uri}: the manifest lists no shards")
     fs, _ = storage.arrow_filesystem(dataset_uri)
     paths = [storage.arrow_filesystem(u)[1] for u in shard_uris(dataset_uri, manifest)]
-    return ray.data.read_parquet(paths, filesystem=fs, columns=list(columns), file_extensions=["parquet"])
+    return ray.data.read_parquet(paths, filesystem=fs, file_extensions=["parquet"]).select_columns(list(columns))

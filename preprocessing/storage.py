@@ -136,7 +136,12 @@ def read_bytes(uri: str) -> bytes:
     if is_s3(uri):
         bucket, key = split_s3(uri)
         buf = io.BytesIO()
-        _s3_call(uri, s3_client().download_fileobj, bucket, key, buf, Config=_transfer_config())
+        try:
+            _s3_call(uri, s3_client().download_fileobj, bucket, key, buf, Config=_transfer_config())
+        except StorageError as err:
+            if "no such object" in str(err):
+                check_writable(f"s3://{bucket}")  # a missing bucket says so, rather than "no such object"
+            raise
         return buf.getvalue()
     p = local_path(uri)
     if not p.is_file():
@@ -257,7 +262,12 @@ def check_writable(uri: str) -> None:
     """Fail early, in one line, when a location cannot be written (missing bucket, bad credentials, no endpoint)."""
     if is_s3(uri):
         bucket, _ = split_s3(uri)
-        _s3_call(f"s3://{bucket}", s3_client().head_bucket, Bucket=bucket)
+        try:
+            _s3_call(f"s3://{bucket}", s3_client().head_bucket, Bucket=bucket)
+        except StorageError as err:
+            if "no such object" in str(err):  # HEAD on a bucket answers a bare 404
+                raise StorageError(f"s3://{bucket}: bucket does not exist") from None
+            raise
     else:
         p = local_path(uri)
         p.mkdir(parents=True, exist_ok=True)

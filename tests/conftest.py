@@ -59,6 +59,7 @@ def ray_cluster(s3_server, tmp_path_factory):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # The dashboard carries the State API that Ray Train polls; without it every fit logs warnings.
+        ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

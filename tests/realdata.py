@@ -60,3 +60,27 @@ def mnist_rgb32(n: int = 5000) -> np.ndarray:
     x, _ = mnist(n)
     x = np.pad(x, ((0, 0), (2, 2), (2, 2)))
     return np.repeat(x[..., None], 3, axis=-1)
+
+
+def lsun_like_photos(short_side: int = 256) -> dict[str, np.ndarray]:
+    """skimage.data photos rescaled like LSUN's release (shorter side 256 by default), RGB uint8."""
+    import cv2
+
+    out = {}
+    for name, img in real_photos().items():
+        h, w = img.shape[:2]
+        s = short_side / min(h, w)
+        size = (max(short_side, round(w * s)), max(short_side, round(h * s)))
+        out[name] = cv2.resize(img, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
+    return out
+
+
+def encode(rgb: np.ndarray, ext: str = ".jpg", quality: int = 75) -> bytes:
+    """RGB (or grey) uint8 -> encoded bytes (".jpg" at LSUN's quality 75, ".webp", ".png")."""
+    import cv2
+
+    params = {".jpg": [cv2.IMWRITE_JPEG_QUALITY, quality], ".webp": [cv2.IMWRITE_WEBP_QUALITY, quality]}.get(ext, [])
+    bgr = rgb[..., ::-1] if rgb.ndim == 3 else rgb  # grey stays grey
+    ok, buf = cv2.imencode(ext, np.ascontiguousarray(bgr), params)
+    assert ok, ext
+    return buf.tobytes()

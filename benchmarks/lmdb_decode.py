@@ -1,0 +1,145 @@
+"""LSUN LMDB -> 64x64 rows: the Ray Data build against a single-process loop in the style of fyu/lsun's tools.
+
+The LMDB is built here from real photos (scikit-image's, rescaled to LSUN's 256-pixel shorter side, random crops
+and flips for distinct entries, JPEG quality 75 as in LSUN's README). Three measurements, same entries, same run:
+  baseline  one process: iterate the cursor, cv2.imdecode at full size, center crop, INTER_AREA resize (fyu/lsun style;
+            OpenCV keeps its default threads), nothing written.
+  ours-1p   one process, our per-image path (`preprocessing.images.square_image`: header checks, JPEG decoded at 1/2
+            or 1/4 scale in libjpeg, crop, resize), nothing written: the per-image gain alone.
+  ray       `build_dataset` end to end on Ray Data with all cores (key-range tasks, one LMDB env per worker, shards
+            written as zstd Parquet). Ray is started and its workers warmed before timing; start-up is printed apart.
+Ratios: ray / baseline is the headline (target >= 1.7x on 2 cores); ours-1p / baseline and ray / ours-1p split it into
+the decode gain and the parallel gain. Run: `.venv/bin/python benchmarks/lmdb_decode.py` (about a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from preprocessing.lsun import write_lmdb  # noqa: E402
+
+
+def make_lmdb(path: str, n: int, seed: int = 0) -> int:
+    """n distinct LSUN-like JPEG entries from real photos; returns the total encoded bytes."""
+    from realdata import lsun_like_photos
+
+    rng = np.random.default_rng(seed)
+    photos = list(lsun_like_photos(320).values())
+    entries = {}
+    for i in range(n):
+        img = photos[i % len(photos)]
+        h, w = img.shape[:2]
+        ch, cw = 256, int(rng.integers(256, min(w, 384) + 1))
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        crop = img[y : y + ch, x : x + cw]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(crop[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 75])
+        data = buf.tobytes()
+        entries[hashlib.sha1(data + i.to_bytes(4, "little")).hexdigest().encode()] = data
+    write_lmdb(path, entries)
+    return sum(len(v) for v in entries.values())
+
+
+def baseline(path: str, res: int) -> tuple[int, float]:
+    """fyu/lsun style: one process walks the cursor and decodes every value at full size."""
+    import lmdb
+
+    env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False)
+    t = time.perf_counter()
+    n, acc = 0, 0
+    with env.begin(write=False) as txn:
+        for _, val in txn.cursor():
+            img = cv2.imdecode(np.frombuffer(val, np.uint8), cv2.IMREAD_COLOR)
+            h, w = img.shape[:2]
+            s = min(h, w)
+            crop = img[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+            out = cv2.cvtColor(cv2.resize(crop, (res, res), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+            acc += int(out[0, 0, 0])
+            n += 1
+    env.close()
+    return n, time.perf_counter() - t
+
+
+def ours_single(path: str, res: int) -> tuple[int, float]:
+    from preprocessing.images import square_image
+    from preprocessing.lsun import plan_lmdb, read_range
+
+    t = time.perf_counter()
+    (chunk,), n, _ = plan_lmdb(path, 10**9)
+    for _, val in read_range(chunk["lmdb"], chunk["start"], chunk["count"]):
+        square_image(val, res, 50_000_000)
+    return n, time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--entries", type=int, default=8000)
+    ap.add_argument("--shard-rows", type=int, default=1000)
+    ap.add_argument("--resolution", type=int, default=64)
+    ap.add_argument("--cpus", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    tmp = Path(tempfile.mkdtemp(prefix="lmdb-bench-"))
+    try:
+        t = time.perf_counter()
+        nbytes = make_lmdb(str(tmp / "bedroom_train_lmdb"), args.entries)
+        print(f"LMDB: {args.entries} JPEG entries from real photos, {nbytes / 1e6:.1f} MB, "
+              f"built in {time.perf_counter() - t:.1f} s")
+        lmdb_path = str(tmp / "bedroom_train_lmdb")
+
+        n, base_s = baseline(lmdb_path, args.resolution)
+        print(f"baseline (1 process, full decode)  : {n / base_s:8.0f} img/s  ({n} in {base_s:.2f} s)")
+        n, one_s = ours_single(lmdb_path, args.resolution)
+        print(f"ours-1p  (1 process, reduced decode): {n / one_s:8.0f} img/s  ({n} in {one_s:.2f} s)")
+
+        import ray
+
+        from preprocessing.build import build_dataset
+        from preprocessing.config import BuildConfig
+
+        t = time.perf_counter()
+        ray.init(num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+        cfg = BuildConfig(kind="lsun", input=lmdb_path, resolution=args.resolution, shard_rows=args.shard_rows)
+        build_dataset(cfg.model_copy(update={"limit": 2 * args.cpus}), str(tmp / "warm"), progress=False)
+        print(f"ray start-up + worker warm-up        : {time.perf_counter() - t:.1f} s (not in the ratio)")
+        best = float("inf")
+        for rep in range(2):
+            shutil.rmtree(tmp / "out", ignore_errors=True)
+            t = time.perf_counter()
+            manifest = build_dataset(cfg, str(tmp / "out"), progress=False)
+            best = min(best, time.perf_counter() - t)
+        rows = manifest["counts"]["rows"]
+        print(f"ray      ({args.cpus} CPUs, Ray Data, shards)  : {rows / best:8.0f} img/s  ({rows} in {best:.2f} s, "
+              f"{len(manifest['shards'])} shards, best of 2)")
+        st = manifest["build_stats"]
+        print(f"  task time: {st['task_work_s']:.2f} s read+decode, {st['task_write_s']:.2f} s writing shards "
+              f"(sum over tasks; wall {st['seconds']:.2f} s)")
+        print(f"\nratio ray / baseline      : {base_s / best:.2f}x   (target >= 1.7x on 2 cores)")
+        print(f"ratio ours-1p / baseline  : {base_s / one_s:.2f}x   (reduced-scale JPEG decode, same core count)")
+        print(f"ratio ray / ours-1p       : {one_s / best:.2f}x   (parallel gain incl. Ray overhead and shard writes)")
+        ray.shutdown()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""DCGAN training on Ray Train: one worker per GPU (or CPU slot), many nodes, shards streamed with Ray Data.
+
+The driver checks everything it can before a worker starts (dataset manifest, resolution, batch split, writable run
+URI), writes the resolved config, and runs a TorchTrainer. Each worker resumes from the run's newest complete
+checkpoint by itself, so Ray Train's failure handling (a lost worker or node restarts the group) continues the run
+instead of starting over. Rank 0 writes metrics, checkpoints and a fixed-z sample grid.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+
+from dcgan import checkpoints
+from dcgan.config import Config, ConfigError, dump_config, parse_config
+from dcgan.networks import Discriminator, Generator, sample_z
+from dcgan.run_log import RunLog, read_metrics
+from dcgan.sampling import generate, save_grid
+from dcgan.step import METRICS, GANStep, StepOptions, make_optimizers
+from preprocessing import shards, storage
+
+log = logging.getLogger("dcgan.train")
+
+# Chaos hook for tests and drills: the named worker rank exits once when it reaches this step.
+FAIL_AT_STEP_ENV = "DCGAN_FAIL_AT_STEP"
+N_FIXED_SAMPLES = 64
+
+
+def samples_uri(run_uri: str, step: int) -> str:
+    return storage.join(run_uri, "samples", f"step-{step:07d}.png")
+
+
+def fixed_z(cfg: Config) -> torch.Tensor:
+    """The same 64 z for the whole run, so the sample grids show one run's progress."""
+    return sample_z(cfg.model, N_FIXED_SAMPLES, generator=torch.Generator().manual_seed(cfg.train.seed + 7919))
+
+
+def preflight(cfg: Config) -> dict[str, Any]:
+    """Fail before any worker starts: data must be a complete dataset that fits the model; the run URI writable."""
+    manifest = shards.read_manifest(cfg.data_uri)
+    if manifest["resolution"] != cfg.model.resolution:
+        raise ConfigError(
+            f"model.resolution is {cfg.model.resolution} but dataset {cfg.data_uri} is {manifest['resolution']}px"
+        )
+    if manifest.get("channels", 3) != cfg.model.channels:
+        raise ConfigError(f"model.channels is {cfg.model.channels} but the dataset has {manifest.get('channels', 3)}")
+    rows = manifest["counts"]["rows"]
+    if rows < cfg.train.batch_size:
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) exceeds the dataset's {rows} rows")
+    storage.check_writable(cfg.run_uri)
+    return manifest
+
+
+def _seed(seed: int, rank: int, step: int) -> None:
+    torch.manual_seed((seed * 1_000_003 + rank * 10_007 + step) % (2**63))
+
+
+def _worker_loop(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = parse_config(loop_config["config"])
+    run_uri, train_cfg = cfg.run_uri, cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(loop_config["threads"])
+
+    torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
+    g, d = Generator(cfg.model), Discriminator(cfg.model)
+    options = StepOptions.resolve(train_cfg, device)
+    opt_g, opt_d = make_optimizers(g, d, train_cfg, fused=options.fused_adam)
+    step, state = 0, None
+    if checkpoints.latest_step(run_uri) is not None:
+        state = checkpoints.load_state(run_uri)
+        g.load_state_dict(state["generator"])
+        d.load_state_dict(state["discriminator"])
+        step = int(state["step"])
+    gan = GANStep(g, d, opt_g, opt_d, cfg.model, train_cfg, device, options, distributed=world > 1)
+    if state is not None:  # optimizer state after the modules moved to the device
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+    gan.iteration = step
+    if world > 1:
+        import torch.distributed as dist
+
+        for t in list(g.state_dict().values()) + list(d.state_dict().values()):
+            dist.broadcast(t, src=0)
+    _seed(train_cfg.seed, rank, step)
+    if rank == 0:
+        print(f"[dcgan] {'resuming at' if state else 'starting'} step {step}/{train_cfg.steps}: "
+              f"{world} worker(s) on {device}, batch {train_cfg.batch_size} ({train_cfg.batch_size // world}/worker), "
+              f"{options}", flush=True)
+
+    z_fixed = fixed_z(cfg)
+    run_log = RunLog(run_uri) if rank == 0 else None
+    fail_at = loop_config.get("fail_at_step")
+    fail_marker = storage.join(run_uri, "ray", "fault-injected")
+    per_worker = train_cfg.batch_size // world
+    data = ray.train.get_dataset_shard("train")
+    acc, n_acc, t0, epoch = torch.zeros(len(METRICS), device=device), 0, time.perf_counter(), 0
+    last: dict[str, float] = {}
+    while step < train_cfg.steps:
+        batches = 0
+        for batch in data.iter_torch_batches(
+            batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=train_cfg.shuffle_buffer or None,
+            prefetch_batches=4,
+        ):
+            batches += 1
+            acc += gan(batch["image"])
+            n_acc += 1
+            step += 1
+            if fail_at and step == fail_at and rank == world - 1 and not storage.exists(fail_marker):
+                storage.write_text(fail_marker, f"worker {rank} exited at step {step}\n")
+                os._exit(1)
+            if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+                values = (acc / n_acc).tolist()  # the one host sync per log interval
+                elapsed = time.perf_counter() - t0
+                last = dict(zip(METRICS, values), images_per_s=n_acc * train_cfg.batch_size / elapsed, epoch=epoch)
+                if run_log:
+                    run_log.log(step, last)
+                    print(f"[dcgan] step {step}/{train_cfg.steps} loss_D {last['loss_d']:.3f} "
+                          f"loss_G {last['loss_g']:.3f} D(x) {last['d_x']:.3f} D(G(z)) {last['d_g_z']:.3f} "
+                          f"{last['images_per_s']:.0f} img/s", flush=True)
+                acc.zero_()
+                n_acc, t0 = 0, time.perf_counter()
+            if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
+                report: dict[str, Any] = {"step": step, **last}
+                if rank == 0:
+                    report.update(_checkpoint(cfg, step, gan, z_fixed))
+                    run_log.flush()
+                ray.train.report(report)
+            if step >= train_cfg.steps:
+                break
+        if batches == 0:
+            raise RuntimeError(f"worker {rank} received no full batch of {per_worker} rows in an epoch")
+        epoch += 1
+    if run_log:
+        run_log.close()
+
+
+def _checkpoint(cfg: Config, step: int, gan: GANStep, z_fixed: torch.Tensor) -> dict[str, str]:
+    state = {
+        "generator": gan.g_module.state_dict(),
+        "discriminator": gan.d_module.state_dict(),
+        "opt_g": gan.opt_g.state_dict(),
+        "opt_d": gan.opt_d.state_dict(),
+        "step": step,
+        "rng": torch.get_rng_state(),
+        "fixed_z": z_fixed,
+        "config": cfg.model_dump(mode="json"),
+    }
+    images = generate(gan.g_module, z_fixed)
+    grid_uri = save_grid(images, samples_uri(cfg.run_uri, step), nrow=8)
+    ckpt = checkpoints.save(cfg.run_uri, step, state)
+    checkpoints.prune(cfg.run_uri, cfg.train.keep_checkpoints)
+    print(f"[dcgan] checkpoint {ckpt}  samples {grid_uri}", flush=True)
+    return {"checkpoint": ckpt, "samples": grid_uri}
+
+
+def ensure_ray(address: str | None = None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, configure_logging=False,
+                 log_to_driver=True)
+
+
+def _summary(cfg: Config, step: int, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "run": cfg.run_uri,
+        "step": step,
+        "checkpoint": checkpoints.checkpoint_uri(cfg.run_uri, step),
+        "samples": samples_uri(cfg.run_uri, step),
+        "metrics": {k: v for k, v in (metrics or {}).items() if k not in ("checkpoint", "samples")},
+    }
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Train (or resume) the run `cfg.run_uri` on the dataset `cfg.data_uri` until `cfg.train.steps`."""
+    preflight(cfg)
+    done = checkpoints.latest_step(cfg.run_uri)
+    if done is not None and done >= cfg.train.steps:
+        log.info("%s already has a checkpoint at step %d >= %d: nothing to train", cfg.run_uri, done, cfg.train.steps)
+        return _summary(cfg, done)
+    storage.write_text(storage.join(cfg.run_uri, "config.yaml"), dump_config(cfg))
+
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray(cfg.cluster.address)
+    dataset = shards.ray_dataset(cfg.data_uri, columns=["image"])
+    ray_dir = storage.join(cfg.run_uri, "ray")
+    if storage.is_s3(ray_dir):
+        fs, path = storage.arrow_filesystem(ray_dir)
+        run_config = RunConfig(name=f"train-{int(time.time())}", storage_path=path, storage_filesystem=fs,
+                               failure_config=FailureConfig(max_failures=cfg.cluster.max_failures))
+    else:
+        run_config = RunConfig(name=f"train-{int(time.time())}", storage_path=str(storage.local_path(ray_dir)),
+                               failure_config=FailureConfig(max_failures=cfg.cluster.max_failures))
+    fail_at = os.environ.get(FAIL_AT_STEP_ENV)
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "threads": max(1, round(cfg.cluster.cpus_per_worker)),
+            "fail_at_step": int(fail_at) if fail_at else None,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.cluster.workers,
+            use_gpu=cfg.cluster.use_gpu,
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if cfg.cluster.use_gpu else {})},
+        ),
+        run_config=run_config,
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    step = checkpoints.latest_step(cfg.run_uri) or 0
+    rows = read_metrics(cfg.run_uri)
+    return _summary(cfg, step, rows[-1] if rows else None)

@@ -1,0 +1,51 @@
+"""The five flows the deployments run (prefect.yaml): build-faces, build-lsun, train-dcgan, evaluate-dcgan, and
+dcgan-pipeline (build, then train, then evaluate).
+
+Parameters are the project's typed configs, so Prefect validates a run's parameters against the same pydantic models
+the CLI uses and rejects a bad one before any work starts, naming the field. The flows only sequence the shared tasks
+of `pipelines.tasks`; all behaviour lives there or below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from dcgan.config import Config
+from pipelines.tasks import build_dataset, evaluate_run, train_run
+from preprocessing.config import BuildConfig, DedupConfig
+
+
+@flow(name="build-faces", flow_run_name="build-faces-{build.resolution}px")
+def build_faces(build: BuildConfig, out: str, dedup: DedupConfig = DedupConfig()) -> dict[str, Any]:
+    """Detect, crop and shard faces from photos (a folder, an s3:// prefix or a URL list) into the dataset `out`."""
+    return build_dataset(build.model_copy(update={"kind": "faces"}), out, dedup)
+
+
+@flow(name="build-lsun", flow_run_name="build-lsun-{build.resolution}px")
+def build_lsun(build: BuildConfig, out: str, dedup: DedupConfig = DedupConfig()) -> dict[str, Any]:
+    """Decode, center-crop and shard an LSUN LMDB (or a folder of images) into the dataset `out`."""
+    return build_dataset(build.model_copy(update={"kind": "lsun"}), out, dedup)
+
+
+@flow(name="train-dcgan", flow_run_name="train-{config.name}")
+def train_dcgan(config: Config) -> dict[str, Any]:
+    """Train (or resume) `config.run_uri` on `config.data_uri`: a Ray Job when RAY_ADDRESS or cluster.address names
+    a cluster, else in this process on a local Ray."""
+    return train_run(config)
+
+
+@flow(name="evaluate-dcgan", flow_run_name="evaluate-{config.name}")
+def evaluate_dcgan(config: Config) -> dict[str, Any]:
+    """Evaluate the newest checkpoint of `config.run_uri` with the suites of `config.evaluate`."""
+    return evaluate_run(config.run_uri, config.evaluate, config.data_uri)
+
+
+@flow(name="dcgan-pipeline", flow_run_name="pipeline-{config.name}")
+def dcgan_pipeline(config: Config) -> dict[str, Any]:
+    """Build the dataset (when `config.build` is given), train, evaluate; stages already complete are skipped."""
+    dataset = build_dataset(config.build, config.data_uri, config.dedup) if config.build is not None else None
+    run = train_run(config)
+    evaluation = evaluate_run(config.run_uri, config.evaluate, config.data_uri)
+    return {"dataset": dataset, "train": run, "evaluate": evaluation}

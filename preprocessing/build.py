@@ -1,0 +1,318 @@
+"""The one dataset build both kinds share: plan chunks -> Ray Data (one task per chunk) -> shards + rejects -> manifest.
+
+- Deterministic: inputs are listed and sorted by key on the driver and cut into fixed chunks; chunk i becomes
+  `shards/part-i.parquet` (rows sorted by key) and `rejects/part-i.parquet`. Same inputs and parameters give the same
+  bytes, so the manifest's content hash repeats.
+- Parallel the same way on a laptop and a cluster: a Ray Data `map_batches` over chunk specs; each task fetches its
+  inputs (threads for I/O), decodes/crops with one OpenCV thread, and writes its own files through
+  `preprocessing.shards.write_table` (Ray Data's `write_parquet` is not idempotent). Progress is logged per chunk.
+- Resumable: each finished chunk leaves a sidecar (`_chunks/part-i.json`) with a digest of its spec and parameters;
+  a re-run skips chunks whose sidecar matches. The manifest is written last, and only if the build is usable.
+- Bad input never stops a build: each becomes a reject row (key, source, reason, detail). The build fails (raises
+  BuildError, writes no manifest) only if no row came out or bad inputs exceed `max_reject_rate`. Photos without a
+  face are recorded as rejects too, but as a filter outcome they do not count against the rate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from preprocessing import shards, storage
+from preprocessing.config import BuildConfig, DedupConfig
+from preprocessing.images import Reject
+
+log = logging.getLogger(__name__)
+
+ERROR = "error"  # an unexpected exception on one input: recorded with its type and message, the build goes on
+FILTERED = frozenset({"no_face"})  # reasons that are outcomes of filtering, not bad input
+STATE_DIR = "_chunks"
+STAGING = "staging"
+# Parameters that do not change a single output byte (so changing them does not invalidate finished chunks).
+_NEUTRAL_PARAMS = {"overwrite", "download_concurrency"}
+
+
+class BuildError(shards.DatasetError):
+    """A build that produced nothing usable, too many rejects, or would overwrite a dataset without permission."""
+
+
+@dataclass
+class Plan:
+    chunks: list[dict[str, Any]]
+    inputs: int
+    fingerprint: str
+
+
+# ---------------------------------------------------------------------------------------------------- planning
+
+
+def plan(cfg: BuildConfig) -> Plan:
+    """The inputs cut into chunks of `shard_rows` inputs, in key order; each chunk spec is JSON-serialisable."""
+    if not cfg.input:
+        raise ValueError("build.input: no input given (LMDB, folder, s3:// prefix or URL list)")
+    if cfg.kind == "lsun":
+        from preprocessing import lsun
+
+        planner = lsun.plan_lmdb if lsun.is_lmdb(cfg.input) else lsun.plan_folder
+        chunks, n, fp = planner(cfg.input, cfg.shard_rows, cfg.limit)
+    else:
+        from preprocessing.sources import fingerprint, list_items
+
+        items = list_items(cfg.input, cfg.limit)
+        chunks = [{"items": [[it.key, it.source] for it in items[i : i + cfg.shard_rows]]}
+                  for i in range(0, len(items), cfg.shard_rows)]
+        n, fp = len(items), fingerprint(f"{it.key}\t{it.source}" for it in items)
+    for i, c in enumerate(chunks):
+        c["index"] = i
+    return Plan(chunks, n, fp)
+
+
+def _params(cfg: BuildConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NEUTRAL_PARAMS}
+
+
+def chunk_digest(chunk: dict[str, Any], params: dict[str, Any]) -> str:
+    blob = json.dumps({"chunk": chunk, "params": params, "code": shards.CODE_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- one chunk
+
+
+def _inputs(chunk: dict[str, Any], cfg: BuildConfig) -> Iterator[tuple[str, str, bytes | Reject]]:
+    """(key, source, bytes or the Reject that fetching it became), in chunk order."""
+    if "lmdb" in chunk:
+        from preprocessing.lsun import read_range
+
+        for key, value in read_range(chunk["lmdb"], chunk["start"], chunk["count"]):
+            yield key, chunk["lmdb"], value
+        return
+    from preprocessing.sources import fetch, ordered_map
+
+    def get(pair):
+        key, source = pair
+        try:
+            return key, source, fetch(source, cfg.download_timeout_s, cfg.download_retries, cfg.max_download_bytes)
+        except Reject as r:
+            return key, source, r
+        except Exception as err:  # noqa: BLE001 - one input's failure must not stop the chunk
+            return key, source, Reject(ERROR, f"{type(err).__name__}: {err}"[:300])
+
+    yield from ordered_map(get, chunk["items"], cfg.download_concurrency)
+
+
+def _transform(kind: str) -> Callable:
+    if kind == "lsun":
+        from preprocessing.lsun import lsun_rows
+
+        return lsun_rows
+    from preprocessing.faces import face_rows
+
+    return face_rows
+
+
+def _reject_table(rejects: list[tuple[str, str, str, str]]) -> pa.Table:
+    rejects = sorted(rejects)
+    cols = list(zip(*rejects)) if rejects else [[], [], [], []]
+    return pa.Table.from_arrays([pa.array(list(c), pa.string()) for c in cols], schema=shards.REJECT_SCHEMA)
+
+
+def run_chunk(chunk: dict[str, Any], cfg: BuildConfig, shards_uri: str, rejects_uri: str) -> dict[str, Any]:
+    """Build one chunk: its shard under `shards_uri`, its rejects under `rejects_uri`, and its sidecar.
+
+    Returns the chunk's result (also the sidecar's content); a chunk finished by an earlier run is not redone.
+    """
+    import cv2
+
+    cv2.setNumThreads(1)  # parallelism comes from Ray; OpenCV's own threads would oversubscribe the cores
+    index = chunk["index"]
+    digest = chunk_digest(chunk, _params(cfg))
+    sidecar = storage.join(shards_uri, STATE_DIR, f"part-{index:05d}.json")
+    try:
+        done = storage.read_json(sidecar) if storage.exists(sidecar) else None
+    except (storage.StorageError, ValueError):
+        done = None
+    if done and done.get("digest") == digest and all(
+        storage.exists(storage.join(uri, e["path"]))
+        for uri, e in ((shards_uri, done["shard"]), (rejects_uri, done["rejects"])) if e
+    ):
+        return {**done, "resumed": True}
+
+    transform = _transform(cfg.kind)
+    started = time.perf_counter()
+    rows, rejects, n = [], [], 0
+    for key, source, got in _inputs(chunk, cfg):
+        n += 1
+        try:
+            if isinstance(got, Reject):
+                raise got
+            rows.extend(transform(key, source, got, cfg))
+        except Reject as r:
+            rejects.append((key, source, r.reason, r.detail))
+        except Exception as err:  # noqa: BLE001 - recorded, never silently dropped
+            rejects.append((key, source, ERROR, f"{type(err).__name__}: {err}"[:300]))
+
+    rows.sort(key=lambda r: r[0])
+    work_s, started = time.perf_counter() - started, time.perf_counter()
+    shard_entry = reject_entry = None
+    name = shards.shard_name(index).split("/", 1)[1]
+    if rows:
+        table = shards.make_table([r[0] for r in rows], np.stack([r[1] for r in rows]), [r[2] for r in rows],
+                                  [r[3] for r in rows])
+        shard_entry = shards.write_table(shards_uri, f"shards/{name}", table)
+    if rejects:
+        reject_entry = shards.write_table(rejects_uri, f"rejects/{name}", _reject_table(rejects))
+    result = {
+        "index": index, "digest": digest, "inputs": n, "rows": len(rows), "shard": shard_entry,
+        "rejects": reject_entry, "reject_counts": dict(Counter(r[2] for r in rejects)),
+        "work_s": round(work_s, 3), "write_s": round(time.perf_counter() - started, 3),
+    }
+    storage.write_json(sidecar, result)
+    return {**result, "resumed": False}
+
+
+def _run_batch(batch: dict[str, np.ndarray], cfg_json: str, shards_uri: str, rejects_uri: str) -> dict[str, list]:
+    """Ray Data map_batches body: chunk specs in, chunk results out (both as JSON text)."""
+    cfg = BuildConfig.model_validate_json(cfg_json)
+    out = [json.dumps(run_chunk(json.loads(spec), cfg, shards_uri, rejects_uri)) for spec in batch["chunk"]]
+    return {"result": out}
+
+
+# ---------------------------------------------------------------------------------------------------- the build
+
+
+def _init_ray():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))  # local if unset, a cluster if set
+    return ray
+
+
+def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_uri: str, total: int,
+                progress: bool) -> list[dict]:
+    ray = _init_ray()
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    saved_bars = ctx.enable_progress_bars
+    ctx.enable_progress_bars = progress and saved_bars
+    results: list[dict] = []
+    try:
+        ds = ray.data.from_items([{"chunk": json.dumps(c)} for c in chunks], override_num_blocks=len(chunks))
+        ds = ds.map_batches(
+            _run_batch, batch_size=1, num_cpus=1, batch_format="numpy",
+            fn_kwargs={"cfg_json": cfg.model_dump_json(), "shards_uri": shards_uri, "rejects_uri": rejects_uri},
+        )
+        start, last_log, done_inputs, rows, rejected = time.perf_counter(), 0.0, 0, 0, 0
+        for rec in ds.iter_rows():
+            r = json.loads(rec["result"])
+            results.append(r)
+            done_inputs += r["inputs"]
+            rows += r["rows"]
+            rejected += sum(r["reject_counts"].values())
+            now = time.perf_counter() - start
+            if progress and (now - last_log >= 2.0 or len(results) == len(chunks)):
+                last_log = now
+                log.info("%s: %d/%d chunks, %d/%d inputs, %d rows, %d rejects, %.0f inputs/s%s", cfg.kind,
+                         len(results), len(chunks), done_inputs, total, rows, rejected, done_inputs / max(now, 1e-9),
+                         f" ({sum(x['resumed'] for x in results)} chunks resumed)" if any(
+                             x["resumed"] for x in results) else "")
+    finally:
+        ctx.enable_progress_bars = saved_bars
+    return sorted(results, key=lambda r: r["index"])
+
+
+def _prepare(out: str, overwrite: bool) -> None:
+    storage.check_writable(out)
+    if storage.exists(storage.join(out, shards.MANIFEST)):
+        if not overwrite:
+            raise BuildError(f"{out} already holds a dataset (manifest.json); pass --overwrite "
+                             "(BuildConfig.overwrite=True) to replace it")
+        # Manifest first: from this moment the old dataset is no longer complete, whatever happens next.
+        storage.delete_prefix(storage.join(out, shards.MANIFEST))
+        for part in ("shards", "rejects", "dedup", STAGING, STATE_DIR):
+            storage.delete_prefix(storage.join(out, part))
+
+
+def _remove_unlisted(out: str, folder: str, keep: list[dict]) -> None:
+    """Delete files under out/folder that no entry lists (left by an earlier attempt with other inputs)."""
+    listed = {storage.join(out, e["path"]) for e in keep}
+    for uri in storage.list_uris(storage.join(out, folder)):
+        if uri not in listed:
+            storage.delete_prefix(uri)
+
+
+def _deduplicate(src: str, entries: list[dict], out: str, dedup: DedupConfig) -> tuple[list[dict], dict]:
+    try:
+        from preprocessing.dedup import deduplicate
+    except ImportError as err:
+        raise BuildError(f"de-duplication requested but unavailable ({err}); build with --no-dedup") from None
+    return deduplicate(src, entries, out, dedup)
+
+
+def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig | None = None, progress: bool = True) -> dict:
+    """Build (or finish building) the dataset at `out`; returns its manifest. Raises BuildError, writing no manifest,
+    when nothing usable came out or bad inputs exceed `cfg.max_reject_rate`."""
+    out = storage.normalize(out)
+    _prepare(out, cfg.overwrite)
+    use_dedup = dedup is not None and dedup.enabled
+    shards_uri = storage.join(out, STAGING) if use_dedup else out
+
+    started = time.perf_counter()
+    p = plan(cfg)
+    if progress:
+        log.info("%s build of %s: %d inputs in %d chunks -> %s%s", cfg.kind, cfg.input, p.inputs, len(p.chunks), out,
+                 " (de-duplicated)" if use_dedup else "")
+    results = _run_chunks(p.chunks, cfg, shards_uri, out, p.inputs, progress)
+
+    reject_counts = Counter()
+    for r in results:
+        reject_counts.update(r["reject_counts"])
+    rows = sum(r["rows"] for r in results)
+    bad = sum(v for k, v in reject_counts.items() if k not in FILTERED)
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(reject_counts.items())) or "none"
+    wall = time.perf_counter() - started
+    stats = {"chunks": len(results), "resumed": sum(r["resumed"] for r in results), "seconds": round(wall, 2),
+             "task_work_s": round(sum(r["work_s"] for r in results if not r["resumed"]), 2),
+             "task_write_s": round(sum(r["write_s"] for r in results if not r["resumed"]), 2)}
+    if progress:
+        log.info("%s: %d inputs -> %d rows in %.1f s (task time: %.1f s fetch/decode, %.1f s writing); "
+                 "rejects by reason: %s", cfg.kind, p.inputs, rows, wall, stats["task_work_s"], stats["task_write_s"],
+                 summary)
+    if rows == 0:
+        raise BuildError(f"{cfg.input}: no usable rows from {p.inputs} inputs (rejects by reason: {summary}); "
+                         f"see {storage.join(out, 'rejects')}")
+    if bad / p.inputs > cfg.max_reject_rate:
+        raise BuildError(f"{cfg.input}: {bad} of {p.inputs} inputs rejected ({bad / p.inputs:.1%}) > max_reject_rate "
+                         f"{cfg.max_reject_rate:.1%} (by reason: {summary}); see {storage.join(out, 'rejects')}")
+
+    entries = [r["shard"] for r in results if r["shard"]]
+    reject_entries = [r["rejects"] for r in results if r["rejects"]]
+    dedup_info = None
+    if use_dedup:
+        entries, dedup_info = _deduplicate(shards_uri, entries, out, dedup)
+        if progress:
+            log.info("dedup: %s", {k: v for k, v in dedup_info.items() if not isinstance(v, (list, dict))})
+    _remove_unlisted(out, "shards", entries)
+    _remove_unlisted(out, "rejects", reject_entries)
+    manifest = shards.write_manifest(
+        out, kind=cfg.kind, resolution=cfg.resolution, shards=entries, rejects=reject_entries,
+        reject_counts=dict(reject_counts), inputs=p.inputs, dedup=dedup_info, inputs_fingerprint=p.fingerprint,
+        params={**_params(cfg), "dedup": dedup.model_dump(mode="json") if use_dedup else None},
+        extra={"build_stats": stats},
+    )
+    storage.delete_prefix(storage.join(out, STAGING if use_dedup else STATE_DIR))
+    if progress:
+        log.info("wrote %s: %d rows in %d shards, content hash %s", storage.join(out, shards.MANIFEST),
+                 manifest["counts"]["rows"], len(entries), manifest["content_hash"][:16])
+    return manifest

@@ -1,0 +1,94 @@
+"""LSUN's official LMDBs (`<category>_<split>_lmdb`: 40-hex-character key -> encoded JPEG or WebP) read in parallel.
+
+The driver walks the keys once (keys only: LMDB is memory-mapped, so this costs about a second per million) and cuts
+the key space into ranges of `shard_rows` consecutive keys; each Ray task opens the same LMDB read-only, seeks to its
+range's first key and reads on with a cursor. One environment is opened per worker process and reused, with
+`lock=False` so any number of processes read concurrently. A folder of exported images (fyu/lsun's `export`:
+`<key>.webp` / `<key>.jpg`) works too; its keys are the file stems.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Iterator
+
+import lmdb
+import numpy as np
+
+from preprocessing import storage
+from preprocessing.images import square_image
+from preprocessing.sources import Item, fingerprint, list_items
+
+
+def is_lmdb(path: str) -> bool:
+    return not storage.is_s3(path) and (Path(path) / "data.mdb").is_file()
+
+
+@functools.lru_cache(maxsize=4)
+def open_env(path: str) -> lmdb.Environment:
+    """A read-only environment, one per process (LMDB forbids opening the same file twice in one process)."""
+    return lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False, max_readers=2048, subdir=True)
+
+
+def plan_lmdb(path: str, chunk_rows: int, limit: int | None = None) -> tuple[list[dict], int, str]:
+    """Key ranges of `chunk_rows` consecutive keys: (chunk specs, number of inputs, fingerprint of the keys)."""
+    path = str(Path(path).resolve())
+    env = open_env(path)
+    chunks, digest_keys, n = [], [], 0
+    with env.begin(buffers=True) as txn:
+        for key in txn.cursor().iternext(keys=True, values=False):
+            if limit and n >= limit:
+                break
+            k = bytes(key)
+            if n % chunk_rows == 0:
+                chunks.append({"lmdb": path, "start": k.hex(), "count": 0})
+            chunks[-1]["count"] += 1
+            digest_keys.append(k.hex())
+            n += 1
+    if n == 0:
+        raise FileNotFoundError(f"input: the LMDB at {path} has no entries")
+    return chunks, n, fingerprint(digest_keys)
+
+
+def read_range(path: str, start_hex: str, count: int) -> Iterator[tuple[str, bytes]]:
+    """(key, value) for `count` keys from `start_hex` on; keys are returned as text (LSUN keys are ASCII hex)."""
+    env = open_env(path)
+    with env.begin(buffers=True) as txn:
+        cur = txn.cursor()
+        if not cur.set_key(bytes.fromhex(start_hex)):
+            raise KeyError(f"{path}: key {bytes.fromhex(start_hex)!r} vanished since the build was planned")
+        for _ in range(count):
+            key, value = cur.item()
+            yield bytes(key).decode("utf-8", "backslashreplace"), bytes(value)
+            if not cur.next():
+                break
+
+
+def plan_folder(path: str, chunk_rows: int, limit: int | None = None) -> tuple[list[dict], int, str]:
+    """An exported-images folder: keys are file stems (the LSUN ids), chunks are lists of (key, source)."""
+    items = list_items(path)
+    items = sorted((Item(os.path.splitext(os.path.basename(it.source))[0], it.source) for it in items),
+                   key=lambda it: (it.key, it.source))
+    items = items[:limit] if limit else items
+    chunks = [{"items": [[it.key, it.source] for it in items[i : i + chunk_rows]]}
+              for i in range(0, len(items), chunk_rows)]
+    return chunks, len(items), fingerprint(f"{it.key}\t{it.source}" for it in items)
+
+
+def lsun_rows(key: str, source: str, data: bytes, cfg) -> list[tuple[str, np.ndarray, str, None]]:
+    """One LSUN image -> one row: the center crop at the target resolution (JPEGs decode at reduced scale)."""
+    return [(key, square_image(data, cfg.resolution, cfg.max_pixels), source, None)]
+
+
+def write_lmdb(path: str, entries: dict[bytes, bytes]) -> None:
+    """An LMDB in the LSUN layout (key -> encoded image); for tests, benchmarks and small custom datasets."""
+    size = sum(len(k) + len(v) for k, v in entries.items())
+    env = lmdb.open(path, map_size=max(1 << 24, 4 * size), subdir=True)
+    try:
+        with env.begin(write=True) as txn:
+            for k, v in entries.items():
+                txn.put(k, v)
+    finally:
+        env.close()

@@ -1,0 +1,188 @@
+"""Where raw inputs come from: a local folder, an s3:// prefix, or a file listing image URLs; and fetching their bytes.
+
+Listing happens once, on the driver, and yields `Item`s sorted by key, so chunking them is deterministic. Fetching
+happens in Ray workers: files and objects are read through `preprocessing.storage`; http(s) URLs are downloaded with
+bounded concurrency, a total time limit per attempt, retries with backoff on transient failures, and a size cap.
+Every failure is a `Reject` with its reason; none stops the build.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, TypeVar
+
+from preprocessing import storage
+from preprocessing.images import Reject
+
+log = logging.getLogger(__name__)
+
+# Reject reasons of fetching.
+HTTP_ERROR = "http_error"
+TIMEOUT = "timeout"
+UNREACHABLE = "unreachable"
+DOWNLOAD_TOO_LARGE = "download_too_large"
+BAD_URL = "bad_url"
+
+URL_LIST_SUFFIXES = (".txt", ".lst", ".csv", ".tsv", ".parquet")
+USER_AGENT = "dcgan-cluster/0.1 (dataset build)"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input: `key` orders and names it, `source` is where its bytes are (path, s3:// or http(s):// URI)."""
+
+    key: str
+    source: str
+
+
+def fingerprint(lines: Iterable[str]) -> str:
+    """A digest of the input listing (names, not contents): a changed listing gives a different fingerprint."""
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(line.encode("utf-8", "surrogateescape") + b"\n")
+    return h.hexdigest()
+
+
+# -------------------------------------------------------------------------------------------------- listing
+
+
+def is_url_list(uri: str) -> bool:
+    return str(uri).lower().endswith(URL_LIST_SUFFIXES)
+
+
+def read_url_list(uri: str) -> list[str]:
+    """URLs from a text file (one per line, '#' comments), a CSV/TSV (a `url` column) or Parquet (a `url` column)."""
+    data = storage.read_bytes(uri)
+    lower = uri.lower()
+    if lower.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(data))
+        col = "url" if "url" in table.column_names else (table.column_names[0] if table.num_columns == 1 else None)
+        if col is None:
+            raise ValueError(f"{uri}: no 'url' column (columns: {', '.join(table.column_names)})")
+        urls = [u for u in table.column(col).to_pylist() if u]
+    elif lower.endswith((".csv", ".tsv")):
+        rows = list(csv.reader(io.StringIO(data.decode("utf-8-sig")), delimiter="\t" if lower.endswith(".tsv") else ","))
+        if not rows:
+            urls = []
+        elif "url" in [c.strip().lower() for c in rows[0]]:
+            col = [c.strip().lower() for c in rows[0]].index("url")
+            urls = [r[col].strip() for r in rows[1:] if len(r) > col and r[col].strip()]
+        elif len(rows[0]) == 1 and "://" in rows[0][0]:  # a headerless single column of URLs
+            urls = [r[0].strip() for r in rows if r and r[0].strip()]
+        else:
+            raise ValueError(f"{uri}: no 'url' column in the header ({', '.join(rows[0])})")
+    else:
+        lines = (ln.strip() for ln in data.decode("utf-8-sig").splitlines())
+        urls = [ln for ln in lines if ln and not ln.startswith("#")]
+    unique = sorted(set(urls))
+    if len(unique) < len(urls):
+        log.warning("%s: %d duplicate URL lines counted once", uri, len(urls) - len(unique))
+    return unique
+
+
+def list_items(uri: str, limit: int | None = None) -> list[Item]:
+    """Every input of a folder, s3:// prefix or URL list, sorted by key, at most `limit`.
+
+    Every file is listed, whatever its name: a non-image becomes a reject row, not an unexplained absence.
+    """
+    if is_url_list(uri):
+        items = [Item(u, u) for u in read_url_list(uri)]
+    elif storage.is_s3(uri):
+        items = [Item(u, u) for u in storage.list_uris(uri)]
+    else:
+        path = storage.local_path(uri)
+        if not path.is_dir():
+            raise FileNotFoundError(f"input: {uri} is not a folder, an s3:// prefix or a URL list "
+                                    f"({', '.join(URL_LIST_SUFFIXES)})")
+        items = [Item(u, u) for u in storage.list_uris(str(path.resolve()))]
+    if not items:
+        raise FileNotFoundError(f"input: no files under {uri}")
+    items.sort(key=lambda it: it.key)
+    return items[:limit] if limit else items
+
+
+# ------------------------------------------------------------------------------------------------- fetching
+
+
+def download(url: str, timeout_s: float, retries: int, max_bytes: int) -> bytes:
+    """GET a URL whole; raises Reject. `timeout_s` bounds each attempt in total, not just each socket read."""
+    last: Reject | None = None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(0.25 * 2 ** (attempt - 1), 4.0))
+        start = time.monotonic()
+        try:
+            req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                length = resp.headers.get("Content-Length")
+                if length and length.isdigit() and int(length) > max_bytes:
+                    raise Reject(DOWNLOAD_TOO_LARGE, f"Content-Length {int(length):,} > {max_bytes:,} bytes")
+                buf = bytearray()
+                while block := resp.read(1 << 16):
+                    buf += block
+                    if len(buf) > max_bytes:
+                        raise Reject(DOWNLOAD_TOO_LARGE, f"more than {max_bytes:,} bytes")
+                    if time.monotonic() - start > timeout_s:
+                        raise TimeoutError
+                return bytes(buf)
+        except urllib.error.HTTPError as err:
+            last = Reject(HTTP_ERROR, f"HTTP {err.code} {err.reason}")
+            if err.code not in (408, 425, 429) and err.code < 500:
+                raise last from None  # the server answered: retrying will not change a 404
+        except (TimeoutError, socket.timeout):
+            last = Reject(TIMEOUT, f"no complete response within {timeout_s:g} s ({attempt + 1} attempts)")
+        except urllib.error.URLError as err:
+            if isinstance(err.reason, (TimeoutError, socket.timeout)):
+                last = Reject(TIMEOUT, f"no response within {timeout_s:g} s ({attempt + 1} attempts)")
+            else:
+                last = Reject(UNREACHABLE, str(err.reason)[:200])
+        except (ConnectionError, OSError) as err:  # resets, refused connections, DNS failures
+            last = Reject(UNREACHABLE, f"{type(err).__name__}: {err}"[:200])
+    assert last is not None
+    raise last
+
+
+def fetch(source: str, timeout_s: float = 10.0, retries: int = 2, max_bytes: int = 20_000_000) -> bytes:
+    """The bytes of one input (local path, s3:// object or http(s) URL); raises Reject."""
+    scheme = source.split("://", 1)[0].lower() if "://" in source else "file"
+    if scheme in ("http", "https"):
+        return download(source, timeout_s, retries, max_bytes)
+    if scheme not in ("file", "s3"):
+        raise Reject(BAD_URL, f"unsupported scheme {scheme!r}")
+    try:
+        return storage.read_bytes(source)
+    except storage.StorageError as err:
+        raise Reject(UNREACHABLE, str(err)[:200]) from None
+    except OSError as err:
+        raise Reject(UNREACHABLE, f"{type(err).__name__}: {err}"[:200]) from None
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], concurrency: int) -> Iterator[R]:
+    """fn over items on a thread pool, results in input order, with at most ~2 x concurrency results held."""
+    if concurrency <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(concurrency, thread_name_prefix="fetch") as pool:
+        window: deque = deque()
+        for it in items:
+            window.append(pool.submit(fn, it))
+            if len(window) >= 2 * concurrency:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()

@@ -1,0 +1,198 @@
+"""build-faces end to end on Ray Data: local folders, S3 prefixes and URL lists served on 127.0.0.1, bad input as
+reject rows, failure without a manifest, the CLI, and the S3 output location."""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import io
+import logging
+import threading
+import time
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from preprocessing import shards, storage
+from preprocessing.build import BuildError, build_dataset
+from preprocessing.config import BuildConfig
+from realdata import encode, grace_hopper_path, skimage_path, skimage_rgb
+
+PHOTOS = {"grace_hopper.jpg": grace_hopper_path(), "astronaut.png": skimage_path("astronaut.png"),
+          "camera.png": skimage_path("camera.png"), "coffee.png": skimage_path("coffee.png"),
+          "chelsea.png": skimage_path("chelsea.png")}
+
+
+def bad_files() -> dict[str, tuple[bytes, str]]:
+    astro = encode(skimage_rgb("astronaut"), ".jpg")
+    return {
+        "empty.jpg": (b"", "empty"),
+        "notes.txt": (b"just some text\n", "not_image"),
+        "cut.jpg": (astro[: len(astro) // 2], "truncated"),
+        # 313,600 pixels: over the tests' max_pixels of 310,000 (grace hopper, the largest photo, has 307,200)
+        "bomb.png": (encode(np.zeros((560, 560, 3), np.uint8), ".png"), "too_large"),
+    }
+
+
+def write_inputs(put) -> None:
+    for name, path in PHOTOS.items():
+        put(name, path.read_bytes())
+    for name, (data, _) in bad_files().items():
+        put(f"bad/{name}", data)
+    # 16-bit grey astronaut: converted, still one face.
+    grey16 = (cv2.cvtColor(skimage_rgb("astronaut"), cv2.COLOR_RGB2GRAY).astype(np.uint16) * 257)
+    put("grey16.png", cv2.imencode(".png", grey16)[1].tobytes())
+
+
+def all_rejects(uri: str, manifest: dict) -> list[dict]:
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(storage.join(uri, e["path"]))))
+              for e in manifest["rejects"]["shards"]]
+    return [r for t in tables for r in t.to_pylist()]
+
+
+def check_faces_dataset(uri: str, manifest: dict, input_prefix: str) -> None:
+    assert manifest["kind"] == "faces" and manifest["counts"]["inputs"] == 10
+    assert manifest["counts"]["rows"] == 3  # grace hopper, astronaut, 16-bit grey astronaut
+    assert manifest["rejects"]["by_reason"] == {"empty": 1, "no_face": 3, "not_image": 1, "too_large": 1,
+                                                "truncated": 1}
+    rows = list(shards.ShardDataset(uri))
+    assert sorted(r["key"].rsplit("/", 1)[-1] for r in rows) == ["astronaut.png#0", "grace_hopper.jpg#0",
+                                                                  "grey16.png#0"]
+    for r in rows:
+        assert r["image"].shape == (64, 64, 3) and r["source"].startswith(input_prefix) and len(r["box"]) == 4
+    grey = next(r for r in rows if "grey16" in r["key"])["image"]
+    assert (grey[..., 0] == grey[..., 1]).all()  # grey -> RGB
+    by_name = {r["key"].rsplit("/", 1)[-1]: r["reason"] for r in all_rejects(uri, manifest)}
+    assert by_name["cut.jpg"] == "truncated" and by_name["chelsea.png"] == "no_face"
+
+
+def test_faces_from_a_local_folder(tmp_path, ray_cluster, caplog):
+    src = tmp_path / "photos"
+
+    def put(name, data):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(data)
+
+    write_inputs(put)
+    cfg = BuildConfig(kind="faces", input=str(src), shard_rows=4, max_pixels=310_000)
+    with caplog.at_level(logging.INFO, logger="preprocessing.build"):
+        manifest = build_dataset(cfg, str(tmp_path / "ds"))
+    check_faces_dataset(str(tmp_path / "ds"), manifest, str(src))
+    assert any("rejects by reason" in r.message for r in caplog.records)
+
+
+def test_faces_from_s3_to_s3_and_idempotent(s3_bucket, ray_cluster):
+    prefix = f"{s3_bucket}/raw/photos"
+    write_inputs(lambda name, data: storage.write_bytes(f"{prefix}/{name}", data))
+    cfg = BuildConfig(kind="faces", input=prefix, shard_rows=4, max_pixels=310_000)
+    out = f"{s3_bucket}/datasets/faces/v1"
+    first = build_dataset(cfg, out, progress=False)
+    assert storage.exists(f"{out}/manifest.json") and storage.exists(f"{out}/shards/part-00000.parquet")
+    check_faces_dataset(out, first, prefix)
+    assert not storage.list_uris(f"{out}/_chunks")
+    second = build_dataset(cfg.model_copy(update={"overwrite": True}), out, progress=False)
+    assert second["content_hash"] == first["content_hash"]
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_GET(self):
+        if self.path.startswith("/slow/"):
+            time.sleep(2.0)
+        elif self.path.startswith("/flaky"):  # 503 once, then the photo: a retry fixes it
+            _Handler.flaky_calls += 1
+            if _Handler.flaky_calls == 1:
+                self.send_error(503)
+                return
+            self.path = "/grace_hopper.jpg"
+        super().do_GET()
+
+    flaky_calls = 0
+
+
+@pytest.fixture
+def http_photos(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    for name in ("grace_hopper.jpg", "astronaut.png", "coffee.png"):
+        (root / name).write_bytes(PHOTOS[name].read_bytes())
+    (root / "page.html").write_text("<html><body>not an image</body></html>")
+    (root / "slow").mkdir()
+    (root / "slow" / "astronaut.png").write_bytes(PHOTOS["astronaut.png"].read_bytes())
+    (root / "big.png").write_bytes(encode(np.zeros((2000, 2000, 3), np.uint8) + 7, ".bmp"))
+
+    handler = lambda *a, **k: _Handler(*a, directory=str(root), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_faces_from_a_url_list(http_photos, tmp_path, ray_cluster):
+    base = http_photos
+    urls = [f"{base}/grace_hopper.jpg", f"{base}/astronaut.png", f"{base}/coffee.png", f"{base}/missing.jpg",
+            f"{base}/slow/astronaut.png", f"{base}/page.html", f"{base}/big.png", f"{base}/flaky.jpg",
+            "http://127.0.0.1:9/refused.jpg", "ftp://example.org/x.jpg"]
+    listing = tmp_path / "urls.csv"
+    listing.write_text("name,url\n" + "".join(f"n{i},{u}\n" for i, u in enumerate(urls)))
+    cfg = BuildConfig(kind="faces", input=str(listing), shard_rows=5, download_timeout_s=0.8, download_retries=1,
+                      max_download_bytes=1_000_000)
+    started = time.perf_counter()
+    manifest = build_dataset(cfg, str(tmp_path / "ds"), progress=False)
+    assert time.perf_counter() - started < 30
+    assert manifest["counts"]["inputs"] == 10 and manifest["counts"]["rows"] == 3
+    reasons = {r["key"]: (r["reason"], r["detail"]) for r in all_rejects(str(tmp_path / "ds"), manifest)}
+    assert reasons[f"{base}/missing.jpg"][0] == "http_error" and "404" in reasons[f"{base}/missing.jpg"][1]
+    assert reasons[f"{base}/slow/astronaut.png"][0] == "timeout"
+    assert reasons[f"{base}/page.html"][0] == "not_image"
+    assert reasons[f"{base}/big.png"][0] == "download_too_large"
+    assert reasons["http://127.0.0.1:9/refused.jpg"][0] == "unreachable"
+    assert reasons["ftp://example.org/x.jpg"][0] == "bad_url"
+    assert reasons[f"{base}/coffee.png"][0] == "no_face"
+    keys = shards.ShardDataset(str(tmp_path / "ds")).keys()
+    assert sorted(keys) == sorted([f"{base}/grace_hopper.jpg#0", f"{base}/astronaut.png#0", f"{base}/flaky.jpg#0"])
+
+
+def test_failure_leaves_no_manifest(tmp_path, ray_cluster):
+    src = tmp_path / "junk"
+    src.mkdir()
+    for name, (data, _) in bad_files().items():
+        (src / name).write_bytes(data)
+    (src / "ok.png").write_bytes(PHOTOS["astronaut.png"].read_bytes())
+    with pytest.raises(BuildError, match="max_reject_rate"):
+        build_dataset(BuildConfig(kind="faces", input=str(src), max_reject_rate=0.5, max_pixels=310_000),
+                      str(tmp_path / "a"), progress=False)
+    assert not (tmp_path / "a" / "manifest.json").exists()
+    (src / "ok.png").unlink()
+    with pytest.raises(BuildError, match="no usable rows"):
+        build_dataset(BuildConfig(kind="faces", input=str(src)), str(tmp_path / "b"), progress=False)
+    assert not (tmp_path / "b" / "manifest.json").exists()
+    assert (tmp_path / "b" / "rejects" / "part-00000.parquet").exists()  # the reasons are there to read
+
+
+def test_cli_build_faces_and_overwrite_refusal(tmp_path, ray_cluster, capsys):
+    from dcgan.commands import build as cmd
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    for name in ("grace_hopper.jpg", "chelsea.png"):
+        (src / name).write_bytes(PHOTOS[name].read_bytes())
+    parser = argparse.ArgumentParser()
+    cmd.register(parser.add_subparsers(dest="command"))
+    argv = ["build-faces", str(src), "--out", str(tmp_path / "ds"), "--min-face", "64", "--margin", "0.1",
+            "--no-dedup", "--quiet"]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "1 rows of 64x64" in out and "no_face 1" in out
+    args = parser.parse_args(argv)
+    with pytest.raises(BuildError, match="--overwrite"):
+        args.func(args)
+    args = parser.parse_args(argv + ["--overwrite"])
+    assert args.func(args) == 0
+    manifest = shards.read_manifest(str(tmp_path / "ds"))
+    assert manifest["params"]["margin"] == 0.1 and manifest["params"]["min_face"] == 64

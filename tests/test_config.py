@@ -1,0 +1,38 @@
+"""Bad configuration fails at load time, naming the field."""
+
+import pytest
+
+from dcgan.config import Config, ConfigError, load_config, parse_config
+
+
+def test_defaults_are_the_paper():
+    c = Config()
+    assert (c.train.batch_size, c.train.lr, c.train.beta1) == (128, 2e-4, 0.5)
+    assert (c.model.z_dim, c.model.z_dist, c.model.resolution) == (100, "uniform", 64)
+
+
+def test_unknown_key_names_the_field():
+    with pytest.raises(ConfigError, match=r"train\.learning_rate"):
+        parse_config({"train": {"learning_rate": 0.1}})
+
+
+def test_resolution_not_power_of_two():
+    with pytest.raises(ConfigError, match=r"model\.resolution.*power of two"):
+        parse_config({"model": {"resolution": 48}})
+
+
+def test_batch_not_divisible_by_workers():
+    with pytest.raises(ConfigError, match=r"batch_size \(128\) must be divisible by cluster.workers \(3\)"):
+        parse_config({"cluster": {"workers": 3}})
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: x\ntrain: {steps: 5}\n")
+    c = load_config(p, {"train.steps": 7, "data": "s3://b/d"})
+    assert c.train.steps == 7 and c.data_uri == "s3://b/d" and c.run_uri == "./runs/runs/x"
+
+
+@pytest.mark.parametrize("path", ["configs/demo-mnist-32.yaml", "configs/tiny-test.yaml"])
+def test_shipped_configs_load(path):
+    load_config(path)

@@ -1,0 +1,210 @@
+"""De-duplication (paper section 4.1): grouping algorithms, the hashing autoencoder on real images, and the whole
+`dcgan dedup` path over shards in a real S3 server on a local Ray cluster."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from preprocessing import storage
+from preprocessing.config import DedupConfig
+from preprocessing.dedup_model import crops_of, encode, fit_local, load_state
+from preprocessing.semantic_hash import group_codes, group_identical, hamming, keep_smallest_key, near_pairs
+from preprocessing.shards import ShardDataset, make_table, read_manifest, write_manifest, write_table
+from realdata import mnist_rgb32, real_photos
+
+RES = 32
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+def _jpeg(img: np.ndarray, quality: int = 90) -> np.ndarray:
+    ok, buf = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]
+
+
+def _shift(img: np.ndarray, dx: int = 1) -> np.ndarray:
+    return cv2.warpAffine(img, np.float32([[1, 0, dx], [0, 1, 0]]), img.shape[1::-1], borderMode=cv2.BORDER_REFLECT)
+
+
+def _distinct_images(n_digits: int = 240) -> tuple[list[str], np.ndarray]:
+    """Distinct real images at RES: the skimage photos (center squares) and MNIST digits."""
+    keys, images = [], []
+    for name, img in real_photos().items():
+        if name == "cat":  # skimage's `cat` is `chelsea`
+            continue
+        h, w = img.shape[:2]
+        s = min(h, w)
+        sq = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        keys.append(f"photo-{name}"), images.append(cv2.resize(sq, (RES, RES), interpolation=cv2.INTER_AREA))
+    digits = mnist_rgb32(n_digits)
+    keys += [f"mnist-{i:04d}" for i in range(n_digits)]
+    return keys, np.concatenate([np.stack(images), digits])
+
+
+def _with_copies(keys: list[str], images: np.ndarray, every: int = 3):
+    """Every `every`-th image gets an exact copy, a JPEG re-encode and a 1-px shift: (keys, images, original of each)."""
+    out_k, out_i, origin = list(keys), list(images), list(keys)
+    for j in range(0, len(keys), every):
+        for tag, img in (("copy", images[j]), ("jpeg", _jpeg(images[j])), ("shift", _shift(images[j]))):
+            out_k.append(f"{keys[j]}~{tag}"), out_i.append(img), origin.append(keys[j])
+    return out_k, np.stack(out_i), np.array(origin)
+
+
+# ------------------------------------------------------------------------------------------------------ grouping
+
+
+def test_group_identical_is_exact_and_linear():
+    rng = np.random.default_rng(0)
+
+    def codes(n):
+        base = rng.integers(0, 256, (n, 16), dtype=np.uint8)
+        return base[rng.integers(0, n // 2, n)]  # about 1 in 3 rows repeats an earlier code
+
+    small = codes(2000)
+    g = group_identical(small)
+    _, ref = np.unique(small, axis=0, return_inverse=True)
+    assert np.array_equal(g[:, None] == g[None, :], ref[:, None] == ref[None, :])
+
+    def best_time(c):
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            group_identical(c)
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    n = 100_000
+    t1, t10 = best_time(codes(n)), best_time(codes(10 * n))
+    assert t10 <= 12 * t1, f"10x the codes took {t10 / t1:.1f}x the time ({t1:.3f}s -> {t10:.3f}s)"
+
+
+def test_near_pairs_find_every_pair_within_radius():
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, (150, 16), dtype=np.uint8)
+    bits = np.unpackbits(base, axis=1)
+    flipped = bits.copy()
+    for row in flipped:  # a near copy of each: 0-4 bits flipped
+        row[rng.choice(128, rng.integers(0, 5), replace=False)] ^= 1
+    codes = np.concatenate([base, np.packbits(flipped, axis=1)])
+    i, j = np.triu_indices(len(codes), 1)
+    for radius in (1, 3):
+        truth = {(a, b) for a, b, d in zip(i, j, hamming(codes[i], codes[j])) if d <= radius}
+        assert {tuple(p) for p in near_pairs(codes, radius)} == truth
+        groups = group_codes(codes, radius)
+        assert all(groups[a] == groups[b] for a, b in truth)
+        assert len(np.unique(groups)) == len(codes) - len(truth)  # random codes: no chains between originals
+
+
+def test_keeper_is_the_smallest_key_whatever_the_order():
+    groups = np.array([0, 1, 0, 1, 2, 0])
+    keys = np.array(["c", "z", "a", "y", "q", "b"])
+    keep = keep_smallest_key(groups, keys)
+    assert keys[keep].tolist() == ["a", "y", "q"]
+    perm = np.random.default_rng(0).permutation(len(keys))
+    assert sorted(keys[perm][keep_smallest_key(groups[perm], keys[perm])]) == ["a", "q", "y"]
+
+
+# ------------------------------------------------------------------------------------------------------ model
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The hashing autoencoder trained in-process on real photos and MNIST digits with near-duplicate copies."""
+    keys, images = _distinct_images()
+    keys, images, origin = _with_copies(keys, images)
+    cfg = DedupConfig(epochs=30, seed=3)
+    crops = crops_of(images, cfg.crop)
+    state, losses = fit_local(crops, cfg)
+    return cfg, keys, crops, origin, state, losses
+
+
+def test_near_duplicates_collapse_and_distinct_images_survive(trained):
+    cfg, keys, crops, origin, state, losses = trained
+    assert losses[-1] < losses[0] * 0.7, losses
+    codes = encode(state, crops, cfg)
+    assert codes.shape == (len(keys), cfg.code_bits // 8) and codes.dtype == np.uint8
+    groups = group_codes(codes, cfg.radius)
+    same_origin = origin[:, None] == origin[None, :]
+    same_group = groups[:, None] == groups[None, :]
+    iu = np.triu_indices(len(keys), 1)
+    true_pairs, flagged = same_origin[iu], same_group[iu]
+    exact = np.array([k.endswith("~copy") for k in keys])
+    # exact copies always collide; JPEG q90 and 1-px shifted copies mostly do
+    assert all(groups[i] == groups[keys.index(origin[i])] for i in np.flatnonzero(exact))
+    recall = (flagged & true_pairs).sum() / true_pairs.sum()
+    precision = (flagged & true_pairs).sum() / flagged.sum()
+    assert recall >= 0.6, f"recall {recall:.3f}"
+    assert precision >= 0.95, f"precision {precision:.3f}: distinct images merged"
+    photos = [i for i, k in enumerate(keys) if k.startswith("photo-") and "~" not in k]
+    assert len({groups[i] for i in photos}) == len(photos), "distinct photos collided"
+
+
+def test_training_and_codes_are_deterministic(trained):
+    cfg, keys, crops, origin, state, losses = trained
+    again, losses2 = fit_local(crops, cfg)
+    assert losses == losses2
+    assert all(torch.equal(state[k], again[k]) for k in state)
+    assert np.array_equal(encode(state, crops, cfg), encode(again, crops, cfg))
+
+
+# ------------------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow
+def test_dedup_command_over_s3_on_ray(s3_bucket, ray_cluster, capsys):
+    """`dcgan dedup` on a dataset in S3: a new version with near duplicates gone, hashes filled, dedup/ written."""
+    from dcgan.cli import main
+
+    keys, images = _distinct_images(120)
+    keys, images, origin = _with_copies(keys, images, every=4)
+    src = f"{s3_bucket}/datasets/mix/v1"
+    order = np.random.default_rng(0).permutation(len(keys))  # copies spread over both shards
+    keys, images, origin = [keys[i] for i in order], images[order], origin[order]
+    half = len(keys) // 2
+    entries = [write_table(src, f"shards/part-{s:05d}.parquet", make_table(keys[a:b], images[a:b], [f"src/{k}" for k in keys[a:b]]))
+               for s, (a, b) in enumerate(((0, half), (half, len(keys))))]
+    rejects = [write_table(src, "rejects/part-00000.parquet", __import__("pyarrow").table(
+        {"key": ["bad"], "source": ["src/bad"], "reason": ["decode"], "detail": ["truncated"]}))]
+    write_manifest(src, kind="lsun", resolution=RES, shards=entries, rejects=rejects, reject_counts={"decode": 1},
+                   inputs=len(keys) + 1, params={"resolution": RES})
+
+    assert main(["dedup", src, "--epochs", "30", "--seed", "3"]) == 0
+    out = f"{src}-dedup"
+    m = read_manifest(out)
+    assert (m["kind"], m["resolution"], m["params"], m["rejects"]["by_reason"]) == ("lsun", RES, {"resolution": RES}, {"decode": 1})
+    assert storage.exists(storage.join(out, "rejects/part-00000.parquet"))
+    d = m["dedup"]
+    assert d["method"] == "autoencoder-semantic-hash" and d["code_bits"] == 128
+    assert d["rows_in"] == len(keys) and d["rows_out"] == m["counts"]["rows"] == len(keys) - d["removed"]
+    ds = ShardDataset(out)
+    kept = ds.keys()
+    assert len(set(kept)) == len(kept) == m["counts"]["rows"]
+    # every exact copy is gone (its original has the smaller key), every photo survives
+    assert not [k for k in kept if k.endswith("~copy")]
+    assert {k for k in keys if k.startswith("photo-") and "~" not in k} <= set(kept)
+    assert d["removed"] >= sum(k.endswith("~copy") for k in keys) and d["groups"] >= 1
+
+    # the saved model reproduces the hash column, and loads without pickle
+    state = load_state(storage.join(out, "dedup/model.pt"))
+    cfg = DedupConfig(**d["params"])
+    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(out, m["shards"][0]["path"]))))
+    from preprocessing.shards import images_of
+
+    hashes = table.column("hash").to_pylist()
+    assert all(len(h) == 16 for h in hashes)
+    assert hashes == [c.tobytes() for c in encode(state, crops_of(images_of(table), cfg.crop), cfg)]
+
+    report = json.loads(storage.read_bytes(storage.join(out, "dedup/report.json")))
+    assert report["removed"] == d["removed"] and sum(g["size"] - 1 for g in report["groups_detail"]) == d["removed"]
+    png = cv2.imdecode(np.frombuffer(storage.read_bytes(storage.join(out, "dedup/collisions.png")), np.uint8), 1)
+    assert png is not None and png.shape[0] >= 64
+    assert "near duplicates removed" in capsys.readouterr().out

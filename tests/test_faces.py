@@ -1,0 +1,109 @@
+"""Face detection and cropping on real photos that ship in packages (boxes from STACK.md)."""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from preprocessing import faces
+from preprocessing.config import BuildConfig
+from preprocessing.images import Reject, decode
+from realdata import grace_hopper_path, skimage_path, skimage_rgb
+
+
+def iou(a, b) -> float:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    ix = max(0, min(ax + aw, bx + bw) - max(ax, bx))
+    iy = max(0, min(ay + ah, by + bh) - max(ay, by))
+    inter = ix * iy
+    return inter / (aw * ah + bw * bh - inter)
+
+
+KNOWN = {"grace_hopper": (grace_hopper_path(), (155, 105, 222, 222)),
+         "astronaut": (skimage_path("astronaut.png"), (177, 66, 95, 95))}
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN))
+def test_exactly_the_known_face(name):
+    path, box = KNOWN[name]
+    cfg = BuildConfig(kind="faces")
+    rows = faces.face_rows(str(path), str(path), path.read_bytes(), cfg)
+    assert len(rows) == 1
+    key, img, source, found = rows[0]
+    assert key == f"{path}#0" and source == str(path)
+    assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+    assert iou(found, box) > 0.75, found
+    assert min(found[2:]) >= cfg.min_face
+
+
+@pytest.mark.parametrize("name", ["camera.png", "coffee.png", "chelsea.png"])
+def test_no_face_in_faceless_photos(name):
+    path = skimage_path(name)
+    with pytest.raises(Reject) as exc:
+        faces.face_rows(str(path), str(path), path.read_bytes(), BuildConfig(kind="faces"))
+    assert exc.value.reason == faces.NO_FACE
+
+
+def test_min_face_filters_the_small_face():
+    """The astronaut's face is ~95-106 px: kept at min_face 64, gone at min_face 160."""
+    data = skimage_path("astronaut.png").read_bytes()
+    with pytest.raises(Reject) as exc:
+        faces.face_rows("a", "a", data, BuildConfig(kind="faces", min_face=160))
+    assert exc.value.reason == faces.NO_FACE and ">= 160 px" in exc.value.detail
+
+
+def test_sideways_photo_with_exif_orientation_is_found_upright():
+    """Pixels stored rotated, EXIF says rotate back: Haar only sees the face if the orientation is honoured."""
+    rgb = decode(grace_hopper_path().read_bytes(), 10**8)
+    img = Image.fromarray(np.ascontiguousarray(np.rot90(rgb, 1)))
+    exif = img.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95, exif=exif)
+    rows = faces.face_rows("gh", "gh", buf.getvalue(), BuildConfig(kind="faces"))
+    assert len(rows) == 1 and iou(rows[0][3], KNOWN["grace_hopper"][1]) > 0.7
+
+
+def test_two_faces_in_one_photo_give_two_rows_in_a_stable_order():
+    left = skimage_rgb("astronaut")
+    right = decode(grace_hopper_path().read_bytes(), 10**8)[:512]
+    both = np.concatenate([left, right], axis=1)
+    data = cv2.imencode(".png", both[..., ::-1])[1].tobytes()
+    rows = faces.face_rows("two", "src", data, BuildConfig(kind="faces"))
+    assert [r[0] for r in rows] == ["two#0", "two#1"]
+    assert sorted(r[3][0] >= 512 for r in rows) == [False, True]  # one face in each half
+    assert rows[0][3][1] <= rows[1][3][1]  # top to bottom
+
+
+def test_crop_square_margin_and_clamping():
+    img = skimage_rgb("astronaut")
+    box = (177, 66, 95, 95)
+    tight = faces.crop_square(img, box, 0.0, 64)
+    ref = cv2.resize(img[66:161, 177:272], (64, 64), interpolation=cv2.INTER_AREA)
+    assert (tight == ref).all()
+    wide = faces.crop_square(img, box, 0.25, 64)  # 95 * 1.5 = 142 px around the same centre
+    c = 177 + 47.5, 66 + 47.5
+    ref = cv2.resize(img[round(c[1] - 71) : round(c[1] - 71) + 142, round(c[0] - 71) : round(c[0] - 71) + 142],
+                     (64, 64), interpolation=cv2.INTER_AREA)
+    assert np.abs(wide.astype(int) - ref).mean() < 1
+    corner = faces.crop_square(img, (0, 0, 100, 100), 0.5, 64)  # moved inside the photo, not padded
+    assert (corner == cv2.resize(img[:200, :200], (64, 64), interpolation=cv2.INTER_AREA)).all()
+
+
+def test_pluggable_cascade_and_clear_error_for_a_bad_one(tmp_path):
+    alt = cv2.data.haarcascades + "haarcascade_frontalface_alt2.xml"
+    cfg = BuildConfig(kind="faces", cascade=alt)
+    data = grace_hopper_path().read_bytes()
+    rows = faces.face_rows("gh", "gh", data, cfg)
+    assert len(rows) == 1 and iou(rows[0][3], KNOWN["grace_hopper"][1]) > 0.6
+    with pytest.raises(FileNotFoundError, match="cascade"):
+        faces.detector(BuildConfig(kind="faces", cascade="no_such_cascade.xml"))
+    junk = tmp_path / "junk.xml"
+    junk.write_text("<opencv_storage></opencv_storage>")
+    with pytest.raises(ValueError, match="cascade"):
+        faces.detector(BuildConfig(kind="faces", cascade=str(junk)))

@@ -1,0 +1,104 @@
+"""LSUN-layout LMDBs built here from real photos (JPEG and WebP values, corrupt entries), through the Ray Data build."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import cv2
+import numpy as np
+import pytest
+
+from preprocessing import lsun, shards
+from preprocessing.build import BuildError, build_dataset, plan
+from preprocessing.config import BuildConfig
+from realdata import encode, lsun_like_photos
+
+BAD = {b"0" * 40: (b"", "empty"), b"1" * 40: (b"<html>not found</html>", "not_image"),
+       b"2" * 40: (None, "truncated"), b"3" * 40: (b"\xff\xd8\xff\xe0garbage", "truncated")}
+
+
+@pytest.fixture(scope="module")
+def lmdb_dir(tmp_path_factory):
+    """Every photo as JPEG (quality 75, like LSUN) and as WebP, keyed by the sha1 of the bytes, plus bad entries."""
+    path = tmp_path_factory.mktemp("lsun") / "bedroom_val_lmdb"
+    entries, good = {}, {}
+    for name, rgb in lsun_like_photos().items():
+        for ext in (".jpg", ".webp"):
+            data = encode(rgb, ext)
+            key = hashlib.sha1(data).hexdigest().encode()
+            entries[key], good[key.decode()] = data, rgb
+    some_jpeg = next(v for v in entries.values() if v[:2] == b"\xff\xd8")
+    for key, (data, _) in BAD.items():
+        entries[key] = some_jpeg[: len(some_jpeg) // 3] if data is None else data
+    lsun.write_lmdb(str(path), entries)
+    return str(path), good
+
+
+def test_key_ranges_cover_every_key_once(lmdb_dir):
+    path, good = lmdb_dir
+    chunks, n, _ = lsun.plan_lmdb(path, chunk_rows=7)
+    assert n == len(good) + len(BAD) and sum(c["count"] for c in chunks) == n
+    seen = [k for c in chunks for k, _ in lsun.read_range(c["lmdb"], c["start"], c["count"])]
+    assert seen == sorted(seen) and len(set(seen)) == n
+    limited, n_lim, _ = lsun.plan_lmdb(path, chunk_rows=7, limit=10)
+    assert n_lim == 10 and [c["count"] for c in limited] == [7, 3]
+
+
+def test_build_gives_expected_rows_rejects_and_pixels(lmdb_dir, tmp_path, ray_cluster, caplog):
+    path, good = lmdb_dir
+    cfg = BuildConfig(kind="lsun", input=path, shard_rows=8)
+    with caplog.at_level(logging.INFO, logger="preprocessing.build"):
+        manifest = build_dataset(cfg, str(tmp_path / "ds"))
+    assert any("inputs/s" in r.message for r in caplog.records)  # progress lines
+    assert manifest["counts"]["rows"] == len(good)
+    assert manifest["counts"]["inputs"] == len(good) + len(BAD)
+    assert manifest["rejects"]["by_reason"] == {"empty": 1, "not_image": 1, "truncated": 2}
+    assert [s["path"] for s in manifest["shards"]] == [shards.shard_name(i) for i in range(len(manifest["shards"]))]
+    ds = shards.ShardDataset(str(tmp_path / "ds"))
+    for table in ds.tables():
+        keys = table.column("key").to_pylist()
+        assert keys == sorted(keys)
+    for row in ds:
+        ref = cv2.resize(good[row["key"]][:, (good[row["key"]].shape[1] - 256) // 2:][:, :256], (64, 64),
+                         interpolation=cv2.INTER_AREA)
+        assert row["image"].shape == (64, 64, 3) and row["box"] is None and row["source"] == path
+        assert np.abs(row["image"].astype(int) - ref).mean() < 6, row["key"]
+    import pyarrow.parquet as pq
+
+    rejects = [r for e in manifest["rejects"]["shards"] for r in pq.read_table(str(tmp_path / "ds" / e["path"])).to_pylist()]
+    assert {(r["key"], r["reason"]) for r in rejects} == {(k.decode(), why) for k, (_, why) in BAD.items()}
+    assert all(r["detail"] for r in rejects)
+
+
+def test_idempotent_resumable_and_overwrite_guarded(lmdb_dir, tmp_path, ray_cluster):
+    path, _ = lmdb_dir
+    out = str(tmp_path / "ds")
+    cfg = BuildConfig(kind="lsun", input=path, shard_rows=8)
+    first = build_dataset(cfg, out, progress=False)
+    with pytest.raises(BuildError, match="--overwrite"):
+        build_dataset(cfg, out, progress=False)
+    again = build_dataset(cfg.model_copy(update={"overwrite": True}), out, progress=False)
+    assert again["content_hash"] == first["content_hash"] and again["shards"] == first["shards"]
+    # An interrupted build: no manifest, some chunks done, one shard lost. Running again completes it.
+    (tmp_path / "ds" / "manifest.json").unlink()
+    (tmp_path / "ds" / "shards" / "part-00001.parquet").unlink()
+    resumed = build_dataset(cfg, out, progress=False)
+    assert resumed["content_hash"] == first["content_hash"]
+    assert not (tmp_path / "ds" / "_chunks").exists()
+
+
+def test_exported_folder_and_limit(lmdb_dir, tmp_path, ray_cluster):
+    path, good = lmdb_dir
+    folder = tmp_path / "export"
+    for key, data in list(lsun.read_range(path, *[(c["start"], c["count"]) for c in lsun.plan_lmdb(path, 10**6)[0]][0])):
+        ext = ".jpg" if data[:2] == b"\xff\xd8" else ".webp" if data[:4] == b"RIFF" else ".bin"
+        (folder / key[:2]).mkdir(parents=True, exist_ok=True)
+        (folder / key[:2] / f"{key}{ext}").write_bytes(data)
+    cfg = BuildConfig(kind="lsun", input=str(folder), shard_rows=16, limit=20)
+    assert plan(cfg).inputs == 20
+    manifest = build_dataset(cfg, str(tmp_path / "ds"), progress=False)
+    rows = manifest["counts"]["rows"]
+    assert rows + manifest["counts"]["rejected"] == 20
+    keys = shards.ShardDataset(str(tmp_path / "ds")).keys()
+    assert set(keys) <= set(good) and len(keys) == rows

