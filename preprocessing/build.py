@@ -38,7 +38,7 @@ FILTERED = frozenset({"no_face"})  # reasons that are outcomes of filtering, not
 STATE_DIR = "_chunks"
 STAGING = "staging"
 # Parameters that do not change a single output byte (so changing them does not invalidate finished chunks).
-_NEUTRAL_PARAMS = {"overwrite", "download_concurrency"}
+_NEUTRAL_PARAMS = {"overwrite", "download_concurrency", "max_reject_rate"}
 
 
 class BuildError(shards.DatasetError):

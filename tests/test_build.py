@@ -196,3 +196,24 @@ def test_cli_build_faces_and_overwrite_refusal(tmp_path, ray_cluster, capsys):
     assert args.func(args) == 0
     manifest = shards.read_manifest(str(tmp_path / "ds"))
     assert manifest["params"]["margin"] == 0.1 and manifest["params"]["min_face"] == 64
+
+
+@pytest.mark.slow
+def test_dedup_integration_writes_final_shards_and_removes_staging(tmp_path, ray_cluster):
+    """With dedup on: staging shards -> preprocessing.dedup.deduplicate -> out/shards + manifest; staging removed."""
+    pytest.importorskip("preprocessing.dedup")
+    from preprocessing.config import DedupConfig
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    for name in ("a.jpg", "b.jpg"):  # the same photo twice: identical crops must collide
+        (src / name).write_bytes(PHOTOS["grace_hopper.jpg"].read_bytes())
+    (src / "c.png").write_bytes(PHOTOS["astronaut.png"].read_bytes())
+    out = str(tmp_path / "ds")
+    manifest = build_dataset(BuildConfig(kind="faces", input=str(src)), out,
+                             dedup=DedupConfig(epochs=1, batch_size=4), progress=False)
+    assert manifest["dedup"]["method"] != "none" and manifest["dedup"]["removed"] >= 1
+    assert manifest["counts"]["rows"] == 3 - manifest["dedup"]["removed"]
+    assert all(s["path"].startswith("shards/") for s in manifest["shards"])
+    assert not (tmp_path / "ds" / "staging").exists()
+    shards.verify(out)

@@ -80,11 +80,17 @@ def test_idempotent_resumable_and_overwrite_guarded(lmdb_dir, tmp_path, ray_clus
         build_dataset(cfg, out, progress=False)
     again = build_dataset(cfg.model_copy(update={"overwrite": True}), out, progress=False)
     assert again["content_hash"] == first["content_hash"] and again["shards"] == first["shards"]
-    # An interrupted build: no manifest, some chunks done, one shard lost. Running again completes it.
-    (tmp_path / "ds" / "manifest.json").unlink()
+    # A build that stops before its manifest (here: too many rejects) leaves its finished chunks; one shard is
+    # lost too. Running again completes it, redoing only that chunk, and gives the same dataset.
+    strict = cfg.model_copy(update={"overwrite": True, "max_reject_rate": 0.0})
+    with pytest.raises(BuildError, match="max_reject_rate"):
+        build_dataset(strict, out, progress=False)
+    assert not (tmp_path / "ds" / "manifest.json").exists() and (tmp_path / "ds" / "_chunks").exists()
     (tmp_path / "ds" / "shards" / "part-00001.parquet").unlink()
     resumed = build_dataset(cfg, out, progress=False)
     assert resumed["content_hash"] == first["content_hash"]
+    n = len(resumed["shards"])
+    assert resumed["build_stats"]["chunks"] == n and resumed["build_stats"]["resumed"] == n - 1
     assert not (tmp_path / "ds" / "_chunks").exists()
 
 
