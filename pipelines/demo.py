@@ -63,7 +63,16 @@ def quiet() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # progress bars are a terminal's, not a log's
     logging.getLogger("ray").setLevel(logging.WARNING)
+
+
+def start_local_ray() -> None:
+    """A local Ray without its dashboard and start-up chatter (the stages would otherwise start a default one)."""
+    import ray
+
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipelines.flows import dcgan_pipeline
 
+    start_local_ray()
     try:
         result = dcgan_pipeline(cfg)
     except (ConfigError, DatasetError, ValueError) as err:

@@ -32,6 +32,10 @@ AWS_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # The CLI's one-line message for bad input (dcgan/cli.py): such a job fails the same way every time.
 INPUT_ERROR = re.compile(r"^dcgan [\w-]+: error: (.+)$", re.MULTILINE)
+# Terminal colours and cursor moves (Ray's prefixes, progress bars) mean nothing in a run log.
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# Settings of the job's processes: no progress bars (they are a terminal's, not a log's).
+JOB_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_V2_ENABLED": "1"}
 LOG_TAIL_LINES = 30
 
 
@@ -102,12 +106,14 @@ class _LineStream:
         new, self.seen = logs[self.seen:], len(logs)
         *lines, self.partial = (self.partial + new).split("\n")
         for line in lines:
+            line = ANSI.sub("", line).rstrip()
             if line.strip():
-                self.emit(line.rstrip())
+                self.emit(line)
 
     def close(self) -> None:
-        if self.partial.strip():
-            self.emit(self.partial.rstrip())
+        line = ANSI.sub("", self.partial).rstrip()
+        if line.strip():
+            self.emit(line)
         self.partial = ""
 
 
@@ -155,8 +161,8 @@ def run_job(address: str, entrypoint: str, runtime_env: dict[str, Any], logger: 
     client = connect(address)
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
                                metadata=metadata or {})
-    env_names = ", ".join(sorted(runtime_env.get("env_vars", {}))) or "none"
-    logger.info("Submitted Ray job %s to %s: %s (env settings passed: %s)", job_id, address, entrypoint, env_names)
+    env_names = ", ".join(sorted(n for n in runtime_env.get("env_vars", {}) if n.startswith("AWS_"))) or "none"
+    logger.info("Submitted Ray job %s to %s: %s (storage settings passed: %s)", job_id, address, entrypoint, env_names)
     info, logs = follow(client, job_id, lambda line: logger.info("[ray job] %s", line), poll_s=poll_s)
     if str(info.status) != "SUCCEEDED":
         err = job_failure(job_id, info, logs)
@@ -188,7 +194,7 @@ def run_training_job(cfg: Config, address: str, logger: logging.Logger | logging
     resolved = job_config(cfg)
     with tempfile.TemporaryDirectory(prefix="dcgan-job-") as work:
         Path(work, "config.yaml").write_text(dump_config(resolved))
-        runtime_env = {"working_dir": work, "env_vars": aws_env()}
+        runtime_env = {"working_dir": work, "env_vars": {**JOB_ENV, **aws_env()}}
         slug = re.sub(r"[^a-z0-9-]+", "-", cfg.name.lower()).strip("-") or "run"
         return run_job(address, "dcgan train --config config.yaml", runtime_env, logger,
                        submission_id=f"dcgan-train-{slug}-{uuid.uuid4().hex[:8]}",

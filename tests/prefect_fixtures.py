@@ -40,6 +40,11 @@ def run_logs(flow_run_id) -> str:
     from prefect.logging.handlers import APILogHandler
 
     APILogHandler().flush()
+    logs: list = []
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        while True:  # the API answers in pages (200 logs by default)
+            page = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), offset=len(logs))
+            if not page:
+                break
+            logs += page
     return "\n".join(log.message for log in logs)

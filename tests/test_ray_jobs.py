@@ -99,7 +99,7 @@ def ray_head():
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
         try:
-            head.wait(30)
+            head.wait(10)
         except subprocess.TimeoutExpired:
             pass
         try:

