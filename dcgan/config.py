@@ -91,6 +91,8 @@ class TrainConfig(Strict):
     log_every: int = Field(10, ge=1)
     seed: int = 0
     shuffle_buffer: int = Field(4096, ge=0, description="rows in Ray Data's local shuffle buffer; 0 = no shuffle")
+    cache_bytes: int = Field(1 << 30, ge=0, description="a dataset with at most this many pixel bytes is read once "
+                             "into Ray's object store; larger ones stream from storage every epoch")
 
 
 class ClusterConfig(Strict):

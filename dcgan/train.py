@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -24,6 +25,13 @@ from dcgan.step import METRICS, GANStep, StepOptions, make_optimizers
 from preprocessing import shards, storage
 
 log = logging.getLogger("dcgan.train")
+
+
+def say(line: str) -> None:
+    """A progress line on the worker's stdout, which Ray forwards to the driver and the job log once (Ray Train's
+    patched `print` would also copy it into its own logger, and the console would show it twice)."""
+    sys.stdout.write(f"[dcgan] {line}\n")
+    sys.stdout.flush()
 
 # Chaos hook for tests and drills: the named worker rank exits once when it reaches this step.
 FAIL_AT_STEP_ENV = "DCGAN_FAIL_AT_STEP"
@@ -92,9 +100,9 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             dist.broadcast(t, src=0)
     _seed(train_cfg.seed, rank, step)
     if rank == 0:
-        print(f"[dcgan] {'resuming at' if state else 'starting'} step {step}/{train_cfg.steps}: "
-              f"{world} worker(s) on {device}, batch {train_cfg.batch_size} ({train_cfg.batch_size // world}/worker), "
-              f"{options}", flush=True)
+        say(f"{'resuming at' if state else 'starting'} step {step}/{train_cfg.steps}: "
+            f"{world} worker(s) on {device}, batch {train_cfg.batch_size} ({train_cfg.batch_size // world}/worker), "
+            f"{options}")
 
     z_fixed = fixed_z(cfg)
     run_log = RunLog(run_uri) if rank == 0 else None
@@ -123,9 +131,9 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
                 last = dict(zip(METRICS, values), images_per_s=n_acc * train_cfg.batch_size / elapsed, epoch=epoch)
                 if run_log:
                     run_log.log(step, last)
-                    print(f"[dcgan] step {step}/{train_cfg.steps} loss_D {last['loss_d']:.3f} "
-                          f"loss_G {last['loss_g']:.3f} D(x) {last['d_x']:.3f} D(G(z)) {last['d_g_z']:.3f} "
-                          f"{last['images_per_s']:.0f} img/s", flush=True)
+                    say(f"step {step}/{train_cfg.steps} loss_D {last['loss_d']:.3f} "
+                        f"loss_G {last['loss_g']:.3f} D(x) {last['d_x']:.3f} D(G(z)) {last['d_g_z']:.3f} "
+                        f"{last['images_per_s']:.0f} img/s")
                 acc.zero_()
                 n_acc, t0 = 0, time.perf_counter()
             if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
@@ -158,7 +166,7 @@ def _checkpoint(cfg: Config, step: int, gan: GANStep, z_fixed: torch.Tensor) -> 
     grid_uri = save_grid(images, samples_uri(cfg.run_uri, step), nrow=8)
     ckpt = checkpoints.save(cfg.run_uri, step, state)
     checkpoints.prune(cfg.run_uri, cfg.train.keep_checkpoints)
-    print(f"[dcgan] checkpoint {ckpt}  samples {grid_uri}", flush=True)
+    say(f"checkpoint {ckpt}  samples {grid_uri}")
     return {"checkpoint": ckpt, "samples": grid_uri}
 
 
@@ -193,7 +201,13 @@ def train(cfg: Config) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     ensure_ray(cfg.cluster.address)
-    dataset = shards.ray_dataset(cfg.data_uri, columns=["image"])
+    manifest = shards.read_manifest(cfg.data_uri)
+    dataset = shards.ray_dataset(cfg.data_uri, columns=["image"], manifest=manifest)
+    pixel_bytes = manifest["counts"]["rows"] * manifest["resolution"] ** 2 * manifest.get("channels", 3)
+    if pixel_bytes <= cfg.train.cache_bytes:
+        # Small datasets: one read, then every epoch comes from the object store instead of re-listing and
+        # re-reading the shards (seconds per epoch that would stall the GPUs at every epoch boundary).
+        dataset = dataset.materialize()
     ray_dir = storage.join(cfg.run_uri, "ray")
     if storage.is_s3(ray_dir):
         fs, path = storage.arrow_filesystem(ray_dir)

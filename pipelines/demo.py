@@ -59,6 +59,8 @@ def quiet() -> None:
     """Keep the console to what a person wants to read: stage logs and the final summary."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from the local API
     os.environ.setdefault("PREFECT_CLI_PROMPT", "false")
+    # a fresh PREFECT_HOME migrates its SQLite database first: on a busy laptop that outlasts the default 20 s
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -68,11 +70,12 @@ def quiet() -> None:
 
 
 def start_local_ray() -> None:
-    """A local Ray without its dashboard and start-up chatter (the stages would otherwise start a default one)."""
+    """A local Ray without start-up chatter (the stages would otherwise start a default one). It keeps its dashboard
+    process: Ray Train's controller watches its workers through the State API the dashboard serves."""
     import ray
 
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(logging_level=logging.WARNING, log_to_driver=True)
 
 
 def main(argv: list[str] | None = None) -> int:
