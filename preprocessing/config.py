@@ -26,7 +26,13 @@ class DedupConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     input_noise: float = Field(0.1, ge=0, description="std of the Gaussian corruption of the denoising AE")
     dropout: float = Field(0.2, ge=0, lt=1)
+    whiten: int = Field(32, ge=0, description="PCA components of the 2x2-pooled crop the encoder reads, whitened "
+                                              "(0 = raw pixels); folded into the saved 3072-128 encoder")
+    balance: float = Field(1.0, ge=0, description="weight of the penalty pushing each bit to be on for half the images")
+    decorrelate: float = Field(1.0, ge=0, description="weight of the penalty on correlation between code bits")
     radius: int = Field(0, ge=0, description="Hamming radius; 0 = identical codes only (linear time)")
+    max_removed: float = Field(0.5, ge=0, le=1, description="fail, writing nothing, when more than this fraction "
+                               "of the rows would be removed (the paper removed ~9% of LSUN bedrooms)")
     seed: int = 0
 
 

@@ -209,6 +209,14 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
             decisions = ray.data.from_pandas(__import__("pandas").DataFrame(decide(batch, cfg.radius)))
         decisions = decisions.materialize()
         timings["group_s"] = time.perf_counter() - t
+        kept = int(decisions.map_batches(lambda b: {"n": [int(np.count_nonzero(b["keep"]))]},
+                                         batch_format="numpy").sum("n") or 0)
+        if rows_in - kept > cfg.max_removed * rows_in:
+            raise DatasetError(
+                f"{src_uri}: the hash would remove {rows_in - kept} of {rows_in} rows (more than dedup.max_removed = "
+                f"{cfg.max_removed:.0%}); a hash that collapsed to few codes looks like this, so nothing was written. "
+                f"Check the autoencoder (dedup.epochs, dedup.whiten) or raise dedup.max_removed if the data really is "
+                f"that redundant")
 
         t = time.perf_counter()
         written = decisions.groupby("shard").map_groups(

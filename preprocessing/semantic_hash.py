@@ -4,8 +4,9 @@ A code is a row of packed bits, (N, B/8) uint8 (the autoencoder's 128-bit code i
 vectorised numpy over one partition of the codes; `preprocessing.dedup` hash-partitions a dataset's codes across a
 Ray cluster with `partition_of` and calls these per partition, so no node ever holds the whole dataset.
 
-- Identical codes (radius 0): an LSD radix sort over 16-bit digits (numpy's stable sort of uint16 *is* a radix sort),
-  so grouping N codes of B bits costs B/16 linear passes: O(N B), no comparison sort, no Python loop over rows.
+- Identical codes (radius 0): hash-partition into cache-sized chunks, then an LSD radix sort over 16-bit digits per
+  chunk (numpy's stable sort of uint16 *is* a radix sort): N codes of B bits cost B/16 + 1 linear passes, O(N B),
+  no comparison sort, no Python loop over rows.
 - Within radius r (multi-index hashing, Norouzi et al. 2012): split the B bits into r+1 blocks; by pigeonhole two codes
   at Hamming distance <= r agree exactly on at least one block. Each block is grouped exactly as above, every pair that
   shares a block bucket is a candidate, and candidates are verified by popcount of the XOR. Groups are the connected
@@ -21,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 MAX_CANDIDATES = 50_000_000
+CHUNK = 1 << 16        # codes grouped at once: small enough to stay in cache
 
 
 def pack_bits(bits: np.ndarray) -> np.ndarray:
@@ -35,29 +37,54 @@ def _digits(codes: np.ndarray) -> np.ndarray:
         raise ValueError(f"codes must be (N, bytes) uint8, got shape {codes.shape}")
     if codes.shape[1] % 2:
         codes = np.pad(codes, ((0, 0), (0, 1)))
-    return codes.reshape(len(codes), -1, 2).astype(np.uint16) @ np.array([256, 1], np.uint16)
+    return codes.view(">u2").astype(np.uint16)
 
 
 def _radix_order(digits: np.ndarray) -> np.ndarray:
     """Row order that sorts the digit rows lexicographically; one stable (radix) pass per 16-bit digit."""
+    columns = np.ascontiguousarray(digits.T)  # each pass gathers from one contiguous column
     order = np.arange(len(digits))
-    for d in range(digits.shape[1] - 1, -1, -1):
-        order = order[np.argsort(digits[order, d], kind="stable")]
+    for d in range(columns.shape[0] - 1, -1, -1):
+        order = order.take(np.argsort(columns[d].take(order), kind="stable"))
     return order
 
 
-def group_identical(codes: np.ndarray) -> np.ndarray:
-    """Group id per row (0..G-1, in code order) such that rows share an id iff their codes are equal. Linear time."""
-    n = len(codes)
-    if n == 0:
-        return np.zeros(0, np.int64)
-    digits = _digits(codes)
+def _group_chunk(digits: np.ndarray) -> np.ndarray:
+    n = len(digits)
     order = _radix_order(digits)
-    s = digits[order]
+    s = np.take(digits, order, axis=0)  # `take` copies rows ~9x faster than fancy indexing
     starts = np.ones(n, bool)
     starts[1:] = (s[1:] != s[:-1]).any(axis=1)
     groups = np.empty(n, np.int64)
     groups[order] = np.cumsum(starts) - 1
+    return groups
+
+
+def group_identical(codes: np.ndarray) -> np.ndarray:
+    """Group id per row (0..G-1) such that rows share an id iff their codes are equal. Linear time.
+
+    Large inputs are first hash-partitioned (one radix pass on a 16-bit partition number) into cache-sized chunks,
+    the same split `partition_of` gives the cluster, so the per-row cost stays flat as N grows.
+    """
+    n = len(codes)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    digits = _digits(codes)
+    if n <= CHUNK:
+        return _group_chunk(digits)
+    parts = partition_of(codes, -(-n // CHUNK)).astype(np.uint16)
+    order = np.argsort(parts, kind="stable")
+    digits = np.take(digits, order, axis=0)  # one reorder: every chunk is then a contiguous slice
+    bounds = np.cumsum(np.bincount(parts))
+    sorted_groups, offset = np.empty(n, np.int64), 0
+    for lo, hi in zip(np.r_[0, bounds[:-1]], bounds):
+        if hi == lo:
+            continue
+        g = _group_chunk(digits[lo:hi])
+        sorted_groups[lo:hi] = g + offset
+        offset += int(g.max()) + 1
+    groups = np.empty(n, np.int64)
+    groups[order] = sorted_groups
     return groups
 
 
