@@ -206,6 +206,10 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
     ctx = DataContext.get_current()
     saved_bars = ctx.enable_progress_bars
     ctx.enable_progress_bars = progress and saved_bars
+    # One map operator whose outputs are a few bytes of JSON: Ray Data's per-operator reservation would hold back
+    # CPUs for operators that do not exist (on 2 CPUs it runs one chunk at a time: 1.3x instead of 2.1x).
+    saved_reservation = ctx.op_resource_reservation_enabled
+    ctx.op_resource_reservation_enabled = False
     results: list[dict] = []
     try:
         ds = ray.data.from_items([{"chunk": json.dumps(c)} for c in chunks], override_num_blocks=len(chunks))
@@ -229,6 +233,7 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
                              x["resumed"] for x in results) else "")
     finally:
         ctx.enable_progress_bars = saved_bars
+        ctx.op_resource_reservation_enabled = saved_reservation
     return sorted(results, key=lambda r: r["index"])
 
 
