@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/lmdb_decode.py
 	$(PY) benchmarks/face_detect.py
 	$(PY) benchmarks/dedup_quality.py
+	$(PY) benchmarks/dedup_grouping.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
