@@ -336,7 +336,6 @@ def evaluate(
             runner(ctx, section)
         except NotRun as why:
             section.status = f"not run: {why}"
-            log.info("%s: %s", name, section.status)
         section.metrics = _jsonable(section.metrics)
         sections.append(section)
         metrics["suites"][name] = {"status": section.status, "seconds": round(time.perf_counter() - t0, 2),
