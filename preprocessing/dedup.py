@@ -70,7 +70,8 @@ def _encode_task(batch: dict[str, np.ndarray], state: dict, cfg: dict, partition
     import torch
 
     dcfg = DedupConfig(**cfg)
-    codes = encode({k: torch.from_numpy(v) for k, v in state.items()}, batch["crop"], dcfg)
+    # the weights arrive read-only from the object store; a copy (a few MB) keeps torch from warning about it
+    codes = encode({k: torch.from_numpy(v.copy()) for k, v in state.items()}, batch["crop"], dcfg)
     return {"key": batch["key"], "shard": batch["shard"], "row": batch["row"],
             "hash": np.array([c.tobytes() for c in codes], dtype=object),
             "part": partition_of(codes, partitions)}
