@@ -83,8 +83,9 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     options = StepOptions.resolve(train_cfg, device)
     opt_g, opt_d = make_optimizers(g, d, train_cfg, fused=options.fused_adam)
     step, state = 0, None
-    if checkpoints.latest_step(run_uri) is not None:
-        state = checkpoints.load_state(run_uri)
+    latest = checkpoints.latest_step(run_uri)
+    if latest is not None:
+        state = checkpoints.load_state(run_uri, latest)
         g.load_state_dict(state["generator"])
         d.load_state_dict(state["discriminator"])
         step = int(state["step"])
@@ -178,7 +179,8 @@ def ensure_ray(address: str | None = None) -> None:
                  log_to_driver=True)
 
 
-def _summary(cfg: Config, step: int, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_summary(cfg: Config, step: int, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a run at `step` offers: its URIs (from storage layout alone) and the last logged metrics, if given."""
     return {
         "run": cfg.run_uri,
         "step": step,
@@ -190,18 +192,17 @@ def _summary(cfg: Config, step: int, metrics: dict[str, Any] | None = None) -> d
 
 def train(cfg: Config) -> dict[str, Any]:
     """Train (or resume) the run `cfg.run_uri` on the dataset `cfg.data_uri` until `cfg.train.steps`."""
-    preflight(cfg)
+    manifest = preflight(cfg)
     done = checkpoints.latest_step(cfg.run_uri)
     if done is not None and done >= cfg.train.steps:
         log.info("%s already has a checkpoint at step %d >= %d: nothing to train", cfg.run_uri, done, cfg.train.steps)
-        return _summary(cfg, done)
+        return run_summary(cfg, done)
     storage.write_text(storage.join(cfg.run_uri, "config.yaml"), dump_config(cfg))
 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     ensure_ray(cfg.cluster.address)
-    manifest = shards.read_manifest(cfg.data_uri)
     dataset = shards.ray_dataset(cfg.data_uri, columns=["image"], manifest=manifest)
     pixel_bytes = manifest["counts"]["rows"] * manifest["resolution"] ** 2 * manifest.get("channels", 3)
     if pixel_bytes <= cfg.train.cache_bytes:
@@ -211,11 +212,11 @@ def train(cfg: Config) -> dict[str, Any]:
     ray_dir = storage.join(cfg.run_uri, "ray")
     if storage.is_s3(ray_dir):
         fs, path = storage.arrow_filesystem(ray_dir)
-        run_config = RunConfig(name=f"train-{int(time.time())}", storage_path=path, storage_filesystem=fs,
-                               failure_config=FailureConfig(max_failures=cfg.cluster.max_failures))
+        where = {"storage_path": path, "storage_filesystem": fs}
     else:
-        run_config = RunConfig(name=f"train-{int(time.time())}", storage_path=str(storage.local_path(ray_dir)),
-                               failure_config=FailureConfig(max_failures=cfg.cluster.max_failures))
+        where = {"storage_path": str(storage.local_path(ray_dir))}
+    run_config = RunConfig(name=f"train-{int(time.time())}",
+                           failure_config=FailureConfig(max_failures=cfg.cluster.max_failures), **where)
     fail_at = os.environ.get(FAIL_AT_STEP_ENV)
     trainer = TorchTrainer(
         _worker_loop,
@@ -237,4 +238,4 @@ def train(cfg: Config) -> dict[str, Any]:
         raise result.error
     step = checkpoints.latest_step(cfg.run_uri) or 0
     rows = read_metrics(cfg.run_uri)
-    return _summary(cfg, step, rows[-1] if rows else None)
+    return run_summary(cfg, step, rows[-1] if rows else None)

@@ -99,15 +99,6 @@ def build_dataset(build: BuildConfig, out: str, dedup: DedupConfig | None = None
 # --------------------------------------------------------------------------------------------------------- train
 
 
-def run_summary(cfg: Config, step: int) -> dict[str, Any]:
-    """What a finished run offers, read from its storage (the same keys `dcgan.train.train` returns)."""
-    from dcgan import checkpoints
-    from dcgan.train import samples_uri
-
-    return {"run": cfg.run_uri, "step": step, "checkpoint": checkpoints.checkpoint_uri(cfg.run_uri, step),
-            "samples": samples_uri(cfg.run_uri, step), "metrics": {}}
-
-
 @task(name="train", task_run_name="train-{config.name}", **_RETRYING)
 def train_run(config: Config) -> dict[str, Any]:
     """Train `config.run_uri` to `config.train.steps`: a Ray Job on a cluster, or in this process on a local Ray.
@@ -116,6 +107,7 @@ def train_run(config: Config) -> dict[str, Any]:
     steps.
     """
     from dcgan import checkpoints
+    from dcgan.train import run_summary
 
     from pipelines import artifacts, ray_jobs
 

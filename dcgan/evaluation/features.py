@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcgan.step import to_model_input
+
 POOL_GRID = 4  # every layer is max-pooled to POOL_GRID x POOL_GRID
 
 
@@ -52,10 +54,8 @@ def check_images(images: np.ndarray, d: nn.Module, name: str = "images") -> None
 
 
 def to_input(batch: np.ndarray | torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [-1, 1] on `device` (the conversion happens on the device, after the copy)."""
-    x = torch.as_tensor(batch).to(device, non_blocking=True)
-    x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    """uint8 NHWC -> float NCHW in [-1, 1] on `device`: training's conversion, for numpy batches too."""
+    return to_model_input(torch.as_tensor(batch), device, channels_last)
 
 
 def batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -21,9 +21,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from dcgan.evaluation.latent import CONTEXT, render
+from dcgan.evaluation.latent import CONTEXT, context_z, render
 from dcgan.sampling import batch_statistics
-from dcgan.networks import sample_z
 from preprocessing import storage
 
 LAYER = -3  # forward_features: [projection, conv1, ..., image]; -2 is the highest hidden layer, -3 the second highest
@@ -65,10 +64,9 @@ def _layer_index(g: nn.Module, layer: int) -> int:
 @torch.no_grad()
 def layer_features(g: nn.Module, z: torch.Tensor, layer: int = LAYER, context: int = CONTEXT) -> torch.Tensor:
     """G's activations at `layer` (N, C, h, w) under the same batch statistics as `render`."""
-    device = next(g.parameters()).device
-    ctx = sample_z(g.cfg, context, generator=torch.Generator().manual_seed(1234)).to(device)
+    ctx = context_z(g, context)
     with batch_statistics(g):
-        feats = g.forward_features(torch.cat([z.to(device), ctx]))[_layer_index(g, layer)]
+        feats = g.forward_features(torch.cat([z.to(ctx.device), ctx]))[_layer_index(g, layer)]
     return feats[: len(z)].float().cpu()
 
 

@@ -18,6 +18,7 @@ from dcgan.networks import sample_z
 from dcgan.sampling import batch_statistics, to_uint8
 
 CONTEXT = 256  # random z rendered alongside, for representative batch statistics
+CONTEXT_SEED = 1234  # the same context z everywhere, so `render` and forgetting's feature maps share batch statistics
 SHEET_SEED = 0  # the numbered sample sheet is reproducible: the same z every time
 
 
@@ -25,11 +26,17 @@ def _device(g: nn.Module) -> torch.device:
     return next(g.parameters()).device
 
 
+def context_z(g: nn.Module, n: int = CONTEXT, seed: int = CONTEXT_SEED) -> torch.Tensor:
+    """The fixed random z rendered alongside the z of interest, on G's device."""
+    return sample_z(g.cfg, n, generator=torch.Generator().manual_seed(seed)).to(_device(g))
+
+
 @torch.no_grad()
-def render(g: nn.Module, z: torch.Tensor, context: int = CONTEXT, seed: int = 1234, chunk: int = 256) -> torch.Tensor:
+def render(g: nn.Module, z: torch.Tensor, context: int = CONTEXT, seed: int = CONTEXT_SEED, chunk: int = 256
+           ) -> torch.Tensor:
     """G(z) (float NCHW in [-1, 1], on the CPU), batch statistics taken over z plus `context` fixed random z."""
     device = _device(g)
-    ctx = sample_z(g.cfg, context, generator=torch.Generator().manual_seed(seed)).to(device) if context else None
+    ctx = context_z(g, context, seed) if context else None
     outs = []
     with batch_statistics(g):
         for i in range(0, len(z), chunk):

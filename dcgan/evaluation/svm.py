@@ -158,23 +158,22 @@ def svhn_protocol(
         for x in (train_x, val_x, test_x):
             scaler.apply_(x)
     rng = np.random.default_rng(seed)
-    val_error_by_c, converged = {}, True
-    for c in c_grid:
-        errs = []
-        for _ in range(select_draws):
+    converged = True
+
+    def draw_errors(c: float, draws: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Error on (x, y) of SVMs fitted on `draws` fresh class-balanced labelled draws."""
+        nonlocal converged
+        errors = []
+        for _ in range(draws):
             idx = balanced_draw(train_y, per_class, rng)
             model, ok = fit_svm(train_x[idx], train_y[idx], c, seed)
-            errs.append(error_rate(model, val_x, val_y))
+            errors.append(error_rate(model, x, y))
             converged &= ok
-        val_error_by_c[c] = float(np.mean(errs))
+        return np.asarray(errors)
+
+    val_error_by_c = {c: float(draw_errors(c, select_draws, val_x, val_y).mean()) for c in c_grid}
     best = min(c_grid, key=lambda c: (val_error_by_c[c], c))
-    test_errors = []
-    for _ in range(test_draws):
-        idx = balanced_draw(train_y, per_class, rng)
-        model, ok = fit_svm(train_x[idx], train_y[idx], best, seed)
-        test_errors.append(error_rate(model, test_x, test_y))
-        converged &= ok
-    errs = np.asarray(test_errors)
+    errs = draw_errors(best, test_draws, test_x, test_y)
     return {
         "protocol": "svhn",
         "test_error_mean": float(errs.mean()),
