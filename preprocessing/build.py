@@ -65,12 +65,9 @@ def plan(cfg: BuildConfig) -> Plan:
         planner = lsun.plan_lmdb if lsun.is_lmdb(cfg.input) else lsun.plan_folder
         chunks, n, fp = planner(cfg.input, cfg.shard_rows, cfg.limit)
     else:
-        from preprocessing.sources import fingerprint, list_items
+        from preprocessing.sources import chunk_items, list_items
 
-        items = list_items(cfg.input, cfg.limit)
-        chunks = [{"items": [[it.key, it.source] for it in items[i : i + cfg.shard_rows]]}
-                  for i in range(0, len(items), cfg.shard_rows)]
-        n, fp = len(items), fingerprint(f"{it.key}\t{it.source}" for it in items)
+        chunks, n, fp = chunk_items(list_items(cfg.input, cfg.limit), cfg.shard_rows)
     for i, c in enumerate(chunks):
         c["index"] = i
     return Plan(chunks, n, fp)
@@ -164,13 +161,12 @@ def run_chunk(chunk: dict[str, Any], cfg: BuildConfig, shards_uri: str, rejects_
     rows.sort(key=lambda r: r[0])
     work_s, started = time.perf_counter() - started, time.perf_counter()
     shard_entry = reject_entry = None
-    name = shards.shard_name(index).split("/", 1)[1]
     if rows:
         table = shards.make_table([r[0] for r in rows], np.stack([r[1] for r in rows]), [r[2] for r in rows],
                                   [r[3] for r in rows])
-        shard_entry = shards.write_table(shards_uri, f"shards/{name}", table)
+        shard_entry = shards.write_table(shards_uri, shards.shard_name(index), table)
     if rejects:
-        reject_entry = shards.write_table(rejects_uri, f"rejects/{name}", _reject_table(rejects))
+        reject_entry = shards.write_table(rejects_uri, shards.shard_name(index, "rejects"), _reject_table(rejects))
     result = {
         "index": index, "digest": digest, "inputs": n, "rows": len(rows), "shard": shard_entry,
         "rejects": reject_entry, "reject_counts": dict(Counter(r[2] for r in rejects)),

@@ -322,17 +322,19 @@ def _train_worker(config: dict) -> None:
 # ------------------------------------------------------------------------------------------------------ codes
 
 
-def model_from_state(state: dict[str, torch.Tensor], cfg: DedupConfig) -> HashAutoencoder:
-    model = HashAutoencoder.from_config(cfg)
-    model.load_state_dict(state)
-    return model.eval()
-
-
 def encode(state: dict[str, torch.Tensor] | HashAutoencoder, crops: np.ndarray, cfg: DedupConfig,
            batch: int = 8192) -> np.ndarray:
-    """uint8 crops (N, c, c, 3) -> packed codes (N, code_bits/8) uint8, most significant bit = unit 0."""
-    model = state if isinstance(state, nn.Module) else model_from_state(state, cfg)
-    out = [pack_bits(model.bits(inputs_of(crops[i:i + batch])).numpy()) for i in range(0, len(crops), batch)]
+    """uint8 crops (N, c, c, 3) -> packed codes (N, code_bits/8) uint8, most significant bit = unit 0.
+
+    Given saved weights, only the (folded) encoder is needed: no module is built, so per-batch callers stay cheap.
+    """
+    if isinstance(state, nn.Module):
+        bits = state.bits
+    else:
+        weight, bias = state["encoder.weight"], state["encoder.bias"]
+        bits = lambda x: nn.functional.linear(x, weight, bias) > 0  # noqa: E731 - HashAutoencoder.bits, unfolded
+    with torch.no_grad():
+        out = [pack_bits(bits(inputs_of(crops[i:i + batch])).numpy()) for i in range(0, len(crops), batch)]
     return np.concatenate(out) if out else np.zeros((0, (cfg.code_bits + 7) // 8), np.uint8)
 
 

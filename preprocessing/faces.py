@@ -109,7 +109,8 @@ def resolve_model(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached(path: str, scale_factor: float, min_neighbors: int) -> Detector:
+def _cached(name: str, scale_factor: float, min_neighbors: int) -> Detector:
+    path = resolve_model(name)  # here, not per photo: a missing model still raises (errors are not cached)
     if path.lower().endswith(".onnx"):
         return YuNetDetector(path)
     return HaarDetector(path, scale_factor, min_neighbors)
@@ -117,7 +118,7 @@ def _cached(path: str, scale_factor: float, min_neighbors: int) -> Detector:
 
 def detector(cfg: BuildConfig) -> Detector:
     """The configured detector, built once per process (Ray workers reuse it across batches)."""
-    return _cached(resolve_model(cfg.cascade), cfg.scale_factor, cfg.min_neighbors)
+    return _cached(cfg.cascade, cfg.scale_factor, cfg.min_neighbors)
 
 
 def crop_square(rgb: np.ndarray, box: Box, margin: float, size: int) -> np.ndarray:

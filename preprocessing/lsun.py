@@ -19,7 +19,7 @@ import numpy as np
 
 from preprocessing import storage
 from preprocessing.images import square_image
-from preprocessing.sources import Item, fingerprint, list_items
+from preprocessing.sources import Item, chunk_items, fingerprint, list_items
 
 
 def is_lmdb(path: str) -> bool:
@@ -71,10 +71,7 @@ def plan_folder(path: str, chunk_rows: int, limit: int | None = None) -> tuple[l
     items = list_items(path)
     items = sorted((Item(os.path.splitext(os.path.basename(it.source))[0], it.source) for it in items),
                    key=lambda it: (it.key, it.source))
-    items = items[:limit] if limit else items
-    chunks = [{"items": [[it.key, it.source] for it in items[i : i + chunk_rows]]}
-              for i in range(0, len(items), chunk_rows)]
-    return chunks, len(items), fingerprint(f"{it.key}\t{it.source}" for it in items)
+    return chunk_items(items[:limit] if limit else items, chunk_rows)
 
 
 def lsun_rows(key: str, source: str, data: bytes, cfg) -> list[tuple[str, np.ndarray, str, None]]:

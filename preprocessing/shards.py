@@ -337,7 +337,7 @@ def ray_dataset(dataset_uri: str, columns: Sequence[str] = ("image",), manifest:
     if not manifest["shards"]:
         raise DatasetError(f"{dataset_uri}: the manifest lists no shards")
     fs, _ = storage.arrow_filesystem(dataset_uri)
-    paths = [storage.arrow_filesystem(u)[1] for u in shard_uris(dataset_uri, manifest)]
+    paths = [storage.arrow_path(u) for u in shard_uris(dataset_uri, manifest)]
     shape = (manifest["resolution"], manifest["resolution"], manifest.get("channels", 3))
     ds = ray.data.read_parquet(paths, filesystem=fs, file_extensions=["parquet"]).select_columns(list(columns))
     if "image" not in columns:

@@ -53,6 +53,13 @@ def fingerprint(lines: Iterable[str]) -> str:
     return h.hexdigest()
 
 
+def chunk_items(items: list[Item], chunk_rows: int) -> tuple[list[dict], int, str]:
+    """Items in build chunks of `chunk_rows`: (chunk specs, number of inputs, fingerprint of the listing)."""
+    chunks = [{"items": [[it.key, it.source] for it in items[i : i + chunk_rows]]}
+              for i in range(0, len(items), chunk_rows)]
+    return chunks, len(items), fingerprint(f"{it.key}\t{it.source}" for it in items)
+
+
 # -------------------------------------------------------------------------------------------------- listing
 
 

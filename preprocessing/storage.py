@@ -282,10 +282,15 @@ def arrow_filesystem(uri: str):
     """(pyarrow FileSystem, path inside it) for Ray Data / Ray Train, with the same endpoint as boto3."""
     import pyarrow.fs as pafs
 
+    return (s3_arrow_filesystem() if is_s3(uri) else pafs.LocalFileSystem()), arrow_path(uri)
+
+
+def arrow_path(uri: str) -> str:
+    """The path of `uri` inside its pyarrow filesystem (no filesystem is built: cheap for thousands of shards)."""
     if not is_s3(uri):
-        return pafs.LocalFileSystem(), str(local_path(uri).expanduser().resolve())
+        return str(local_path(uri).expanduser().resolve())
     bucket, key = split_s3(uri)
-    return s3_arrow_filesystem(), f"{bucket}/{key}".rstrip("/")
+    return f"{bucket}/{key}".rstrip("/")
 
 
 def s3_arrow_filesystem():
