@@ -238,10 +238,12 @@ def list_uris(prefix: str, suffix: str = "") -> list[str]:
 
 
 def delete_prefix(uri: str) -> int:
-    """Remove everything under a prefix; returns how many objects went."""
+    """Remove one object, or everything under a prefix; returns how many objects went."""
     if is_s3(uri):
-        bucket, _ = split_s3(uri)
-        keys = [split_s3(u)[1] for u in list_uris(uri)]
+        bucket, key = split_s3(uri)
+        keys = [split_s3(u)[1] for u in list_uris(uri)]  # under `key/`: the object `key` itself is not listed
+        if key and not key.endswith("/") and exists(uri):
+            keys.append(key)
         client = s3_client()
         for i in range(0, len(keys), 1000):
             chunk = [{"Key": k} for k in keys[i : i + 1000]]

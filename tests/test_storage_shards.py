@@ -123,3 +123,15 @@ def test_multipart_upload_of_large_object(s3_bucket, monkeypatch):
     bucket, key = storage.split_s3(uri)
     etag = boto3.client("s3").head_object(Bucket=bucket, Key=key)["ETag"]
     assert "-" in etag  # a multipart ETag: <md5>-<parts>
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_delete_prefix_removes_one_object_or_a_whole_prefix(where, tmp_path, request):
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
+    for name in ("ds/manifest.json", "ds/shards/part-00000.parquet", "ds/shards/part-00001.parquet", "ds2/keep"):
+        storage.write_bytes(storage.join(root, name), b"x")
+    assert storage.delete_prefix(storage.join(root, "ds/manifest.json")) == 1  # an object, not a prefix
+    assert not storage.exists(storage.join(root, "ds/manifest.json"))
+    assert storage.delete_prefix(storage.join(root, "ds/shards")) == 2
+    assert storage.list_uris(storage.join(root, "ds")) == []
+    assert storage.exists(storage.join(root, "ds2/keep"))
