@@ -18,11 +18,12 @@ import torch
 from dcgan.config import Config, parse_config
 from dcgan.networks import Discriminator, Generator
 from preprocessing import storage
+from preprocessing.errors import UserError
 
 STEP_DIR = re.compile(r"checkpoints/step-(\d{7,})/COMPLETE$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, incomplete, or does not fit the architecture asked for."""
 
 

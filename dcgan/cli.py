@@ -20,18 +20,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dcgan.config import ConfigError
-    from preprocessing.shards import DatasetError
-    from preprocessing.storage import StorageError
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
+    return run_command(f"dcgan {args.command}", lambda: args.func(args))
+
+
+def run_command(prog: str, fn) -> int:
+    """The one error path of every front end: a known fault (`UserError`) is one line on stderr and exit 2; Ctrl-C
+    is one line and exit 130 (what was written stays resumable); anything else is a bug and keeps its traceback."""
+    from preprocessing.errors import UserError, one_line
+
     try:
-        return int(args.func(args) or 0)
-    except (ConfigError, DatasetError, StorageError, FileNotFoundError, ValueError) as err:
-        # Bad input is one clear message, not a stack trace.
-        print(f"dcgan {args.command}: error: {err}", file=sys.stderr)
+        return int(fn() or 0)
+    except UserError as err:
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

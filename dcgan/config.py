@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from preprocessing.config import BuildConfig, DedupConfig
+from preprocessing.errors import UserError
 
 
 class Strict(BaseModel):
@@ -150,7 +151,7 @@ class Config(Strict):
         return self.run or f"{self.root.rstrip('/')}/runs/{self.name}"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names the offending field."""
 
 

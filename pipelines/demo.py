@@ -12,6 +12,8 @@ unless PREFECT_API_URL names one. A second `make demo` skips what is already com
 
 from __future__ import annotations
 
+from preprocessing.errors import InputError
+
 import argparse
 import logging
 import os
@@ -41,7 +43,7 @@ def export_mnist(out_dir: str | Path, n: int = 5000) -> Path:
         return out
     x, y = mnist_data()
     if not 1 <= n <= len(x):
-        raise ValueError(f"--digits must be between 1 and {len(x)}, got {n}")
+        raise InputError(f"--digits must be between 1 and {len(x)}, got {n}")
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
         old.unlink()

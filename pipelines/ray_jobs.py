@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 
 from dcgan.config import Config, dump_config
 from preprocessing import storage
+from preprocessing.errors import TransientError, UserError
 
 # Addresses that name a cluster's Jobs API; anything else (unset, "auto", "local", host:6379) trains in-process.
 JOBS_SCHEMES = ("http://", "https://", "ray://")
@@ -39,7 +40,7 @@ JOB_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_V2_ENABLED": "1"}
 LOG_TAIL_LINES = 30
 
 
-class RayClusterUnreachable(ConnectionError):
+class RayClusterUnreachable(TransientError, ConnectionError):
     """The Jobs API did not answer (a transient fault: the task retries it with backoff)."""
 
 
@@ -47,7 +48,7 @@ class RayJobError(RuntimeError):
     """A job that ended FAILED or STOPPED; the message carries Ray's reason and the end of its log."""
 
 
-class RayJobInputError(RayJobError, ValueError):
+class RayJobInputError(RayJobError, UserError, ValueError):
     """A job that failed on bad input (config, dataset): retrying cannot help."""
 
 

@@ -20,25 +20,23 @@ from prefect import get_run_logger, task
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
-from dcgan.config import Config, ConfigError, EvalConfig
+from dcgan.config import Config, EvalConfig
 from preprocessing.config import BuildConfig, DedupConfig
 from preprocessing.shards import DatasetError
 
 # Backoff between the attempts of a task that failed on a transient fault.
 RETRY_DELAYS = [10, 60, 300]
-# Failures that mean the input is wrong: retrying cannot help, so the run fails at once with the cause.
-# (ConfigError and pipelines.ray_jobs.RayJobInputError are ValueErrors.)
-BAD_INPUT = (ConfigError, DatasetError, ValueError, TypeError, FileNotFoundError)
 
 
 def is_bad_input(exc: BaseException) -> bool:
-    """Bad input fails the same way every time. A storage error is bad input (no bucket, bad credentials) unless
-    the endpoint could not be reached; boto3 has already retried throttling and 5xx by then."""
-    from preprocessing.storage import StorageError
+    """Bad input fails the same way every time: a known fault (`UserError`) unless it may pass (`TransientError`,
+    such as an unreachable endpoint: boto3 has already retried throttling and 5xx by then). A ValueError or
+    TypeError (pydantic's validation errors among them) fails the same way on a retry too."""
+    from preprocessing.errors import TransientError, UserError
 
-    if isinstance(exc, StorageError):
-        return "cannot reach" not in str(exc)
-    return isinstance(exc, BAD_INPUT)
+    if isinstance(exc, TransientError):
+        return False
+    return isinstance(exc, (UserError, ValueError, TypeError))
 
 
 def retry_transient(task_: Any, task_run: TaskRun, state: State) -> bool:

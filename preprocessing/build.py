@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+from preprocessing.errors import InputError
+
 import hashlib
 import json
 import logging
@@ -58,7 +60,7 @@ class Plan:
 def plan(cfg: BuildConfig) -> Plan:
     """The inputs cut into chunks of `shard_rows` inputs, in key order; each chunk spec is JSON-serialisable."""
     if not cfg.input:
-        raise ValueError("build.input: no input given (LMDB, folder, s3:// prefix or URL list)")
+        raise InputError("build.input: no input given (LMDB, folder, s3:// prefix or URL list)")
     if cfg.kind == "lsun":
         from preprocessing import lsun
 

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from preprocessing import storage
+from preprocessing.errors import InputError
 from preprocessing.config import DedupConfig
 from preprocessing.dedup_model import crops_of, encode, fit_ray, save_state
 from preprocessing.semantic_hash import group_codes, keep_smallest_key, partition_of
@@ -163,9 +164,9 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
     from ray.data import DataContext
 
     if not shards:
-        raise ValueError(f"{src_uri}: no shards to de-duplicate")
+        raise InputError(f"{src_uri}: no shards to de-duplicate")
     if cfg.crop <= 0:
-        raise ValueError(f"dedup.crop must be positive, got {cfg.crop}")
+        raise InputError(f"dedup.crop must be positive, got {cfg.crop}")
     ray.init(ignore_reinit_error=True)
     ctx = DataContext.get_current()
     saved_order = ctx.execution_options.preserve_order

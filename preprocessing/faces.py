@@ -8,6 +8,8 @@ them at full resolution is wasted work (see benchmarks/face_detect.py). Boxes ar
 
 from __future__ import annotations
 
+from preprocessing.errors import InputError, MissingError
+
 import functools
 import os
 from dataclasses import dataclass
@@ -58,9 +60,9 @@ class HaarDetector:
         try:
             self._cascade = cv2.CascadeClassifier(self.path)
         except (cv2.error, SystemError) as err:  # OpenCV raises while parsing a malformed XML
-            raise ValueError(f"cascade: {self.path} is not a loadable OpenCV cascade XML ({err})") from None
+            raise InputError(f"cascade: {self.path} is not a loadable OpenCV cascade XML ({err})") from None
         if self._cascade.empty():
-            raise ValueError(f"cascade: {self.path} is not a loadable OpenCV cascade XML")
+            raise InputError(f"cascade: {self.path} is not a loadable OpenCV cascade XML")
 
     def detect(self, rgb: np.ndarray, min_face: int) -> list[Box]:
         grey, scale = _downscaled_grey(rgb, min_face)
@@ -80,7 +82,7 @@ class YuNetDetector:
         try:
             self._net = cv2.FaceDetectorYN.create(self.path, "", (320, 320), self.score_threshold)
         except cv2.error as err:
-            raise ValueError(f"cascade: {self.path} is not a loadable FaceDetectorYN ONNX model ({err})") from None
+            raise InputError(f"cascade: {self.path} is not a loadable FaceDetectorYN ONNX model ({err})") from None
 
     def detect(self, rgb: np.ndarray, min_face: int) -> list[Box]:
         scale = max(1.0, min_face / DETECT_FACE_PX)
@@ -105,7 +107,7 @@ def resolve_model(name: str) -> str:
     bundled = os.path.join(cv2.data.haarcascades, name)
     if os.path.isfile(bundled):
         return bundled
-    raise FileNotFoundError(f"cascade: {name!r} is neither a file nor a cascade under {cv2.data.haarcascades}")
+    raise MissingError(f"cascade: {name!r} is neither a file nor a cascade under {cv2.data.haarcascades}")
 
 
 @functools.lru_cache(maxsize=4)

@@ -9,6 +9,8 @@ range's first key and reads on with a cursor. One environment is opened per work
 
 from __future__ import annotations
 
+from preprocessing.errors import MissingError
+
 import functools
 import os
 from pathlib import Path
@@ -48,7 +50,7 @@ def plan_lmdb(path: str, chunk_rows: int, limit: int | None = None) -> tuple[lis
             digest_keys.append(k.hex())
             n += 1
     if n == 0:
-        raise FileNotFoundError(f"input: the LMDB at {path} has no entries")
+        raise MissingError(f"input: the LMDB at {path} has no entries")
     return chunks, n, fingerprint(digest_keys)
 
 

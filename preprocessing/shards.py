@@ -23,13 +23,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from preprocessing import storage
+from preprocessing.errors import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 CODE_VERSION = "0.1.0"
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """A dataset that is missing, incomplete, or disagrees with its manifest; the message names the file."""
 
 

@@ -8,6 +8,8 @@ Every failure is a `Reject` with its reason; none stops the build.
 
 from __future__ import annotations
 
+from preprocessing.errors import InputError, MissingError
+
 import csv
 import hashlib
 import io
@@ -77,7 +79,7 @@ def read_url_list(uri: str) -> list[str]:
         table = pq.read_table(io.BytesIO(data))
         col = "url" if "url" in table.column_names else (table.column_names[0] if table.num_columns == 1 else None)
         if col is None:
-            raise ValueError(f"{uri}: no 'url' column (columns: {', '.join(table.column_names)})")
+            raise InputError(f"{uri}: no 'url' column (columns: {', '.join(table.column_names)})")
         urls = [u for u in table.column(col).to_pylist() if u]
     elif lower.endswith((".csv", ".tsv")):
         rows = list(csv.reader(io.StringIO(data.decode("utf-8-sig")), delimiter="\t" if lower.endswith(".tsv") else ","))
@@ -89,7 +91,7 @@ def read_url_list(uri: str) -> list[str]:
         elif len(rows[0]) == 1 and "://" in rows[0][0]:  # a headerless single column of URLs
             urls = [r[0].strip() for r in rows if r and r[0].strip()]
         else:
-            raise ValueError(f"{uri}: no 'url' column in the header ({', '.join(rows[0])})")
+            raise InputError(f"{uri}: no 'url' column in the header ({', '.join(rows[0])})")
     else:
         lines = (ln.strip() for ln in data.decode("utf-8-sig").splitlines())
         urls = [ln for ln in lines if ln and not ln.startswith("#")]
@@ -111,11 +113,11 @@ def list_items(uri: str, limit: int | None = None) -> list[Item]:
     else:
         path = storage.local_path(uri)
         if not path.is_dir():
-            raise FileNotFoundError(f"input: {uri} is not a folder, an s3:// prefix or a URL list "
+            raise MissingError(f"input: {uri} is not a folder, an s3:// prefix or a URL list "
                                     f"({', '.join(URL_LIST_SUFFIXES)})")
         items = [Item(u, u) for u in storage.list_uris(str(path.resolve()))]
     if not items:
-        raise FileNotFoundError(f"input: no files under {uri}")
+        raise MissingError(f"input: no files under {uri}")
     items.sort(key=lambda it: it.key)
     return items[:limit] if limit else items
 

@@ -18,11 +18,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from preprocessing.errors import TransientError, UserError
+
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 
 
-class StorageError(RuntimeError):
-    """A storage location that cannot be used (missing bucket, bad credentials, unreachable endpoint, no object)."""
+class StorageError(UserError, RuntimeError):
+    """A storage location that cannot be used (missing bucket, bad credentials, no object)."""
+
+
+class StorageUnreachable(StorageError, TransientError):
+    """The S3 endpoint did not answer (after boto3's own retries): worth another try later."""
 
 
 # ---------------------------------------------------------------------------------------------------------- URIs
@@ -114,7 +120,7 @@ def _explain(err: Exception, uri: str) -> StorageError:
     if isinstance(err, NoCredentialsError):
         return StorageError(f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
     if isinstance(err, EndpointConnectionError):
-        return StorageError(f"{uri}: cannot reach the S3 endpoint {endpoint_url() or '(AWS default)'}")
+        return StorageUnreachable(f"{uri}: cannot reach the S3 endpoint {endpoint_url() or '(AWS default)'}")
     if isinstance(err, BotoCoreError):
         return StorageError(f"{uri}: {type(err).__name__}: {err}")
     return StorageError(f"{uri}: {err}")

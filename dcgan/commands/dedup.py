@@ -7,6 +7,8 @@ build parameters and adds the dedup figures. Reject files are copied, so the new
 
 from __future__ import annotations
 
+from preprocessing.errors import InputError
+
 from preprocessing import storage
 from preprocessing.shards import read_manifest, verify, write_manifest
 
@@ -36,11 +38,11 @@ def run(args) -> int:
     src = storage.normalize(args.uri)
     out = storage.normalize(args.out) if args.out else default_out(src)
     if out == src:
-        raise ValueError("--out must differ from the source dataset (dedup never rewrites its input)")
+        raise InputError("--out must differ from the source dataset (dedup never rewrites its input)")
     manifest = verify(src, read_manifest(src))
     if storage.exists(storage.join(out, "manifest.json")):
         if not args.overwrite:
-            raise ValueError(f"{out} already holds a dataset; pass --overwrite to replace it")
+            raise InputError(f"{out} already holds a dataset; pass --overwrite to replace it")
     storage.delete_prefix(out)  # no stale shards from an earlier, unfinished run
     storage.check_writable(out)
 

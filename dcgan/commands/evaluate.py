@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from preprocessing.errors import InputError
+
 from dcgan.config import EvalConfig, load_config
 
 
@@ -42,7 +44,7 @@ def run(args) -> int:
     cfg = load_config(args.config) if args.config else None
     run_uri = args.run or (cfg.run_uri if cfg else None)
     if not run_uri:
-        raise ValueError("give --run URI (or --config naming the run)")
+        raise InputError("give --run URI (or --config naming the run)")
     base = cfg.evaluate if cfg else _run_eval_config(run_uri)
     metrics = evaluate(run_uri, eval_config(args, base), data_uri=args.data, arithmetic=args.arithmetic,
                        boxes=args.boxes, step=args.step, device=args.device)

@@ -12,6 +12,8 @@ the format raise a ValueError naming the file and the mismatch.
 
 from __future__ import annotations
 
+from preprocessing.errors import InputError, MissingError
+
 import contextlib
 import io
 import pickle
@@ -49,13 +51,13 @@ class Labelled:
 def validate(images: np.ndarray, labels: np.ndarray, source: str, shape=(32, 32, 3), n_classes=N_CLASSES) -> None:
     """Shapes, dtype and label range of a labelled set, or a ValueError naming `source`."""
     if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):
-        raise ValueError(f"{source}: images have shape {images.shape}, expected (N, {', '.join(map(str, shape))})")
+        raise InputError(f"{source}: images have shape {images.shape}, expected (N, {', '.join(map(str, shape))})")
     if images.dtype != np.uint8:
-        raise ValueError(f"{source}: images are {images.dtype}, expected uint8")
+        raise InputError(f"{source}: images are {images.dtype}, expected uint8")
     if labels.ndim != 1 or len(labels) != len(images):
-        raise ValueError(f"{source}: {labels.shape} labels for {len(images)} images")
+        raise InputError(f"{source}: {labels.shape} labels for {len(images)} images")
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
-        raise ValueError(f"{source}: labels range {labels.min()}..{labels.max()}, expected 0..{n_classes - 1}")
+        raise InputError(f"{source}: labels range {labels.min()}..{labels.max()}, expected 0..{n_classes - 1}")
 
 
 # ---------------------------------------------------------------------------------------------------- locations
@@ -67,7 +69,7 @@ def local_copy(uri: str, names: list[str] | None = None) -> Iterator[Path]:
     if not storage.is_s3(uri):
         p = storage.local_path(uri).expanduser()
         if not p.exists():
-            raise FileNotFoundError(f"{uri}: no such file or directory")
+            raise MissingError(f"{uri}: no such file or directory")
         yield p
         return
     with tempfile.TemporaryDirectory(prefix="dcgan-eval-") as tmp:
@@ -114,14 +116,14 @@ def _cifar_batch(data: bytes, source: str) -> Labelled:
     try:
         d = _SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as err:
-        raise ValueError(f"{source}: not a CIFAR-10 python batch ({err})") from None
+        raise InputError(f"{source}: not a CIFAR-10 python batch ({err})") from None
     if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
         keys = sorted(d) if isinstance(d, dict) else type(d).__name__
-        raise ValueError(f"{source}: expected a dict with b'data' and b'labels', got {keys}")
+        raise InputError(f"{source}: expected a dict with b'data' and b'labels', got {keys}")
     x = np.asarray(d[b"data"])
     y = np.asarray(d[b"labels"], dtype=np.int64)
     if x.ndim != 2 or x.shape[1] != 3072:
-        raise ValueError(f"{source}: b'data' has shape {x.shape}, expected (N, 3072) (32x32 RGB planes)")
+        raise InputError(f"{source}: b'data' has shape {x.shape}, expected (N, 3072) (32x32 RGB planes)")
     images = np.ascontiguousarray(x.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     validate(images, y, source)
     return Labelled(images, y, source)
@@ -139,7 +141,7 @@ def _cifar_files(root: Path) -> dict[str, tuple[bytes, str]]:
                     if member.isfile() and base in wanted:
                         found[base] = (tar.extractfile(member).read(), f"{root}:{member.name}")
         except tarfile.TarError as err:
-            raise ValueError(f"{root}: not a CIFAR-10 directory or .tar.gz ({err})") from None
+            raise InputError(f"{root}: not a CIFAR-10 directory or .tar.gz ({err})") from None
     else:
         for d in (root, root / "cifar-10-batches-py"):
             for name in wanted - set(found):
@@ -147,7 +149,7 @@ def _cifar_files(root: Path) -> dict[str, tuple[bytes, str]]:
                     found[name] = ((d / name).read_bytes(), str(d / name))
     missing = sorted(wanted - set(found))
     if missing:
-        raise FileNotFoundError(
+        raise MissingError(
             f"{root}: CIFAR-10 files missing: {', '.join(missing)} (expected the python version: "
             f"cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, or its extracted directory)"
         )
@@ -172,14 +174,14 @@ def _svhn_mat(path: Path, source: str) -> Labelled:
     try:
         m = scipy.io.loadmat(path)
     except Exception as err:
-        raise ValueError(f"{source}: not a readable .mat file ({err})") from None
+        raise InputError(f"{source}: not a readable .mat file ({err})") from None
     if "X" not in m or "y" not in m:
-        raise ValueError(f"{source}: expected variables 'X' and 'y', found {sorted(k for k in m if not k.startswith('__'))}")
+        raise InputError(f"{source}: expected variables 'X' and 'y', found {sorted(k for k in m if not k.startswith('__'))}")
     x, y = np.asarray(m["X"]), np.asarray(m["y"]).reshape(-1).astype(np.int64)
     if x.ndim != 4 or x.shape[:3] != (32, 32, 3):
-        raise ValueError(f"{source}: X has shape {x.shape}, expected (32, 32, 3, N)")
+        raise InputError(f"{source}: X has shape {x.shape}, expected (32, 32, 3, N)")
     if len(y) and (y.min() < 1 or y.max() > 10):
-        raise ValueError(f"{source}: labels range {y.min()}..{y.max()}, expected 1..10 (10 = digit 0)")
+        raise InputError(f"{source}: labels range {y.min()}..{y.max()}, expected 1..10 (10 = digit 0)")
     images = np.ascontiguousarray(x.transpose(3, 0, 1, 2)).astype(np.uint8, copy=False)
     labels = np.where(y == 10, 0, y)
     validate(images, labels, source)
@@ -191,7 +193,7 @@ def load_svhn(uri: str) -> tuple[Labelled, Labelled]:
     with local_copy(uri, [SVHN_TRAIN, SVHN_TEST]) as root:
         missing = [n for n in (SVHN_TRAIN, SVHN_TEST) if not (root / n).is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise MissingError(
                 f"{uri}: SVHN files missing: {', '.join(missing)} (format 2 cropped digits from "
                 f"http://ufldl.stanford.edu/housenumbers/)"
             )
@@ -201,6 +203,6 @@ def load_svhn(uri: str) -> tuple[Labelled, Labelled]:
 def split_validation(train: Labelled, n_val: int = 10_000, seed: int = 0) -> tuple[Labelled, Labelled]:
     """(train, validation): `n_val` random images split off, as the authors' svhn_with_valid_set does."""
     if not 0 < n_val < len(train):
-        raise ValueError(f"{train.source}: cannot split {n_val} validation images off {len(train)}")
+        raise InputError(f"{train.source}: cannot split {n_val} validation images off {len(train)}")
     order = np.random.default_rng(seed).permutation(len(train))
     return train.subset(order[n_val:], f"{train.source} (train)"), train.subset(order[:n_val], f"{train.source} (val)")

@@ -12,6 +12,8 @@ Boxes JSON: {"boxes": {"<sample index>": [[x0, y0, x1, y1], ...], ...}} in the s
 
 from __future__ import annotations
 
+from preprocessing.errors import InputError
+
 import contextlib
 import json
 from typing import Iterator
@@ -33,22 +35,22 @@ def load_boxes(uri: str, n_samples: int, resolution: int) -> dict[int, list[tupl
     try:
         data = json.loads(storage.read_bytes(uri))
     except ValueError as err:
-        raise ValueError(f"{uri}: not valid JSON ({err})") from None
+        raise InputError(f"{uri}: not valid JSON ({err})") from None
     boxes = data.get("boxes") if isinstance(data, dict) else None
     if not isinstance(boxes, dict) or not boxes:
-        raise ValueError(f"{uri}: expected {{\"boxes\": {{\"<sample index>\": [[x0, y0, x1, y1], ...]}}}}")
+        raise InputError(f"{uri}: expected {{\"boxes\": {{\"<sample index>\": [[x0, y0, x1, y1], ...]}}}}")
     out: dict[int, list[tuple[float, float, float, float]]] = {}
     for key, items in boxes.items():
         if not str(key).isdigit() or int(key) >= n_samples:
-            raise ValueError(f"{uri}: sample index {key!r} is not on the sheet (0..{n_samples - 1})")
+            raise InputError(f"{uri}: sample index {key!r} is not on the sheet (0..{n_samples - 1})")
         if not isinstance(items, list):
-            raise ValueError(f"{uri}: boxes of sample {key} must be a list of [x0, y0, x1, y1]")
+            raise InputError(f"{uri}: boxes of sample {key} must be a list of [x0, y0, x1, y1]")
         for b in items:
             if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)):
-                raise ValueError(f"{uri}: sample {key}: box {b!r} is not [x0, y0, x1, y1]")
+                raise InputError(f"{uri}: sample {key}: box {b!r} is not [x0, y0, x1, y1]")
             x0, y0, x1, y1 = map(float, b)
             if not (0 <= x0 < x1 <= resolution and 0 <= y0 < y1 <= resolution):
-                raise ValueError(f"{uri}: sample {key}: box {b} is empty or outside the {resolution}x{resolution} image")
+                raise InputError(f"{uri}: sample {key}: box {b} is empty or outside the {resolution}x{resolution} image")
             out.setdefault(int(key), []).append((x0, y0, x1, y1))
     return out
 

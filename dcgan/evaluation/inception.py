@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from preprocessing import storage
+from preprocessing.errors import UserError
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
@@ -178,7 +179,7 @@ class FIDInceptionV3(nn.Module):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
 
-class InceptionWeightsError(FileNotFoundError):
+class InceptionWeightsError(UserError, FileNotFoundError):
     """The FID Inception weights are missing or are not pytorch-fid's file."""
 
 

@@ -7,6 +7,8 @@ equal z would otherwise normalise itself to noise).
 
 from __future__ import annotations
 
+from preprocessing.errors import InputError
+
 import re
 
 import cv2
@@ -113,19 +115,19 @@ def parse_arithmetic(expr: str, n_samples: int) -> list[tuple[int, list[int]]]:
             continue
         if not tok.strip():
             if terms or sign == -1:
-                raise ValueError(f"arithmetic {expr!r}: an operator without a term")
+                raise InputError(f"arithmetic {expr!r}: an operator without a term")
             continue
         m = _TERM.match(tok)
         if not m:
-            raise ValueError(f"arithmetic {expr!r}: {tok.strip()!r} is not a comma-separated list of sample indices")
+            raise InputError(f"arithmetic {expr!r}: {tok.strip()!r} is not a comma-separated list of sample indices")
         idx = [int(v) for v in m.group(1).split(",")]
         bad = [i for i in idx if i >= n_samples]
         if bad:
-            raise ValueError(f"arithmetic {expr!r}: sample indices {bad} are not on the sheet (0..{n_samples - 1})")
+            raise InputError(f"arithmetic {expr!r}: sample indices {bad} are not on the sheet (0..{n_samples - 1})")
         terms.append((sign, idx))
         sign = 1
     if len(terms) < 2:
-        raise ValueError(f"arithmetic {expr!r}: needs at least two terms, e.g. '1,2,3 - 4,5,6 + 7,8,9'")
+        raise InputError(f"arithmetic {expr!r}: needs at least two terms, e.g. '1,2,3 - 4,5,6 + 7,8,9'")
     return terms
 
 

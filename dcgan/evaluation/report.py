@@ -24,6 +24,7 @@ from dcgan.evaluation import datasets, features, fid, forgetting, guided_backpro
 from dcgan.evaluation.inception import how_to_get_weights, load_inception
 from dcgan.sampling import save_grid, save_png, to_uint8
 from preprocessing import storage
+from preprocessing.errors import InputError, MissingError
 from preprocessing.shards import ShardDataset
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class Context:
         if self._real is None or len(self._real) < n:
             ds = ShardDataset(self.data_uri, checksums=False)
             if ds.resolution != self.g.cfg.resolution:
-                raise ValueError(f"{self.data_uri}: dataset resolution {ds.resolution}, the run's "
+                raise InputError(f"{self.data_uri}: dataset resolution {ds.resolution}, the run's "
                                  f"model is {self.g.cfg.resolution}")
             idx = np.unique(np.linspace(0, len(ds) - 1, min(n, len(ds))).astype(np.int64))
             self._real = ds.images(idx) if len(ds) else np.zeros((0,), np.uint8)
@@ -220,7 +221,7 @@ RUNNERS: dict[str, tuple[str, Callable[[Context, Section], None]]] = {
 def check_suites(suites: list[str]) -> list[str]:
     unknown = [s for s in suites if s not in RUNNERS]
     if unknown:
-        raise ValueError(f"unknown evaluation suites {unknown}; choose from {', '.join(SUITES)}")
+        raise InputError(f"unknown evaluation suites {unknown}; choose from {', '.join(SUITES)}")
     return [s for s in SUITES if s in suites]
 
 
@@ -233,7 +234,7 @@ def preflight(cfg: EvalConfig, suites: list[str], arithmetic: str | None, boxes:
         if suite in suites and uri:
             ok = storage.exists(uri) or (storage.is_s3(uri) and bool(storage.list_uris(uri)))
             if not ok:
-                raise FileNotFoundError(f"{suite}: {uri} does not exist")
+                raise MissingError(f"{suite}: {uri} does not exist")
 
 
 # ------------------------------------------------------------------------------------------------------ rendering
