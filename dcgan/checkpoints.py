@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from dcgan.networks import Discriminator, Generator
 from preprocessing import storage
 from preprocessing.errors import UserError
 
+log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"checkpoints/step-(\d{7,})/COMPLETE$")
 
 
@@ -32,7 +34,7 @@ def checkpoint_uri(run_uri: str, step: int) -> str:
 
 
 def complete_steps(run_uri: str) -> list[int]:
-    """Steps of every checkpoint whose COMPLETE marker exists, ascending."""
+    """Steps of every checkpoint whose COMPLETE marker exists, ascending (valid or not: see `valid_steps`)."""
     steps = []
     for uri in storage.list_uris(storage.join(run_uri, "checkpoints"), suffix="COMPLETE"):
         m = STEP_DIR.search(uri.replace("\\", "/"))
@@ -41,8 +43,47 @@ def complete_steps(run_uri: str) -> list[int]:
     return sorted(steps)
 
 
+def _marker(uri: str) -> dict[str, Any]:
+    """A checkpoint's COMPLETE marker, checked for the fields it must have; CheckpointError otherwise."""
+    try:
+        marker = storage.read_json(storage.join(uri, "COMPLETE"))
+    except storage.StorageError as err:
+        raise CheckpointError(f"{uri}: not complete ({err})") from None
+    except ValueError:
+        raise CheckpointError(f"{uri}/COMPLETE: not a valid marker (empty or not JSON)") from None
+    if not (isinstance(marker, dict) and isinstance(marker.get("bytes"), int)
+            and isinstance(marker.get("sha256"), str)):
+        raise CheckpointError(f"{uri}/COMPLETE: not a valid marker (needs bytes and sha256)")
+    return marker
+
+
+def check(run_uri: str, step: int) -> dict[str, Any]:
+    """The cheap checks of one checkpoint (marker readable, state.pt present with the marker's size)."""
+    uri = checkpoint_uri(run_uri, step)
+    marker = _marker(uri)
+    size = storage.size(storage.join(uri, "state.pt"))
+    if size is None:
+        raise CheckpointError(f"{uri}/state.pt is missing")
+    if size != marker["bytes"]:
+        raise CheckpointError(f"{uri}/state.pt: {size:,} bytes, its COMPLETE marker says {marker['bytes']:,} (cut off)")
+    return marker
+
+
+def valid_steps(run_uri: str) -> list[int]:
+    """Steps of the checkpoints that pass the cheap checks, ascending."""
+    out = []
+    for step in complete_steps(run_uri):
+        try:
+            check(run_uri, step)
+            out.append(step)
+        except CheckpointError:
+            continue
+    return out
+
+
 def latest_step(run_uri: str) -> int | None:
-    steps = complete_steps(run_uri)
+    """The newest checkpoint that passes the cheap checks (sha256 is checked when it is loaded)."""
+    steps = valid_steps(run_uri)
     return steps[-1] if steps else None
 
 
@@ -60,9 +101,11 @@ def save(run_uri: str, step: int, state: dict[str, Any]) -> str:
 
 
 def prune(run_uri: str, keep: int) -> list[int]:
-    """Delete all but the newest `keep` complete checkpoints (and any incomplete older ones); returns removed steps."""
-    steps = complete_steps(run_uri)
-    removed = steps[:-keep] if keep > 0 else steps
+    """Delete all but the newest `keep` valid checkpoints (older ones, valid or not); returns removed steps.
+    A corrupt checkpoint newer than the kept ones stays where it is, for a person to look at."""
+    valid = valid_steps(run_uri)
+    kept = valid[-keep:] if keep > 0 else []
+    removed = [s for s in complete_steps(run_uri) if kept and s < kept[0]]
     for s in removed:
         uri = checkpoint_uri(run_uri, s)
         storage.delete_prefix(storage.join(uri, "COMPLETE"))  # unmark first: a crash mid-delete leaves no half "complete"
@@ -70,21 +113,43 @@ def prune(run_uri: str, keep: int) -> list[int]:
     return removed
 
 
-def load_state(run_uri: str, step: int | None = None, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The state dict of a complete checkpoint (the newest if `step` is None), checked against its marker."""
-    if step is None:
-        step = latest_step(run_uri)
-        if step is None:
-            raise CheckpointError(f"{run_uri}: no complete checkpoint under checkpoints/")
+def _load_step(run_uri: str, step: int, map_location) -> dict[str, Any]:
     uri = checkpoint_uri(run_uri, step)
+    marker = check(run_uri, step)
     try:
-        marker = storage.read_json(storage.join(uri, "COMPLETE"))
         data = storage.read_bytes(storage.join(uri, "state.pt"))
     except storage.StorageError as err:
-        raise CheckpointError(f"checkpoint step {step} of {run_uri} is not complete: {err}") from None
+        raise CheckpointError(f"{uri}/state.pt: {err}") from None
     if len(data) != marker["bytes"] or hashlib.sha256(data).hexdigest() != marker["sha256"]:
         raise CheckpointError(f"{uri}/state.pt: size or sha256 differs from its COMPLETE marker (corrupt)")
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - an unreadable file whose checksum matched: still a bad checkpoint
+        raise CheckpointError(f"{uri}/state.pt: cannot be loaded ({type(err).__name__})") from None
+
+
+def load_state(run_uri: str, step: int | None = None, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The state dict of a checkpoint, checked against its marker (size and sha256).
+
+    With `step`, exactly that checkpoint (CheckpointError if it is missing or corrupt). Without, the newest valid
+    one: a corrupt newer checkpoint is reported in one warning line and left in place, and the one before it is used.
+    """
+    if step is not None:
+        if step not in complete_steps(run_uri):
+            have = ", ".join(map(str, complete_steps(run_uri))) or "none"
+            raise CheckpointError(f"{run_uri}: no checkpoint at step {step} (complete checkpoints: {have})")
+        return _load_step(run_uri, step, map_location)
+    steps = complete_steps(run_uri)
+    if not steps:
+        if not storage.exists(run_uri) and not storage.list_uris(run_uri):
+            raise CheckpointError(f"{run_uri}: no such run")
+        raise CheckpointError(f"{run_uri}: no complete checkpoint under checkpoints/ (has the run trained yet?)")
+    for s in reversed(steps):
+        try:
+            return _load_step(run_uri, s, map_location)
+        except CheckpointError as err:
+            log.warning("skipping a corrupt checkpoint (left in place): %s", err)
+    raise CheckpointError(f"{run_uri}: every checkpoint ({', '.join(map(str, steps))}) is corrupt; see the warnings")
 
 
 @dataclass

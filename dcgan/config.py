@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from preprocessing.config import BuildConfig, DedupConfig
+from preprocessing.config import BuildConfig, DedupConfig, Location
 from preprocessing.errors import UserError
 
 
@@ -104,6 +104,9 @@ class ClusterConfig(Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     address: str | None = None
     max_failures: int = Field(3, ge=0, description="worker/node failures Ray Train recovers from by resuming")
+    pass_credentials: bool = Field(False, description="pass this machine's AWS_ACCESS_KEY_ID/SECRET/SESSION_TOKEN to "
+                                   "Ray Jobs (readable by anyone with Jobs API access); by default the cluster's "
+                                   "nodes use their own credentials (environment, profile, instance or pod role)")
 
 
 class EvalConfig(Strict):
@@ -111,18 +114,20 @@ class EvalConfig(Strict):
 
     suites: list[str] = Field(default_factory=lambda: ["samples", "walks", "arithmetic", "memorisation"])
     n_samples: int = Field(64, ge=1)
-    cifar10: str | None = None
-    svhn: str | None = None
-    inception_weights: str | None = None
+    cifar10: Location | None = None
+    svhn: Location | None = None
+    inception_weights: Location | None = None
 
 
 class Config(Strict):
     """A whole experiment: where data and runs live, how to build the data, the model, training, evaluation."""
 
     name: str = "dcgan"
-    root: str = Field("./runs", description="storage root URI: datasets/ and runs/ live under it")
-    data: str | None = Field(None, description="dataset URI; default <root>/datasets/<name>/v1")
-    run: str | None = Field(None, description="run URI; default <root>/runs/<name>")
+    root: Location = Field("./runs", validate_default=True,
+                           description="storage root URI: datasets/ and runs/ live under it (local paths are "
+                                       "relative to the current directory)")
+    data: Location | None = Field(None, description="dataset URI; default <root>/datasets/<name>/v1")
+    run: Location | None = Field(None, description="run URI; default <root>/runs/<name>")
     build: BuildConfig | None = None
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -156,11 +161,12 @@ class ConfigError(UserError, ValueError):
 
 
 def format_validation_error(err: ValidationError, source: str = "config") -> str:
-    lines = [f"invalid {source}:"]
+    """One line naming every offending field: `invalid config.yaml: train.steps: Input should be ...; ...`."""
+    problems = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {loc}: {e['msg']}")
-    return "\n".join(lines)
+        problems.append(f"{loc}: {e['msg']}")
+    return f"invalid {source}: " + "; ".join(problems)
 
 
 def parse_config(data: dict, source: str = "config") -> Config:
@@ -170,25 +176,54 @@ def parse_config(data: dict, source: str = "config") -> Config:
         raise ConfigError(format_validation_error(err, source)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
-    """Load a YAML config (or the defaults), apply dotted overrides like {"train.steps": 10}, and validate."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: top level must be a mapping")
+def parse_config_text(text: str, source: str) -> Config:
+    """A YAML config's text -> Config; malformed YAML or a top level that is not a mapping is one clear error."""
+    return parse_config(_yaml_mapping(text, source), source)
+
+
+def _yaml_mapping(text: str, source: str) -> dict:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{source}: not valid YAML{where} ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections (name, root, model, train, ...)")
+    return data
+
+
+def apply_overrides(data: dict, overrides: dict | None) -> dict:
+    """Dotted overrides like {"train.steps": 10} on top of a config's mapping (None values are skipped)."""
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
         node = data
         *parents, leaf = dotted.split(".")
         for key in parents:
-            node = node.setdefault(key, {})
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+            if not isinstance(node, dict):
+                raise ConfigError(f"{dotted}: {key} is not a section in this config")
         node[leaf] = value
-    return parse_config(data, str(path) if path else "config")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Load a YAML config (or the defaults), apply dotted overrides like {"train.steps": 10}, and validate."""
+    if path is None:
+        return parse_config(apply_overrides({}, overrides), "config")
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file not found: {p}")
+    if not p.is_file():
+        raise ConfigError(f"{p}: is a folder, not a YAML config file")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{p}: cannot be read ({type(err).__name__}: {err})") from None
+    return parse_config(apply_overrides(_yaml_mapping(text, str(p)), overrides), str(p))
 
 
 def dump_config(cfg: Config) -> str:

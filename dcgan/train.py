@@ -17,12 +17,12 @@ from typing import Any
 import torch
 
 from dcgan import checkpoints
-from dcgan.config import Config, ConfigError, dump_config, parse_config
+from dcgan.config import Config, ConfigError, dump_config, parse_config, parse_config_text
 from dcgan.networks import Discriminator, Generator, sample_z
 from dcgan.run_log import RunLog, read_metrics
 from dcgan.sampling import generate, save_grid
 from dcgan.step import METRICS, GANStep, StepOptions, make_optimizers
-from preprocessing import shards, storage
+from preprocessing import ownership, shards, storage
 
 log = logging.getLogger("dcgan.train")
 
@@ -35,6 +35,7 @@ def say(line: str) -> None:
 
 # Chaos hook for tests and drills: the named worker rank exits once when it reaches this step.
 FAIL_AT_STEP_ENV = "DCGAN_FAIL_AT_STEP"
+CONFIG_FILE = "config.yaml"
 N_FIXED_SAMPLES = 64
 
 
@@ -48,7 +49,8 @@ def fixed_z(cfg: Config) -> torch.Tensor:
 
 
 def preflight(cfg: Config) -> dict[str, Any]:
-    """Fail before any worker starts: data must be a complete dataset that fits the model; the run URI writable."""
+    """Fail before any worker starts, and before the run's files change: data must be a complete dataset that fits
+    the model; the run location must be ours (or new); a resumed run must keep its networks."""
     manifest = shards.read_manifest(cfg.data_uri)
     if manifest["resolution"] != cfg.model.resolution:
         raise ConfigError(
@@ -59,8 +61,28 @@ def preflight(cfg: Config) -> dict[str, Any]:
     rows = manifest["counts"]["rows"]
     if rows < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) exceeds the dataset's {rows} rows")
-    storage.check_writable(cfg.run_uri)
+    ownership.claim(cfg.run_uri, "run", legacy=lambda uri: stored_config(uri) is not None)
+    check_resumable(cfg)
     return manifest
+
+
+def stored_config(run_uri: str) -> Config | None:
+    """The configuration a run was started with (its config.yaml), or None for a new run."""
+    uri = storage.join(run_uri, CONFIG_FILE)
+    if not storage.exists(uri):
+        return None
+    return parse_config_text(storage.read_text(uri), uri)
+
+
+def check_resumable(cfg: Config) -> None:
+    """A run resumes only with the networks it was trained with: a changed model section is one clear error."""
+    stored = stored_config(cfg.run_uri)
+    if stored is None or stored.model == cfg.model:
+        return
+    before, after = stored.model.model_dump(), cfg.model.model_dump()
+    changed = [f"model.{k}: {before[k]!r} -> {after[k]!r}" for k in before if before[k] != after[k]]
+    raise ConfigError(f"{cfg.run_uri} was trained with another model ({'; '.join(changed)}); resume it with its own "
+                      f"config ({storage.join(cfg.run_uri, CONFIG_FILE)}) or train into a new --run")
 
 
 def _seed(seed: int, rank: int, step: int) -> None:
@@ -83,9 +105,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     options = StepOptions.resolve(train_cfg, device)
     opt_g, opt_d = make_optimizers(g, d, train_cfg, fused=options.fused_adam)
     step, state = 0, None
-    latest = checkpoints.latest_step(run_uri)
-    if latest is not None:
-        state = checkpoints.load_state(run_uri, latest)
+    if checkpoints.latest_step(run_uri) is not None:
+        state = checkpoints.load_state(run_uri)  # the newest valid one: a corrupt newer one is skipped with a warning
         g.load_state_dict(state["generator"])
         d.load_state_dict(state["discriminator"])
         step = int(state["step"])
@@ -197,7 +218,7 @@ def train(cfg: Config) -> dict[str, Any]:
     if done is not None and done >= cfg.train.steps:
         log.info("%s already has a checkpoint at step %d >= %d: nothing to train", cfg.run_uri, done, cfg.train.steps)
         return run_summary(cfg, done)
-    storage.write_text(storage.join(cfg.run_uri, "config.yaml"), dump_config(cfg))
+    storage.write_text(storage.join(cfg.run_uri, CONFIG_FILE), dump_config(cfg))
 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

@@ -17,12 +17,14 @@ from preprocessing.errors import InputError
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo-mnist-32.yaml"
 MARKER = ".exported"
+DIGIT_FILE = re.compile(r"\d{5}-\d\.png")
 
 
 def export_mnist(out_dir: str | Path, n: int = 5000) -> Path:
@@ -46,7 +48,8 @@ def export_mnist(out_dir: str | Path, n: int = 5000) -> Path:
         raise InputError(f"--digits must be between 1 and {len(x)}, got {n}")
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
-        old.unlink()
+        if DIGIT_FILE.fullmatch(old.name):  # only what an earlier export wrote
+            old.unlink()
     images = np.pad(x[:n].reshape(-1, 28, 28).astype(np.uint8), ((0, 0), (2, 2), (2, 2)))
     for i, (img, label) in enumerate(zip(images, y[:n])):
         ok, png = cv2.imencode(".png", img)

@@ -27,9 +27,11 @@ from preprocessing.errors import TransientError, UserError
 
 # Addresses that name a cluster's Jobs API; anything else (unset, "auto", "local", host:6379) trains in-process.
 JOBS_SCHEMES = ("http://", "https://", "ray://")
-# The standard storage settings a job needs to reach the same object store (passed only when set).
-AWS_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
+# The standard storage settings a job needs to reach the same object store (passed only when set). Credentials are
+# not among them: anyone who can read the Jobs API can read a job's environment, so the nodes bring their own
+# (their environment, a profile, an instance or pod role); `cluster.pass_credentials: true` is the explicit opt-in.
+AWS_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # The CLI's one-line message for bad input (dcgan/cli.py): such a job fails the same way every time.
 INPUT_ERROR = re.compile(r"^dcgan [\w-]+: error: (.+)$", re.MULTILINE)
@@ -89,9 +91,11 @@ def connect(address: str):
         raise RayClusterUnreachable(f"cannot reach the Ray cluster at {address}: {cause}") from None
 
 
-def aws_env() -> dict[str, str]:
-    """The AWS_* settings that are set here, for the job's runtime env (values are never logged)."""
-    return {name: os.environ[name] for name in AWS_SETTINGS if os.environ.get(name)}
+def aws_env(pass_credentials: bool = False) -> dict[str, str]:
+    """The AWS_* settings that are set here, for the job's runtime env (values are never logged); credentials only
+    when `pass_credentials`."""
+    names = AWS_SETTINGS + (AWS_CREDENTIALS if pass_credentials else ())
+    return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 
 # ------------------------------------------------------------------------------------------------------- a job
@@ -195,7 +199,7 @@ def run_training_job(cfg: Config, address: str, logger: logging.Logger | logging
     resolved = job_config(cfg)
     with tempfile.TemporaryDirectory(prefix="dcgan-job-") as work:
         Path(work, "config.yaml").write_text(dump_config(resolved))
-        runtime_env = {"working_dir": work, "env_vars": {**JOB_ENV, **aws_env()}}
+        runtime_env = {"working_dir": work, "env_vars": {**JOB_ENV, **aws_env(cfg.cluster.pass_credentials)}}
         slug = re.sub(r"[^a-z0-9-]+", "-", cfg.name.lower()).strip("-") or "run"
         return run_job(address, "dcgan train --config config.yaml", runtime_env, logger,
                        submission_id=f"dcgan-train-{slug}-{uuid.uuid4().hex[:8]}",

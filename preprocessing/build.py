@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from preprocessing import shards, storage
+from preprocessing import ownership, shards, storage
 from preprocessing.config import BuildConfig, DedupConfig
 from preprocessing.images import Reject
 
@@ -235,23 +235,33 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
     return sorted(results, key=lambda r: r["index"])
 
 
+def is_committed_dataset(uri: str) -> bool:
+    """Whether `uri` holds a dataset this project committed (its manifest reads): our location, marker or not."""
+    try:
+        shards.read_manifest(uri)
+        return True
+    except shards.DatasetError:
+        return False
+
+
 def _prepare(out: str, overwrite: bool) -> None:
-    storage.check_writable(out)
+    """Claim `out` (refusing a location with files the project did not write); an existing dataset there is kept
+    unless `overwrite`, which removes only the project's own files, manifest first."""
+    ownership.claim(out, "dataset", legacy=is_committed_dataset)
     if storage.exists(storage.join(out, shards.MANIFEST)):
         if not overwrite:
             raise BuildError(f"{out} already holds a dataset (manifest.json); pass --overwrite "
                              "(BuildConfig.overwrite=True) to replace it")
-        # Manifest first: from this moment the old dataset is no longer complete, whatever happens next.
-        storage.delete_prefix(storage.join(out, shards.MANIFEST))
-        for part in ("shards", "rejects", "dedup", STAGING, STATE_DIR):
-            storage.delete_prefix(storage.join(out, part))
+        ownership.remove_own(out, "dataset")
 
 
 def _remove_unlisted(out: str, folder: str, keep: list[dict]) -> None:
-    """Delete files under out/folder that no entry lists (left by an earlier attempt with other inputs)."""
+    """Delete the project's files under out/folder that no entry lists (left by an earlier attempt with other
+    inputs); files with other names are not ours and stay."""
     listed = {storage.join(out, e["path"]) for e in keep}
     for uri in storage.list_uris(storage.join(out, folder)):
-        if uri not in listed:
+        rel = uri[len(out) + 1:]
+        if uri not in listed and ownership.is_own_file("dataset", rel):
             storage.delete_prefix(uri)
 
 
@@ -314,7 +324,7 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig | None = None, 
         params={**_params(cfg), "dedup": dedup.model_dump(mode="json") if use_dedup else None},
         extra={"build_stats": stats},
     )
-    storage.delete_prefix(storage.join(out, STAGING if use_dedup else STATE_DIR))
+    ownership.remove_own(out, "dataset", under=STAGING if use_dedup else STATE_DIR)
     if progress:
         log.info("wrote %s: %d rows in %d shards, content hash %s", storage.join(out, shards.MANIFEST),
                  manifest["counts"]["rows"], len(entries), manifest["content_hash"][:16])

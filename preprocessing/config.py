@@ -6,9 +6,16 @@ The manifest records `model_dump()` of these, so equal parameters give equal dat
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from preprocessing.storage import resolve_location
+
+
+Location = Annotated[str, AfterValidator(resolve_location)]
+"""A storage location: a local path is made absolute where the config is read (the edge), so every later step,
+Ray worker or Ray Job sees the same place."""
 
 
 class _Strict(BaseModel):
@@ -40,7 +47,7 @@ class BuildConfig(_Strict):
     """How raw inputs become a sharded dataset (build-lsun and build-faces share it)."""
 
     kind: Literal["lsun", "faces"] = "lsun"
-    input: str | None = Field(None, description="LMDB dir, image folder, s3:// prefix or URL list file")
+    input: Location | None = Field(None, description="LMDB dir, image folder, s3:// prefix or URL list file")
     resolution: int = 64
     limit: int | None = Field(None, ge=1, description="read at most this many inputs")
     shard_rows: int = Field(2048, ge=1, description="rows per shard file")

@@ -31,13 +31,14 @@ from preprocessing.errors import InputError
 from preprocessing.config import DedupConfig
 from preprocessing.dedup_model import crops_of, encode, fit_ray, save_state
 from preprocessing.semantic_hash import group_codes, keep_smallest_key, partition_of
+from preprocessing.dedup_report import bit_stats, collision_picture
 from preprocessing.shards import DatasetError, images_of, shard_name, write_table
 
 log = logging.getLogger(__name__)
 
 METHOD = "autoencoder-semantic-hash"
 ROWS_PER_PARTITION = 200_000   # codes one grouping task handles (16 B + key each: a few MB)
-PICTURE_GROUPS, PICTURE_MEMBERS, PICTURE_SIDE = 8, 8, 64
+PICTURE_GROUPS = 8
 
 
 def _read_shard(src_uri: str, entry: dict[str, Any]) -> pa.Table:
@@ -110,45 +111,6 @@ def _write_task(batch: dict[str, np.ndarray], src_uri: str, out_uri: str, shards
                              pa.array(list(hashes[order]), pa.binary()))
     entry = write_table(out_uri, shard_name(i), table)
     return {k: np.array([v], dtype=object if isinstance(v, str) else np.int64) for k, v in entry.items()}
-
-
-# ------------------------------------------------------------------------------------------------------ report
-
-
-def _bit_stats(codes_ds, code_bits: int) -> dict[str, Any]:
-    """How much of the code is used: bits that are on for between 1% and 99% of images, and their total entropy."""
-    def count(batch):
-        bits = np.unpackbits(np.stack([np.frombuffer(h, np.uint8) for h in batch["hash"]]), axis=1)[:, :code_bits]
-        return {"ones": bits.sum(0, dtype=np.int64)[None], "n": np.array([len(bits)])}
-
-    parts = codes_ds.map_batches(count, batch_format="numpy").take_all()
-    n = sum(int(p["n"]) for p in parts)
-    p = np.sum([p["ones"] for p in parts], axis=0) / max(n, 1)
-    q = np.clip(p, 1e-12, 1 - 1e-12)
-    entropy = float(-(q * np.log2(q) + (1 - q) * np.log2(1 - q)).sum())
-    return {"bits_used": int(((p > 0.01) & (p < 0.99)).sum()), "code_entropy_bits": round(entropy, 1)}
-
-
-def _collision_picture(src_uri: str, shards: list[dict], members: list[list[dict]], uri: str) -> None:
-    """A PNG grid: one row per collision group, kept member first (green frame), removed members red."""
-    side = PICTURE_SIDE
-    canvas = np.full((max(1, len(members)) * (side + 4), PICTURE_MEMBERS * (side + 4), 3), 255, np.uint8)
-    tables: dict[int, pa.Table] = {}
-    for r, group in enumerate(members):
-        for c, m in enumerate(group[:PICTURE_MEMBERS]):
-            s = int(m["shard"])
-            if s not in tables:
-                tables[s] = _read_shard(src_uri, shards[s])
-            img = images_of(tables[s].slice(int(m["row"]), 1))[0]
-            img = cv2.resize(img, (side, side), interpolation=cv2.INTER_NEAREST)
-            color = (0, 170, 0) if m["keep"] else (220, 0, 0)
-            y, x = r * (side + 4), c * (side + 4)
-            canvas[y:y + side + 4, x:x + side + 4] = color
-            canvas[y + 2:y + side + 2, x + 2:x + side + 2] = img
-    if not members:
-        cv2.putText(canvas, "no collisions", (4, side // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1)
-    ok, png = cv2.imencode(".png", canvas[..., ::-1])
-    storage.write_bytes(uri, png.tobytes())
 
 
 # ------------------------------------------------------------------------------------------------------ entry
@@ -230,7 +192,7 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
         rows_out = sum(e["rows"] for e in entries)
         colliding = sorted(decisions.filter(lambda r: r["size"] > 1).select_columns(
             ["key", "shard", "row", "keep", "group", "size"]).take_all(), key=lambda r: (r["group"], str(r["key"])))
-        bits = _bit_stats(coded, cfg.code_bits)
+        bits = bit_stats(coded, cfg.code_bits)
     finally:
         ctx.execution_options.preserve_order = saved_order
 
@@ -243,7 +205,8 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
     rng = np.random.default_rng(cfg.seed)
     names = sorted(by_group)
     picked = [names[i] for i in sorted(rng.choice(len(names), min(PICTURE_GROUPS, len(names)), replace=False))]
-    _collision_picture(src_uri, shards, [by_group[g] for g in picked], storage.join(dedup_uri, "collisions.png"))
+    collision_picture(lambda i: _read_shard(src_uri, shards[i]), [by_group[g] for g in picked],
+                      storage.join(dedup_uri, "collisions.png"))
 
     removed = rows_in - rows_out
     info = {
@@ -275,3 +238,44 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
     storage.write_json(storage.join(dedup_uri, "report.json"), report)
     log.info("dedup %s: %d rows -> %d (%d removed in %d groups)", src_uri, rows_in, rows_out, removed, len(sizes))
     return entries, info
+
+
+def _nested(a: str, b: str) -> bool:
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def dedup_dataset(src: str, out: str, cfg: DedupConfig, overwrite: bool = False) -> dict[str, Any]:
+    """De-duplicate the committed dataset `src` into a new dataset `out`; returns the new manifest.
+
+    The source is never modified, and `out` follows the ownership rule (preprocessing.ownership): a new or empty
+    location, or an earlier (unfinished, or with `overwrite` finished) dedup output of this project. The new manifest
+    copies the source's kind, resolution, input counts, rejects and build parameters, and adds the dedup figures;
+    reject files are copied, so the new version stands on its own.
+    """
+    from preprocessing import ownership
+    from preprocessing.build import is_committed_dataset
+    from preprocessing.shards import MANIFEST, read_manifest, verify, write_manifest
+
+    src, out = storage.normalize(src), storage.normalize(out)
+    if _nested(src, out):
+        raise InputError(f"--out {out} overlaps the source dataset {src}: dedup writes a new dataset beside its "
+                         "input, never into or around it")
+    manifest = verify(src, read_manifest(src))
+    ownership.claim(out, "dataset", legacy=is_committed_dataset)
+    if storage.exists(storage.join(out, MANIFEST)) and not overwrite:
+        raise InputError(f"{out} already holds a dataset; pass --overwrite to replace it")
+    ownership.remove_own(out, "dataset")  # an earlier (unfinished or replaced) output: our files only
+
+    entries, info = deduplicate(src, manifest["shards"], out, cfg)
+    rejects = manifest.get("rejects", {})
+    for r in rejects.get("shards", []):
+        storage.write_bytes(storage.join(out, r["path"]), storage.read_bytes(storage.join(src, r["path"])))
+    counts = manifest.get("counts", {})
+    return write_manifest(
+        out, kind=manifest["kind"], resolution=manifest["resolution"], shards=entries,
+        rejects=rejects.get("shards", []), reject_counts=rejects.get("by_reason", {}), inputs=counts.get("inputs"),
+        dedup=info, inputs_fingerprint=manifest.get("inputs_fingerprint"), params=manifest.get("params", {}),
+        channels=manifest.get("channels", 3),
+        extra={"derived_from": {"uri": src, "content_hash": manifest.get("content_hash")}},
+    )
+

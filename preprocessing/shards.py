@@ -206,12 +206,36 @@ def read_manifest(dataset_uri: str) -> dict[str, Any]:
         raise DatasetError(str(err)) from None
     except ValueError as err:
         raise DatasetError(f"{uri}: not valid JSON ({err})") from None
+    return check_manifest(manifest, uri)
+
+
+def check_manifest(manifest: Any, uri: str) -> dict[str, Any]:
+    """The fields readers rely on, with their types: a hand-edited or foreign manifest is one clear error."""
+    if not isinstance(manifest, dict):
+        raise DatasetError(f"{uri}: a manifest is a JSON object, this is a {type(manifest).__name__}")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise DatasetError(f"{uri}: schema_version {version!r}, this code reads {SCHEMA_VERSION}")
     for field in ("kind", "resolution", "shards"):
         if field not in manifest:
             raise DatasetError(f"{uri}: missing field {field!r}")
+    expect = {"kind": str, "resolution": int, "channels": int, "shards": list, "counts": dict}
+    for field, kind in expect.items():
+        value = manifest.get(field)
+        if field in manifest and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise DatasetError(f"{uri}: field {field!r} should be {kind.__name__}, not {type(value).__name__}")
+    entry_types = {"path": str, "rows": int, "bytes": int, "sha256": str}
+    for i, entry in enumerate(manifest["shards"]):
+        if not isinstance(entry, dict):
+            raise DatasetError(f"{uri}: shards[{i}] should be an object with path, rows, bytes, sha256")
+        for field, kind in entry_types.items():
+            if not isinstance(entry.get(field), kind) or isinstance(entry.get(field), bool):
+                raise DatasetError(f"{uri}: shards[{i}].{field} should be {kind.__name__}, "
+                                   f"not {type(entry.get(field)).__name__}")
+    counts = manifest.setdefault("counts", {"rows": sum(e["rows"] for e in manifest["shards"])})
+    if not isinstance(counts.get("rows", 0), int):
+        raise DatasetError(f"{uri}: counts.rows should be int")
+    counts.setdefault("rows", sum(e["rows"] for e in manifest["shards"]))
     return manifest
 
 

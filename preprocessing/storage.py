@@ -56,6 +56,17 @@ def normalize(uri: str | Path) -> str:
     return str(local_path(s).expanduser().resolve())
 
 
+def resolve_location(uri: str | None) -> str | None:
+    """Where a configured location really is, decided once at the edge: local paths (relative to the current
+    directory, `~` expanded) become absolute, s3:// loses its trailing slash, other URLs (http(s)://) stay as given."""
+    if uri is None:
+        return None
+    s = str(uri).strip()
+    if is_s3(s) or s.startswith("file://") or "://" not in s:
+        return normalize(s)
+    return s
+
+
 def join(uri: str, *parts: str) -> str:
     base = str(uri).rstrip("/")
     for p in parts:
@@ -165,12 +176,20 @@ def write_bytes(uri: str, data: bytes) -> None:
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file is the user's, as their umask says
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def read_text(uri: str) -> str:
@@ -208,6 +227,22 @@ def download_file(uri: str, path: str | Path) -> None:
         _s3_call(uri, s3_client().download_file, bucket, key, str(path), Config=_transfer_config())
     else:
         shutil.copyfile(local_path(uri), path)
+
+
+def size(uri: str) -> int | None:
+    """The size in bytes of one object or file, or None if there is none."""
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise _explain(err, uri) from None
+    p = local_path(uri)
+    return p.stat().st_size if p.is_file() else None
 
 
 def exists(uri: str) -> bool:

@@ -1,5 +1,7 @@
 """Bad configuration fails at load time, naming the field."""
 
+from pathlib import Path
+
 import pytest
 
 from dcgan.config import Config, ConfigError, load_config, parse_config
@@ -30,7 +32,9 @@ def test_yaml_and_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("name: x\ntrain: {steps: 5}\n")
     c = load_config(p, {"train.steps": 7, "data": "s3://b/d"})
-    assert c.train.steps == 7 and c.data_uri == "s3://b/d" and c.run_uri == "./runs/runs/x"
+    assert c.train.steps == 7 and c.data_uri == "s3://b/d"
+    # a relative root is resolved once, where the config is read: every later step sees one absolute place
+    assert c.run_uri == str(Path("runs").resolve() / "runs" / "x")
 
 
 @pytest.mark.parametrize("path", ["configs/demo-mnist-32.yaml", "configs/tiny-test.yaml"])

@@ -7,10 +7,8 @@ build parameters and adds the dedup figures. Reject files are copied, so the new
 
 from __future__ import annotations
 
-from preprocessing.errors import InputError
 
 from preprocessing import storage
-from preprocessing.shards import read_manifest, verify, write_manifest
 
 
 def register(sub) -> None:
@@ -31,32 +29,14 @@ def default_out(uri: str) -> str:
 
 def run(args) -> int:
     from dcgan.config import load_config
-    from preprocessing.dedup import deduplicate
+    from preprocessing.dedup import dedup_dataset
 
     cfg = load_config(args.config, {"dedup.radius": args.radius, "dedup.epochs": args.epochs,
                                     "dedup.seed": args.seed}).dedup
     src = storage.normalize(args.uri)
     out = storage.normalize(args.out) if args.out else default_out(src)
-    if out == src:
-        raise InputError("--out must differ from the source dataset (dedup never rewrites its input)")
-    manifest = verify(src, read_manifest(src))
-    if storage.exists(storage.join(out, "manifest.json")):
-        if not args.overwrite:
-            raise InputError(f"{out} already holds a dataset; pass --overwrite to replace it")
-    storage.delete_prefix(out)  # no stale shards from an earlier, unfinished run
-    storage.check_writable(out)
-
-    entries, info = deduplicate(src, manifest["shards"], out, cfg)
-    rejects = manifest.get("rejects", {})
-    for r in rejects.get("shards", []):
-        storage.write_bytes(storage.join(out, r["path"]), storage.read_bytes(storage.join(src, r["path"])))
-    counts = manifest.get("counts", {})
-    new = write_manifest(
-        out, kind=manifest["kind"], resolution=manifest["resolution"], shards=entries,
-        rejects=rejects.get("shards", []), reject_counts=rejects.get("by_reason", {}), inputs=counts.get("inputs"),
-        dedup=info, inputs_fingerprint=manifest.get("inputs_fingerprint"), params=manifest.get("params", {}),
-        channels=manifest.get("channels", 3), extra={"derived_from": {"uri": src, "content_hash": manifest.get("content_hash")}},
-    )
+    new = dedup_dataset(src, out, cfg, overwrite=args.overwrite)
+    info = new["dedup"]
     print(f"{src}: {info['rows_in']} rows -> {out}: {new['counts']['rows']} rows "
           f"({info['removed']} near duplicates removed in {info['groups']} groups; "
           f"report {storage.join(out, info['report'])}, picture {storage.join(out, info['picture'])})")

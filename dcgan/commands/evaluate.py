@@ -41,13 +41,15 @@ def eval_config(args, base: EvalConfig) -> EvalConfig:
 def run(args) -> int:
     from dcgan.evaluation.report import evaluate
 
+    from preprocessing.storage import resolve_location
+
     cfg = load_config(args.config) if args.config else None
-    run_uri = args.run or (cfg.run_uri if cfg else None)
+    run_uri = resolve_location(args.run) or (cfg.run_uri if cfg else None)
     if not run_uri:
         raise InputError("give --run URI (or --config naming the run)")
     base = cfg.evaluate if cfg else _run_eval_config(run_uri)
-    metrics = evaluate(run_uri, eval_config(args, base), data_uri=args.data, arithmetic=args.arithmetic,
-                       boxes=args.boxes, step=args.step, device=args.device)
+    metrics = evaluate(run_uri, eval_config(args, base), data_uri=resolve_location(args.data),
+                       arithmetic=args.arithmetic, boxes=args.boxes, step=args.step, device=args.device)
     for name, m in metrics["suites"].items():
         print(f"{name:<16} {m['status']}")
     print(f"report: {run_uri.rstrip('/')}/eval/report.md (and report.html, metrics.json)")
@@ -56,12 +58,7 @@ def run(args) -> int:
 
 def _run_eval_config(run_uri: str) -> EvalConfig:
     """The evaluate section the run was trained with (stored in its config.yaml), else the defaults."""
-    import yaml
+    from dcgan.train import stored_config
 
-    from dcgan.config import parse_config
-    from preprocessing import storage
-
-    uri = storage.join(run_uri, "config.yaml")
-    if storage.exists(uri):
-        return parse_config(yaml.safe_load(storage.read_text(uri)) or {}, uri).evaluate
-    return EvalConfig()
+    stored = stored_config(run_uri)
+    return stored.evaluate if stored else EvalConfig()

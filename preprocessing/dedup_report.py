@@ -1,0 +1,52 @@
+"""What a de-duplication shows a person (layer: preprocessing): how much of the hash is used, and a picture of
+collision groups (kept member framed green, removed ones red), so a collapsed hash or a wrong threshold is visible."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+import pyarrow as pa
+
+from preprocessing import storage
+from preprocessing.shards import images_of
+
+PICTURE_MEMBERS, PICTURE_SIDE = 8, 64
+
+
+
+def bit_stats(codes_ds, code_bits: int) -> dict[str, Any]:
+    """How much of the code is used: bits that are on for between 1% and 99% of images, and their total entropy."""
+    def count(batch):
+        bits = np.unpackbits(np.stack([np.frombuffer(h, np.uint8) for h in batch["hash"]]), axis=1)[:, :code_bits]
+        return {"ones": bits.sum(0, dtype=np.int64)[None], "n": np.array([len(bits)])}
+
+    parts = codes_ds.map_batches(count, batch_format="numpy").take_all()
+    n = sum(int(p["n"]) for p in parts)
+    p = np.sum([p["ones"] for p in parts], axis=0) / max(n, 1)
+    q = np.clip(p, 1e-12, 1 - 1e-12)
+    entropy = float(-(q * np.log2(q) + (1 - q) * np.log2(1 - q)).sum())
+    return {"bits_used": int(((p > 0.01) & (p < 0.99)).sum()), "code_entropy_bits": round(entropy, 1)}
+
+
+def collision_picture(table_of: Callable[[int], pa.Table], members: list[list[dict]], uri: str) -> None:
+    """A PNG grid: one row per collision group, kept member first (green frame), removed members red."""
+    side = PICTURE_SIDE
+    canvas = np.full((max(1, len(members)) * (side + 4), PICTURE_MEMBERS * (side + 4), 3), 255, np.uint8)
+    tables: dict[int, pa.Table] = {}
+    for r, group in enumerate(members):
+        for c, m in enumerate(group[:PICTURE_MEMBERS]):
+            s = int(m["shard"])
+            if s not in tables:
+                tables[s] = table_of(s)
+            img = images_of(tables[s].slice(int(m["row"]), 1))[0]
+            img = cv2.resize(img, (side, side), interpolation=cv2.INTER_NEAREST)
+            color = (0, 170, 0) if m["keep"] else (220, 0, 0)
+            y, x = r * (side + 4), c * (side + 4)
+            canvas[y:y + side + 4, x:x + side + 4] = color
+            canvas[y + 2:y + side + 2, x + 2:x + side + 2] = img
+    if not members:
+        cv2.putText(canvas, "no collisions", (4, side // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1)
+    ok, png = cv2.imencode(".png", canvas[..., ::-1])
+    storage.write_bytes(uri, png.tobytes())
