@@ -11,8 +11,37 @@ import sys
 COMMANDS = ["info", "build", "dedup", "train", "sample", "evaluate"]
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever sys.stderr is when it emits (tests and Ray replace the stream)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def log_to_stderr(level: int = logging.INFO) -> None:
+    """Progress and log lines on stderr (stdout is for results), once per process."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _Stderr) for h in root.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line like every other known fault (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dcgan", description="DCGAN at cluster scale (Radford, Metz & Chintala 2016)")
+    parser = Parser(prog="dcgan", description="DCGAN at cluster scale (Radford, Metz & Chintala 2016)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"dcgan.commands.{name}").register(sub)
@@ -20,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    log_to_stderr()
     args = build_parser().parse_args(argv)
     return run_command(f"dcgan {args.command}", lambda: args.func(args))
 

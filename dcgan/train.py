@@ -89,6 +89,17 @@ def _seed(seed: int, rank: int, step: int) -> None:
     torch.manual_seed((seed * 1_000_003 + rank * 10_007 + step) % (2**63))
 
 
+def resume_state(run_uri: str, resume: tuple[int, Any] | None) -> dict[str, Any] | None:
+    """What a worker starts from: the state the driver read once (`resume` = (step, object ref)), unless the run has
+    a newer checkpoint (Ray Train restarted the group after a failure), which it then reads itself."""
+    import ray
+
+    newest = checkpoints.latest_step(run_uri)
+    if resume is not None and (newest is None or newest <= resume[0]):
+        return ray.get(resume[1])
+    return checkpoints.load_state(run_uri) if newest is not None else None
+
+
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -104,9 +115,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     g, d = Generator(cfg.model), Discriminator(cfg.model)
     options = StepOptions.resolve(train_cfg, device)
     opt_g, opt_d = make_optimizers(g, d, train_cfg, fused=options.fused_adam)
-    step, state = 0, None
-    if checkpoints.latest_step(run_uri) is not None:
-        state = checkpoints.load_state(run_uri)  # the newest valid one: a corrupt newer one is skipped with a warning
+    step, state = 0, resume_state(run_uri, loop_config.get("resume"))
+    if state is not None:
         g.load_state_dict(state["generator"])
         d.load_state_dict(state["discriminator"])
         step = int(state["step"])
@@ -239,12 +249,20 @@ def train(cfg: Config) -> dict[str, Any]:
     run_config = RunConfig(name=f"train-{int(time.time())}",
                            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures), **where)
     fail_at = os.environ.get(FAIL_AT_STEP_ENV)
+    resume = None
+    if checkpoints.complete_steps(cfg.run_uri):  # read once here (a corrupt newest is reported and skipped)
+        import ray
+
+        state = checkpoints.load_state(cfg.run_uri)
+        resume = (int(state["step"]), ray.put(state))
+        log.info("resuming %s from step %d", cfg.run_uri, resume[0])
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
             "threads": max(1, round(cfg.cluster.cpus_per_worker)),
             "fail_at_step": int(fail_at) if fail_at else None,
+            "resume": resume,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.workers,

@@ -247,11 +247,11 @@ def is_committed_dataset(uri: str) -> bool:
 def _prepare(out: str, overwrite: bool) -> None:
     """Claim `out` (refusing a location with files the project did not write); an existing dataset there is kept
     unless `overwrite`, which removes only the project's own files, manifest first."""
+    if storage.exists(storage.join(out, shards.MANIFEST)) and not overwrite and is_committed_dataset(out):
+        raise BuildError(f"{out} already holds a dataset (manifest.json); pass --overwrite "
+                         "(BuildConfig.overwrite=True) to replace it")
     ownership.claim(out, "dataset", legacy=is_committed_dataset)
     if storage.exists(storage.join(out, shards.MANIFEST)):
-        if not overwrite:
-            raise BuildError(f"{out} already holds a dataset (manifest.json); pass --overwrite "
-                             "(BuildConfig.overwrite=True) to replace it")
         ownership.remove_own(out, "dataset")
 
 
@@ -277,12 +277,11 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig | None = None, 
     """Build (or finish building) the dataset at `out`; returns its manifest. Raises BuildError, writing no manifest,
     when nothing usable came out or bad inputs exceed `cfg.max_reject_rate`."""
     out = storage.normalize(out)
+    started = time.perf_counter()
+    p = plan(cfg)  # bad input fails here, before anything is written
     _prepare(out, cfg.overwrite)
     use_dedup = dedup is not None and dedup.enabled
     shards_uri = storage.join(out, STAGING) if use_dedup else out
-
-    started = time.perf_counter()
-    p = plan(cfg)
     if progress:
         log.info("%s build of %s: %d inputs in %d chunks -> %s%s", cfg.kind, cfg.input, p.inputs, len(p.chunks), out,
                  " (de-duplicated)" if use_dedup else "")

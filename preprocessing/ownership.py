@@ -103,7 +103,7 @@ def claim(location: str, kind: Kind, *, legacy: Callable[[str], bool] | None = N
     location = storage.normalize(location)
     if not storage.is_s3(location) and storage.local_path(location).is_file():
         raise InputError(f"{location} is a file; give a folder (or s3:// prefix) for the {kind}")
-    if storage.is_s3(location) and storage.exists(location):
+    if storage.is_s3(location) and storage.split_s3(location)[1] and storage.exists(location):
         raise InputError(f"{location} is an object; give a prefix for the {kind}")
     found = marker_kind(location)
     if found == kind:

@@ -1,0 +1,355 @@
+"""Bad input and faults, as a new user meets them, through the `dcgan` CLI: each case must end with exit status 2
+and one line on stderr that names the culprit, no traceback, and no change to any file outside the command's output
+(the files around it stand for a user's own work: a thesis beside a dataset, a bucket with other data in it).
+
+Each case builds its own small world (a committed dataset of real digits, a run with two checkpoints, a user's
+folder) in a fresh temporary directory; the command runs in-process through `dcgan.cli.main` with stderr captured
+at the file-descriptor level. The slow cases start Ray (a build that gets as far as reading its inputs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from realdata import grace_hopper_path, mnist_rgb32
+
+from dcgan import checkpoints
+from dcgan.cli import main
+from dcgan.config import dump_config, load_config
+from dcgan.networks import Discriminator, Generator
+from preprocessing import lsun, shards, storage
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny-test.yaml")
+THESIS = b"chapter 1: everything I know\n"
+
+
+# ------------------------------------------------------------------------------------------------ the world
+
+
+@dataclass
+class World:
+    root: Path
+    dataset: str          # a committed dataset of 64 real digits at 32 px (2 shards)
+    run: str              # a run of configs/tiny-test.yaml with checkpoints at steps 5 and 10
+    user: Path            # somebody's folder: a thesis, and a shards/ folder of their own
+    bucket: str | None = None
+
+    def p(self, *parts: str) -> str:
+        return str(self.root.joinpath(*parts))
+
+
+def make_dataset(uri: str, n: int = 64) -> None:
+    images = mnist_rgb32(n)
+    half = n // 2
+    entries = [shards.write_table(uri, shards.shard_name(i), shards.make_table(
+        [f"d{j:05d}" for j in range(i * half, (i + 1) * half)], images[i * half:(i + 1) * half])) for i in range(2)]
+    shards.write_manifest(uri, kind="lsun", resolution=32, shards=entries, inputs=n)
+
+
+def make_run(uri: str) -> None:
+    cfg = load_config(TINY, {"run": uri})
+    storage.write_text(storage.join(uri, "config.yaml"), dump_config(cfg))
+    storage.write_json(storage.join(uri, "_dcgan.json"), {"kind": "run"})
+    g, d = Generator(cfg.model), Discriminator(cfg.model)
+    for step in (5, 10):
+        checkpoints.save(uri, step, {"generator": g.state_dict(), "discriminator": d.state_dict(), "step": step,
+                                     "config": cfg.model_dump(mode="json")})
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch) -> World:
+    import logging
+
+    # Ray Data's own INFO lines go to a console handler bound to the stderr of the test that first started it
+    for name in ("ray", "ray.data"):
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.WARNING)
+    monkeypatch.chdir(tmp_path)
+    user = tmp_path / "thesis"
+    (user / "shards").mkdir(parents=True)
+    (user / "thesis.tex").write_bytes(THESIS)
+    (user / "shards" / "part-00000.parquet").write_bytes(b"my own shard, not yours")
+    w = World(tmp_path, str(tmp_path / "data" / "digits"), str(tmp_path / "runs" / "tiny"), user)
+    make_dataset(w.dataset)
+    make_run(w.run)
+    return w
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            out[p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the cases
+
+
+@dataclass
+class Case:
+    name: str
+    argv: Callable[[World], list[str]]
+    culprit: Callable[[World], str] | str   # text the one line must contain
+    output: Callable[[World], str] | None = None  # the one location the command may change
+    setup: Callable[[World], None] | None = None
+    ray: bool = False
+    subprocess: bool = False  # a fault that could kill the process (a bus error) runs in its own
+
+
+def write(path: str, data: bytes | str) -> str:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+def edit_manifest(w: World, fn) -> None:
+    uri = storage.join(w.dataset, "manifest.json")
+    storage.write_text(uri, json.dumps(fn(json.loads(storage.read_text(uri)))))
+
+
+def bad_lmdb(w: World, kind: str) -> str:
+    path = w.p("lsun", f"{kind}_lmdb")
+    Path(path).mkdir(parents=True)
+    if kind == "random":
+        write(f"{path}/data.mdb", bytes(range(256)) * 64)
+    else:
+        data = grace_hopper_path().read_bytes()
+        lsun.write_lmdb(path, {f"{i:040x}".encode(): data for i in range(40)})
+        mdb = Path(path) / "data.mdb"
+        mdb.write_bytes(mdb.read_bytes()[: mdb.stat().st_size // 3])
+    return path
+
+
+def digits_folder(w: World, n: int = 8) -> str:
+    import cv2
+
+    folder = Path(w.p("digits-in"))
+    folder.mkdir(exist_ok=True)
+    for i, img in enumerate(mnist_rgb32(n)):
+        (folder / f"{i:03d}.png").write_bytes(cv2.imencode(".png", img)[1].tobytes())
+    return str(folder)
+
+
+def truncate_newest(w: World) -> None:
+    state = Path(checkpoints.checkpoint_uri(w.run, 10)) / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+
+
+def change_stored_model(w: World) -> None:
+    p = Path(w.run) / "config.yaml"
+    p.write_text(p.read_text().replace("ngf: 16", "ngf: 8"))
+
+
+def foreign_bucket(w: World) -> None:
+    storage.write_bytes(f"{w.bucket}/family/photo.jpg", grace_hopper_path().read_bytes())
+
+
+def out_dir(name):
+    return lambda w: w.p(name)
+
+
+CASES = [
+    # ---- build-lsun
+    Case("lsun-missing-input", lambda w: ["build-lsun", w.p("nowhere"), "--out", w.p("o")], "nowhere"),
+    Case("lsun-input-is-a-file", lambda w: ["build-lsun", write(w.p("x.bin"), b"1"), "--out", w.p("o")], "x.bin"),
+    Case("lsun-empty-folder", lambda w: ["build-lsun", str(Path(w.p("empty")).mkdir() or w.p("empty")), "--out",
+                                         w.p("o")], "empty"),
+    Case("lsun-lmdb-random-bytes", lambda w: ["build-lsun", bad_lmdb(w, "random"), "--out", w.p("o")],
+         "random_lmdb"),
+    Case("lsun-lmdb-truncated", lambda w: ["build-lsun", bad_lmdb(w, "cut"), "--out", w.p("o")], "cut_lmdb",
+         subprocess=True),
+    Case("lsun-out-is-a-file", lambda w: ["build-lsun", digits_folder(w), "--out", write(w.p("f.txt"), b"x")],
+         "f.txt"),
+    Case("lsun-out-holds-user-files", lambda w: ["build-lsun", digits_folder(w), "--out", str(w.user)], "thesis",
+         ray=True),
+    Case("lsun-out-is-a-dataset", lambda w: ["build-lsun", digits_folder(w), "--out", w.dataset], "--overwrite",
+         ray=True),
+    Case("lsun-bad-resolution", lambda w: ["build-lsun", w.p("nowhere"), "--out", w.p("o"), "--resolution", "48"],
+         "resolution"),
+    Case("lsun-config-malformed", lambda w: ["build-lsun", w.p("x"), "--config", write(w.p("c.yaml"), "model: [1\n")],
+         "c.yaml"),
+    Case("lsun-config-is-a-folder", lambda w: ["build-lsun", w.p("x"), "--config", str(w.user)], "thesis"),
+    Case("lsun-config-missing", lambda w: ["build-lsun", w.p("x"), "--config", w.p("none.yaml")], "none.yaml"),
+    Case("lsun-config-unknown-key", lambda w: ["build-lsun", w.p("x"), "--config",
+                                              write(w.p("c.yaml"), "modle: {}\n")], "modle"),
+    Case("lsun-config-not-a-mapping", lambda w: ["build-lsun", w.p("x"), "--config", write(w.p("c.yaml"), "- 1\n")],
+         "c.yaml"),
+    Case("lsun-nothing-usable", lambda w: ["build-lsun", str(Path(write(w.p("junk", "a.png"), b"not a png")).parent),
+                                           "--out", w.p("o"), "--no-dedup"], "junk", out_dir("o"), ray=True),
+    Case("lsun-missing-bucket", lambda w: ["build-lsun", digits_folder(w), "--out", "s3://no-such-bucket-x/d"],
+         "no-such-bucket-x", ray=True),
+    Case("lsun-bucket-with-other-data", lambda w: ["build-lsun", digits_folder(w), "--out", w.bucket],
+         "family/photo.jpg", setup=foreign_bucket, ray=True),
+    # ---- build-faces
+    Case("faces-missing-cascade", lambda w: ["build-faces", digits_folder(w), "--out", w.p("o"), "--cascade",
+                                             "haarcascade_nothing.xml"], "haarcascade_nothing.xml", out_dir("o"),
+         ray=True),
+    Case("faces-url-list-without-url-column", lambda w: ["build-faces", write(w.p("u.csv"), "name,link\na,b\n"),
+                                                         "--out", w.p("o")], "u.csv", out_dir("o")),
+    Case("faces-local-paths-in-url-list", lambda w: ["build-faces", write(w.p("u.txt"), "file:///etc/passwd\n"
+                                                     f"{grace_hopper_path()}\n"), "--out", w.p("o"), "--no-dedup"],
+         "u.txt", out_dir("o"), ray=True),
+    Case("faces-bad-min-face", lambda w: ["build-faces", w.p("x"), "--out", w.p("o"), "--min-face", "0"], "min_face"),
+    Case("faces-bad-margin", lambda w: ["build-faces", w.p("x"), "--out", w.p("o"), "--margin", "3"], "margin"),
+    # ---- dedup
+    Case("dedup-missing-source", lambda w: ["dedup", w.p("nowhere")], "nowhere"),
+    Case("dedup-source-not-a-dataset", lambda w: ["dedup", str(w.user)], "thesis"),
+    Case("dedup-out-is-source", lambda w: ["dedup", w.dataset, "--out", w.dataset], "overlaps"),
+    Case("dedup-out-is-source-parent", lambda w: ["dedup", w.dataset, "--out", str(Path(w.dataset).parent)],
+         "overlaps"),
+    Case("dedup-out-inside-source", lambda w: ["dedup", w.dataset, "--out", w.dataset + "/v2"], "overlaps"),
+    Case("dedup-out-holds-user-files", lambda w: ["dedup", w.dataset, "--out", str(w.user)], "thesis"),
+    Case("dedup-out-bucket-with-other-data", lambda w: ["dedup", w.dataset, "--out", w.bucket], "family/photo.jpg",
+         setup=foreign_bucket),
+    Case("dedup-manifest-is-a-list", lambda w: ["dedup", w.dataset, "--out", w.p("o")], "manifest.json",
+         setup=lambda w: edit_manifest(w, lambda m: [m])),
+    Case("dedup-manifest-wrong-types", lambda w: ["dedup", w.dataset, "--out", w.p("o")], "resolution",
+         setup=lambda w: edit_manifest(w, lambda m: {**m, "resolution": "32"})),
+    Case("dedup-manifest-bad-shard-entry", lambda w: ["dedup", w.dataset, "--out", w.p("o")], "shards[1].rows",
+         setup=lambda w: edit_manifest(w, lambda m: {**m, "shards": [m["shards"][0], {**m["shards"][1], "rows": "x"}]})),
+    Case("dedup-shard-missing", lambda w: ["dedup", w.dataset, "--out", w.p("o")], "part-00001",
+         setup=lambda w: Path(w.dataset, "shards", "part-00001.parquet").unlink()),
+    Case("dedup-shard-replaced", lambda w: ["dedup", w.dataset, "--out", w.p("o")], "part-00001",
+         setup=lambda w: shutil.copy(Path(w.dataset, "shards", "part-00000.parquet"),
+                                     Path(w.dataset, "shards", "part-00001.parquet"))),
+    Case("dedup-config-malformed", lambda w: ["dedup", w.dataset, "--config", write(w.p("c.yaml"), "dedup: {x\n")],
+         "c.yaml"),
+    # ---- train
+    Case("train-missing-data", lambda w: ["train", "--config", TINY, "--data", w.p("nowhere"), "--run", w.p("r")],
+         "nowhere"),
+    Case("train-resolution-mismatch", lambda w: ["train", "--data", w.dataset, "--run", w.p("r")], "resolution"),
+    Case("train-batch-larger-than-data", lambda w: ["train", "--config", write(w.p("c.yaml"), Path(TINY).read_text()
+                                                    .replace("batch_size: 32", "batch_size: 128")
+                                                    .replace("workers: 2", "workers: 1")),
+                                                    "--data", w.dataset, "--run", w.p("r")], "batch_size"),
+    Case("train-run-holds-user-files", lambda w: ["train", "--config", TINY, "--data", w.dataset, "--run",
+                                                  str(w.user)], "thesis"),
+    Case("train-resume-with-another-model", lambda w: ["train", "--config", TINY, "--data", w.dataset, "--run", w.run],
+         "model.ngf", setup=change_stored_model),
+    Case("train-bad-override", lambda w: ["train", "--config", TINY, "--steps", "0", "--data", w.dataset], "steps"),
+    Case("train-workers-do-not-divide-batch", lambda w: ["train", "--config", TINY, "--workers", "3"], "workers"),
+    # ---- sample
+    Case("sample-missing-run", lambda w: ["sample", "--run", w.p("nowhere")], "nowhere"),
+    Case("sample-run-without-checkpoints", lambda w: ["sample", "--run", str(w.user)], "thesis"),
+    Case("sample-missing-step", lambda w: ["sample", "--run", w.run, "--step", "7"], "step 7"),
+    Case("sample-zero-samples", lambda w: ["sample", "--run", w.run, "--n", "0"], "--n"),
+    Case("sample-out-exists", lambda w: ["sample", "--run", w.run, "--out", str(w.user / "thesis.tex")], "thesis.tex"),
+    Case("sample-every-checkpoint-corrupt", lambda w: ["sample", "--run", w.run], "corrupt",
+         setup=lambda w: [Path(checkpoints.checkpoint_uri(w.run, s), "COMPLETE").write_text("") for s in (5, 10)]),
+    Case("sample-chosen-step-corrupt", lambda w: ["sample", "--run", w.run, "--step", "10"], "step-0000010",
+         setup=truncate_newest),
+    # ---- evaluate
+    Case("evaluate-missing-run", lambda w: ["evaluate", "--run", w.p("nowhere")], "nowhere"),
+    Case("evaluate-unknown-suite", lambda w: ["evaluate", "--run", w.run, "--suite", "samples,fidd"], "fidd"),
+    Case("evaluate-missing-cifar", lambda w: ["evaluate", "--run", w.run, "--suite", "cifar10", "--cifar10",
+                                              w.p("cifar.tar.gz")], "cifar.tar.gz"),
+    Case("evaluate-bad-arithmetic", lambda w: ["evaluate", "--run", w.run, "--suite", "arithmetic", "--arithmetic",
+                                               "1,2 -"], "arithmetic"),
+    Case("evaluate-boxes-not-json", lambda w: ["evaluate", "--run", w.run, "--suite", "forgetting", "--boxes",
+                                               write(w.p("boxes.json"), "{x")], "boxes.json"),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.ray else [])
+                                  for c in CASES])
+def test_known_fault_is_one_line_and_touches_nothing_else(case: Case, world: World, capfd, request):
+    if any(s in case.name for s in ("bucket",)):
+        world.bucket = request.getfixturevalue("s3_bucket")
+    if case.ray:
+        request.getfixturevalue("ray_cluster")
+    if case.setup:
+        case.setup(world)
+    argv = case.argv(world)
+    before = snapshot(world.root)
+    bucket_before = storage.list_uris(world.bucket) if world.bucket else None
+    capfd.readouterr()
+
+    if case.subprocess:
+        done = subprocess.run([sys.executable, "-m", "dcgan.cli", *argv], cwd=world.root, capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+        status, err = done.returncode, done.stderr
+    else:
+        try:
+            status = main(argv)
+        except SystemExit as exit_:  # argparse's usage errors
+            status = exit_.code
+        err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith(f"dcgan {argv[0]}: error: ")]
+    culprit = case.culprit(world) if callable(case.culprit) else case.culprit
+    assert status == 2, f"exit {status}; stderr:\n{err}"
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, err
+    assert culprit in lines[0], f"{culprit!r} not named in: {lines[0]}"
+    output = Path(case.output(world)) if case.output else None
+    after = snapshot(world.root)
+    outside = {k for k in before.keys() | after.keys()
+               if before.get(k) != after.get(k) and not (output and (world.root / k).is_relative_to(output))}
+    assert not outside, f"changed outside the output: {sorted(outside)}"
+    if world.bucket:
+        assert storage.list_uris(world.bucket) == bucket_before
+
+
+def test_there_are_at_least_forty_cases():
+    assert len(CASES) >= 40 and len({c.name for c in CASES}) == len(CASES)
+
+
+# ------------------------------------------------------------------------------------------ what still works
+
+
+def test_overwrite_removes_only_the_projects_own_files(tmp_path, s3_bucket):
+    """A rebuild over a dataset keeps a user's notes dropped inside it, locally and on S3."""
+    from preprocessing import ownership
+
+    for root in (str(tmp_path / "ds"), f"{s3_bucket}/datasets/ds"):
+        make_dataset(root)
+        ownership.claim(root, "dataset", legacy=lambda uri: True)
+        storage.write_bytes(storage.join(root, "NOTES.md"), THESIS)
+        storage.write_bytes(storage.join(root, "shards", "notes.txt"), THESIS)
+        removed = ownership.remove_own(root, "dataset")
+        left = sorted(u[len(root) + 1:] for u in storage.list_uris(root)) if storage.is_s3(root) else \
+            sorted(p.relative_to(root).as_posix() for p in Path(root).rglob("*") if p.is_file())
+        assert removed == 3  # manifest and two shards
+        assert left == ["NOTES.md", "_dcgan.json", "shards/notes.txt"]
+        assert storage.read_bytes(storage.join(root, "NOTES.md")) == THESIS
+
+
+def test_sample_falls_back_past_a_truncated_newest_checkpoint(world, capfd):
+    truncate_newest(world)
+    capfd.readouterr()
+    assert main(["sample", "--run", world.run, "--n", "4"]) == 0
+    out, err = capfd.readouterr()
+    assert "step 5" in out and "Traceback" not in err
+    warnings = [ln for ln in err.splitlines() if "corrupt checkpoint" in ln]
+    assert len(warnings) == 1 and "step-0000010" in warnings[0]
+    assert (Path(checkpoints.checkpoint_uri(world.run, 10)) / "state.pt").exists()  # left in place, not deleted
+
+
+@pytest.mark.slow
+def test_relative_run_trains_and_resumes_past_a_corrupt_checkpoint(world, ray_cluster, capfd):
+    """`--run runs/x` (relative, as the shipped configs' `root: ./runs`) trains; a cut-off newest checkpoint is
+    reported and skipped, and the run resumes from the one before it."""
+    from dcgan.run_log import read_metrics
+
+    args = ["train", "--config", TINY, "--data", "data/digits", "--run", "runs/rel", "--steps"]
+    assert main([*args, "2"]) == 0
+    run = str(world.root / "runs" / "rel")
+    assert checkpoints.complete_steps(run) == [2]
+    state = Path(checkpoints.checkpoint_uri(run, 2)) / "state.pt"
+    checkpoints.save(run, 3, checkpoints.load_state(run, 2) | {"step": 3})
+    (Path(checkpoints.checkpoint_uri(run, 3)) / "state.pt").write_bytes(state.read_bytes()[:5000])
+    capfd.readouterr()
+    assert main([*args, "4"]) == 0
+    assert "skipping a corrupt checkpoint" in capfd.readouterr().err
+    assert checkpoints.load_state(run)["step"] == 4
+    steps = [int(r["step"]) for r in read_metrics(run)]
+    assert steps[-1] == 4 and 3 not in steps[steps.index(2) + 1:]  # continued from 2, not from the corrupt 3
