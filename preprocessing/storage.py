@@ -21,6 +21,9 @@ from urllib.parse import urlparse
 from preprocessing.errors import TransientError, UserError
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
+# Error codes that say "not now" rather than "no": still failing after boto3's retries, they are worth a later retry.
+TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
+                   "ThrottlingException", "RequestTimeTooSkewed"}
 
 
 class StorageError(UserError, RuntimeError):
@@ -81,6 +84,14 @@ def split_s3(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
+def timeout_s() -> float:
+    """How long one S3 request may go without an answer before it is retried (DCGAN_S3_TIMEOUT_S, default 60)."""
+    try:
+        return float(os.environ.get("DCGAN_S3_TIMEOUT_S") or 60)
+    except ValueError:
+        raise StorageError(f"DCGAN_S3_TIMEOUT_S={os.environ['DCGAN_S3_TIMEOUT_S']!r} is not a number of seconds") from None
+
+
 def endpoint_url() -> str | None:
     """The S3 endpoint from the standard settings (None = AWS itself)."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
@@ -96,8 +107,8 @@ def _client(endpoint: str | None, pid: int):
 
     cfg = Config(
         retries={"max_attempts": 6, "mode": "adaptive"},  # backoff on throttling, 5xx and connection resets
-        connect_timeout=10,
-        read_timeout=60,
+        connect_timeout=min(10.0, timeout_s()),
+        read_timeout=timeout_s(),
         max_pool_connections=32,
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=cfg)
@@ -116,7 +127,10 @@ def _transfer_config():
 
 def _explain(err: Exception, uri: str) -> StorageError:
     """One clear line for the errors users hit: no bucket, no object, bad credentials, no endpoint."""
-    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import NoCredentialsError, ReadTimeoutError
 
     if isinstance(err, ClientError):
         code = err.response.get("Error", {}).get("Code", "")
@@ -127,22 +141,32 @@ def _explain(err: Exception, uri: str) -> StorageError:
             return StorageError(f"{uri}: no such object")
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "ExpiredToken"):
             return StorageError(f"{uri}: access denied ({code}); check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/profile")
+        if (status or 0) >= 500 or code in TRANSIENT_CODES:
+            return StorageUnreachable(f"{uri}: the S3 endpoint kept failing ({code or status}) after retries")
         return StorageError(f"{uri}: S3 error {code or status}")
     if isinstance(err, NoCredentialsError):
         return StorageError(f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
     if isinstance(err, EndpointConnectionError):
         return StorageUnreachable(f"{uri}: cannot reach the S3 endpoint {endpoint_url() or '(AWS default)'}")
+    if isinstance(err, (HTTPClientError, BotoConnectionError, ReadTimeoutError)):
+        return StorageUnreachable(f"{uri}: the S3 endpoint kept dropping the connection ({type(err).__name__}) "
+                                  "after retries")
+    if isinstance(err, Boto3Error):  # boto3's transfer manager wraps what it gave up on
+        cause = err.__cause__ or err.__context__
+        return _explain(cause, uri) if isinstance(cause, (ClientError, BotoCoreError)) else \
+            StorageUnreachable(f"{uri}: transfer failed after retries ({err})")
     if isinstance(err, BotoCoreError):
         return StorageError(f"{uri}: {type(err).__name__}: {err}")
     return StorageError(f"{uri}: {err}")
 
 
 def _s3_call(uri: str, fn, *args, **kwargs):
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         return fn(*args, **kwargs)
-    except (ClientError, BotoCoreError) as err:
+    except (ClientError, BotoCoreError, Boto3Error) as err:
         raise _explain(err, uri) from None
 
 
@@ -354,4 +378,6 @@ def s3_arrow_filesystem():
         if os.environ.get("AWS_SESSION_TOKEN"):
             kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
     kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=6)
+    kwargs["connect_timeout"] = min(10.0, timeout_s())
+    kwargs["request_timeout"] = timeout_s()
     return pafs.S3FileSystem(**kwargs)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
 from realdata import grace_hopper_path, mnist_rgb32
 
 from dcgan import checkpoints
@@ -353,3 +354,56 @@ def test_relative_run_trains_and_resumes_past_a_corrupt_checkpoint(world, ray_cl
     assert checkpoints.load_state(run)["step"] == 4
     steps = [int(r["step"]) for r in read_metrics(run)]
     assert steps[-1] == 4 and 3 not in steps[steps.index(2) + 1:]  # continued from 2, not from the corrupt 3
+
+
+def test_flows_fail_once_with_the_same_line_and_touch_nothing(world, ray_cluster, prefect_harness):
+    """A deployment run meets the same known faults: the run fails at the first attempt (a bad input is not
+    retried), its message names the culprit, and the user's files are untouched."""
+    from prefect_fixtures import run_logs
+
+    from pipelines.flows import build_lsun, train_dcgan
+    from preprocessing.config import BuildConfig, DedupConfig
+
+    before = snapshot(world.root)
+    state = build_lsun(build=BuildConfig(input=digits_folder(world), resolution=32), out=str(world.user),
+                       dedup=DedupConfig(enabled=False), return_state=True)
+    assert state.is_failed() and "thesis" in state.message
+    logs = run_logs(state.state_details.flow_run_id)
+    assert logs.count("Building a lsun dataset") == 1 and "Retry" not in logs
+
+    cfg = load_config(TINY, {"data": world.dataset, "run": str(world.user)})
+    state = train_dcgan(cfg, return_state=True)
+    assert state.is_failed() and "holds files this project did not write" in state.message
+    after = snapshot(world.root)
+    assert {k: v for k, v in after.items() if not k.startswith("digits-in/")} == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_the_build_resumes(world):
+    """Ctrl-C in the middle of a build: one line, exit 130, and the same command finishes the build, reusing the
+    chunks that were done."""
+    import signal
+    import time
+
+    folder = digits_folder(world, 480)
+    out = world.p("o")
+    argv = [sys.executable, "-m", "dcgan.cli", "build-lsun", folder, "--out", out, "--resolution", "32",
+            "--shard-rows", "20", "--no-dedup"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(argv, cwd=world.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(Path(out).glob("_chunks/part-*.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "dcgan build-lsun: interrupted" in err
+    assert not Path(out, "manifest.json").exists()
+    done_before = len(list(Path(out).glob("_chunks/part-*.json")))
+    assert 0 < done_before < 24
+
+    again = subprocess.run(argv, cwd=world.root, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert shards.read_manifest(out)["counts"]["rows"] == 480
+    assert "chunks resumed" in again.stderr
