@@ -4,7 +4,8 @@ The driver walks the keys once (keys only: LMDB is memory-mapped, so this costs 
 the key space into ranges of `shard_rows` consecutive keys; each Ray task opens the same LMDB read-only, seeks to its
 range's first key and reads on with a cursor. One environment is opened per worker process and reused, with
 `lock=False` so any number of processes read concurrently. A folder of exported images (fyu/lsun's `export`:
-`<key>.webp` / `<key>.jpg`) works too; its keys are the file stems.
+`<key>.webp` / `<key>.jpg`) works too, listed like any folder: its keys are the paths relative to it (`x.jpg` and
+`x.webp` are two inputs).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 from preprocessing.errors import MissingError
 
 import functools
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from preprocessing import storage
 from preprocessing.images import square_image
-from preprocessing.sources import Item, chunk_items, fingerprint, list_items
+from preprocessing.sources import fingerprint
 
 
 def is_lmdb(path: str) -> bool:
@@ -66,14 +66,6 @@ def read_range(path: str, start_hex: str, count: int) -> Iterator[tuple[str, byt
             yield bytes(key).decode("utf-8", "backslashreplace"), bytes(value)
             if not cur.next():
                 break
-
-
-def plan_folder(path: str, chunk_rows: int, limit: int | None = None) -> tuple[list[dict], int, str]:
-    """An exported-images folder: keys are file stems (the LSUN ids), chunks are lists of (key, source)."""
-    items = list_items(path)
-    items = sorted((Item(os.path.splitext(os.path.basename(it.source))[0], it.source) for it in items),
-                   key=lambda it: (it.key, it.source))
-    return chunk_items(items[:limit] if limit else items, chunk_rows)
 
 
 def lsun_rows(key: str, source: str, data: bytes, cfg) -> list[tuple[str, np.ndarray, str, None]]:

@@ -12,6 +12,7 @@ import pytest
 from preprocessing import lsun, shards
 from preprocessing.build import BuildError, build_dataset, plan
 from preprocessing.config import BuildConfig
+from preprocessing.sources import Item, chunk_items
 from realdata import encode, lsun_like_photos
 
 BAD = {b"0" * 40: (b"", "empty"), b"1" * 40: (b"<html>not found</html>", "not_image"),
@@ -106,5 +107,18 @@ def test_exported_folder_and_limit(lmdb_dir, tmp_path, ray_cluster):
     manifest = build_dataset(cfg, str(tmp_path / "ds"), progress=False)
     rows = manifest["counts"]["rows"]
     assert rows + manifest["counts"]["rejected"] == 20
-    keys = shards.ShardDataset(str(tmp_path / "ds")).keys()
-    assert set(keys) <= set(good) and len(keys) == rows
+    keys = shards.ShardDataset(str(tmp_path / "ds")).keys()  # paths relative to the folder, like "ab/<id>.jpg"
+    assert {k.split("/")[1].split(".")[0] for k in keys} <= set(good) and len(keys) == rows
+
+
+def test_same_name_with_other_extensions_gives_distinct_keys(tmp_path):
+    """x.jpg, x.webp and sub/x.jpg are three inputs (keys were file stems: two rows under one key)."""
+    photo = next(iter(lsun_like_photos().values()))
+    (tmp_path / "sub").mkdir()
+    for name in ("x.jpg", "x.webp", "sub/x.jpg"):
+        (tmp_path / name).write_bytes(encode(photo, "." + name.rsplit(".", 1)[1]))
+    p = plan(BuildConfig(kind="lsun", input=str(tmp_path), shard_rows=2))
+    assert [item[0] for c in p.chunks for item in c["items"]] == ["sub/x.jpg", "x.jpg", "x.webp"]
+    with pytest.raises(AssertionError, match="listed twice.*'x'"):  # a listing bug, caught before any work
+        chunk_items([Item("x", "/a/x.jpg"), Item("x", "/a/x.png")], 2)
+
