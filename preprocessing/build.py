@@ -230,6 +230,8 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
         ds = ds.map_batches(
             _run_batch, batch_size=1, num_cpus=1, batch_format="numpy",
             fn_kwargs={"cfg_json": cfg.model_dump_json(), "shards_uri": shards_uri, "rejects_uri": rejects_uri},
+            # OpenCV's own pixel cap, read once when a worker loads cv2: a second guard behind images.check.
+            runtime_env={"env_vars": {"OPENCV_IO_MAX_IMAGE_PIXELS": str(cfg.max_pixels)}},
         )
         start, last_log, done_inputs, rows, rejected = time.perf_counter(), 0.0, 0, 0, 0
         for rec in ds.iter_rows():
