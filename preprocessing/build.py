@@ -204,17 +204,21 @@ def _run_batch(batch: dict[str, np.ndarray], cfg_json: str, shards_uri: str, rej
 # ---------------------------------------------------------------------------------------------------- the build
 
 
-def _init_ray():
+def _init_ray(max_pixels: int):
+    """Ray for this build, unless the caller started one. Its workers get OpenCV's own pixel cap as a second guard
+    behind images.check: OpenCV reads it once, when cv2 loads, so it is set for the job rather than per task (a task
+    runtime_env would start a fresh worker pool for every max_pixels value)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))  # local if unset, a cluster if set
+        ray.init(address=os.environ.get("RAY_ADDRESS"),  # local if unset, a cluster if set
+                 runtime_env={"env_vars": {"OPENCV_IO_MAX_IMAGE_PIXELS": str(max_pixels)}})
     return ray
 
 
 def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_uri: str, total: int,
                 progress: bool) -> list[dict]:
-    ray = _init_ray()
+    ray = _init_ray(cfg.max_pixels)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -230,8 +234,6 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
         ds = ds.map_batches(
             _run_batch, batch_size=1, num_cpus=1, batch_format="numpy",
             fn_kwargs={"cfg_json": cfg.model_dump_json(), "shards_uri": shards_uri, "rejects_uri": rejects_uri},
-            # OpenCV's own pixel cap, read once when a worker loads cv2: a second guard behind images.check.
-            runtime_env={"env_vars": {"OPENCV_IO_MAX_IMAGE_PIXELS": str(cfg.max_pixels)}},
         )
         start, last_log, done_inputs, rows, rejected = time.perf_counter(), 0.0, 0, 0, 0
         for rec in ds.iter_rows():
