@@ -4,9 +4,9 @@ Listing happens once, on the driver, and yields `Item`s sorted by key, so chunki
 found is an input: what cannot be one (a hidden file, a dangling symlink, a symlink loop, a URL list line that is not
 an http(s):// or s3:// URL) is listed with its reject reason and never read, so it shows up in the rejects instead of
 vanishing. Keys are unique names inside the input: the path relative to the folder or prefix (extension kept), or the
-URL. Fetching happens in Ray workers: files and objects are read through `preprocessing.storage`; http(s) URLs are downloaded with
-bounded concurrency, a total time limit per attempt, retries with backoff on transient failures, and a size cap.
-Every failure is a `Reject` with its reason; none stops the build.
+URL. Fetching happens in Ray workers: files and objects are read through `preprocessing.storage`; http(s) URLs are
+downloaded with bounded concurrency, a total time limit per attempt, retries with backoff on transient failures, and
+a size cap. Every failure is a `Reject` with its reason; none stops the build.
 """
 
 from __future__ import annotations
