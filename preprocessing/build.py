@@ -10,7 +10,9 @@
   a re-run skips chunks whose sidecar matches. The manifest is written last, and only if the build is usable.
 - Bad input never stops a build: each becomes a reject row (key, source, reason, detail). The build fails (raises
   BuildError, writes no manifest) only if no row came out or bad inputs exceed `max_reject_rate`. Photos without a
-  face are recorded as rejects too, but as a filter outcome they do not count against the rate.
+  face, hidden files and symlink loops are recorded as rejects too, but as filter outcomes they do not count against
+  the rate.
+- Configuration faults (a missing face detector model) are found by `preflight` before any input is read, once.
 """
 
 from __future__ import annotations
@@ -32,11 +34,16 @@ import pyarrow as pa
 from preprocessing import ownership, shards, storage
 from preprocessing.config import BuildConfig, DedupConfig
 from preprocessing.images import Reject
+from preprocessing.sources import HIDDEN, SYMLINK_LOOP
 
 log = logging.getLogger(__name__)
 
 ERROR = "error"  # an unexpected exception on one input: recorded with its type and message, the build goes on
-FILTERED = frozenset({"no_face"})  # reasons that are outcomes of filtering, not bad input
+# Reasons that are outcomes of filtering, not bad input: they do not count against max_reject_rate. A photo without a
+# face is what the faces filter is for. A hidden file is metadata by convention (.DS_Store, .git, ._AppleDouble) and
+# a symlink loop lists nothing new (its target folder is listed already): neither means a photo was lost. A broken
+# link, a bad URL or a FIFO does (someone meant an input to be there), so those count.
+FILTERED = frozenset({"no_face", HIDDEN, SYMLINK_LOOP})
 STATE_DIR = "_chunks"
 STAGING = "staging"
 # Parameters that do not change a single output byte (so changing them does not invalidate finished chunks).
@@ -61,18 +68,25 @@ def plan(cfg: BuildConfig) -> Plan:
     """The inputs cut into chunks of `shard_rows` inputs, in key order; each chunk spec is JSON-serialisable."""
     if not cfg.input:
         raise InputError("build.input: no input given (LMDB, folder, s3:// prefix or URL list)")
-    if cfg.kind == "lsun":
-        from preprocessing import lsun
+    from preprocessing import lsun
+    from preprocessing.sources import chunk_items, list_items
 
-        planner = lsun.plan_lmdb if lsun.is_lmdb(cfg.input) else lsun.plan_folder
-        chunks, n, fp = planner(cfg.input, cfg.shard_rows, cfg.limit)
-    else:
-        from preprocessing.sources import chunk_items, list_items
-
+    if cfg.kind == "lsun" and lsun.is_lmdb(cfg.input):
+        chunks, n, fp = lsun.plan_lmdb(cfg.input, cfg.shard_rows, cfg.limit)
+    else:  # a folder (LSUN's exported images, or photos), an s3:// prefix or a URL list
         chunks, n, fp = chunk_items(list_items(cfg.input, cfg.limit), cfg.shard_rows)
     for i, c in enumerate(chunks):
         c["index"] = i
     return Plan(chunks, n, fp)
+
+
+def preflight(cfg: BuildConfig) -> None:
+    """Faults of the configuration, found before any input is read or Ray starts: one error, not one reject per
+    input. A missing or unloadable face detector raises MissingError / InputError naming it."""
+    if cfg.kind == "faces":
+        from preprocessing.faces import detector
+
+        detector(cfg)
 
 
 def _params(cfg: BuildConfig) -> dict[str, Any]:
@@ -97,8 +111,10 @@ def _inputs(chunk: dict[str, Any], cfg: BuildConfig) -> Iterator[tuple[str, str,
         return
     from preprocessing.sources import fetch, ordered_map
 
-    def get(pair):
-        key, source = pair
+    def get(item):
+        key, source, *listed = item
+        if listed:  # rejected while listing (hidden, a broken link, not an http(s)/s3 URL): never read
+            return key, source, Reject(*listed)
         try:
             return key, source, fetch(source, cfg.download_timeout_s, cfg.download_retries, cfg.max_download_bytes)
         except Reject as r:
@@ -188,17 +204,21 @@ def _run_batch(batch: dict[str, np.ndarray], cfg_json: str, shards_uri: str, rej
 # ---------------------------------------------------------------------------------------------------- the build
 
 
-def _init_ray():
+def _init_ray(max_pixels: int):
+    """Ray for this build, unless the caller started one. Its workers get OpenCV's own pixel cap as a second guard
+    behind images.check: OpenCV reads it once, when cv2 loads, so it is set for the job rather than per task (a task
+    runtime_env would start a fresh worker pool for every max_pixels value)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))  # local if unset, a cluster if set
+        ray.init(address=os.environ.get("RAY_ADDRESS"),  # local if unset, a cluster if set
+                 runtime_env={"env_vars": {"OPENCV_IO_MAX_IMAGE_PIXELS": str(max_pixels)}})
     return ray
 
 
 def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_uri: str, total: int,
                 progress: bool) -> list[dict]:
-    ray = _init_ray()
+    ray = _init_ray(cfg.max_pixels)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -276,6 +296,7 @@ def _deduplicate(src: str, entries: list[dict], out: str, dedup: DedupConfig) ->
 def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig | None = None, progress: bool = True) -> dict:
     """Build (or finish building) the dataset at `out`; returns its manifest. Raises BuildError, writing no manifest,
     when nothing usable came out or bad inputs exceed `cfg.max_reject_rate`."""
+    preflight(cfg)
     out = storage.normalize(out)
     started = time.perf_counter()
     p = plan(cfg)  # bad input fails here, before anything is written

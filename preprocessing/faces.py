@@ -145,7 +145,7 @@ NO_FACE = "no_face"  # a photo without a usable face: a filter outcome, recorded
 
 
 def face_rows(key: str, source: str, data: bytes, cfg: BuildConfig) -> list[tuple[str, np.ndarray, str, Box]]:
-    """One photo -> a row per face of side >= min_face: key `<source>#<i>`, the square crop, the source, the box."""
+    """One photo -> a row per face of side >= min_face: key `<key>#<i>`, the square crop, the source, the box."""
     from preprocessing.images import Reject, decode
 
     rgb = decode(data, cfg.max_pixels)  # full resolution: crops keep every source pixel (EXIF orientation applied)

@@ -1,9 +1,12 @@
 """Encoded bytes -> checked RGB pixels, and the center crop + area resize every dataset row goes through.
 
 Bad input is a `Reject` (a stable `reason` plus a human `detail`), never an exception that stops a build and never a
-silent drop. The checks run cheapest first: empty -> magic bytes -> header dimensions (the decompression-bomb cap is
-enforced *before* any pixel is decoded) -> truncation -> decode. OpenCV's colour decode converts what can be
-converted: grey -> RGB, alpha dropped, 16-bit scaled to 8, CMYK JPEG -> RGB, and EXIF orientation applied.
+silent drop. The checks run cheapest first: empty -> magic bytes -> header dimensions -> truncation -> decode. The
+decompression-bomb cap holds *before* any pixel is decoded: every format handed to OpenCV has its size read from its
+header here (a file whose header gives none is rejected), and TIFF tiles count too, because OpenCV allocates a whole
+tile whatever the image size. OpenCV's own cap (OPENCV_IO_MAX_IMAGE_PIXELS, read once when cv2 loads) is a second
+guard in build workers. OpenCV's colour decode converts what can be converted: grey -> RGB, alpha dropped, 16-bit
+scaled to 8, CMYK JPEG -> RGB, and EXIF orientation applied.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ _MAGIC = (
     ("tiff", lambda b: b[:4] in (b"II*\x00", b"MM\x00*")),
     ("heif", lambda b: b[4:8] == b"ftyp" and b[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"avif")),
 )
-# What this OpenCV build decodes (GIF and HEIF/AVIF are not built into opencv-python-headless 4.x).
+# What we hand to OpenCV: formats whose headers `header_size` reads. OpenCV 4.14's wheels also decode GIF and AVIF,
+# but those stay unsupported here (animations and palette images; AVIF's header is not parsed).
 DECODABLE = {"jpeg", "png", "webp", "bmp", "tiff"}
 
 
@@ -83,8 +87,24 @@ def _jpeg_header(b: bytes) -> tuple[int, int, int] | None:
     return None
 
 
+def _tiff_ifd0(b: bytes) -> dict[int, int]:
+    """The first IFD's single-valued SHORT/LONG tags (the page OpenCV decodes), in either byte order."""
+    order = "<" if b[:2] == b"II" else ">"
+    (at,) = struct.unpack(order + "I", b[4:8])
+    (n,) = struct.unpack(order + "H", b[at : at + 2])
+    tags = {}
+    for e in range(at + 2, at + 2 + 12 * n, 12):
+        tag, typ, count = struct.unpack(order + "HHI", b[e : e + 8])
+        if count == 1 and typ in (3, 4):  # SHORT or LONG, stored left-justified in the value field
+            tags[tag] = struct.unpack(order + ("H" if typ == 3 else "I"), b[e + 8 : e + (10 if typ == 3 else 12)])[0]
+    return tags
+
+
+TIFF_WIDTH, TIFF_LENGTH, TIFF_TILE_WIDTH, TIFF_TILE_LENGTH = 256, 257, 322, 323
+
+
 def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
-    """(width, height) from the header alone, or None where the format's header is not parsed here."""
+    """(width, height) from the header alone, or None where the header does not give it (cut short, malformed)."""
     try:
         if fmt == "jpeg":
             h = _jpeg_header(data)
@@ -94,8 +114,13 @@ def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
         if fmt == "gif":
             return struct.unpack("<HH", data[6:10])
         if fmt == "bmp":
+            if struct.unpack("<I", data[14:18])[0] == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+                return struct.unpack("<HH", data[18:22])
             w, h = struct.unpack("<ii", data[18:26])
             return abs(w), abs(h)
+        if fmt == "tiff":
+            tags = _tiff_ifd0(data)
+            return tags[TIFF_WIDTH], tags[TIFF_LENGTH]
         if fmt == "webp":
             chunk = data[12:16]
             if chunk == b"VP8X":
@@ -108,9 +133,20 @@ def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
             if chunk == b"VP8L" and data[20] == 0x2F:
                 bits = int.from_bytes(data[21:25], "little")
                 return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-    except (struct.error, IndexError, TypeError, ValueError):
+    except (struct.error, IndexError, KeyError, TypeError, ValueError):
         return None
     return None
+
+
+def _decoder_pixels(data: bytes, fmt: str, size: tuple[int, int]) -> tuple[int, str]:
+    """(pixels the decoder allocates, how): the image, or for a tiled TIFF its tile if that is larger."""
+    w, h = size
+    if fmt == "tiff":
+        tags = _tiff_ifd0(data)
+        tw, th = tags.get(TIFF_TILE_WIDTH, 0), tags.get(TIFF_TILE_LENGTH, 0)
+        if tw * th > w * h:
+            return tw * th, f"{w}x{h} with a {tw}x{th} tile"
+    return w * h, f"{w}x{h}"
 
 
 def _truncated(data: bytes, fmt: str) -> bool:
@@ -126,6 +162,10 @@ def _truncated(data: bytes, fmt: str) -> bool:
         return data.rfind(b"IEND") < 0
     if fmt == "webp":
         return int.from_bytes(data[4:8], "little") + 8 > len(data)
+    if fmt == "tiff":  # the first IFD (a count, then 12 bytes a tag) runs past the end
+        order = "little" if data[:2] == b"II" else "big"
+        at = int.from_bytes(data[4:8], order)
+        return at + 2 + 12 * int.from_bytes(data[at : at + 2], order) > len(data)
     return False
 
 
@@ -137,8 +177,8 @@ class Checked:
     """Bytes that passed every check short of decoding."""
 
     fmt: str
-    width: int | None
-    height: int | None
+    width: int
+    height: int
 
 
 def check(data: bytes, max_pixels: int) -> Checked:
@@ -151,15 +191,19 @@ def check(data: bytes, max_pixels: int) -> Checked:
     if fmt not in DECODABLE:
         raise Reject(UNSUPPORTED, f"{fmt} is not decodable by this OpenCV build")
     size = header_size(data, fmt)
-    if size is not None:
-        w, h = size
-        if w <= 0 or h <= 0:
-            raise Reject(CORRUPT, f"{fmt} header gives {w}x{h}")
-        if w * h > max_pixels:
-            raise Reject(TOO_LARGE, f"{w}x{h} = {w * h:,} pixels > max_pixels {max_pixels:,}")
+    if size is None:  # never decode what the cap cannot be checked on
+        if _truncated(data, fmt):
+            raise Reject(TRUNCATED, f"{fmt} stream ends before its image size ({len(data):,} bytes)")
+        raise Reject(CORRUPT, f"no image size in the {fmt} header")
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise Reject(CORRUPT, f"{fmt} header gives {w}x{h}")
+    pixels, what = _decoder_pixels(data, fmt, size)
+    if pixels > max_pixels:
+        raise Reject(TOO_LARGE, f"{what} = {pixels:,} pixels > max_pixels {max_pixels:,}")
     if _truncated(data, fmt):
         raise Reject(TRUNCATED, f"{fmt} stream ends early ({len(data):,} bytes)")
-    return Checked(fmt, *(size or (None, None)))
+    return Checked(fmt, w, h)
 
 
 _REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
@@ -172,7 +216,7 @@ def reduce_factor(checked: Checked, target: int) -> int:
     Only JPEG scales inside the decoder (libjpeg); for other formats OpenCV would decode fully and then resize with
     a cruder filter, so they decode at full size.
     """
-    if checked.fmt != "jpeg" or checked.width is None:
+    if checked.fmt != "jpeg":
         return 1
     short = min(checked.width, checked.height)
     f = 1
@@ -191,12 +235,11 @@ def decode(data: bytes, max_pixels: int, target: int | None = None) -> np.ndarra
     try:
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[factor])
     except cv2.error as err:
-        raise Reject(CORRUPT, f"{checked.fmt}: {str(err).strip().splitlines()[-1][:200]}") from None
+        msg = str(err).strip().splitlines()[-1][:200]
+        # OpenCV's own cap (OPENCV_IO_MAX_IMAGE_PIXELS), checked on its header before it allocates.
+        raise Reject(TOO_LARGE if "MAX_IMAGE_PIXELS" in msg else CORRUPT, f"{checked.fmt}: {msg}") from None
     if bgr is None or bgr.size == 0:
         raise Reject(CORRUPT, f"OpenCV could not decode this {checked.fmt} ({len(data):,} bytes)")
-    h, w = bgr.shape[:2]
-    if h * w * factor * factor > max_pixels:  # formats whose header was not parsed
-        raise Reject(TOO_LARGE, f"{w * factor}x{h * factor} pixels > max_pixels {max_pixels:,}")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 

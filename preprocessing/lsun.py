@@ -4,15 +4,16 @@ The driver walks the keys once (keys only: LMDB is memory-mapped, so this costs 
 the key space into ranges of `shard_rows` consecutive keys; each Ray task opens the same LMDB read-only, seeks to its
 range's first key and reads on with a cursor. One environment is opened per worker process and reused, with
 `lock=False` so any number of processes read concurrently. A folder of exported images (fyu/lsun's `export`:
-`<key>.webp` / `<key>.jpg`) works too; its keys are the file stems.
+`<key>.webp` / `<key>.jpg`) works too, listed like any folder: its keys are the paths relative to it (`x.jpg` and
+`x.webp` are two inputs). An LMDB is checked against its own metadata when opened: a truncated `data.mdb` would
+otherwise kill the process with SIGBUS when a read reaches a page past the end of the file.
 """
 
 from __future__ import annotations
 
-from preprocessing.errors import MissingError
+from preprocessing.errors import InputError, MissingError, one_line
 
 import functools
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from preprocessing import storage
 from preprocessing.images import square_image
-from preprocessing.sources import Item, chunk_items, fingerprint, list_items
+from preprocessing.sources import fingerprint
 
 
 def is_lmdb(path: str) -> bool:
@@ -30,8 +31,22 @@ def is_lmdb(path: str) -> bool:
 
 @functools.lru_cache(maxsize=4)
 def open_env(path: str) -> lmdb.Environment:
-    """A read-only environment, one per process (LMDB forbids opening the same file twice in one process)."""
-    return lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False, max_readers=2048, subdir=True)
+    """A read-only environment, one per process (LMDB forbids opening the same file twice in one process).
+
+    Raises InputError when `data.mdb` is not an LMDB or is shorter than the pages its meta page says are in use.
+    """
+    data = Path(path) / "data.mdb"
+    try:
+        env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False, max_readers=2048, subdir=True)
+    except lmdb.Error as err:
+        raise InputError(f"{data}: not a readable LMDB ({one_line(err).removeprefix(path + ': ')}); "
+                         "give the folder of an intact LSUN LMDB") from None
+    need, size = (env.info()["last_pgno"] + 1) * env.stat()["psize"], data.stat().st_size
+    if size < need:
+        env.close()
+        raise InputError(f"{data}: truncated LMDB ({size:,} bytes; its metadata says {need:,}); "
+                         "copy or download it again")
+    return env
 
 
 def plan_lmdb(path: str, chunk_rows: int, limit: int | None = None) -> tuple[list[dict], int, str]:
@@ -39,16 +54,19 @@ def plan_lmdb(path: str, chunk_rows: int, limit: int | None = None) -> tuple[lis
     path = str(Path(path).resolve())
     env = open_env(path)
     chunks, digest_keys, n = [], [], 0
-    with env.begin(buffers=True) as txn:
-        for key in txn.cursor().iternext(keys=True, values=False):
-            if limit and n >= limit:
-                break
-            k = bytes(key)
-            if n % chunk_rows == 0:
-                chunks.append({"lmdb": path, "start": k.hex(), "count": 0})
-            chunks[-1]["count"] += 1
-            digest_keys.append(k.hex())
-            n += 1
+    try:
+        with env.begin(buffers=True) as txn:
+            for key in txn.cursor().iternext(keys=True, values=False):
+                if limit and n >= limit:
+                    break
+                k = bytes(key)
+                if n % chunk_rows == 0:
+                    chunks.append({"lmdb": path, "start": k.hex(), "count": 0})
+                chunks[-1]["count"] += 1
+                digest_keys.append(k.hex())
+                n += 1
+    except lmdb.Error as err:  # pages overwritten (MDB_CORRUPTED, MDB_PAGE_NOTFOUND)
+        raise InputError(f"{path}/data.mdb: corrupt LMDB ({one_line(err)}); copy or download it again") from None
     if n == 0:
         raise MissingError(f"input: the LMDB at {path} has no entries")
     return chunks, n, fingerprint(digest_keys)
@@ -66,14 +84,6 @@ def read_range(path: str, start_hex: str, count: int) -> Iterator[tuple[str, byt
             yield bytes(key).decode("utf-8", "backslashreplace"), bytes(value)
             if not cur.next():
                 break
-
-
-def plan_folder(path: str, chunk_rows: int, limit: int | None = None) -> tuple[list[dict], int, str]:
-    """An exported-images folder: keys are file stems (the LSUN ids), chunks are lists of (key, source)."""
-    items = list_items(path)
-    items = sorted((Item(os.path.splitext(os.path.basename(it.source))[0], it.source) for it in items),
-                   key=lambda it: (it.key, it.source))
-    return chunk_items(items[:limit] if limit else items, chunk_rows)
 
 
 def lsun_rows(key: str, source: str, data: bytes, cfg) -> list[tuple[str, np.ndarray, str, None]]:

@@ -1,9 +1,12 @@
 """Where raw inputs come from: a local folder, an s3:// prefix, or a file listing image URLs; and fetching their bytes.
 
-Listing happens once, on the driver, and yields `Item`s sorted by key, so chunking them is deterministic. Fetching
-happens in Ray workers: files and objects are read through `preprocessing.storage`; http(s) URLs are downloaded with
-bounded concurrency, a total time limit per attempt, retries with backoff on transient failures, and a size cap.
-Every failure is a `Reject` with its reason; none stops the build.
+Listing happens once, on the driver, and yields `Item`s sorted by key, so chunking them is deterministic. Every entry
+found is an input: what cannot be one (a hidden file, a dangling symlink, a symlink loop, a URL list line that is not
+an http(s):// or s3:// URL) is listed with its reject reason and never read, so it shows up in the rejects instead of
+vanishing. Keys are unique names inside the input: the path relative to the folder or prefix (extension kept), or the
+URL. Fetching happens in Ray workers: files and objects are read through `preprocessing.storage`; http(s) URLs are
+downloaded with bounded concurrency, a total time limit per attempt, retries with backoff on transient failures, and
+a size cap. Every failure is a `Reject` with its reason; none stops the build.
 """
 
 from __future__ import annotations
@@ -11,17 +14,21 @@ from __future__ import annotations
 from preprocessing.errors import InputError, MissingError
 
 import csv
+import errno
 import hashlib
 import io
 import logging
+import os
 import socket
+import stat
 import time
 import urllib.error
 import urllib.request
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, TypeVar
+from urllib.parse import urlparse
 
 from preprocessing import storage
 from preprocessing.images import Reject
@@ -34,6 +41,13 @@ TIMEOUT = "timeout"
 UNREACHABLE = "unreachable"
 DOWNLOAD_TOO_LARGE = "download_too_large"
 BAD_URL = "bad_url"
+# Reject reasons of listing (decided on the driver; such an input is never read).
+HIDDEN = "hidden_file"  # a dot-file or dot-folder (.DS_Store, .git, ._AppleDouble): metadata, not a photo
+BROKEN_LINK = "broken_link"  # a symlink to nothing
+SYMLINK_LOOP = "symlink_loop"  # a symlink that leads back to itself or to a folder listed already
+NOT_A_FILE = "not_a_file"  # a FIFO, socket or device: reading it could block forever
+UNREADABLE = "unreadable"  # a folder that cannot be listed (permissions)
+URL_SCHEMES = ("http", "https", "s3")
 
 URL_LIST_SUFFIXES = (".txt", ".lst", ".csv", ".tsv", ".parquet")
 USER_AGENT = "dcgan-cluster/0.1 (dataset build)"
@@ -41,10 +55,14 @@ USER_AGENT = "dcgan-cluster/0.1 (dataset build)"
 
 @dataclass(frozen=True)
 class Item:
-    """One input: `key` orders and names it, `source` is where its bytes are (path, s3:// or http(s):// URI)."""
+    """One input: `key` orders and names it, `source` is where its bytes are (path, s3:// or http(s):// URI).
+
+    `reject` is (reason, detail) when listing already found that it cannot be an input: it is never read.
+    """
 
     key: str
     source: str
+    reject: tuple[str, str] | None = None
 
 
 def fingerprint(lines: Iterable[str]) -> str:
@@ -56,10 +74,16 @@ def fingerprint(lines: Iterable[str]) -> str:
 
 
 def chunk_items(items: list[Item], chunk_rows: int) -> tuple[list[dict], int, str]:
-    """Items in build chunks of `chunk_rows`: (chunk specs, number of inputs, fingerprint of the listing)."""
-    chunks = [{"items": [[it.key, it.source] for it in items[i : i + chunk_rows]]}
-              for i in range(0, len(items), chunk_rows)]
-    return chunks, len(items), fingerprint(f"{it.key}\t{it.source}" for it in items)
+    """Items in build chunks of `chunk_rows`: (chunk specs, number of inputs, fingerprint of the listing).
+
+    A chunk item is [key, source] or, for an input rejected while listing, [key, source, reason, detail].
+    """
+    dup = [k for k, n in Counter(it.key for it in items).items() if n > 1]
+    if dup:  # keys name rows and order shards: two inputs under one key is a listing bug, not bad input
+        raise AssertionError(f"{len(dup)} input keys listed twice, e.g. {dup[0]!r}")
+    rows = [[it.key, it.source, *(it.reject or ())] for it in items]
+    chunks = [{"items": rows[i : i + chunk_rows]} for i in range(0, len(rows), chunk_rows)]
+    return chunks, len(items), fingerprint("\t".join(r) for r in rows)
 
 
 # -------------------------------------------------------------------------------------------------- listing
@@ -101,21 +125,97 @@ def read_url_list(uri: str) -> list[str]:
     return unique
 
 
+def url_item(url: str) -> Item:
+    """A URL list line as an input: only http(s):// and s3:// URLs are read; a local path or file:// URL never is."""
+    parsed = urlparse(url)
+    scheme = parsed.scheme.lower()
+    if scheme in URL_SCHEMES and parsed.netloc:
+        return Item(url, url)
+    what = "no host" if scheme in URL_SCHEMES else f"scheme {scheme!r}" if scheme else "a local path"
+    return Item(url, url, (BAD_URL, f"{what}: a URL list names http(s):// or s3:// URLs only; not read"))
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def list_folder(root: str) -> list[Item]:
+    """Every entry under a local folder, keyed by its path relative to the folder (not sorted).
+
+    Symlinks to files are inputs. A symlinked folder is followed once: real folders are listed first, then symlinked
+    ones in order found; a link whose target folder (by real path) is listed already, which includes every link to
+    an ancestor, is a SYMLINK_LOOP row, so nothing is listed twice and no walk goes round forever.
+    """
+    real_root = os.path.realpath(root)
+    items, listed = [], {real_root}
+    folders: deque[tuple[str, str]] = deque([(real_root, "")])  # (path, key prefix) still to list
+    links: deque[tuple[str, str]] = deque()  # symlinked folders, (path, key) followed after the real ones
+    while folders or links:
+        if not folders:
+            path, key = links.popleft()
+            target = os.path.realpath(path)
+            if target in listed:
+                items.append(Item(key, path, (SYMLINK_LOOP, f"links to {target}, which is listed already")))
+            else:
+                listed.add(target)
+                folders.append((path, f"{key}/"))
+            continue
+        folder, prefix = folders.popleft()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as err:
+            if not prefix:
+                raise InputError(f"input: cannot list {root} ({err.strerror})") from None
+            items.append(Item(prefix.rstrip("/"), folder, (UNREADABLE, f"cannot list folder: {err.strerror}")))
+            continue
+        for e in entries:
+            key = prefix + e.name
+            if _hidden(e.name):
+                items.append(Item(key, e.path, (HIDDEN, "hidden folder, not listed" if e.is_dir() else "not read")))
+                continue
+            try:
+                mode = os.stat(e.path).st_mode  # follows symlinks
+            except OSError as err:
+                if not e.is_symlink():  # gone since the folder was read, or no permission
+                    items.append(Item(key, e.path, (UNREADABLE, err.strerror)))
+                else:
+                    reason = SYMLINK_LOOP if err.errno == errno.ELOOP else BROKEN_LINK
+                    items.append(Item(key, e.path, (reason, f"symlink to {os.readlink(e.path)!r}: {err.strerror}")))
+                continue
+            if stat.S_ISDIR(mode):
+                if e.is_symlink():
+                    links.append((e.path, key))
+                else:
+                    listed.add(os.path.realpath(e.path))
+                    folders.append((e.path, f"{key}/"))
+            elif stat.S_ISREG(mode):
+                items.append(Item(key, e.path))
+            else:
+                items.append(Item(key, e.path, (NOT_A_FILE, "a FIFO, socket or device, not read")))
+    return items
+
+
 def list_items(uri: str, limit: int | None = None) -> list[Item]:
     """Every input of a folder, s3:// prefix or URL list, sorted by key, at most `limit`.
 
-    Every file is listed, whatever its name: a non-image becomes a reject row, not an unexplained absence.
+    Every entry is listed, whatever its name: a non-image becomes a reject row, not an unexplained absence.
     """
     if is_url_list(uri):
-        items = [Item(u, u) for u in read_url_list(uri)]
+        items = [url_item(u) for u in read_url_list(uri)]
     elif storage.is_s3(uri):
-        items = [Item(u, u) for u in storage.list_uris(uri)]
+        base = storage.normalize(uri) + "/"
+        items = []
+        for u in storage.list_uris(uri):
+            key = u[len(base):]
+            hidden = any(_hidden(part) for part in key.split("/"))
+            items.append(Item(key, u, (HIDDEN, "not read") if hidden else None))
     else:
         path = storage.local_path(uri)
         if not path.is_dir():
             raise MissingError(f"input: {uri} is not a folder, an s3:// prefix or a URL list "
                                     f"({', '.join(URL_LIST_SUFFIXES)})")
-        items = [Item(u, u) for u in storage.list_uris(str(path.resolve()))]
+        items = list_folder(str(path))
     if not items:
         raise MissingError(f"input: no files under {uri}")
     items.sort(key=lambda it: it.key)

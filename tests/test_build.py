@@ -7,6 +7,7 @@ import argparse
 import http.server
 import io
 import logging
+import os
 import threading
 import time
 
@@ -18,6 +19,8 @@ import pytest
 from preprocessing import shards, storage
 from preprocessing.build import BuildError, build_dataset
 from preprocessing.config import BuildConfig
+from preprocessing.errors import InputError, MissingError
+from preprocessing.sources import list_items
 from realdata import encode, grace_hopper_path, skimage_path, skimage_rgb
 
 PHOTOS = {"grace_hopper.jpg": grace_hopper_path(), "astronaut.png": skimage_path("astronaut.png"),
@@ -52,14 +55,17 @@ def all_rejects(uri: str, manifest: dict) -> list[dict]:
     return [r for t in tables for r in t.to_pylist()]
 
 
-def check_faces_dataset(uri: str, manifest: dict, input_prefix: str) -> None:
-    assert manifest["kind"] == "faces" and manifest["counts"]["inputs"] == 10
-    assert manifest["counts"]["rows"] == 3  # grace hopper, astronaut, 16-bit grey astronaut
+def check_faces_dataset(uri: str, manifest: dict, input_prefix: str, more_rejects: dict[str, int] | None = None,
+                        more_rows: tuple[str, ...] = ()) -> None:
+    more_rejects = more_rejects or {}
+    assert manifest["kind"] == "faces"
+    assert manifest["counts"]["inputs"] == 10 + sum(more_rejects.values()) + len(more_rows)
+    assert manifest["counts"]["rows"] == 3 + len(more_rows)  # grace hopper, astronaut, 16-bit grey astronaut
     assert manifest["rejects"]["by_reason"] == {"empty": 1, "no_face": 3, "not_image": 1, "too_large": 1,
-                                                "truncated": 1}
+                                                "truncated": 1, **more_rejects}
     rows = list(shards.ShardDataset(uri))
-    assert sorted(r["key"].rsplit("/", 1)[-1] for r in rows) == ["astronaut.png#0", "grace_hopper.jpg#0",
-                                                                  "grey16.png#0"]
+    assert sorted(r["key"] for r in rows) == sorted(["astronaut.png#0", "grace_hopper.jpg#0", "grey16.png#0",
+                                                     *more_rows])  # keys: paths relative to the input
     for r in rows:
         assert r["image"].shape == (64, 64, 3) and r["source"].startswith(input_prefix) and len(r["box"]) == 4
     grey = next(r for r in rows if "grey16" in r["key"])["image"]
@@ -76,21 +82,31 @@ def test_faces_from_a_local_folder(tmp_path, ray_cluster, caplog):
         (src / name).write_bytes(data)
 
     write_inputs(put)
-    cfg = BuildConfig(kind="faces", input=str(src), shard_rows=4, max_pixels=310_000)
+    put(".DS_Store", b"\0\0\0\1Bud1")  # hidden: a reject row, never read
+    os.symlink("grace_hopper.jpg", src / "hopper_link.jpg")  # a link to a file is an input
+    os.symlink("missing.jpg", src / "dangling.jpg")
+    os.symlink("..", src / "bad" / "up")  # a loop: its target is listed already
+    # 5 bad of 14 inputs (35.7%) passes a 40% cap only if hidden files, loops and faceless photos are not counted.
+    cfg = BuildConfig(kind="faces", input=str(src), shard_rows=4, max_pixels=310_000, max_reject_rate=0.4)
     with caplog.at_level(logging.INFO, logger="preprocessing.build"):
         manifest = build_dataset(cfg, str(tmp_path / "ds"))
-    check_faces_dataset(str(tmp_path / "ds"), manifest, str(src))
+    check_faces_dataset(str(tmp_path / "ds"), manifest, str(src), more_rows=("hopper_link.jpg#0",),
+                        more_rejects={"hidden_file": 1, "broken_link": 1, "symlink_loop": 1})
+    rejects = {r["key"]: r for r in all_rejects(str(tmp_path / "ds"), manifest)}
+    assert rejects["bad/up"]["reason"] == "symlink_loop" and str(src) in rejects["bad/up"]["detail"]
+    assert rejects[".DS_Store"]["detail"] == "not read" and "missing.jpg" in rejects["dangling.jpg"]["detail"]
     assert any("rejects by reason" in r.message for r in caplog.records)
 
 
 def test_faces_from_s3_to_s3_and_idempotent(s3_bucket, ray_cluster):
     prefix = f"{s3_bucket}/raw/photos"
     write_inputs(lambda name, data: storage.write_bytes(f"{prefix}/{name}", data))
+    storage.write_bytes(f"{prefix}/.thumbs/grace_hopper.jpg", PHOTOS["grace_hopper.jpg"].read_bytes())
     cfg = BuildConfig(kind="faces", input=prefix, shard_rows=4, max_pixels=310_000)
     out = f"{s3_bucket}/datasets/faces/v1"
     first = build_dataset(cfg, out, progress=False)
     assert storage.exists(f"{out}/manifest.json") and storage.exists(f"{out}/shards/part-00000.parquet")
-    check_faces_dataset(out, first, prefix)
+    check_faces_dataset(out, first, prefix, more_rejects={"hidden_file": 1})
     assert not storage.list_uris(f"{out}/_chunks")
     second = build_dataset(cfg.model_copy(update={"overwrite": True}), out, progress=False)
     assert second["content_hash"] == first["content_hash"]
@@ -136,7 +152,9 @@ def test_faces_from_a_url_list(http_photos, tmp_path, ray_cluster):
     base = http_photos
     urls = [f"{base}/grace_hopper.jpg", f"{base}/astronaut.png", f"{base}/coffee.png", f"{base}/missing.jpg",
             f"{base}/slow/astronaut.png", f"{base}/page.html", f"{base}/big.png", f"{base}/flaky.jpg",
-            "http://127.0.0.1:9/refused.jpg", "ftp://example.org/x.jpg"]
+            "http://127.0.0.1:9/refused.jpg", "ftp://example.org/x.jpg",
+            # Neither is read: the local photo has a face, so reading it would give a row.
+            "file:///etc/passwd", str(PHOTOS["grace_hopper.jpg"])]
     listing = tmp_path / "urls.csv"
     listing.write_text("name,url\n" + "".join(f"n{i},{u}\n" for i, u in enumerate(urls)))
     cfg = BuildConfig(kind="faces", input=str(listing), shard_rows=5, download_timeout_s=0.8, download_retries=1,
@@ -144,8 +162,11 @@ def test_faces_from_a_url_list(http_photos, tmp_path, ray_cluster):
     started = time.perf_counter()
     manifest = build_dataset(cfg, str(tmp_path / "ds"), progress=False)
     assert time.perf_counter() - started < 30
-    assert manifest["counts"]["inputs"] == 10 and manifest["counts"]["rows"] == 3
+    assert manifest["counts"]["inputs"] == 12 and manifest["counts"]["rows"] == 3
     reasons = {r["key"]: (r["reason"], r["detail"]) for r in all_rejects(str(tmp_path / "ds"), manifest)}
+    assert reasons["file:///etc/passwd"] == ("bad_url", "scheme 'file': a URL list names http(s):// or s3:// URLs "
+                                                        "only; not read")
+    assert reasons[str(PHOTOS["grace_hopper.jpg"])][1].startswith("a local path: ")
     assert reasons[f"{base}/missing.jpg"][0] == "http_error" and "404" in reasons[f"{base}/missing.jpg"][1]
     assert reasons[f"{base}/slow/astronaut.png"][0] == "timeout"
     assert reasons[f"{base}/page.html"][0] == "not_image"
@@ -155,6 +176,40 @@ def test_faces_from_a_url_list(http_photos, tmp_path, ray_cluster):
     assert reasons[f"{base}/coffee.png"][0] == "no_face"
     keys = shards.ShardDataset(str(tmp_path / "ds")).keys()
     assert sorted(keys) == sorted([f"{base}/grace_hopper.jpg#0", f"{base}/astronaut.png#0", f"{base}/flaky.jpg#0"])
+
+
+def test_listing_reports_every_entry_it_does_not_read(tmp_path):
+    """Links, loops, hidden and special files are listed with their reason (not dropped); keys are relative paths."""
+    src, outside = tmp_path / "photos", tmp_path / "elsewhere"
+    (src / "sub").mkdir(parents=True)
+    (src / ".cache").mkdir()
+    outside.mkdir()
+    for path in (src / "a.jpg", src / "sub" / "a.png", src / ".cache" / "a.jpg", outside / "b.jpg"):
+        path.write_bytes(PHOTOS["grace_hopper.jpg"].read_bytes())
+    links = {"link.jpg": "sub/a.png", "gone.jpg": "nowhere.jpg", "self.jpg": "self.jpg", "sub/up": "..",
+             "out": str(outside), "out_again": str(outside), "sub/out": "../out"}
+    for name, target in links.items():
+        os.symlink(target, src / name)
+    os.mkfifo(src / "pipe")  # reading it would block forever
+    got = {it.key: (it.reject[0] if it.reject else None, it.source) for it in list_items(str(src))}
+    assert {k: why for k, (why, _) in got.items()} == {
+        ".cache": "hidden_file", "a.jpg": None, "gone.jpg": "broken_link", "link.jpg": None, "out/b.jpg": None,
+        "out_again": "symlink_loop", "pipe": "not_a_file", "self.jpg": "symlink_loop", "sub/a.png": None,
+        "sub/out": "symlink_loop", "sub/up": "symlink_loop"}
+    assert got["link.jpg"][1] == str(src / "link.jpg") and got["out/b.jpg"][1] == str(src / "out" / "b.jpg")
+
+
+def test_missing_or_unloadable_cascade_fails_once_before_any_input_is_read(tmp_path):
+    """A configuration fault, not one "error" reject per photo: raised before the input is listed or --out made."""
+    out = tmp_path / "ds"
+    cfg = BuildConfig(kind="faces", input=str(tmp_path / "not-listed-yet"), cascade="no_such_cascade.xml")
+    with pytest.raises(MissingError, match="cascade: 'no_such_cascade.xml'"):
+        build_dataset(cfg, str(out), progress=False)
+    junk = tmp_path / "junk.xml"
+    junk.write_text("<opencv_storage><cascade>not one</cascade></opencv_storage>")
+    with pytest.raises(InputError, match=f"cascade: {junk} "):
+        build_dataset(cfg.model_copy(update={"cascade": str(junk)}), str(out), progress=False)
+    assert not out.exists()
 
 
 def test_failure_leaves_no_manifest(tmp_path, ray_cluster):

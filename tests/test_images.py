@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 
@@ -115,3 +116,91 @@ def test_too_small_is_rejected_not_upscaled(astro):
     with pytest.raises(im.Reject) as exc:
         im.square_image(small, 64, 10**8)
     assert exc.value.reason == im.TOO_SMALL
+
+
+def tiff(width: int, height: int, pixels: bytes | None = None, order: str = "<", long: bool = False,
+         tile: tuple[int, int] | None = None) -> bytes:
+    """A deflate RGB TIFF written by hand, in either byte order with SHORT or LONG sizes: one strip of `pixels`, or
+    of zeros streamed through zlib (a bomb costs no memory to make); or one tile of `tile` zeros."""
+    n = 3 * (tile[0] * tile[1] if tile else width * height)
+    z = zlib.compressobj(9)
+    if pixels is None:
+        zeros = bytes(1 << 22)
+        pixels_z = b"".join(z.compress(zeros[: min(1 << 22, n - i)]) for i in range(0, n, 1 << 22)) + z.flush()
+    else:
+        pixels_z = z.compress(pixels) + z.flush()
+    size = ("I", 4) if long else ("H", 3)
+    tags = [(256, *size, width), (257, *size, height), (258, "H", 3, None), (259, "H", 3, 8), (262, "H", 3, 2),
+            (277, "H", 3, 3), (284, "H", 3, 1)]
+    tags += ([(322, *size, tile[0]), (323, *size, tile[1]), (324, "I", 4, None), (325, "I", 4, len(pixels_z))]
+             if tile else [(273, "I", 4, None), (278, "I", 4, height), (279, "I", 4, len(pixels_z))])
+    tags.sort()
+    bits_at = 8 + 2 + 12 * len(tags) + 4  # BitsPerSample's three values follow the IFD, then the pixels
+    out = (b"II" if order == "<" else b"MM") + struct.pack(order + "HIH", 42, 8, len(tags))
+    for tag, fmt, typ, value in tags:
+        if tag == 258:
+            out += struct.pack(order + "HHII", tag, typ, 3, bits_at)
+        else:
+            value = bits_at + 6 if value is None else value
+            out += struct.pack(order + "HHI", tag, typ, 1) + struct.pack(order + fmt, value).ljust(4, b"\0")
+    return out + struct.pack(order + "IHHH", 0, 8, 8, 8) + pixels_z
+
+
+def test_tiff_size_from_the_first_ifd_in_both_byte_orders(astro):
+    crop = np.ascontiguousarray(astro[100:148, 200:264])  # 64 wide, 48 tall
+    for order in "<>":
+        for long in (False, True):
+            data = tiff(64, 48, crop.tobytes(), order, long)
+            assert im.sniff(data) == "tiff" and im.header_size(data, "tiff") == (64, 48)
+            assert (im.decode(data, 10**8) == crop).all(), (order, long)  # OpenCV reads the same file
+    assert im.header_size(encode(astro[:300], ".tiff"), "tiff") == (512, 300)  # libtiff's own layout (IFD last)
+    assert reason(tiff(64, 48, crop.tobytes())[:40]) == im.TRUNCATED
+
+
+def test_every_decodable_format_is_capped_before_decoding(astro):
+    wide = np.ascontiguousarray(astro[:300])
+    core_bmp = struct.pack("<2sIHHIIHHHH", b"BM", 26 + 512 * 300 * 3, 0, 0, 26, 12, 512, 300, 1, 24)
+    core_bmp += wide[::-1, :, ::-1].tobytes()  # OS/2 bitmap: 16-bit sizes, bottom-up BGR rows
+    samples = {ext: encode(wide, ext) for ext in (".jpg", ".png", ".webp", ".bmp", ".tiff")}
+    samples |= {"lossless webp": encode(wide, ".webp", quality=101), "os/2 bmp": core_bmp}
+    assert {im.sniff(d) for d in samples.values()} == im.DECODABLE
+    assert (im.decode(core_bmp, 10**8) == wide).all()
+    for name, data in samples.items():
+        assert im.check(data, 512 * 300).width == 512, name
+        with pytest.raises(im.Reject) as exc:
+            im.check(data, 512 * 300 - 1)
+        assert exc.value.reason == im.TOO_LARGE, name
+
+
+def test_tiff_bomb_is_rejected_without_decoding():
+    """8000x8000 pixels in 187 KB: decoding costs 420 MB (192 MB of it the returned array); the header costs nothing.
+    A 16x16 TIFF with a huge tile is a bomb too: OpenCV allocates (and libtiff fills) a whole tile."""
+    import tracemalloc
+
+    bomb = tiff(8000, 8000)
+    assert len(bomb) < 310_000
+    tracemalloc.start()  # sees numpy buffers, so also the array cv2.imdecode would return
+    try:
+        assert reason(bomb) == im.TOO_LARGE
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000, peak
+    with pytest.raises(im.Reject, match="16x16 with a 1024x1024 tile") as exc:
+        im.check(tiff(16, 16, tile=(1024, 1024)), 1_000_000)
+    assert exc.value.reason == im.TOO_LARGE
+
+
+def test_opencv_pixel_cap_is_a_second_guard(tmp_path):
+    """OPENCV_IO_MAX_IMAGE_PIXELS (read when cv2 loads, as in build workers) rejects as too_large too."""
+    import subprocess
+    import sys
+
+    png = tmp_path / "a.png"
+    png.write_bytes(encode(np.zeros((100, 100, 3), np.uint8) + 9, ".png"))
+    code = ("import sys; from preprocessing import images as im\n"
+            "try: im.decode(open(sys.argv[1], 'rb').read(), 10**8)\n"
+            "except im.Reject as r: print(r.reason, r.detail)")
+    env = {**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": "9999"}
+    out = subprocess.run([sys.executable, "-c", code, str(png)], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("too_large ") and "MAX_IMAGE_PIXELS" in out.stdout, out

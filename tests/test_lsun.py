@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -12,6 +17,7 @@ import pytest
 from preprocessing import lsun, shards
 from preprocessing.build import BuildError, build_dataset, plan
 from preprocessing.config import BuildConfig
+from preprocessing.sources import Item, chunk_items
 from realdata import encode, lsun_like_photos
 
 BAD = {b"0" * 40: (b"", "empty"), b"1" * 40: (b"<html>not found</html>", "not_image"),
@@ -106,5 +112,55 @@ def test_exported_folder_and_limit(lmdb_dir, tmp_path, ray_cluster):
     manifest = build_dataset(cfg, str(tmp_path / "ds"), progress=False)
     rows = manifest["counts"]["rows"]
     assert rows + manifest["counts"]["rejected"] == 20
-    keys = shards.ShardDataset(str(tmp_path / "ds")).keys()
-    assert set(keys) <= set(good) and len(keys) == rows
+    keys = shards.ShardDataset(str(tmp_path / "ds")).keys()  # paths relative to the folder, like "ab/<id>.jpg"
+    assert {k.split("/")[1].split(".")[0] for k in keys} <= set(good) and len(keys) == rows
+
+
+def test_same_name_with_other_extensions_gives_distinct_keys(tmp_path):
+    """x.jpg, x.webp and sub/x.jpg are three inputs (keys were file stems: two rows under one key)."""
+    photo = next(iter(lsun_like_photos().values()))
+    (tmp_path / "sub").mkdir()
+    for name in ("x.jpg", "x.webp", "sub/x.jpg"):
+        (tmp_path / name).write_bytes(encode(photo, "." + name.rsplit(".", 1)[1]))
+    p = plan(BuildConfig(kind="lsun", input=str(tmp_path), shard_rows=2))
+    assert [item[0] for c in p.chunks for item in c["items"]] == ["sub/x.jpg", "x.jpg", "x.webp"]
+    with pytest.raises(AssertionError, match="listed twice.*'x'"):  # a listing bug, caught before any work
+        chunk_items([Item("x", "/a/x.jpg"), Item("x", "/a/x.png")], 2)
+
+
+PLAN = """import sys
+from preprocessing import lsun
+from preprocessing.errors import InputError
+for path in sys.argv[1:]:
+    try:
+        print("planned", lsun.plan_lmdb(path, 8)[1])
+    except InputError as err:
+        print(err)
+"""
+
+
+def test_damaged_lmdb_is_a_one_line_input_error_not_a_crash(lmdb_dir, tmp_path):
+    path, _ = lmdb_dir
+    size = os.path.getsize(f"{path}/data.mdb")
+    cases = {name: tmp_path / name / "data.mdb" for name in ("truncated", "random", "overwritten", "intact")}
+    for mdb in cases.values():
+        mdb.parent.mkdir()
+        shutil.copy(f"{path}/data.mdb", mdb)
+    os.truncate(cases["truncated"], size // 2)
+    cases["random"].write_bytes(np.random.default_rng(0).bytes(size))
+    with open(cases["overwritten"], "r+b") as f:  # the two meta pages intact, every other page garbage
+        f.seek(2 * os.sysconf("SC_PAGESIZE"))
+        f.write(np.random.default_rng(1).bytes(size - f.tell()))
+    # The fault: a read that reaches a page past the end of a truncated data.mdb dies of SIGBUS, without a word.
+    raw = "import lmdb, sys\nfor _ in lmdb.open(sys.argv[1], readonly=True, lock=False).begin().cursor(): pass"
+    crash = subprocess.run([sys.executable, "-c", raw, str(cases["truncated"].parent)], capture_output=True)
+    assert crash.returncode == -signal.SIGBUS
+    # The fix, also in a child process, so that a crash fails this test rather than killing pytest.
+    out = subprocess.run([sys.executable, "-c", PLAN, *(str(m.parent) for m in cases.values())],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = dict(zip(cases, out.stdout.splitlines()))
+    assert lines["intact"] == f"planned {len(lmdb_dir[1]) + len(BAD)}"
+    for name, why in (("truncated", "truncated LMDB"), ("random", "not a readable LMDB"),
+                      ("overwritten", "corrupt LMDB")):
+        assert lines[name].startswith(f"{cases[name]}: {why} ("), lines[name]
