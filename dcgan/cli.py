@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
-
-# Subcommand modules, in the order `dcgan --help` lists them.
-COMMANDS = ["info", "build", "dedup", "train", "sample", "evaluate"]
 
 
 class _Stderr(logging.StreamHandler):
@@ -41,10 +37,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dcgan.commands import build, dedup, evaluate, info, sample, train
+
     parser = Parser(prog="dcgan", description="DCGAN at cluster scale (Radford, Metz & Chintala 2016)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f"dcgan.commands.{name}").register(sub)
+    for command in (info, build, dedup, train, sample, evaluate):  # the order `dcgan --help` lists them
+        command.register(sub)
     return parser
 
 

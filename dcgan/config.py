@@ -10,24 +10,16 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from preprocessing.config import BuildConfig, DedupConfig, Location
+from preprocessing.config import BuildConfig, DedupConfig, Location, Resolution, Strict
 from preprocessing.errors import UserError
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def _power_of_two(v: int) -> bool:
-    return v > 0 and (v & (v - 1)) == 0
 
 
 class ModelConfig(Strict):
     """The networks. Defaults are the authors' 64x64 faces/LSUN model (widths 1024..128, 5x5 kernels)."""
 
-    resolution: int = Field(64, description="image side in pixels: 16, 32, 64 or 128")
+    resolution: Resolution = Field(64, description="image side in pixels: a power of two from 8 to 256")
     channels: int = Field(3, ge=1, le=4)
     z_dim: int = Field(100, ge=1)
     z_dist: Literal["uniform", "normal"] = "uniform"  # paper: U[-1, 1]; dcgan.torch/pytorch examples: N(0, 1)
@@ -38,13 +30,6 @@ class ModelConfig(Strict):
     d_channels: list[int] | None = None
     d_strides: list[int] | None = None
     d_kernel_size: int | None = None
-
-    @field_validator("resolution")
-    @classmethod
-    def _resolution(cls, v: int) -> int:
-        if not _power_of_two(v) or not 16 <= v <= 256:
-            raise ValueError(f"resolution must be a power of two between 16 and 256, got {v}")
-        return v
 
     @field_validator("kernel_size")
     @classmethod
@@ -109,10 +94,23 @@ class ClusterConfig(Strict):
                                    "nodes use their own credentials (environment, profile, instance or pod role)")
 
 
+SUITES = ("samples", "walks", "arithmetic", "forgetting", "guided-backprop", "memorisation", "fid", "cifar10", "svhn")
+"""The evaluation suites (dcgan.evaluation.report runs them in this order)."""
+
+
 class EvalConfig(Strict):
     """What `dcgan evaluate` runs (see dcgan.evaluation)."""
 
-    suites: list[str] = Field(default_factory=lambda: ["samples", "walks", "arithmetic", "memorisation"])
+    suites: list[str] = Field(default_factory=lambda: ["samples", "walks", "arithmetic", "memorisation"],
+                              description=f"evaluation suites to run: {', '.join(SUITES)}")
+
+    @field_validator("suites")
+    @classmethod
+    def _known_suites(cls, v: list[str]) -> list[str]:
+        unknown = [s for s in v if s not in SUITES]
+        if unknown:
+            raise ValueError(f"unknown evaluation suites {unknown}; choose from {', '.join(SUITES)}")
+        return v
     n_samples: int = Field(64, ge=1)
     cifar10: Location | None = None
     svhn: Location | None = None
@@ -210,10 +208,11 @@ def apply_overrides(data: dict, overrides: dict | None) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
-    """Load a YAML config (or the defaults), apply dotted overrides like {"train.steps": 10}, and validate."""
+def load_config(path: str | Path | None = None, overrides: dict | None = None, base: Config | None = None) -> Config:
+    """Load a YAML config (or `base`, or the defaults), apply dotted overrides like {"train.steps": 10}, validate."""
     if path is None:
-        return parse_config(apply_overrides({}, overrides), "config")
+        data = base.model_dump(mode="json") if base is not None else {}
+        return parse_config(apply_overrides(data, overrides), "config")
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file not found: {p}")

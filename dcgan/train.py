@@ -22,7 +22,7 @@ from dcgan.networks import Discriminator, Generator, sample_z
 from dcgan.run_log import RunLog, read_metrics
 from dcgan.sampling import generate, save_grid
 from dcgan.step import METRICS, GANStep, StepOptions, make_optimizers
-from preprocessing import ownership, shards, storage
+from preprocessing import compute, ownership, shards, storage
 
 log = logging.getLogger("dcgan.train")
 
@@ -202,14 +202,6 @@ def _checkpoint(cfg: Config, step: int, gan: GANStep, z_fixed: torch.Tensor) -> 
     return {"checkpoint": ckpt, "samples": grid_uri}
 
 
-def ensure_ray(address: str | None = None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, configure_logging=False,
-                 log_to_driver=True)
-
-
 def run_summary(cfg: Config, step: int, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a run at `step` offers: its URIs (from storage layout alone) and the last logged metrics, if given."""
     return {
@@ -233,7 +225,7 @@ def train(cfg: Config) -> dict[str, Any]:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ensure_ray(cfg.cluster.address)
+    compute.connect(cfg.cluster.address)
     dataset = shards.ray_dataset(cfg.data_uri, columns=["image"], manifest=manifest)
     pixel_bytes = manifest["counts"]["rows"] * manifest["resolution"] ** 2 * manifest.get("channels", 3)
     if pixel_bytes <= cfg.train.cache_bytes:

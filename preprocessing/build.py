@@ -22,7 +22,6 @@ from preprocessing.errors import InputError
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from preprocessing import ownership, shards, storage
+from preprocessing import compute, ownership, shards, storage
 from preprocessing.config import BuildConfig, DedupConfig
 from preprocessing.images import Reject
 from preprocessing.sources import HIDDEN, SYMLINK_LOOP
@@ -46,8 +45,9 @@ ERROR = "error"  # an unexpected exception on one input: recorded with its type 
 FILTERED = frozenset({"no_face", HIDDEN, SYMLINK_LOOP})
 STATE_DIR = "_chunks"
 STAGING = "staging"
-# Parameters that do not change a single output byte (so changing them does not invalidate finished chunks).
-_NEUTRAL_PARAMS = {"overwrite", "download_concurrency", "max_reject_rate"}
+# Run options: they change how a build runs, not a single output byte, so they are not part of a dataset's identity
+# (changing them neither invalidates finished chunks nor makes a finished dataset "different").
+RUN_OPTIONS = frozenset({"overwrite", "download_concurrency", "max_reject_rate"})
 
 
 class BuildError(shards.DatasetError):
@@ -90,7 +90,22 @@ def preflight(cfg: BuildConfig) -> None:
 
 
 def _params(cfg: BuildConfig) -> dict[str, Any]:
-    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NEUTRAL_PARAMS}
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RUN_OPTIONS}
+
+
+def identity(cfg: BuildConfig, dedup: DedupConfig | None) -> dict[str, Any]:
+    """What makes a dataset this dataset: every build parameter but the run options, and the dedup parameters (None
+    without de-duplication). The manifest records it as `params`; equal identities over equal inputs give equal rows."""
+    return {**_params(cfg), "dedup": dedup.model_dump(mode="json") if dedup is not None and dedup.enabled else None}
+
+
+def already_built(out: str, cfg: BuildConfig, dedup: DedupConfig | None) -> dict[str, Any] | None:
+    """The manifest of the dataset at `out` if it is complete and has this identity (a re-run has nothing to do)."""
+    try:
+        manifest = shards.read_manifest(out)
+    except shards.DatasetError:
+        return None
+    return manifest if manifest.get("params") == identity(cfg, dedup) else None
 
 
 def chunk_digest(chunk: dict[str, Any], params: dict[str, Any]) -> str:
@@ -204,21 +219,11 @@ def _run_batch(batch: dict[str, np.ndarray], cfg_json: str, shards_uri: str, rej
 # ---------------------------------------------------------------------------------------------------- the build
 
 
-def _init_ray(max_pixels: int):
-    """Ray for this build, unless the caller started one. Its workers get OpenCV's own pixel cap as a second guard
-    behind images.check: OpenCV reads it once, when cv2 loads, so it is set for the job rather than per task (a task
-    runtime_env would start a fresh worker pool for every max_pixels value)."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"),  # local if unset, a cluster if set
-                 runtime_env={"env_vars": {"OPENCV_IO_MAX_IMAGE_PIXELS": str(max_pixels)}})
-    return ray
-
-
 def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_uri: str, total: int,
                 progress: bool) -> list[dict]:
-    ray = _init_ray(cfg.max_pixels)
+    import ray
+
+    compute.connect(worker_env={"OPENCV_IO_MAX_IMAGE_PIXELS": str(cfg.max_pixels)})
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -341,7 +346,7 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig | None = None, 
     manifest = shards.write_manifest(
         out, kind=cfg.kind, resolution=cfg.resolution, shards=entries, rejects=reject_entries,
         reject_counts=dict(reject_counts), inputs=p.inputs, dedup=dedup_info, inputs_fingerprint=p.fingerprint,
-        params={**_params(cfg), "dedup": dedup.model_dump(mode="json") if use_dedup else None},
+        params=identity(cfg, dedup),
         extra={"build_stats": stats},
     )
     ownership.remove_own(out, "dataset", under=STAGING if use_dedup else STATE_DIR)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from preprocessing.storage import resolve_location
 
@@ -18,11 +18,23 @@ Location = Annotated[str, AfterValidator(resolve_location)]
 Ray worker or Ray Job sees the same place."""
 
 
-class _Strict(BaseModel):
+def _power_of_two_side(v: int) -> int:
+    if v <= 0 or v & (v - 1) or not 8 <= v <= 256:
+        raise ValueError(f"resolution must be a power of two between 8 and 256, got {v}")
+    return v
+
+
+Resolution = Annotated[int, AfterValidator(_power_of_two_side)]
+"""An image side: a power of two from 8 to 256 (the networks double it from 4x4)."""
+
+
+class Strict(BaseModel):
+    """Every config section: unknown keys and impossible values fail when the config is read, naming the field."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DedupConfig(_Strict):
+class DedupConfig(Strict):
     """Paper section 4.1: a 3072-128-3072 denoising, dropout-regularised ReLU autoencoder on 32x32 center crops."""
 
     enabled: bool = True
@@ -43,12 +55,12 @@ class DedupConfig(_Strict):
     seed: int = 0
 
 
-class BuildConfig(_Strict):
+class BuildConfig(Strict):
     """How raw inputs become a sharded dataset (build-lsun and build-faces share it)."""
 
     kind: Literal["lsun", "faces"] = "lsun"
     input: Location | None = Field(None, description="LMDB dir, image folder, s3:// prefix or URL list file")
-    resolution: int = 64
+    resolution: Resolution = Field(64, description="side of the stored square images, in pixels")
     limit: int | None = Field(None, ge=1, description="read at most this many inputs")
     shard_rows: int = Field(2048, ge=1, description="rows per shard file")
     max_reject_rate: float = Field(1.0, ge=0, le=1, description="fail the build if more inputs than this are rejected")
@@ -66,9 +78,3 @@ class BuildConfig(_Strict):
     download_retries: int = Field(2, ge=0)
     max_download_bytes: int = Field(20_000_000, ge=1)
 
-    @field_validator("resolution")
-    @classmethod
-    def _resolution(cls, v: int) -> int:
-        if v <= 0 or v & (v - 1) or not 8 <= v <= 256:
-            raise ValueError(f"resolution must be a power of two between 8 and 256, got {v}")
-        return v

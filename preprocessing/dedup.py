@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preprocessing import storage
+from preprocessing import compute, storage
 from preprocessing.errors import InputError
 from preprocessing.config import DedupConfig
 from preprocessing.dedup_model import crops_of, encode, fit_ray, save_state
@@ -129,7 +129,7 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
         raise InputError(f"{src_uri}: no shards to de-duplicate")
     if cfg.crop <= 0:
         raise InputError(f"dedup.crop must be positive, got {cfg.crop}")
-    ray.init(ignore_reinit_error=True)
+    compute.connect()
     ctx = DataContext.get_current()
     saved_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True

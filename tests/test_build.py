@@ -244,13 +244,16 @@ def test_cli_build_faces_and_overwrite_refusal(tmp_path, ray_cluster, capsys):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "1 rows of 64x64" in out and "no_face 1" in out
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # the same build again: nothing to do
+    assert args.func(args) == 0 and "already built: skipped" in capsys.readouterr().out
+    other = [a if a != "0.1" else "0.2" for a in argv]  # another margin is another dataset: refused over this one
+    args = parser.parse_args(other)
     with pytest.raises(BuildError, match="--overwrite"):
         args.func(args)
-    args = parser.parse_args(argv + ["--overwrite"])
+    args = parser.parse_args(other + ["--overwrite"])
     assert args.func(args) == 0
     manifest = shards.read_manifest(str(tmp_path / "ds"))
-    assert manifest["params"]["margin"] == 0.1 and manifest["params"]["min_face"] == 64
+    assert manifest["params"]["margin"] == 0.2 and manifest["params"]["min_face"] == 64
 
 
 @pytest.mark.slow

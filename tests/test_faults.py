@@ -356,6 +356,7 @@ def test_relative_run_trains_and_resumes_past_a_corrupt_checkpoint(world, ray_cl
     assert steps[-1] == 4 and 3 not in steps[steps.index(2) + 1:]  # continued from 2, not from the corrupt 3
 
 
+@pytest.mark.slow
 def test_flows_fail_once_with_the_same_line_and_touch_nothing(world, ray_cluster, prefect_harness):
     """A deployment run meets the same known faults: the run fails at the first attempt (a bad input is not
     retried), its message names the culprit, and the user's files are untouched."""
@@ -369,7 +370,7 @@ def test_flows_fail_once_with_the_same_line_and_touch_nothing(world, ray_cluster
                        dedup=DedupConfig(enabled=False), return_state=True)
     assert state.is_failed() and "thesis" in state.message
     logs = run_logs(state.state_details.flow_run_id)
-    assert logs.count("Building a lsun dataset") == 1 and "Retry" not in logs
+    assert logs.count("build-lsun runs on a local Ray") == 1 and "Retry" not in logs
 
     cfg = load_config(TINY, {"data": world.dataset, "run": str(world.user)})
     state = train_dcgan(cfg, return_state=True)

@@ -66,15 +66,16 @@ def test_build_lsun_builds_then_skips_and_publishes_counts(ray_cluster, tmp_path
     out = str(tmp_path / "datasets" / "digits" / "v1")
 
     first = build_lsun(build=build, out=out, dedup=DedupConfig(enabled=False), return_state=True)
-    manifest = first.result()
-    assert manifest["skipped"] is False and manifest["kind"] == "lsun"
+    result = first.result()
+    manifest = read_manifest(out)
+    assert result["skipped"] is False and result["kind"] == "lsun" and result["dataset"] == out
     assert read_manifest(out)["counts"]["rows"] == 150
     table = read_artifact("dataset-digits-v1")
     assert table is not None and '"rows"' in table.data and "150" in table.data
 
     second = build_lsun(build=build, out=out, dedup=DedupConfig(enabled=False), return_state=True)
     assert second.result()["skipped"] is True
-    assert "Skipping build-lsun" in run_logs(second.state_details.flow_run_id)
+    assert "skipping build-lsun" in run_logs(second.state_details.flow_run_id)
     assert read_manifest(out)["created_at"] == manifest["created_at"]
 
 

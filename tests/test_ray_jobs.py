@@ -19,7 +19,10 @@ from realdata import mnist_rgb32
 
 from dcgan import checkpoints
 from dcgan.config import load_config
-from pipelines import ray_jobs, tasks
+from dcgan import jobs
+from pipelines import tasks
+from preprocessing import compute
+from preprocessing.errors import InputError
 from pipelines.flows import train_dcgan
 from preprocessing import shards
 
@@ -28,21 +31,21 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
-def test_only_jobs_api_addresses_mean_a_cluster(monkeypatch):
+def test_one_rule_decides_where_work_runs(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    cfg = load_config(None)
-    assert ray_jobs.cluster_address(cfg) is None
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a GCS address: ray.init connects in-process
-    assert ray_jobs.cluster_address(cfg) is None
-    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265/")
-    assert ray_jobs.cluster_address(cfg) == "http://head:8265"
-    cfg.cluster.address = "ray://other:10001"
-    assert ray_jobs.cluster_address(cfg) == "ray://other:10001"
+    assert compute.placement(None).kind == "local"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a GCS address: this process joins the cluster
+    assert compute.placement(None) == compute.Placement("join", "127.0.0.1:6379")
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265/")  # a Jobs API: the stage is submitted as a Ray Job
+    assert compute.placement(None) == compute.Placement("jobs", "http://head:8265")
+    assert compute.placement("auto") == compute.Placement("join", "auto")  # the config's address wins
+    with pytest.raises(InputError, match="Jobs API address"):
+        compute.connect("https://head:8265")
 
 
 def test_job_log_is_streamed_line_by_line_once():
     lines: list[str] = []
-    stream = ray_jobs._LineStream(lines.append)
+    stream = jobs._LineStream(lines.append)
     stream.feed("step 1\nstep")
     stream.feed("step 1\nstep 2 loss 0.7\n\n")
     stream.feed("step 1\nstep 2 loss 0.7\n\nlast")
@@ -58,7 +61,7 @@ def test_unreachable_cluster_fails_the_run_with_the_address(monkeypatch, tmp_pat
     cfg = load_config("configs/tiny-test.yaml", {"root": str(tmp_path)})
     state = train_dcgan(cfg, return_state=True)
     assert state.is_failed()
-    with pytest.raises(ray_jobs.RayClusterUnreachable, match=f"cannot reach the Ray cluster at {address}"):
+    with pytest.raises(jobs.RayClusterUnreachable, match=f"cannot reach the Ray cluster at {address}"):
         state.result()
     assert checkpoints.latest_step(cfg.run_uri) is None
 
@@ -89,7 +92,7 @@ def ray_head():
             if head.poll() is not None:
                 raise RuntimeError(f"ray start exited: {(Path(temp_dir) / 'ray-start.log').read_text()[-3000:]}")
             try:
-                ray_jobs.connect(address).list_jobs()
+                jobs.connect(address).list_jobs()
                 break
             except Exception:
                 if time.monotonic() > deadline:
@@ -145,9 +148,9 @@ def test_a_job_that_fails_fails_the_run_with_its_cause(ray_head, tmp_path):
     })
     state = train_dcgan(cfg, return_state=True)
     assert state.is_failed()
-    with pytest.raises(ray_jobs.RayJobInputError, match="no manifest.json"):
+    with pytest.raises(jobs.RayJobInputError, match="no manifest.json"):
         state.result()
     logs = run_logs(state.state_details.flow_run_id)
     assert "FAILED" in logs and "no manifest.json" in logs
-    assert logs.count("Submitted Ray job") == 1  # bad input is not retried
+    assert logs.count("submitted Ray job") == 1  # bad input is not retried
     assert checkpoints.latest_step(cfg.run_uri) is None

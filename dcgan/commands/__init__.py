@@ -1,1 +1,67 @@
-"""Subcommands of the `dcgan` CLI; each module has `register(subparsers)` and sets `func` on its parser."""
+"""Subcommands of the `dcgan` CLI (layer: dcgan); each module has `register(subparsers)` and sets `func`.
+
+What they share: every flag is sugar for one dotted override of the configuration (`--steps 5` is `train.steps=5`,
+`--set section.field=value` is any other), the stage runs where `dcgan.stages.run` says, progress goes to stderr and
+the result to stdout (a summary, or one JSON line with `--json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+import yaml
+
+
+TOP_LEVEL = ("name", "root", "data", "run")  # config fields outside the sections that flags may set
+
+
+def add_config_flags(p: argparse.ArgumentParser, address: bool = True) -> None:
+    p.add_argument("--config", help="experiment YAML (configs/*.yaml); flags override its fields")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", dest="sets",
+                   help="override any config field, e.g. --set train.lr=0.001 (repeatable; the value is YAML)")
+    if address:
+        p.add_argument("--address", dest="cluster.address", metavar="ADDRESS",
+                       help="where to run: http://HEAD:8265 (a Ray Job on that cluster), auto or HOST:PORT (join "
+                            "the cluster this machine is on); default RAY_ADDRESS, else a local Ray")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line on stdout")
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The dotted overrides the command line gives: flags whose dest is a dotted config field, then --set."""
+    out = {k: v for k, v in vars(args).items() if ("." in k or k in TOP_LEVEL) and v is not None}
+    for item in getattr(args, "sets", []) or []:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            from dcgan.config import ConfigError
+
+            raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. train.lr=0.001")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def config_of(args: argparse.Namespace, base=None):
+    """The resolved configuration of a command: --config (or `base`, or the defaults) with the overrides."""
+    from dcgan.config import load_config
+
+    return load_config(args.config, overrides(args), base=None if args.config else base)
+
+
+def emit(line: str) -> None:
+    """A progress line (a Ray Job's log, a skipped stage) on stderr."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def finish(args: argparse.Namespace, call, summary: Callable[[dict], str]) -> int:
+    """Run the stage and print its result: a human summary, or the JSON line."""
+    from dcgan import stages
+
+    result = stages.run(call, emit=emit)
+    print(stages.result_line(result) if args.json else summary(result), flush=True)
+    return 0
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, default=str)

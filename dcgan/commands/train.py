@@ -1,30 +1,34 @@
-"""`dcgan train`: train or resume a run on Ray Train (local, or the cluster RAY_ADDRESS names)."""
+"""`dcgan train`: train or resume a run on Ray Train (a local Ray, the cluster this machine is on, or a Ray Job)."""
 
 from __future__ import annotations
 
-import json
+import argparse
+
+from dcgan.commands import add_config_flags, config_of, finish
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train (or resume) the DCGAN on a sharded dataset with Ray Train")
-    p.add_argument("--config", help="YAML config (default: the paper's 64x64 model and training)")
-    p.add_argument("--data", help="dataset URI (a directory or s3:// prefix holding manifest.json)")
-    p.add_argument("--run", help="run URI: checkpoints, samples and metrics go here")
-    p.add_argument("--workers", type=int, help="Ray Train workers (one per GPU)")
-    p.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
-    p.add_argument("--steps", type=int, help="total training steps")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p = sub.add_parser("train", help="train (or resume) the DCGAN on a sharded dataset with Ray Train",
+                       description="Train the paper's DCGAN on a dataset with Ray Train (one worker per GPU), "
+                                   "resuming the run from its newest valid checkpoint.")
+    add_config_flags(p)
+    p.add_argument("--data", help="dataset location (a folder or s3:// prefix holding manifest.json)")
+    p.add_argument("--run", help="run location: checkpoints, samples and metrics go here")
+    p.add_argument("--workers", type=int, dest="cluster.workers", help="Ray Train workers (one per GPU)")
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, dest="cluster.use_gpu",
+                   help="one GPU per worker (default: the config's cluster.use_gpu)")
+    p.add_argument("--steps", type=int, dest="train.steps", help="total training steps (generator updates)")
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from dcgan.config import load_config
-    from dcgan.train import train
+def summary(r: dict) -> str:
+    m = r.get("metrics") or {}
+    figures = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float) and k != "epoch")
+    return f"run {r['run']} at step {r['step']}: checkpoint {r['checkpoint']}, samples {r['samples']}" + (
+        f"\n{figures}" if figures else "")
 
-    cfg = load_config(args.config, {
-        "data": args.data, "run": args.run, "cluster.workers": args.workers, "cluster.use_gpu": args.gpu,
-        "train.steps": args.steps, "cluster.address": args.address,
-    })
-    summary = train(cfg)
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
+
+def run(args) -> int:
+    from dcgan.stages import StageCall
+
+    return finish(args, StageCall("train", config_of(args)), summary)

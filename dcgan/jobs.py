@@ -1,0 +1,183 @@
+"""A stage sent to a Ray cluster as a Ray Job, followed from the caller to its end (layer: dcgan).
+
+A Prefect worker or a laptop needs no GPU and should not hold a Ray driver for hours: the stage's `dcgan` command line
+is submitted through the Jobs API of the cluster's dashboard (http://head:8265), its log is streamed to the caller
+line by line (the CLI's stderr, the Prefect run's log), and a job that ends FAILED or STOPPED raises with its cause.
+Ctrl-C, SIGTERM or a cancelled Prefect run stops the job. The job's working_dir holds only the files the stage needs
+(the resolved config.yaml, a user's box file or cascade); the code comes from the cluster's image (infra/Dockerfile),
+so what runs is what was deployed. The job's environment carries the storage endpoint and region, never a credential
+unless `cluster.pass_credentials` (anyone who can read the Jobs API can read a job's environment); nothing is logged
+but the names of what was passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+from preprocessing.errors import TransientError, UserError
+
+# The standard storage settings a job needs to reach the same object store (passed only when set). Credentials are
+# not among them: the nodes bring their own (environment, profile, instance or pod role) unless the caller opts in.
+AWS_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# Settings of the job's processes: no progress bars (they are a terminal's, not a log's); Ray Train V2.
+JOB_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_V2_ENABLED": "1"}
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# The CLI's one-line message for a known fault (dcgan/cli.py): such a job fails the same way every time.
+INPUT_ERROR = re.compile(r"^dcgan [\w-]+: error: (.+)$", re.MULTILINE)
+# Terminal colours and cursor moves (Ray's prefixes, progress bars) mean nothing in a run log.
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+LOG_TAIL_LINES = 30
+
+
+class RayClusterUnreachable(TransientError, ConnectionError):
+    """The Jobs API did not answer (a transient fault: a Prefect task retries it with backoff)."""
+
+
+class RayJobError(RuntimeError):
+    """A job that ended FAILED or STOPPED; the message carries Ray's reason and the end of its log."""
+
+
+class RayJobInputError(RayJobError, UserError, ValueError):
+    """A job that failed on a known fault (bad input, config, storage): retrying cannot help."""
+
+
+@contextlib.contextmanager
+def _address_wins(address: str) -> Iterator[None]:
+    """Ray lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override the address given; the configured one must win."""
+    names = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+    with _env_lock:
+        saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+        try:
+            yield
+        finally:
+            os.environ.update(saved)
+
+
+_env_lock = threading.Lock()
+
+
+def connect(address: str):
+    """A JobSubmissionClient for `address`, or RayClusterUnreachable naming the address and the cause. With Ray's
+    token authentication on, the client needs RAY_AUTH_MODE=token and the token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH
+    or ~/.ray/auth_token) in its environment."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        with _address_wins(address):
+            return JobSubmissionClient(address)
+    except (ConnectionError, OSError, RuntimeError) as err:
+        cause = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "401" in cause or "auth" in cause.lower():
+            raise UserError(f"the Ray cluster at {address} refused this client ({cause}); set RAY_AUTH_MODE=token "
+                            "and the cluster's token (RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)") from None
+        raise RayClusterUnreachable(f"cannot reach the Ray cluster at {address}: {cause}") from None
+
+
+def aws_env(pass_credentials: bool = False) -> dict[str, str]:
+    """The AWS_* settings that are set here, for the job's runtime env; credentials only when `pass_credentials`."""
+    names = AWS_SETTINGS + (AWS_CREDENTIALS if pass_credentials else ())
+    return {name: os.environ[name] for name in names if os.environ.get(name)}
+
+
+class _LineStream:
+    """Turns the growing text of a job's log into complete lines, each emitted once."""
+
+    def __init__(self, emit: Callable[[str], None]):
+        self.emit, self.seen, self.partial = emit, 0, ""
+
+    def feed(self, logs: str) -> None:
+        new, self.seen = logs[self.seen:], len(logs)
+        *lines, self.partial = (self.partial + new).split("\n")
+        for line in lines:
+            line = ANSI.sub("", line).rstrip()
+            if line.strip():
+                self.emit(line)
+
+    def close(self) -> None:
+        line = ANSI.sub("", self.partial).rstrip()
+        if line.strip():
+            self.emit(line)
+        self.partial = ""
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """SIGTERM (a cancelled Prefect run, a stopped pod) ends the wait like Ctrl-C, so the job is stopped too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def follow(client, job_id: str, emit: Callable[[str], None], poll_s: float = 1.0) -> tuple[Any, str]:
+    """Stream a job's log through `emit` until it ends; returns (JobDetails, full log).
+
+    Polls the Jobs API rather than holding a websocket, so a dropped connection costs one poll, not the run. If the
+    follower is interrupted (Ctrl-C, SIGTERM, a cancelled Prefect run), the job is stopped.
+    """
+    stream = _LineStream(emit)
+    logs = ""
+    try:
+        with _sigterm_stops():
+            while True:
+                info = client.get_job_info(job_id)
+                logs = client.get_job_logs(job_id)
+                stream.feed(logs)
+                if str(info.status) in TERMINAL:
+                    stream.close()
+                    return info, logs
+                time.sleep(poll_s)
+    except BaseException:
+        try:
+            if str(client.get_job_status(job_id)) not in TERMINAL:
+                client.stop_job(job_id)
+                emit(f"stopped Ray job {job_id}")
+        except Exception:  # noqa: BLE001 - the original failure is the one to report
+            pass
+        raise
+
+
+def job_failure(job_id: str, info: Any, logs: str) -> RayJobError:
+    """One error that says why the job ended: the CLI's own error line, else Ray's message and the end of the log."""
+    bad_input = INPUT_ERROR.findall(logs)
+    if bad_input:
+        return RayJobInputError(f"Ray job {job_id} {info.status}: {bad_input[-1]}")
+    tail = "\n".join(logs.strip().splitlines()[-LOG_TAIL_LINES:])
+    reason = (info.message or "").strip().splitlines()[0] if info.message else ""
+    return RayJobError(f"Ray job {job_id} {info.status}: {reason or info.error_type or 'no reason given'}"
+                       f"\n--- last log lines ---\n{tail}")
+
+
+def run_job(address: str, entrypoint: str, runtime_env: dict[str, Any], emit: Callable[[str], None], *,
+            submission_id: str | None = None, metadata: dict[str, str] | None = None, poll_s: float = 1.0,
+            **entrypoint_resources: Any) -> str:
+    """Submit `entrypoint` to the cluster, stream its log through `emit`, and return the log if it SUCCEEDED.
+
+    `entrypoint_resources` (entrypoint_num_cpus, entrypoint_num_gpus, entrypoint_memory) place the job's driver: a
+    stage that computes in its driver (evaluation) asks for a worker node's CPU or GPU.
+    """
+    client = connect(address)
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
+                               metadata=metadata or {}, **entrypoint_resources)
+    names = ", ".join(sorted(n for n in runtime_env.get("env_vars", {}) if n.startswith("AWS_"))) or "none"
+    emit(f"submitted Ray job {job_id} to {address}: {entrypoint} (storage settings passed: {names})")
+    info, logs = follow(client, job_id, lambda line: emit(f"[ray job] {line}"), poll_s=poll_s)
+    if str(info.status) != "SUCCEEDED":
+        raise job_failure(job_id, info, logs)
+    emit(f"Ray job {job_id} SUCCEEDED")
+    return logs

@@ -1,0 +1,202 @@
+"""The stages a user runs and where each one runs (layer: dcgan).
+
+`build-lsun`, `build-faces`, `dedup`, `train` and `evaluate` are described the same way by the `dcgan` CLI and by the
+Prefect tasks: a `StageCall`, the resolved configuration plus the few options that are not configuration (a dedup's
+source and destination, an evaluation's step). `run` asks `preprocessing.compute` where work runs: in this process (a
+local Ray, or joining the cluster this process is on), or as a Ray Job that runs the same `dcgan <stage>` command line
+on the cluster, with the configuration in the job's working_dir. Both give the caller the same result: a small JSON
+dict (a job prints it as its last line, `--json`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from dcgan.config import Config, dump_config
+from preprocessing import compute, storage
+from preprocessing.errors import InputError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("build-lsun", "build-faces", "dedup", "train", "evaluate")
+FLAG_OPTIONS = ("overwrite", "arithmetic", "boxes", "step", "device")  # options a job's command line carries
+RESULT_KEY = "dcgan_result"   # the result line a job prints: {"dcgan_result": {...}}
+
+
+@dataclass
+class StageCall:
+    """One stage to run: `config` is complete and resolved; `options` are what is not configuration."""
+
+    stage: str
+    config: Config
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise InputError(f"unknown stage {self.stage!r}; stages: {', '.join(STAGES)}")
+
+    def command(self, config_file: str = "config.yaml") -> list[str]:
+        """The `dcgan` command line that runs this call from `config_file` (what a Ray Job runs)."""
+        argv = ["dcgan", self.stage]
+        if self.stage == "dedup":
+            argv += [self.options["source"], "--out", self.options["out"]]
+        argv += ["--config", config_file, "--json"]
+        for name, value in self.options.items():
+            if name not in FLAG_OPTIONS or value in (None, False):
+                continue
+            flag = "--" + name.replace("_", "-")
+            argv += [flag] if value is True else [flag, str(value)]
+        return argv
+
+
+Emit = Callable[[str], None]
+
+
+def run(call: StageCall, emit: Emit = log.info) -> dict[str, Any]:
+    """Run a stage where the configuration says (see preprocessing.compute); returns its result dict."""
+    where = compute.placement(call.config.cluster.address)
+    if where.kind == "jobs":
+        return run_as_job(call, where.address, emit)
+    return run_here(call, emit)
+
+
+def run_here(call: StageCall, emit: Emit = log.info) -> dict[str, Any]:
+    """Run a stage in this process, on a local Ray or the cluster this process is on."""
+    worker_env = None
+    if call.config.build is not None and call.stage.startswith("build-"):
+        # OpenCV's own pixel cap, a second guard behind the header checks; read once when a worker loads cv2
+        worker_env = {"OPENCV_IO_MAX_IMAGE_PIXELS": str(call.config.build.max_pixels)}
+    compute.connect(call.config.cluster.address, worker_env=worker_env)
+    result = _IMPLEMENTATIONS[call.stage](call, emit)
+    return {"stage": call.stage, **result}
+
+
+# ------------------------------------------------------------------------------------------- the stages, here
+
+
+def _build(call: StageCall, emit: Emit) -> dict[str, Any]:
+    from preprocessing.build import already_built, build_dataset
+
+    cfg, kind = call.config, call.stage.removeprefix("build-")
+    if cfg.build is None or not cfg.build.input:
+        raise InputError(f"{call.stage}: no input given (build.input: an LMDB, folder, s3:// prefix or URL list)")
+    build = cfg.build.model_copy(update={"kind": kind})
+    dedup = cfg.dedup if cfg.dedup.enabled else None
+    manifest = None if build.overwrite else already_built(cfg.data_uri, build, dedup)
+    if manifest is not None:
+        emit(f"skipping {call.stage}: {cfg.data_uri} is already complete with the same parameters "
+             f"({manifest['counts']['rows']} rows)")
+        return dataset_result(cfg.data_uri, manifest, skipped=True)
+    manifest = build_dataset(build, cfg.data_uri, dedup=dedup, progress=call.options.get("progress", True))
+    return dataset_result(cfg.data_uri, manifest)
+
+
+def dataset_result(uri: str, manifest: dict[str, Any], skipped: bool = False) -> dict[str, Any]:
+    """What a build or dedup reports: where the dataset is and its figures (the manifest holds the rest)."""
+    return {"dataset": uri, "skipped": skipped, "kind": manifest["kind"], "resolution": manifest["resolution"],
+            "counts": manifest["counts"], "content_hash": manifest.get("content_hash"),
+            "rejects": (manifest.get("rejects") or {}).get("by_reason", {}), "shards": len(manifest["shards"])}
+
+
+def _dedup(call: StageCall, emit: Emit) -> dict[str, Any]:
+    from preprocessing.dedup import dedup_dataset
+
+    o = call.options
+    manifest = dedup_dataset(o["source"], o["out"], call.config.dedup, overwrite=bool(o.get("overwrite")))
+    info = manifest["dedup"]
+    return {**dataset_result(o["out"], manifest), "source": o["source"],
+            "report": storage.join(o["out"], info["report"]), "picture": storage.join(o["out"], info["picture"])}
+
+
+def _train(call: StageCall, emit: Emit) -> dict[str, Any]:
+    from dcgan.train import train
+
+    return train(call.config)
+
+
+def _evaluate(call: StageCall, emit: Emit) -> dict[str, Any]:
+    from dcgan.evaluation.report import evaluate
+
+    cfg, o = call.config, call.options
+    data = cfg.data_uri if storage.exists(storage.join(cfg.data_uri, "manifest.json")) else None
+    metrics = evaluate(cfg.run_uri, cfg.evaluate, data_uri=data, arithmetic=o.get("arithmetic"),
+                       boxes=o.get("boxes"), step=o.get("step"), device=o.get("device"))
+    return {"run": cfg.run_uri, "report": storage.join(cfg.run_uri, "eval", "report.md"),
+            "html": storage.join(cfg.run_uri, "eval", "report.html"), "metrics": metrics}
+
+
+_IMPLEMENTATIONS = {"build-lsun": _build, "build-faces": _build, "dedup": _dedup, "train": _train,
+                    "evaluate": _evaluate}
+
+
+# ------------------------------------------------------------------------------------------ the stages, as jobs
+
+
+def job_config(cfg: Config) -> Config:
+    """The config a job runs: no address (inside a job, Ray's RAY_ADDRESS names the cluster: it joins)."""
+    return cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"address": None})})
+
+
+def _travelling_files(call: StageCall, work: Path) -> tuple[StageCall, list[str]]:
+    """Local files the stage reads that the cluster cannot see (a box file, a cascade) go with the job."""
+    options, cfg, moved = dict(call.options), job_config(call.config), []
+    boxes = options.get("boxes")
+    if boxes and not storage.is_s3(boxes) and Path(boxes).is_file():
+        shutil.copy(boxes, work / "boxes.json")
+        options["boxes"], moved = "boxes.json", moved + [boxes]
+    if cfg.build is not None and Path(cfg.build.cascade).is_file():
+        source = cfg.build.cascade
+        shutil.copy(source, work / Path(source).name)
+        cfg = cfg.model_copy(update={"build": cfg.build.model_copy(update={"cascade": Path(source).name})})
+        moved.append(source)
+    return StageCall(call.stage, cfg, options), moved
+
+
+def run_as_job(call: StageCall, address: str, emit: Emit = log.info, poll_s: float = 1.0) -> dict[str, Any]:
+    """Run a stage on the cluster at `address` as a Ray Job (`dcgan <stage> ... --json`) and return its result."""
+    from dcgan import jobs
+
+    with tempfile.TemporaryDirectory(prefix="dcgan-job-") as tmp:
+        work = Path(tmp)
+        job_call, moved = _travelling_files(call, work)
+        (work / "config.yaml").write_text(dump_config(job_call.config))
+        env = {**jobs.JOB_ENV, **jobs.aws_env(call.config.cluster.pass_credentials)}
+        where = {}
+        if call.stage == "evaluate":  # the evaluation computes in its driver: place it on a worker node
+            where = {"entrypoint_num_cpus": 1, "entrypoint_num_gpus": 1 if call.config.cluster.use_gpu else 0}
+        slug = re.sub(r"[^a-z0-9-]+", "-", call.config.name.lower()).strip("-") or "run"
+        if moved:
+            emit(f"sending with the job: {', '.join(moved)}")
+        logs = jobs.run_job(address, " ".join(_quote(a) for a in job_call.command()),
+                            {"working_dir": str(work), "env_vars": env}, emit,
+                            submission_id=f"dcgan-{call.stage}-{slug}-{uuid.uuid4().hex[:8]}",
+                            metadata={"dcgan.stage": call.stage, "dcgan.run": call.config.run_uri},
+                            poll_s=poll_s, **where)
+    return parse_result(logs, call.stage)
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(str(arg))
+
+
+def result_line(result: dict[str, Any]) -> str:
+    """The one line of JSON a stage prints with --json (and a job's caller reads back)."""
+    return json.dumps({RESULT_KEY: result}, default=str, separators=(",", ":"))
+
+
+def parse_result(logs: str, stage: str) -> dict[str, Any]:
+    for line in reversed(logs.splitlines()):
+        line = line.strip()
+        if line.startswith('{"' + RESULT_KEY + '"'):
+            return json.loads(line)[RESULT_KEY]
+    raise RuntimeError(f"the Ray job of {stage} succeeded but printed no result line")

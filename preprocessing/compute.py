@@ -1,0 +1,65 @@
+"""Where work runs (layer: preprocessing, the bottom, so that every stage and front end follows one rule).
+
+The address comes from the configuration (`cluster.address`), else from Ray's standard RAY_ADDRESS:
+- none                                  -> `local`: a Ray started inside this process (the laptop default);
+- `http(s)://HEAD:8265`, a Jobs API     -> `jobs`: the stage is submitted to that cluster as a Ray Job
+                                           (`dcgan.stages` does it; library code never submits itself);
+- `auto`, `HOST:PORT`, `ray://HOST:PORT` -> `join`: this process joins the cluster it runs on (the driver of a Ray
+                                           Job, where Ray sets RAY_ADDRESS, or a shell on a node).
+Ray's token authentication (on by default for `ray start` since Ray 2.52) needs nothing from the project: Ray's client
+finds the token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+from preprocessing.errors import InputError
+
+JOBS_SCHEMES = ("http://", "https://")
+
+
+@dataclass(frozen=True)
+class Placement:
+    kind: Literal["local", "join", "jobs"]
+    address: str | None = None
+
+    def __str__(self) -> str:
+        return {"local": "a local Ray in this process", "join": f"the Ray cluster at {self.address}",
+                "jobs": f"a Ray Job on the cluster at {self.address}"}[self.kind]
+
+
+def placement(address: str | None = None) -> Placement:
+    """Where a stage runs, from an explicit address (the config's) or RAY_ADDRESS."""
+    address = (address or os.environ.get("RAY_ADDRESS") or "").strip()
+    if not address or address == "local":
+        return Placement("local")
+    if address.startswith(JOBS_SCHEMES):
+        return Placement("jobs", address.rstrip("/"))
+    return Placement("join", address)
+
+
+def connect(address: str | None = None, *, worker_env: dict[str, str] | None = None, quiet: bool = True) -> None:
+    """Start or join Ray for work in this process, once (later calls keep the Ray that is there).
+
+    `worker_env` is set in every worker process of this job (read once when they start, as OpenCV's pixel cap is).
+    A Jobs API address is refused: a process cannot run work on a cluster through the Jobs API, only submit to it.
+    """
+    import ray
+
+    where = placement(address)
+    if where.kind == "jobs":
+        raise InputError(f"{where.address} is a Ray Jobs API address: a stage sent there runs as a Ray Job "
+                         "(the dcgan CLI and the flows submit it); inside a job or on a node use auto or HOST:PORT")
+    if ray.is_initialized():
+        return
+    kwargs = {"runtime_env": {"env_vars": dict(worker_env)}} if worker_env else {}
+    if quiet:
+        kwargs.update(logging_level=logging.WARNING, log_to_driver=True)
+    if where.kind == "local":
+        ray.init(**kwargs)
+    else:
+        ray.init(address=where.address, **kwargs)
