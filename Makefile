@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test test-fast bench venv clean
 
 venv: $(STAMP)
 
@@ -20,8 +20,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m pipelines.demo
 
+# Everything (what CI runs): about 20 minutes on 2 cores.
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The edit-test loop: no test marked slow (no Ray Train fit, no Prefect server, no cluster), under 5 minutes.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py

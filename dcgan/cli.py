@@ -36,10 +36,20 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dcgan-cluster")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dcgan.commands import build, dedup, evaluate, info, sample, train
 
     parser = Parser(prog="dcgan", description="DCGAN at cluster scale (Radford, Metz & Chintala 2016)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in (info, build, dedup, train, sample, evaluate):  # the order `dcgan --help` lists them
         command.register(sub)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import torch
-
-from dcgan.config import load_config
-from dcgan.networks import Discriminator, Generator, layer_table, parameter_count
 
 
 def register(sub) -> None:
-    p = sub.add_parser("info", help="print the networks' layer table and parameter counts")
+    p = sub.add_parser("info", help="print the networks' layer table and parameter counts",
+                       description="Print G's and D's layers, output shapes and parameter counts for a config, and "
+                                   "the size of D's feature vector used by the CIFAR-10/SVHN evaluation.")
     p.add_argument("--config", help="YAML config (default: the paper's 64x64 model)")
     p.set_defaults(func=run)
 
@@ -22,6 +20,11 @@ def _print_table(title: str, rows) -> None:
 
 
 def run(args) -> int:
+    import torch
+
+    from dcgan.config import load_config
+    from dcgan.networks import Discriminator, Generator, layer_table, parameter_count
+
     cfg = load_config(args.config)
     m = cfg.model
     g, d = Generator(m), Discriminator(m)

@@ -13,7 +13,8 @@ def positive(text: str) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("sample", help="write a PNG grid of samples from a checkpoint")
+    p = sub.add_parser("sample", help="write a PNG grid of samples from a checkpoint",
+                       description="Draw z from the run's prior and write G's samples as one PNG grid.")
     p.add_argument("--run", required=True, help="run URI")
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest valid one)")
     p.add_argument("--n", type=positive, default=64, help="number of samples (default 64)")
