@@ -27,7 +27,7 @@ from preprocessing.errors import InputError
 log = logging.getLogger(__name__)
 
 STAGES = ("build-lsun", "build-faces", "dedup", "train", "evaluate")
-FLAG_OPTIONS = ("overwrite", "arithmetic", "boxes", "step", "device")  # options a job's command line carries
+FLAG_OPTIONS = ("overwrite", "arithmetic", "boxes", "step", "device", "every_checkpoint", "force")  # options a job's command line carries
 RESULT_KEY = "dcgan_result"   # the result line a job prints: {"dcgan_result": {...}}
 
 
@@ -123,14 +123,29 @@ def _train(call: StageCall, emit: Emit) -> dict[str, Any]:
 
 
 def _evaluate(call: StageCall, emit: Emit) -> dict[str, Any]:
-    from dcgan.evaluation.report import evaluate
+    from dcgan import run_layout
+    from dcgan.evaluation.driver import evaluate, evaluate_every_checkpoint
 
     cfg, o = call.config, call.options
     data = cfg.data_uri if storage.exists(storage.join(cfg.data_uri, "manifest.json")) else None
-    metrics = evaluate(cfg.run_uri, cfg.evaluate, data_uri=data, arithmetic=o.get("arithmetic"),
-                       boxes=o.get("boxes"), step=o.get("step"), device=o.get("device"))
-    return {"run": cfg.run_uri, "report": storage.join(cfg.run_uri, "eval", "report.md"),
-            "html": storage.join(cfg.run_uri, "eval", "report.html"), "metrics": metrics}
+    kwargs = dict(data_uri=data, arithmetic=o.get("arithmetic"), boxes=o.get("boxes"), device=o.get("device"),
+                  force=bool(o.get("force")))
+    if o.get("every_checkpoint"):
+        done = evaluate_every_checkpoint(cfg.run_uri, cfg.evaluate, **kwargs)
+        emit(f"evaluated {len(done)} checkpoint(s) of {cfg.run_uri} that had no evaluation")
+        if not done:
+            return {"run": cfg.run_uri, "report": run_layout.eval_index(cfg.run_uri), "evaluated": [],
+                    "metrics": None}
+        metrics = done[-1]
+    else:
+        metrics = evaluate(cfg.run_uri, cfg.evaluate, step=o.get("step"), **kwargs)
+    if metrics.get("skipped"):
+        emit(f"skipping evaluate: step {metrics['step']} of {cfg.run_uri} is already evaluated with these suites "
+             "(--force to redo it)")
+    out = run_layout.eval_step(cfg.run_uri, metrics["step"])
+    return {"run": cfg.run_uri, "step": metrics["step"], "skipped": metrics.get("skipped", False),
+            "report": storage.join(out, "report.md"), "html": storage.join(out, "report.html"),
+            "index": run_layout.eval_index(cfg.run_uri), "metrics": metrics}
 
 
 _IMPLEMENTATIONS = {"build-lsun": _build, "build-faces": _build, "dedup": _dedup, "train": _train,

@@ -12,7 +12,7 @@ import torch
 from dcgan import checkpoints
 from dcgan.commands import evaluate as evaluate_cmd
 from dcgan.config import EvalConfig, ModelConfig, parse_config
-from dcgan.evaluation.report import evaluate
+from dcgan.evaluation.driver import evaluate, evaluate_every_checkpoint
 from dcgan.networks import Discriminator, Generator
 from preprocessing import shards, storage
 from realdata import mnist_rgb32
@@ -51,7 +51,7 @@ def test_evaluate_trained_run_writes_the_report(tmp_path):
     assert s["cifar10"]["status"].startswith("not run: CIFAR-10 images are 32x32 RGB; this run's D takes 32x32x1")
     assert s["svhn"]["status"].startswith("not run: no SVHN files given")
     assert m["data"] == data and s["memorisation"]["n_real"] == 400 and s["forgetting"]["n_dropped"] > 0
-    out = tmp_path / "run" / "eval"
+    out = tmp_path / "run" / "eval" / "step-0000100"
     for name in ("report.md", "report.html", "metrics.json", "samples.png", "sample_sheet.png", "sample_z.npy",
                  "walk-0.png", "arithmetic_terms.png", "arithmetic_result.png", "forgetting.png",
                  "guided_backprop.png", "memorisation.png"):
@@ -60,6 +60,12 @@ def test_evaluate_trained_run_writes_the_report(tmp_path):
     assert "![" in md and "not run: no SVHN files given" in md and "## Forgetting to draw" in md
     assert '<img src="forgetting.png"' in (out / "report.html").read_text()
     assert json.loads((out / "metrics.json").read_text())["suites"]["arithmetic"]["expression"] == "0,1,2 - 3,4,5 + 6,7,8"
+    # the run's history: one line per evaluation, an index that links it; the same evaluation is not redone
+    history = (tmp_path / "run" / "eval" / "metrics.jsonl").read_text().splitlines()
+    assert len(history) == 1 and json.loads(history[0])["suites"]["memorisation"]["n_real"] == 400
+    assert "step-0000100/report.md" in (tmp_path / "run" / "eval" / "report.md").read_text()
+    again = evaluate(run, cfg, arithmetic="0,1,2 - 3,4,5 + 6,7,8", boxes=str(boxes), device="cpu")
+    assert again["skipped"] is True and len((tmp_path / "run" / "eval" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_evaluate_svm_suites_on_s3(tmp_path, s3_bucket):
@@ -89,19 +95,20 @@ def test_evaluate_svm_suites_on_s3(tmp_path, s3_bucket):
         assert ns.func(ns) == 0
     finally:
         svm_mod.svhn_protocol.__defaults__ = saved
-    metrics = storage.read_json(f"{run}/eval/metrics.json")
+    metrics = storage.read_json(f"{run}/eval/step-0000100/metrics.json")
     c, s = metrics["suites"]["cifar10"], metrics["suites"]["svhn"]
     assert c["status"] == "ok" and c["n_train"] == 200 and c["feature_dim"] == 16 * 56 and 0 <= c["test_accuracy"] <= 1
     assert s["status"] == "ok" and s["n_val"] == 60 and s["test_draws"] == 3
-    assert storage.exists(f"{run}/eval/report.html") and storage.exists(f"{run}/eval/samples.png")
+    assert storage.exists(f"{run}/eval/step-0000100/report.html") and storage.exists(f"{run}/eval/step-0000100/samples.png")
+    assert storage.exists(f"{run}/eval/metrics.jsonl") and storage.exists(f"{run}/eval/report.html")
 
 
 def test_bad_inputs_stop_before_any_suite(tmp_path):
     g, d = Generator(ModelConfig(**SMALL)), Discriminator(ModelConfig(**SMALL))
     run = str(tmp_path / "run")
     save_run(run, g, d, SMALL)
-    with pytest.raises(ValueError, match="unknown evaluation suites \\['fidd'\\]"):
-        evaluate(run, EvalConfig(suites=["fidd"]), device="cpu")
+    with pytest.raises(ValueError, match="unknown evaluation suites \\['fidd'\\]"):  # when the config is read
+        EvalConfig(suites=["fidd"])
     with pytest.raises(FileNotFoundError, match=r"cifar10: .*nowhere does not exist"):
         evaluate(run, EvalConfig(suites=["cifar10"], cifar10=str(tmp_path / "nowhere")), device="cpu")
     with pytest.raises(ValueError, match=r"sample indices \[99\] are not on the sheet"):
@@ -113,3 +120,18 @@ def test_bad_inputs_stop_before_any_suite(tmp_path):
     save_run(other, Generator(ModelConfig(**big)), d, SMALL)
     with pytest.raises(checkpoints.CheckpointError, match="weights do not fit the config's networks"):
         evaluate(other, EvalConfig(suites=["samples"]), device="cpu")
+
+
+def test_every_checkpoint_evaluates_the_ones_not_yet_evaluated(tmp_path):
+    g, d = Generator(ModelConfig(**SMALL)), Discriminator(ModelConfig(**SMALL))
+    run = str(tmp_path / "run")
+    save_run(run, g, d, SMALL)
+    cfg = parse_config({"name": "eval-test", "model": SMALL, "run": run})
+    checkpoints.save(run, 200, {"generator": g.state_dict(), "discriminator": d.state_dict(), "step": 200,
+                                "config": cfg.model_dump(mode="json")})
+    quick = EvalConfig(suites=["samples"], n_samples=4)
+    evaluate(run, quick, step=100, device="cpu")
+    done = evaluate_every_checkpoint(run, quick, device="cpu")
+    assert [m["step"] for m in done] == [200] and evaluate_every_checkpoint(run, quick, device="cpu") == []
+    index = (tmp_path / "run" / "eval" / "report.md").read_text()
+    assert index.index("step-0000200") < index.index("step-0000100")  # newest first

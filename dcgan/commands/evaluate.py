@@ -1,4 +1,4 @@
-"""`dcgan evaluate --run URI`: the paper's evaluation suites on a run, written to <run>/eval/report.{md,html}."""
+"""`dcgan evaluate --run URI`: the paper's evaluation suites on a checkpoint, kept under <run>/eval/step-NNNNNNN/."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--boxes", help="JSON of object boxes drawn on the sample sheet, for the forgetting suite")
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest valid one)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
+    p.add_argument("--every-checkpoint", action="store_true",
+                   help="evaluate each valid checkpoint that has no evaluation yet (oldest first)")
+    p.add_argument("--force", action="store_true", help="evaluate again a step already evaluated with these suites")
     p.set_defaults(func=run)
 
 
@@ -38,13 +41,16 @@ def call_of(args):
     from preprocessing.storage import resolve_location
 
     base = stored_config(resolve_location(args.run)) if args.run and not args.config else None
-    options = {"arithmetic": args.arithmetic, "boxes": args.boxes, "step": args.step, "device": args.device}
+    options = {"arithmetic": args.arithmetic, "boxes": args.boxes, "step": args.step, "device": args.device,
+               "every_checkpoint": args.every_checkpoint, "force": args.force}
     return StageCall("evaluate", config_of(args, base=base), options)
 
 
 def summary(r: dict) -> str:
+    if r["metrics"] is None:
+        return f"every checkpoint of {r['run']} is evaluated already; index: {r['report']}"
     lines = [f"{name:<16} {m['status']}" for name, m in r["metrics"]["suites"].items()]
-    return "\n".join(lines + [f"report: {r['report']} (and report.html, metrics.json)"])
+    return "\n".join(lines + [f"report: {r['report']} (and report.html, metrics.json); all evaluations: {r['index']}"])
 
 
 def run(args) -> int:
