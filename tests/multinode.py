@@ -5,9 +5,11 @@ each in its own session (start_new_session) and temp dir, started one at a time 
 The cluster gets its own token through RAY_AUTH_TOKEN: nothing reads or writes ~/.ray/auth_token. Facts behind the
 choices (timings, what auth needs, what Ray Train does on node loss) are in tests/MULTINODE.md.
 
-Cost: about 15-25 s to start a head and two worker nodes on 2 busy cores, ~1.5 GB RAM; `multinode_cluster` is
-module-scoped, so each test module that uses it pays that once. Stopping takes a few seconds: every process of a
-node (its session, and every descendant even if it left the session) is stopped by PID, never with `ray stop`.
+Cost: 22-50 s to start a head and two worker nodes on the 2 shared cores, about 2.8 GB resident (head 1.8, each
+worker node 0.5, idle); stopping 4-20 s. `multinode_cluster` is module-scoped: each test module that uses it pays
+that once and gets a fresh cluster (tests may kill nodes). Every process of a node (its session, and every
+descendant even if it left the session) is stopped by PID, never with `ray stop`; if the test process itself is
+killed, each `ray start` gets SIGTERM from the kernel and stops its node.
 """
 
 from __future__ import annotations
@@ -286,7 +288,8 @@ class _Exited(RuntimeError):
 
 def _term_when_parent_dies() -> None:
     """In the child before exec: SIGTERM when the test process dies, even by SIGKILL (`ray start` then stops
-    its node), so a killed pytest leaves no cluster behind."""
+    its node), so a killed pytest leaves no cluster behind. The kernel watches the starting *thread*: start clusters
+    from the test's main thread."""
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
