@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from dcgan import checkpoints
+from dcgan.batchnorm import local_statistics
 from dcgan.config import Config, ConfigError, dump_config, parse_config
 from dcgan.networks import Discriminator, Generator, sample_z
 from dcgan.run_log import RunLog, read_metrics
@@ -63,10 +64,6 @@ def preflight(cfg: Config) -> dict[str, Any]:
     return manifest
 
 
-def _seed(seed: int, rank: int, step: int) -> None:
-    torch.manual_seed((seed * 1_000_003 + rank * 10_007 + step) % (2**63))
-
-
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -99,7 +96,6 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
         for t in list(g.state_dict().values()) + list(d.state_dict().values()):
             dist.broadcast(t, src=0)
-    _seed(train_cfg.seed, rank, step)
     if rank == 0:
         say(f"{'resuming at' if state else 'starting'} step {step}/{train_cfg.steps}: "
             f"{world} worker(s) on {device}, batch {train_cfg.batch_size} ({train_cfg.batch_size // world}/worker), "
@@ -163,7 +159,8 @@ def _checkpoint(cfg: Config, step: int, gan: GANStep, z_fixed: torch.Tensor) -> 
         "fixed_z": z_fixed,
         "config": cfg.model_dump(mode="json"),
     }
-    images = generate(gan.g_module, z_fixed)
+    with local_statistics(gan.g_module):  # rank 0 alone draws the grid: no cross-replica BatchNorm
+        images = generate(gan.g_module, z_fixed)
     grid_uri = save_grid(images, samples_uri(cfg.run_uri, step), nrow=8)
     ckpt = checkpoints.save(cfg.run_uri, step, state)
     checkpoints.prune(cfg.run_uri, cfg.train.keep_checkpoints)
