@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 
@@ -11,7 +12,8 @@ def register(sub) -> None:
     p.add_argument("--data", help="dataset URI (a directory or s3:// prefix holding manifest.json)")
     p.add_argument("--run", help="run URI: checkpoints, samples and metrics go here")
     p.add_argument("--workers", type=int, help="Ray Train workers (one per GPU)")
-    p.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="one GPU per worker, or none (default: cluster.use_gpu of the config)")
     p.add_argument("--steps", type=int, help="total training steps")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.set_defaults(func=run)
