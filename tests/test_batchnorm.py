@@ -31,6 +31,12 @@ def bn_pair(momentum=0.1):
     return ref, ours
 
 
+def batch_and_weights(n=BATCH):
+    """A batch whose channels are not centred, and weights that make the backward pass non-trivial."""
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(n, 6, 5, 5, generator=gen) * 2 + 1, torch.randn(n, 6, 5, 5, generator=gen)
+
+
 def forward_backward(bn, x, w):
     x = x.clone().requires_grad_()
     y = bn(x)
@@ -74,7 +80,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, real: torch.Tensor) 
         part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
         # The module: this rank's slice of one batch, gradients of weight and bias summed as the step does.
         _, bn = bn_pair()
-        x, w = torch.randn(BATCH, 6, 5, 5, generator=torch.Generator().manual_seed(1)) * 2 + 1, torch.randn(BATCH, 6, 5, 5)
+        x, w = batch_and_weights()
         y, gx = forward_backward(bn, x[part], w[part])
         for p in bn.parameters():
             dist.all_reduce(p.grad)
@@ -94,7 +100,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, real: torch.Tensor) 
 
 def gan_steps(real: torch.Tensor, rank: int, world: int) -> dict[str, torch.Tensor]:
     """G and D after STEPS GAN steps on this rank's slice of a fixed global batch of real digits, in float64 so
-    that only the algorithm can differ, not float32 rounding (see tests/test_step.py for why that matters)."""
+    that only the algorithm can differ, not float32 rounding (see the Ray test below for why that matters)."""
     train = TrainConfig(batch_size=BATCH)
     torch.manual_seed(0)
     g, d = Generator(MODEL).double(), Discriminator(MODEL).double()
@@ -111,7 +117,7 @@ def test_two_gloo_processes_equal_one_batchnorm_and_one_worker(tmp_path):
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path), real), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     ref, _ = bn_pair()
-    x, w = torch.randn(BATCH, 6, 5, 5, generator=torch.Generator().manual_seed(1)) * 2 + 1, torch.randn(BATCH, 6, 5, 5)
+    x, w = batch_and_weights()
     y, gx = forward_backward(ref, x, w)
     half = BATCH // 2
     close = dict(rtol=0, atol=1e-5)  # float32: sum/sum of squares vs nn.BatchNorm2d's own reduction order
