@@ -62,7 +62,8 @@ class ModelConfig(Strict):
 class TrainConfig(Strict):
     """Optimisation. Paper section 4: batch 128, Adam lr 2e-4, beta1 0.5, non-saturating GAN loss."""
 
-    batch_size: int = Field(128, ge=1, description="global batch, split evenly over workers")
+    batch_size: int = Field(128, ge=1, description="global batch, split evenly over workers; BatchNorm statistics "
+                            "and z cover the global batch, so N workers train as 1 worker would")
     lr: float = Field(2e-4, gt=0)
     beta1: float = Field(0.5, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
@@ -75,7 +76,7 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(10, ge=1)
-    seed: int = 0
+    seed: int = Field(0, description="initial weights, and each step's z for the global batch from (seed, step)")
     shuffle_buffer: int = Field(4096, ge=0, description="rows in Ray Data's local shuffle buffer; 0 = no shuffle")
     cache_bytes: int = Field(1 << 30, ge=0, description="a dataset with at most this many pixel bytes is read once "
                              "into Ray's object store; larger ones stream from storage every epoch")
@@ -84,7 +85,7 @@ class TrainConfig(Strict):
 class ClusterConfig(Strict):
     """Where Ray Train runs. `address` None = RAY_ADDRESS or a local in-process Ray."""
 
-    workers: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU); cross-replica BatchNorm when > 1")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     address: str | None = None

@@ -4,7 +4,9 @@ Written for throughput: the losses are BCE-with-logits (safe under autocast), im
 scaled on the device (permuting NHWC gives channels_last for free), metrics stay on the device until the caller asks
 (no per-step host syncs), optional bf16 autocast, channels_last, torch.compile and fused Adam. With several workers the
 gradients are averaged by one flat all-reduce per network: a GAN step runs D forward three times per backward pair,
-which DDP's one-forward-one-backward contract does not fit (StyleGAN2-ADA averages gradients the same way).
+which DDP's one-forward-one-backward contract does not fit (StyleGAN2-ADA averages gradients the same way). BatchNorm
+then normalises over the global batch (dcgan.batchnorm) and z is drawn for the global batch from (seed, step), each
+worker taking its slice: N workers train exactly as one worker with the same global batch.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcgan.batchnorm import convert_batchnorm
 from dcgan.config import ModelConfig, TrainConfig
 from dcgan.networks import sample_z
 
@@ -56,6 +59,18 @@ def to_model_input(batch: torch.Tensor, device: torch.device, channels_last: boo
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Logits for the losses in at least fp32 (bf16 under autocast; fp64 stays fp64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def step_z(cfg: ModelConfig, seed: int, step: int, n: int) -> torch.Tensor:
+    """The global batch's z at `step`: a function of (seed, step) alone, so neither the number of workers nor a
+    resume changes it. Drawn on the CPU (a few KB per step)."""
+    gen = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + step) % 2**63)
+    return sample_z(cfg, n, generator=gen)
+
+
 def _allreduce_grads(params: list[nn.Parameter]) -> None:
     """Average gradients over the workers with one flat all-reduce."""
     import torch.distributed as dist
@@ -89,6 +104,13 @@ class GANStep:
         distributed: bool = False,
     ):
         self.options = options or StepOptions.resolve(train_cfg, device)
+        self.rank, self.world = 0, 1
+        if distributed:
+            import torch.distributed as dist
+
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            convert_batchnorm(generator)  # in place: the optimizers' parameters stay the same objects
+            convert_batchnorm(discriminator)
         self.device = device
         self.model_cfg, self.train_cfg = model_cfg, train_cfg
         fmt = torch.channels_last if self.options.channels_last else torch.contiguous_format
@@ -110,7 +132,8 @@ class GANStep:
         if real.dtype == torch.uint8:
             real = to_model_input(real, self.device, self.options.channels_last)
         n = real.shape[0]
-        z = sample_z(self.model_cfg, n, device=self.device)
+        z = step_z(self.model_cfg, self.train_cfg.seed, self.iteration, n * self.world)
+        z = z[self.rank * n : (self.rank + 1) * n].to(self.device, real.dtype, non_blocking=True)  # this rank's slice
         alternate = self.train_cfg.alternate_updates
         update_d = not alternate or self.iteration % 2 == 0
         update_g = not alternate or self.iteration % 2 == 1
@@ -123,24 +146,24 @@ class GANStep:
         if update_d:
             self.opt_d.zero_grad(set_to_none=True)
             with self._autocast():
-                logit_real = self.d(real)
-                logit_fake = self.d(fake.detach())
+                logit_real = _wide(self.d(real))
+                logit_fake = _wide(self.d(fake.detach()))
             # BCE with logits: -log D(x) - log(1 - D(G(z))) == softplus(-l_real) + softplus(l_fake)
-            loss_d = F.softplus(-logit_real.float()).mean() + F.softplus(logit_fake.float()).mean()
+            loss_d = F.softplus(-logit_real).mean() + F.softplus(logit_fake).mean()
             loss_d.backward()
             if self.distributed:
                 _allreduce_grads(self.d_params)
             self.opt_d.step()
-            d_x = torch.sigmoid(logit_real.detach().float()).mean()
+            d_x = torch.sigmoid(logit_real.detach()).mean()
         loss_g = zero
         if update_g:
             self.opt_g.zero_grad(set_to_none=True)
             with self._autocast():
-                logit_gen = self.d(fake)
-            loss_g = F.softplus(-logit_gen.float()).mean()  # non-saturating: maximise log D(G(z))
+                logit_gen = _wide(self.d(fake))
+            loss_g = F.softplus(-logit_gen).mean()  # non-saturating: maximise log D(G(z))
             loss_g.backward(inputs=self.g_params)  # no D weight gradients in the G update
             if self.distributed:
                 _allreduce_grads(self.g_params)
             self.opt_g.step()
-            d_gz = torch.sigmoid(logit_gen.detach().float()).mean()
+            d_gz = torch.sigmoid(logit_gen.detach()).mean()
         return torch.stack([loss_d.detach(), loss_g.detach(), d_x, d_gz])

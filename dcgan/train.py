@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from dcgan import checkpoints
+from dcgan.batchnorm import local_statistics
 from dcgan.config import Config, ConfigError, dump_config, parse_config, parse_config_text
 from dcgan.networks import Discriminator, Generator, sample_z
 from dcgan.run_log import RunLog, read_metrics
@@ -85,10 +86,6 @@ def check_resumable(cfg: Config) -> None:
                       f"config ({storage.join(cfg.run_uri, CONFIG_FILE)}) or train into a new --run")
 
 
-def _seed(seed: int, rank: int, step: int) -> None:
-    torch.manual_seed((seed * 1_000_003 + rank * 10_007 + step) % (2**63))
-
-
 def resume_state(run_uri: str, resume: tuple[int, Any] | None) -> dict[str, Any] | None:
     """What a worker starts from: the state the driver read once (`resume` = (step, object ref)), unless the run has
     a newer checkpoint (Ray Train restarted the group after a failure), which it then reads itself."""
@@ -130,7 +127,6 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
         for t in list(g.state_dict().values()) + list(d.state_dict().values()):
             dist.broadcast(t, src=0)
-    _seed(train_cfg.seed, rank, step)
     if rank == 0:
         say(f"{'resuming at' if state else 'starting'} step {step}/{train_cfg.steps}: "
             f"{world} worker(s) on {device}, batch {train_cfg.batch_size} ({train_cfg.batch_size // world}/worker), "
@@ -194,7 +190,8 @@ def _checkpoint(cfg: Config, step: int, gan: GANStep, z_fixed: torch.Tensor) -> 
         "fixed_z": z_fixed,
         "config": cfg.model_dump(mode="json"),
     }
-    images = generate(gan.g_module, z_fixed)
+    with local_statistics(gan.g_module):  # rank 0 alone draws the grid: no cross-replica BatchNorm
+        images = generate(gan.g_module, z_fixed)
     grid_uri = save_grid(images, samples_uri(cfg.run_uri, step), nrow=8)
     ckpt = checkpoints.save(cfg.run_uri, step, state)
     checkpoints.prune(cfg.run_uri, cfg.train.keep_checkpoints)
