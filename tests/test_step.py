@@ -118,10 +118,10 @@ def test_grid_layout():
 
 def test_gpu_flag_turns_cluster_use_gpu_on_and_off(tmp_path):
     from dcgan.cli import build_parser
-    from dcgan.config import load_config
+    from dcgan.commands import config_of
 
     gpu_config = tmp_path / "gpu.yaml"
     gpu_config.write_text("cluster: {use_gpu: true}\n")
     for flag, expected in (["--gpu"], True), (["--no-gpu"], False), ([], True):
         args = build_parser().parse_args(["train", "--config", str(gpu_config), *flag])
-        assert load_config(args.config, {"cluster.use_gpu": args.gpu}).cluster.use_gpu is expected
+        assert config_of(args).cluster.use_gpu is expected
