@@ -89,6 +89,10 @@ class ClusterConfig(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     address: str | None = None
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places the workers: PACK fills a node's GPUs first (fast NVLink, fewer nodes); "
+                            "SPREAD uses as many nodes as it can; STRICT_* refuse to start otherwise (and wait for a "
+                            "replacement node after a node is lost)")
     max_failures: int = Field(3, ge=0, description="worker/node failures Ray Train recovers from by resuming")
     pass_credentials: bool = Field(False, description="pass this machine's AWS_ACCESS_KEY_ID/SECRET/SESSION_TOKEN to "
                                    "Ray Jobs (readable by anyone with Jobs API access); by default the cluster's "

@@ -195,7 +195,7 @@ def run_as_job(call: StageCall, address: str, emit: Emit = log.info, poll_s: flo
                             submission_id=f"dcgan-{call.stage}-{slug}-{uuid.uuid4().hex[:8]}",
                             metadata={"dcgan.stage": call.stage, "dcgan.run": call.config.run_uri},
                             poll_s=poll_s, **where)
-    return parse_result(logs, call.stage)
+    return parse_result(logs) or stored_result(call)
 
 
 def _quote(arg: str) -> str:
@@ -209,9 +209,37 @@ def result_line(result: dict[str, Any]) -> str:
     return json.dumps({RESULT_KEY: result}, default=str, separators=(",", ":"))
 
 
-def parse_result(logs: str, stage: str) -> dict[str, Any]:
+def parse_result(logs: str) -> dict[str, Any] | None:
     for line in reversed(logs.splitlines()):
         line = line.strip()
         if line.startswith('{"' + RESULT_KEY + '"'):
             return json.loads(line)[RESULT_KEY]
-    raise RuntimeError(f"the Ray job of {stage} succeeded but printed no result line")
+    return None
+
+
+def stored_result(call: StageCall) -> dict[str, Any]:
+    """A finished stage's result as its outputs in storage say it (when a job's log did not reach the caller)."""
+    from preprocessing.shards import read_manifest
+
+    cfg, o = call.config, call.options
+    if call.stage.startswith("build-"):
+        return {"stage": call.stage, **dataset_result(cfg.data_uri, read_manifest(cfg.data_uri))}
+    if call.stage == "dedup":
+        manifest = read_manifest(o["out"])
+        return {"stage": "dedup", **dataset_result(o["out"], manifest), "source": o["source"],
+                "report": storage.join(o["out"], manifest["dedup"]["report"]),
+                "picture": storage.join(o["out"], manifest["dedup"]["picture"])}
+    from dcgan import checkpoints, run_layout
+
+    step = checkpoints.latest_step(cfg.run_uri)
+    if call.stage == "train":
+        from dcgan.run_log import read_metrics
+        from dcgan.train import run_summary
+
+        rows = read_metrics(cfg.run_uri)
+        return {"stage": "train", **run_summary(cfg, step, rows[-1] if rows else None)}
+    step = o.get("step") or step
+    out = run_layout.eval_step(cfg.run_uri, step)
+    return {"stage": "evaluate", "run": cfg.run_uri, "step": step, "skipped": False,
+            "report": storage.join(out, "report.md"), "html": storage.join(out, "report.html"),
+            "index": run_layout.eval_index(cfg.run_uri), "metrics": storage.read_json(storage.join(out, "metrics.json"))}

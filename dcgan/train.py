@@ -257,6 +257,7 @@ def train(cfg: Config) -> dict[str, Any]:
             num_workers=cfg.cluster.workers,
             use_gpu=cfg.cluster.use_gpu,
             resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if cfg.cluster.use_gpu else {})},
+            placement_strategy=cfg.cluster.placement,
         ),
         run_config=run_config,
         datasets={"train": dataset},

@@ -1,0 +1,190 @@
+"""Cluster mode as an operator runs it: a real 3-node Ray cluster on 127.0.0.1 (a head with no CPUs, two worker
+nodes), Ray's token authentication on, a moto S3 server as the only storage, a real Prefect server and a process
+worker whose RAY_ADDRESS names the cluster's Jobs API. Every stage runs as a Ray Job of the same `dcgan` command
+line; nothing is written to local disk; a lost node costs at most one checkpoint interval of training, and a build
+that loses a node gives the same dataset.
+
+One cluster for the module (tests/multinode.py); the node-loss tests run last, since they kill nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+from multinode import multinode_cluster  # noqa: F401  (fixture)
+from prefect_server import BIN, prefect, prefect_server, stop  # noqa: F401  (fixture)
+from realdata import grace_hopper_path, mnist_rgb32, skimage_rgb
+
+from dcgan import checkpoints
+from dcgan.run_log import read_metrics
+from preprocessing import shards, storage
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+POOL = "dcgan-process"
+WRITTEN = ("manifest.json", "state.pt", "report.md", "metrics.csv")  # what a stage writes: on S3, never on disk
+
+
+def tiny(name: str, data: str, run: str, **cluster) -> dict:
+    """A run of the paper's 64x64 architecture at toy widths, small enough for 2 CPU workers."""
+    return {"name": name, "data": data, "run": run,
+            "model": {"resolution": 64, "ngf": 8, "ndf": 8, "kernel_size": 4, "z_dim": 16},
+            "train": {"batch_size": 4, "steps": 4, "checkpoint_every": 2, "log_every": 2, "shuffle_buffer": 0},
+            "cluster": {"workers": 2, "cpus_per_worker": 1, **cluster},
+            "evaluate": {"suites": ["samples"], "n_samples": 8}}
+
+
+def upload_face_photos(prefix: str) -> None:
+    """Package photos with one face each (grace_hopper, astronaut), mirrored and rescaled, plus a cat (no face)."""
+    photos = {"grace_hopper": cv2.cvtColor(cv2.imread(str(grace_hopper_path())), cv2.COLOR_BGR2RGB),
+              "astronaut": skimage_rgb("astronaut"), "chelsea": skimage_rgb("chelsea")}
+    for name, rgb in photos.items():
+        for variant, img in (("", rgb), ("-mirror", rgb[:, ::-1]), ("-big", cv2.resize(rgb, None, fx=1.25, fy=1.25))):
+            ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+            storage.write_bytes(f"{prefix}/{name}{variant}.jpg", jpg.tobytes())
+
+
+def files_named(roots: list[Path], since: float) -> list[str]:
+    found = []
+    for root in roots:
+        for dirpath, _, files in os.walk(root):
+            found += [f"{dirpath}/{f}" for f in files if f in WRITTEN and os.path.getmtime(f"{dirpath}/{f}") >= since]
+    return found
+
+
+def stage_jobs(cluster) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for job in cluster.jobs().list_jobs():
+        stage = (job.metadata or {}).get("dcgan.stage")
+        if stage:
+            out.setdefault(stage, []).append(job)
+    return out
+
+
+def test_every_stage_runs_as_a_ray_job_from_prefect_deployments(multinode_cluster, s3_bucket, prefect_server,
+                                                                tmp_path):
+    cluster, env = multinode_cluster, prefect_server
+    started = time.time()
+    upload_face_photos(f"{s3_bucket}/raw/photos")
+    data, run = f"{s3_bucket}/datasets/faces/v1", f"{s3_bucket}/runs/e2e"
+    config = json.dumps(tiny("e2e", data, run, placement="STRICT_SPREAD"))
+
+    prefect(env, "work-pool", "create", POOL, "--type", "process")
+    deployed = prefect(env, "--no-prompt", "deploy", "--all")
+    for name in ("build-faces/faces", "build-lsun/lsun", "train-dcgan/train", "train-dcgan/nightly",
+                 "evaluate-dcgan/evaluate", "dcgan-pipeline/pipeline"):
+        assert name in deployed, deployed
+    assert "0 2 * * *" in prefect(env, "deployment", "schedule", "ls", "train-dcgan/nightly")
+
+    # the worker is configured as README's "Run on a cluster" says: the Jobs API address and the cluster's token
+    worker_env = cluster.client_env(**{k: v for k, v in env.items() if k.startswith("PREFECT_")},
+                                    RAY_ADDRESS=cluster.jobs_address, PWD=str(REPO), PREFECT_WORKER_QUERY_SECONDS="2")
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", POOL], cwd=REPO,
+                                  env=worker_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for deployment, params in (
+            ("build-faces/faces", [f"out={data}", "build=" + json.dumps(
+                {"input": f"{s3_bucket}/raw/photos", "resolution": 64, "min_face": 60, "shard_rows": 4}),
+                "dedup=" + json.dumps({"enabled": False})]),
+            ("train-dcgan/train", [f"config={config}"]),
+            ("evaluate-dcgan/evaluate", [f"config={config}"]),
+        ):
+            try:
+                ran = prefect(env, "deployment", "run", deployment, *[a for p in params for a in ("--param", p)],
+                              "--watch", "--watch-timeout", "400", timeout=430)
+            except AssertionError as err:
+                raise AssertionError(f"{deployment} failed; the worker's log:\n{log.read_text()[-6000:]}") from err
+            assert "COMPLETED" in ran.upper(), f"{deployment}: {ran[-2000:]}\n{log.read_text()[-4000:]}"
+    finally:
+        stop(worker)
+
+    jobs = stage_jobs(cluster)
+    assert {s: [str(j.status) for j in js] for s, js in jobs.items()} == {
+        "build-faces": ["SUCCEEDED"], "train": ["SUCCEEDED"], "evaluate": ["SUCCEEDED"]}
+    workers = cluster.state("actors", class_name="RayTrainWorker")
+    assert {w["node_id"] for w in workers} == {cluster.nodes["node_a"].node_id, cluster.nodes["node_b"].node_id}
+    logs = log.read_text()
+    assert "[ray job]" in logs and "build-faces runs on a Ray Job on the cluster" in logs
+
+    manifest = shards.read_manifest(data)
+    assert manifest["kind"] == "faces" and manifest["counts"]["rows"] >= 4  # two faces x three variants
+    assert manifest["rejects"]["by_reason"].get("no_face") == 3  # the cat
+    assert checkpoints.latest_step(run) == 4 and storage.exists(f"{run}/eval/step-0000004/report.md")
+    assert not files_named([tmp_path, REPO, cluster.base_dir], started), "a stage wrote to local disk"
+
+
+def cli(cluster, *argv: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    env = cluster.client_env(RAY_ADDRESS=cluster.jobs_address, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "dcgan.cli", *argv], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def test_training_survives_a_lost_node(multinode_cluster, s3_bucket, tmp_path):
+    """SPREAD over both worker nodes; node_b dies mid-run: Ray Train restarts the group on node_a from the newest
+    checkpoint, and the run ends at its last step having lost at most one checkpoint interval."""
+    cluster = multinode_cluster
+    data, run = f"{s3_bucket}/datasets/digits", f"{s3_bucket}/runs/node-loss"
+    images = mnist_rgb32(64)
+    entry = shards.write_table(data, shards.shard_name(0), shards.make_table([f"{i:03d}" for i in range(64)], images))
+    shards.write_manifest(data, kind="lsun", resolution=32, shards=[entry], inputs=64)
+    config = tiny("node-loss", data, run, placement="SPREAD", max_failures=2)
+    config["model"] = {"resolution": 32, "ngf": 8, "ndf": 8, "kernel_size": 4, "z_dim": 16}
+    config["train"].update(steps=40, checkpoint_every=5, log_every=5)
+    path = tmp_path / "node-loss.yaml"
+    path.write_text(json.dumps(config))
+    env = cluster.client_env(RAY_ADDRESS=cluster.jobs_address, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "dcgan.cli", "train", "--config", str(path)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, killed_after = time.monotonic() + 300, None
+    while time.monotonic() < deadline and proc.poll() is None:
+        steps = checkpoints.complete_steps(run)
+        if steps and steps[-1] >= 10:
+            killed_after = steps[-1]
+            cluster.kill_node("node_b")
+            break
+        time.sleep(0.5)
+    out, err = proc.communicate(timeout=400)
+    assert killed_after is not None, err[-3000:]
+    assert proc.returncode == 0, err[-4000:]
+    resumed = [int(line.split("resuming at step ")[1].split("/")[0]) for line in err.splitlines()
+               if "resuming at step " in line]
+    assert resumed and resumed[-1] >= killed_after, (killed_after, resumed)  # at most one interval lost
+    assert checkpoints.latest_step(run) == 40
+    logged = [int(r["step"]) for r in read_metrics(run)]
+    assert logged == sorted(set(logged)) and logged[-1] == 40  # the counter continued, never went back
+    cluster.add_node("node_b")
+
+
+def test_a_build_that_loses_a_node_gives_the_same_dataset(multinode_cluster, s3_bucket):
+    cluster = multinode_cluster
+    raw = f"{s3_bucket}/raw/digits"
+    for i, img in enumerate(mnist_rgb32(480)):
+        storage.write_bytes(f"{raw}/{i:04d}.png", cv2.imencode(".png", img)[1].tobytes())
+    args = ["--resolution", "32", "--shard-rows", "20", "--no-dedup"]
+    clean = cli(cluster, "build-lsun", raw, "--out", f"{s3_bucket}/clean", *args)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+
+    env = cluster.client_env(RAY_ADDRESS=cluster.jobs_address, PYTHONPATH=str(REPO))
+    argv = [sys.executable, "-m", "dcgan.cli", "build-lsun", raw, "--out", f"{s3_bucket}/lossy", *args]
+    proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if storage.list_uris(f"{s3_bucket}/lossy/_chunks"):
+            cluster.kill_node("node_a")
+            break
+        time.sleep(0.2)
+    proc.communicate(timeout=400)
+    if proc.returncode != 0:  # the job may fail with its node; the same command finishes it
+        again = cli(cluster, "build-lsun", raw, "--out", f"{s3_bucket}/lossy", *args)
+        assert again.returncode == 0, again.stderr[-3000:]
+    lossy, reference = shards.read_manifest(f"{s3_bucket}/lossy"), shards.read_manifest(f"{s3_bucket}/clean")
+    assert lossy["content_hash"] == reference["content_hash"] and lossy["counts"]["rows"] == 480
