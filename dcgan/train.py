@@ -217,7 +217,8 @@ def training_input(config: dict[str, Any], manifest: dict[str, Any], progress: b
 
 
 def known_fault(err: BaseException) -> UserError | None:
-    """The UserError a worker raised, from inside Ray Train's and Ray's wrappers (None for anything else)."""
+    """The UserError a worker raised, from inside Ray Train's and Ray's wrappers, as its one line (Ray Data appends
+    advice on retries to the message); None for anything else."""
     seen: set[int] = set()
     todo = [err]
     while todo:
@@ -227,7 +228,10 @@ def known_fault(err: BaseException) -> UserError | None:
         seen.add(id(e))
         cause = getattr(e, "cause", None)  # RayTaskError: its own type also subclasses the cause's
         if isinstance(e, UserError) and not isinstance(cause, BaseException):
-            return e
+            try:
+                return type(e)(str(e).splitlines()[0])
+            except Exception:  # noqa: BLE001 - a subclass with another signature keeps its own message
+                return e
         todo += [cause, getattr(e, "_base_exc", None), getattr(e, "controller_failure", None), e.__cause__,
                  *getattr(e, "worker_failures", {}).values()]
     return None
@@ -262,7 +266,7 @@ def train(cfg: Config) -> dict[str, Any]:
     storage.write_text(storage.join(cfg.run_uri, CONFIG_FILE), dump_config(cfg))
 
     from ray.data import DataContext
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from preprocessing import ingest
@@ -276,7 +280,10 @@ def train(cfg: Config) -> dict[str, Any]:
     else:
         where = {"storage_path": str(storage.local_path(ray_dir))}
     run_config = RunConfig(name=f"train-{int(time.time())}",
-                           failure_config=FailureConfig(max_failures=cfg.cluster.max_failures), **where)
+                           failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+                           # Every failure reaches the driver once: a worker's known fault as one line, anything else
+                           # with each worker's traceback; Ray Train's console copies of it would only repeat it.
+                           logging_config=LoggingConfig(log_level="CRITICAL"), **where)
     fail_at = os.environ.get(FAIL_AT_STEP_ENV)
     resume = None
     if checkpoints.complete_steps(cfg.run_uri):  # read once here (a corrupt newest is reported and skipped)

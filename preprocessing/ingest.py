@@ -23,8 +23,10 @@ import ray
 import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
+from ray.exceptions import UserCodeException
 
 from preprocessing import shards, storage
+from preprocessing.errors import one_line
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +67,11 @@ def stream_items(manifest: dict[str, Any], seed: int, start_row: int, rows: int)
     return items
 
 
+class ShardError(shards.DatasetError, UserCodeException):
+    """A shard that fails its manifest check in a read task: a DatasetError for the project, and for Ray Data a fault
+    of the task's own code, which it reports in one line (no internal traceback) and does not retry."""
+
+
 def read_shard(dataset_uri: str, entry: dict[str, Any], resolution: int, channels: int, columns: Sequence[str],
                epoch: int) -> pa.Table:
     """One shard, checked against its manifest entry as it is read (DatasetError names the shard)."""
@@ -72,8 +79,11 @@ def read_shard(dataset_uri: str, entry: dict[str, Any], resolution: int, channel
     try:
         data = storage.read_bytes(uri)
     except storage.StorageError as err:
-        raise shards.DatasetError(f"shard {entry['path']} of {dataset_uri} cannot be read: {err}") from None
-    parquet = shards.check_shard(dataset_uri, entry, data, resolution, channels)
+        raise ShardError(f"shard {entry['path']} of {dataset_uri} cannot be read: {one_line(err)}") from None
+    try:
+        parquet = shards.check_shard(dataset_uri, entry, data, resolution, channels)
+    except shards.DatasetError as err:
+        raise ShardError(str(err)) from None
     table = parquet.read(columns=[c for c in columns if c != EPOCH], use_threads=False)
     if EPOCH in columns:
         table = table.append_column(EPOCH, pa.array(np.full(table.num_rows, epoch, np.int32)))

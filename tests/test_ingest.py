@@ -4,7 +4,6 @@ epoch whatever the number of workers, every shard checked against the manifest a
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ import pytest
 import yaml
 
 from preprocessing import ingest, shards, storage
+from preprocessing.shards import DatasetError
 from tests.realdata import mnist_rgb32
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +62,22 @@ def epoch_keys(blocks) -> dict[int, list[str]]:
         for k, e in zip(b.column("key").to_pylist(), b.column(ingest.EPOCH).to_pylist()):
             keys.setdefault(e, []).append(k)
     return keys
+
+
+def replace_with_same_size_shard(uri: str, x: np.ndarray, index: int, rows: int, scratch: str) -> None:
+    """Overwrite shard `index` with another valid shard of the same byte size (one pixel differs): the size check
+    cannot tell them apart, only the sha256 can."""
+    target = shards.read_manifest(uri)["shards"][index]
+    keys = [f"d{j:05d}" for j in range(index * rows, (index + 1) * rows)]
+    for pixel in range(256):
+        images = x[index * rows:(index + 1) * rows].copy()
+        images[pixel % rows, 16, pixel // rows] ^= 1
+        entry = shards.write_table(scratch, "variant.parquet", shards.make_table(keys, images))
+        if entry["bytes"] == target["bytes"]:
+            variant = storage.read_bytes(storage.join(scratch, "variant.parquet"))
+            storage.write_bytes(storage.join(uri, target["path"]), variant)
+            return
+    raise AssertionError("no same-size variant found")
 
 
 # ------------------------------------------------------------------------------------------ order, without Ray
@@ -127,12 +143,11 @@ def test_every_row_once_per_epoch_across_workers(ray_cluster, tmp_path, splits):
         assert seen == Counter(f"d{j:05d}" for j in range(120))  # none lost, none twice
 
 
-def test_a_replaced_shard_stops_the_stream_naming_it(ray_cluster, s3_bucket):
+def test_a_replaced_shard_stops_the_stream_naming_it(ray_cluster, s3_bucket, tmp_path):
     uri = storage.join(s3_bucket, "ds")
-    make_dataset(uri, n_shards=3)
-    storage.write_bytes(storage.join(uri, "shards/part-00001.parquet"),
-                        storage.read_bytes(storage.join(uri, "shards/part-00002.parquet")))
-    with pytest.raises(Exception, match=r"shard shards/part-00001.parquet: .*(sha256|bytes)"):
+    x = make_dataset(uri, n_shards=3)
+    replace_with_same_size_shard(uri, x, 1, 20, str(tmp_path))
+    with pytest.raises(DatasetError, match=r"shard shards/part-00001.parquet: sha256 differs from the manifest of s3://"):
         stream_blocks(uri, seed=0, epochs=1)
 
 
@@ -141,12 +156,11 @@ def test_a_replaced_shard_stops_the_stream_naming_it(ray_cluster, s3_bucket):
 
 @pytest.mark.slow
 def test_train_on_a_replaced_shard_is_one_line_exit_2(tmp_path):
-    """A valid shard copied over another (same rows, other bytes): training stops on it, and the CLI says so in one
-    line naming the shard, with no traceback."""
+    """A valid shard of the same size replaces another: training stops on it, and the CLI says so in one line naming
+    the shard, with no traceback."""
     data = tmp_path / "data"
-    make_dataset(str(data), n_shards=4, rows=32)
-    shard = data / "shards" / "part-00002.parquet"
-    shutil.copy(data / "shards" / "part-00000.parquet", shard)
+    x = make_dataset(str(data), n_shards=4, rows=32)
+    replace_with_same_size_shard(str(data), x, 2, 32, str(tmp_path / "scratch"))
     cfg = yaml.safe_load((REPO / "configs" / "tiny-test.yaml").read_text())
     cfg["cluster"]["max_failures"] = 0  # Ray Train would retry the group on the same shard
     config = tmp_path / "tiny.yaml"
@@ -156,5 +170,9 @@ def test_train_on_a_replaced_shard_is_one_line_exit_2(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"})
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("dcgan train: error: ")]
     assert r.returncode == 2, r.stderr[-3000:]
-    assert len(lines) == 1 and "shards/part-00002.parquet" in lines[0], r.stderr[-3000:]
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert len(lines) == 1 and "shards/part-00002.parquet" in lines[0] and "sha256" in lines[0], r.stderr[-3000:]
+    assert lines[0].endswith("restore the shard)"), lines[0]  # nothing of Ray's appended
+    # Ray Train's PlacementGroupCleaner cannot tell its cluster from the others when several Ray instances share a
+    # machine (as on a shared CI box) and prints a traceback of its own, in good runs as in bad: not this fault's.
+    ours = [ln for ln in r.stderr.splitlines() if "(PlacementGroupCleaner pid=" not in ln]
+    assert not [ln for ln in ours if "Traceback" in ln], r.stderr[-3000:]
