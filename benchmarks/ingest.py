@@ -190,7 +190,8 @@ def main() -> None:
             print(line("bare", a), line("stream", b), sep="\n")
             if args.before:
                 c = timed(before(uri, manifest))
-                print(line("before", c), f"  before/bare {c['steady'] / a['steady']:.3f}", sep="\n")
+                print(line("before", c), f"  before/bare {c['steady'] / a['steady']:.3f} "
+                      f"(with start-up {a['wall'] / c['wall']:.3f})", sep="\n")
             per_core = b["rows"] / b["cpu"]
             print(f"  ratio {b['steady'] / a['steady']:.3f} (with start-up {a['wall'] / b['wall']:.3f}); "
                   f"stream {per_core:.0f} img/s per core -> {H100_RATE / per_core:.2f} cores for one H100 at "

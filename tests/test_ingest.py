@@ -96,8 +96,6 @@ def test_each_epoch_has_its_own_seeded_order_and_a_resume_continues_it():
 
 
 def test_batches_pass_every_row_once_and_shuffle_across_blocks():
-    import pyarrow as pa
-
     x = mnist_rgb32(300)
     ids = np.arange(len(x))
     x[:, 0, 0, 0], x[:, 0, 0, 1] = ids % 256, ids // 256  # each row says which it is
@@ -112,10 +110,9 @@ def test_batches_pass_every_row_once_and_shuffle_across_blocks():
     plain = order(0)
     assert list(plain) == list(range(288))  # the last partial batch is dropped
     mixed = order(100)
-    assert len(mixed) == 288 and len(set(mixed)) == 288 and list(mixed) != list(plain)
-    assert abs(np.corrcoef(np.arange(288), mixed)[0, 1]) < 0.95  # rows of later blocks come out early, and back
+    assert len(mixed) == 288 and len(set(mixed)) == 288  # none lost or repeated (288 of 300: whole batches)
+    assert len({int(i) // 70 for i in mixed[:32]}) == 2 and list(mixed[:32]) != sorted(mixed[:32])  # blocks 0 and 1
     assert list(order(100)) == list(mixed) and list(order(100, seed=1)) != list(mixed)
-    assert isinstance(blocks[0], pa.Table)
 
 
 # ------------------------------------------------------------------------------------------ through Ray Data
