@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/face_detect.py
 	$(PY) benchmarks/dedup_quality.py
 	$(PY) benchmarks/dedup_grouping.py
+	$(PY) benchmarks/ingest.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -76,10 +76,10 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(10, ge=1)
-    seed: int = Field(0, description="initial weights, and each step's z for the global batch from (seed, step)")
-    shuffle_buffer: int = Field(4096, ge=0, description="rows in Ray Data's local shuffle buffer; 0 = no shuffle")
-    cache_bytes: int = Field(1 << 30, ge=0, description="a dataset with at most this many pixel bytes is read once "
-                             "into Ray's object store; larger ones stream from storage every epoch")
+    seed: int = Field(0, description="initial weights, each epoch's shard order, and each step's z for the global "
+                                     "batch from (seed, step)")
+    shuffle_buffer: int = Field(4096, ge=0, description="rows in each worker's shuffle buffer, after a fresh seeded "
+                                "shard order every epoch; 0 = the shard order only")
 
 
 class ClusterConfig(Strict):

@@ -8,6 +8,7 @@ instead of starting over. Rank 0 writes metrics, checkpoints and a fixed-z sampl
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -24,6 +25,7 @@ from dcgan.run_log import RunLog, read_metrics
 from dcgan.sampling import generate, save_grid
 from dcgan.step import METRICS, GANStep, StepOptions, make_optimizers
 from preprocessing import compute, ownership, shards, storage
+from preprocessing.errors import UserError
 
 log = logging.getLogger("dcgan.train")
 
@@ -101,6 +103,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from preprocessing import ingest
+
     cfg = parse_config(loop_config["config"])
     run_uri, train_cfg = cfg.run_uri, cfg.train
     ctx = ray.train.get_context()
@@ -137,44 +141,40 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     fail_at = loop_config.get("fail_at_step")
     fail_marker = storage.join(run_uri, "ray", "fault-injected")
     per_worker = train_cfg.batch_size // world
-    data = ray.train.get_dataset_shard("train")
-    acc, n_acc, t0, epoch = torch.zeros(len(METRICS), device=device), 0, time.perf_counter(), 0
+    blocks = ray.train.get_dataset_shard("train").iter_batches(batch_size=None, batch_format="pyarrow",
+                                                                prefetch_batches=2)
+    stream = ingest.batches(blocks, per_worker, train_cfg.shuffle_buffer, seed=(train_cfg.seed, rank, step))
+    acc, n_acc, t0 = torch.zeros(len(METRICS), device=device), 0, time.perf_counter()
     last: dict[str, float] = {}
-    while step < train_cfg.steps:
-        batches = 0
-        for batch in data.iter_torch_batches(
-            batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=train_cfg.shuffle_buffer or None,
-            prefetch_batches=4,
-        ):
-            batches += 1
-            acc += gan(batch["image"])
-            n_acc += 1
-            step += 1
-            if fail_at and step == fail_at and rank == world - 1 and not storage.exists(fail_marker):
-                storage.write_text(fail_marker, f"worker {rank} exited at step {step}\n")
-                os._exit(1)
-            if step % train_cfg.log_every == 0 or step == train_cfg.steps:
-                values = (acc / n_acc).tolist()  # the one host sync per log interval
-                elapsed = time.perf_counter() - t0
-                last = dict(zip(METRICS, values), images_per_s=n_acc * train_cfg.batch_size / elapsed, epoch=epoch)
-                if run_log:
-                    run_log.log(step, last)
-                    say(f"step {step}/{train_cfg.steps} loss_D {last['loss_d']:.3f} "
-                        f"loss_G {last['loss_g']:.3f} D(x) {last['d_x']:.3f} D(G(z)) {last['d_g_z']:.3f} "
-                        f"{last['images_per_s']:.0f} img/s")
-                acc.zero_()
-                n_acc, t0 = 0, time.perf_counter()
-            if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
-                report: dict[str, Any] = {"step": step, **last}
-                if rank == 0:
-                    report.update(_checkpoint(cfg, step, gan, z_fixed))
-                    run_log.flush()
-                ray.train.report(report)
-            if step >= train_cfg.steps:
-                break
-        if batches == 0:
-            raise RuntimeError(f"worker {rank} received no full batch of {per_worker} rows in an epoch")
-        epoch += 1
+    for batch in stream:
+        acc += gan(batch)
+        n_acc += 1
+        step += 1
+        if fail_at and step == fail_at and rank == world - 1 and not storage.exists(fail_marker):
+            storage.write_text(fail_marker, f"worker {rank} exited at step {step}\n")
+            os._exit(1)
+        if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+            values = (acc / n_acc).tolist()  # the one host sync per log interval
+            elapsed = time.perf_counter() - t0
+            last = dict(zip(METRICS, values), images_per_s=n_acc * train_cfg.batch_size / elapsed,
+                        epoch=step * train_cfg.batch_size // loop_config["rows"])
+            if run_log:
+                run_log.log(step, last)
+                say(f"step {step}/{train_cfg.steps} loss_D {last['loss_d']:.3f} "
+                    f"loss_G {last['loss_g']:.3f} D(x) {last['d_x']:.3f} D(G(z)) {last['d_g_z']:.3f} "
+                    f"{last['images_per_s']:.0f} img/s")
+            acc.zero_()
+            n_acc, t0 = 0, time.perf_counter()
+        if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
+            report: dict[str, Any] = {"step": step, **last}
+            if rank == 0:
+                report.update(_checkpoint(cfg, step, gan, z_fixed))
+                run_log.flush()
+            ray.train.report(report)
+        if step >= train_cfg.steps:
+            break
+    if step < train_cfg.steps:
+        raise RuntimeError(f"worker {rank}: the training stream ended at step {step} of {train_cfg.steps}")
     if run_log:
         run_log.close()
 
@@ -199,6 +199,41 @@ def _checkpoint(cfg: Config, step: int, gan: GANStep, z_fixed: torch.Tensor) -> 
     return {"checkpoint": ckpt, "samples": grid_uri}
 
 
+def training_input(config: dict[str, Any], manifest: dict[str, Any], progress: bool = False):
+    """The run's input stream, from the step its workers resume at (the newest checkpoint that passes the cheap
+    checks) to the last step. Ray Train calls it each time it starts the worker group, so a restart after a failure
+    continues the epoch's seeded shard order where the checkpoint left it."""
+    from preprocessing import ingest
+
+    cfg = parse_config(config)
+    step = checkpoints.latest_step(cfg.run_uri) or 0
+    batch = cfg.train.batch_size
+    spare = cfg.cluster.workers * max(s["rows"] for s in manifest["shards"])  # no worker's equal split runs short
+    return ingest.training_dataset(cfg.data_uri, manifest, seed=cfg.train.seed, start_row=step * batch,
+                                   rows=(cfg.train.steps - step) * batch + spare, progress=progress)
+
+
+def known_fault(err: BaseException) -> UserError | None:
+    """The UserError a worker raised, from inside Ray Train's and Ray's wrappers, as its one line (Ray Data appends
+    advice on retries to the message); None for anything else."""
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # RayTaskError: its own type also subclasses the cause's
+        if isinstance(e, UserError) and not isinstance(cause, BaseException):
+            try:
+                return type(e)(str(e).splitlines()[0])
+            except Exception:  # noqa: BLE001 - a subclass with another signature keeps its own message
+                return e
+        todo += [cause, getattr(e, "_base_exc", None), getattr(e, "controller_failure", None), e.__cause__,
+                 *getattr(e, "worker_failures", {}).values()]
+    return None
+
+
 def run_summary(cfg: Config, step: int, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a run at `step` offers: its URIs (from storage layout alone) and the last logged metrics, if given."""
     return {
@@ -219,16 +254,14 @@ def train(cfg: Config) -> dict[str, Any]:
         return run_summary(cfg, done)
     storage.write_text(storage.join(cfg.run_uri, CONFIG_FILE), dump_config(cfg))
 
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.data import DataContext
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from preprocessing import ingest
+
     compute.connect(cfg.cluster.address)
-    dataset = shards.ray_dataset(cfg.data_uri, columns=["image"], manifest=manifest)
-    pixel_bytes = manifest["counts"]["rows"] * manifest["resolution"] ** 2 * manifest.get("channels", 3)
-    if pixel_bytes <= cfg.train.cache_bytes:
-        # Small datasets: one read, then every epoch comes from the object store instead of re-listing and
-        # re-reading the shards (seconds per epoch that would stall the GPUs at every epoch boundary).
-        dataset = dataset.materialize()
+    progress = sys.stderr.isatty() and DataContext.get_current().enable_progress_bars  # a person watches
     ray_dir = storage.join(cfg.run_uri, "ray")
     if storage.is_s3(ray_dir):
         fs, path = storage.arrow_filesystem(ray_dir)
@@ -236,7 +269,10 @@ def train(cfg: Config) -> dict[str, Any]:
     else:
         where = {"storage_path": str(storage.local_path(ray_dir))}
     run_config = RunConfig(name=f"train-{int(time.time())}",
-                           failure_config=FailureConfig(max_failures=cfg.cluster.max_failures), **where)
+                           failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+                           # Every failure reaches the driver once: a worker's known fault as one line, anything else
+                           # with each worker's traceback; Ray Train's console copies of it would only repeat it.
+                           logging_config=LoggingConfig(log_level="CRITICAL"), **where)
     fail_at = os.environ.get(FAIL_AT_STEP_ENV)
     resume = None
     if checkpoints.complete_steps(cfg.run_uri):  # read once here (a corrupt newest is reported and skipped)
@@ -252,6 +288,7 @@ def train(cfg: Config) -> dict[str, Any]:
             "threads": max(1, round(cfg.cluster.cpus_per_worker)),
             "fail_at_step": int(fail_at) if fail_at else None,
             "resume": resume,
+            "rows": manifest["counts"]["rows"],
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.workers,
@@ -260,11 +297,19 @@ def train(cfg: Config) -> dict[str, Any]:
             placement_strategy=cfg.cluster.placement,
         ),
         run_config=run_config,
-        datasets={"train": dataset},
+        datasets={"train": functools.partial(training_input, cfg.model_dump(mode="json"), manifest,
+                                             progress=progress)},
+        dataset_config=ingest.data_config(),
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except Exception as err:
+        known = known_fault(err)  # a worker's DatasetError (say) as itself: one line from the CLI
+        if known is None:
+            raise
+        raise known from None
     step = checkpoints.latest_step(cfg.run_uri) or 0
     rows = read_metrics(cfg.run_uri)
     return run_summary(cfg, step, rows[-1] if rows else None)

@@ -12,7 +12,6 @@ the manifest lists, and check row counts, sizes and sha256, so a crash never lea
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import hashlib
 import io
 from dataclasses import dataclass
@@ -239,28 +238,36 @@ def check_manifest(manifest: Any, uri: str) -> dict[str, Any]:
     return manifest
 
 
+def check_shard(dataset_uri: str, entry: dict[str, Any], data: bytes, resolution: int, channels: int = 3,
+                checksums: bool = True) -> pq.ParquetFile:
+    """A shard's bytes against its manifest entry: same size, sha256, row count and schema; the opened file."""
+    where = f"shard {entry['path']}"
+    if len(data) != entry["bytes"]:
+        raise DatasetError(f"{where}: {len(data)} bytes, the manifest of {dataset_uri} says {entry['bytes']} "
+                           "(replaced or truncated; rebuild the dataset or restore the shard)")
+    if checksums and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise DatasetError(f"{where}: sha256 differs from the manifest of {dataset_uri} "
+                           "(corrupt or replaced; rebuild the dataset or restore the shard)")
+    parquet = pq.ParquetFile(pa.BufferReader(data))
+    if parquet.metadata.num_rows != entry["rows"]:
+        raise DatasetError(f"{where}: {parquet.metadata.num_rows} rows, manifest says {entry['rows']}")
+    schema, expected = parquet.schema_arrow, image_field(resolution, channels)
+    if (schema.get_field_index("image") < 0 or schema.field("image").type != expected.type
+            or (schema.field("image").metadata or {}).get(b"shape") != expected.metadata[b"shape"]):
+        raise DatasetError(f"{where}: schema does not match version {SCHEMA_VERSION} at resolution {resolution}")
+    return parquet
+
+
 def verify(dataset_uri: str, manifest: dict[str, Any] | None = None, checksums: bool = True) -> dict[str, Any]:
     """Check every shard the manifest lists: present, same size, same sha256, same row count, same schema."""
     manifest = manifest or read_manifest(dataset_uri)
-    expected = shard_schema(manifest["resolution"], manifest.get("channels", 3))
     for entry in manifest["shards"]:
         uri = storage.join(dataset_uri, entry["path"])
         try:
             data = storage.read_bytes(uri)
         except storage.StorageError:
             raise DatasetError(f"shard {entry['path']} listed in the manifest is missing ({uri})") from None
-        if len(data) != entry["bytes"]:
-            raise DatasetError(f"shard {entry['path']}: {len(data)} bytes, manifest says {entry['bytes']}")
-        if checksums and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise DatasetError(f"shard {entry['path']}: sha256 differs from the manifest (corrupt or replaced)")
-        meta = pq.ParquetFile(io.BytesIO(data))
-        if meta.metadata.num_rows != entry["rows"]:
-            raise DatasetError(f"shard {entry['path']}: {meta.metadata.num_rows} rows, manifest says {entry['rows']}")
-        schema = meta.schema_arrow
-        if (schema.get_field_index("image") < 0 or schema.field("image").type != expected.field("image").type
-                or (schema.field("image").metadata or {}).get(b"shape") != expected.field("image").metadata[b"shape"]):
-            raise DatasetError(f"shard {entry['path']}: schema does not match version {SCHEMA_VERSION} "
-                               f"at resolution {manifest['resolution']}")
+        check_shard(dataset_uri, entry, data, manifest["resolution"], manifest.get("channels", 3), checksums)
     return manifest
 
 
@@ -344,28 +351,3 @@ class ShardDataset:
 def shard_uris(dataset_uri: str, manifest: dict[str, Any] | None = None) -> list[str]:
     manifest = manifest or read_manifest(dataset_uri)
     return [storage.join(dataset_uri, s["path"]) for s in manifest["shards"]]
-
-
-def _pixels_to_tensor(batch: pa.Table, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """Ray Data batch function: the fixed-size binary image column -> a uint8 (N, R, R, C) tensor column."""
-    out = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names if name != "image"}
-    if "image" in batch.column_names:
-        out["image"] = pixels(batch.column("image"), shape)
-    return out
-
-
-def ray_dataset(dataset_uri: str, columns: Sequence[str] = ("image",), manifest: dict[str, Any] | None = None):
-    """The manifest's shards as a Ray Dataset; `image` arrives as uint8 (R, R, C) tensors, never decoded."""
-    import ray.data
-
-    manifest = manifest or read_manifest(dataset_uri)
-    if not manifest["shards"]:
-        raise DatasetError(f"{dataset_uri}: the manifest lists no shards")
-    fs, _ = storage.arrow_filesystem(dataset_uri)
-    paths = [storage.arrow_path(u) for u in shard_uris(dataset_uri, manifest)]
-    shape = (manifest["resolution"], manifest["resolution"], manifest.get("channels", 3))
-    ds = ray.data.read_parquet(paths, filesystem=fs, file_extensions=["parquet"]).select_columns(list(columns))
-    if "image" not in columns:
-        return ds
-    return ds.map_batches(functools.partial(_pixels_to_tensor, shape=shape), batch_format="pyarrow",
-                          zero_copy_batch=True, batch_size=None)

@@ -87,16 +87,6 @@ def test_missing_shard_and_wrong_counts_and_version(tmp_path):
         shards.verify(uri)
 
 
-def test_ray_data_reader_yields_uint8_batches_without_decode(ray_cluster, s3_bucket):
-    uri = storage.join(s3_bucket, "ds")
-    x = small_dataset(uri)
-    batches = list(shards.ray_dataset(uri).iter_torch_batches(batch_size=100))
-    imgs = np.concatenate([b["image"].numpy() for b in batches])
-    assert imgs.dtype == np.uint8 and imgs.shape == (300, 32, 32, 3)
-    # Row order across blocks is not guaranteed; compare as multisets of images.
-    assert sorted(map(bytes, imgs.reshape(300, -1))) == sorted(map(bytes, x.reshape(300, -1)))
-
-
 def test_missing_bucket_is_one_line(s3_server):
     with pytest.raises(storage.StorageError, match=r"s3://no-such-bucket: bucket does not exist"):
         storage.check_writable("s3://no-such-bucket/runs/x")
