@@ -7,8 +7,8 @@ For a cascade, the faces are those of OpenCV's `detectMultiScale(grey, scale_fac
 on the photo at full resolution, and `detect_stride: 1` runs exactly that. It slides the window over every position of
 each pyramid level from factor 2 up (every other position below) and groups the windows that pass the cascade.
 `detect_stride: 2`, the default, rebuilds the same level images bit for bit, visits every other row and column of them
-first, then every position around each window that passed, and groups as OpenCV does: the same boxes, 1.5-2.5x
-faster; a face is lost only when none of its windows lies on the sparse grid (about 0.3% of them, see
+first, then every position around each window that passed, and groups as OpenCV does: the same boxes, 1.6-2.6x
+faster; a face is lost only when none of its windows lies on the sparse grid (under 0.5% of them, see
 benchmarks/RESULTS.md). What this module did before, a search on a copy shrunk so that a min_face face is 32 px, lost
 1-6%: resampling flips OpenCV's borderline faces, and a shrunk copy is faster only through OpenCV's coarser stride
 below factor 2.
