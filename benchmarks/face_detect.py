@@ -1,19 +1,24 @@
-"""Face detection throughput per core: our detector path against naive full-resolution Haar detection.
+"""Face detection: recall against OpenCV's full-resolution detector, and speed per core against the naive loop.
 
-Both sides decode the same encoded photos (scikit-image's and matplotlib's real photos, JPEG) and run OpenCV's
-haarcascade_frontalface_default (scaleFactor 1.1, minNeighbors 5) on one thread (`cv2.setNumThreads(1)`, as in the
-Ray workers), keeping faces of side >= min_face (64):
-  naive   detectMultiScale on the full-resolution grey image with OpenCV's usual minSize (30), then drop boxes < 64
-  ours    `preprocessing.faces.HaarDetector`: minSize = min_face and a grey copy downscaled so a 64-px face is 32 px
-          (faces smaller than min_face are discarded anyway, so searching for them is wasted work)
-The ratio is detection-stage photos/s of ours over naive on the same core (not a parallel speedup: the build adds
-that on top, one task per core). It is measured at the photos' native size (300-600 px) and at 2x (600-1200 px,
-closer to scraped web photos). Agreement = photos where both find the same number of faces >= 64 px, and the mean
-IoU of matched boxes. Run: `.venv/bin/python benchmarks/face_detect.py` (under a minute).
+All methods run OpenCV's haarcascade_frontalface_default (scaleFactor 1.1, minNeighbors 5) on one thread
+(`cv2.setNumThreads(1)`, as in the Ray workers) and keep faces of side >= min_face (64):
+  naive     detectMultiScale on the full-resolution grey photo with OpenCV's usual minSize 30, then drop faces < 64
+            (the speed baseline)
+  full      detectMultiScale at full resolution with minSize = min_face: the reference, `detect_stride: 1`
+  ours      `preprocessing.faces.HaarDetector` as configured by default (`detect_stride: 2`)
+  down S    a grey copy shrunk S times (`--shrinks`; 2, what build-faces did before, makes a 64-px face 32 px)
+Recall = the share of the reference's boxes that a method's boxes match (IoU >= 0.5, one to one); `extra` = its boxes
+that match none. Speed = photos per CPU-second of this process (decoding the JPEG included), as a ratio to naive in
+the same run; CPU time, so other users of a shared machine do not count.
+Sets: (a) the project's benchmark photos (scikit-image's photos and matplotlib's Grace Hopper, JPEG) at native size
+(300-600 px) and 2x; (b) composites: real faces (Grace Hopper, the astronaut, scikit-image's lfw_subset upscaled)
+pasted at four bands of sides onto real faceless photos of 640-1024 px (tests/realdata.face_composites, by seed).
+Run: `.venv/bin/python benchmarks/face_detect.py` (about a minute of CPU).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -25,33 +30,50 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from preprocessing.faces import HaarDetector, resolve_model  # noqa: E402
+from preprocessing.config import BuildConfig  # noqa: E402
+from preprocessing.faces import detector, resolve_model  # noqa: E402
 from preprocessing.images import decode  # noqa: E402
 
 MIN_FACE = 64
+BANDS = ((64, 96), (96, 144), (144, 216), (216, 400))
 
 
-def photos(scale: float) -> list[bytes]:
-    from realdata import encode, grace_hopper_path, real_photos
+def photo_sets(n: int, seed: int) -> dict[str, list[bytes]]:
+    from realdata import encode, face_composites, grace_hopper_path, real_photos
 
-    imgs = list(real_photos().values()) + [decode(grace_hopper_path().read_bytes(), 10**8)]
-    out = []
-    for img in imgs:
-        if scale != 1:
-            img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
-        out.append(encode(img, ".jpg", quality=90))
-    return out
-
-
-def naive(cascade: cv2.CascadeClassifier, data: bytes) -> list[tuple[int, ...]]:
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-    found = cascade.detectMultiScale(grey, 1.1, 5, minSize=(30, 30))
-    return [tuple(int(v) for v in b) for b in found if min(b[2], b[3]) >= MIN_FACE]
+    photos = list(real_photos().values()) + [decode(grace_hopper_path().read_bytes(), 10**8)]
+    sets = {"benchmark photos, native": photos,
+            "benchmark photos, 2x": [cv2.resize(p, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC) for p in photos]}
+    for i, band in enumerate(BANDS):
+        sets[f"composites, faces {band[0]}-{band[1]} px"] = face_composites(n, band, seed + i)
+    return {name: [encode(p, ".jpg", quality=90) for p in imgs] for name, imgs in sets.items()}
 
 
-def ours(det: HaarDetector, data: bytes) -> list[tuple[int, ...]]:
-    return det.detect(decode(data, 10**9), MIN_FACE)
+def methods(shrinks: list[float]) -> dict:
+    cascade = cv2.CascadeClassifier(resolve_model("haarcascade_frontalface_default.xml"))
+    ours = detector(BuildConfig(kind="faces", min_face=MIN_FACE))
+
+    def grey(data: bytes) -> np.ndarray:
+        return cv2.cvtColor(decode(data, 10**9), cv2.COLOR_RGB2GRAY)
+
+    def naive(data):
+        found = cascade.detectMultiScale(grey(data), 1.1, 5, minSize=(30, 30))
+        return [tuple(map(int, b)) for b in found if min(b[2], b[3]) >= MIN_FACE]
+
+    def full(data):
+        return [tuple(map(int, b)) for b in cascade.detectMultiScale(grey(data), 1.1, 5, minSize=(MIN_FACE,) * 2)]
+
+    def down(s: float):
+        def run(data):
+            g = grey(data)
+            g = cv2.resize(g, (round(g.shape[1] / s), round(g.shape[0] / s)), interpolation=cv2.INTER_AREA)
+            found = cascade.detectMultiScale(g, 1.1, 5, minSize=(int(MIN_FACE / s),) * 2)
+            boxes = [tuple(round(float(v) * s) for v in b) for b in found]
+            return [b for b in boxes if min(b[2], b[3]) >= MIN_FACE]
+        return run
+
+    return {"naive": naive, "full": full, "ours": lambda data: ours.detect(decode(data, 10**9), MIN_FACE),
+            **{f"down {s:g}": down(s) for s in shrinks}}
 
 
 def iou(a, b) -> float:
@@ -60,32 +82,59 @@ def iou(a, b) -> float:
     return ix * iy / (a[2] * a[3] + b[2] * b[3] - ix * iy)
 
 
-def timed(fn, items, min_s: float = 3.0) -> tuple[float, list]:
-    results = [fn(x) for x in items]  # warm-up, and the answers
-    n, t = 0, time.perf_counter()
-    while time.perf_counter() - t < min_s:
-        for x in items:
-            fn(x)
-        n += len(items)
-    return n / (time.perf_counter() - t), results
+def matches(ref: list, got: list) -> int:
+    """Reference boxes matched one to one (greedy, best IoU first) by boxes of `got` with IoU >= 0.5."""
+    pairs = sorted(((iou(r, g), i, j) for i, r in enumerate(ref) for j, g in enumerate(got)), reverse=True)
+    used_r, used_g = set(), set()
+    for v, i, j in pairs:
+        if v >= 0.5 and i not in used_r and j not in used_g:
+            used_r.add(i), used_g.add(j)
+    return len(used_r)
+
+
+def run(fn, items: list[bytes]) -> tuple[float, list]:
+    fn(items[0])  # warm-up
+    t = time.process_time()
+    answers = [fn(x) for x in items]
+    return time.process_time() - t, answers
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--composites", type=int, default=10, help="composite photos per band (default 10)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shrinks", type=float, nargs="*", default=[2.0], help="shrink factors to compare (default 2)")
+    args = ap.parse_args()
     cv2.setNumThreads(1)
-    path = resolve_model("haarcascade_frontalface_default.xml")
-    cascade, det = cv2.CascadeClassifier(path), HaarDetector(path, 1.1, 5)
-    for scale in (1.0, 2.0):
-        items = photos(scale)
-        rate_n, res_n = timed(lambda d: naive(cascade, d), items)
-        rate_o, res_o = timed(lambda d: ours(det, d), items)
-        agree = sum(len(a) == len(b) for a, b in zip(res_n, res_o))
-        ious = [max(iou(x, y) for y in b) for a, b in zip(res_n, res_o) for x in a if b]
-        faces = sum(len(a) for a in res_n)
-        print(f"photos at {scale:g}x ({len(items)} photos, {faces} faces >= {MIN_FACE} px by naive):")
-        print(f"  naive full-resolution Haar : {rate_n:6.1f} photos/s per core")
-        print(f"  ours (minSize + downscale) : {rate_o:6.1f} photos/s per core")
-        print(f"  ratio ours / naive         : {rate_o / rate_n:.2f}x; same face count on {agree}/{len(items)} photos, "
-              f"mean IoU of matched boxes {np.mean(ious) if ious else float('nan'):.2f}")
+    fns = methods(args.shrinks)
+    compared = [m for m in fns if m not in ("naive", "full")]
+    rows = {}  # set name -> {"photos", "faces", "secs": {method: s}, "hits": {method: (matched, extra)}}
+    for name, items in photo_sets(args.composites, args.seed).items():
+        secs, answers = {}, {}
+        for m, fn in fns.items():
+            secs[m], answers[m] = run(fn, items)
+        hits = {}
+        for m in compared:
+            hit = sum(matches(r, g) for r, g in zip(answers["full"], answers[m]))
+            hits[m] = (hit, sum(map(len, answers[m])) - hit)
+        rows[name] = {"photos": len(items), "faces": sum(map(len, answers["full"])), "secs": secs, "hits": hits}
+    per_set = dict(rows)
+    for group in ("benchmark photos", "composites", ""):  # overall rows
+        part = [r for n, r in per_set.items() if n.startswith(group)]
+        rows[f"{group or 'everything'}: overall"] = {
+            "photos": sum(r["photos"] for r in part), "faces": sum(r["faces"] for r in part),
+            "secs": {m: sum(r["secs"][m] for r in part) for m in fns},
+            "hits": {m: tuple(sum(r["hits"][m][i] for r in part) for i in (0, 1)) for m in compared}}
+    print(f"min_face {MIN_FACE}. Recall against the full-resolution detector (extra boxes), then speed against naive.")
+    head = f"{'set':36s} {'photos':>6s} {'faces':>5s} | " + " ".join(f"{m:>13s}" for m in compared)
+    print(head + "\n" + "-" * len(head))
+    for name, r in rows.items():
+        rec = " ".join(f"{r['hits'][m][0] / max(r['faces'], 1):6.3f} ({r['hits'][m][1]:+3d})" for m in compared)
+        print(f"{name:36s} {r['photos']:6d} {r['faces']:5d} | {rec}")
+    head = f"{'set':36s} | " + " ".join(f"{m:>8s}" for m in ["full"] + compared)
+    print("\n" + head + "\n" + "-" * len(head))
+    for name, r in rows.items():
+        print(f"{name:36s} | " + " ".join(f"{r['secs']['naive'] / r['secs'][m]:7.2f}x" for m in ["full"] + compared))
 
 
 if __name__ == "__main__":

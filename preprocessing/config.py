@@ -72,6 +72,9 @@ class BuildConfig(Strict):
     cascade: str = Field("haarcascade_frontalface_default.xml", description="file under cv2.data.haarcascades or a path")
     scale_factor: float = Field(1.1, gt=1)
     min_neighbors: int = Field(5, ge=0)
+    detect_stride: Literal[1, 2] = Field(2, description="cascade search: 1 = OpenCV's detectMultiScale at full "
+                                         "resolution, every window; 2 = every other window of the same pyramid "
+                                         "first, then every window around each hit (same boxes, faster)")
     # URL lists
     download_concurrency: int = Field(16, ge=1)
     download_timeout_s: float = Field(10.0, gt=0)

