@@ -157,7 +157,7 @@ def test_detect_stride_flag_and_config():
     parser = argparse.ArgumentParser()
     cmd.register(parser.add_subparsers(dest="command"))
     argv = ["build-faces", "photos", "--config", "configs/faces-64.yaml", "--out", "ds"]
-    assert cmd.resolve(parser.parse_args(argv))[0].detect_stride == 2
-    assert cmd.resolve(parser.parse_args(argv + ["--detect-stride", "1"]))[0].detect_stride == 1
+    assert cmd.call_of(parser.parse_args(argv)).config.build.detect_stride == 2
+    assert cmd.call_of(parser.parse_args(argv + ["--detect-stride", "1"])).config.build.detect_stride == 1
     with pytest.raises(SystemExit):
         parser.parse_args(argv + ["--detect-stride", "3"])
