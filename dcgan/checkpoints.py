@@ -1,21 +1,25 @@
 """Checkpoints of a run on any storage URI: <run>/checkpoints/step-NNNNNNN/{state.pt, COMPLETE}.
 
 `state.pt` holds G, D, both optimizers, the step, the RNG state, the fixed sample z and the config, using only types
-that `torch.load(weights_only=True)` accepts (no pickled classes). The `COMPLETE` marker is written after the state
-and names its size and sha256, so a checkpoint cut off mid-upload is never taken for the newest one.
+that `torch.load(weights_only=True)` accepts (no pickled classes). The `COMPLETE` marker names its size and sha256,
+so a checkpoint cut off mid-upload is never taken for a valid one. Training writes them through Ray Train
+(`write_dir`, then `ray.train.report`), which uploads them and keeps the newest `train.keep_checkpoints`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from dcgan import run_layout
 from dcgan.config import Config, parse_config
 from dcgan.networks import Discriminator, Generator
 from preprocessing import storage
@@ -30,13 +34,13 @@ class CheckpointError(UserError, RuntimeError):
 
 
 def checkpoint_uri(run_uri: str, step: int) -> str:
-    return storage.join(run_uri, "checkpoints", f"step-{step:07d}")
+    return run_layout.checkpoint(run_uri, step)
 
 
 def complete_steps(run_uri: str) -> list[int]:
     """Steps of every checkpoint whose COMPLETE marker exists, ascending (valid or not: see `valid_steps`)."""
     steps = []
-    for uri in storage.list_uris(storage.join(run_uri, "checkpoints"), suffix="COMPLETE"):
+    for uri in storage.list_uris(run_layout.checkpoints(run_uri), suffix="COMPLETE"):
         m = STEP_DIR.search(uri.replace("\\", "/"))
         if m:
             steps.append(int(m.group(1)))
@@ -87,30 +91,31 @@ def latest_step(run_uri: str) -> int | None:
     return steps[-1] if steps else None
 
 
-def save(run_uri: str, step: int, state: dict[str, Any]) -> str:
-    """Write state.pt, then the COMPLETE marker; returns the checkpoint URI."""
+def _encode(step: int, state: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
+    return data, {"step": step, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def save(run_uri: str, step: int, state: dict[str, Any]) -> str:
+    """Write state.pt, then the COMPLETE marker, straight to the run; returns the checkpoint URI."""
+    data, marker = _encode(step, state)
     uri = checkpoint_uri(run_uri, step)
     storage.write_bytes(storage.join(uri, "state.pt"), data)
-    storage.write_json(
-        storage.join(uri, "COMPLETE"), {"step": step, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    )
+    storage.write_json(storage.join(uri, "COMPLETE"), marker)
     return uri
 
 
-def prune(run_uri: str, keep: int) -> list[int]:
-    """Delete all but the newest `keep` valid checkpoints (older ones, valid or not); returns removed steps.
-    A corrupt checkpoint newer than the kept ones stays where it is, for a person to look at."""
-    valid = valid_steps(run_uri)
-    kept = valid[-keep:] if keep > 0 else []
-    removed = [s for s in complete_steps(run_uri) if kept and s < kept[0]]
-    for s in removed:
-        uri = checkpoint_uri(run_uri, s)
-        storage.delete_prefix(storage.join(uri, "COMPLETE"))  # unmark first: a crash mid-delete leaves no half "complete"
-        storage.delete_prefix(uri)
-    return removed
+def write_dir(folder: str | Path, step: int, state: dict[str, Any]) -> Path:
+    """A checkpoint in a local folder (state.pt and its COMPLETE marker), for Ray Train to upload into the run;
+    however the upload orders the two files, a cut-off one fails the marker's size/sha256 checks."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data, marker = _encode(step, state)
+    (folder / "state.pt").write_bytes(data)
+    (folder / "COMPLETE").write_text(json.dumps(marker))
+    return folder
 
 
 def _load_step(run_uri: str, step: int, map_location) -> dict[str, Any]:

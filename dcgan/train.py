@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dcgan import checkpoints
+from dcgan import checkpoints, run_layout
 from dcgan.batchnorm import local_statistics
 from dcgan.config import Config, ConfigError, dump_config, parse_config, parse_config_text
 from dcgan.networks import Discriminator, Generator, sample_z
@@ -38,12 +38,7 @@ def say(line: str) -> None:
 
 # Chaos hook for tests and drills: the named worker rank exits once when it reaches this step.
 FAIL_AT_STEP_ENV = "DCGAN_FAIL_AT_STEP"
-CONFIG_FILE = "config.yaml"
 N_FIXED_SAMPLES = 64
-
-
-def samples_uri(run_uri: str, step: int) -> str:
-    return storage.join(run_uri, "samples", f"step-{step:07d}.png")
 
 
 def fixed_z(cfg: Config) -> torch.Tensor:
@@ -71,7 +66,7 @@ def preflight(cfg: Config) -> dict[str, Any]:
 
 def stored_config(run_uri: str) -> Config | None:
     """The configuration a run was started with (its config.yaml), or None for a new run."""
-    uri = storage.join(run_uri, CONFIG_FILE)
+    uri = run_layout.config(run_uri)
     if not storage.exists(uri):
         return None
     return parse_config_text(storage.read_text(uri), uri)
@@ -85,18 +80,27 @@ def check_resumable(cfg: Config) -> None:
     before, after = stored.model.model_dump(), cfg.model.model_dump()
     changed = [f"model.{k}: {before[k]!r} -> {after[k]!r}" for k in before if before[k] != after[k]]
     raise ConfigError(f"{cfg.run_uri} was trained with another model ({'; '.join(changed)}); resume it with its own "
-                      f"config ({storage.join(cfg.run_uri, CONFIG_FILE)}) or train into a new --run")
+                      f"config ({run_layout.config(cfg.run_uri)}) or train into a new --run")
 
 
-def resume_state(run_uri: str, resume: tuple[int, Any] | None) -> dict[str, Any] | None:
-    """What a worker starts from: the state the driver read once (`resume` = (step, object ref)), unless the run has
-    a newer checkpoint (Ray Train restarted the group after a failure), which it then reads itself."""
+def resume_state(run_uri: str, resume: tuple[int, Any] | None, rank: int, world: int) -> dict[str, Any] | None:
+    """What the workers start from, read once for all of them: the state the driver read before the fit (`resume`
+    = (step, object ref), from Ray's object store), unless the run has a newer checkpoint (Ray Train restarted the
+    group after a failure): rank 0 then reads it and hands it to the others."""
     import ray
 
     newest = checkpoints.latest_step(run_uri)
     if resume is not None and (newest is None or newest <= resume[0]):
         return ray.get(resume[1])
-    return checkpoints.load_state(run_uri) if newest is not None else None
+    if newest is None:
+        return None
+    if world == 1:
+        return checkpoints.load_state(run_uri)
+    import torch.distributed as dist
+
+    box = [checkpoints.load_state(run_uri) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
@@ -116,7 +120,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     g, d = Generator(cfg.model), Discriminator(cfg.model)
     options = StepOptions.resolve(train_cfg, device)
     opt_g, opt_d = make_optimizers(g, d, train_cfg, fused=options.fused_adam)
-    step, state = 0, resume_state(run_uri, loop_config.get("resume"))
+    step, state = 0, resume_state(run_uri, loop_config.get("resume"), rank, world)
     if state is not None:
         g.load_state_dict(state["generator"])
         d.load_state_dict(state["discriminator"])
@@ -139,7 +143,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     z_fixed = fixed_z(cfg)
     run_log = RunLog(run_uri) if rank == 0 else None
     fail_at = loop_config.get("fail_at_step")
-    fail_marker = storage.join(run_uri, "ray", "fault-injected")
+    fail_marker = storage.join(run_layout.ray(run_uri), "fault-injected")
     per_worker = train_cfg.batch_size // world
     blocks = ray.train.get_dataset_shard("train").iter_batches(batch_size=None, batch_format="pyarrow",
                                                                 prefetch_batches=2)
@@ -166,11 +170,11 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             acc.zero_()
             n_acc, t0 = 0, time.perf_counter()
         if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
-            report: dict[str, Any] = {"step": step, **last}
             if rank == 0:
-                report.update(_checkpoint(cfg, step, gan, z_fixed))
+                _checkpoint(cfg, step, gan, z_fixed, last)
                 run_log.flush()
-            ray.train.report(report)
+            else:
+                ray.train.report({"step": step, **last})  # the other ranks meet rank 0 here, without waiting for S3
         if step >= train_cfg.steps:
             break
     if step < train_cfg.steps:
@@ -179,7 +183,14 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         run_log.close()
 
 
-def _checkpoint(cfg: Config, step: int, gan: GANStep, z_fixed: torch.Tensor) -> dict[str, str]:
+def _checkpoint(cfg: Config, step: int, gan: GANStep, z_fixed: torch.Tensor, metrics: dict[str, float]) -> None:
+    """Rank 0: the fixed-z sample grid, then the checkpoint, handed to Ray Train, which uploads it to
+    <run>/checkpoints/step-NNNNNNN/ in the background (training goes on) and keeps the newest `keep_checkpoints`."""
+    import tempfile
+
+    import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
+
     state = {
         "generator": gan.g_module.state_dict(),
         "discriminator": gan.d_module.state_dict(),
@@ -192,11 +203,11 @@ def _checkpoint(cfg: Config, step: int, gan: GANStep, z_fixed: torch.Tensor) -> 
     }
     with local_statistics(gan.g_module):  # rank 0 alone draws the grid: no cross-replica BatchNorm
         images = generate(gan.g_module, z_fixed)
-    grid_uri = save_grid(images, samples_uri(cfg.run_uri, step), nrow=8)
-    ckpt = checkpoints.save(cfg.run_uri, step, state)
-    checkpoints.prune(cfg.run_uri, cfg.train.keep_checkpoints)
-    say(f"checkpoint {ckpt}  samples {grid_uri}")
-    return {"checkpoint": ckpt, "samples": grid_uri}
+    grid_uri = save_grid(images, run_layout.samples(cfg.run_uri, step), nrow=8)
+    folder = checkpoints.write_dir(tempfile.mkdtemp(prefix="dcgan-ckpt-"), step, state)  # Ray deletes it after upload
+    ray.train.report({"step": step, **metrics}, checkpoint=Checkpoint.from_directory(str(folder)),
+                     checkpoint_dir_name=run_layout.step_name(step), checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+    say(f"checkpoint {run_layout.checkpoint(cfg.run_uri, step)}  samples {grid_uri}")
 
 
 def training_input(config: dict[str, Any], manifest: dict[str, Any], progress: bool = False):
@@ -240,7 +251,7 @@ def run_summary(cfg: Config, step: int, metrics: dict[str, Any] | None = None) -
         "run": cfg.run_uri,
         "step": step,
         "checkpoint": checkpoints.checkpoint_uri(cfg.run_uri, step),
-        "samples": samples_uri(cfg.run_uri, step),
+        "samples": run_layout.samples(cfg.run_uri, step),
         "metrics": {k: v for k, v in (metrics or {}).items() if k not in ("checkpoint", "samples")},
     }
 
@@ -252,27 +263,24 @@ def train(cfg: Config) -> dict[str, Any]:
     if done is not None and done >= cfg.train.steps:
         log.info("%s already has a checkpoint at step %d >= %d: nothing to train", cfg.run_uri, done, cfg.train.steps)
         return run_summary(cfg, done)
-    storage.write_text(storage.join(cfg.run_uri, CONFIG_FILE), dump_config(cfg))
+    storage.write_text(run_layout.config(cfg.run_uri), dump_config(cfg))
 
     from ray.data import DataContext
-    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from preprocessing import ingest
 
     compute.connect(cfg.cluster.address)
     progress = sys.stderr.isatty() and DataContext.get_current().enable_progress_bars  # a person watches
-    ray_dir = storage.join(cfg.run_uri, "ray")
-    if storage.is_s3(ray_dir):
-        fs, path = storage.arrow_filesystem(ray_dir)
-        where = {"storage_path": path, "storage_filesystem": fs}
-    else:
-        where = {"storage_path": str(storage.local_path(ray_dir))}
-    run_config = RunConfig(name=f"train-{int(time.time())}",
+    fs, path = storage.arrow_filesystem(cfg.run_uri)
+    # Ray Train's run is <run>/checkpoints: its checkpoints are the run's (step-NNNNNNN), its retention is the run's
+    run_config = RunConfig(name="checkpoints", storage_path=path, storage_filesystem=fs,
+                           checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
                            # Every failure reaches the driver once: a worker's known fault as one line, anything else
                            # with each worker's traceback; Ray Train's console copies of it would only repeat it.
-                           logging_config=LoggingConfig(log_level="CRITICAL"), **where)
+                           logging_config=LoggingConfig(log_level="CRITICAL"))
     fail_at = os.environ.get(FAIL_AT_STEP_ENV)
     resume = None
     if checkpoints.complete_steps(cfg.run_uri):  # read once here (a corrupt newest is reported and skipped)
