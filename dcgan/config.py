@@ -7,7 +7,7 @@ impossible values fail at load time with the field named, before any Ray worker 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -137,6 +137,16 @@ class Config(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_follows_build(cls, data: Any) -> Any:
+        """A config that builds at some resolution and says nothing of the model's trains at that resolution."""
+        if isinstance(data, dict) and isinstance(data.get("build"), dict) and "resolution" in data["build"]:
+            model = data.get("model")
+            if model is None or (isinstance(model, dict) and "resolution" not in model):
+                data = {**data, "model": {**(model or {}), "resolution": data["build"]["resolution"]}}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":

@@ -136,7 +136,8 @@ def test_training_survives_a_lost_node(multinode_cluster, s3_bucket, tmp_path):
     images = mnist_rgb32(64)
     entry = shards.write_table(data, shards.shard_name(0), shards.make_table([f"{i:03d}" for i in range(64)], images))
     shards.write_manifest(data, kind="lsun", resolution=32, shards=[entry], inputs=64)
-    config = tiny("node-loss", data, run, placement="SPREAD", max_failures=2)
+    # half a CPU a worker: after the loss both workers share node_a's 2 CPUs and leave one to Ray Data's reads
+    config = tiny("node-loss", data, run, placement="SPREAD", max_failures=2, cpus_per_worker=0.5)
     config["model"] = {"resolution": 32, "ngf": 8, "ndf": 8, "kernel_size": 4, "z_dim": 16}
     config["train"].update(steps=40, checkpoint_every=5, log_every=5)
     path = tmp_path / "node-loss.yaml"

@@ -40,3 +40,9 @@ def test_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize("path", ["configs/demo-mnist-32.yaml", "configs/tiny-test.yaml"])
 def test_shipped_configs_load(path):
     load_config(path)
+
+
+def test_model_follows_the_build_resolution_unless_it_says_otherwise():
+    assert load_config(None, {"build.resolution": 32}).model.resolution == 32
+    with pytest.raises(ConfigError, match=r"build.resolution \(32\) differs from model.resolution \(64\)"):
+        load_config(None, {"build.resolution": 32, "model.resolution": 64})
