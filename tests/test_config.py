@@ -40,3 +40,14 @@ def test_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize("path", ["configs/demo-mnist-32.yaml", "configs/tiny-test.yaml"])
 def test_shipped_configs_load(path):
     load_config(path)
+
+
+def test_generator_stack_that_misses_the_resolution_names_the_field():
+    stack = {"resolution": 32, "g_channels": [64, 32], "g_strides": [2, 1], "g_kernel_size": 3}
+    with pytest.raises(ConfigError, match=r"model: .*g_strides take G's 4x4 projection to 8x8, not resolution 32"):
+        parse_config({"model": stack})
+    with pytest.raises(ConfigError, match=r"model: .*g_kernel_size 4 .* stride 1"):
+        parse_config({"model": {"resolution": 16, "g_channels": [64, 32, 16], "g_strides": [2, 1, 2],
+                                "g_kernel_size": 4}})
+    with pytest.raises(ConfigError, match=r"g_channels and g_strides must be given together"):
+        parse_config({"model": {"g_channels": [64, 32]}})

@@ -96,9 +96,15 @@ def test_parameter_counts_and_layer_table():
     # dense 100 -> 16384 (no bias) + BN(1024) + convT 5x5: 1024*512 + 512*256 + 256*128 + 128*3, + BN 512/256/128
     expected = 100 * 16384 + 2 * 1024 + 25 * (1024 * 512 + 512 * 256 + 256 * 128 + 128 * 3) + 2 * (512 + 256 + 128)
     assert parameter_count(g) == expected
+    # checkpoints of existing runs load: the same state_dict keys as before explicit G stacks existed
+    bn = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    keys = ["project.weight"] + [f"project_bn.{k}" for k in bn]
+    keys += [k for i in range(3) for k in [f"blocks.{i}.0.weight"] + [f"blocks.{i}.1.{b}" for b in bn]]
+    assert list(g.state_dict()) == keys + ["blocks.3.0.weight"]
 
 
 def test_dcgan_info_cli_prints_table():
     out = subprocess.run([sys.executable, "-m", "dcgan.cli", "info"], capture_output=True, text=True, check=True).stdout
     assert "Generator: 18,855,040 parameters" in out
     assert "ConvTranspose2d" in out and "LeakyReLU" in out
+
