@@ -96,7 +96,9 @@ class TrainConfig(Strict):
     beta1: float = Field(0.5, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0, description="the authors' Theano code used 1e-5 (L2)")
-    steps: int = Field(1000, ge=1, description="total generator updates")
+    steps: int = Field(1000, ge=1, description="total training steps, one per global batch: each updates D then G, "
+                       "so steps = generator updates; with alternate_updates a step updates D or G in turn, so G "
+                       "gets steps / 2 (epochs = steps x batch_size / dataset rows either way)")
     alternate_updates: bool = Field(False, description="authors' quirk: update D and G on alternate minibatches")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
     channels_last: bool | None = Field(None, description="None = on GPU only")

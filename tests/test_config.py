@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dcgan.config import Config, ConfigError, load_config, parse_config
 
@@ -37,9 +38,18 @@ def test_yaml_and_overrides(tmp_path):
     assert c.run_uri == str(Path("runs").resolve() / "runs" / "x")
 
 
-@pytest.mark.parametrize("path", ["configs/demo-mnist-32.yaml", "configs/tiny-test.yaml"])
-def test_shipped_configs_load(path):
+CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_and_say_how_long_to_train(path):
+    """Every config names its step budget: the default (1000) would stop a paper run after a fraction of an epoch."""
+    assert "steps" in (yaml.safe_load(path.read_text()).get("train") or {}), f"{path.name}: no train.steps"
     load_config(path)
+
+
+def test_shipped_configs_are_all_found():
+    assert {"imagenet-32.yaml", "svhn-32.yaml", "faces-64.yaml", "lsun-bedrooms-64.yaml"} <= {p.name for p in CONFIGS}
 
 
 def test_generator_stack_that_misses_the_resolution_names_the_field():
