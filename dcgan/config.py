@@ -10,14 +10,47 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from preprocessing.config import BuildConfig, DedupConfig, Location, Resolution, Strict
 from preprocessing.errors import UserError
 
 
+def _check_stack(net: str, channels: list[int] | None, strides: list[int] | None, kernel: int | None,
+                 kernel_size: int, resolution: int) -> None:
+    """An explicit conv stack of G or D (`net`): channels and strides together, one stride per layer, each 1 (side
+    kept) or 2 (side doubled in G, halved in D), a kernel that can do both, and a scale that fits the resolution."""
+    if (channels is None) != (strides is None):
+        raise ValueError(f"{net}_channels and {net}_strides must be given together")
+    if channels is None or strides is None:
+        if kernel is not None:
+            raise ValueError(f"{net}_kernel_size needs {net}_channels and {net}_strides (the pyramid uses kernel_size)")
+        return
+    if len(channels) != len(strides) or not channels:
+        raise ValueError(f"{net}_channels and {net}_strides must have the same, non-zero length")
+    if any(s not in (1, 2) for s in strides):
+        raise ValueError(f"{net}_strides must be 1 or 2, got {strides}")
+    k = kernel_size if kernel is None else kernel
+    if k not in (3, 4, 5):
+        raise ValueError(f"{net}_kernel_size must be 3, 4 or 5, got {k}")
+    if k % 2 == 0 and 1 in strides:
+        raise ValueError(f"{net}_kernel_size {k} (kernel_size when not given) cannot keep the side at stride 1: "
+                         f"use 3 or 5")
+    scale = 2 ** strides.count(2)
+    if net == "g" and 4 * scale != resolution:
+        raise ValueError(f"g_strides take G's 4x4 projection to {4 * scale}x{4 * scale}, not resolution {resolution}: "
+                         f"give {(resolution // 4).bit_length() - 1} stride-2 layers")
+    if net == "d" and resolution % scale:
+        raise ValueError(f"d_strides downsample by {scale}, which does not divide resolution {resolution}")
+
+
 class ModelConfig(Strict):
-    """The networks. Defaults are the authors' 64x64 faces/LSUN model (widths 1024..128, 5x5 kernels)."""
+    """The networks. Defaults are the authors' 64x64 faces/LSUN model (widths 1024..128, 5x5 kernels).
+
+    By default G and D are strided pyramids (widths from ngf/ndf, kernel_size). An explicit conv stack replaces a
+    pyramid, as in the authors' released 32x32 models: D lists each conv's output width, G each transposed conv's
+    input width (the projection's first; the last conv outputs the image), so reversed, G's lists mirror D's.
+    """
 
     resolution: Resolution = Field(64, description="image side in pixels: a power of two from 8 to 256")
     channels: int = Field(3, ge=1, le=4)
@@ -26,10 +59,14 @@ class ModelConfig(Strict):
     ngf: int = Field(128, ge=1, description="G width of the last hidden layer; doubles towards the projection")
     ndf: int = Field(128, ge=1, description="D width of the first layer; doubles with depth")
     kernel_size: int = Field(5, description="5 in the authors' code, 4 in dcgan.torch / pytorch examples")
-    # Optional explicit D conv stack (the authors' 32x32 ImageNet feature model); None = the strided pyramid.
-    d_channels: list[int] | None = None
-    d_strides: list[int] | None = None
-    d_kernel_size: int | None = None
+    g_channels: list[PositiveInt] | None = Field(None, description="explicit G stack: the input width of each "
+                                                 "transposed conv, the projection's (at 4x4) first; None = pyramid")
+    g_strides: list[int] | None = Field(None, description="explicit G stack: 2 doubles the side, 1 keeps it")
+    g_kernel_size: int | None = Field(None, description="explicit G stack's kernel: 3, 4 or 5 (odd with stride 1)")
+    d_channels: list[PositiveInt] | None = Field(None, description="explicit D stack: the output width of each conv; "
+                                                 "None = pyramid")
+    d_strides: list[int] | None = Field(None, description="explicit D stack: 2 halves the side, 1 keeps it")
+    d_kernel_size: int | None = Field(None, description="explicit D stack's kernel: 3, 4 or 5 (odd with stride 1)")
 
     @field_validator("kernel_size")
     @classmethod
@@ -39,23 +76,14 @@ class ModelConfig(Strict):
         return v
 
     @model_validator(mode="after")
-    def _d_stack(self) -> "ModelConfig":
-        if (self.d_channels is None) != (self.d_strides is None):
-            raise ValueError("d_channels and d_strides must be given together")
-        if self.d_channels is not None:
-            assert self.d_strides is not None
-            if len(self.d_channels) != len(self.d_strides) or not self.d_channels:
-                raise ValueError("d_channels and d_strides must have the same, non-zero length")
-            if any(s not in (1, 2) for s in self.d_strides):
-                raise ValueError(f"d_strides must be 1 or 2, got {self.d_strides}")
-            down = 2 ** sum(1 for s in self.d_strides if s == 2)
-            if self.resolution % down:
-                raise ValueError(f"d_strides downsample by {down}, which does not divide resolution {self.resolution}")
+    def _stacks(self) -> "ModelConfig":
+        _check_stack("g", self.g_channels, self.g_strides, self.g_kernel_size, self.kernel_size, self.resolution)
+        _check_stack("d", self.d_channels, self.d_strides, self.d_kernel_size, self.kernel_size, self.resolution)
         return self
 
     @property
     def n_up(self) -> int:
-        """Number of fractionally-strided convolutions in G (and strided ones in the default D): 4x4 -> resolution."""
+        """Number of fractionally-strided convolutions in the G pyramid (strided ones in D's): 4x4 -> resolution."""
         return (self.resolution // 4).bit_length() - 1
 
 
@@ -68,7 +96,9 @@ class TrainConfig(Strict):
     beta1: float = Field(0.5, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0, description="the authors' Theano code used 1e-5 (L2)")
-    steps: int = Field(1000, ge=1, description="total generator updates")
+    steps: int = Field(1000, ge=1, description="total training steps, one per global batch: each updates D then G, "
+                       "so steps = generator updates; with alternate_updates a step updates D or G in turn, so G "
+                       "gets steps / 2 (epochs = steps x batch_size / dataset rows either way)")
     alternate_updates: bool = Field(False, description="authors' quirk: update D and G on alternate minibatches")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
     channels_last: bool | None = Field(None, description="None = on GPU only")

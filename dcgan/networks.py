@@ -3,7 +3,8 @@
 G: z -> dense projection to 4x4xC (BN, ReLU) -> fractionally-strided convs, each doubling the side and halving the
 width (BN, ReLU), the last one to RGB with Tanh and no BN. D mirrors it with strided convs and LeakyReLU(0.2), no BN on
 its input layer, and one dense logit. No pooling, no hidden fully connected layers, no conv biases (BN carries them).
-Weights N(0, 0.02), BN scale N(1, 0.02), biases 0. With no arguments both build the authors' 64x64 model.
+Weights N(0, 0.02), BN scale N(1, 0.02), biases 0. With no arguments both build the authors' 64x64 model; an explicit
+conv stack in the config (g_channels/g_strides, d_channels/d_strides) adds stride-1 layers as in their 32x32 models.
 """
 
 from __future__ import annotations
@@ -14,9 +15,27 @@ from torch import nn
 from dcgan.config import ModelConfig
 
 
-def _padding(kernel_size: int) -> tuple[int, int]:
-    """(padding, output_padding) so that a stride-2 (transposed) conv exactly halves (doubles) the side."""
+def _padding(kernel_size: int, stride: int = 2) -> tuple[int, int]:
+    """(padding, output_padding) so that a stride-2 (transposed) conv exactly halves (doubles) the side and a stride-1
+    one keeps it (odd kernels only; the config refuses even ones at stride 1)."""
+    if stride == 1:
+        return kernel_size // 2, 0
     return {5: (2, 1), 4: (1, 0), 3: (1, 1)}[kernel_size]
+
+
+def generator_stack(cfg: ModelConfig) -> tuple[list[int], list[int], int]:
+    """(widths, strides, kernel) of G's transposed convs: widths[0] is the projection's, widths[-1] the image's."""
+    if cfg.g_channels is not None and cfg.g_strides is not None:
+        return [*cfg.g_channels, cfg.channels], list(cfg.g_strides), cfg.g_kernel_size or cfg.kernel_size
+    n = cfg.n_up
+    return [cfg.ngf * 2 ** (n - 1 - i) for i in range(n)] + [cfg.channels], [2] * n, cfg.kernel_size  # 1024..128 3
+
+
+def discriminator_stack(cfg: ModelConfig) -> tuple[list[int], list[int], int]:
+    """(widths, strides, kernel) of D's convs: widths are the outputs, the image's channels go in."""
+    if cfg.d_channels is not None and cfg.d_strides is not None:
+        return list(cfg.d_channels), list(cfg.d_strides), cfg.d_kernel_size or cfg.kernel_size
+    return [cfg.ndf * 2**i for i in range(cfg.n_up)], [2] * cfg.n_up, cfg.kernel_size  # 64px: 128 256 512 1024
 
 
 def init_weights(module: nn.Module) -> None:
@@ -37,18 +56,15 @@ class Generator(nn.Module):
     def __init__(self, cfg: ModelConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or ModelConfig()
-        n = cfg.n_up
-        widths = [cfg.ngf * 2 ** (n - 1 - i) for i in range(n)] + [cfg.channels]  # 64px: 1024 512 256 128 3
+        widths, strides, k = generator_stack(cfg)
         self.base_channels = widths[0]
         self.project = nn.Linear(cfg.z_dim, widths[0] * 16, bias=False)
         self.project_bn = nn.BatchNorm2d(widths[0])
-        pad, out_pad = _padding(cfg.kernel_size)
         blocks = []
-        for i in range(n):
-            last = i == n - 1
-            layers: list[nn.Module] = [
-                nn.ConvTranspose2d(widths[i], widths[i + 1], cfg.kernel_size, 2, pad, out_pad, bias=False)
-            ]
+        for i, s in enumerate(strides):
+            last = i == len(strides) - 1
+            pad, out_pad = _padding(k, s)
+            layers: list[nn.Module] = [nn.ConvTranspose2d(widths[i], widths[i + 1], k, s, pad, out_pad, bias=False)]
             layers += [nn.Tanh()] if last else [nn.BatchNorm2d(widths[i + 1]), nn.ReLU(inplace=True)]
             blocks.append(nn.Sequential(*layers))
         self.blocks = nn.ModuleList(blocks)
@@ -86,18 +102,10 @@ class Discriminator(nn.Module):
     def __init__(self, cfg: ModelConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or ModelConfig()
-        if cfg.d_channels is not None:
-            assert cfg.d_strides is not None
-            widths, strides = list(cfg.d_channels), list(cfg.d_strides)
-            k = cfg.d_kernel_size or cfg.kernel_size
-        else:
-            widths = [cfg.ndf * 2**i for i in range(cfg.n_up)]  # 64px: 128 256 512 1024
-            strides = [2] * cfg.n_up
-            k = cfg.kernel_size
-        pad = k // 2 if k % 2 else _padding(k)[0]
+        widths, strides, k = discriminator_stack(cfg)
         blocks, c_in, side = [], cfg.channels, cfg.resolution
         for i, (c_out, s) in enumerate(zip(widths, strides)):
-            layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, k, s, pad, bias=False)]
+            layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, k, s, _padding(k, s)[0], bias=False)]
             if i > 0:  # no BN on D's input layer (paper section 3)
                 layers.append(nn.BatchNorm2d(c_out))
             layers.append(nn.LeakyReLU(0.2, inplace=True))

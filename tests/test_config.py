@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dcgan.config import Config, ConfigError, load_config, parse_config
 
@@ -37,8 +38,13 @@ def test_yaml_and_overrides(tmp_path):
     assert c.run_uri == str(Path("runs").resolve() / "runs" / "x")
 
 
-@pytest.mark.parametrize("path", ["configs/demo-mnist-32.yaml", "configs/tiny-test.yaml"])
-def test_shipped_configs_load(path):
+CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_and_say_how_long_to_train(path):
+    """Every config names its step budget: the default (1000) would stop a paper run after a fraction of an epoch."""
+    assert "steps" in (yaml.safe_load(path.read_text()).get("train") or {}), f"{path.name}: no train.steps"
     load_config(path)
 
 
@@ -46,3 +52,17 @@ def test_model_follows_the_build_resolution_unless_it_says_otherwise():
     assert load_config(None, {"build.resolution": 32}).model.resolution == 32
     with pytest.raises(ConfigError, match=r"build.resolution \(32\) differs from model.resolution \(64\)"):
         load_config(None, {"build.resolution": 32, "model.resolution": 64})
+
+def test_shipped_configs_are_all_found():
+    assert {"imagenet-32.yaml", "svhn-32.yaml", "faces-64.yaml", "lsun-bedrooms-64.yaml"} <= {p.name for p in CONFIGS}
+
+
+def test_generator_stack_that_misses_the_resolution_names_the_field():
+    stack = {"resolution": 32, "g_channels": [64, 32], "g_strides": [2, 1], "g_kernel_size": 3}
+    with pytest.raises(ConfigError, match=r"model: .*g_strides take G's 4x4 projection to 8x8, not resolution 32"):
+        parse_config({"model": stack})
+    with pytest.raises(ConfigError, match=r"model: .*g_kernel_size 4 .* stride 1"):
+        parse_config({"model": {"resolution": 16, "g_channels": [64, 32, 16], "g_strides": [2, 1, 2],
+                                "g_kernel_size": 4}})
+    with pytest.raises(ConfigError, match=r"g_channels and g_strides must be given together"):
+        parse_config({"model": {"g_channels": [64, 32]}})

@@ -3,12 +3,14 @@
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from dcgan.config import ModelConfig
+from dcgan.commands import info
+from dcgan.config import ModelConfig, load_config
 from dcgan.networks import Discriminator, Generator, layer_table, parameter_count
 
 
@@ -96,9 +98,33 @@ def test_parameter_counts_and_layer_table():
     # dense 100 -> 16384 (no bias) + BN(1024) + convT 5x5: 1024*512 + 512*256 + 256*128 + 128*3, + BN 512/256/128
     expected = 100 * 16384 + 2 * 1024 + 25 * (1024 * 512 + 512 * 256 + 256 * 128 + 128 * 3) + 2 * (512 + 256 + 128)
     assert parameter_count(g) == expected
+    # checkpoints of existing runs load: the same state_dict keys as before explicit G stacks existed
+    bn = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    keys = ["project.weight"] + [f"project_bn.{k}" for k in bn]
+    keys += [k for i in range(3) for k in [f"blocks.{i}.0.weight"] + [f"blocks.{i}.1.{b}" for b in bn]]
+    assert list(g.state_dict()) == keys + ["blocks.3.0.weight"]
 
 
 def test_dcgan_info_cli_prints_table():
     out = subprocess.run([sys.executable, "-m", "dcgan.cli", "info"], capture_output=True, text=True, check=True).stdout
     assert "Generator: 18,855,040 parameters" in out
     assert "ConvTranspose2d" in out and "LeakyReLU" in out
+
+
+def test_imagenet_32_generator_is_the_authors_released_model(capsys):
+    """dcgan_code imagenet/load_pretrained.py: 3x3 transposed convs, stride-1 layers between (D: test_features.py)."""
+    path = str(Path(__file__).resolve().parents[1] / "configs" / "imagenet-32.yaml")
+    g = Generator(load_config(path).model)
+    assert (g.project.in_features, g.project.out_features) == (256, 512 * 16)
+    released_g = [(512, 512, 2), (512, 256, 1), (256, 256, 2), (256, 128, 1), (128, 128, 2), (128, 3, 1)]
+    convs = layers(g, nn.ConvTranspose2d)
+    assert [(c.in_channels, c.out_channels, c.stride[0]) for c in convs] == released_g
+    assert all(c.kernel_size == (3, 3) for c in convs)
+    sides = [tuple(h.shape[1:]) for h in g.forward_features(torch.rand(2, 256) * 2 - 1)]
+    assert sides[1:3] == [(512, 8, 8), (256, 8, 8)] and sides[-1] == (3, 32, 32)
+    info.run(type("Args", (), {"config": path}))
+    out = capsys.readouterr().out
+    g_table = out.split("Discriminator:")[0]
+    assert [line.split()[2:4] for line in g_table.splitlines() if "ConvTranspose2d" in line] == [
+        ["3x3", f"s{s}"] for *_, s in released_g]
+    assert "28,672-d" in out
