@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from preprocessing.errors import InputError
+from preprocessing.errors import InputError, TransientError
 
 import hashlib
 import json
@@ -37,6 +37,7 @@ from preprocessing.sources import HIDDEN, SYMLINK_LOOP
 
 log = logging.getLogger(__name__)
 
+CHUNK_RETRIES = 3
 ERROR = "error"  # an unexpected exception on one input: recorded with its type and message, the build goes on
 # Reasons that are outcomes of filtering, not bad input: they do not count against max_reject_rate. A photo without a
 # face is what the faces filter is for. A hidden file is metadata by convention (.DS_Store, .git, ._AppleDouble) and
@@ -134,6 +135,8 @@ def _inputs(chunk: dict[str, Any], cfg: BuildConfig) -> Iterator[tuple[str, str,
             return key, source, fetch(source, cfg.download_timeout_s, cfg.download_retries, cfg.max_download_bytes)
         except Reject as r:
             return key, source, r
+        except TransientError:
+            raise  # the chunk fails and Ray Data runs it again; the input is not bad
         except Exception as err:  # noqa: BLE001 - one input's failure must not stop the chunk
             return key, source, Reject(ERROR, f"{type(err).__name__}: {err}"[:300])
 
@@ -188,6 +191,8 @@ def run_chunk(chunk: dict[str, Any], cfg: BuildConfig, shards_uri: str, rejects_
             rows.extend(transform(key, source, got, cfg))
         except Reject as r:
             rejects.append((key, source, r.reason, r.detail))
+        except TransientError:
+            raise
         except Exception as err:  # noqa: BLE001 - recorded, never silently dropped
             rejects.append((key, source, ERROR, f"{type(err).__name__}: {err}"[:300]))
 
@@ -239,6 +244,8 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
         ds = ds.map_batches(
             _run_batch, batch_size=1, num_cpus=1, batch_format="numpy",
             fn_kwargs={"cfg_json": cfg.model_dump_json(), "shards_uri": shards_uri, "rejects_uri": rejects_uri},
+            # a chunk whose storage kept failing after boto3's retries runs again (the others are not redone)
+            max_retries=CHUNK_RETRIES, retry_exceptions=[TransientError],
         )
         start, last_log, done_inputs, rows, rejected = time.perf_counter(), 0.0, 0, 0, 0
         for rec in ds.iter_rows():

@@ -272,6 +272,8 @@ def fetch(source: str, timeout_s: float = 10.0, retries: int = 2, max_bytes: int
         raise Reject(BAD_URL, f"unsupported scheme {scheme!r}")
     try:
         return storage.read_bytes(source)
+    except storage.StorageUnreachable:
+        raise  # the store, not the input, is failing: the chunk is retried rather than the input rejected
     except storage.StorageError as err:
         raise Reject(UNREACHABLE, str(err)[:200]) from None
     except OSError as err:

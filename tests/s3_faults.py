@@ -26,9 +26,13 @@ _XML = ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Messag
 class FaultProxy:
     """`with FaultProxy(upstream, seed=1, rate=0.1) as proxy:` then point AWS_ENDPOINT_URL at `proxy.url`."""
 
-    def __init__(self, upstream: str, seed: int = 0, rate: float = 0.1, attempts: int = 1, stall_s: float = 3.0):
+    def __init__(self, upstream: str, seed: int = 0, rate: float = 0.1, attempts: int = 1, stall_s: float = 3.0,
+                 stubborn: dict[str, int] | None = None):
+        """`stubborn`: PUTs whose path ends with a key fail with 503 that many times in a row (past a client's own
+        retries), to show what the next layer up does about it."""
         self.upstream = urlparse(upstream)
         self.seed, self.rate, self.attempts, self.stall_s = seed, rate, attempts, stall_s
+        self.stubborn = stubborn or {}
         self.seen: Counter = Counter()
         self.injected: Counter = Counter()
         self.requests = 0
@@ -43,6 +47,11 @@ class FaultProxy:
             self.requests += 1
             attempt = self.seen[(method, path)]
             self.seen[(method, path)] += 1
+        for suffix, times in self.stubborn.items():
+            if method == "PUT" and path.split("?")[0].endswith(suffix) and attempt < times:
+                with self._lock:
+                    self.injected["stubborn 503"] += 1
+                return "503"
         digest = hashlib.sha256(f"{self.seed}|{method}|{path}".encode()).digest()
         draw = int.from_bytes(digest[:8], "big") / 2**64
         if draw >= self.rate or attempt >= self.attempts:
@@ -127,6 +136,10 @@ class FaultProxy:
     def __exit__(self, *exc) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def puts(self, suffix: str) -> int:
+        """How many times a PUT whose path ends with `suffix` arrived (every attempt counts)."""
+        return sum(n for (method, path), n in self.seen.items() if method == "PUT" and path.split("?")[0].endswith(suffix))
 
     def summary(self) -> str:
         faults = ", ".join(f"{k} {v}" for k, v in sorted(self.injected.items())) or "none"
