@@ -83,9 +83,6 @@ class Generator(nn.Module):
             outs.append(h)
         return outs
 
-    def sample_z(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        return sample_z(self.cfg, n, generator=generator, device=device)
-
 
 def sample_z(cfg: ModelConfig, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """The paper's prior: U[-1, 1]^z_dim (or N(0, 1) for the dcgan.torch convention)."""

@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dcgan.config import Config, dump_config
-from preprocessing import compute, storage
+from preprocessing import compute, dataset_layout, storage
 from preprocessing.errors import InputError
 
 log = logging.getLogger(__name__)
 
 STAGES = ("build-lsun", "build-faces", "dedup", "train", "evaluate")
+BUILD_KINDS = {"build-lsun": "center-crop", "build-faces": "faces"}  # build-lsun: the paper's name for center-crop
+STAGE_OF_KIND = {kind: stage for stage, kind in BUILD_KINDS.items()}
 FLAG_OPTIONS = ("overwrite", "arithmetic", "boxes", "step", "device", "every_checkpoint", "force")  # options a job's command line carries
 RESULT_KEY = "dcgan_result"   # the result line a job prints: {"dcgan_result": {...}}
 
@@ -85,7 +87,7 @@ def run_here(call: StageCall, emit: Emit = log.info) -> dict[str, Any]:
 def _build(call: StageCall, emit: Emit) -> dict[str, Any]:
     from preprocessing.build import already_built, build_dataset
 
-    cfg, kind = call.config, call.stage.removeprefix("build-")
+    cfg, kind = call.config, BUILD_KINDS[call.stage]
     if cfg.build is None or not cfg.build.input:
         raise InputError(f"{call.stage}: no input given (build.input: an LMDB, folder, s3:// prefix or URL list)")
     build = cfg.build.model_copy(update={"kind": kind})
@@ -127,7 +129,7 @@ def _evaluate(call: StageCall, emit: Emit) -> dict[str, Any]:
     from dcgan.evaluation.driver import evaluate, evaluate_every_checkpoint
 
     cfg, o = call.config, call.options
-    data = cfg.data_uri if storage.exists(storage.join(cfg.data_uri, "manifest.json")) else None
+    data = cfg.data_uri if dataset_layout.is_complete(cfg.data_uri) else None
     kwargs = dict(data_uri=data, arithmetic=o.get("arithmetic"), boxes=o.get("boxes"), device=o.get("device"),
                   force=bool(o.get("force")))
     if o.get("every_checkpoint"):

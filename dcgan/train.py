@@ -245,6 +245,12 @@ def known_fault(err: BaseException) -> UserError | None:
     return None
 
 
+def finished_step(cfg: Config) -> int | None:
+    """The step of the run's newest valid checkpoint if it reached `train.steps` (the run is complete), else None."""
+    done = checkpoints.latest_step(cfg.run_uri)
+    return done if done is not None and done >= cfg.train.steps else None
+
+
 def run_summary(cfg: Config, step: int, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a run at `step` offers: its URIs (from storage layout alone) and the last logged metrics, if given."""
     return {
@@ -259,8 +265,8 @@ def run_summary(cfg: Config, step: int, metrics: dict[str, Any] | None = None) -
 def train(cfg: Config) -> dict[str, Any]:
     """Train (or resume) the run `cfg.run_uri` on the dataset `cfg.data_uri` until `cfg.train.steps`."""
     manifest = preflight(cfg)
-    done = checkpoints.latest_step(cfg.run_uri)
-    if done is not None and done >= cfg.train.steps:
+    done = finished_step(cfg)
+    if done is not None:
         log.info("%s already has a checkpoint at step %d >= %d: nothing to train", cfg.run_uri, done, cfg.train.steps)
         return run_summary(cfg, done)
     storage.write_text(run_layout.config(cfg.run_uri), dump_config(cfg))

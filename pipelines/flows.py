@@ -13,7 +13,8 @@ from typing import Any
 from prefect import flow
 
 from dcgan.config import Config, ModelConfig
-from pipelines.tasks import build_dataset, evaluate_run, train_run
+from dcgan.stages import STAGE_OF_KIND
+from pipelines.tasks import build_stage, evaluate_stage, train_stage
 from preprocessing.config import BuildConfig, DedupConfig
 
 
@@ -24,32 +25,32 @@ def _build_config(build: BuildConfig, out: str, dedup: DedupConfig) -> Config:
 @flow(name="build-faces", flow_run_name="build-faces-{build.resolution}px")
 def build_faces(build: BuildConfig, out: str, dedup: DedupConfig = DedupConfig()) -> dict[str, Any]:
     """Detect, crop and shard faces from photos (a folder, an s3:// prefix or a URL list) into the dataset `out`."""
-    return build_dataset(_build_config(build, out, dedup), "faces")
+    return build_stage(_build_config(build, out, dedup), "build-faces")
 
 
 @flow(name="build-lsun", flow_run_name="build-lsun-{build.resolution}px")
 def build_lsun(build: BuildConfig, out: str, dedup: DedupConfig = DedupConfig()) -> dict[str, Any]:
     """Decode, center-crop and shard an LSUN LMDB (or a folder of images) into the dataset `out`."""
-    return build_dataset(_build_config(build, out, dedup), "lsun")
+    return build_stage(_build_config(build, out, dedup), "build-lsun")
 
 
 @flow(name="train-dcgan", flow_run_name="train-{config.name}")
 def train_dcgan(config: Config) -> dict[str, Any]:
     """Train (or resume) `config.run_uri` on `config.data_uri`: a Ray Job when RAY_ADDRESS or cluster.address names
     a cluster's Jobs API, else in this process on a local Ray."""
-    return train_run(config)
+    return train_stage(config)
 
 
 @flow(name="evaluate-dcgan", flow_run_name="evaluate-{config.name}")
 def evaluate_dcgan(config: Config) -> dict[str, Any]:
     """Evaluate the newest checkpoint of `config.run_uri` with the suites of `config.evaluate`."""
-    return evaluate_run(config)
+    return evaluate_stage(config)
 
 
 @flow(name="dcgan-pipeline", flow_run_name="pipeline-{config.name}")
 def dcgan_pipeline(config: Config) -> dict[str, Any]:
     """Build the dataset (when `config.build` is given), train, evaluate; stages already complete are skipped."""
-    dataset = build_dataset(config, config.build.kind) if config.build is not None else None
-    run = train_run(config)
-    evaluation = evaluate_run(config)
+    dataset = build_stage(config, STAGE_OF_KIND[config.build.kind]) if config.build is not None else None
+    run = train_stage(config)
+    evaluation = evaluate_stage(config)
     return {"dataset": dataset, "train": run, "evaluate": evaluation}

@@ -63,14 +63,14 @@ def _run(call: StageCall) -> dict[str, Any]:
     return stages.run(call, emit=logger.info)
 
 
-@task(name="build-dataset", task_run_name="build-{kind}", **_RETRYING)
-def build_dataset(config: Config, kind: str) -> dict[str, Any]:
+@task(name="build-dataset", task_run_name="{stage}", **_RETRYING)
+def build_stage(config: Config, stage: str) -> dict[str, Any]:
     """Build (or keep, when complete with the same parameters) the dataset `config.data_uri` from `config.build`."""
     from preprocessing.shards import read_manifest
 
     from pipelines import artifacts
 
-    result = _run(StageCall(f"build-{kind}", config))
+    result = _run(StageCall(stage, config))
     artifacts.dataset_summary(result["dataset"], read_manifest(result["dataset"]))
     get_run_logger().info("dataset %s: %d rows, %d rejected, %d duplicates removed%s", result["dataset"],
                           result["counts"]["rows"], result["counts"]["rejected"],
@@ -80,17 +80,16 @@ def build_dataset(config: Config, kind: str) -> dict[str, Any]:
 
 
 @task(name="train", task_run_name="train-{config.name}", **_RETRYING)
-def train_run(config: Config) -> dict[str, Any]:
+def train_stage(config: Config) -> dict[str, Any]:
     """Train `config.run_uri` to `config.train.steps`. A retry resumes from the run's newest valid checkpoint, so a
     lost node costs at most `checkpoint_every` steps; a finished run is not sent anywhere."""
-    from dcgan import checkpoints
-    from dcgan.train import run_summary
+    from dcgan.train import finished_step, run_summary
 
     from pipelines import artifacts
 
     logger = get_run_logger()
-    done = checkpoints.latest_step(config.run_uri)
-    if done is not None and done >= config.train.steps:
+    done = finished_step(config)
+    if done is not None:
         logger.info("Skipping train: %s already has a checkpoint at step %d >= train.steps %d",
                     config.run_uri, done, config.train.steps)
         return {**run_summary(config, done), "skipped": True}
@@ -101,7 +100,7 @@ def train_run(config: Config) -> dict[str, Any]:
 
 
 @task(name="evaluate", task_run_name="evaluate-{config.name}", **_RETRYING)
-def evaluate_run(config: Config) -> dict[str, Any]:
+def evaluate_stage(config: Config) -> dict[str, Any]:
     """Run the evaluation suites of `config.evaluate` on the newest checkpoint of `config.run_uri`."""
     from pipelines import artifacts
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from preprocessing import compute, ownership, shards, storage
+from preprocessing import compute, dataset_layout, ownership, shards, storage
 from preprocessing.config import BuildConfig, DedupConfig
 from preprocessing.images import Reject
 from preprocessing.sources import HIDDEN, SYMLINK_LOOP
@@ -44,8 +44,7 @@ ERROR = "error"  # an unexpected exception on one input: recorded with its type 
 # a symlink loop lists nothing new (its target folder is listed already): neither means a photo was lost. A broken
 # link, a bad URL or a FIFO does (someone meant an input to be there), so those count.
 FILTERED = frozenset({"no_face", HIDDEN, SYMLINK_LOOP})
-STATE_DIR = "_chunks"
-STAGING = "staging"
+STATE_DIR, STAGING = dataset_layout.CHUNKS, dataset_layout.STAGING
 # Run options: they change how a build runs, not a single output byte, so they are not part of a dataset's identity
 # (changing them neither invalidates finished chunks nor makes a finished dataset "different").
 RUN_OPTIONS = frozenset({"overwrite", "download_concurrency", "max_reject_rate"})
@@ -72,7 +71,7 @@ def plan(cfg: BuildConfig) -> Plan:
     from preprocessing import lsun
     from preprocessing.sources import chunk_items, list_items
 
-    if cfg.kind == "lsun" and lsun.is_lmdb(cfg.input):
+    if cfg.kind == "center-crop" and lsun.is_lmdb(cfg.input):
         chunks, n, fp = lsun.plan_lmdb(cfg.input, cfg.shard_rows, cfg.limit)
     else:  # a folder (LSUN's exported images, or photos), an s3:// prefix or a URL list
         chunks, n, fp = chunk_items(list_items(cfg.input, cfg.limit), cfg.shard_rows)
@@ -106,7 +105,10 @@ def already_built(out: str, cfg: BuildConfig, dedup: DedupConfig | None) -> dict
         manifest = shards.read_manifest(out)
     except shards.DatasetError:
         return None
-    return manifest if manifest.get("params") == identity(cfg, dedup) else None
+    recorded = dict(manifest.get("params") or {})
+    if recorded.get("kind") == "lsun":  # recorded before center-crop had its name
+        recorded["kind"] = "center-crop"
+    return manifest if recorded == identity(cfg, dedup) else None
 
 
 def chunk_digest(chunk: dict[str, Any], params: dict[str, Any]) -> str:
@@ -144,7 +146,7 @@ def _inputs(chunk: dict[str, Any], cfg: BuildConfig) -> Iterator[tuple[str, str,
 
 
 def _transform(kind: str) -> Callable:
-    if kind == "lsun":
+    if kind == "center-crop":
         from preprocessing.lsun import lsun_rows
 
         return lsun_rows
@@ -169,7 +171,7 @@ def run_chunk(chunk: dict[str, Any], cfg: BuildConfig, shards_uri: str, rejects_
     cv2.setNumThreads(1)  # parallelism comes from Ray; OpenCV's own threads would oversubscribe the cores
     index = chunk["index"]
     digest = chunk_digest(chunk, _params(cfg))
-    sidecar = storage.join(shards_uri, STATE_DIR, f"part-{index:05d}.json")
+    sidecar = dataset_layout.chunk_state(shards_uri, index)
     try:
         done = storage.read_json(sidecar) if storage.exists(sidecar) else None
     except (storage.StorageError, ValueError):
@@ -267,22 +269,13 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
     return sorted(results, key=lambda r: r["index"])
 
 
-def is_committed_dataset(uri: str) -> bool:
-    """Whether `uri` holds a dataset this project committed (its manifest reads): our location, marker or not."""
-    try:
-        shards.read_manifest(uri)
-        return True
-    except shards.DatasetError:
-        return False
-
-
 def _prepare(out: str, overwrite: bool) -> None:
     """Claim `out` (refusing a location with files the project did not write); an existing dataset there is kept
     unless `overwrite`, which removes only the project's own files, manifest first."""
-    if storage.exists(storage.join(out, shards.MANIFEST)) and not overwrite and is_committed_dataset(out):
+    if storage.exists(storage.join(out, shards.MANIFEST)) and not overwrite and dataset_layout.is_complete(out):
         raise BuildError(f"{out} already holds a dataset (manifest.json); pass --overwrite "
                          "(BuildConfig.overwrite=True) to replace it")
-    ownership.claim(out, "dataset", legacy=is_committed_dataset)
+    ownership.claim(out, "dataset", legacy=dataset_layout.is_complete)
     if storage.exists(storage.join(out, shards.MANIFEST)):
         ownership.remove_own(out, "dataset")
 

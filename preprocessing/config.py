@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from preprocessing.storage import resolve_location
 
@@ -58,7 +58,15 @@ class DedupConfig(Strict):
 class BuildConfig(Strict):
     """How raw inputs become a sharded dataset (build-lsun and build-faces share it)."""
 
-    kind: Literal["lsun", "faces"] = "lsun"
+    kind: Literal["center-crop", "faces"] = Field(
+        "center-crop", description="center-crop: each image's largest centred square, resized (LSUN scenes, ImageNet, "
+                                   "any folder or LMDB of images: the paper's build-lsun); faces: OpenCV face boxes "
+                                   "cropped square (build-faces)")
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _lsun_is_center_crop(cls, v):
+        return "center-crop" if v == "lsun" else v  # the name configs and manifests used before
+
     input: Location | None = Field(None, description="LMDB dir, image folder, s3:// prefix or URL list file")
     resolution: Resolution = Field(64, description="side of the stored square images, in pixels")
     limit: int | None = Field(None, ge=1, description="read at most this many inputs")

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preprocessing import compute, storage
+from preprocessing import compute, dataset_layout, storage
 from preprocessing.errors import InputError
 from preprocessing.config import DedupConfig
 from preprocessing.dedup_model import crops_of, encode, fit_ray, save_state
@@ -253,7 +253,6 @@ def dedup_dataset(src: str, out: str, cfg: DedupConfig, overwrite: bool = False)
     reject files are copied, so the new version stands on its own.
     """
     from preprocessing import ownership
-    from preprocessing.build import is_committed_dataset
     from preprocessing.shards import MANIFEST, read_manifest, verify, write_manifest
 
     src, out = storage.normalize(src), storage.normalize(out)
@@ -261,7 +260,7 @@ def dedup_dataset(src: str, out: str, cfg: DedupConfig, overwrite: bool = False)
         raise InputError(f"--out {out} overlaps the source dataset {src}: dedup writes a new dataset beside its "
                          "input, never into or around it")
     manifest = verify(src, read_manifest(src))
-    ownership.claim(out, "dataset", legacy=is_committed_dataset)
+    ownership.claim(out, "dataset", legacy=dataset_layout.is_complete)
     if storage.exists(storage.join(out, MANIFEST)) and not overwrite:
         raise InputError(f"{out} already holds a dataset; pass --overwrite to replace it")
     ownership.remove_own(out, "dataset")  # an earlier (unfinished or replaced) output: our files only

@@ -17,24 +17,15 @@ import re
 from pathlib import Path
 from typing import Callable, Literal
 
-from preprocessing import storage
+from preprocessing import dataset_layout, storage
 from preprocessing.errors import InputError, UserError
 
 MARKER = "_dcgan.json"
 Kind = Literal["dataset", "run"]
 
-# What the project writes inside each kind of location, as paths relative to it. A pattern ending in "/" owns the
-# whole subtree (written by Ray Train or a staged build, file names not ours to predict).
-_PART = r"part-\d{5}\.(parquet|json)"
-OWN_FILES: dict[str, tuple[str, ...]] = {
-    "dataset": (
-        r"manifest\.json", rf"shards/{_PART}", rf"rejects/{_PART}", rf"_chunks/{_PART}",
-        r"dedup/(model\.pt|report\.json|collisions\.png)", r"dedup/_train/", r"staging/",
-    ),
-    "run": (
-        r"config\.yaml", r"checkpoints/", r"samples/[\w.-]+\.png", r"metrics/", r"eval/", r"ray/",
-    ),
-}
+# What the project writes inside a location of each kind, relative to it (a run is only ever claimed, never cleaned
+# by pattern: Ray Train's retention removes its old checkpoints).
+OWN_FILES: dict[str, tuple[str, ...]] = {"dataset": dataset_layout.OWN_FILES, "run": ()}
 
 
 class OwnershipError(UserError):
@@ -133,7 +124,7 @@ def remove_own(location: str, kind: Kind, under: str = "") -> int:
     prefix = under.strip("/")
     mine = [p for p in contents(location) if p != MARKER and is_own_file(kind, p)
             and (not prefix or p == prefix or p.startswith(prefix + "/"))]
-    mine.sort(key=lambda p: (p != "manifest.json", p))
+    mine.sort(key=lambda p: (p != dataset_layout.MANIFEST, p))
     for p in mine:
         storage.delete_prefix(storage.join(location, p))
     _prune_emptied_dirs(location, mine)

@@ -1,6 +1,6 @@
 """The dataset contract: Parquet shards of training-resolution pixels, committed by a manifest written last.
 
-Layout (ARCHITECTURE.md): <dataset>/manifest.json, shards/part-NNNNN.parquet, rejects/part-NNNNN.parquet, dedup/.
+Layout: preprocessing/dataset_layout.py (<dataset>/manifest.json, shards/part-NNNNN.parquet, rejects/, dedup/).
 Rows: key (stable id), image (the training-resolution RGB pixels, uint8 HxWx3 in C order, so training never decodes),
 source, box (face box in source pixels, null for LSUN), hash (the dedup code, null until de-duplicated).
 The pixels are stored as one fixed-size binary value per row, the shape in the field's metadata ("shape": "H,W,C"):
@@ -21,11 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preprocessing import storage
+from preprocessing import dataset_layout, storage
 from preprocessing.errors import UserError
 
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
+MANIFEST = dataset_layout.MANIFEST
 CODE_VERSION = "0.1.0"
 
 
@@ -122,7 +122,7 @@ def images_of(table: pa.Table | pa.RecordBatch) -> np.ndarray:
 
 
 def shard_name(index: int, prefix: str = "shards") -> str:
-    return f"{prefix}/part-{index:05d}.parquet"
+    return dataset_layout.part(index, prefix)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

@@ -68,7 +68,7 @@ def test_build_lsun_builds_then_skips_and_publishes_counts(ray_cluster, tmp_path
     first = build_lsun(build=build, out=out, dedup=DedupConfig(enabled=False), return_state=True)
     result = first.result()
     manifest = read_manifest(out)
-    assert result["skipped"] is False and result["kind"] == "lsun" and result["dataset"] == out
+    assert result["skipped"] is False and result["kind"] == "center-crop" and result["dataset"] == out
     assert read_manifest(out)["counts"]["rows"] == 150
     table = read_artifact("dataset-digits-v1")
     assert table is not None and '"rows"' in table.data and "150" in table.data

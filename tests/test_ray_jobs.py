@@ -56,8 +56,8 @@ def test_job_log_is_streamed_line_by_line_once():
 def test_unreachable_cluster_fails_the_run_with_the_address(monkeypatch, tmp_path):
     address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("RAY_ADDRESS", address)
-    monkeypatch.setattr(tasks.train_run, "retries", 1)
-    monkeypatch.setattr(tasks.train_run, "retry_delay_seconds", [0])
+    monkeypatch.setattr(tasks.train_stage, "retries", 1)
+    monkeypatch.setattr(tasks.train_stage, "retry_delay_seconds", [0])
     cfg = load_config("configs/tiny-test.yaml", {"root": str(tmp_path)})
     state = train_dcgan(cfg, return_state=True)
     assert state.is_failed()

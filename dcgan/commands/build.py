@@ -30,13 +30,14 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub) -> None:
-    lsun = sub.add_parser("build-lsun", help="LSUN LMDB (or any folder of images) -> center-cropped sharded dataset",
+    lsun = sub.add_parser("build-lsun", aliases=["build-center-crop"],
+                          help="LSUN LMDB (or any folder of images) -> center-cropped sharded dataset",
                           description="Decode, center-crop and resize an LSUN LMDB, a folder or an s3:// prefix of "
                                       "images into a sharded dataset (paper section 4.1), de-duplicated by default.")
     lsun.add_argument("input", metavar="LMDB_OR_DIR", nargs="?", help="LMDB directory, image folder or s3:// prefix "
                       "(default: the config's build.input)")
     _common(lsun)
-    lsun.set_defaults(func=run, kind="lsun")
+    lsun.set_defaults(func=run, stage="build-lsun")
 
     faces = sub.add_parser("build-faces", help="photos (folder, s3:// prefix or URL list) -> face crops dataset",
                            description="Detect faces with OpenCV in photos, keep the high-resolution ones, crop them "
@@ -66,17 +67,19 @@ def register(sub) -> None:
                        help="retries of a download that failed transiently (default 2)")
     faces.add_argument("--max-download-bytes", type=int, dest="build.max_download_bytes",
                        help="largest download accepted, in bytes (default 20,000,000)")
-    faces.set_defaults(func=run, kind="faces")
+    faces.set_defaults(func=run, stage="build-faces")
 
 
 def call_of(args):
     from dcgan.stages import StageCall
 
-    extra = {"build.kind": args.kind}
+    from dcgan.stages import BUILD_KINDS
+
+    extra = {"build.kind": BUILD_KINDS[args.stage]}
     if args.input:
         extra["build.input"] = args.input
     cfg = config_of(argparse.Namespace(**{**vars(args), **extra}))
-    return StageCall(f"build-{args.kind}", cfg, {"progress": not args.quiet})
+    return StageCall(args.stage, cfg, {"progress": not args.quiet})
 
 
 def summary(r: dict) -> str:

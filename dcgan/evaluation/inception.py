@@ -21,7 +21,6 @@ from preprocessing.errors import UserError
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
-FEATURE_DIM = 2048
 
 
 class BasicConv2d(nn.Module):

@@ -1,0 +1,51 @@
+"""Where a dataset keeps its files (layer: preprocessing): every name under <dataset>/ is spelled here.
+
+    <dataset>/manifest.json               written last: present (and readable) == complete
+    <dataset>/shards/part-NNNNN.parquet   the rows (preprocessing.shards has the schema)
+    <dataset>/rejects/part-NNNNN.parquet  inputs that failed, each with its reason
+    <dataset>/dedup/                      the hashing model, its report and a picture of collisions
+    <dataset>/_chunks/part-NNNNN.json     a finished build chunk (resume state; removed when the build commits)
+    <dataset>/staging/                    the build's shards before de-duplication (removed when it commits)
+    <dataset>/_dcgan.json                 the project's ownership marker (preprocessing.ownership)
+"""
+
+from __future__ import annotations
+
+from preprocessing.storage import join
+
+MANIFEST = "manifest.json"
+CHUNKS = "_chunks"
+STAGING = "staging"
+DEDUP = "dedup"
+
+_PART = r"part-\d{5}\.(parquet|json)"
+# What the project writes inside a dataset, relative to it; a pattern ending in "/" owns its whole subtree (files
+# written by Ray Train or a staged build, whose names are not ours to predict). Anything else is somebody else's.
+OWN_FILES = (
+    r"manifest\.json", rf"shards/{_PART}", rf"rejects/{_PART}", rf"{CHUNKS}/{_PART}",
+    r"dedup/(model\.pt|report\.json|collisions\.png)", r"dedup/_train/", rf"{STAGING}/",
+)
+
+
+def part(index: int, folder: str = "shards") -> str:
+    """The relative path of part `index` of a folder (shards, rejects): `shards/part-00012.parquet`."""
+    return f"{folder}/part-{index:05d}.parquet"
+
+
+def chunk_state(dataset: str, index: int) -> str:
+    return join(dataset, CHUNKS, f"part-{index:05d}.json")
+
+
+def manifest(dataset: str) -> str:
+    return join(dataset, MANIFEST)
+
+
+def is_complete(dataset: str) -> bool:
+    """Whether `dataset` holds a committed dataset: its manifest exists and reads (the one test of completeness)."""
+    from preprocessing.shards import DatasetError, read_manifest
+
+    try:
+        read_manifest(dataset)
+        return True
+    except DatasetError:
+        return False
