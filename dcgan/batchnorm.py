@@ -7,6 +7,8 @@ and the running statistics are identical on every rank. torch.nn.SyncBatchNorm r
 (the tests) and NCCL alike, and under torch.compile (a functional collective). Not distributed, world size 1, or in
 eval mode, it is exactly nn.BatchNorm2d; it adds no parameter or buffer, so state_dict keys stay those of
 nn.BatchNorm2d and checkpoints load into the plain networks.
+
+Layer: dcgan.
 """
 
 from __future__ import annotations

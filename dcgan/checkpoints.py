@@ -4,6 +4,8 @@
 that `torch.load(weights_only=True)` accepts (no pickled classes). The `COMPLETE` marker names its size and sha256,
 so a checkpoint cut off mid-upload is never taken for a valid one. Training writes them through Ray Train
 (`write_dir`, then `ray.train.report`), which uploads them and keeps the newest `train.keep_checkpoints`.
+
+Layer: dcgan.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ width (BN, ReLU), the last one to RGB with Tanh and no BN. D mirrors it with str
 its input layer, and one dense logit. No pooling, no hidden fully connected layers, no conv biases (BN carries them).
 Weights N(0, 0.02), BN scale N(1, 0.02), biases 0. With no arguments both build the authors' 64x64 model; an explicit
 conv stack in the config (g_channels/g_strides, d_channels/d_strides) adds stride-1 layers as in their 32x32 models.
+
+Layer: dcgan.
 """
 
 from __future__ import annotations

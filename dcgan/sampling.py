@@ -1,4 +1,7 @@
-"""Turning generator output into pictures: uint8 conversion, image grids, PNG files on any storage URI."""
+"""Turning generator output into pictures: uint8 conversion, image grids, PNG files on any storage URI.
+
+Layer: dcgan.
+"""
 
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ gradients are averaged by one flat all-reduce per network: a GAN step runs D for
 which DDP's one-forward-one-backward contract does not fit (StyleGAN2-ADA averages gradients the same way). BatchNorm
 then normalises over the global batch (dcgan.batchnorm) and z is drawn for the global batch from (seed, step), each
 worker taking its slice: N workers train exactly as one worker with the same global batch.
+
+Layer: dcgan.
 """
 
 from __future__ import annotations

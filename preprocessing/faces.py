@@ -12,6 +12,8 @@ faster; a face is lost only when none of its windows lies on the sparse grid (un
 benchmarks/RESULTS.md). What this module did before, a search on a copy shrunk so that a min_face face is 32 px, lost
 1-6%: resampling flips OpenCV's borderline faces, and a shrunk copy is faster only through OpenCV's coarser stride
 below factor 2.
+
+Layer: preprocessing.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ header here (a file whose header gives none is rejected), and TIFF tiles count t
 tile whatever the image size. OpenCV's own cap (OPENCV_IO_MAX_IMAGE_PIXELS, read once when cv2 loads) is a second
 guard in build workers. OpenCV's colour decode converts what can be converted: grey -> RGB, alpha dropped, 16-bit
 scaled to 8, CMYK JPEG -> RGB, and EXIF orientation applied.
+
+Layer: preprocessing.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ range's first key and reads on with a cursor. One environment is opened per work
 `<key>.webp` / `<key>.jpg`) works too, listed like any folder: its keys are the paths relative to it (`x.jpg` and
 `x.webp` are two inputs). An LMDB is checked against its own metadata when opened: a truncated `data.mdb` would
 otherwise kill the process with SIGBUS when a read reaches a page past the end of the file.
+
+Layer: preprocessing.
 """
 
 from __future__ import annotations

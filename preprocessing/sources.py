@@ -7,6 +7,8 @@ vanishing. Keys are unique names inside the input: the path relative to the fold
 URL. Fetching happens in Ray workers: files and objects are read through `preprocessing.storage`; http(s) URLs are
 downloaded with bounded concurrency, a total time limit per attempt, retries with backoff on transient failures, and
 a size cap. Every failure is a `Reject` with its reason; none stops the build.
+
+Layer: preprocessing.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ The endpoint and credentials come only from the standard AWS settings (AWS_ENDPO
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, profiles, instance roles). boto3 does object I/O with multipart
 transfers and bounded retries with backoff; `arrow_filesystem` gives Ray Data and Ray Train the same store through
 pyarrow. No credential is printed or written: errors name the URI and the cause, never a key.
+
+Layer: preprocessing.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Parameters come from a config's `build:`/`dedup:` sections (`--config`), each flag overriding one field; `--out` is
 the config's dataset location (`data`). Exit status 0 with a summary, or 2 with one line naming what was wrong.
+
+Layer: dcgan.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 The source is never modified: the result is a new dataset (default `<URI>-dedup`, a sibling version such as
 `datasets/lsun-bedroom/v1-dedup`); see `preprocessing.dedup.dedup_dataset`.
+
+Layer: dcgan.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""`dcgan evaluate --run URI`: the paper's evaluation suites on a checkpoint, kept under <run>/eval/step-NNNNNNN/."""
+"""`dcgan evaluate --run URI`: the paper's evaluation suites on a checkpoint, kept under <run>/eval/step-NNNNNNN/.
+
+Layer: dcgan.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""`dcgan info --config X`: the layer table, parameter counts and D feature dimension of a config's networks."""
+"""`dcgan info --config X`: the layer table, parameter counts and D feature dimension of a config's networks.
+
+Layer: dcgan.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""`dcgan sample`: a grid of samples from a run's checkpoint."""
+"""`dcgan sample`: a grid of samples from a run's checkpoint.
+
+Layer: dcgan.
+"""
 
 from __future__ import annotations
 

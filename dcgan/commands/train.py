@@ -1,4 +1,7 @@
-"""`dcgan train`: train or resume a run on Ray Train (a local Ray, the cluster this machine is on, or a Ray Job)."""
+"""`dcgan train`: train or resume a run on Ray Train (a local Ray, the cluster this machine is on, or a Ray Job).
+
+Layer: dcgan.
+"""
 
 from __future__ import annotations
 

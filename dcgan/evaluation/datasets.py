@@ -8,6 +8,8 @@
 
 Every location may be a local path or an s3:// URI (copied to a temporary directory first). Files that do not match
 the format raise a ValueError naming the file and the mismatch.
+
+Layer: dcgan.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ Numbers match the reference implementations on the same features:
   (x.y / d + 1)^3, averaged over `subsets` random subsets of `subset_size` per set (defaults 100 and 1000, seed 2020);
   the subset size shrinks to the smaller set when fewer images exist, and the size used is reported.
 Any feature function can stand in for Inception (the tests use a small network), via `feature_fn`.
+
+Layer: dcgan.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ The gradient of one channel's strongest response with respect to the input image
 gradient only where both its input and the incoming gradient are positive. D's LeakyReLUs are treated as ReLUs on
 the way back (their negative slope would otherwise leak gradients the method is meant to cut). BatchNorm runs on
 its running statistics, so each image's map does not depend on the rest of the batch.
+
+Layer: dcgan.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ torchvision's Inception3 with pytorch-fid's FIDInceptionA/C/E_1/E_2 patches, so 
 zero padding (TensorFlow's behaviour) and a max pool in the last block. Input handling is pytorch-fid's: images in
 [0, 1], bilinearly resized to 299x299 (align_corners=False), scaled to [-1, 1]; features are the 2048-d output of
 the final average pool.
+
+Layer: dcgan.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Images are rendered with BatchNorm on batch statistics, as the authors always sampled, but inside a fixed context of
 random z, so that a picture does not depend on which few other z share its batch (a 3x3 arithmetic grid of nearly
 equal z would otherwise normalise itself to noise).
+
+Layer: dcgan.
 """
 
 from __future__ import annotations

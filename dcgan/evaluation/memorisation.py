@@ -3,6 +3,8 @@
 Also the authors' monitoring metric (their lib/metrics.nnd_score, logged each epoch): the mean Euclidean distance,
 over flattened [-1, 1] pixels, from each real image to its nearest sample; and the other direction, from each sample
 to its nearest real image, which is the one that falls when samples copy training images. Both are reported.
+
+Layer: dcgan.
 """
 
 from __future__ import annotations
