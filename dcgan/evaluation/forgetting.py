@@ -7,7 +7,9 @@ per-location channel vectors finds the maps that signal the object; those with p
 when generating, and the object tends to vanish or be replaced by something else.
 
 Boxes JSON: {"boxes": {"<sample index>": [[x0, y0, x1, y1], ...], ...}} in the samples' own pixel coordinates
-(0..resolution), x0 < x1, y0 < y1; indices are those of eval/sample_sheet.png.
+(0..resolution), x0 < x1, y0 < y1; indices are those of eval/step-NNNNNNN/sample_sheet.png.
+
+Layer: dcgan.
 """
 
 from __future__ import annotations
