@@ -124,6 +124,7 @@ def tiny_dataset(uri: str, n: int = 64) -> None:
 def test_train_flow_runs_a_ray_job_and_streams_its_log(ray_head, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-to-be-logged-4711")
     monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # a session S3 fixture may have set it
     cfg = load_config("configs/tiny-test.yaml", {
         "root": str(tmp_path), "name": "on-cluster", "train.steps": 2, "train.checkpoint_every": 2,
         "train.batch_size": 16, "cluster.workers": 1, "cluster.cpus_per_worker": 1, "cluster.address": ray_head,
