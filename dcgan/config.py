@@ -53,9 +53,10 @@ class ModelConfig(Strict):
     """
 
     resolution: Resolution = Field(64, description="image side in pixels: a power of two from 8 to 256")
-    channels: int = Field(3, ge=1, le=4)
-    z_dim: int = Field(100, ge=1)
-    z_dist: Literal["uniform", "normal"] = "uniform"  # paper: U[-1, 1]; dcgan.torch/pytorch examples: N(0, 1)
+    channels: int = Field(3, ge=1, le=4, description="image channels (3 = RGB)")
+    z_dim: int = Field(100, ge=1, description="length of z (paper: 100)")
+    z_dist: Literal["uniform", "normal"] = Field("uniform", description="uniform = the paper's U[-1, 1]; normal = "
+                                                 "N(0, 1) as dcgan.torch and pytorch/examples")
     ngf: int = Field(128, ge=1, description="G width of the last hidden layer; doubles towards the projection")
     ndf: int = Field(128, ge=1, description="D width of the first layer; doubles with depth")
     kernel_size: int = Field(5, description="5 in the authors' code, 4 in dcgan.torch / pytorch examples")
@@ -92,9 +93,9 @@ class TrainConfig(Strict):
 
     batch_size: int = Field(128, ge=1, description="global batch, split evenly over workers; BatchNorm statistics "
                             "and z cover the global batch, so N workers train as 1 worker would")
-    lr: float = Field(2e-4, gt=0)
-    beta1: float = Field(0.5, ge=0, lt=1)
-    beta2: float = Field(0.999, ge=0, lt=1)
+    lr: float = Field(2e-4, gt=0, description="Adam learning rate (paper: 0.0002)")
+    beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1 (paper: 0.5; 0.9 oscillated)")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2 (Adam's default)")
     weight_decay: float = Field(0.0, ge=0, description="the authors' Theano code used 1e-5 (L2)")
     steps: int = Field(1000, ge=1, description="total training steps, one per global batch: each updates D then G, "
                        "so steps = generator updates; with alternate_updates a step updates D or G in turn, so G "
@@ -103,9 +104,10 @@ class TrainConfig(Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
     channels_last: bool | None = Field(None, description="None = on GPU only")
     compile: bool | None = Field(None, description="torch.compile the step; None = on GPU only")
-    checkpoint_every: int = Field(500, ge=1)
-    keep_checkpoints: int = Field(3, ge=1)
-    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (and sample grids); a lost "
+                                  "node costs at most this many steps")
+    keep_checkpoints: int = Field(3, ge=1, description="newest checkpoints kept in the run; older ones are removed")
+    log_every: int = Field(10, ge=1, description="steps between metrics rows (metrics.csv, TensorBoard, Prefect)")
     seed: int = Field(0, description="initial weights, each epoch's shard order, and each step's z for the global "
                                      "batch from (seed, step)")
     shuffle_buffer: int = Field(4096, ge=0, description="rows in each worker's shuffle buffer, after a fresh seeded "
@@ -116,9 +118,11 @@ class ClusterConfig(Strict):
     """Where Ray Train runs. `address` None = RAY_ADDRESS or a local in-process Ray."""
 
     workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU); cross-replica BatchNorm when > 1")
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    address: str | None = None
+    use_gpu: bool = Field(False, description="one GPU per worker (NCCL); CPU workers use gloo")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker (input decoding "
+                                   "runs in the worker: ~1.2 cores per H100 at 64px)")
+    address: str | None = Field(None, description="where stages run: http(s)://HEAD:8265 = a Ray Job, auto or "
+                                "HOST:PORT = join that cluster; None = RAY_ADDRESS, else a local Ray")
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how Ray places the workers: PACK fills a node's GPUs first (fast NVLink, fewer nodes); "
                             "SPREAD uses as many nodes as it can; STRICT_* refuse to start otherwise (and wait for a "
@@ -146,16 +150,17 @@ class EvalConfig(Strict):
         if unknown:
             raise ValueError(f"unknown evaluation suites {unknown}; choose from {', '.join(SUITES)}")
         return v
-    n_samples: int = Field(64, ge=1)
-    cifar10: Location | None = None
-    svhn: Location | None = None
-    inception_weights: Location | None = None
+    n_samples: int = Field(64, ge=1, description="images in the evaluation's sample grid")
+    cifar10: Location | None = Field(None, description="your cifar-10-python.tar.gz (the cifar10 suite)")
+    svhn: Location | None = Field(None, description="folder with train_32x32.mat and test_32x32.mat (svhn suite)")
+    inception_weights: Location | None = Field(None, description="pytorch-fid's pt_inception-2015-12-05 "
+                                                "weights (fid suite)")
 
 
 class Config(Strict):
     """A whole experiment: where data and runs live, how to build the data, the model, training, evaluation."""
 
-    name: str = "dcgan"
+    name: str = Field("dcgan", description="the experiment's name: names its dataset and run under root")
     root: Location = Field("./runs", validate_default=True,
                            description="storage root URI: datasets/ and runs/ live under it (local paths are "
                                        "relative to the current directory)")

@@ -73,19 +73,21 @@ class BuildConfig(Strict):
     shard_rows: int = Field(2048, ge=1, description="rows per shard file")
     max_reject_rate: float = Field(1.0, ge=0, le=1, description="fail the build if more inputs than this are rejected")
     max_pixels: int = Field(50_000_000, ge=1, description="decompression-bomb cap on width*height")
-    overwrite: bool = False
+    overwrite: bool = Field(False, description="replace an existing dataset at the output (only one this project "
+                            "wrote; other files are refused, never deleted)")
     # faces
     min_face: int = Field(64, ge=1, description="smallest detected face side kept, in source pixels")
     margin: float = Field(0.0, ge=0, le=1, description="extra context around a face box, as a fraction of its side")
     cascade: str = Field("haarcascade_frontalface_default.xml", description="file under cv2.data.haarcascades or a path")
-    scale_factor: float = Field(1.1, gt=1)
-    min_neighbors: int = Field(5, ge=0)
+    scale_factor: float = Field(1.1, gt=1, description="cascade pyramid step between scales (detectMultiScale)")
+    min_neighbors: int = Field(5, ge=0, description="overlapping detections a face needs (detectMultiScale); "
+                               "higher = fewer false faces")
     detect_stride: Literal[1, 2] = Field(2, description="cascade search: 1 = OpenCV's detectMultiScale at full "
                                          "resolution, every window; 2 = every other window of the same pyramid "
                                          "first, then every window around each hit (same boxes, faster)")
     # URL lists
-    download_concurrency: int = Field(16, ge=1)
-    download_timeout_s: float = Field(10.0, gt=0)
-    download_retries: int = Field(2, ge=0)
-    max_download_bytes: int = Field(20_000_000, ge=1)
+    download_concurrency: int = Field(16, ge=1, description="parallel downloads per build task (URL lists)")
+    download_timeout_s: float = Field(10.0, gt=0, description="seconds before a download attempt is abandoned")
+    download_retries: int = Field(2, ge=0, description="retries of a failed download before it is a reject")
+    max_download_bytes: int = Field(20_000_000, ge=1, description="larger downloads are rejected, not read")
 

@@ -66,3 +66,14 @@ def test_generator_stack_that_misses_the_resolution_names_the_field():
                                 "g_kernel_size": 4}})
     with pytest.raises(ConfigError, match=r"g_channels and g_strides must be given together"):
         parse_config({"model": {"g_channels": [64, 32]}})
+
+
+def test_readme_configuration_reference_is_current():
+    """README's field table is generated from the models; edit a field's description, then run
+    `python -m dcgan.config_reference`."""
+    from dcgan import config_reference
+
+    text = config_reference.README.read_text()
+    start = text.index(config_reference.START)
+    end = text.index(config_reference.END) + len(config_reference.END)
+    assert text[start:end] == config_reference.render(), "README.md is stale: run python -m dcgan.config_reference"
