@@ -8,7 +8,8 @@ Parquet encodes a fixed-shape tensor column as a nested list with one repetition
 10x and reading 20x slower than the decode itself; a fixed-size binary column is one memcpy each way. Readers trust only what
 the manifest lists, and check row counts, sizes and sha256, so a crash never leaves a half dataset that looks whole.
 
-Layer: preprocessing.
+Layer: preprocessing. Longer than most modules because it is the whole dataset contract: the writer, the
+reader and the manifest checks of one format, kept in one file so they cannot drift apart.
 """
 
 from __future__ import annotations

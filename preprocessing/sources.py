@@ -8,7 +8,7 @@ URL. Fetching happens in Ray workers: files and objects are read through `prepro
 downloaded with bounded concurrency, a total time limit per attempt, retries with backoff on transient failures, and
 a size cap. Every failure is a `Reject` with its reason; none stops the build.
 
-Layer: preprocessing.
+Layer: preprocessing. (Listing and fetching stay together: each kind of source is one listing and one fetch.)
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, profiles, instance roles).
 transfers and bounded retries with backoff; `arrow_filesystem` gives Ray Data and Ray Train the same store through
 pyarrow. No credential is printed or written: errors name the URI and the cause, never a key.
 
-Layer: preprocessing.
+Layer: preprocessing. Longer than most modules because the two backends of the one interface (local and S3,
+with their error translation) belong side by side: every operation is defined once for both.
 """
 
 from __future__ import annotations

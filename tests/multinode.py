@@ -9,7 +9,8 @@ Cost: 22-50 s to start a head and two worker nodes on the 2 shared cores, about 
 worker node 0.5, idle); stopping 4-20 s. `multinode_cluster` is module-scoped: each test module that uses it pays
 that once and gets a fresh cluster (tests may kill nodes). Every process of a node (its session, and every
 descendant even if it left the session) is stopped by PID, never with `ray stop`; if the test process itself is
-killed, each `ray start` gets SIGTERM from the kernel and stops its node.
+killed, each `ray start` gets SIGTERM from the kernel and stops its node. (One file, though long: the start, the
+client side of token auth and the PID-exact stop of a node are one lifecycle.)
 """
 
 from __future__ import annotations

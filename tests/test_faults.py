@@ -5,6 +5,7 @@ and one line on stderr that names the culprit, no traceback, and no change to an
 Each case builds its own small world (a committed dataset of real digits, a run with two checkpoints, a user's
 folder) in a fresh temporary directory; the command runs in-process through `dcgan.cli.main` with stderr captured
 at the file-descriptor level. The slow cases start Ray (a build that gets as far as reading its inputs).
+One long module on purpose: it is the fault matrix, one table of cases a reader can scan against the CLI.
 """
 
 from __future__ import annotations
