@@ -1,9 +1,14 @@
-"""`dcgan` command line: one subcommand per job; each lives in dcgan/commands/<name>.py with a `register(sub)`."""
+"""`dcgan` command line (layer: dcgan): one subcommand per job, each in dcgan/commands/<name>.py with a `register(sub)`.
+
+`dcgan --verbose` (or DCGAN_LOG_LEVEL=INFO) adds Ray's own logs to the console; by default it shows the project's
+lines and progress on stderr and the result on stdout.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -50,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = Parser(prog="dcgan", description="DCGAN at cluster scale (Radford, Metz & Chintala 2016)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray's own logs on the console too (same as DCGAN_LOG_LEVEL=INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in (info, build, dedup, train, sample, evaluate):  # the order `dcgan --help` lists them
         command.register(sub)
@@ -57,8 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    log_to_stderr()
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["DCGAN_LOG_LEVEL"] = "INFO"
+    log_to_stderr()
+    from preprocessing.compute import quiet_console
+
+    quiet_console()
     return run_command(f"dcgan {args.command}", lambda: args.func(args))
 
 

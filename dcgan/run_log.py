@@ -1,18 +1,41 @@
-"""Per-step training metrics as CSV and TensorBoard events, staged locally and published to the run URI.
+"""Per-step training metrics as CSV and TensorBoard events, staged locally and published to the run URI
+(layer: dcgan).
 
-TensorBoard writes local files; for an s3:// run they are staged in a temporary directory and uploaded at every
-checkpoint and at the end, so `runs/<name>/metrics/` holds the same files wherever the run lives.
+TensorBoard gets the scalars (losses, D(x), D(G(z)), images/s) and the fixed-z sample grid at every checkpoint
+(`add_image`). It writes local files; for an s3:// run they are staged in a temporary directory and uploaded at every
+checkpoint and at the end (metrics.csv also every PUBLISH_CSV_S, so a caller can follow the run), and
+`runs/<name>/metrics/` holds the same files wherever the run lives. With MLFLOW_TRACKING_URI set (and mlflow
+installed), the same scalars and grids also go to MLflow, in an MLflow run named after the run.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
+
 from preprocessing import storage
+from preprocessing.errors import InputError
 
 COLUMNS = ("step", "loss_d", "loss_g", "d_x", "d_g_z", "images_per_s", "epoch")
+PUBLISH_CSV_S = 30.0
+MLFLOW_ENV = "MLFLOW_TRACKING_URI"
+
+
+def mlflow_client():
+    """The mlflow module when MLFLOW_TRACKING_URI is set, None when not; a clear error when mlflow is missing."""
+    if not os.environ.get(MLFLOW_ENV):
+        return None
+    try:
+        import mlflow
+    except ImportError:
+        raise InputError(f"{MLFLOW_ENV} is set but mlflow is not installed here (pip install mlflow, or unset it)") \
+            from None
+    return mlflow
 
 
 class RunLog:
@@ -35,6 +58,12 @@ class RunLog:
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
+        self._published = time.monotonic()
+        self._mlflow = mlflow_client()
+        if self._mlflow is not None:
+            self._mlflow.set_experiment("dcgan")
+            self._mlflow.start_run(run_name=run_uri.rstrip("/").rsplit("/", 1)[-1])
+            self._mlflow.log_param("run_uri", run_uri)
 
     def _restore(self) -> None:
         """A resumed remote run continues the CSV it already published."""
@@ -46,10 +75,23 @@ class RunLog:
         self._writer.writerow([step] + [values.get(c, "") for c in COLUMNS[1:]])
         for k, v in values.items():
             self._tb.add_scalar(f"train/{k}", v, step)
+        if self._mlflow is not None:
+            self._mlflow.log_metrics({f"train/{k}": float(v) for k, v in values.items()}, step=step)
+        if self.remote and time.monotonic() - self._published >= PUBLISH_CSV_S:
+            self._csv.flush()
+            storage.upload_file(self.csv_path, storage.join(self.run_uri, "metrics", "metrics.csv"))
+            self._published = time.monotonic()
+
+    def image(self, step: int, grid: np.ndarray, tag: str = "samples/fixed_z") -> None:
+        """A picture (H, W, C uint8, e.g. the fixed-z sample grid) at `step`."""
+        self._tb.add_image(tag, grid, step, dataformats="HWC")
+        if self._mlflow is not None:
+            self._mlflow.log_image(grid, key=tag.replace("/", "_"), step=step)
 
     def flush(self) -> None:
         self._csv.flush()
         self._tb.flush()
+        self._published = time.monotonic()
         if self.remote:
             for p in sorted(self.dir.rglob("*")):
                 if p.is_file():
@@ -59,6 +101,8 @@ class RunLog:
         self.flush()
         self._csv.close()
         self._tb.close()
+        if self._mlflow is not None:
+            self._mlflow.end_run()
         if self.remote:
             self._tmp.cleanup()
 

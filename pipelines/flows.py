@@ -1,5 +1,5 @@
-"""The five flows the deployments run (prefect.yaml): build-faces, build-lsun, train-dcgan, evaluate-dcgan, and
-dcgan-pipeline (build, then train, then evaluate).
+"""The five flows the deployments run (prefect.yaml; layer: pipelines): build-faces, build-lsun, train-dcgan,
+evaluate-dcgan, and dcgan-pipeline (build, then train, then evaluate).
 
 Parameters are the project's typed configs, so Prefect validates a run's parameters against the same pydantic models
 the CLI uses and rejects a bad one before any work starts, naming the field. The flows only sequence the shared tasks

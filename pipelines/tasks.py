@@ -1,4 +1,4 @@
-"""The steps every flow shares: build a dataset, train a run, evaluate it.
+"""The steps every flow shares: build a dataset, train a run, evaluate it (layer: pipelines).
 
 Each step is one Prefect task used by several flows (build-faces and build-lsun call the same build task with a
 different kind; dcgan-pipeline chains the same three tasks the single-stage flows run). Each task:
@@ -14,7 +14,9 @@ module, the flows and `prefect deploy` load quickly and without them.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import logging
+from typing import Any, Iterator
 
 from prefect import get_run_logger, task
 from prefect.client.schemas.objects import TaskRun
@@ -55,12 +57,48 @@ _RETRYING = dict(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, re
 # ---------------------------------------------------------------------------------------------------- the steps
 
 
+class _ToRunLog(logging.Handler):
+    """The project's own log lines (`preprocessing.*`, `dcgan.*`: a build's summary, a resume) in the run's log."""
+
+    def __init__(self, logger: Any):
+        super().__init__(logging.INFO)
+        self.logger = logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.logger.log(record.levelno, record.getMessage())
+
+
+@contextlib.contextmanager
+def _project_logs_to(logger: Any) -> Iterator[None]:
+    handler = _ToRunLog(logger)
+    saved = {}
+    for name in ("preprocessing", "dcgan"):
+        project = logging.getLogger(name)
+        saved[name] = (project.level, project.propagate)
+        project.addHandler(handler)
+        project.setLevel(logging.INFO)
+        project.propagate = False  # the run logger prints it already
+    try:
+        yield
+    finally:
+        for name, (level, propagate) in saved.items():
+            project = logging.getLogger(name)
+            project.removeHandler(handler)
+            project.setLevel(level)
+            project.propagate = propagate
+
+
 def _run(call: StageCall) -> dict[str, Any]:
-    """A stage where the configuration says (here, or a Ray Job whose log streams into this run's log)."""
+    """A stage where the configuration says (here, or a Ray Job whose log streams into this run's log), with its
+    progress as Prefect progress artifacts and the project's log lines in the run's log."""
+    from pipelines import artifacts
+
     logger = get_run_logger()
     where = compute.placement(call.config.cluster.address)
     logger.info("%s runs on %s", call.stage, where)
-    return stages.run(call, emit=logger.info)
+    scope = call.config.data_uri if call.stage.startswith("build-") else call.config.run_uri
+    with _project_logs_to(logger), artifacts.progress_artifacts(scope):
+        return stages.run(call, emit=logger.info)
 
 
 @task(name="build-dataset", task_run_name="{stage}", **_RETRYING)
@@ -105,6 +143,6 @@ def evaluate_stage(config: Config) -> dict[str, Any]:
     from pipelines import artifacts
 
     result = _run(StageCall("evaluate", config))
-    artifacts.evaluation_summary(result["run"], result["metrics"])
+    artifacts.evaluation_summary(result["run"], result["metrics"], result.get("html"))
     get_run_logger().info("Evaluation report: %s", result["report"])
     return result

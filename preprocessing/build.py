@@ -1,11 +1,13 @@
-"""The one dataset build both kinds share: plan chunks -> Ray Data (one task per chunk) -> shards + rejects -> manifest.
+"""The one dataset build both kinds share: plan chunks -> Ray Data (one task per chunk) -> shards + rejects -> manifest
+(layer: preprocessing). Over 300 lines because planning, the chunk task and the resumable driver share the chunk
+contract (spec, digest, sidecar) and are read together.
 
 - Deterministic: inputs are listed and sorted by key on the driver and cut into fixed chunks; chunk i becomes
   `shards/part-i.parquet` (rows sorted by key) and `rejects/part-i.parquet`. Same inputs and parameters give the same
   bytes, so the manifest's content hash repeats.
 - Parallel the same way on a laptop and a cluster: a Ray Data `map_batches` over chunk specs; each task fetches its
   inputs (threads for I/O), decodes/crops with one OpenCV thread, and writes its own files through
-  `preprocessing.shards.write_table` (Ray Data's `write_parquet` is not idempotent). Progress is logged per chunk.
+  `preprocessing.shards.write_table` (Ray Data's `write_parquet` is not idempotent). Progress advances per chunk.
 - Resumable: each finished chunk leaves a sidecar (`_chunks/part-i.json`) with a digest of its spec and parameters;
   a re-run skips chunks whose sidecar matches. The manifest is written last, and only if the build is usable.
 - Bad input never stops a build: each becomes a reject row (key, source, reason, detail). The build fails (raises
@@ -33,6 +35,7 @@ import pyarrow as pa
 from preprocessing import compute, dataset_layout, ownership, shards, storage
 from preprocessing.config import BuildConfig, DedupConfig
 from preprocessing.images import Reject
+from preprocessing.progress import Progress
 from preprocessing.sources import HIDDEN, SYMLINK_LOOP
 
 log = logging.getLogger(__name__)
@@ -219,8 +222,22 @@ def run_chunk(chunk: dict[str, Any], cfg: BuildConfig, shards_uri: str, rejects_
 def _run_batch(batch: dict[str, np.ndarray], cfg_json: str, shards_uri: str, rejects_uri: str) -> dict[str, list]:
     """Ray Data map_batches body: chunk specs in, chunk results out (both as JSON text)."""
     cfg = BuildConfig.model_validate_json(cfg_json)
-    out = [json.dumps(run_chunk(json.loads(spec), cfg, shards_uri, rejects_uri)) for spec in batch["chunk"]]
-    return {"result": out}
+    return {"result": [json.dumps(_with_retries(json.loads(spec), cfg, shards_uri, rejects_uri))
+                       for spec in batch["chunk"]]}
+
+
+def _with_retries(spec: dict, cfg: BuildConfig, shards_uri: str, rejects_uri: str) -> dict:
+    """A chunk whose storage kept failing after boto3's own retries runs again, after a pause, up to CHUNK_RETRIES
+    times (the other chunks are not redone); a lost worker or node is Ray's to retry."""
+    for attempt in range(CHUNK_RETRIES + 1):
+        try:
+            return run_chunk(spec, cfg, shards_uri, rejects_uri)
+        except TransientError as err:
+            if attempt == CHUNK_RETRIES:
+                raise
+            log.warning("chunk %s: %s; retrying (%d of %d)", spec.get("index"), err, attempt + 1, CHUNK_RETRIES)
+            time.sleep(min(30.0, 2.0 ** attempt))
+    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------------------------------------- the build
@@ -246,23 +263,16 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
         ds = ds.map_batches(
             _run_batch, batch_size=1, num_cpus=1, batch_format="numpy",
             fn_kwargs={"cfg_json": cfg.model_dump_json(), "shards_uri": shards_uri, "rejects_uri": rejects_uri},
-            # a chunk whose storage kept failing after boto3's retries runs again (the others are not redone)
-            max_retries=CHUNK_RETRIES, retry_exceptions=[TransientError],
         )
-        start, last_log, done_inputs, rows, rejected = time.perf_counter(), 0.0, 0, 0, 0
-        for rec in ds.iter_rows():
-            r = json.loads(rec["result"])
-            results.append(r)
-            done_inputs += r["inputs"]
-            rows += r["rows"]
-            rejected += sum(r["reject_counts"].values())
-            now = time.perf_counter() - start
-            if progress and (now - last_log >= 2.0 or len(results) == len(chunks)):
-                last_log = now
-                log.info("%s: %d/%d chunks, %d/%d inputs, %d rows, %d rejects, %.0f inputs/s%s", cfg.kind,
-                         len(results), len(chunks), done_inputs, total, rows, rejected, done_inputs / max(now, 1e-9),
-                         f" ({sum(x['resumed'] for x in results)} chunks resumed)" if any(
-                             x["resumed"] for x in results) else "")
+        rows = rejected = resumed = 0
+        with Progress(cfg.kind, total, "inputs", show=progress) as shown:
+            for rec in ds.iter_rows():
+                r = json.loads(rec["result"])
+                results.append(r)
+                rows, rejected = rows + r["rows"], rejected + sum(r["reject_counts"].values())
+                resumed += bool(r["resumed"])
+                shown.advance(r["inputs"], note=f"{len(results)}/{len(chunks)} chunks, {rows} rows, {rejected} "
+                                                f"rejects" + (f", {resumed} chunks resumed" if resumed else ""))
     finally:
         ctx.enable_progress_bars = saved_bars
         ctx.op_resource_reservation_enabled = saved_reservation
@@ -308,9 +318,8 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig | None = None, 
     _prepare(out, cfg.overwrite)
     use_dedup = dedup is not None and dedup.enabled
     shards_uri = storage.join(out, STAGING) if use_dedup else out
-    if progress:
-        log.info("%s build of %s: %d inputs in %d chunks -> %s%s", cfg.kind, cfg.input, p.inputs, len(p.chunks), out,
-                 " (de-duplicated)" if use_dedup else "")
+    log.info("%s build of %s: %d inputs in %d chunks -> %s%s", cfg.kind, cfg.input, p.inputs, len(p.chunks), out,
+             " (de-duplicated)" if use_dedup else "")
     results = _run_chunks(p.chunks, cfg, shards_uri, out, p.inputs, progress)
 
     reject_counts = Counter()
@@ -323,10 +332,8 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig | None = None, 
     stats = {"chunks": len(results), "resumed": sum(r["resumed"] for r in results), "seconds": round(wall, 2),
              "task_work_s": round(sum(r["work_s"] for r in results if not r["resumed"]), 2),
              "task_write_s": round(sum(r["write_s"] for r in results if not r["resumed"]), 2)}
-    if progress:
-        log.info("%s: %d inputs -> %d rows in %.1f s (task time: %.1f s fetch/decode, %.1f s writing); "
-                 "rejects by reason: %s", cfg.kind, p.inputs, rows, wall, stats["task_work_s"], stats["task_write_s"],
-                 summary)
+    log.info("%s: %d inputs -> %d rows in %.1f s (task time: %.1f s fetch/decode, %.1f s writing); "
+             "rejects by reason: %s", cfg.kind, p.inputs, rows, wall, stats["task_work_s"], stats["task_write_s"], summary)
     if rows == 0:
         raise BuildError(f"{cfg.input}: no usable rows from {p.inputs} inputs (rejects by reason: {summary}); "
                          f"see {storage.join(out, 'rejects')}")
@@ -339,8 +346,6 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig | None = None, 
     dedup_info = None
     if use_dedup:
         entries, dedup_info = _deduplicate(shards_uri, entries, out, dedup)
-        if progress:
-            log.info("dedup: %s", {k: v for k, v in dedup_info.items() if not isinstance(v, (list, dict))})
     _remove_unlisted(out, "shards", entries)
     _remove_unlisted(out, "rejects", reject_entries)
     manifest = shards.write_manifest(
@@ -350,7 +355,6 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig | None = None, 
         extra={"build_stats": stats},
     )
     ownership.remove_own(out, "dataset", under=STAGING if use_dedup else STATE_DIR)
-    if progress:
-        log.info("wrote %s: %d rows in %d shards, content hash %s", storage.join(out, shards.MANIFEST),
-                 manifest["counts"]["rows"], len(entries), manifest["content_hash"][:16])
+    log.info("wrote %s: %d rows in %d shards, content hash %s", storage.join(out, shards.MANIFEST),
+             manifest["counts"]["rows"], len(entries), manifest["content_hash"][:16])
     return manifest

@@ -8,6 +8,10 @@ The address comes from the configuration (`cluster.address`), else from Ray's st
                                            Job, where Ray sets RAY_ADDRESS, or a shell on a node).
 Ray's token authentication (on by default for `ray start` since Ray 2.52) needs nothing from the project: Ray's client
 finds the token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
+
+The console gets the project's lines (stage lines, `[progress]`, errors); Ray's own logs (execution plans, worker
+set-up, its INFO lines) stay in Ray's log files (/tmp/ray/session_latest/logs) unless DCGAN_LOG_LEVEL is INFO or
+DEBUG (`dcgan --verbose`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,33 @@ from typing import Literal
 from preprocessing.errors import InputError
 
 JOBS_SCHEMES = ("http://", "https://")
+LOG_LEVEL_ENV = "DCGAN_LOG_LEVEL"
+# What a worker process prints that reaches the console when quiet: the project's lines and errors. Ray applies it
+# where it forwards workers' output to a driver (this process, or a Ray Job's driver and so the job's log).
+PROJECT_LINES = r"^(?!.*(\[dcgan\]|\[progress\]|Traceback|Error\b))"
+
+
+def verbose() -> bool:
+    """Ray's own logs on the console too (DCGAN_LOG_LEVEL=INFO or DEBUG)."""
+    return os.environ.get(LOG_LEVEL_ENV, "WARNING").strip().upper() in ("INFO", "DEBUG")
+
+
+def quiet_console() -> None:
+    """Unless `verbose()`, keep Ray's worker chatter off the console: call before `ray` is imported (Ray reads the
+    setting once). Entry points (the `dcgan` CLI, the demo) call it; a library user keeps Ray's defaults."""
+    if not verbose():
+        os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", PROJECT_LINES)
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's INFO lines (execution plans, "Progress bars disabled") to its log file only, unless verbose."""
+    if verbose():
+        return
+    import ray.data  # noqa: F401 - configures Ray Data's loggers
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ != "SessionFileHandler":
+            handler.setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -57,9 +88,11 @@ def connect(address: str | None = None, *, worker_env: dict[str, str] | None = N
     if ray.is_initialized():
         return
     kwargs = {"runtime_env": {"env_vars": dict(worker_env)}} if worker_env else {}
-    if quiet:
+    if quiet and not verbose():
         kwargs.update(logging_level=logging.WARNING, log_to_driver=True)
     if where.kind == "local":
         ray.init(**kwargs)
     else:
         ray.init(address=where.address, **kwargs)
+    if quiet:
+        _quiet_ray_data()

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from preprocessing import compute, dataset_layout, storage
 from preprocessing.errors import InputError
+from preprocessing.progress import Progress
 from preprocessing.config import DedupConfig
 from preprocessing.dedup_model import crops_of, encode, fit_ray, save_state
 from preprocessing.semantic_hash import group_codes, keep_smallest_key, partition_of
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 METHOD = "autoencoder-semantic-hash"
 ROWS_PER_PARTITION = 200_000   # codes one grouping task handles (16 B + key each: a few MB)
 PICTURE_GROUPS = 8
+PHASES = ("crops", "train", "encode", "group", "write")
 
 
 def _read_shard(src_uri: str, entry: dict[str, Any]) -> pa.Table:
@@ -124,6 +126,7 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
     """
     import ray
     from ray.data import DataContext
+    from ray.data.expressions import col
 
     if not shards:
         raise InputError(f"{src_uri}: no shards to de-duplicate")
@@ -135,8 +138,9 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
     ctx.execution_options.preserve_order = True
     timings: dict[str, float] = {}
     t = time.perf_counter()
+    rows_in = sum(int(s["rows"]) for s in shards)
+    shown = Progress("dedup", len(PHASES), "phases")
     try:
-        rows_in = sum(int(s["rows"]) for s in shards)
         items = [{"shard": i} for i in range(len(shards))]
         crops = (ray.data.from_items(items, override_num_blocks=len(items))
                  .map_batches(_crops_task, batch_size=1, batch_format="numpy",
@@ -145,6 +149,7 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
         if crops.count() != rows_in:
             raise DatasetError(f"{src_uri}: read {crops.count()} rows, the shard list says {rows_in}")
         timings["crops_s"] = time.perf_counter() - t
+        shown.update(1, note=f"{rows_in} crops read; training the autoencoder")
 
         t = time.perf_counter()
         dedup_uri = storage.join(out_uri, "dedup")
@@ -155,6 +160,7 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
                 storage.delete_prefix(train_dir)
         save_state(state, storage.join(dedup_uri, "model.pt"))
         timings["train_s"] = time.perf_counter() - t
+        shown.update(2, note="autoencoder trained; hashing")
 
         t = time.perf_counter()
         partitions = max(1, -(-rows_in // ROWS_PER_PARTITION))
@@ -163,6 +169,7 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
                                   fn_kwargs={"state": state_np, "cfg": cfg.model_dump(), "partitions": partitions})
         coded = coded.materialize()
         timings["encode_s"] = time.perf_counter() - t
+        shown.update(3, note=f"{rows_in} codes; grouping")
 
         t = time.perf_counter()
         if cfg.radius == 0:
@@ -173,6 +180,7 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
             decisions = ray.data.from_pandas(__import__("pandas").DataFrame(decide(batch, cfg.radius)))
         decisions = decisions.materialize()
         timings["group_s"] = time.perf_counter() - t
+        shown.update(4, note="grouped; writing the kept rows")
         kept = int(decisions.map_batches(lambda b: {"n": [int(np.count_nonzero(b["keep"]))]},
                                          batch_format="numpy").sum("n") or 0)
         if rows_in - kept > cfg.max_removed * rows_in:
@@ -188,13 +196,15 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
         entries = sorted(({"path": str(r["path"]), "rows": int(r["rows"]), "bytes": int(r["bytes"]),
                            "sha256": str(r["sha256"])} for r in written.take_all()), key=lambda e: e["path"])
         timings["write_s"] = time.perf_counter() - t
+        shown.update(5, note=f"{sum(e['rows'] for e in entries)} of {rows_in} rows kept")
 
         rows_out = sum(e["rows"] for e in entries)
-        colliding = sorted(decisions.filter(lambda r: r["size"] > 1).select_columns(
+        colliding = sorted(decisions.filter(expr=col("size") > 1).select_columns(
             ["key", "shard", "row", "keep", "group", "size"]).take_all(), key=lambda r: (r["group"], str(r["key"])))
         bits = bit_stats(coded, cfg.code_bits)
     finally:
         ctx.execution_options.preserve_order = saved_order
+        shown.close()
 
     by_group: dict[str, list[dict]] = {}
     for r in colliding:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
 from typing import Callable, Iterable
 
 import cv2
@@ -38,6 +39,7 @@ from torch import nn
 
 from preprocessing import storage
 from preprocessing.config import DedupConfig
+from preprocessing.progress import Progress
 from preprocessing.semantic_hash import pack_bits
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,10 @@ def crops_of(images: np.ndarray, crop: int) -> np.ndarray:
 
 def inputs_of(crops: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(N, c, c, 3) uint8 crops -> (N, 3*c*c) float32, each row standardised (zero mean, unit RMS)."""
-    x = torch.as_tensor(np.asarray(crops) if not isinstance(crops, torch.Tensor) else crops)
-    x = x.reshape(len(x), -1).float()
+    if isinstance(crops, torch.Tensor):
+        x = crops.reshape(len(crops), -1).float()
+    else:  # a new float array: Ray's read-only buffers never reach torch
+        x = torch.from_numpy(np.asarray(crops).reshape(len(crops), -1).astype(np.float32))
     x = x - x.mean(dim=1, keepdim=True)
     return x / x.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(EPS * 255)
 
@@ -257,7 +261,8 @@ def fit_ray(crops_ds, cfg: DedupConfig, storage_path: str, num_workers: int | No
     """
     import ray
     import ray.train
-    from ray.train import RunConfig, ScalingConfig
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -270,6 +275,8 @@ def fit_ray(crops_ds, cfg: DedupConfig, storage_path: str, num_workers: int | No
                                      resources_per_worker=None if use_gpu else {"CPU": 0.5}),
         datasets={"train": crops_ds.select_columns(["crop"])},
         run_config=RunConfig(name="dedup-autoencoder", storage_path=storage_path),
+        # stream order as given (and no ExecutionOptions.exclude_resources, which Ray Train's default still sets)
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
     if result.error:
@@ -310,7 +317,11 @@ def _train_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
     net = HashAutoencoder.from_config(cfg, basis, center)
     model = ray.train.torch.prepare_model(net)
-    losses = train_epochs(model, batches, cfg, device)
+    shown = Progress("dedup-train", cfg.epochs, "epochs", stream=sys.stderr, bar=False,
+                     show=ctx.get_world_rank() == 0)  # rank 0's lines reach the driver through Ray's log forwarding
+    losses = train_epochs(model, batches, cfg, device,
+                          on_epoch=lambda epoch, loss: shown.update(epoch + 1, note=f"reconstruction loss {loss:.4f}"))
+    shown.close()
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if ctx.get_world_rank() == 0:

@@ -409,3 +409,18 @@ def test_ctrl_c_exits_130_and_the_build_resumes(world):
     assert again.returncode == 0, again.stderr[-3000:]
     assert shards.read_manifest(out)["counts"]["rows"] == 480
     assert "chunks resumed" in again.stderr
+
+
+def test_mlflow_asked_for_without_mlflow_is_one_line_before_training(world, monkeypatch, capfd):
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("mlflow is installed here: the error this checks cannot happen")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    before = snapshot(world.root)
+    assert main(["train", "--config", TINY, "--data", world.dataset, "--run", world.p("fresh")]) == 2
+    err = capfd.readouterr().err
+    assert "MLFLOW_TRACKING_URI" in err and "pip install mlflow" in err and "Traceback" not in err, err
+    assert snapshot(world.root) == before and not Path(world.p("fresh")).exists()

@@ -98,6 +98,17 @@ def test_pipeline_builds_trains_evaluates_and_a_rerun_skips(ray_cluster, tmp_pat
     assert samples is not None and "data:image/png;base64," in samples.data
     assert read_artifact("training-runs-digits") is not None
     assert read_artifact("evaluation-runs-digits") is not None
+    # progress artifacts, one per step, at 100% once the stage is done
+    for key in ("progress-center-crop-digits-v1", "progress-train-runs-digits", "progress-evaluate-runs-digits"):
+        shown = read_artifact(key)
+        assert shown is not None and shown.type == "progress" and float(shown.data) == 100.0, key
+    # TensorBoard has the fixed-z sample grid of every checkpoint, beside the scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "runs" / "digits" / "metrics" / "tensorboard"))
+    events.Reload()
+    assert "samples/fixed_z" in events.Tags()["images"] and "train/loss_d" in events.Tags()["scalars"]
+    assert [e.step for e in events.Images("samples/fixed_z")] == [2, 4]
 
     again = train_dcgan(cfg, return_state=True)
     assert again.result()["skipped"] is True and again.result()["step"] == 4

@@ -22,6 +22,7 @@ from dcgan.evaluation import features
 from dcgan.evaluation.report import _jsonable, render_html, render_history, render_markdown
 from dcgan.evaluation.suites import RUNNERS, Context, NotRun, Section, check_suites, preflight
 from preprocessing import dataset_layout, storage
+from preprocessing.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,9 @@ def evaluate(
     ctx = Context(run_uri, out, loaded.generator, loaded.discriminator, loaded.step, cfg, data_uri, arithmetic, boxes,
                   device, fid_samples)
     sections, metrics = [], {"run": run_uri, "step": loaded.step, "data": data_uri, "inputs": inputs, "suites": {}}
+    shown = Progress("evaluate", len(suites), "suites")
     for name in suites:
+        shown.update(len(sections), note=name)
         title, runner = RUNNERS[name]
         section = Section(title)
         t0 = time.perf_counter()
@@ -73,7 +76,9 @@ def evaluate(
         sections.append(section)
         metrics["suites"][name] = {"status": section.status, "seconds": round(time.perf_counter() - t0, 2),
                                    "images": [n for n, _ in section.images], **section.metrics}
-        log.info("%s: %s (%.1fs)", name, section.status, time.perf_counter() - t0)
+        log.debug("%s: %s (%.1fs)", name, section.status, time.perf_counter() - t0)  # the report lists them
+    shown.update(len(sections), note="writing the report")
+    shown.close()
     metrics["evaluated_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     title = f"Evaluation of {loaded.config.name}, step {loaded.step}"
     m = loaded.config.model
