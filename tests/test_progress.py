@@ -118,3 +118,19 @@ def test_the_demo_prints_stages_progress_and_summary_in_under_60_lines(tmp_path)
     for stage in ("center-crop", "dedup", "train", "evaluate"):
         assert f"[progress] {stage} " in text, stage
     assert "demo finished" in done.stdout and "[progress]" not in done.stdout  # progress on stderr, results on stdout
+
+
+def test_every_subcommand_has_a_description_and_every_flag_a_help():
+    import argparse
+
+    from dcgan.cli import build_parser
+
+    undescribed = []
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                undescribed += [name] if not sub.description else []
+                undescribed += [f"{name} {a.option_strings or a.dest}" for a in sub._actions
+                                if not a.help and not isinstance(a, argparse._HelpAction)]
+            undescribed += [f"{c.dest} (summary)" for c in action._choices_actions if not c.help]
+    assert undescribed == []
