@@ -10,7 +10,8 @@ pixels), imagehash's pHash and dHash (Hamming radii 0-10), the paper's plain aut
 decorrelate: 0, views: 1`, paper section 4.1), our default model with the paper's single center-crop hash (`views: 1`)
 and our default (multi-view, `preprocessing.dedup_views`). Each autoencoder is trained on the set it de-duplicates,
 as `dcgan dedup` does. The summary compares every autoencoder with pHash at the SAME false-positive rate: pHash's
-radius is the one with the highest recall whose false positives per 100 are <= the autoencoder's.
+radius is the one with the highest recall whose false positives per 100 are <= the autoencoder's. The rows for views
+25 and 81 group a prefix of the default's codes (exactly what `views: 25` / `81` hash); their time is pro rata.
 Run: `.venv/bin/python benchmarks/dedup_quality.py` (about 2 min on 2 CPU cores; `--originals 120` for a quicker run).
 """
 
@@ -35,7 +36,7 @@ MIN_STD = 12.0    # flat patches (sky, background) are not distinct content
 MAX_CORR = 0.9    # nor are two patches whose standardised 32x32 crops correlate above this (sky gradients)
 
 
-def originals(grid: int = GRID) -> np.ndarray:
+def originals(grid: int = GRID, max_corr: float = MAX_CORR) -> np.ndarray:
     """Distinct RES x RES originals: each skimage photo whole, plus a grid x grid tiling of its center square.
 
     Exact copies among the photos (skimage's `cat` is `chelsea`), flat tiles and near copies of an earlier original
@@ -59,13 +60,13 @@ def originals(grid: int = GRID) -> np.ndarray:
                 tile = square[y * t:(y + 1) * t, x * t:(x + 1) * t]
                 out.append(cv2.resize(tile, (RES, RES), interpolation=cv2.INTER_AREA))
     out = np.stack(out)
-    return distinct(out[out.reshape(len(out), -1).std(axis=1) >= MIN_STD])
+    return distinct(out[out.reshape(len(out), -1).std(axis=1) >= MIN_STD], max_corr)
 
 
 def distinct(images: np.ndarray, max_corr: float = MAX_CORR) -> np.ndarray:
     """Leave out originals that are near copies of an earlier one: the correlation of their standardised 32x32
     crops above `max_corr` (sky gradients, plain walls: such tiles are not distinct content for any method)."""
-    x = images.reshape(len(images), RES // 32, 32, RES // 32, 32, 3).mean(axis=(1, 3)).reshape(len(images), -1)
+    x = images.reshape(len(images), 32, RES // 32, 32, RES // 32, 3).mean(axis=(2, 4)).reshape(len(images), -1)
     x = x - x.mean(axis=1, keepdims=True)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-9)
     corr = x @ x.T
@@ -125,11 +126,11 @@ def variant(img: np.ndarray, rng: np.random.Generator, kinds: tuple[str, ...] = 
     return "tone", _tone(img, gain, bias)
 
 
-def labelled_set(variants: int = 4, seed: int = 0, kinds_of: tuple[str, ...] = KINDS, limit: int | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def labelled_set(variants: int = 4, seed: int = 0, kinds_of: tuple[str, ...] = KINDS, limit: int | None = None,
+                 max_corr: float = MAX_CORR) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(images, group label per image, variant kind per image): each original followed by its variants."""
     rng = np.random.default_rng(seed)
-    base = originals()
+    base = originals(max_corr=max_corr)
     if limit:
         base = base[np.sort(np.random.default_rng(seed).permutation(len(base))[:limit])]
     images, labels, kinds = [], [], []
@@ -208,6 +209,9 @@ def evaluate(images: np.ndarray, labels: np.ndarray, seed: int, epochs: int | No
         for r in radii:
             rows.append((f"{name}{f', radius {r}' if r else ''}", pair_scores(group_views(codes, r), labels),
                          enc_s))
+        for v in (25, 81) if cfg.views > 81 else ():  # `views: v` hashes the first v views: a prefix of these codes
+            rows.append((f"AE ours, views {v} (shifts up to {'2' if v == 25 else '4'} px)",
+                         pair_scores(group_views(codes[:, :v]), labels), enc_s * v / cfg.views))
         print(f"  {name}: trained in {fit_s:.1f}s, encoded {len(images)} images x {cfg.views} views in {enc_s:.2f}s")
     return rows
 
@@ -240,6 +244,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=None, help="autoencoder epochs (default: DedupConfig's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sets", default="mixed,shift-crop")
+    ap.add_argument("--max-corr", type=float, default=MAX_CORR,
+                    help="leave out originals this correlated with an earlier one (1 keeps the near copies)")
     args = ap.parse_args()
     import torch
 
@@ -247,7 +253,7 @@ def main() -> int:
     t0 = time.perf_counter()
     for title in args.sets.split(","):
         kinds = SHIFT_CROP if title == "shift-crop" else KINDS
-        images, labels, _ = labelled_set(args.variants, args.seed, kinds, args.originals)
+        images, labels, _ = labelled_set(args.variants, args.seed, kinds, args.originals, args.max_corr)
         print(f"{title}: {len(np.unique(labels))} distinct originals x (1 + {args.variants} variants: "
               f"{', '.join(kinds)}) = {len(images)} images")
         report(title, evaluate(images, labels, args.seed, args.epochs))

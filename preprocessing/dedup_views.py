@@ -57,77 +57,115 @@ def view_sources(images: np.ndarray, crop: int) -> np.ndarray:
     return out
 
 
-def view_crops(sources: np.ndarray, views: int):
-    """(N, S, S, 3) uint8 sources -> (N, views-1, S/2, S/2, 3) float32: every view but the center one (view 0).
+def _pool2(a: np.ndarray, py: int = 0, px: int = 0) -> np.ndarray:
+    """2x2 average of (N, H, W, C) starting at row py, column px (a trailing odd row/column is dropped)."""
+    a = a[:, py:, px:]
+    a = a[:, :a.shape[1] // 2 * 2, :a.shape[2] // 2 * 2]
+    return 0.25 * (a[:, 0::2, 0::2] + a[:, 1::2, 0::2] + a[:, 0::2, 1::2] + a[:, 1::2, 1::2])
 
-    View (zoom_y, zoom_x, dy, dx): the source resized to (S + zoom_y) x (S + zoom_x), padded by mirroring, the S x S window shifted by (dy, dx)
-    from the center, 2x2-averaged. The 2x2 average of a window is a slice of one of four pooled copies of the padded
-    source (one per parity of the window's corner), so each view costs a copy, not a pooling.
+
+def _box_sums(plane: np.ndarray, ys: np.ndarray, xs: np.ndarray, c: int) -> np.ndarray:
+    """Sums of (N, H, W) over the c x c windows with corners (ys, xs): (N, len(ys)), from one integral image."""
+    ii = np.zeros((plane.shape[0], plane.shape[1] + 1, plane.shape[2] + 1))
+    ii[:, 1:, 1:] = plane.cumsum(1).cumsum(2)
+    return ii[:, ys + c, xs + c] - ii[:, ys, xs + c] - ii[:, ys + c, xs] + ii[:, ys, xs]
+
+
+def view_inputs(sources: np.ndarray, views: int, pool: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every view but the center one (view 0) of (N, S, S, 3) uint8 sources, as the encoder needs it.
+
+    Returns (pixels (N, views-1, D) float32: each S/2 x S/2 view, further `pool` x `pool` averaged (1 or 2), HWC
+    flattened; mean and mean square of each S/2 x S/2 view (N, views-1), float64). View (zoom_y, zoom_x, dy, dx) is
+    the S x S window, shifted by (dy, dx) from the center, of the source resized to (S + zoom_y) x (S + zoom_x) and
+    padded by mirroring, 2x2-averaged. A 2x2 (4x4) average of a window is a window of one of 4 (16) pooled copies of
+    the padded source, one per corner parity, so each view costs a copy, not a pooling; means from integral images.
     """
     import cv2
 
     n, s = len(sources), sources.shape[1]
     c = s // 2
     wanted = VIEWS[1:views]
-    out = np.empty((n, len(wanted), c, c, 3), np.float32)
+    out = np.empty((n, len(wanted), c // pool, c // pool, 3), np.float32)
+    mean, msq = np.empty((n, len(wanted))), np.empty((n, len(wanted)))
     pad = SHIFT
     for zoom in sorted({v[:2] for v in wanted}):
         zy, zx = zoom
         scaled = sources if zoom == (0, 0) else np.stack(
             [cv2.resize(im, (s + zx, s + zy), interpolation=cv2.INTER_LINEAR) for im in sources])
         padded = np.pad(scaled, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="symmetric").astype(np.float32)
-        pooled = {}
+        at: dict[tuple[int, int], list] = {}
         for k, (vy, vx, dy, dx) in enumerate(wanted):
-            if (vy, vx) != zoom:
-                continue
-            top, left = pad + zy // 2 + dy, pad + zx // 2 + dx
-            key = (top % 2, left % 2)
-            if key not in pooled:
-                a = padded[:, key[0]:, key[1]:]
-                h, w = a.shape[1] // 2 * 2, a.shape[2] // 2 * 2
-                a = a[:, :h, :w]
-                pooled[key] = 0.25 * (a[:, 0::2, 0::2] + a[:, 1::2, 0::2] + a[:, 0::2, 1::2] + a[:, 1::2, 1::2])
-            y, x = top // 2, left // 2
-            out[:, k] = pooled[key][:, y:y + c, x:x + c]
-    return out
+            if (vy, vx) == zoom:
+                top, left = pad + zy // 2 + dy, pad + zx // 2 + dx
+                at.setdefault((top % 2, left % 2), []).append((k, top // 2, left // 2))
+        for (py, px), members in at.items():
+            p2 = _pool2(padded, py, px)
+            ks, ys, xs = (np.array(v) for v in zip(*members))
+            # p2 holds multiples of 1/4 up to 255: their squares and channel sums are exact in float32
+            mean[:, ks] = _box_sums(p2.sum(-1, dtype=np.float64), ys, xs, c) / (3 * c * c)
+            msq[:, ks] = _box_sums(np.einsum("nhwc,nhwc->nhw", p2, p2).astype(np.float64), ys, xs, c) / (3 * c * c)
+            planes = {}
+            for k, y, x in members:
+                if pool == 1:
+                    out[:, k] = p2[:, y:y + c, x:x + c]
+                    continue
+                q = (y % 2, x % 2)
+                if q not in planes:
+                    planes[q] = _pool2(p2, *q)
+                out[:, k] = planes[q][:, y // 2:y // 2 + c // 2, x // 2:x // 2 + c // 2]
+    return out.reshape(n, len(wanted), -1), mean, msq
 
 
-def _view_encoder(state):
-    """The folded encoder as (A, B, w1, b) with W = A @ B: W has the rank of the whitening basis (32 of 3072 with
-    `whiten: 32`), so views cost 3072 x rank + rank x bits multiply-adds instead of 3072 x bits."""
+def view_crops(sources: np.ndarray, views: int) -> np.ndarray:
+    """(N, S, S, 3) uint8 sources -> (N, views-1, S/2, S/2, 3) float32: every view but the center one, as pixels."""
+    c = sources.shape[1] // 2
+    return view_inputs(sources, views)[0].reshape(len(sources), -1, c, c, 3)
+
+
+def _view_encoder(state, crop: int):
+    """The folded encoder for the views: (A, B, w1, b, pool) with W x = A (B x_pool) on the `pool`-averaged view.
+
+    With whitening, W's rows are combinations of 2x2-pooling rows (the basis reads the 2x2-pooled crop) and W has the
+    basis's rank (32 of 3072 with `whiten: 32`): views are hashed from 16x16 pooled pixels through a rank-32
+    factorisation, 3072 x 128 multiply-adds become 768 x 32 + 32 x 128. Without whitening: the plain W."""
     import torch
 
-    from preprocessing.dedup_model import HashAutoencoder
+    from preprocessing.dedup_model import HashAutoencoder, pooling_matrix
 
     if isinstance(state, HashAutoencoder):
         state = state.folded_state()
     w, b = state["encoder.weight"].double(), state["encoder.bias"].float()
-    u, sv, vt = torch.linalg.svd(w, full_matrices=False)
-    rank = int((sv > sv[0] * 1e-6).sum()) if len(sv) and sv[0] > 0 else len(sv)
+    w1, pool = w.sum(1).float(), 1
+    p = pooling_matrix(crop)
+    if p.shape[0] < p.shape[1]:
+        wp = w @ p.T * (p.shape[1] / p.shape[0])  # W P+ (P's rows are orthogonal, each of squared norm 1/4)
+        if torch.linalg.matrix_norm(wp @ p - w) <= 1e-4 * torch.linalg.matrix_norm(w):
+            w, pool = wp, 2
+    values, u = torch.linalg.eigh(w @ w.T)              # W = U U^T W: the left singular vectors, cheaply
+    keep = values > values.max().clamp_min(0) * 1e-12
+    rank = int(keep.sum())
     if rank * (w.shape[0] + w.shape[1]) >= w.shape[0] * w.shape[1]:
-        return None, w.float(), w.float().sum(1), b
-    return (u[:, :rank] * sv[:rank]).float(), vt[:rank].float(), w.float().sum(1), b
+        return None, w.float(), w1, b, pool
+    u = u[:, keep]
+    return u.float(), (u.T @ w).float(), w1, b, pool
 
 
-def _view_bits(encoder, x):
-    """Bits of flattened raw views (M, D) float: the encoder on standardised inputs (`dedup_model.inputs_of`),
-    computed as sign(W x - mean * W 1 + b * rms) so the standardised copy of the views is never written."""
+def _view_bits(encoder, x, mean, msq):
+    """Bits of the views (M, D) float: the encoder on standardised inputs (`dedup_model.inputs_of`), computed as
+    sign(W x - mean W 1 + b rms) so no standardised copy of the views is written."""
     import torch
 
     from preprocessing.dedup_model import EPS
 
-    a, bmat, w1, b = encoder
-    d = x.shape[1]
-    mean = x.mean(dim=1, keepdim=True)
-    var = (torch.linalg.vector_norm(x, dim=1, keepdim=True) ** 2 / d - mean ** 2).clamp_min(0)
-    rms = var.sqrt().clamp_min(EPS * 255)
+    a, bmat, w1, b, _ = encoder
+    rms = (msq - mean ** 2).clamp_min(0).sqrt().clamp_min(EPS * 255).float()
     wx = x @ bmat.T if a is None else (x @ bmat.T) @ a.T
-    return (wx - mean * w1 + rms * b) > 0
+    return (wx - mean.float() * w1 + rms * b) > 0
 
 
 def encode_views(state, crops: np.ndarray, sources: np.ndarray | None, cfg, chunk: int = 64) -> np.ndarray:
     """Packed codes (N, cfg.views, code_bits/8): view 0 is `dedup_model.encode` of the center crops (the `hash`
-    column), the others come from `sources` (`view_sources`), all views of a chunk of images in one forward."""
+    column), the others come from `sources` (`view_sources`), all views of a chunk of images in one matmul."""
     import torch
 
     from preprocessing.dedup_model import encode
@@ -140,13 +178,13 @@ def encode_views(state, crops: np.ndarray, sources: np.ndarray | None, cfg, chun
         raise ValueError(f"views: {cfg.views} needs one view source per crop")
     out = np.empty((len(crops), cfg.views, center.shape[1]), np.uint8)
     out[:, 0] = center
-    encoder = _view_encoder(state)
+    encoder = _view_encoder(state, cfg.crop)
     with torch.no_grad():
         for i in range(0, len(crops), chunk):
-            v = torch.from_numpy(view_crops(sources[i:i + chunk], cfg.views))
-            m = len(v)
-            codes = pack_bits(_view_bits(encoder, v.reshape(m * (cfg.views - 1), -1)).numpy())
-            out[i:i + m, 1:] = codes.reshape(m, cfg.views - 1, -1)
+            x, mean, msq = (torch.from_numpy(v) for v in view_inputs(sources[i:i + chunk], cfg.views, encoder[-1]))
+            m, v = x.shape[:2]
+            bits = _view_bits(encoder, x.reshape(m * v, -1), mean.reshape(-1, 1), msq.reshape(-1, 1))
+            out[i:i + m, 1:] = pack_bits(bits.numpy()).reshape(m, v, -1)
     return out
 
 
