@@ -231,7 +231,8 @@ def report(title: str, rows: list[tuple[str, dict, float]]) -> None:
             continue
         ok = [(n, p) for n, p in phash if fp100(p) <= fp100(s) + 1e-9]
         pn, p = max(ok, key=lambda np_: (np_[1]["recall"], -fp100(np_[1])), default=(None, None))
-        vs = (f"{pn}: recall {p['recall']:.3f} at {fp100(p):.2f} FP/100 -> ratio {s['recall'] / max(p['recall'], 1e-9):.2f}x"
+        ratio = s["recall"] / max(p["recall"], 1e-9) if p else 0.0
+        vs = (f"{pn}: recall {p['recall']:.3f} at {fp100(p):.2f} FP/100 -> ratio {ratio:.2f}x"
               if p else "no pHash radius is that precise")
         print(f"  {name:<58} recall {s['recall']:.3f} at {fp100(s):.2f} FP/100, encode {dt / single:.0f}x the single "
               f"hash | {vs}")

@@ -72,8 +72,9 @@ def main() -> int:
         print(f"{'standardised' if std else 'raw (authors)':<14}{c['test_accuracy']:>16.4f}{c['C']:>8g}"
               f"{s['test_error_mean']:>16.4f}{s['test_error_95']:>8.4f}{s['C']:>8g}{dt:>7.1f}")
     (cs, ss, _), (cr, sr, _) = rows[True], rows[False]
-    print(f"\nratio standardised / raw: CIFAR-style accuracy {cs['test_accuracy'] / cr['test_accuracy']:.3f}x "
-          f"(higher is better), SVHN-style error {ss['test_error_mean'] / sr['test_error_mean']:.3f}x (lower is better)")
+    acc, err = cs["test_accuracy"] / cr["test_accuracy"], ss["test_error_mean"] / sr["test_error_mean"]
+    print(f"\nratio standardised / raw: CIFAR-style accuracy {acc:.3f}x (higher is better), "
+          f"SVHN-style error {err:.3f}x (lower is better)")
     print(f"total {time.perf_counter() - t0:.1f}s")
     return 0
 
