@@ -10,9 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from preprocessing.storage import resolve_location
 from preprocessing.dedup_views import DEFAULT_VIEWS, MAX_VIEWS
-
+from preprocessing.storage import resolve_location
 
 Location = Annotated[str, AfterValidator(resolve_location)]
 """A storage location: a local path is made absolute where the config is read (the edge), so every later step,

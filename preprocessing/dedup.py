@@ -31,13 +31,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from preprocessing import compute, dataset_layout, storage
-from preprocessing.errors import InputError
 from preprocessing.config import DedupConfig
-from preprocessing.dedup_model import crops_of, fit_ray, save_state
-from preprocessing.dedup_views import encode_views, view_sources
 from preprocessing.dedup_groups import bucket_edges, codes_of, decide, edge_groups, groups_of, view_rows
-from preprocessing.semantic_hash import group_views
+from preprocessing.dedup_model import crops_of, fit_ray, save_state
 from preprocessing.dedup_report import bit_stats, collision_picture
+from preprocessing.dedup_views import encode_views, view_sources
+from preprocessing.errors import InputError
+from preprocessing.semantic_hash import group_views
 from preprocessing.shards import DatasetError, images_of, shard_name, write_table
 
 log = logging.getLogger(__name__)

@@ -154,8 +154,6 @@ def _view_encoder(state, crop: int):
 def _view_bits(encoder, x, mean, msq):
     """Bits of the views (M, D) float: the encoder on standardised inputs (`dedup_model.inputs_of`), computed as
     sign(W x - mean W 1 + b rms) so no standardised copy of the views is written."""
-    import torch
-
     from preprocessing.dedup_model import EPS
 
     a, bmat, w1, b, _ = encoder

@@ -186,7 +186,7 @@ def test_multi_view_finds_shifted_and_recropped_photos(trained):
     """2-3 px shifted and re-cropped copies of real photos are grouped with their photo by the default views; the
     paper's single center-crop hash misses most of them; distinct photos are never grouped."""
     cfg, *_, state, _ = trained
-    keys, photos = _photos64()
+    _, photos = _photos64()
     copies = [f(p) for p in photos for f in (lambda p: cv2.warpAffine(p, np.float32([[1, 0, 2], [0, 1, -3]]), (64, 64),
                                                                       borderMode=cv2.BORDER_REFLECT),
                                              lambda p: cv2.warpAffine(p, np.float32([[1, 0, -3], [0, 1, 2]]), (64, 64),
@@ -205,7 +205,7 @@ def test_multi_view_finds_shifted_and_recropped_photos(trained):
 
 
 def test_views_1_is_the_papers_single_hash(trained):
-    cfg, keys, crops, origin, state, _ = trained
+    cfg, _, crops, _, state, _ = trained
     _, photos = _photos64()
     single = image_codes(state, photos, cfg.model_copy(update={"views": 1}))
     assert single.shape == (len(photos), 1, cfg.code_bits // 8)
