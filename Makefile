@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/face_detect.py
 	$(PY) benchmarks/dedup_quality.py
 	$(PY) benchmarks/dedup_grouping.py
+	$(PY) benchmarks/svm_features.py
 	$(PY) benchmarks/ingest.py
 
 clean:

@@ -10,8 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from preprocessing.dedup_views import DEFAULT_VIEWS, MAX_VIEWS
 from preprocessing.storage import resolve_location
-
 
 Location = Annotated[str, AfterValidator(resolve_location)]
 """A storage location: a local path is made absolute where the config is read (the edge), so every later step,
@@ -35,24 +35,37 @@ class Strict(BaseModel):
 
 
 class DedupConfig(Strict):
-    """Paper section 4.1: a 3072-128-3072 denoising, dropout-regularised ReLU autoencoder on 32x32 center crops."""
+    """Paper section 4.1: a 3072-128-3072 denoising, dropout-regularised ReLU autoencoder on 32x32 center crops.
 
-    enabled: bool = True
+    What differs from the paper (docs/dedup.md, measured in benchmarks/dedup_quality.py): the encoder reads whitened
+    low-frequency components (`whiten`), training adds bit-balance and decorrelation penalties (`balance`,
+    `decorrelate`), and each image is hashed in `views` shifted/zoomed crops, grouped on any shared code. The paper's
+    plain model is `whiten: 0, balance: 0, decorrelate: 0, views: 1`.
+    """
+
+    enabled: bool = Field(True, description="de-duplicate after a build (`--no-dedup` turns it off)")
     crop: int = Field(32, description="side of the center crop fed to the autoencoder (3*crop*crop inputs)")
-    code_bits: int = Field(128, ge=8, le=1024)
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    code_bits: int = Field(128, ge=8, le=1024, description="code units = bits of the semantic hash (paper: 128)")
+    epochs: int = Field(10, ge=1, description="autoencoder training epochs over the dataset being de-duplicated")
+    batch_size: int = Field(256, ge=1, description="autoencoder training batch size")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate of the autoencoder")
     input_noise: float = Field(0.1, ge=0, description="std of the Gaussian corruption of the denoising AE")
-    dropout: float = Field(0.2, ge=0, lt=1)
+    dropout: float = Field(0.2, ge=0, lt=1, description="dropout on the code units while training (paper: "
+                                                        "dropout-regularised)")
     whiten: int = Field(32, ge=0, description="PCA components of the 2x2-pooled crop the encoder reads, whitened "
-                                              "(0 = raw pixels); folded into the saved 3072-128 encoder")
-    balance: float = Field(1.0, ge=0, description="weight of the penalty pushing each bit to be on for half the images")
-    decorrelate: float = Field(1.0, ge=0, description="weight of the penalty on correlation between code bits")
+                                              "(0 = raw pixels, as the paper); folded into the saved 3072-128 encoder")
+    balance: float = Field(1.0, ge=0, description="weight of the penalty pushing each bit to be on for half the "
+                                                  "images (0 = the paper's plain objective)")
+    decorrelate: float = Field(1.0, ge=0, description="weight of the penalty on correlation between code bits (0 = "
+                                                      "the paper's plain objective)")
+    views: int = Field(DEFAULT_VIEWS, ge=1, le=MAX_VIEWS, description="crops hashed per image: 1 = the paper's single "
+                       "center-crop hash; more = also crops shifted by up to 4 px (9/25/49/81 = up to 1/2/3/4 px) and "
+                       "zoomed by 2-8 px (135 = all), at 2x the crop's resolution; images sharing ANY code are one "
+                       "group (finds 1-4 px shifts and re-crops; see docs/dedup.md)")
     radius: int = Field(0, ge=0, description="Hamming radius; 0 = identical codes only (linear time)")
     max_removed: float = Field(0.5, ge=0, le=1, description="fail, writing nothing, when more than this fraction "
                                "of the rows would be removed (the paper removed ~9% of LSUN bedrooms)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the autoencoder's initialisation, noise and batch order")
 
 
 class BuildConfig(Strict):

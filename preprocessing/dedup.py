@@ -1,12 +1,16 @@
 """De-duplicating a dataset's shards with the paper's semantic hash (section 4.1), end to end on Ray.
 
 Stages, each a Ray job that scales out with the cluster:
-1. crops   one task per source shard reads it and keeps (key, shard, row, 32x32 center crop); nothing else moves.
+1. crops   one task per source shard reads it and keeps (key, shard, row, 32x32 center crop) and, with
+           `views` > 1, the 64x64 center square the other views are cut from (`dedup_views`); nothing else moves.
 2. train   the hashing autoencoder on Ray Train (`dedup_model.fit_ray`), on the dataset being de-duplicated.
-3. encode  every crop -> its code (ReLU > 0 of the code layer, packed: 16 bytes for 128 bits) and a hash partition.
-4. group   Ray Data groups by partition; each partition groups equal codes in one linear pass (`semantic_hash`) and
-           keeps the member with the smallest key. With a Hamming radius r > 0 the codes (16 bytes + key a row) are
-           gathered on the driver for multi-index hashing and connected components (see `semantic_hash`).
+3. encode  every image -> its `views` codes (ReLU > 0 of the code layer, packed: 16 bytes for 128 bits); view 0, the
+           paper's center-crop hash, is the `hash` column.
+4. group   every (key, code) goes to a hash partition of its code (Ray Data groupby); each partition buckets equal
+           codes in one linear pass (`semantic_hash`) and emits an edge between the keys sharing a bucket. The edges
+           (only colliding images: a few per duplicate) are joined on the driver into groups (connected components),
+           so images sharing ANY code are one group; each group keeps its smallest key. With a Hamming radius r > 0
+           all codes (16 bytes x views + key a row) are gathered on the driver for multi-index hashing instead.
 5. write   one task per source shard writes the kept rows, hash column filled, as out/shards/part-NNNNN.parquet
            (NNNNN = the source shard's index, so provenance is plain; a shard left empty is not written).
 Then out/dedup/ gets model.pt (a plain tensor dict, `torch.load(weights_only=True)`), report.json and collisions.png
@@ -27,12 +31,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from preprocessing import compute, dataset_layout, storage
+from preprocessing.config import DedupConfig
+from preprocessing.dedup_groups import bucket_edges, codes_of, decide, edge_groups, groups_of, view_rows
+from preprocessing.dedup_model import crops_of, fit_ray, save_state
+from preprocessing.dedup_report import bit_stats, collision_picture
+from preprocessing.dedup_views import encode_views, view_sources
 from preprocessing.errors import InputError
 from preprocessing.progress import Progress
-from preprocessing.config import DedupConfig
-from preprocessing.dedup_model import crops_of, encode, fit_ray, save_state
-from preprocessing.semantic_hash import group_codes, keep_smallest_key, partition_of
-from preprocessing.dedup_report import bit_stats, collision_picture
+from preprocessing.semantic_hash import group_views
 from preprocessing.shards import DatasetError, images_of, shard_name, write_table
 
 log = logging.getLogger(__name__)
@@ -57,46 +63,33 @@ def _read_shard(src_uri: str, entry: dict[str, Any]) -> pa.Table:
 # ------------------------------------------------------------------------------------------------------ stages
 
 
-def _crops_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], crop: int) -> dict[str, np.ndarray]:
+def _crops_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], crop: int,
+                views: int) -> dict[str, np.ndarray]:
     cv2.setNumThreads(1)
-    out: dict[str, list] = {"key": [], "shard": [], "row": [], "crop": []}
+    out: dict[str, list] = {"key": [], "shard": [], "row": [], "crop": [], **({"source": []} if views > 1 else {})}
     for i in batch["shard"]:
         table = _read_shard(src_uri, shards[int(i)])
         n = table.num_rows
+        images = images_of(table)
         out["key"].append(np.asarray(table.column("key").to_pylist(), dtype=object))
         out["shard"].append(np.full(n, i, np.int32))
         out["row"].append(np.arange(n, dtype=np.int32))
-        out["crop"].append(crops_of(images_of(table), crop))
+        out["crop"].append(crops_of(images, crop))
+        if views > 1:
+            out["source"].append(view_sources(images, crop))
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def _encode_task(batch: dict[str, np.ndarray], state: dict, cfg: dict, partitions: int) -> dict[str, np.ndarray]:
+def _encode_task(batch: dict[str, np.ndarray], state: dict, cfg: dict) -> dict[str, np.ndarray]:
     import torch
 
     dcfg = DedupConfig(**cfg)
     # the encoder's weights arrive read-only from the object store; a copy (1.5 MB) keeps torch from warning
-    codes = encode({k: torch.from_numpy(v.copy()) for k, v in state.items()}, batch["crop"], dcfg)
+    codes = encode_views({k: torch.from_numpy(v.copy()) for k, v in state.items()}, batch["crop"],
+                         batch.get("source"), dcfg)
     return {"key": batch["key"], "shard": batch["shard"], "row": batch["row"],
-            "hash": np.array([c.tobytes() for c in codes], dtype=object),
-            "part": partition_of(codes, partitions)}
-
-
-def decide(batch: dict[str, np.ndarray], radius: int = 0) -> dict[str, np.ndarray]:
-    """Group one partition's codes and choose the keeper of each group (smallest key).
-
-    Adds `keep` (bool), `group` (the keeper's key: a stable group name) and `size` (members in the group).
-    """
-    keys = np.asarray(batch["key"], dtype=object)
-    if len(keys) == 0:
-        return {**batch, "keep": np.zeros(0, bool), "group": keys, "size": np.zeros(0, np.int64)}
-    codes = np.stack([np.frombuffer(h, np.uint8) for h in batch["hash"]])
-    groups = group_codes(codes, radius)
-    keep = keep_smallest_key(groups, keys.astype(str))
-    keeper = np.empty(int(groups.max()) + 1, dtype=object)
-    keeper[groups[keep]] = keys[keep]
-    size = np.bincount(groups)[groups]
-    return {**{k: batch[k] for k in ("key", "shard", "row", "hash")}, "keep": keep, "group": keeper[groups],
-            "size": size.astype(np.int64)}
+            "hash": np.array([c[0].tobytes() for c in codes], dtype=object),
+            "views": np.array([c.tobytes() for c in codes], dtype=object)}
 
 
 def _write_task(batch: dict[str, np.ndarray], src_uri: str, out_uri: str, shards: list[dict]) -> dict[str, np.ndarray]:
@@ -144,7 +137,8 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
         items = [{"shard": i} for i in range(len(shards))]
         crops = (ray.data.from_items(items, override_num_blocks=len(items))
                  .map_batches(_crops_task, batch_size=1, batch_format="numpy",
-                              fn_kwargs={"src_uri": src_uri, "shards": shards, "crop": cfg.crop})
+                              fn_kwargs={"src_uri": src_uri, "shards": shards, "crop": cfg.crop,
+                                         "views": cfg.views})
                  .materialize())
         if crops.count() != rows_in:
             raise DatasetError(f"{src_uri}: read {crops.count()} rows, the shard list says {rows_in}")
@@ -166,19 +160,22 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
         partitions = max(1, -(-rows_in // ROWS_PER_PARTITION))
         state_np = {k: v.numpy() for k, v in state.items() if k.startswith("encoder.")}  # hashing needs no decoder
         coded = crops.map_batches(_encode_task, batch_format="numpy",
-                                  fn_kwargs={"state": state_np, "cfg": cfg.model_dump(), "partitions": partitions})
-        coded = coded.materialize()
+                                  fn_kwargs={"state": state_np, "cfg": cfg.model_dump()}).materialize()
         timings["encode_s"] = time.perf_counter() - t
         shown.update(3, note=f"{rows_in} codes; grouping")
 
         t = time.perf_counter()
+        code_bytes = (cfg.code_bits + 7) // 8
         if cfg.radius == 0:
-            decisions = coded.groupby("part").map_groups(decide, batch_format="numpy", fn_kwargs={"radius": 0})
-        else:  # multi-index hashing needs every code in one place (16 bytes + key per row)
-            whole = coded.drop_columns(["part"]).to_pandas()
+            edges = (coded.map_batches(view_rows, batch_format="numpy",
+                                       fn_kwargs={"code_bytes": code_bytes, "partitions": partitions})
+                     .groupby("part").map_groups(bucket_edges, batch_format="numpy").to_pandas())
+            groups = edge_groups(edges["a"].to_numpy(object), edges["b"].to_numpy(object)) if len(edges) else {}
+        else:  # multi-index hashing needs every code in one place (16 bytes x views + key per row)
+            whole = coded.select_columns(["key", "views"]).to_pandas()
             batch = {c: whole[c].to_numpy() for c in whole.columns}
-            decisions = ray.data.from_pandas(__import__("pandas").DataFrame(decide(batch, cfg.radius)))
-        decisions = decisions.materialize()
+            groups = groups_of(batch["key"], group_views(codes_of(batch, code_bytes), cfg.radius))
+        decisions = coded.map_batches(decide, batch_format="numpy", fn_kwargs={"groups": groups}).materialize()
         timings["group_s"] = time.perf_counter() - t
         shown.update(4, note="grouped; writing the kept rows")
         kept = int(decisions.map_batches(lambda b: {"n": [int(np.count_nonzero(b["keep"]))]},
@@ -222,6 +219,7 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
     info = {
         "method": METHOD,
         "code_bits": cfg.code_bits,
+        "views": cfg.views,
         "radius": cfg.radius,
         "rows_in": rows_in,
         "rows_out": rows_out,

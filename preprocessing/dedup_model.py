@@ -333,17 +333,21 @@ def _train_worker(config: dict) -> None:
 # ------------------------------------------------------------------------------------------------------ codes
 
 
+def bit_function(state: dict[str, torch.Tensor] | HashAutoencoder) -> Callable[[torch.Tensor], torch.Tensor]:
+    """inputs (`inputs_of`) -> bool code bits, from a model or from saved weights (only the folded encoder)."""
+    if isinstance(state, nn.Module):
+        return state.bits
+    weight, bias = state["encoder.weight"], state["encoder.bias"]
+    return lambda x: nn.functional.linear(x, weight, bias) > 0  # HashAutoencoder.bits, unfolded
+
+
 def encode(state: dict[str, torch.Tensor] | HashAutoencoder, crops: np.ndarray, cfg: DedupConfig,
            batch: int = 8192) -> np.ndarray:
     """uint8 crops (N, c, c, 3) -> packed codes (N, code_bits/8) uint8, most significant bit = unit 0.
 
     Given saved weights, only the (folded) encoder is needed: no module is built, so per-batch callers stay cheap.
     """
-    if isinstance(state, nn.Module):
-        bits = state.bits
-    else:
-        weight, bias = state["encoder.weight"], state["encoder.bias"]
-        bits = lambda x: nn.functional.linear(x, weight, bias) > 0  # noqa: E731 - HashAutoencoder.bits, unfolded
+    bits = bit_function(state)
     with torch.no_grad():
         out = [pack_bits(bits(inputs_of(crops[i:i + batch])).numpy()) for i in range(0, len(crops), batch)]
     return np.concatenate(out) if out else np.zeros((0, (cfg.code_bits + 7) // 8), np.uint8)

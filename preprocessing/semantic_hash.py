@@ -15,6 +15,8 @@ Ray cluster with `partition_of` and calls these per partition, so no node ever h
   about N^2 / 2^(B/(r+1)+1) chance candidates per block (negligible for B=128, r<=3 up to ~1e8 codes), plus the true
   near pairs; codes concentrated in a few buckets (a constant block) degrade towards N^2, and `max_candidates`
   turns that into a clear error instead of an endless run.
+- Several codes per image (`group_views`, the multi-view hash of `dedup_views`): the N*V codes are grouped as above and
+  each image is joined to the buckets of its codes; groups are connected components of that image-bucket graph.
 """
 
 from __future__ import annotations
@@ -133,13 +135,33 @@ def group_codes(codes: np.ndarray, radius: int = 0) -> np.ndarray:
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     if radius == 0 or len(codes) < 2:
         return group_identical(codes)
+    pairs = near_pairs(codes, radius)
+    return components(len(codes), pairs[:, 0], pairs[:, 1])
+
+
+def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Component id (0..C-1) of each of n nodes under the edges (a[k], b[k]): union-find, linear in n + edges."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    pairs = near_pairs(codes, radius)
-    n = len(codes)
-    graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    graph = coo_matrix((np.ones(len(a), np.int8), (np.asarray(a), np.asarray(b))), shape=(n, n))
     return connected_components(graph, directed=False)[1].astype(np.int64)
+
+
+def group_views(codes: np.ndarray, radius: int = 0) -> np.ndarray:
+    """Group id per image from (N, V, bytes) codes, V views per image: images sharing ANY code (within `radius`)
+    are one group, transitively. Linear in N*V at radius 0: the N*V codes are bucketed (`group_codes`) and each image
+    is joined to its buckets; an image's own views falling in one bucket join nothing but itself."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    if codes.ndim == 2:
+        codes = codes[:, None]
+    n, v = codes.shape[:2]
+    if n == 0:
+        return np.zeros(0, np.int64)
+    buckets = group_codes(codes.reshape(n * v, -1), radius)
+    owner = np.repeat(np.arange(n), v)
+    groups = components(n + int(buckets.max()) + 1, owner, n + buckets)[:n]
+    return np.unique(groups, return_inverse=True)[1].astype(np.int64)
 
 
 def keep_smallest_key(groups: np.ndarray, keys: np.ndarray | list[str]) -> np.ndarray:

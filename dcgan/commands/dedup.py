@@ -21,6 +21,8 @@ def register(sub) -> None:
     add_config_flags(p)
     p.add_argument("--radius", type=int, dest="dedup.radius",
                    help="Hamming radius: 0 = identical codes only (linear time, the paper's)")
+    p.add_argument("--views", type=int, dest="dedup.views",
+                   help="crops hashed per image: 1 = the paper's single center-crop hash (default 135)")
     p.add_argument("--epochs", type=int, dest="dedup.epochs", help="autoencoder training epochs (default 10)")
     p.add_argument("--seed", type=int, dest="dedup.seed", help="seed of the autoencoder's training (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset this project wrote at --out")
