@@ -51,12 +51,14 @@ def test_key_ranges_cover_every_key_once(lmdb_dir):
     assert n_lim == 10 and [c["count"] for c in limited] == [7, 3]
 
 
-def test_build_gives_expected_rows_rejects_and_pixels(lmdb_dir, tmp_path, ray_cluster, caplog):
+def test_build_gives_expected_rows_rejects_and_pixels(lmdb_dir, tmp_path, ray_cluster, caplog, capsys):
     path, good = lmdb_dir
     cfg = BuildConfig(kind="lsun", input=path, shard_rows=8)
     with caplog.at_level(logging.INFO, logger="preprocessing.build"):
         manifest = build_dataset(cfg, str(tmp_path / "ds"))
-    assert any("inputs/s" in r.message for r in caplog.records)  # progress lines
+    assert any("inputs ->" in r.message and "rejects by reason" in r.message for r in caplog.records)  # the summary
+    progress = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[progress] center-crop ")]
+    assert progress and f"{len(good) + len(BAD)}/{len(good) + len(BAD)} inputs" in progress[-1], progress
     assert manifest["counts"]["rows"] == len(good)
     assert manifest["counts"]["inputs"] == len(good) + len(BAD)
     assert manifest["rejects"]["by_reason"] == {"empty": 1, "not_image": 1, "truncated": 2}
