@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/dedup_quality.py
 	$(PY) benchmarks/dedup_grouping.py
 	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/sample_quality.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
