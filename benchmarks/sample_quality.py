@@ -1,6 +1,6 @@
 """Sample quality of our trainer vs. a plain loop written the way pytorch/examples/dcgan trains, on the demo's digits.
 
-Both train, in this process, on the demo's 4,000 MNIST digits (32x32, as configs/demo-mnist-32.yaml's dataset holds
+Both train on the demo's 4,000 MNIST digits (32x32, as configs/demo-mnist-32.yaml's dataset holds
 them), with the same batches in the same order, for the same number of steps, at the demo config's widths and
 optimiser. Ours is the step the Ray Train loop runs (dcgan.networks + dcgan.step.GANStep, seeded as the worker seeds
 it); the reference is pytorch/examples/dcgan's main.py: its own nn.Sequential networks (ConvTranspose from a 1x1 z,
