@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/dedup_grouping.py
 	$(PY) benchmarks/svm_features.py
 	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/sample_quality.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -133,7 +133,8 @@ class ClusterConfig(Strict):
                                    "nodes use their own credentials (environment, profile, instance or pod role)")
 
 
-SUITES = ("samples", "walks", "arithmetic", "forgetting", "guided-backprop", "memorisation", "fid", "cifar10", "svhn")
+SUITES = ("samples", "walks", "arithmetic", "forgetting", "guided-backprop", "memorisation", "digits", "fid", "cifar10",
+          "svhn")
 """The evaluation suites (dcgan.evaluation.report runs them in this order)."""
 
 

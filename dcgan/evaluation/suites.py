@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dcgan.config import SUITES, EvalConfig
-from dcgan.evaluation import datasets, features, fid, forgetting, guided_backprop, latent, memorisation, svm
+from dcgan.evaluation import datasets, digits, features, fid, forgetting, guided_backprop, latent, memorisation, svm
 from dcgan.evaluation.inception import how_to_get_weights, load_inception
 from dcgan.sampling import save_grid, save_png, to_uint8
 from preprocessing import storage
@@ -147,6 +147,21 @@ def suite_memorisation(c: Context, s: Section) -> None:
     s.metrics = out
 
 
+def suite_digits(c: Context, s: Section) -> None:
+    if (c.g.cfg.resolution, c.g.cfg.channels) not in ((32, 1), (32, 3)):
+        raise NotRun(f"the digit classifier takes 32x32 MNIST-like digits; this run's G draws "
+                     f"{c.g.cfg.resolution}x{c.g.cfg.resolution}x{c.g.cfg.channels}")
+    try:
+        real = c.real_images(len(digits.demo_indices()))
+    except NotRun:
+        real = None
+    s.metrics = digits.digit_quality(c.samples(1000), real)
+    s.text.append("A small CNN trained by the project on 1,000 held-out MNIST digits (dcgan.evaluation.digits): "
+                  "digit_fd is the Frechet distance to those digits in its 128-d features (lower is better; real_fd "
+                  "is the training digits' own, the floor), confident_share the share of samples it classifies with "
+                  f"probability >= {digits.CONFIDENT}, confident_classes their classes. Meant for MNIST-like data.")
+
+
 def suite_fid(c: Context, s: Section) -> None:
     if not c.cfg.inception_weights:
         raise NotRun(f"no Inception weights given: {how_to_get_weights()}")
@@ -200,6 +215,7 @@ RUNNERS: dict[str, tuple[str, Callable[[Context, Section], None]]] = {
     "forgetting": ("Forgetting to draw", suite_forgetting),
     "guided-backprop": ("Guided backpropagation of D's features", suite_guided),
     "memorisation": ("Memorisation check", suite_memorisation),
+    "digits": ("Sample quality: digit classifier", suite_digits),
     "fid": ("Sample quality: FID and KID", suite_fid),
     "cifar10": ("CIFAR-10: L2-SVM on D features", suite_cifar10),
     "svhn": ("SVHN with 1000 labels: L2-SVM on D features", suite_svhn),
