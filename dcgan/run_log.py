@@ -5,7 +5,8 @@ TensorBoard gets the scalars (losses, D(x), D(G(z)), images/s) and the fixed-z s
 (`add_image`). It writes local files; for an s3:// run they are staged in a temporary directory and uploaded at every
 checkpoint and at the end (metrics.csv also every PUBLISH_CSV_S, so a caller can follow the run), and
 `runs/<name>/metrics/` holds the same files wherever the run lives. With MLFLOW_TRACKING_URI set (and mlflow
-installed), the same scalars and grids also go to MLflow, in an MLflow run named after the run.
+installed), the same scalars and grids also go to MLflow, in an MLflow run named after the run. An evaluation adds
+its pictures and numbers at the evaluated checkpoint's step (`publish_evaluation`).
 """
 
 from __future__ import annotations
@@ -114,3 +115,25 @@ def read_metrics(run_uri: str) -> list[dict[str, float]]:
     for row in csv.DictReader(text.splitlines()):
         rows.append({k: float(v) for k, v in row.items() if v not in ("", None)})
     return rows
+
+
+def publish_evaluation(run_uri: str, step: int, pictures: dict[str, bytes], scalars: dict[str, float]) -> None:
+    """An evaluation's pictures (PNG bytes by name) and numbers in the run's TensorBoard at `step`: tags
+    `eval/<picture>` and `eval/<suite>/<metric>`, in an event file of their own beside training's."""
+    import cv2
+    from torch.utils.tensorboard import SummaryWriter
+
+    remote = storage.is_s3(run_uri)
+    with tempfile.TemporaryDirectory(prefix="dcgan-eval-tb-") as tmp:
+        logdir = Path(tmp) if remote else storage.local_path(run_uri) / "metrics" / "tensorboard"
+        writer = SummaryWriter(log_dir=str(logdir), filename_suffix=".eval")
+        for name, png in pictures.items():
+            image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+            if image is not None:
+                writer.add_image(f"eval/{Path(name).stem}", image[:, :, ::-1].copy(), step, dataformats="HWC")
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, step)
+        writer.close()
+        if remote:
+            for f in Path(tmp).iterdir():
+                storage.upload_file(f, storage.join(run_uri, "metrics", "tensorboard", f.name))

@@ -101,6 +101,16 @@ def test_evaluate_svm_suites_on_s3(tmp_path, s3_bucket):
     assert s["status"] == "ok" and s["n_val"] == 60 and s["test_draws"] == 3
     assert storage.exists(f"{run}/eval/step-0000100/report.html") and storage.exists(f"{run}/eval/step-0000100/samples.png")
     assert storage.exists(f"{run}/eval/metrics.jsonl") and storage.exists(f"{run}/eval/report.html")
+    # the pictures and numbers also reach the run's TensorBoard (uploaded beside training's event files)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = tmp_path / "tb"
+    for uri in storage.list_uris(f"{run}/metrics/tensorboard"):
+        storage.download_file(uri, tb / uri.rsplit("/", 1)[-1])
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    assert "eval/samples" in events.Tags()["images"] and "eval/cifar10/test_accuracy" in events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("eval/cifar10/test_accuracy")] == [100]
 
 
 def test_bad_inputs_stop_before_any_suite(tmp_path):

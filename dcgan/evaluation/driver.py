@@ -89,7 +89,19 @@ def evaluate(
     storage.write_text(storage.join(out, "report.html"), render_html(title, header, sections))
     storage.write_json(storage.join(out, "metrics.json"), metrics)
     _record(run_uri, loaded.config.name, metrics)
+    _to_tensorboard(run_uri, loaded.step, out, sections, metrics)
     return {**metrics, "skipped": False}
+
+
+def _to_tensorboard(run_uri: str, step: int, out: str, sections: list[Section], metrics: dict) -> None:
+    """The report's pictures and every numeric metric in the run's TensorBoard, beside training's curves."""
+    from dcgan.run_log import publish_evaluation
+
+    pictures = {name: storage.read_bytes(storage.join(out, name)) for s in sections if s.status == "ok"
+                for name, _ in s.images if storage.exists(storage.join(out, name))}
+    scalars = {f"eval/{suite}/{k}": float(v) for suite, m in metrics["suites"].items() for k, v in m.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seconds"}
+    publish_evaluation(run_uri, step, pictures, scalars)
 
 
 def evaluate_every_checkpoint(run_uri: str, cfg: EvalConfig | None = None, **kwargs: Any) -> list[dict]:
