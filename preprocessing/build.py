@@ -333,7 +333,8 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig | None = None, 
              "task_work_s": round(sum(r["work_s"] for r in results if not r["resumed"]), 2),
              "task_write_s": round(sum(r["write_s"] for r in results if not r["resumed"]), 2)}
     log.info("%s: %d inputs -> %d rows in %.1f s (task time: %.1f s fetch/decode, %.1f s writing); "
-             "rejects by reason: %s", cfg.kind, p.inputs, rows, wall, stats["task_work_s"], stats["task_write_s"], summary)
+             "rejects by reason: %s", cfg.kind, p.inputs, rows, wall, stats["task_work_s"], stats["task_write_s"],
+             summary)
     if rows == 0:
         raise BuildError(f"{cfg.input}: no usable rows from {p.inputs} inputs (rejects by reason: {summary}); "
                          f"see {storage.join(out, 'rejects')}")
