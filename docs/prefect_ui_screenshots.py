@@ -61,8 +61,11 @@ def screenshot(page: str, path: Path, height: int = 1100) -> None:
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                         f"--user-data-dir={profile}", f"--window-size=1400,{height}",
-                        "--virtual-time-budget=20000", f"--screenshot={path}", page],
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        "--no-first-run", "--virtual-time-budget=20000", f"--screenshot={path}", page],
                        check=True, capture_output=True, timeout=180)
+    if not path.is_file():
+        raise SystemExit(f"Chromium wrote no {path}")
     print(f"wrote {path}", file=sys.stderr)
 
 
@@ -72,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "docs"), help="folder for the PNG files (default docs/)")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dcgan-ui-") as tmp:
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
