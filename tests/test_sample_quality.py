@@ -38,6 +38,7 @@ def test_split_keeps_the_held_out_digits_out_of_the_demo():
     assert not any(img.tobytes() in seen for img in hx)
 
 
+@pytest.mark.slow  # trains the classifier on one thread: 15-30 s
 def test_classifier_is_accurate_on_digits_it_never_saw():
     net = digits.held_out_classifier()
     x, y = digits.mnist_rgb32(digits.demo_indices())
@@ -55,6 +56,7 @@ def test_training_is_deterministic_for_a_seed():
     assert not torch.equal(a.state_dict()["out.1.weight"], c.state_dict()["out.1.weight"])
 
 
+@pytest.mark.slow  # trains the classifier on one thread: 15-30 s
 def test_real_digits_score_well_and_junk_badly():
     x, _ = digits.mnist_rgb32(digits.demo_indices(1000))
     real = digits.digit_quality(x)
