@@ -94,9 +94,7 @@ class RunLog:
         self._tb.flush()
         self._published = time.monotonic()
         if self.remote:
-            for p in sorted(self.dir.rglob("*")):
-                if p.is_file():
-                    storage.upload_file(p, storage.join(self.run_uri, "metrics", p.relative_to(self.dir).as_posix()))
+            _publish(self.dir, storage.join(self.run_uri, "metrics"))
 
     def close(self) -> None:
         self.flush()
@@ -135,5 +133,11 @@ def publish_evaluation(run_uri: str, step: int, pictures: dict[str, bytes], scal
             writer.add_scalar(tag, value, step)
         writer.close()
         if remote:
-            for f in Path(tmp).iterdir():
-                storage.upload_file(f, storage.join(run_uri, "metrics", "tensorboard", f.name))
+            _publish(Path(tmp), storage.join(run_uri, "metrics", "tensorboard"))
+
+
+def _publish(staged: Path, uri: str) -> None:
+    """Upload every file staged under `staged` to the same relative path under `uri` (an s3:// run's metrics)."""
+    for path in sorted(staged.rglob("*")):
+        if path.is_file():
+            storage.upload_file(path, storage.join(uri, path.relative_to(staged).as_posix()))
