@@ -6,6 +6,8 @@ impossible values fail at load time with the field named, before any Ray worker 
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Any, Literal
 
@@ -259,11 +261,19 @@ def apply_overrides(data: dict, overrides: dict | None) -> dict:
     return data
 
 
+ENV_PREFIX = "env:"  # `--config env:NAME`: the YAML text is the value of the environment variable NAME
+
+
 def load_config(path: str | Path | None = None, overrides: dict | None = None, base: Config | None = None) -> Config:
     """Load a YAML config (or `base`, or the defaults), apply dotted overrides like {"train.steps": 10}, validate."""
     if path is None:
         data = base.model_dump(mode="json") if base is not None else {}
         return parse_config(apply_overrides(data, overrides), "config")
+    if str(path).startswith(ENV_PREFIX):  # a Ray Job's config travels in its environment (dcgan.stages)
+        name = str(path)[len(ENV_PREFIX):]
+        if name not in os.environ:
+            raise ConfigError(f"config {path}: the environment variable {name} is not set")
+        return parse_config(apply_overrides(_yaml_mapping(os.environ[name], str(path)), overrides), str(path))
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file not found: {p}")

@@ -3,8 +3,8 @@
 A Prefect worker or a laptop needs no GPU and should not hold a Ray driver for hours: the stage's `dcgan` command line
 is submitted through the Jobs API of the cluster's dashboard (http://head:8265), its log is streamed to the caller
 line by line (the CLI's stderr, the Prefect run's log), and a job that ends FAILED or STOPPED raises with its cause.
-Ctrl-C, SIGTERM or a cancelled Prefect run stops the job. The job's working_dir holds only the files the stage needs
-(the resolved config.yaml, a user's box file or cascade); the code comes from the cluster's image (infra/Dockerfile),
+Ctrl-C, SIGTERM or a cancelled Prefect run stops the job. The job carries its resolved config in its environment and
+a working_dir only for a user's local box file or cascade; the code comes from the cluster's image (infra/Dockerfile),
 so what runs is what was deployed. The job's environment carries the storage endpoint and region, never a credential
 unless `cluster.pass_credentials` (anyone who can read the Jobs API can read a job's environment); nothing is logged
 but the names of what was passed.

@@ -4,7 +4,7 @@
 Prefect tasks: a `StageCall`, the resolved configuration plus the few options that are not configuration (a dedup's
 source and destination, an evaluation's step). `run` asks `preprocessing.compute` where work runs: in this process (a
 local Ray, or joining the cluster this process is on), or as a Ray Job that runs the same `dcgan <stage>` command line
-on the cluster, with the configuration in the job's working_dir. Both give the caller the same result: a small JSON
+on the cluster, with the configuration in the job's environment. Both give the caller the same result: a small JSON
 dict (a job prints it as its last line, `--json`).
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from dcgan.config import Config, dump_config
+from dcgan.config import ENV_PREFIX, Config, dump_config
 from preprocessing import compute, dataset_layout, progress, storage
 from preprocessing.errors import InputError
 
@@ -31,6 +31,7 @@ BUILD_KINDS = {"build-lsun": "center-crop", "build-faces": "faces"}  # build-lsu
 STAGE_OF_KIND = {kind: stage for stage, kind in BUILD_KINDS.items()}
 FLAG_OPTIONS = ("overwrite", "arithmetic", "boxes", "step", "device", "every_checkpoint", "force")  # options a job's command line carries
 RESULT_KEY = "dcgan_result"   # the result line a job prints: {"dcgan_result": {...}}
+JOB_CONFIG_ENV = "DCGAN_JOB_CONFIG"  # a job's resolved config (YAML), read with `--config env:DCGAN_JOB_CONFIG`
 
 
 @dataclass
@@ -178,14 +179,24 @@ def _travelling_files(call: StageCall, work: Path) -> tuple[StageCall, list[str]
 
 
 def run_as_job(call: StageCall, address: str, emit: Emit = log.info, poll_s: float = 1.0) -> dict[str, Any]:
-    """Run a stage on the cluster at `address` as a Ray Job (`dcgan <stage> ... --json`) and return its result."""
+    """Run a stage on the cluster at `address` as a Ray Job (`dcgan <stage> ... --json`) and return its result.
+
+    The resolved config travels in the job's environment (`--config env:DCGAN_JOB_CONFIG`), not in a Ray
+    working_dir: a job's processes run inside its working_dir, and a runtime-env agent may delete and unpack that
+    folder again while they run (every node started on one machine shares the head's runtime_resources folder), which
+    leaves the driver in a deleted directory (torch's oneMKL aborts at import: "Cannot load libtorch_cpu.so").
+    Only a user's local file that the cluster cannot see (a box file, a cascade) still needs a working_dir.
+    """
     from dcgan import jobs
 
     with tempfile.TemporaryDirectory(prefix="dcgan-job-") as tmp:
         work = Path(tmp)
         job_call, moved = _travelling_files(call, work)
-        (work / "config.yaml").write_text(dump_config(job_call.config))
-        env = {**jobs.JOB_ENV, **jobs.aws_env(call.config.cluster.pass_credentials)}
+        env = {**jobs.JOB_ENV, **jobs.aws_env(call.config.cluster.pass_credentials),
+               JOB_CONFIG_ENV: dump_config(job_call.config)}
+        runtime_env: dict[str, Any] = {"env_vars": env}
+        if moved:
+            runtime_env["working_dir"] = str(work)
         where = {}
         if call.stage == "evaluate":  # the evaluation computes in its driver: place it on a worker node
             where = {"entrypoint_num_cpus": 1, "entrypoint_num_gpus": 1 if call.config.cluster.use_gpu else 0}
@@ -196,8 +207,8 @@ def run_as_job(call: StageCall, address: str, emit: Emit = log.info, poll_s: flo
             progress.relay(line)
             emit(line)
 
-        logs = jobs.run_job(address, " ".join(_quote(a) for a in job_call.command()),
-                            {"working_dir": str(work), "env_vars": env}, relayed,
+        logs = jobs.run_job(address, " ".join(_quote(a) for a in job_call.command(ENV_PREFIX + JOB_CONFIG_ENV)),
+                            runtime_env, relayed,
                             submission_id=f"dcgan-{call.stage}-{slug}-{uuid.uuid4().hex[:8]}",
                             metadata={"dcgan.stage": call.stage, "dcgan.run": call.config.run_uri},
                             poll_s=poll_s, **where)

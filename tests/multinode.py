@@ -1,7 +1,8 @@
 """A real multi-node Ray cluster on 127.0.0.1 for tests, with Ray's token authentication on.
 
 `ray start --head --num-cpus 0` plus worker nodes `ray start --address ... --num-cpus 2 --resources '{"node_a": 1}'`,
-each in its own session (start_new_session) and temp dir, started one at a time (two joining at once can fail).
+each in its own session (start_new_session), started one at a time (two joining at once can fail); as on an operator's
+machine, only the head is given a temp dir and the nodes that join share its session directory.
 The cluster gets its own token through RAY_AUTH_TOKEN: nothing reads or writes ~/.ray/auth_token. Facts behind the
 choices (timings, what auth needs, what Ray Train does on node loss) are in tests/MULTINODE.md.
 
@@ -167,7 +168,10 @@ class MultiNodeCluster:
         """`ray start --block ...` in its own session; returns once the GCS lists the node ALIVE."""
         temp_dir = self.base_dir / name
         temp_dir.mkdir()
-        cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp_dir),
+        # As an operator starts nodes: only the head names a temp dir. A node that joins takes the head's (Ray
+        # shares the session directory, and with it one runtime_resources folder for every node on this machine).
+        own_temp = ["--temp-dir", str(temp_dir)] if resource is None else []
+        cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", *own_temp,
                "--disable-usage-stats", *args]
         with open(temp_dir / "ray-start.log", "wb") as log:
             process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

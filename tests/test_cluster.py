@@ -128,6 +128,35 @@ def cli(cluster, *argv: str, timeout: float = 400) -> subprocess.CompletedProces
                           timeout=timeout, cwd=REPO)
 
 
+def test_dcgan_train_as_a_ray_job_starts_on_a_cluster_set_up_as_the_readme_says(multinode_cluster, s3_bucket,
+                                                                                 tmp_path):
+    """The nodes that join share the head's session folder (README's `ray start --address`, no --temp-dir), so every
+    node's runtime-env agent unpacks job packages into one runtime_resources folder. A job shipped with a working_dir
+    died at start: when its driver's `ray.init` made a joining node's agent unpack the same package again (rmtree,
+    then unzip), the driver's current directory was deleted under it, and oneMKL (linked into torch) aborts at import
+    when getcwd() fails ("Intel oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so"). A job now takes its config in
+    its environment and needs no working_dir. Two shards, more than one global batch, two workers on two nodes."""
+    cluster = multinode_cluster
+    data, run = f"{s3_bucket}/datasets/operator", f"{s3_bucket}/runs/operator"
+    images = mnist_rgb32(96)
+    entries = [shards.write_table(data, shards.shard_name(i), shards.make_table(
+        [f"{i}-{j:03d}" for j in range(48)], images[48 * i:48 * (i + 1)])) for i in range(2)]
+    shards.write_manifest(data, kind="lsun", resolution=32, shards=entries, inputs=96)
+    config = tiny("operator", data, run, placement="STRICT_SPREAD")
+    config["model"] = {"resolution": 32, "ngf": 8, "ndf": 8, "kernel_size": 4, "z_dim": 16}
+    path = tmp_path / "operator.yaml"
+    path.write_text(json.dumps(config))
+
+    done = cli(cluster, "train", "--config", str(path))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "oneMKL" not in done.stderr and "Traceback" not in done.stderr
+    assert checkpoints.latest_step(run) == 4
+    [job] = stage_jobs(cluster)["train"][-1:]
+    assert str(job.status) == "SUCCEEDED" and "working_dir" not in (job.runtime_env or {}), job.runtime_env
+    workers = [w for w in cluster.state("actors", class_name="RayTrainWorker") if w["job_id"] == job.job_id]
+    assert {w["node_id"] for w in workers} == {cluster.nodes["node_a"].node_id, cluster.nodes["node_b"].node_id}
+
+
 def test_training_survives_a_lost_node(multinode_cluster, s3_bucket, tmp_path):
     """SPREAD over both worker nodes; node_b dies mid-run: Ray Train restarts the group on node_a from the newest
     checkpoint, and the run ends at its last step having lost at most one checkpoint interval."""
@@ -189,3 +218,4 @@ def test_a_build_that_loses_a_node_gives_the_same_dataset(multinode_cluster, s3_
         assert again.returncode == 0, again.stderr[-3000:]
     lossy, reference = shards.read_manifest(f"{s3_bucket}/lossy"), shards.read_manifest(f"{s3_bucket}/clean")
     assert lossy["content_hash"] == reference["content_hash"] and lossy["counts"]["rows"] == 480
+
