@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
-from preprocessing.errors import TransientError, UserError
+from preprocessing.errors import TransientError, UserError, one_line
 
 # The standard storage settings a job needs to reach the same object store (passed only when set). Credentials are
 # not among them: the nodes bring their own (environment, profile, instance or pod role) unless the caller opts in.
@@ -29,6 +29,13 @@ AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TO
 # Settings of the job's processes: no progress bars (they are a terminal's, not a log's); Ray Train V2.
 JOB_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_V2_ENABLED": "1"}
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# The Jobs API's own "try again" (HTTP 500 "No available agent to submit job, please try again later"): a head that
+# has just started, or a loaded one, has no job agent registered yet. Retried after these pauses, then one line.
+TRY_AGAIN = re.compile(r"try again later|No available agent", re.IGNORECASE)
+# DCGAN_JOB_SUBMIT_RETRY_S ("2,5,10") sets other pauses.
+SUBMIT_RETRY_S = (2, 5, 10, 20, 30)
+POLL_TIMEOUT_S = 30  # one Jobs API request while following a job
+LOST_AFTER_S = 60    # no answer for this long while a job runs: the cluster is lost (DCGAN_CLUSTER_LOST_AFTER_S)
 # The CLI's one-line message for a known fault (dcgan/cli.py): such a job fails the same way every time.
 INPUT_ERROR = re.compile(r"^dcgan [\w-]+: error: (.+)$", re.MULTILINE)
 # Terminal colours and cursor moves (Ray's prefixes, progress bars) mean nothing in a run log.
@@ -38,6 +45,10 @@ LOG_TAIL_LINES = 30
 
 class RayClusterUnreachable(TransientError, ConnectionError):
     """The Jobs API did not answer (a transient fault: a Prefect task retries it with backoff)."""
+
+
+class RayClusterLost(RayClusterUnreachable):
+    """The Jobs API stopped answering while a job ran (a lost head): transient, so a re-run once it is back resumes."""
 
 
 class RayJobError(RuntimeError):
@@ -124,19 +135,71 @@ def _sigterm_stops() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def follow(client, job_id: str, emit: Callable[[str], None], poll_s: float = 1.0) -> tuple[Any, str]:
+def lost_after_s() -> float:
+    """How long a job's follower waits for a Jobs API that stopped answering before it reports the cluster lost."""
+    return float(os.environ.get("DCGAN_CLUSTER_LOST_AFTER_S") or LOST_AFTER_S)
+
+
+def _within(seconds: float, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)`, or TimeoutError after `seconds`: Ray's Jobs client sets no timeout, and a head that vanished
+    without closing its connections (a lost machine) would hold a request forever."""
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            box["error"] = err
+
+    thread = threading.Thread(target=call, daemon=True, name="jobs-api-request")
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer in {seconds:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _no_answer(err: BaseException) -> bool:
+    """The Jobs API is down or restarting (refused, reset, timed out, 5xx), not a refusal of the request."""
+    if isinstance(err, (OSError, TimeoutError)):  # requests' errors are OSErrors
+        return True
+    return isinstance(err, RuntimeError) and bool(re.search(r"status code 5\d\d", str(err)))
+
+
+def follow(client, job_id: str, emit: Callable[[str], None], poll_s: float = 1.0,
+           address: str = "") -> tuple[Any, str]:
     """Stream a job's log through `emit` until it ends; returns (JobDetails, full log).
 
-    Polls the Jobs API rather than holding a websocket, so a dropped connection costs one poll, not the run. If the
+    Polls the Jobs API rather than holding a websocket, so a dropped connection costs one poll, not the run. A head
+    that stops answering for `lost_after_s()` is a lost cluster: RayClusterLost, in one line, never a hang. If the
     follower is interrupted (Ctrl-C, SIGTERM, a cancelled Prefect run), the job is stopped.
     """
     stream = _LineStream(emit)
-    logs = ""
+    logs, silent_since, wait = "", None, lost_after_s()
     try:
         with _sigterm_stops():
             while True:
-                info = client.get_job_info(job_id)
-                logs = client.get_job_logs(job_id)
+                try:
+                    info = _within(POLL_TIMEOUT_S, client.get_job_info, job_id)
+                    logs = _within(POLL_TIMEOUT_S, client.get_job_logs, job_id)
+                except Exception as err:  # noqa: BLE001 - sorted by _no_answer
+                    if not _no_answer(err):
+                        raise
+                    if silent_since is None:
+                        silent_since = time.monotonic()
+                        emit(f"the Ray cluster at {address or 'the Jobs API'} does not answer ({one_line(err)}); "
+                             f"waiting up to {wait:.0f} s")
+                    if time.monotonic() - silent_since >= wait:
+                        raise RayClusterLost(
+                            f"lost the Ray cluster at {address or 'the Jobs API'} while Ray job {job_id} ran: no "
+                            f"answer for {wait:.0f} s ({one_line(err)}); run the same command once the cluster is "
+                            "back: training resumes from its newest checkpoint, a build keeps its finished chunks"
+                        ) from None
+                    time.sleep(poll_s)
+                    continue
+                silent_since = None
                 stream.feed(logs)
                 if str(info.status) in TERMINAL:
                     stream.close()
@@ -144,8 +207,8 @@ def follow(client, job_id: str, emit: Callable[[str], None], poll_s: float = 1.0
                 time.sleep(poll_s)
     except BaseException:
         try:
-            if str(client.get_job_status(job_id)) not in TERMINAL:
-                client.stop_job(job_id)
+            if str(_within(POLL_TIMEOUT_S, client.get_job_status, job_id)) not in TERMINAL:
+                _within(POLL_TIMEOUT_S, client.stop_job, job_id)
                 emit(f"stopped Ray job {job_id}")
         except Exception:  # noqa: BLE001 - the original failure is the one to report
             pass
@@ -163,6 +226,25 @@ def job_failure(job_id: str, info: Any, logs: str) -> RayJobError:
                        f"\n--- last log lines ---\n{tail}")
 
 
+def submit(client, address: str, emit: Callable[[str], None], retry_s: tuple[float, ...] | None = None,
+           **job: Any) -> str:
+    """`client.submit_job(**job)`, retrying the Jobs API's "please try again later" with backoff; still refused after
+    the last pause, RayClusterUnreachable (a transient fault: one line, and a Prefect task retries it)."""
+    pauses = retry_s if retry_s is not None else tuple(
+        float(p) for p in os.environ.get("DCGAN_JOB_SUBMIT_RETRY_S", "").split(",") if p.strip()) or SUBMIT_RETRY_S
+    for tries, pause in enumerate((*pauses, None), start=1):
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as err:
+            if not TRY_AGAIN.search(str(err)):
+                raise
+            if pause is None:
+                raise RayClusterUnreachable(f"the Ray cluster at {address} did not take the job after {tries} "
+                                            f"tries: {one_line(err).rstrip('.')}") from None
+            emit(f"the Ray cluster at {address} asked to try again later; retrying in {pause} s")
+            time.sleep(pause)
+
+
 def run_job(address: str, entrypoint: str, runtime_env: dict[str, Any], emit: Callable[[str], None], *,
             submission_id: str | None = None, metadata: dict[str, str] | None = None, poll_s: float = 1.0,
             **entrypoint_resources: Any) -> str:
@@ -172,11 +254,11 @@ def run_job(address: str, entrypoint: str, runtime_env: dict[str, Any], emit: Ca
     stage that computes in its driver (evaluation) asks for a worker node's CPU or GPU.
     """
     client = connect(address)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
-                               metadata=metadata or {}, **entrypoint_resources)
+    job_id = submit(client, address, emit, entrypoint=entrypoint, runtime_env=runtime_env,
+                    submission_id=submission_id, metadata=metadata or {}, **entrypoint_resources)
     names = ", ".join(sorted(n for n in runtime_env.get("env_vars", {}) if n.startswith("AWS_"))) or "none"
     emit(f"submitted Ray job {job_id} to {address}: {entrypoint} (storage settings passed: {names})")
-    info, logs = follow(client, job_id, lambda line: emit(f"[ray job] {line}"), poll_s=poll_s)
+    info, logs = follow(client, job_id, lambda line: emit(f"[ray job] {line}"), poll_s=poll_s, address=address)
     if str(info.status) != "SUCCEEDED":
         raise job_failure(job_id, info, logs)
     emit(f"Ray job {job_id} SUCCEEDED")

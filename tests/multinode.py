@@ -245,6 +245,27 @@ class MultiNodeCluster:
 
         return self._start(name, command, resource)
 
+    def kill_head(self) -> float:
+        """A lost head: SIGKILL the head node's processes (GCS, dashboard and Jobs API, the jobs' drivers); the
+        worker nodes are left as they are. Returns time.monotonic() of the kill."""
+        head = self.nodes["head"]
+        _kill_all(head, signal.SIGKILL)
+        killed = time.monotonic()
+        head.process.wait(STOP_TIMEOUT_S)
+        return killed
+
+    def restart(self, cpus: float = 2) -> None:
+        """The cluster brought back after a lost head: every node stopped, then a new head (new ports, so a new
+        `jobs_address`) and the same worker nodes."""
+        workers = [name for name, node in self.nodes.items() if node.resource is not None]
+        self.stop()
+        for name in list(self.nodes):
+            self._discard(name)
+        self._seen.clear()
+        self.start_head()
+        for name in workers:
+            self.add_node(name, cpus)
+
     def kill_node(self, name: str) -> float:
         """Node loss: SIGKILL the node's raylet, agents and workers at once (no draining, no goodbye to the GCS).
         Returns time.monotonic() of the kill, to measure how long the cluster takes to notice."""

@@ -1,5 +1,6 @@
 """An HTTP proxy on 127.0.0.1 that puts a flaky network in front of the S3 server: on a seeded share of requests
-it resets the connection, answers 500 InternalError or 503 SlowDown, or stalls past the client's read timeout.
+it resets the connection, answers 500 InternalError or 503 SlowDown, or stalls past the client's read timeout (and,
+in front of any HTTP server, gives canned answers to chosen requests).
 
 Deterministic by seed and independent of timing: a request's fate depends only on (seed, method, path, query) and on
 how many times that same request was seen before, so the same build faces the same faults whatever the concurrency.
@@ -27,9 +28,12 @@ class FaultProxy:
     """`with FaultProxy(upstream, seed=1, rate=0.1) as proxy:` then point AWS_ENDPOINT_URL at `proxy.url`."""
 
     def __init__(self, upstream: str, seed: int = 0, rate: float = 0.1, attempts: int = 1, stall_s: float = 3.0,
-                 stubborn: dict[str, int] | None = None):
+                 stubborn: dict[str, int] | None = None, canned: dict[tuple[str, str], tuple[int, str, int]] | None = None):
         """`stubborn`: PUTs whose path ends with a key fail with 503 that many times in a row (past a client's own
-        retries), to show what the next layer up does about it."""
+        retries), to show what the next layer up does about it. `canned`: {(method, path): (status, text, times)}
+        answers that request with `status` and the plain `text` its first `times` tries (any HTTP server: e.g. the
+        Ray Jobs API's "please try again later")."""
+        self.canned, self.canned_sent = canned or {}, Counter()
         self.upstream = urlparse(upstream)
         self.seed, self.rate, self.attempts, self.stall_s = seed, rate, attempts, stall_s
         self.stubborn = stubborn or {}
@@ -95,8 +99,25 @@ class FaultProxy:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _canned(self) -> bool:
+                status, text, times = proxy.canned.get((self.command, self.path), (0, "", 0))
+                with proxy._lock:
+                    if proxy.canned_sent[(self.command, self.path)] >= times:
+                        return False
+                    proxy.canned_sent[(self.command, self.path)] += 1
+                    proxy.injected[f"canned {status}"] += 1
+                body = text.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return True
+
             def _any(self) -> None:
                 body = self._body()
+                if self._canned():
+                    return
                 fault = proxy.fault_for(self.command, self.path)
                 if fault == "reset":
                     return self._reset()

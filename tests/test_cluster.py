@@ -219,3 +219,49 @@ def test_a_build_that_loses_a_node_gives_the_same_dataset(multinode_cluster, s3_
     lossy, reference = shards.read_manifest(f"{s3_bucket}/lossy"), shards.read_manifest(f"{s3_bucket}/clean")
     assert lossy["content_hash"] == reference["content_hash"] and lossy["counts"]["rows"] == 480
 
+
+def test_a_lost_head_is_one_line_in_bounded_time_and_the_rerun_resumes(multinode_cluster, s3_bucket, tmp_path):
+    """The head dies mid-training (GCS, Jobs API and the job's driver with it): the CLI does not hang; within the
+    configured wait it says in one line that the cluster was lost (exit 2). The cluster comes back (a new head, the
+    same nodes) and the same command resumes from the newest checkpoint to the last step. Runs last: it replaces
+    the module's cluster."""
+    cluster = multinode_cluster
+    data, run = f"{s3_bucket}/datasets/head-loss", f"{s3_bucket}/runs/head-loss"
+    images = mnist_rgb32(128)
+    entries = [shards.write_table(data, shards.shard_name(i), shards.make_table(
+        [f"{i}-{j:03d}" for j in range(64)], images[64 * i:64 * (i + 1)])) for i in range(2)]
+    shards.write_manifest(data, kind="lsun", resolution=32, shards=entries, inputs=128)
+    config = tiny("head-loss", data, run, placement="SPREAD", cpus_per_worker=0.5)
+    config["model"] = {"resolution": 32, "ngf": 8, "ndf": 8, "kernel_size": 4, "z_dim": 16}
+    config["train"].update(steps=60, checkpoint_every=5, log_every=5)
+    path = tmp_path / "head-loss.yaml"
+    path.write_text(json.dumps(config))
+    wait_s = 10
+    env = cluster.client_env(RAY_ADDRESS=cluster.jobs_address, PYTHONPATH=str(REPO),
+                             DCGAN_CLUSTER_LOST_AFTER_S=str(wait_s))
+    proc = subprocess.Popen([sys.executable, "-m", "dcgan.cli", "train", "--config", str(path)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, killed = time.monotonic() + 300, None
+    while time.monotonic() < deadline and proc.poll() is None:
+        steps = checkpoints.complete_steps(run)
+        if steps and steps[-1] >= 10:
+            killed = cluster.kill_head()
+            break
+        time.sleep(0.5)
+    assert killed is not None, proc.communicate(timeout=60)[1][-3000:]
+    out, err = proc.communicate(timeout=wait_s + 90)
+    took = time.monotonic() - killed
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert lines[-1].startswith("dcgan train: error: lost the Ray cluster at http://127.0.0.1:"), lines[-3:]
+    assert f"no answer for {wait_s} s" in lines[-1] and took < wait_s + 40, (took, lines[-1])
+    saved = checkpoints.latest_step(run)
+    assert saved is not None and saved < 60
+
+    cluster.restart()
+    again = cli(cluster, "train", "--config", str(path))
+    assert again.returncode == 0, again.stderr[-4000:]
+    resumed = [int(line.split("resuming at step ")[1].split("/")[0]) for line in again.stderr.splitlines()
+               if "resuming at step " in line]
+    assert resumed and resumed[0] >= saved, (saved, resumed)
+    assert checkpoints.latest_step(run) == 60

@@ -121,6 +121,32 @@ def tiny_dataset(uri: str, n: int = 64) -> None:
 
 
 @pytest.mark.slow
+def test_the_jobs_api_try_again_answer_is_retried_then_one_line(ray_head, tmp_path, monkeypatch):
+    """A head that has just started (or a loaded one) answers a submission with HTTP 500 "No available agent to
+    submit job, please try again later": the CLI retries it with backoff, and after the last pause says so in one
+    line (exit 2) instead of a traceback. The answers come from a proxy in front of the real Jobs API."""
+    from s3_faults import FaultProxy
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"name: busy\nroot: {tmp_path}\ndata: {tmp_path / 'no-dataset'}\n")
+    busy = (500, "No available agent to submit job, please try again later.", 2)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DCGAN_JOB_SUBMIT_RETRY_S": "0.2,0.2"}
+    for times, code in ((2, 2), (3, 2)):  # two refusals are ridden out (the job then fails on its own input), three are not
+        with FaultProxy(ray_head, rate=0, canned={("POST", "/api/jobs/"): busy[:2] + (times,)}) as proxy:
+            proc = subprocess.run([sys.executable, "-m", "dcgan.cli", "train", "--config", str(cfg), "--address",
+                                   proxy.url], env=env, capture_output=True, text=True, timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert sum("asked to try again later; retrying in 0.2 s" in line for line in lines) == min(times, 2)
+        if times == 2:
+            assert "submitted Ray job" in proc.stderr and "no manifest.json" in lines[-1], lines[-1]
+        else:
+            assert lines[-1] == (f"dcgan train: error: the Ray cluster at {proxy.url} did not take the job after 3 "
+                                 "tries: Request failed with status code 500: No available agent to submit job, please "
+                                 "try again later")
+
+
+@pytest.mark.slow
 def test_train_flow_runs_a_ray_job_and_streams_its_log(ray_head, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-to-be-logged-4711")
     monkeypatch.setenv("AWS_REGION", "us-east-1")
