@@ -3,6 +3,9 @@
 - the RayCluster against KubeRay's v1 CRD schema (vendored, tests/data/README.md) with unknown fields refused, as
   `kubectl apply` refuses them, and its pod templates, the work pool's namespace/RBAC manifest and the flow-run Job
   that the base job template renders for every deployment against Kubernetes' own schemas (kubernetes-validate);
+- the RayJob and the nightly RayCronJob (KubeRay v1.6 CRDs, vendored) against their schemas and the checks KubeRay's
+  operator makes beyond them, their pod templates, the head's memory against the OOM reports, the workers' own wait for
+  the GCS, /dev/shm and the training config they serve, and the entrypoint's config read from object storage;
 - the Dockerfile with hadolint, and that it installs what KubeRay's probes run;
 - the object store fits /dev/shm, and evaluation pods request what the CIFAR-10 L2-SVM holds;
 - `prefect deploy --prefect-file infra/kubernetes/prefect.yaml` against a `kubernetes` work pool on a real server.
@@ -24,7 +27,10 @@ import yaml
 from prefect_server import BIN, REPO, prefect, prefect_server  # noqa: F401  (fixture)
 
 K8S = REPO / "infra" / "kubernetes"
-CRD_SCHEMA = Path(__file__).parent / "data" / "kuberay-v1.4.2-raycluster-v1.schema.json"
+DATA = Path(__file__).parent / "data"
+CRD_SCHEMA = DATA / "kuberay-v1.4.2-raycluster-v1.schema.json"
+RAYJOB_SCHEMA = DATA / "kuberay-v1.6.2-rayjob-v1.schema.json"  # v1.6: the first KubeRay with RayCronJob
+RAYCRONJOB_SCHEMA = DATA / "kuberay-v1.6.2-raycronjob-v1.schema.json"
 K8S_VERSION = "1.29.0"  # the oldest Kubernetes the manifests are meant for: newer fields would fail here
 
 
@@ -68,13 +74,14 @@ def refuse_unknown_fields(schema):
 
 
 @cache
-def crd_validator() -> jsonschema.Validator:
-    schema = refuse_unknown_fields(json.loads(CRD_SCHEMA.read_text()))
+def crd_validator(schema_file: Path = CRD_SCHEMA) -> jsonschema.Validator:
+    schema = refuse_unknown_fields(json.loads(schema_file.read_text()))
     return jsonschema.Draft4Validator(schema)  # OpenAPI 3.0 schemas are JSON Schema draft 4 plus extensions
 
 
-def crd_errors(rc: dict) -> list[str]:
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in crd_validator().iter_errors(rc)]
+def crd_errors(resource: dict, schema_file: Path = CRD_SCHEMA) -> list[str]:
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in crd_validator(schema_file).iter_errors(resource)]
 
 
 def test_raycluster_validates_against_kuberay_v1_crd():
@@ -223,6 +230,294 @@ def test_evaluating_pods_request_the_memory_of_the_cifar10_svm(name):
     request = quantity(resources["requests"]["memory"])
     assert request >= svm_bytes() + 2 * 2**30  # and about 2 GiB for Python, torch, D and the images
     assert quantity(resources["limits"]["memory"]) >= request
+
+
+# --- RayJob and RayCronJob against KubeRay v1.6's CRDs and its own checks ---------------------------------------
+
+
+def rayjob() -> dict:
+    (job,) = load(K8S / "rayjob-train.yaml")
+    return job
+
+
+def raycronjob() -> dict:
+    (cron,) = load(K8S / "raycronjob-nightly.yaml")
+    return cron
+
+
+RAYJOB_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
+MAX_RAYJOB_NAME = 53 - 6  # MaxRayClusterNameLength less the "-xxxxx" of the cluster's name (utils/constant.go)
+
+
+def _dns1035(name: str) -> bool:
+    return len(name) <= 63 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) is not None
+
+
+def cron_expression(schedule: str) -> tuple[str, str]:
+    """(5-field expression, time zone) of a RayCronJob schedule: robfig/cron's ParseStandard, with its optional
+    `CRON_TZ=` or `TZ=` prefix (the operator's local time, UTC in its image, without one)."""
+    zone = "UTC"
+    if m := re.fullmatch(r"(?:CRON_TZ|TZ)=(\S+)\s+(.*)", schedule.strip()):
+        zone, schedule = m.groups()
+    return schedule, zone
+
+
+def cron_errors(schedule: str) -> list[str]:
+    from datetime import datetime, timezone
+
+    from cronsim import CronSim, CronSimError
+
+    expression, _ = cron_expression(schedule)
+    if len(expression.split()) != 5:  # ParseStandard takes minute hour dom month dow, no seconds field
+        return [f"schedule {schedule!r}: want 5 fields"]
+    try:
+        CronSim(expression, datetime(2026, 1, 1, tzinfo=timezone.utc))
+    except CronSimError as err:
+        return [f"schedule {schedule!r}: {err}"]
+    return []
+
+
+def kuberay_errors(spec: dict, name: str, generated_suffix: int = 0) -> list[str]:
+    """What KubeRay v1.6.2 refuses in a RayJob beyond its CRD schema, from ray-operator/controllers/ray/utils/
+    validation.go (ValidateRayJobMetadata, ValidateRayJobSpec, ValidateRayClusterSpec): the operator marks such a
+    RayJob ValidationFailed after `kubectl apply` succeeded. `generated_suffix`: characters a RayCronJob appends."""
+    errors = []
+    if len(name) + generated_suffix > MAX_RAYJOB_NAME or not _dns1035(name):
+        errors.append(f"name {name!r}: a DNS-1035 label of at most {MAX_RAYJOB_NAME - generated_suffix} characters")
+    shutdown = spec.get("shutdownAfterJobFinishes", False)
+    mode = spec.get("submissionMode", "K8sJobMode")
+    backoff = spec.get("backoffLimit", 0)
+    selector = spec.get("clusterSelector") or {}
+    if mode not in RAYJOB_MODES:  # the CRD leaves it a free string
+        errors.append(f"submissionMode {mode!r} is none of {RAYJOB_MODES}")
+    if spec.get("suspend") and not shutdown:
+        errors.append("suspend needs shutdownAfterJobFinishes")
+    if spec.get("ttlSecondsAfterFinished", 0) < 0 or (spec.get("ttlSecondsAfterFinished", 0) > 0 and not shutdown):
+        errors.append("ttlSecondsAfterFinished needs shutdownAfterJobFinishes and must not be negative")
+    if "rayClusterSpec" not in spec and not selector:
+        errors.append("one of rayClusterSpec or clusterSelector must be set")
+    if selector and (not selector.get("ray.io/cluster") or mode == "SidecarMode" or backoff > 0):
+        errors.append("clusterSelector needs ray.io/cluster, and no SidecarMode nor backoffLimit")
+    if backoff < 0 or (mode == "InteractiveMode" and backoff > 0):
+        errors.append("backoffLimit must be >= 0, and 0 in InteractiveMode")
+    for field in ("activeDeadlineSeconds", "preRunningDeadlineSeconds"):
+        if field in spec and spec[field] <= 0:
+            errors.append(f"{field} must be positive")
+    try:
+        yaml.safe_load(spec.get("runtimeEnvYAML", "") or "{}")
+    except yaml.YAMLError as err:
+        errors.append(f"runtimeEnvYAML is not YAML: {err}")
+    cluster = spec.get("rayClusterSpec")
+    if cluster is None:
+        return errors
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    if mode == "SidecarMode" and ({"submitterPodTemplate", "submitterConfig"} & spec.keys()
+                                 or head.get("restartPolicy", "Never") != "Never"):
+        errors.append("SidecarMode: no submitterPodTemplate/submitterConfig, head restartPolicy Never or unset")
+    if not head.get("containers"):
+        errors.append("headGroupSpec has no container")
+    autoscaling = cluster.get("enableInTreeAutoscaling", False)
+    for g in cluster.get("workerGroupSpecs", []):
+        lo, hi = g.get("minReplicas"), g.get("maxReplicas")
+        if not g["template"]["spec"].get("containers"):
+            errors.append(f"worker group {g['groupName']} has no container")
+        if not autoscaling and (lo is None or hi is None):
+            errors.append(f"worker group {g['groupName']}: minReplicas and maxReplicas without autoscaling")
+        if lo is not None and hi is not None and not 0 <= lo <= hi:
+            errors.append(f"worker group {g['groupName']}: minReplicas {lo} > maxReplicas {hi}")
+    auth = cluster.get("authOptions") or {}
+    if auth.get("enableK8sTokenAuth"):
+        errors.append("K8s token auth is not supported for RayJob")
+    if auth.get("mode") == "token":
+        version = tuple(int(x) for x in re.findall(r"\d+", cluster.get("rayVersion", "0"))[:3])
+        if version < (2, 52, 0):
+            errors.append(f"authOptions token needs rayVersion >= 2.52.0, not {cluster.get('rayVersion')!r}")
+    return errors
+
+
+def rayjob_errors(job: dict) -> list[str]:
+    """The API server's schema check first (what it refuses never reaches the operator), then KubeRay's."""
+    return crd_errors(job, RAYJOB_SCHEMA) or kuberay_errors(job["spec"], job["metadata"]["name"])
+
+
+def raycronjob_errors(cron: dict) -> list[str]:
+    return crd_errors(cron, RAYCRONJOB_SCHEMA) or cron_errors(cron["spec"]["schedule"]) or kuberay_errors(
+        cron["spec"]["jobTemplate"], cron["metadata"]["name"], generated_suffix=6)
+
+
+def test_rayjob_and_raycronjob_pass_kuberay_v1_6_checks():
+    job, cron = rayjob(), raycronjob()
+    assert (job["apiVersion"], job["kind"], cron["apiVersion"], cron["kind"]) == (
+        "ray.io/v1", "RayJob", "ray.io/v1", "RayCronJob")
+    assert rayjob_errors(job) == []
+    assert raycronjob_errors(cron) == []
+
+
+def _spec(job):
+    return job["spec"] if job["kind"] == "RayJob" else job["spec"]["jobTemplate"]
+
+
+def _cluster(job):
+    return _spec(job)["rayClusterSpec"]
+
+
+def _worker(job):
+    return _cluster(job)["workerGroupSpecs"][0]
+
+
+RAYJOB_MISTAKES = {
+    "misspelt shutdown": lambda j: _spec(j).update(shutdownAfterJobFinish=_spec(j).pop("shutdownAfterJobFinishes")),
+    "backoffLimit as a word": lambda j: _spec(j).update(backoffLimit="two"),
+    "TTL without shutdown": lambda j: _spec(j).update(shutdownAfterJobFinishes=False),
+    "unknown submission mode": lambda j: _spec(j).update(submissionMode="Sidecar"),
+    "sidecar with a restarting head": lambda j: _cluster(j)["headGroupSpec"]["template"]["spec"].update(
+        restartPolicy="Always"),
+    "no cluster for the job": lambda j: _spec(j).pop("rayClusterSpec"),
+    "zero deadline": lambda j: _spec(j).update(activeDeadlineSeconds=0),
+    "memory '32 GB'": lambda j: _worker(j)["template"]["spec"]["containers"][0]["resources"]["limits"].update(
+        memory="32 GB"),
+    "worker group without maxReplicas": lambda j: _worker(j).pop("maxReplicas"),
+    "token auth on an old Ray": lambda j: _cluster(j).update(rayVersion="2.48.0"),
+    "name too long": lambda j: j["metadata"].update(name="dcgan-train-lsun-bedrooms-64-every-night-on-gpus"),
+}
+
+
+@pytest.mark.parametrize("mistake", RAYJOB_MISTAKES, ids=list(RAYJOB_MISTAKES))
+@pytest.mark.parametrize("kind", ["RayJob", "RayCronJob"])
+def test_a_broken_rayjob_or_raycronjob_fails_the_checks(kind, mistake):
+    job, errors = (rayjob(), rayjob_errors) if kind == "RayJob" else (raycronjob(), raycronjob_errors)
+    RAYJOB_MISTAKES[mistake](job)
+    assert errors(job), f"{kind} with {mistake} passed"
+
+
+@pytest.mark.parametrize("schedule", ["0 0 2 * * *", "0 25 * * *", "nightly"])
+def test_a_raycronjob_with_a_bad_schedule_fails(schedule):
+    cron = raycronjob()
+    cron["spec"]["schedule"] = schedule
+    assert raycronjob_errors(cron)
+
+
+def test_raycronjob_runs_the_rayjob_nightly_without_overlap():
+    """The nightly RayCronJob is the RayJob on a schedule (one spec to review), at the Prefect nightly's time, and an
+    attempt ends before the next night's starts on the same training run."""
+    from datetime import datetime, timezone
+
+    from cronsim import CronSim
+
+    job, cron = rayjob(), raycronjob()
+    assert cron["spec"]["jobTemplate"] == job["spec"]
+    expression, zone = cron_expression(cron["spec"]["schedule"])
+    (nightly,) = deployments()["nightly"]["schedules"]
+    assert (expression, zone) == (nightly["cron"], nightly["timezone"])
+    it = CronSim(expression, datetime(2026, 1, 1, tzinfo=timezone.utc))
+    first = next(it)
+    period = (next(it) - first).total_seconds()
+    assert job["spec"]["activeDeadlineSeconds"] < period
+
+
+def test_rayjob_pod_templates_pass_kubernetes_validate():
+    job = rayjob()
+    for g in [_cluster(job)["headGroupSpec"], *_cluster(job)["workerGroupSpecs"]]:
+        pod = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": g.get("groupName", "head")},
+               "template": g["template"]}
+        assert k8s_errors(pod) is None
+    init = pod["template"]["spec"]["initContainers"][0]
+    init["resource"] = init.pop("resources")
+    assert k8s_errors(pod), "an init container with a misspelt field passed kubernetes-validate"
+
+
+def test_rayjob_service_account_exists_in_ray_rbac():
+    docs = load(K8S / "ray-rbac.yaml")
+    assert all(k8s_errors(d) is None for d in docs)
+    accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
+    cluster = _cluster(rayjob())
+    used = {g["template"]["spec"]["serviceAccountName"]
+            for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]}
+    assert used == {"dcgan-ray"} <= accounts
+    sa = next(d for d in docs if d["metadata"]["name"] == "dcgan-ray")
+    assert sa.get("automountServiceAccountToken", True)  # KubeRay's autoscaler in the head uses its token
+
+
+# Head memory: KubeRay's sample head was OOMKilled at start with 2Gi requested and a 4Gi limit (kuberay#4287), fixed
+# with a 5Gi limit for a head that runs nothing; ours also runs the training driver (`import torch, ray.train,
+# ray.data, dcgan.train` alone is 0.47 GiB RSS, measured) and its object store lives in its own memory.
+IDLE_HEAD = quantity("5Gi")
+DRIVER = quantity("1Gi")
+
+
+def head_fits(cluster: dict) -> bool:
+    head = cluster["headGroupSpec"]
+    ray = head["template"]["spec"]["containers"][0]["resources"]
+    store = quantity(head["rayStartParams"].get("object-store-memory", 0.3 * quantity(ray["limits"]["memory"])))
+    request, limit = quantity(ray["requests"]["memory"]), quantity(ray["limits"]["memory"])
+    return request == limit and limit >= IDLE_HEAD + DRIVER + store
+
+
+def test_rayjob_head_is_sized_against_the_oom_reports():
+    cluster = _cluster(rayjob())
+    assert head_fits(cluster)
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
+    head["requests"]["memory"], head["limits"]["memory"] = "2Gi", "5Gi"  # KubeRay's fixed sample
+    assert not head_fits(cluster)
+
+
+def test_rayjob_workers_wait_for_the_gcs_without_the_256mi_init_container():
+    """kuberay#2735: the injected wait-gcs-ready (200m / 256Mi, hard-coded) is OOMKilled by `ray health-check`; the
+    operator runs with ENABLE_INIT_CONTAINER_INJECTION=false (infra/README.md) and the template brings its own."""
+    cluster = _cluster(rayjob())
+    spec = _worker(rayjob())["template"]["spec"]
+    (init,) = spec["initContainers"]
+    assert init["name"] != "wait-gcs-ready"  # a second one of that name, were injection left on, fails the pod
+    assert "ray health-check" in " ".join(init["args"]) and "$FQ_RAY_IP" in " ".join(init["args"])
+    assert quantity(init["resources"]["limits"]["memory"]) >= quantity("1Gi") > quantity("256Mi")
+    token = {e["name"]: e for e in init["env"]}["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert token == {"name": cluster["authOptions"]["secretName"], "key": "auth_token"}  # KubeRay's key
+
+
+def test_rayjob_gpu_workers_fit_the_training_config():
+    """Scale from zero to what `cluster.workers` asks, one Ray Train worker per 1-GPU pod, object store in /dev/shm
+    and /dev/shm inside the pod's memory (tmpfs pages count against the container's limit)."""
+    job = rayjob()
+    worker = _worker(job)
+    ray = worker["template"]["spec"]["containers"][0]
+    limits = ray["resources"]["limits"]
+    cfg = yaml.safe_load((REPO / "configs" / "lsun-bedrooms-64.yaml").read_text())["cluster"]
+    assert worker["minReplicas"] == 0 == worker.get("replicas", 0) and _cluster(job)["enableInTreeAutoscaling"]
+    assert worker["maxReplicas"] >= cfg["workers"] and cfg["use_gpu"] and limits["nvidia.com/gpu"] == "1"
+    assert cfg["cpus_per_worker"] <= quantity(limits["cpu"])
+    assert all(object_store_fits_shm(g) for g in [_cluster(job)["headGroupSpec"], worker])
+    (shm,) = [v for v in worker["template"]["spec"]["volumes"] if v["name"] == "dshm"]
+    assert quantity(shm["emptyDir"]["sizeLimit"]) + quantity("8Gi") <= quantity(limits["memory"])
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in worker["template"]["spec"][
+        "tolerations"]
+
+
+def test_rayjob_entrypoint_is_a_dcgan_command_on_a_config_in_object_storage():
+    import shlex
+
+    from dcgan.cli import build_parser
+
+    argv = shlex.split(rayjob()["spec"]["entrypoint"])
+    assert argv[0] == "dcgan"
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "train" and args.config.startswith("s3://")
+
+
+def test_train_config_loads_from_object_storage(s3_bucket):
+    """The entrypoint's `--config s3://...`: the same config as from a file; a missing one is one line, exit 2."""
+    from dcgan.config import load_config
+    from preprocessing import storage
+
+    text = (REPO / "configs" / "lsun-bedrooms-64.yaml").read_text().replace("root: ./runs", f"root: {s3_bucket}")
+    uri = f"{s3_bucket}/configs/lsun-bedrooms-64.yaml"
+    storage.write_text(uri, text)
+    cfg = load_config(uri, {"train.steps": 7})
+    assert cfg == load_config(REPO / "configs" / "lsun-bedrooms-64.yaml", {"root": s3_bucket, "train.steps": 7})
+    done = subprocess.run([str(BIN / "dcgan"), "train", "--config", f"{s3_bucket}/configs/missing.yaml"],
+                          capture_output=True, text=True, timeout=120)
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("dcgan train: error: ")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(errors) == 1 and "missing.yaml: no such object" in errors[0], done.stderr
 
 
 # --- Dockerfile -------------------------------------------------------------------------------------------------
