@@ -186,32 +186,100 @@ def test_raycluster_pod_templates_pass_kubernetes_validate():
     assert k8s_errors(pod), "a container with a misspelt field passed kubernetes-validate"
 
 
-def flow_run_job(job_variables: dict) -> dict:
-    """The Job the work pool's base job template gives a flow run with these job variables, as the Kubernetes
-    worker renders it (template defaults, then the deployment's variables; `env` as a list)."""
-    from prefect.utilities.templating import apply_values
+def work_pool_template() -> dict:
+    return json.loads((K8S / "base-job-template.json").read_text())
 
-    template = json.loads((K8S / "base-job-template.json").read_text())
-    values = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
-    values.update(job_variables, name="evaluate-dcgan-1234")
-    job = apply_values(template["job_configuration"]["job_manifest"], values)
-    container = job["spec"]["template"]["spec"]["containers"][0]
-    container["env"] = [{"name": k, "value": v} for k, v in container.get("env", {}).items()]
-    return job
+
+def flow_run_job(job_variables: dict, template: dict | None = None) -> dict:
+    """The Job that Prefect's Kubernetes worker (prefect-kubernetes' own code) creates for a flow run with these job
+    variables: the work pool's template with its defaults, then the variables, then the flow run's env and labels."""
+    import asyncio
+    import uuid
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    class NoAPI:  # the template names no block and no Prefect variable: rendering must not need the API
+        def __getattr__(self, name):
+            raise AssertionError(f"rendering the job template called the Prefect API ({name})")
+
+    config = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(
+        template or work_pool_template(), job_variables, client=NoAPI()))
+    config.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="evaluate-dcgan-1234"))
+    return config.job_manifest
+
+
+def pod_of(job: dict) -> dict:
+    """The Job's pod spec, less the two fields prefect-kubernetes insists on there (they belong to the Job's spec):
+    the API server drops them as unknown fields, and so does this check."""
+    pod = job["spec"]["template"]["spec"]
+    assert (pod.pop("parallelism"), pod.pop("completions")) == (1, 1)
+    return pod
+
+
+def env_of(container: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
 
 
 def test_flow_run_jobs_pass_kubernetes_validate():
     for name, d in deployments().items():
         job = flow_run_job(d["work_pool"]["job_variables"])
-        pod = job["spec"]["template"]["spec"]
+        pod = pod_of(job)
+        container = pod["containers"][0]
         assert pod["serviceAccountName"] == "dcgan-flows" and job["metadata"]["namespace"] == "dcgan", name
-        assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "dcgan-s3", "optional": True}}], name
-        # prefect-kubernetes insists on these two in the pod spec (they belong to the Job's); the API server drops
-        # them as unknown fields, and so does this check.
-        assert (pod.pop("parallelism"), pod.pop("completions")) == (1, 1)
+        assert container["envFrom"] == [{"secretRef": {"name": "dcgan-s3", "optional": True}}], name
+        env = env_of(container)
+        assert env["RAY_AUTH_TOKEN"] == {"secretKeyRef": {"name": "dcgan-ray-token", "key": "auth_token",
+                                                          "optional": True}}, name
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_ADDRESS"].startswith("http"), name
+        assert "nvidia.com/gpu" not in container["resources"].get("limits", {}), name  # no GPU unless asked
+        assert not {"nodeSelector", "tolerations"} & pod.keys(), name
         assert k8s_errors(job) is None, name
     job["spec"]["ttlSecondsAfterFinished"] = "1h"
     assert k8s_errors(job), "a Job with a TTL of '1h' passed kubernetes-validate"
+
+
+def test_every_work_pool_variable_is_used_by_the_job_configuration():
+    """Prefect's server refuses a placeholder without a variable; the other way round it says nothing, and a variable
+    that job_configuration never references is silently ignored. Both directions here, with Prefect's own parser."""
+    from prefect.utilities.templating import find_placeholders
+
+    def unused(template: dict) -> set[str]:
+        used = {p.name for p in find_placeholders(json.dumps(template["job_configuration"]))}
+        return set(template["variables"]["properties"]) ^ used
+
+    template = work_pool_template()
+    assert unused(template) == set()
+    template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"].pop("tolerations")
+    assert unused(template) == {"tolerations"}
+
+
+GPU_RUN = {"gpu_count": 1, "cpu_request": "6", "cpu_limit": "8", "memory_request": "30Gi", "memory_limit": "30Gi",
+           "node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+           "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+           "ray_token_secret": "ray-token-b", "storage_secret": "s3-b", "image": "REGISTRY/dcgan-cluster:0.1.0"}
+
+
+def test_a_gpu_flow_run_gets_what_its_job_variables_ask_for():
+    from prefect.utilities.schema_tools.validation import ValidationError, validate
+
+    variables = {**deployments()["evaluate"]["work_pool"]["job_variables"], **GPU_RUN}
+    schema = work_pool_template()["variables"]
+    validate(variables, schema, raise_on_error=True, ignore_required=True)  # what the server checks on a run
+    job = flow_run_job(variables)
+    pod = pod_of(job)
+    container = pod["containers"][0]
+    assert container["image"] == GPU_RUN["image"]
+    assert container["resources"] == {"requests": {"cpu": "6", "memory": "30Gi"},
+                                      "limits": {"cpu": "8", "memory": "30Gi", "nvidia.com/gpu": 1}}
+    assert pod["nodeSelector"] == GPU_RUN["node_selector"] and pod["tolerations"] == GPU_RUN["tolerations"]
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-b", "optional": True}}]
+    assert env_of(container)["RAY_AUTH_TOKEN"]["secretKeyRef"]["name"] == "ray-token-b"
+    assert k8s_errors(job) is None
+    for bad in ({"gpu_count": -1}, {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Maybe"}]},
+                {"node_selector": {"pool": 3}}):
+        with pytest.raises(ValidationError, match=f"Validation failed for field '{next(iter(bad))}[.[']"):
+            validate({**variables, **bad}, schema, raise_on_error=True, ignore_required=True)
 
 
 def svm_bytes() -> float:
@@ -544,9 +612,16 @@ def test_dockerfile_passes_hadolint_and_installs_wget(tmp_path):
 
 
 @pytest.mark.slow
-def test_kubernetes_deployments_deploy_to_a_kubernetes_work_pool(prefect_server):
+def test_kubernetes_deployments_deploy_to_a_kubernetes_work_pool(prefect_server, tmp_path):
+    """The pool, the deployments and a GPU flow run's job variables, each checked by a real Prefect server (which
+    needs no prefect-kubernetes for any of it: only the worker that runs the flows does)."""
     env = prefect_server
     template = K8S / "base-job-template.json"
+    broken = tmp_path / "broken.json"  # a placeholder without a variable: the server must refuse the pool
+    broken.write_text(template.read_text().replace("{{ gpu_count }}", "{{ gpus }}"))
+    done = subprocess.run([str(BIN / "prefect"), "work-pool", "create", "broken", "--type", "kubernetes",
+                           "--base-job-template", str(broken)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "gpus" in done.stdout + done.stderr, done.stdout + done.stderr
     prefect(env, "work-pool", "create", "dcgan-k8s", "--type", "kubernetes", "--base-job-template", str(template))
     deployed = prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", str(K8S / "prefect.yaml"))
     for name in ("build-faces/faces", "build-lsun/lsun", "train-dcgan/train", "train-dcgan/nightly",
@@ -564,3 +639,16 @@ def test_kubernetes_deployments_deploy_to_a_kubernetes_work_pool(prefect_server)
     assert evaluate["job_variables"]["service_account_name"] == "dcgan-flows"
     assert evaluate["pull_steps"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/dcgan"}}]
+
+    gpu = [a for k, v in GPU_RUN.items() for a in ("--job-variable", f"{k}={json.dumps(v)}")]
+    config = ["--param", 'config={"name": "lsun-bedrooms-64", "root": "s3://dcgan"}']
+    out = prefect(env, "deployment", "run", "evaluate-dcgan/evaluate", *config, *gpu)
+    (run_id,) = re.findall(r"UUID: ([0-9a-f-]{36})", out)
+    with urllib.request.urlopen(f"{api}/flow_runs/{run_id}", timeout=10) as r:
+        run = json.load(r)
+    assert run["job_variables"] == GPU_RUN
+    job = flow_run_job({**evaluate["job_variables"], **run["job_variables"]})  # what the worker would create
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    done = subprocess.run([str(BIN / "prefect"), "deployment", "run", "evaluate-dcgan/evaluate", *config,
+                           "--job-variable", "gpu_count=-1"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "gpu_count" in done.stdout + done.stderr, done.stdout + done.stderr
