@@ -588,6 +588,189 @@ def test_train_config_loads_from_object_storage(s3_bucket):
     assert len(errors) == 1 and "missing.yaml: no such object" in errors[0], done.stderr
 
 
+# --- the runbook (infra/README.md section 5) against the manifests ----------------------------------------------
+
+# Names the runbook uses that Kubernetes or KubeRay make, not infra/kubernetes: KubeRay's SidecarMode submitter
+# container, its autoscaler container and its injected init container (ray-operator/controllers/ray/utils/constant.go,
+# common/pod.go at v1.6.2), and the namespaces the runbook's helm commands create.
+MADE_BY_KUBERAY = {"ray-job-submitter", "autoscaler", "wait-gcs-ready"}
+
+
+def runbook() -> str:
+    text = (REPO / "infra" / "README.md").read_text()
+    return text[text.index("## 5. Runbook"):text.index("## What the tests run")]
+
+
+def runbook_commands(text: str) -> list[str]:
+    """The shell commands of the runbook's code blocks, continuation lines joined, comments dropped."""
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [re.sub(r"\s+#\s.*$", "", line).strip() for line in lines if line.strip()]
+
+
+def strings(node) -> list[str]:
+    """Every key and string value in a parsed manifest."""
+    if isinstance(node, dict):
+        return [s for k, v in node.items() for s in (str(k), *strings(v))]
+    if isinstance(node, list):
+        return [s for v in node for s in strings(v)]
+    return [node] if isinstance(node, str) else []
+
+
+def secret_refs(node, found=None) -> dict[str, set[str]]:
+    """Secret name -> keys the manifests read from it (empty for a whole-Secret envFrom)."""
+    found = {} if found is None else found
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("secretRef", "secretKeyRef") and isinstance(value, dict):
+                keys = found.setdefault(value["name"], set())
+                if "key" in value:
+                    keys.add(value["key"])
+            elif key == "authOptions" and "secretName" in value:
+                found.setdefault(value["secretName"], set()).add("auth_token")  # KubeRay's key for the token
+            secret_refs(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            secret_refs(value, found)
+    return found
+
+
+def runbook_problems(text: str) -> list[str]:
+    """What the runbook names that infra/kubernetes (or KubeRay itself) does not define."""
+    import shlex
+
+    import pipelines.flows
+    from dcgan.config import load_config
+
+    docs = {p.name: load(p) for p in K8S.glob("*.yaml")}
+    template = work_pool_template()
+    everything = [d for ds in docs.values() for d in ds] + [template]
+    k8s = [d for d in everything if "kind" in d and "metadata" in d]
+    values = set(strings(everything))
+    for d in template["variables"]["properties"].values():
+        values |= set(strings(d.get("default")))
+    defined = {(d["kind"].lower(), d["metadata"]["name"]) for d in k8s}
+    containers = {c["name"] for d in k8s for c in _containers(d)} | MADE_BY_KUBERAY
+    secrets = secret_refs(everything)
+    for d in template["variables"]["properties"].values():  # the work pool's defaults name Secrets too
+        if d.get("title", "").endswith("Secret"):
+            secrets.setdefault(d["default"], set())
+    (prefect_file,) = docs["prefect.yaml"]
+    pools = {d["work_pool"]["name"] for d in prefect_file["deployments"]}
+    flows = {f"{getattr(pipelines.flows, d['entrypoint'].split(':')[1]).name}/{d['name']}"
+             for d in prefect_file["deployments"]}
+    job = rayjob()
+    config_uri = shlex.split(job["spec"]["entrypoint"])[3]
+    run_uri = load_config(REPO / "configs" / "lsun-bedrooms-64.yaml", {"root": config_uri.rsplit("/configs/")[0]}).run_uri
+    created = set(re.findall(r'\.metadata\.name = "([a-z0-9-]+)"', text))
+    kuberay = yaml.safe_load((K8S / "kuberay-values.yaml").read_text())
+    problems = []
+
+    for path in re.findall(r"infra/[\w/.-]+\.(?:yaml|json)|infra/Dockerfile", text):
+        if not (REPO / path).exists():
+            problems.append(f"file {path} does not exist")
+    for name in re.findall(r"`([\w-]+\.(?:yaml|json))`", text):
+        if not (K8S / name).exists() and not (REPO / name).exists():
+            problems.append(f"file {name} is not in infra/kubernetes")
+    dcgan_name = r"\bdcgan-[a-z0-9-]*[a-z0-9]\b"
+    tokens = {t for v in values for t in re.findall(dcgan_name, v)}
+    for name in set(re.findall(dcgan_name, text)) - created:
+        if name not in tokens and not re.fullmatch(r"dcgan-nightly-x+", name):
+            problems.append(f"{name} is named nowhere in infra/kubernetes")
+    for command in runbook_commands(text):
+        namespaces = re.findall(r"(?:-n|--namespace) ([a-z0-9-]+)", command)
+        for ns in namespaces:
+            if ns != "dcgan" and "--create-namespace" not in command and not any(
+                    f"--namespace {ns}" in c and "--create-namespace" in c for c in runbook_commands(text)):
+                problems.append(f"namespace {ns} is neither the manifests' nor created: {command}")
+        for kind, name in re.findall(r"\b(rayjob|raycronjob|serviceaccount)s? ([a-z][a-z0-9-]*)", command):
+            if (kind, name) not in defined and name not in created:
+                problems.append(f"{kind} {name} is not defined in infra/kubernetes: {command}")
+        for name in re.findall(r"-c ([a-z][a-z0-9-]*)", command):
+            if name not in containers:
+                problems.append(f"container {name} is in no manifest: {command}")
+        if m := re.search(r"create secret generic ([a-z0-9-]+)(.*)", command):
+            name, rest = m.groups()
+            keys = set(re.findall(r"--from-literal=(\w+)=", rest))
+            if name not in secrets:
+                problems.append(f"secret {name} is read by no manifest")
+            elif not secrets[name] <= keys:
+                problems.append(f"secret {name} lacks the keys {sorted(secrets[name] - keys)} the manifests read")
+        for name in re.findall(r"get secret ([a-z0-9-]+)", command):
+            if name not in secrets:
+                problems.append(f"secret {name} is read by no manifest")
+        for name in re.findall(r"work-pool create ([a-z0-9-]+)", command):
+            if name not in pools:
+                problems.append(f"work pool {name} is not the deployments' ({pools})")
+        for name in re.findall(r"deployment (?:run|schedule clear) ([\w-]+/[\w-]+)", command):
+            if name not in flows:
+                problems.append(f"deployment {name} is not in infra/kubernetes/prefect.yaml")
+        for name in re.findall(r"ray\.io/cronjob-name=([a-z0-9-]+)", command):
+            if ("raycronjob", name) not in defined:
+                problems.append(f"label ray.io/cronjob-name={name}: no such RayCronJob")
+        if "kuberay-operator" in command and (m := re.search(r"--version (\S+)", command)):
+            if m.group(1) not in RAYJOB_SCHEMA.name:
+                problems.append(f"KubeRay {m.group(1)}: the manifests are checked against {RAYJOB_SCHEMA.name}")
+        for uri in re.findall(r"s3://[\w./-]+", command):
+            if uri.startswith("s3://dcgan/configs/") and uri != config_uri:
+                problems.append(f"{uri} is not the RayJob's config {config_uri}")
+            if uri.startswith("s3://dcgan/runs/") and not uri.startswith(run_uri + "/"):
+                problems.append(f"{uri} is not under the run {run_uri}")
+    worker = yaml.safe_load((K8S / "prefect-worker-values.yaml").read_text())["worker"]
+    if worker["config"]["workPool"] not in pools:
+        problems.append(f"prefect-worker-values.yaml polls {worker['config']['workPool']}, not {pools}")
+    gates = {g["name"]: g["enabled"] for g in kuberay["featureGates"]}
+    env = {e["name"]: e["value"] for e in kuberay["env"]}
+    if "RayCronJob" in text and gates.get("RayCronJob") is not True:
+        problems.append("kuberay-values.yaml does not turn RayCronJob on")
+    if "ENABLE_INIT_CONTAINER_INJECTION" in text and env.get("ENABLE_INIT_CONTAINER_INJECTION") != "false":
+        problems.append("kuberay-values.yaml leaves KubeRay's init container on")
+    return problems
+
+
+def _containers(doc: dict) -> list[dict]:
+    """Every container and init container of every pod template in a manifest."""
+    found = []
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            if key in ("containers", "initContainers") and isinstance(value, list):
+                found += [c for c in value if isinstance(c, dict)]
+            else:
+                found += _containers(value)
+    elif isinstance(doc, list):
+        for value in doc:
+            found += _containers(value)
+    return found
+
+
+def test_runbook_names_only_what_the_manifests_define():
+    text = runbook()
+    assert runbook_commands(text), "the runbook has no commands"
+    assert runbook_problems(text) == []
+
+
+RUNBOOK_MISTAKES = [
+    ("--from-literal=auth_token=", "--from-literal=token="),          # the key KubeRay reads
+    ("generic dcgan-ray-token", "generic dcgan-ray-tokens"),
+    ("get rayjob dcgan-train", "get rayjob dcgan-training"),
+    ("-c ray-job-submitter", "-c submitter"),
+    ("schedule clear train-dcgan/nightly", "schedule clear train/nightly"),
+    ("--version 1.6.2", "--version 1.5.1"),                            # no RayCronJob there
+    ("cronjob-name=dcgan-nightly", "cronjob-name=nightly"),
+    ("s3 cp /tmp/lsun-bedrooms-64.yaml s3://dcgan/configs/lsun-bedrooms-64.yaml",
+     "s3 cp /tmp/lsun-bedrooms-64.yaml s3://dcgan/configs/bedrooms.yaml"),
+    ("work-pool create dcgan-k8s", "work-pool create dcgan-kubernetes"),
+    ("-f infra/kubernetes/ray-rbac.yaml", "-f infra/kubernetes/ray-sa.yaml"),
+]
+
+
+@pytest.mark.parametrize("right, wrong", RUNBOOK_MISTAKES, ids=[w for _, w in RUNBOOK_MISTAKES])
+def test_a_runbook_naming_something_else_is_caught(right, wrong):
+    text = runbook()
+    assert right in text
+    assert runbook_problems(text.replace(right, wrong)), f"{wrong!r} passed"
+
+
 # --- Dockerfile -------------------------------------------------------------------------------------------------
 
 
@@ -639,6 +822,10 @@ def test_kubernetes_deployments_deploy_to_a_kubernetes_work_pool(prefect_server,
     assert evaluate["job_variables"]["service_account_name"] == "dcgan-flows"
     assert evaluate["pull_steps"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/dcgan"}}]
+
+    prefect(env, "deployment", "schedule", "clear", "train-dcgan/nightly", "-y")  # as the runbook does (5.10)
+    with urllib.request.urlopen(f"{api}/deployments/name/train-dcgan/nightly", timeout=10) as r:
+        assert json.load(r)["schedules"] == []
 
     gpu = [a for k, v in GPU_RUN.items() for a in ("--job-variable", f"{k}={json.dumps(v)}")]
     config = ["--param", 'config={"name": "lsun-bedrooms-64", "root": "s3://dcgan"}']
