@@ -590,9 +590,8 @@ def test_train_config_loads_from_object_storage(s3_bucket):
 
 # --- the runbook (infra/README.md section 5) against the manifests ----------------------------------------------
 
-# Names the runbook uses that Kubernetes or KubeRay make, not infra/kubernetes: KubeRay's SidecarMode submitter
-# container, its autoscaler container and its injected init container (ray-operator/controllers/ray/utils/constant.go,
-# common/pod.go at v1.6.2), and the namespaces the runbook's helm commands create.
+# Containers the runbook names that KubeRay makes, not infra/kubernetes: the SidecarMode submitter, the autoscaler and
+# the injected init container (ray-operator/controllers/ray/utils/constant.go, common/pod.go at v1.6.2).
 MADE_BY_KUBERAY = {"ray-job-submitter", "autoscaler", "wait-gcs-ready"}
 
 
@@ -647,8 +646,6 @@ def runbook_problems(text: str) -> list[str]:
     everything = [d for ds in docs.values() for d in ds] + [template]
     k8s = [d for d in everything if "kind" in d and "metadata" in d]
     values = set(strings(everything))
-    for d in template["variables"]["properties"].values():
-        values |= set(strings(d.get("default")))
     defined = {(d["kind"].lower(), d["metadata"]["name"]) for d in k8s}
     containers = {c["name"] for d in k8s for c in _containers(d)} | MADE_BY_KUBERAY
     secrets = secret_refs(everything)
