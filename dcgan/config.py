@@ -265,25 +265,33 @@ ENV_PREFIX = "env:"  # `--config env:NAME`: the YAML text is the value of the en
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None, base: Config | None = None) -> Config:
-    """Load a YAML config (or `base`, or the defaults), apply dotted overrides like {"train.steps": 10}, validate."""
+    """Load a YAML config (a path or an s3:// URI, or `base`, or the defaults), apply dotted overrides like
+    {"train.steps": 10}, validate. An s3:// config lets a RayJob train from object storage (infra/kubernetes)."""
     if path is None:
         data = base.model_dump(mode="json") if base is not None else {}
         return parse_config(apply_overrides(data, overrides), "config")
-    if str(path).startswith(ENV_PREFIX):  # a Ray Job's config travels in its environment (dcgan.stages)
-        name = str(path)[len(ENV_PREFIX):]
+    source = str(path)
+    if source.startswith(ENV_PREFIX):  # a Ray Job's config travels in its environment (dcgan.stages)
+        name = source[len(ENV_PREFIX):]
         if name not in os.environ:
-            raise ConfigError(f"config {path}: the environment variable {name} is not set")
-        return parse_config(apply_overrides(_yaml_mapping(os.environ[name], str(path)), overrides), str(path))
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"config file not found: {p}")
-    if not p.is_file():
-        raise ConfigError(f"{p}: is a folder, not a YAML config file")
-    try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{p}: cannot be read ({type(err).__name__}: {err})") from None
-    return parse_config(apply_overrides(_yaml_mapping(text, str(p)), overrides), str(p))
+            raise ConfigError(f"config {source}: the environment variable {name} is not set")
+        text = os.environ[name]
+    elif source.startswith("s3://"):
+        from preprocessing import storage
+
+        text = storage.read_text(source)  # a missing object or bucket is one line (StorageError)
+    else:
+        p = Path(path)
+        source = str(p)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        if not p.is_file():
+            raise ConfigError(f"{p}: is a folder, not a YAML config file")
+        try:
+            text = p.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{p}: cannot be read ({type(err).__name__}: {err})") from None
+    return parse_config(apply_overrides(_yaml_mapping(text, source), overrides), source)
 
 
 def dump_config(cfg: Config) -> str:
