@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,10 +37,12 @@ def verbose() -> bool:
 
 
 def quiet_console() -> None:
-    """Unless `verbose()`, keep Ray's worker chatter off the console: call before `ray` is imported (Ray reads the
-    setting once). Entry points (the `dcgan` CLI, the demo) call it; a library user keeps Ray's defaults."""
+    """Unless `verbose()`, keep Ray's worker chatter off the console, and colour codes out of a console that is not
+    a terminal: call before `ray` is imported (Ray reads the setting once). Entry points (the `dcgan` CLI, the demo) call it; a library user keeps Ray's defaults."""
     if not verbose():
         os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", PROJECT_LINES)
+    if not sys.stderr.isatty():  # a log file or a pipe: Ray's worker prefixes without colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def _quiet_ray_data() -> None:

@@ -124,6 +124,7 @@ def test_the_demo_prints_stages_progress_and_summary_in_under_60_lines(tmp_path)
     for stage in ("center-crop", "dedup", "train", "evaluate"):
         assert f"[progress] {stage} " in text, stage
     assert "demo finished" in done.stdout and "[progress]" not in done.stdout  # progress on stderr, results on stdout
+    assert "\x1b[" not in done.stdout + done.stderr  # a log, not a terminal: no colours or cursor moves
 
 
 def test_every_subcommand_has_a_description_and_every_flag_a_help():
