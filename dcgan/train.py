@@ -29,7 +29,7 @@ from dcgan.run_log import RunLog, mlflow_client, read_metrics
 from dcgan.sampling import generate, grid, save_png
 from dcgan.step import METRICS, GANStep, StepOptions, make_optimizers
 from preprocessing import compute, ownership, progress, shards, storage
-from preprocessing.errors import UserError
+from preprocessing.errors import known_fault
 
 log = logging.getLogger("dcgan.train")
 
@@ -234,27 +234,6 @@ def training_input(config: dict[str, Any], manifest: dict[str, Any], progress: b
     spare = cfg.cluster.workers * max(s["rows"] for s in manifest["shards"])  # no worker's equal split runs short
     return ingest.training_dataset(cfg.data_uri, manifest, seed=cfg.train.seed, start_row=step * batch,
                                    rows=(cfg.train.steps - step) * batch + spare, progress=progress)
-
-
-def known_fault(err: BaseException) -> UserError | None:
-    """The UserError a worker raised, from inside Ray Train's and Ray's wrappers, as its one line (Ray Data appends
-    advice on retries to the message); None for anything else."""
-    seen: set[int] = set()
-    todo = [err]
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        cause = getattr(e, "cause", None)  # RayTaskError: its own type also subclasses the cause's
-        if isinstance(e, UserError) and not isinstance(cause, BaseException):
-            try:
-                return type(e)(str(e).splitlines()[0])
-            except Exception:  # noqa: BLE001 - a subclass with another signature keeps its own message
-                return e
-        todo += [cause, getattr(e, "_base_exc", None), getattr(e, "controller_failure", None), e.__cause__,
-                 *getattr(e, "worker_failures", {}).values()]
-    return None
 
 
 def finished_step(cfg: Config) -> int | None:

@@ -1,0 +1,149 @@
+"""Fault classes (issue 21): transient faults are retried with the documented backoff and then reported in one line,
+bad input is one line and exit 2 and never retried, anything else keeps its traceback, from the CLI and from the
+Prefect tasks alike. Storage faults are met for real: a moto S3 server on 127.0.0.1 that is down, or comes back.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+import pytest
+from test_faults import TINY, make_run
+
+from dcgan.cli import main
+from preprocessing import storage
+from preprocessing.errors import (DEFAULT_RETRY_DELAYS, InputError, TransientError, is_bad_input, retry_delays,
+                                  retrying)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_readme_and_the_code_promise_the_same_backoff(monkeypatch):
+    text = " ".join((REPO / "README.md").read_text().split())
+    promised = re.search(r"faults are retried after (\d+) s, (\d+) s and (\d+) s", text)
+    assert promised, "README no longer states the retry delays"
+    assert tuple(float(s) for s in promised.groups()) == DEFAULT_RETRY_DELAYS
+    monkeypatch.delenv("DCGAN_RETRY_DELAYS_S", raising=False)
+    assert retry_delays() == [10.0, 60.0, 300.0]
+    from pipelines import tasks
+
+    assert tasks._RETRYING["retry_delay_seconds"] == retry_delays()  # the Prefect tasks wait the same
+    monkeypatch.setenv("DCGAN_RETRY_DELAYS_S", "0.5, 1")
+    assert retry_delays() == [0.5, 1.0]
+    monkeypatch.setenv("DCGAN_RETRY_DELAYS_S", "soon")
+    with pytest.raises(InputError, match="DCGAN_RETRY_DELAYS_S"):
+        retry_delays()
+
+
+@pytest.mark.parametrize("fault, calls, raised", [
+    (TransientError("s3://b: cannot reach the S3 endpoint"), 4, TransientError),  # retried 3 times, then one line
+    (InputError("config.yaml: train.steps must be positive"), 1, InputError),      # bad input: never retried
+    (KeyError("a bug"), 1, KeyError),                                               # a bug: as it is
+])
+def test_each_class_is_retried_or_not(fault, calls, raised):
+    seen, slept = [], []
+
+    def fn():
+        seen.append(1)
+        raise fault
+
+    with pytest.raises(raised) as got:
+        retrying(fn, "test", delays=[10, 60, 300], sleep=slept.append)
+    assert len(seen) == calls and slept == [10, 60, 300][:calls - 1]
+    assert got.value is fault
+    assert is_bad_input(fault) == isinstance(fault, InputError)
+
+
+def test_a_transient_fault_that_passes_is_retried_to_success():
+    attempts = iter([TransientError("down"), TransientError("still down"), "done"])
+
+    def fn():
+        got = next(attempts)
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    slept = []
+    assert retrying(fn, "test", delays=[10, 60, 300], sleep=slept.append) == "done"
+    assert slept == [10, 60]
+
+
+@pytest.fixture
+def flaky_s3(s3_bucket, monkeypatch):
+    """A second moto server on 127.0.0.1 (moto keeps its buckets per process, so it serves the same data), which
+    the test stops and starts; the CLI is pointed at it."""
+    from conftest import free_port
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    servers = []
+
+    def start():
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        servers.append(server)
+
+    def stop():
+        servers.pop().stop()
+
+    start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    storage._client.cache_clear()
+    yield s3_bucket, start, stop
+    while servers:
+        stop()
+    storage._client.cache_clear()
+
+
+def test_cli_retries_an_s3_endpoint_that_comes_back(flaky_s3, tmp_path, monkeypatch, capfd):
+    """Before: one line at the first failure, no retry (the README promised retries)."""
+    bucket, start, stop = flaky_s3
+    run = f"{bucket}/runs/tiny"
+    make_run(run)
+    stop()
+    monkeypatch.setenv("DCGAN_RETRY_DELAYS_S", "4,4,4")
+    back = threading.Timer(4.0, start)  # after the first attempt failed, within the first retry's wait
+    back.start()
+    try:
+        status = main(["sample", "--run", run, "--n", "4", "--out", str(tmp_path / "s.png")])
+    finally:
+        back.join()
+    err = capfd.readouterr().err
+    assert status == 0, err
+    assert "Traceback" not in err
+    assert len(re.findall(r"dcgan sample: .*cannot reach the S3 endpoint.*; retrying in 4 s \(retry 1 of 3\)", err)) == 1
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_cli_reports_an_s3_endpoint_that_stays_down_in_one_line(flaky_s3, tmp_path, monkeypatch, capfd):
+    bucket, _, stop = flaky_s3
+    stop()
+    monkeypatch.setenv("DCGAN_RETRY_DELAYS_S", "0.2,0.2")
+    status = main(["sample", "--run", f"{bucket}/runs/nothing", "--n", "4", "--out", str(tmp_path / "s.png")])
+    err = capfd.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("dcgan sample: error: ")]
+    assert status == 2 and "Traceback" not in err, err
+    assert len(errors) == 1 and "cannot reach the S3 endpoint" in errors[0]
+    assert err.count("retrying in 0.2 s") == 2
+
+
+def test_no_aws_credentials_is_one_line(s3_bucket, monkeypatch, tmp_path, capfd):
+    """Item 6: was a NoCredentialsError traceback from storage.exists."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("DCGAN_RETRY_DELAYS_S", "5")  # bad input: must not wait for a retry
+    storage._client.cache_clear()
+    try:
+        status = main(["train", "--config", TINY, "--data", f"{s3_bucket}/datasets/d", "--run",
+                       f"{s3_bucket}/runs/r"])
+    finally:
+        storage._client.cache_clear()
+    err = capfd.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("dcgan train: error: ")]
+    assert status == 2 and "Traceback" not in err, err
+    assert len(errors) == 1 and "no AWS credentials" in errors[0] and "retrying" not in err
