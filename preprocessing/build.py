@@ -92,8 +92,14 @@ def preflight(cfg: BuildConfig) -> None:
         detector(cfg)
 
 
+# Parameters added after datasets were built: left out of the identity while at their defaults, so those datasets
+# keep theirs.
+LATER_DEFAULTS = {"allow_private_hosts": [], "max_redirects": 5}
+
+
 def _params(cfg: BuildConfig) -> dict[str, Any]:
-    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RUN_OPTIONS}
+    return {k: v for k, v in cfg.model_dump(mode="json").items()
+            if k not in RUN_OPTIONS and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
 
 def identity(cfg: BuildConfig, dedup: DedupConfig | None) -> dict[str, Any]:
@@ -130,14 +136,18 @@ def _inputs(chunk: dict[str, Any], cfg: BuildConfig) -> Iterator[tuple[str, str,
         for key, value in read_range(chunk["lmdb"], chunk["start"], chunk["count"]):
             yield key, chunk["lmdb"], value
         return
+    from preprocessing.downloads import Policy
     from preprocessing.sources import fetch, ordered_map
+
+    policy = Policy(tuple(cfg.allow_private_hosts), cfg.max_redirects)
 
     def get(item):
         key, source, *listed = item
         if listed:  # rejected while listing (hidden, a broken link, not an http(s)/s3 URL): never read
             return key, source, Reject(*listed)
         try:
-            return key, source, fetch(source, cfg.download_timeout_s, cfg.download_retries, cfg.max_download_bytes)
+            return key, source, fetch(source, cfg.download_timeout_s, cfg.download_retries, cfg.max_download_bytes,
+                                       policy)
         except Reject as r:
             return key, source, r
         except TransientError:
