@@ -267,6 +267,10 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
     # CPUs for operators that do not exist (on 2 CPUs it runs one chunk at a time: 1.3x instead of 2.1x).
     saved_reservation = ctx.op_resource_reservation_enabled
     ctx.op_resource_reservation_enabled = False
+    # A chunk's known fault reaches this driver as itself (a storage outage stays a transient fault the caller
+    # retries), not as a UserCodeException whose cause survives only as traceback text.
+    saved_raise = ctx.raise_original_map_exception
+    ctx.raise_original_map_exception = True
     results: list[dict] = []
     try:
         ds = ray.data.from_items([{"chunk": json.dumps(c)} for c in chunks], override_num_blocks=len(chunks))
@@ -286,6 +290,7 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
     finally:
         ctx.enable_progress_bars = saved_bars
         ctx.op_resource_reservation_enabled = saved_reservation
+        ctx.raise_original_map_exception = saved_raise
     return sorted(results, key=lambda r: r["index"])
 
 
