@@ -297,7 +297,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     from ray.data import DataContext
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from dcgan.train_failures import Trainer  # a TorchTrainer that does not retry bad input
 
     from preprocessing import ingest
 
@@ -319,7 +319,7 @@ def train(cfg: Config) -> dict[str, Any]:
         state = checkpoints.load_state(cfg.run_uri)
         resume = (int(state["step"]), ray.put(state))
         log.info("resuming %s from step %d", cfg.run_uri, resume[0])
-    trainer = TorchTrainer(
+    trainer = Trainer(
         _worker_loop,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_faults import TINY, make_run
+from test_faults import TINY, make_run, world  # noqa: F401 (fixture)
 
 from dcgan.cli import main
 from preprocessing import storage
@@ -204,3 +204,36 @@ def test_s3_lost_mid_build_is_retried_and_the_build_is_the_clean_one(flaky_s3, s
         err[-3000:]
     clean, flaky = shards.read_manifest(f"{bucket}/clean"), shards.read_manifest(f"{bucket}/flaky")
     assert flaky["content_hash"] == clean["content_hash"] and flaky["counts"] == clean["counts"]
+
+
+def _train_workers_started() -> int:
+    import ray
+    from ray.util.state import list_actors
+
+    return len(list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker")], limit=10_000, raise_on_missing_output=False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["swapped", "truncated"])
+def test_a_damaged_shard_is_bad_input_and_not_retried(damage, world, ray_cluster, capfd, monkeypatch):
+    """Item 13: a shard that fails its manifest check (sha256/size) in a training worker was retried by Ray Train
+    (cluster.max_failures=3: 4 attempts over 77 s) before its one line. Now: one attempt (one worker group of 2
+    workers started), one line naming the shard, exit 2."""
+    import shutil
+
+    part1 = Path(world.dataset, "shards", "part-00001.parquet")
+    if damage == "swapped":
+        shutil.copy(Path(world.dataset, "shards", "part-00000.parquet"), part1)
+    else:
+        part1.write_bytes(part1.read_bytes()[:-100])
+    monkeypatch.setenv("DCGAN_RETRY_DELAYS_S", "30")  # bad input: no retry to wait for
+    before = _train_workers_started()
+    capfd.readouterr()
+    status = main(["train", "--config", TINY, "--data", world.dataset, "--run", world.p("r"), "--steps", "4",
+                   "--set", "cluster.max_failures=3"])
+    err = capfd.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("dcgan train: error: ")]
+    assert status == 2 and "Traceback" not in err, err[-3000:]
+    assert len(errors) == 1 and "part-00001" in errors[0], err[-3000:]
+    assert "retrying" not in err
+    assert _train_workers_started() - before == 2  # one worker group: Ray Train did not restart it
