@@ -237,3 +237,40 @@ def test_a_damaged_shard_is_bad_input_and_not_retried(damage, world, ray_cluster
     assert len(errors) == 1 and "part-00001" in errors[0], err[-3000:]
     assert "retrying" not in err
     assert _train_workers_started() - before == 2  # one worker group: Ray Train did not restart it
+
+
+def test_the_demo_export_deletes_only_what_it_wrote(tmp_path):
+    """pipelines/demo.py used to delete every `NNNNN-D.png` in <root>/demo-input by name alone; now the folder is
+    claimed with the ownership marker and a re-export removes only the project's own files."""
+    from pipelines.demo import export_mnist
+    from preprocessing.ownership import OwnershipError
+
+    users = tmp_path / "users" / "demo-input"
+    users.mkdir(parents=True)
+    (users / "00001-3.png").write_bytes(b"a user's own picture, named like a digit")
+    with pytest.raises(OwnershipError, match="00001-3.png"):
+        export_mnist(users, 5)
+    assert (users / "00001-3.png").read_bytes().startswith(b"a user's") and len(list(users.iterdir())) == 1
+
+    out = tmp_path / "runs" / "demo-input"
+    first = export_mnist(out, 6)
+    assert len(list(first.glob("*.png"))) == 6 and (out / "_dcgan.json").exists()
+    (first / "notes.txt").write_text("mine")
+    second = export_mnist(out, 3)
+    assert second == first and len(list(first.glob("*.png"))) == 3 and (first / "notes.txt").read_text() == "mine"
+
+
+def test_the_demo_export_takes_over_an_export_from_before_the_marker(tmp_path):
+    """An export written by the old code (digits in the folder itself, a `.exported` stamp beside it) is the
+    project's: it is claimed and replaced, and a user's file in it stays."""
+    from pipelines.demo import export_mnist
+
+    old = tmp_path / "demo-input"
+    old.mkdir()
+    for name in ("00007-1.png", "00012-2.png"):
+        (old / name).write_bytes(b"old export")
+    (old / "README.txt").write_text("mine")
+    (tmp_path / "demo-input.exported").write_text("2 of the pool\n")
+    digits = export_mnist(old, 4)
+    assert sorted(p.name for p in old.iterdir()) == ["README.txt", "_dcgan.json", "digits", "export.txt"]
+    assert len(list(digits.glob("*.png"))) == 4 and not (tmp_path / "demo-input.exported").exists()
