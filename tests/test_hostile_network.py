@@ -180,3 +180,29 @@ def test_a_trickling_body_is_stopped_at_the_deadline(site):
     took = time.monotonic() - started
     assert got.value.reason == TIMEOUT and got.value.detail == "no complete response within 2 s (1 attempt)"
     assert 1.9 < took < 3.5, took
+
+
+@pytest.mark.slow
+def test_a_url_list_build_rejects_private_addresses_with_their_reason(site, tmp_path, ray_cluster):
+    """End to end: a URL list aimed at cloud metadata, loopback and a redirect into 127.0.0.1 becomes reject rows
+    naming the refused address; the one host the build allows (`localhost`, the test's own server) gives its row."""
+    from test_build import all_rejects
+
+    from preprocessing.build import build_dataset
+    from preprocessing.shards import ShardDataset
+
+    port, seen = site
+    urls = [f"http://localhost:{port}/photo.jpg", f"http://localhost:{port}/start",
+            "http://169.254.169.254/latest/meta-data/iam/security-credentials/", f"http://[::1]:{port}/photo.jpg",
+            f"http://127.0.0.1:{port}/photo.jpg"]
+    listing = tmp_path / "urls.txt"
+    listing.write_text("\n".join(urls) + "\n")
+    cfg = BuildConfig(kind="faces", input=str(listing), resolution=32, download_timeout_s=5, download_retries=0,
+                      allow_private_hosts=["localhost"])
+    out = str(tmp_path / "ds")
+    manifest = build_dataset(cfg, out, progress=False)
+    rejects = {r["key"]: (r["reason"], r["detail"]) for r in all_rejects(out, manifest)}
+    assert ShardDataset(out).keys() == [f"http://localhost:{port}/photo.jpg#0"]
+    assert {k: why for k, (why, _) in rejects.items()} == {u: BLOCKED_ADDRESS for u in urls[1:]}
+    assert "169.254.169.254 is a link-local address" in rejects[urls[2]][1]
+    assert sorted(seen) == ["/photo.jpg", "/start"]  # nothing refused was ever requested
