@@ -274,3 +274,32 @@ def test_the_demo_export_takes_over_an_export_from_before_the_marker(tmp_path):
     digits = export_mnist(old, 4)
     assert sorted(p.name for p in old.iterdir()) == ["README.txt", "_dcgan.json", "digits", "export.txt"]
     assert len(list(digits.glob("*.png"))) == 4 and not (tmp_path / "demo-input.exported").exists()
+
+
+def test_ray_train_retries_all_but_bad_input(monkeypatch, tmp_path):
+    """The training failure policy: a damaged shard is raised at once; the store not answering mid-training (a
+    transient ShardUnreachable, not a ShardError) and a bug are Ray Train's to retry, as before."""
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from dcgan.train_failures import KnownFaultPolicy
+    from preprocessing import ingest
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: the store is unreachable
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    storage._client.cache_clear()
+    try:
+        with pytest.raises(TransientError) as unreachable:
+            ingest.read_shard("s3://b/d", {"path": "shards/part-00000.parquet"}, 32, 3, ["image"], 0)
+    finally:
+        storage._client.cache_clear()
+    assert isinstance(unreachable.value, ingest.ShardUnreachable)
+
+    def decision(err):
+        return KnownFaultPolicy(FailureConfig(max_failures=3)).make_decision(WorkerGroupError("failed", {1: err}))
+
+    assert decision(ingest.ShardError("shard shards/part-00001.parquet: sha256 differs")) == FailureDecision.RAISE
+    assert decision(unreachable.value) == FailureDecision.RETRY
+    assert decision(RuntimeError("a bug, or a lost worker")) == FailureDecision.RETRY
