@@ -130,7 +130,7 @@ def test_cli_reports_an_s3_endpoint_that_stays_down_in_one_line(flaky_s3, tmp_pa
 
 
 def test_no_aws_credentials_is_one_line(s3_bucket, monkeypatch, tmp_path, capfd):
-    """Item 6: was a NoCredentialsError traceback from storage.exists."""
+    """Item 6: was a NoCredentialsError traceback from storage.exists (dedup and evaluate check for objects first)."""
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
@@ -139,12 +139,11 @@ def test_no_aws_credentials_is_one_line(s3_bucket, monkeypatch, tmp_path, capfd)
     monkeypatch.setenv("DCGAN_RETRY_DELAYS_S", "5")  # bad input: must not wait for a retry
     storage._client.cache_clear()
     try:
-        status = main(["train", "--config", TINY, "--data", f"{s3_bucket}/datasets/d", "--run",
-                       f"{s3_bucket}/runs/r"])
+        status = main(["dedup", f"{s3_bucket}/datasets/d", "--out", f"{s3_bucket}/datasets/e"])
     finally:
         storage._client.cache_clear()
     err = capfd.readouterr().err
-    errors = [ln for ln in err.splitlines() if ln.startswith("dcgan train: error: ")]
+    errors = [ln for ln in err.splitlines() if ln.startswith("dcgan dedup: error: ")]
     assert status == 2 and "Traceback" not in err, err
     assert len(errors) == 1 and "no AWS credentials" in errors[0] and "retrying" not in err
 
@@ -239,6 +238,7 @@ def test_a_damaged_shard_is_bad_input_and_not_retried(damage, world, ray_cluster
     assert _train_workers_started() - before == 2  # one worker group: Ray Train did not restart it
 
 
+@pytest.mark.slow
 def test_the_demo_export_deletes_only_what_it_wrote(tmp_path):
     """pipelines/demo.py used to delete every `NNNNN-D.png` in <root>/demo-input by name alone; now the folder is
     claimed with the ownership marker and a re-export removes only the project's own files."""
@@ -260,6 +260,7 @@ def test_the_demo_export_deletes_only_what_it_wrote(tmp_path):
     assert second == first and len(list(first.glob("*.png"))) == 3 and (first / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_the_demo_export_takes_over_an_export_from_before_the_marker(tmp_path):
     """An export written by the old code (digits in the folder itself, a `.exported` stamp beside it) is the
     project's: it is claimed and replaced, and a user's file in it stays."""
