@@ -75,12 +75,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(prog: str, fn) -> int:
-    """The one error path of every front end: a known fault (`UserError`) is one line on stderr and exit 2; Ctrl-C
-    is one line and exit 130 (what was written stays resumable); anything else is a bug and keeps its traceback."""
-    from preprocessing.errors import UserError, one_line
+    """The one error path of every front end (preprocessing.errors): a transient fault is retried with the
+    documented backoff (every command resumes what it finished); a known fault is one line on stderr and exit 2;
+    Ctrl-C is one line and exit 130 (what was written stays resumable); anything else is a bug and keeps its
+    traceback."""
+    from preprocessing.errors import UserError, one_line, retrying
 
     try:
-        return int(fn() or 0)
+        return int(retrying(fn, prog) or 0)
     except UserError as err:
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2

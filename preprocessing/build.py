@@ -92,8 +92,14 @@ def preflight(cfg: BuildConfig) -> None:
         detector(cfg)
 
 
+# Parameters added after datasets were built: left out of the identity while at their defaults, so those datasets
+# keep theirs.
+LATER_DEFAULTS = {"allow_private_hosts": [], "max_redirects": 5}
+
+
 def _params(cfg: BuildConfig) -> dict[str, Any]:
-    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RUN_OPTIONS}
+    return {k: v for k, v in cfg.model_dump(mode="json").items()
+            if k not in RUN_OPTIONS and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
 
 def identity(cfg: BuildConfig, dedup: DedupConfig | None) -> dict[str, Any]:
@@ -130,14 +136,18 @@ def _inputs(chunk: dict[str, Any], cfg: BuildConfig) -> Iterator[tuple[str, str,
         for key, value in read_range(chunk["lmdb"], chunk["start"], chunk["count"]):
             yield key, chunk["lmdb"], value
         return
+    from preprocessing.downloads import Policy
     from preprocessing.sources import fetch, ordered_map
+
+    policy = Policy(tuple(cfg.allow_private_hosts), cfg.max_redirects)
 
     def get(item):
         key, source, *listed = item
         if listed:  # rejected while listing (hidden, a broken link, not an http(s)/s3 URL): never read
             return key, source, Reject(*listed)
         try:
-            return key, source, fetch(source, cfg.download_timeout_s, cfg.download_retries, cfg.max_download_bytes)
+            return key, source, fetch(source, cfg.download_timeout_s, cfg.download_retries, cfg.max_download_bytes,
+                                       policy)
         except Reject as r:
             return key, source, r
         except TransientError:
@@ -257,6 +267,10 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
     # CPUs for operators that do not exist (on 2 CPUs it runs one chunk at a time: 1.3x instead of 2.1x).
     saved_reservation = ctx.op_resource_reservation_enabled
     ctx.op_resource_reservation_enabled = False
+    # A chunk's known fault reaches this driver as itself (a storage outage stays a transient fault the caller
+    # retries), not as a UserCodeException whose cause survives only as traceback text.
+    saved_raise = ctx.raise_original_map_exception
+    ctx.raise_original_map_exception = True
     results: list[dict] = []
     try:
         ds = ray.data.from_items([{"chunk": json.dumps(c)} for c in chunks], override_num_blocks=len(chunks))
@@ -276,6 +290,7 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
     finally:
         ctx.enable_progress_bars = saved_bars
         ctx.op_resource_reservation_enabled = saved_reservation
+        ctx.raise_original_map_exception = saved_raise
     return sorted(results, key=lambda r: r["index"])
 
 

@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from preprocessing.errors import InputError
+from preprocessing.errors import InputError, known_fault
 
 JOBS_SCHEMES = ("http://", "https://")
 LOG_LEVEL_ENV = "DCGAN_LOG_LEVEL"
@@ -45,15 +45,28 @@ def quiet_console() -> None:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
+class _NoKnownFaultTracebacks(logging.Filter):
+    """Ray Data logs a failed task's exception with its traceback before raising it to the driver, where a known
+    fault is reported in one line (and a transient one retried): its console copy is dropped; a bug's is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or known_fault(exc) is None
+
+
 def _quiet_ray_data() -> None:
-    """Ray Data's INFO lines (execution plans, "Progress bars disabled") to its log file only, unless verbose."""
-    if verbose():
-        return
+    """Ray Data's INFO lines (execution plans, "Progress bars disabled") to its log file only, unless verbose; no
+    console traceback for a known fault (its one line comes from the caller)."""
     import ray.data  # noqa: F401 - configures Ray Data's loggers
 
-    for handler in logging.getLogger("ray.data").handlers:
-        if type(handler).__name__ != "SessionFileHandler":
-            handler.setLevel(logging.ERROR)
+    for name in ("ray", "ray.data"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler).__name__ == "SessionFileHandler":
+                continue
+            if not any(isinstance(f, _NoKnownFaultTracebacks) for f in handler.filters):
+                handler.addFilter(_NoKnownFaultTracebacks())
+            if name == "ray.data" and not verbose():
+                handler.setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)

@@ -103,4 +103,23 @@ class BuildConfig(Strict):
     download_timeout_s: float = Field(10.0, gt=0, description="seconds before a download attempt is abandoned")
     download_retries: int = Field(2, ge=0, description="retries of a failed download before it is a reject")
     max_download_bytes: int = Field(20_000_000, ge=1, description="larger downloads are rejected, not read")
+    allow_private_hosts: list[str] = Field(default_factory=list, description="host names or CIDR ranges (e.g. "
+                                           "mirror.internal, 10.0.0.0/8) that URL lists may reach although private, "
+                                           "loopback or link-local; every other such address is refused")
+    max_redirects: int = Field(5, ge=0, description="redirects a download may follow (each hop is checked)")
+
+    @field_validator("allow_private_hosts")
+    @classmethod
+    def _hosts_or_ranges(cls, v: list[str]) -> list[str]:
+        import ipaddress
+        import re
+
+        for entry in v:
+            e = str(entry).strip().strip("[]")
+            try:
+                ipaddress.ip_network(e, strict=False)
+            except ValueError:
+                if not re.fullmatch(r"(?i)[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?", e):
+                    raise ValueError(f"{entry!r} is neither a host name nor an address or CIDR range") from None
+        return v
 

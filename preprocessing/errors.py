@@ -1,14 +1,30 @@
-"""The project's known faults (layer: preprocessing, the bottom; every package raises these).
+"""The project's fault classes, in one place (layer: preprocessing, the bottom; every package raises these).
 
-A `UserError` is a fault the user can fix: bad input, a bad configuration, a location that cannot be used, a missing
-or corrupt file. Its message names the file, field or URI and says what to do, on one line. Front ends (the `dcgan`
-CLI, `make demo`, the Prefect tasks) print it as one line and exit 2 (or fail the run without retrying); anything else
-that escapes is a bug and keeps its traceback.
+Three classes, one rule each:
+- transient (`TransientError`: storage unreachable or throttled past boto3's own retries, a cluster that does not
+  answer, a lost node): retried after `retry_delays()` (the README's 10 s, 60 s, 300 s), then reported in one line;
+- bad input (`UserError`: a damaged dataset, a bad config, missing credentials, a bad path): one line on stderr and
+  exit 2, never retried (not by the CLI, not by Ray, not by Prefect): it fails the same way every time;
+- anything else is a bug and keeps its traceback.
 
-`TransientError` marks the one kind of known fault that a retry can cure (an endpoint that did not answer).
+`known_fault` finds a known fault inside Ray's wrappers (a task's or a training worker's error reaches the driver
+wrapped), so every front end classifies the same way: the CLI (`dcgan.cli.run_command`) and the Prefect tasks
+(`pipelines.tasks`) through `retrying` and `is_bad_input`.
 """
 
 from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable, TypeVar
+
+log = logging.getLogger(__name__)
+
+RETRY_DELAYS_ENV = "DCGAN_RETRY_DELAYS_S"
+DEFAULT_RETRY_DELAYS = (10.0, 60.0, 300.0)  # the README's promise for transient storage and cluster faults
+
+T = TypeVar("T")
 
 
 class UserError(Exception):
@@ -16,13 +32,7 @@ class UserError(Exception):
 
 
 class TransientError(UserError):
-    """A known fault that may pass (an unreachable endpoint or cluster): reported in one line, but retried."""
-
-
-def one_line(err: BaseException) -> str:
-    """The message of an error on one line (multi-line details joined with '; ')."""
-    parts = [p.strip() for p in str(err).splitlines() if p.strip()]
-    return "; ".join(parts) if parts else type(err).__name__
+    """A known fault that may pass (an unreachable endpoint or cluster): retried with backoff, then one line."""
 
 
 class InputError(UserError, ValueError):
@@ -31,3 +41,90 @@ class InputError(UserError, ValueError):
 
 class MissingError(UserError, FileNotFoundError):
     """A file, folder or object that should exist and does not; the message names it."""
+
+
+def one_line(err: BaseException) -> str:
+    """The message of an error on one line (multi-line details joined with '; ')."""
+    parts = [p.strip() for p in str(err).splitlines() if p.strip()]
+    return "; ".join(parts) if parts else type(err).__name__
+
+
+def retry_delays() -> list[float]:
+    """Seconds to wait before each retry of a transient fault: DCGAN_RETRY_DELAYS_S ("10,60,300"; tests shorten it,
+    an empty value turns retries off)."""
+    raw = os.environ.get(RETRY_DELAYS_ENV)
+    if raw is None:
+        return list(DEFAULT_RETRY_DELAYS)
+    try:
+        delays = [float(s) for s in raw.replace(" ", "").split(",") if s]
+    except ValueError:
+        delays = [-1.0]
+    if any(d < 0 for d in delays):
+        raise InputError(f"{RETRY_DELAYS_ENV}={raw!r}: give seconds separated by commas, e.g. 10,60,300")
+    return delays
+
+
+def known_fault(err: BaseException) -> UserError | None:
+    """The known fault inside `err` (itself, or what Ray's task/actor/Train wrappers carry), as a plain instance
+    whose message is its first line (Ray appends tracebacks and advice); None for a bug."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # RayTaskError: its own type also subclasses the cause's
+        if isinstance(e, UserError) and not isinstance(cause, BaseException):
+            if "\n" not in str(e) and not type(e).__module__.startswith("ray"):
+                return e
+            if type(e).__module__.startswith("ray"):  # a Ray-made subclass: keep the project's own class
+                base = next((c for c in type(e).__mro__ if issubclass(c, UserError)
+                             and not c.__module__.startswith("ray")), UserError)
+            else:
+                base = type(e)
+            try:
+                return base(str(e).splitlines()[0])
+            except Exception:  # noqa: BLE001 - a subclass with another signature keeps its own message
+                return e
+        todo += [cause, getattr(e, "_base_exc", None), getattr(e, "controller_failure", None), e.__cause__,
+                 *getattr(e, "worker_failures", {}).values()]
+    return None
+
+
+def is_transient(err: BaseException) -> bool:
+    return isinstance(known_fault(err), TransientError)
+
+
+def is_bad_input(err: BaseException) -> bool:
+    """Fails the same way on every attempt: a known fault that is not transient. (A ValueError or TypeError,
+    pydantic's validation errors among them, too: a retry cannot change it, though the CLI shows it as a bug.)"""
+    known = known_fault(err)
+    if known is not None:
+        return not isinstance(known, TransientError)
+    return isinstance(err, (ValueError, TypeError))
+
+
+def retrying(fn: Callable[[], T], what: str, delays: list[float] | None = None,
+             sleep: Callable[[float], None] = time.sleep) -> T:
+    """`fn()`, run again after each of `delays` (default `retry_delays()`) while it fails on a transient fault.
+
+    A known fault comes out as its one line (unwrapped from Ray's wrappers): a transient one after the last retry,
+    bad input at once; anything else is re-raised as it is.
+    """
+    delays = retry_delays() if delays is None else list(delays)
+    for attempt in range(len(delays) + 1):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - classified: a bug is re-raised untouched
+            known = known_fault(err)
+            if known is None:
+                raise
+            if not isinstance(known, TransientError) or attempt == len(delays):
+                if known is err:
+                    raise
+                raise known from None
+            log.warning("%s: %s; retrying in %g s (retry %d of %d)", what, one_line(known), delays[attempt],
+                        attempt + 1, len(delays))
+            sleep(delays[attempt])
+    raise AssertionError("unreachable")

@@ -74,12 +74,19 @@ class ShardError(shards.DatasetError, UserCodeException):
     of the task's own code, which it reports in one line (no internal traceback) and does not retry."""
 
 
+class ShardUnreachable(storage.StorageUnreachable, UserCodeException):
+    """A shard whose store did not answer (after boto3's retries): transient, so Ray Train restarts the workers
+    (and the caller retries the run with the backoff), unlike a ShardError."""
+
+
 def read_shard(dataset_uri: str, entry: dict[str, Any], resolution: int, channels: int, columns: Sequence[str],
                epoch: int) -> pa.Table:
     """One shard, checked against its manifest entry as it is read (DatasetError names the shard)."""
     uri = storage.join(dataset_uri, entry["path"])
     try:
         data = storage.read_bytes(uri)
+    except storage.StorageUnreachable as err:  # the store, not the shard, is failing: a fault that may pass
+        raise ShardUnreachable(f"shard {entry['path']} of {dataset_uri} cannot be read: {one_line(err)}") from None
     except storage.StorageError as err:
         raise ShardError(f"shard {entry['path']} of {dataset_uri} cannot be read: {one_line(err)}") from None
     try:

@@ -21,11 +21,13 @@ from preprocessing import dataset_layout, storage
 from preprocessing.errors import InputError, UserError
 
 MARKER = "_dcgan.json"
-Kind = Literal["dataset", "run"]
+Kind = Literal["dataset", "run", "demo-input"]
 
 # What the project writes inside a location of each kind, relative to it (a run is only ever claimed, never cleaned
-# by pattern: Ray Train's retention removes its old checkpoints).
-OWN_FILES: dict[str, tuple[str, ...]] = {"dataset": dataset_layout.OWN_FILES, "run": ()}
+# by pattern: Ray Train's retention removes its old checkpoints). A demo input is `make demo`'s export of MNIST
+# digits (pipelines.demo): digits/<index>-<label>.png and its stamp; digits at the top level are an older export's.
+OWN_FILES: dict[str, tuple[str, ...]] = {"dataset": dataset_layout.OWN_FILES, "run": (),
+                                         "demo-input": (r"digits/\d{5}-\d\.png", r"export\.txt", r"\d{5}-\d\.png")}
 
 
 class OwnershipError(UserError):

@@ -5,8 +5,9 @@ found is an input: what cannot be one (a hidden file, a dangling symlink, a syml
 an http(s):// or s3:// URL) is listed with its reject reason and never read, so it shows up in the rejects instead of
 vanishing. Keys are unique names inside the input: the path relative to the folder or prefix (extension kept), or the
 URL. Fetching happens in Ray workers: files and objects are read through `preprocessing.storage`; http(s) URLs are
-downloaded with bounded concurrency, a total time limit per attempt, retries with backoff on transient failures, and
-a size cap. Every failure is a `Reject` with its reason; none stops the build.
+downloaded by `preprocessing.downloads` (no private/loopback/link-local address unless allowed, on every redirect
+hop; a redirect cap; a total time limit per attempt; retries with backoff on transient failures; a size cap), with
+bounded concurrency. Every failure is a `Reject` with its reason; none stops the build.
 
 Layer: preprocessing. (Listing and fetching stay together: each kind of source is one listing and one fetch.)
 """
@@ -21,11 +22,7 @@ import hashlib
 import io
 import logging
 import os
-import socket
 import stat
-import time
-import urllib.error
-import urllib.request
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,16 +30,12 @@ from typing import Callable, Iterable, Iterator, TypeVar
 from urllib.parse import urlparse
 
 from preprocessing import storage
+from preprocessing.downloads import BAD_URL, UNREACHABLE, Policy, download
 from preprocessing.images import Reject
 
 log = logging.getLogger(__name__)
 
-# Reject reasons of fetching.
-HTTP_ERROR = "http_error"
-TIMEOUT = "timeout"
-UNREACHABLE = "unreachable"
-DOWNLOAD_TOO_LARGE = "download_too_large"
-BAD_URL = "bad_url"
+# Reject reasons of fetching: preprocessing.downloads (HTTP_ERROR, TIMEOUT, UNREACHABLE, ...).
 # Reject reasons of listing (decided on the driver; such an input is never read).
 HIDDEN = "hidden_file"  # a dot-file or dot-folder (.DS_Store, .git, ._AppleDouble): metadata, not a photo
 BROKEN_LINK = "broken_link"  # a symlink to nothing
@@ -52,7 +45,6 @@ UNREADABLE = "unreadable"  # a folder that cannot be listed (permissions)
 URL_SCHEMES = ("http", "https", "s3")
 
 URL_LIST_SUFFIXES = (".txt", ".lst", ".csv", ".tsv", ".parquet")
-USER_AGENT = "dcgan-cluster/0.1 (dataset build)"
 
 
 @dataclass(frozen=True)
@@ -227,49 +219,12 @@ def list_items(uri: str, limit: int | None = None) -> list[Item]:
 # ------------------------------------------------------------------------------------------------- fetching
 
 
-def download(url: str, timeout_s: float, retries: int, max_bytes: int) -> bytes:
-    """GET a URL whole; raises Reject. `timeout_s` bounds each attempt in total, not just each socket read."""
-    last: Reject | None = None
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(min(0.25 * 2 ** (attempt - 1), 4.0))
-        start = time.monotonic()
-        try:
-            req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-                length = resp.headers.get("Content-Length")
-                if length and length.isdigit() and int(length) > max_bytes:
-                    raise Reject(DOWNLOAD_TOO_LARGE, f"Content-Length {int(length):,} > {max_bytes:,} bytes")
-                buf = bytearray()
-                while block := resp.read(1 << 16):
-                    buf += block
-                    if len(buf) > max_bytes:
-                        raise Reject(DOWNLOAD_TOO_LARGE, f"more than {max_bytes:,} bytes")
-                    if time.monotonic() - start > timeout_s:
-                        raise TimeoutError
-                return bytes(buf)
-        except urllib.error.HTTPError as err:
-            last = Reject(HTTP_ERROR, f"HTTP {err.code} {err.reason}")
-            if err.code not in (408, 425, 429) and err.code < 500:
-                raise last from None  # the server answered: retrying will not change a 404
-        except (TimeoutError, socket.timeout):
-            last = Reject(TIMEOUT, f"no complete response within {timeout_s:g} s ({attempt + 1} attempts)")
-        except urllib.error.URLError as err:
-            if isinstance(err.reason, (TimeoutError, socket.timeout)):
-                last = Reject(TIMEOUT, f"no response within {timeout_s:g} s ({attempt + 1} attempts)")
-            else:
-                last = Reject(UNREACHABLE, str(err.reason)[:200])
-        except (ConnectionError, OSError) as err:  # resets, refused connections, DNS failures
-            last = Reject(UNREACHABLE, f"{type(err).__name__}: {err}"[:200])
-    assert last is not None
-    raise last
-
-
-def fetch(source: str, timeout_s: float = 10.0, retries: int = 2, max_bytes: int = 20_000_000) -> bytes:
-    """The bytes of one input (local path, s3:// object or http(s) URL); raises Reject."""
+def fetch(source: str, timeout_s: float = 10.0, retries: int = 2, max_bytes: int = 20_000_000,
+          policy: Policy = Policy()) -> bytes:
+    """The bytes of one input (local path, s3:// object, or http(s) URL under the network `policy`); raises Reject."""
     scheme = source.split("://", 1)[0].lower() if "://" in source else "file"
     if scheme in ("http", "https"):
-        return download(source, timeout_s, retries, max_bytes)
+        return download(source, timeout_s, retries, max_bytes, policy)
     if scheme not in ("file", "s3"):
         raise Reject(BAD_URL, f"unsupported scheme {scheme!r}")
     try:

@@ -256,34 +256,34 @@ def download_file(uri: str, path: str | Path) -> None:
         shutil.copyfile(local_path(uri), path)
 
 
+def _head(uri: str) -> dict | None:
+    """HEAD of an object, None when there is none; every other failure (no credentials, no endpoint) is explained
+    like any other call's."""
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    try:
+        return _s3_call(uri, s3_client().head_object, Bucket=bucket, Key=key)
+    except StorageError as err:
+        cause = err.__context__
+        if isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in ("404", "NoSuchKey",
+                                                                                            "NotFound"):
+            return None
+        raise
+
+
 def size(uri: str) -> int | None:
     """The size in bytes of one object or file, or None if there is none."""
     if is_s3(uri):
-        from botocore.exceptions import ClientError
-
-        bucket, key = split_s3(uri)
-        try:
-            return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise _explain(err, uri) from None
+        head = _head(uri)
+        return None if head is None else int(head["ContentLength"])
     p = local_path(uri)
     return p.stat().st_size if p.is_file() else None
 
 
 def exists(uri: str) -> bool:
     if is_s3(uri):
-        from botocore.exceptions import ClientError
-
-        bucket, key = split_s3(uri)
-        try:
-            s3_client().head_object(Bucket=bucket, Key=key)
-            return True
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise _explain(err, uri) from None
+        return _head(uri) is not None
     return local_path(uri).exists()
 
 

@@ -158,6 +158,7 @@ def test_faces_from_a_url_list(http_photos, tmp_path, ray_cluster):
     listing = tmp_path / "urls.csv"
     listing.write_text("name,url\n" + "".join(f"n{i},{u}\n" for i, u in enumerate(urls)))
     cfg = BuildConfig(kind="faces", input=str(listing), shard_rows=5, download_timeout_s=0.8, download_retries=1,
+                      allow_private_hosts=["127.0.0.1"],  # the test server; every other private address is refused
                       max_download_bytes=1_000_000)
     started = time.perf_counter()
     manifest = build_dataset(cfg, str(tmp_path / "ds"), progress=False)

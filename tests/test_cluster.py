@@ -238,7 +238,7 @@ def test_a_lost_head_is_one_line_in_bounded_time_and_the_rerun_resumes(multinode
     path.write_text(json.dumps(config))
     wait_s = 10
     env = cluster.client_env(RAY_ADDRESS=cluster.jobs_address, PYTHONPATH=str(REPO),
-                             DCGAN_CLUSTER_LOST_AFTER_S=str(wait_s))
+                             DCGAN_CLUSTER_LOST_AFTER_S=str(wait_s), DCGAN_RETRY_DELAYS_S="")  # no stage retry
     proc = subprocess.Popen([sys.executable, "-m", "dcgan.cli", "train", "--config", str(path)], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline, killed = time.monotonic() + 300, None

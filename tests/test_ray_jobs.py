@@ -130,7 +130,8 @@ def test_the_jobs_api_try_again_answer_is_retried_then_one_line(ray_head, tmp_pa
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"name: busy\nroot: {tmp_path}\ndata: {tmp_path / 'no-dataset'}\n")
     busy = (500, "No available agent to submit job, please try again later.", 2)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DCGAN_JOB_SUBMIT_RETRY_S": "0.2,0.2"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DCGAN_JOB_SUBMIT_RETRY_S": "0.2,0.2",
+           "DCGAN_RETRY_DELAYS_S": ""}  # the CLI's own retry of a transient stage off: the submission's retries alone
     for times, code in ((2, 2), (3, 2)):  # two refusals are ridden out (the job then fails on its own input), three are not
         with FaultProxy(ray_head, rate=0, canned={("POST", "/api/jobs/"): busy[:2] + (times,)}) as proxy:
             proc = subprocess.run([sys.executable, "-m", "dcgan.cli", "train", "--config", str(cfg), "--address",

@@ -1,0 +1,306 @@
+"""Fault classes (issue 21): transient faults are retried with the documented backoff and then reported in one line,
+bad input is one line and exit 2 and never retried, anything else keeps its traceback, from the CLI and from the
+Prefect tasks alike. Storage faults are met for real: a moto S3 server on 127.0.0.1 that is down, or comes back.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+import pytest
+from test_faults import TINY, make_run, world  # noqa: F401 (fixture)
+
+from dcgan.cli import main
+from preprocessing import storage
+from preprocessing.errors import (DEFAULT_RETRY_DELAYS, InputError, TransientError, is_bad_input, retry_delays,
+                                  retrying)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_readme_and_the_code_promise_the_same_backoff(monkeypatch):
+    text = " ".join((REPO / "README.md").read_text().split())
+    promised = re.search(r"faults are retried after (\d+) s, (\d+) s and (\d+) s", text)
+    assert promised, "README no longer states the retry delays"
+    assert tuple(float(s) for s in promised.groups()) == DEFAULT_RETRY_DELAYS
+    monkeypatch.delenv("DCGAN_RETRY_DELAYS_S", raising=False)
+    assert retry_delays() == [10.0, 60.0, 300.0]
+    from pipelines import tasks
+
+    assert tasks._RETRYING["retry_delay_seconds"] == retry_delays()  # the Prefect tasks wait the same
+    monkeypatch.setenv("DCGAN_RETRY_DELAYS_S", "0.5, 1")
+    assert retry_delays() == [0.5, 1.0]
+    monkeypatch.setenv("DCGAN_RETRY_DELAYS_S", "soon")
+    with pytest.raises(InputError, match="DCGAN_RETRY_DELAYS_S"):
+        retry_delays()
+
+
+@pytest.mark.parametrize("fault, calls, raised", [
+    (TransientError("s3://b: cannot reach the S3 endpoint"), 4, TransientError),  # retried 3 times, then one line
+    (InputError("config.yaml: train.steps must be positive"), 1, InputError),      # bad input: never retried
+    (KeyError("a bug"), 1, KeyError),                                               # a bug: as it is
+])
+def test_each_class_is_retried_or_not(fault, calls, raised):
+    seen, slept = [], []
+
+    def fn():
+        seen.append(1)
+        raise fault
+
+    with pytest.raises(raised) as got:
+        retrying(fn, "test", delays=[10, 60, 300], sleep=slept.append)
+    assert len(seen) == calls and slept == [10, 60, 300][:calls - 1]
+    assert got.value is fault
+    assert is_bad_input(fault) == isinstance(fault, InputError)
+
+
+def test_a_transient_fault_that_passes_is_retried_to_success():
+    attempts = iter([TransientError("down"), TransientError("still down"), "done"])
+
+    def fn():
+        got = next(attempts)
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    slept = []
+    assert retrying(fn, "test", delays=[10, 60, 300], sleep=slept.append) == "done"
+    assert slept == [10, 60]
+
+
+@pytest.fixture
+def flaky_s3(s3_bucket, monkeypatch):
+    """A second moto server on 127.0.0.1 (moto keeps its buckets per process, so it serves the same data), which
+    the test stops and starts; the CLI is pointed at it."""
+    from conftest import free_port
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    servers = []
+
+    def start():
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        servers.append(server)
+
+    def stop():
+        servers.pop().stop()
+
+    start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    storage._client.cache_clear()
+    yield s3_bucket, start, stop
+    while servers:
+        stop()
+    storage._client.cache_clear()
+
+
+def test_cli_retries_an_s3_endpoint_that_comes_back(flaky_s3, tmp_path, monkeypatch, capfd):
+    """Before: one line at the first failure, no retry (the README promised retries)."""
+    bucket, start, stop = flaky_s3
+    run = f"{bucket}/runs/tiny"
+    make_run(run)
+    stop()
+    monkeypatch.setenv("DCGAN_RETRY_DELAYS_S", "4,4,4")
+    back = threading.Timer(4.0, start)  # after the first attempt failed, within the first retry's wait
+    back.start()
+    try:
+        status = main(["sample", "--run", run, "--n", "4", "--out", str(tmp_path / "s.png")])
+    finally:
+        back.join()
+    err = capfd.readouterr().err
+    assert status == 0, err
+    assert "Traceback" not in err
+    assert len(re.findall(r"dcgan sample: .*cannot reach the S3 endpoint.*; retrying in 4 s \(retry 1 of 3\)", err)) == 1
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_cli_reports_an_s3_endpoint_that_stays_down_in_one_line(flaky_s3, tmp_path, monkeypatch, capfd):
+    bucket, _, stop = flaky_s3
+    stop()
+    monkeypatch.setenv("DCGAN_RETRY_DELAYS_S", "0.2,0.2")
+    status = main(["sample", "--run", f"{bucket}/runs/nothing", "--n", "4", "--out", str(tmp_path / "s.png")])
+    err = capfd.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("dcgan sample: error: ")]
+    assert status == 2 and "Traceback" not in err, err
+    assert len(errors) == 1 and "cannot reach the S3 endpoint" in errors[0]
+    assert err.count("retrying in 0.2 s") == 2
+
+
+def test_no_aws_credentials_is_one_line(s3_bucket, monkeypatch, tmp_path, capfd):
+    """Item 6: was a NoCredentialsError traceback from storage.exists (dedup and evaluate check for objects first)."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("DCGAN_RETRY_DELAYS_S", "5")  # bad input: must not wait for a retry
+    storage._client.cache_clear()
+    try:
+        status = main(["dedup", f"{s3_bucket}/datasets/d", "--out", f"{s3_bucket}/datasets/e"])
+    finally:
+        storage._client.cache_clear()
+    err = capfd.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("dcgan dedup: error: ")]
+    assert status == 2 and "Traceback" not in err, err
+    assert len(errors) == 1 and "no AWS credentials" in errors[0] and "retrying" not in err
+
+
+@pytest.mark.slow
+def test_s3_lost_mid_build_is_retried_and_the_build_is_the_clean_one(flaky_s3, s3_server, ray_cluster, tmp_path,
+                                                                     monkeypatch):
+    """Item 5: moto stops while a build writes its chunks and comes back on the same port 30 s later (past boto3's
+    and the chunk's own quick retries, so the build's driver meets the fault and retries the build); the build
+    (its own process and local Ray, every worker reaching S3 at the flaky endpoint) rides it out and commits the
+    dataset a clean build gives. Before: exit 1 after 7 s with a 212-line Ray/botocore traceback."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import cv2
+    from realdata import mnist_rgb32
+
+    from preprocessing import shards
+
+    bucket, start, stop = flaky_s3
+    flaky_endpoint = os.environ["AWS_ENDPOINT_URL"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)  # this process watches through the server that stays up
+    storage._client.cache_clear()
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for i, img in enumerate(mnist_rgb32(480)):
+        (folder / f"{i:03d}.png").write_bytes(cv2.imencode(".png", img)[1].tobytes())
+    args = ["build-lsun", str(folder), "--resolution", "32", "--shard-rows", "20", "--no-dedup"]
+    assert main([*args, "--out", f"{bucket}/clean"]) == 0
+
+    env = {**os.environ, "AWS_ENDPOINT_URL": flaky_endpoint, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled",
+           "DCGAN_RETRY_DELAYS_S": "5,10,20",
+           "DCGAN_S3_TIMEOUT_S": "3"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "dcgan.cli", *args, "--out", f"{bucket}/flaky"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not storage.list_uris(f"{bucket}/flaky/_chunks") and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        stop()
+        done_at_stop = len(storage.list_uris(f"{bucket}/flaky/_chunks"))
+        time.sleep(30.0)
+        start()
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert 0 < done_at_stop < 24, done_at_stop  # the endpoint went away mid-build
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert re.search(r"dcgan build-lsun: .*cannot reach the S3 endpoint.*; retrying in 5 s \(retry 1 of 3\)", err), \
+        err[-3000:]
+    clean, flaky = shards.read_manifest(f"{bucket}/clean"), shards.read_manifest(f"{bucket}/flaky")
+    assert flaky["content_hash"] == clean["content_hash"] and flaky["counts"] == clean["counts"]
+
+
+def _train_workers_started() -> int:
+    import ray
+    from ray.util.state import list_actors
+
+    return len(list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker")], limit=10_000, raise_on_missing_output=False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["swapped", "truncated"])
+def test_a_damaged_shard_is_bad_input_and_not_retried(damage, world, ray_cluster, capfd, monkeypatch):
+    """Item 13: a shard that fails its manifest check (sha256/size) in a training worker was retried by Ray Train
+    (cluster.max_failures=3: 4 attempts over 77 s) before its one line. Now: one attempt (one worker group of 2
+    workers started), one line naming the shard, exit 2."""
+    import shutil
+
+    part1 = Path(world.dataset, "shards", "part-00001.parquet")
+    if damage == "swapped":
+        shutil.copy(Path(world.dataset, "shards", "part-00000.parquet"), part1)
+    else:
+        part1.write_bytes(part1.read_bytes()[:-100])
+    monkeypatch.setenv("DCGAN_RETRY_DELAYS_S", "30")  # bad input: no retry to wait for
+    before = _train_workers_started()
+    capfd.readouterr()
+    status = main(["train", "--config", TINY, "--data", world.dataset, "--run", world.p("r"), "--steps", "4",
+                   "--set", "cluster.max_failures=3"])
+    err = capfd.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("dcgan train: error: ")]
+    assert status == 2 and "Traceback" not in err, err[-3000:]
+    assert len(errors) == 1 and "part-00001" in errors[0], err[-3000:]
+    assert "retrying" not in err
+    assert _train_workers_started() - before == 2  # one worker group: Ray Train did not restart it
+
+
+@pytest.mark.slow
+def test_the_demo_export_deletes_only_what_it_wrote(tmp_path):
+    """pipelines/demo.py used to delete every `NNNNN-D.png` in <root>/demo-input by name alone; now the folder is
+    claimed with the ownership marker and a re-export removes only the project's own files."""
+    from pipelines.demo import export_mnist
+    from preprocessing.ownership import OwnershipError
+
+    users = tmp_path / "users" / "demo-input"
+    users.mkdir(parents=True)
+    (users / "00001-3.png").write_bytes(b"a user's own picture, named like a digit")
+    with pytest.raises(OwnershipError, match="00001-3.png"):
+        export_mnist(users, 5)
+    assert (users / "00001-3.png").read_bytes().startswith(b"a user's") and len(list(users.iterdir())) == 1
+
+    out = tmp_path / "runs" / "demo-input"
+    first = export_mnist(out, 6)
+    assert len(list(first.glob("*.png"))) == 6 and (out / "_dcgan.json").exists()
+    (first / "notes.txt").write_text("mine")
+    second = export_mnist(out, 3)
+    assert second == first and len(list(first.glob("*.png"))) == 3 and (first / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_the_demo_export_takes_over_an_export_from_before_the_marker(tmp_path):
+    """An export written by the old code (digits in the folder itself, a `.exported` stamp beside it) is the
+    project's: it is claimed and replaced, and a user's file in it stays."""
+    from pipelines.demo import export_mnist
+
+    old = tmp_path / "demo-input"
+    old.mkdir()
+    for name in ("00007-1.png", "00012-2.png"):
+        (old / name).write_bytes(b"old export")
+    (old / "README.txt").write_text("mine")
+    (tmp_path / "demo-input.exported").write_text("2 of the pool\n")
+    digits = export_mnist(old, 4)
+    assert sorted(p.name for p in old.iterdir()) == ["README.txt", "_dcgan.json", "digits", "export.txt"]
+    assert len(list(digits.glob("*.png"))) == 4 and not (tmp_path / "demo-input.exported").exists()
+
+
+def test_ray_train_retries_all_but_bad_input(monkeypatch, tmp_path):
+    """The training failure policy: a damaged shard is raised at once; the store not answering mid-training (a
+    transient ShardUnreachable, not a ShardError) and a bug are Ray Train's to retry, as before."""
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from dcgan.train_failures import KnownFaultPolicy
+    from preprocessing import ingest
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: the store is unreachable
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    storage._client.cache_clear()
+    try:
+        with pytest.raises(TransientError) as unreachable:
+            ingest.read_shard("s3://b/d", {"path": "shards/part-00000.parquet"}, 32, 3, ["image"], 0)
+    finally:
+        storage._client.cache_clear()
+    assert isinstance(unreachable.value, ingest.ShardUnreachable)
+
+    def decision(err):
+        return KnownFaultPolicy(FailureConfig(max_failures=3)).make_decision(WorkerGroupError("failed", {1: err}))
+
+    assert decision(ingest.ShardError("shard shards/part-00001.parquet: sha256 differs")) == FailureDecision.RAISE
+    assert decision(unreachable.value) == FailureDecision.RETRY
+    assert decision(RuntimeError("a bug, or a lost worker")) == FailureDecision.RETRY
