@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from dcgan import checkpoints, run_layout
+from dcgan import checkpoints, lease, run_layout
 from dcgan.batchnorm import local_statistics
 from dcgan.config import Config, ConfigError, dump_config, parse_config, parse_config_text
 from dcgan.networks import Discriminator, Generator, sample_z
@@ -146,7 +146,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             f"{options}")
 
     z_fixed = fixed_z(cfg)
-    run_log = RunLog(run_uri) if rank == 0 else None
+    run_log = RunLog(run_uri, resume_step=step) if rank == 0 else None
     # rank 0's progress lines reach the driver (and a Ray Job's log) through Ray's log forwarding
     shown = progress.Progress("train", train_cfg.steps, "steps", initial=step, stream=sys.stderr, bar=False,
                               show=rank == 0)
@@ -308,8 +308,14 @@ def _followed(cfg: Config, every_s: float = 5.0) -> Iterator[None]:
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Train (or resume) the run `cfg.run_uri` on the dataset `cfg.data_uri` until `cfg.train.steps`."""
+    """Train (or resume) the run `cfg.run_uri` on the dataset `cfg.data_uri` until `cfg.train.steps`, as its one
+    writer (dcgan.lease: a second driver is refused)."""
     manifest = preflight(cfg)
+    with lease.held(cfg.run_uri) as held:
+        return _train_held(cfg, manifest, held)
+
+
+def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dict[str, Any]:
     done = finished_step(cfg)
     if done is not None:
         log.info("%s already has a checkpoint at step %d >= %d: nothing to train", cfg.run_uri, done, cfg.train.steps)

@@ -82,3 +82,88 @@ def test_two_workers_on_s3_survive_a_killed_worker_and_resume(ray_cluster, mnist
     import cv2
 
     assert cv2.imread(str(out)).shape == (4 * 34 + 2, 4 * 34 + 2, 3)
+
+
+# ------------------------------------------------------------------------------- one writer per run (issue 21)
+
+
+def dcgan_train(data: str, run: str, steps: int, mark: str) -> subprocess.Popen:
+    """`dcgan train` of configs/tiny-test.yaml in its own process (its own local Ray), with a short lease and an
+    environment mark that its Ray processes inherit (to find them, and to stop only them)."""
+    import os
+
+    env = {**os.environ, "DCGAN_LEASE_S": "6", "DCGAN_TEST_MARK": mark}
+    return subprocess.Popen([sys.executable, "-m", "dcgan.cli", "train", "--config", "configs/tiny-test.yaml",
+                             "--data", data, "--run", run, "--steps", str(steps)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def marked(mark: str, name: str = "") -> list[int]:
+    """PIDs of live processes whose environment carries DCGAN_TEST_MARK=mark (and whose command line has `name`)."""
+    from pathlib import Path
+
+    out = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"DCGAN_TEST_MARK={mark}".encode() in (proc / "environ").read_bytes() \
+                    and name.encode() in (proc / "cmdline").read_bytes() and (proc / "stat").read_text().split(")")[-1].split()[0] != "Z":
+                out.append(int(proc.name))
+        except OSError:
+            continue
+    return out
+
+
+@pytest.fixture
+def marks():
+    """Marks for the `dcgan train` processes a test starts; whatever carries one is stopped at the end, by PID."""
+    import os
+    import signal
+    import uuid
+
+    made: list[str] = []
+    yield lambda: made.append(uuid.uuid4().hex) or made[-1]
+    for mark in made:
+        for pid in marked(mark):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def wait_for(what, timeout: float, every: float = 0.5):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def test_two_concurrent_trainings_of_one_run_one_is_refused_and_the_run_stays_resumable(mnist_on_s3, marks):
+    from dcgan import lease
+
+    run = "s3://train-test/runs/two-writers"
+    first = dcgan_train(mnist_on_s3, run, 10, marks())
+    wait_for(lambda: storage.exists(lease.lease_uri(run)) or first.poll() is not None, 120)
+    second = dcgan_train(mnist_on_s3, run, 10, marks())
+    _, err2 = second.communicate(timeout=120)
+    out1, err1 = first.communicate(timeout=300)
+    assert first.returncode == 0, err1
+    assert second.returncode == 2, err2
+    assert "Traceback" not in err2
+    lines = [ln for ln in err2.splitlines() if ln.startswith("dcgan train: error: ")]
+    assert len(lines) == 1 and "being trained by another driver" in lines[0], err2
+    assert f"pid {first.pid} since " in lines[0] and "host " in lines[0]
+
+    # The run is intact: one header, each interval once, the lease gone, and it resumes.
+    assert not storage.exists(lease.lease_uri(run))
+    assert storage.read_text(run_layout.metrics_csv(run)).count("step,") == 1
+    assert [int(r["step"]) for r in read_metrics(run)] == [5, 10]
+    third = dcgan_train(mnist_on_s3, run, 15, marks())
+    _, err3 = third.communicate(timeout=300)
+    assert third.returncode == 0, err3
+    assert checkpoints.complete_steps(run) == [5, 10, 15]
+    assert [int(r["step"]) for r in read_metrics(run)] == [5, 10, 15]
