@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from dcgan import checkpoints, lease, run_layout
+from dcgan import checkpoints, lease, resources, run_layout
 from dcgan.batchnorm import local_statistics
 from dcgan.config import Config, ConfigError, dump_config, parse_config, parse_config_text
 from dcgan.networks import Discriminator, Generator, sample_z
@@ -64,6 +64,7 @@ def preflight(cfg: Config) -> dict[str, Any]:
     if rows < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) exceeds the dataset's {rows} rows")
     mlflow_client()  # MLFLOW_TRACKING_URI set without mlflow installed: one line now, not a worker's traceback later
+    resources.check_fits(cfg.cluster)  # Ray would wait for ever for workers the cluster cannot place
     ownership.claim(cfg.run_uri, "run", legacy=lambda uri: stored_config(uri) is not None)
     check_resumable(cfg)
     return manifest
@@ -399,6 +400,9 @@ def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dic
                                              progress=bars)},
         dataset_config=ingest.data_config(),
     )
+    # Ctrl-C is a KeyboardInterrupt at once (exit 130, the run resumable). Ray Train's own SIGINT handler asks the
+    # controller to abort, which never returns while the job waits for resources, and exits 0 at the third Ctrl-C.
+    trainer._register_sigint_handler = lambda controller: None
     from dcgan.failure_policy import known_faults_not_retried
 
     try:

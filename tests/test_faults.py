@@ -239,6 +239,10 @@ CASES = [
     Case("train-resume-with-another-model", lambda w: ["train", "--config", TINY, "--data", w.dataset, "--run", w.run],
          "model.ngf", setup=change_stored_model),
     Case("train-bad-override", lambda w: ["train", "--config", TINY, "--steps", "0", "--data", w.dataset], "steps"),
+    Case("train-more-workers-than-the-cluster", lambda w: ["train", "--config", TINY, "--data", w.dataset, "--run",
+                                                           w.p("r"), "--workers", "8"], "cluster.workers=8", ray=True),
+    Case("train-gpus-the-cluster-lacks", lambda w: ["train", "--config", TINY, "--data", w.dataset, "--run", w.p("r"),
+                                                    "--gpu"], "GPU", ray=True),
     Case("train-workers-do-not-divide-batch", lambda w: ["train", "--config", TINY, "--workers", "3"], "workers"),
     # ---- sample
     Case("sample-missing-run", lambda w: ["sample", "--run", w.p("nowhere")], "nowhere"),

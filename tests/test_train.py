@@ -220,3 +220,27 @@ def test_bad_input_inside_a_worker_fails_once_with_one_line_not_retried(tmp_path
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in without_ray_internals(err), err
     assert "manifest says 256" in lines[0] or "short" in lines[0]
     assert err.count("starting step 0/15") == 1, err  # one attempt
+
+
+def test_ctrl_c_stops_a_local_training_within_seconds(mnist_on_s3, marks):
+    """SIGINT (Ctrl-C) in the middle of a fit: exit 130 with one line within seconds, the lease released, no Ray
+    training worker left; the run resumes (its checkpoints are intact)."""
+    import signal
+    import time
+
+    from dcgan import lease
+
+    run = "s3://train-test/runs/ctrl-c"
+    mark = marks()
+    r = dcgan_train(mnist_on_s3, run, 400, mark)
+    wait_for(lambda: storage.exists(run_layout.metrics_csv(run)) or r.poll() is not None, 300)
+    assert r.poll() is None
+    r.send_signal(signal.SIGINT)
+    asked = time.monotonic()
+    _, err = r.communicate(timeout=60)
+    assert time.monotonic() - asked < 15, err
+    assert r.returncode == 130, err
+    assert [ln for ln in err.splitlines() if ln.startswith("dcgan train: ")] == [
+        "dcgan train: interrupted; run the same command again to resume"], err
+    assert not storage.exists(lease.lease_uri(run))
+    wait_for(lambda: not marked(mark, "RayTrainWorker"), 10, every=0.2)
