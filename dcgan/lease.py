@@ -4,9 +4,9 @@
 training driver takes it before any worker starts (`held`), renews it every `lease_s() / 3` seconds from a thread,
 and removes it at the end. Every change is a compare-and-swap, so two drivers can never both believe they hold it:
 on S3 a conditional put (`If-None-Match: *` to create, `If-Match: <etag>` to renew, steal or delete), on local disk
-an exclusive create and an flock'd read-compare-write. A second driver is refused with one line naming the holder;
-a lease is stolen only after it expired (a driver on this host whose holder pid is gone waits for the expiry, so
-the dead driver's workers have stopped by then).
+an exclusive create (a hard link of a complete file) and an flock'd read-compare-write. A second driver is refused
+with one line naming the holder; a lease is stolen only after it expired (a driver on this host whose holder pid is
+gone waits for the expiry, so the dead driver's workers have stopped by then).
 
 Workers watch the lease (`Watch`): a token that changed or a heartbeat counter that has not moved for two renewals
 (measured on the worker's own clock, so no clock skew matters) means their driver is gone, and they stop before
@@ -119,15 +119,17 @@ def _create(uri: str, lease: dict) -> Version | None:
         return _put(uri, body, IfNoneMatch="*")
     path = storage.local_path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with open(tmp, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)  # appears whole or not at all, and only if there is none
     except FileExistsError:
         return None
-    with os.fdopen(fd, "wb") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.write(body)
-        f.flush()
-        os.fsync(f.fileno())
+    finally:
+        tmp.unlink(missing_ok=True)
     return body
 
 
@@ -269,9 +271,9 @@ def acquire(run_uri: str, ttl_s: float | None = None, *, wait: Callable[[float],
             break
     else:  # pragma: no cover - a hundred lost races in a row
         raise LeaseError(f"{lease.uri}: could not take the run's lease (other drivers keep changing it)")
-    check, version = _read(lease.uri)
-    if not check or check.get("token") != lease.token or version != lease.version:  # read back: a storage that
-        raise LeaseError(f"{run_uri} is being trained by another driver ({describe(check or {})})")  # ignored a condition
+    check, version = _read(lease.uri)  # read back: a storage that ignored a precondition loses here, not later
+    if not check or check.get("token") != lease.token or version != lease.version:
+        raise LeaseError(f"{run_uri} is being trained by another driver ({describe(check or {})})")
     return lease
 
 

@@ -104,9 +104,12 @@ def marked(mark: str, name: str = "") -> list[int]:
 
     out = []
     for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
         try:
-            if proc.name.isdigit() and f"DCGAN_TEST_MARK={mark}".encode() in (proc / "environ").read_bytes() \
-                    and name.encode() in (proc / "cmdline").read_bytes() and (proc / "stat").read_text().split(")")[-1].split()[0] != "Z":
+            zombie = (proc / "stat").read_text().split(")")[-1].split()[0] == "Z"
+            if not zombie and name.encode() in (proc / "cmdline").read_bytes() \
+                    and f"DCGAN_TEST_MARK={mark}".encode() in (proc / "environ").read_bytes():
                 out.append(int(proc.name))
         except OSError:
             continue
