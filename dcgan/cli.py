@@ -40,6 +40,13 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """Also records each option's flag by its dest (`flag_names`), so an error can name the flag a user typed."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        names = {a.dest: max(a.option_strings, key=len) for a in self._actions if a.option_strings}
+        namespace.flag_names = {**names, **(getattr(namespace, "flag_names", None) or {})}
+        return namespace, extras
+
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version

@@ -7,6 +7,7 @@
     <run>/eval/step-NNNNNNN/             one evaluation's report.md/html, metrics.json and pictures
     <run>/eval/metrics.jsonl             one line per evaluation; eval/report.md lists them
     <run>/ray/                           Ray Train's own run state
+    <run>/lease.json                     who trains the run now (dcgan.lease): present only while a driver runs
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def eval_history(run: str) -> str:
 
 def eval_index(run: str, html: bool = False) -> str:
     return join(run, "eval", "report.html" if html else "report.md")
+
+
+def lease(run: str) -> str:
+    return join(run, "lease.json")
 
 
 def ray(run: str) -> str:

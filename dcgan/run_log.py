@@ -12,6 +12,8 @@ its pictures and numbers at the evaluated checkpoint's step (`publish_evaluation
 from __future__ import annotations
 
 import csv
+import io
+import logging
 import os
 import tempfile
 import time
@@ -25,6 +27,8 @@ from preprocessing.errors import InputError
 COLUMNS = ("step", "loss_d", "loss_g", "d_x", "d_g_z", "images_per_s", "epoch")
 PUBLISH_CSV_S = 30.0
 MLFLOW_ENV = "MLFLOW_TRACKING_URI"
+
+log = logging.getLogger(__name__)
 
 
 def mlflow_client():
@@ -40,7 +44,10 @@ def mlflow_client():
 
 
 class RunLog:
-    def __init__(self, run_uri: str):
+    """Rank 0's metrics. `resume_step`: the step training continues from; rows logged after it (by a driver that
+    died, or before Ray Train restarted the workers) are dropped, so a repeated interval is written once."""
+
+    def __init__(self, run_uri: str, resume_step: int = 0):
         self.run_uri = run_uri
         self.remote = storage.is_s3(run_uri)
         if self.remote:
@@ -51,11 +58,9 @@ class RunLog:
             self.dir = storage.local_path(run_uri) / "metrics"
             self.dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.dir / "metrics.csv"
-        new = not self.csv_path.exists()
+        _truncate_csv(self.csv_path, resume_step)
         self._csv = open(self.csv_path, "a", newline="")
         self._writer = csv.writer(self._csv)
-        if new:
-            self._writer.writerow(COLUMNS)
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
@@ -106,13 +111,55 @@ class RunLog:
             self._tmp.cleanup()
 
 
+def parse_metrics(text: str, source: str = "metrics.csv") -> list[dict[str, float]]:
+    """Rows of a metrics CSV by step, numbers parsed. A damaged history (a repeated header, a cut or garbled row, a
+    step logged twice by two writers) is read as far as it makes sense, with one warning: the last row of a step
+    wins, and rows come out in step order."""
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None) or list(COLUMNS)
+    by_step: dict[float, dict[str, float]] = {}
+    damaged = 0
+    for fields in reader:
+        if not fields:
+            continue
+        try:
+            if len(fields) != len(header):
+                raise ValueError("wrong number of fields")
+            row = {k: float(v) for k, v in zip(header, fields) if v not in ("", None)}
+            step = row["step"]
+        except (ValueError, KeyError):
+            damaged += 1
+            continue
+        damaged += step in by_step
+        by_step[step] = row
+    if damaged:
+        log.warning("%s: %d damaged or repeated rows skipped (the last row of each step is kept)", source, damaged)
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def _truncate_csv(path: Path, resume_step: int) -> None:
+    """The CSV as one header and the rows up to `resume_step`, rewritten whole (a temporary file and a rename)."""
+    rows = parse_metrics(path.read_text(), str(path)) if path.exists() else []
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for row in rows:
+            if row["step"] <= resume_step:
+                writer.writerow([_cell(row.get(c)) for c in COLUMNS])
+    os.replace(tmp, path)
+
+
+def _cell(value: float | None) -> str | int | float:
+    if value is None:
+        return ""
+    return int(value) if float(value).is_integer() else value
+
+
 def read_metrics(run_uri: str) -> list[dict[str, float]]:
-    """The run's metrics.csv as a list of rows (numbers parsed)."""
-    text = storage.read_text(storage.join(run_uri, "metrics", "metrics.csv"))
-    rows = []
-    for row in csv.DictReader(text.splitlines()):
-        rows.append({k: float(v) for k, v in row.items() if v not in ("", None)})
-    return rows
+    """The run's metrics.csv as a list of rows (numbers parsed; a damaged history is read with one warning)."""
+    uri = storage.join(run_uri, "metrics", "metrics.csv")
+    return parse_metrics(storage.read_text(uri), uri)
 
 
 def publish_evaluation(run_uri: str, step: int, pictures: dict[str, bytes], scalars: dict[str, float]) -> None:

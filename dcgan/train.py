@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from dcgan import checkpoints, run_layout
+from dcgan import checkpoints, lease, resources, run_layout
 from dcgan.batchnorm import local_statistics
 from dcgan.config import Config, ConfigError, dump_config, parse_config, parse_config_text
 from dcgan.networks import Discriminator, Generator, sample_z
@@ -29,7 +29,7 @@ from dcgan.run_log import RunLog, mlflow_client, read_metrics
 from dcgan.sampling import generate, grid, save_png
 from dcgan.step import METRICS, GANStep, StepOptions, make_optimizers
 from preprocessing import compute, ownership, progress, shards, storage
-from preprocessing.errors import known_fault
+from preprocessing.errors import InputError, known_fault
 
 log = logging.getLogger("dcgan.train")
 
@@ -64,6 +64,7 @@ def preflight(cfg: Config) -> dict[str, Any]:
     if rows < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) exceeds the dataset's {rows} rows")
     mlflow_client()  # MLFLOW_TRACKING_URI set without mlflow installed: one line now, not a worker's traceback later
+    resources.check_fits(cfg.cluster)  # Ray would wait for ever for workers the cluster cannot place
     ownership.claim(cfg.run_uri, "run", legacy=lambda uri: stored_config(uri) is not None)
     check_resumable(cfg)
     return manifest
@@ -146,7 +147,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             f"{options}")
 
     z_fixed = fixed_z(cfg)
-    run_log = RunLog(run_uri) if rank == 0 else None
+    watch = _watch_driver(loop_config.get("lease"), rank)
+    run_log = RunLog(run_uri, resume_step=step) if rank == 0 else None
     # rank 0's progress lines reach the driver (and a Ray Job's log) through Ray's log forwarding
     shown = progress.Progress("train", train_cfg.steps, "steps", initial=step, stream=sys.stderr, bar=False,
                               show=rank == 0)
@@ -171,6 +173,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             last = dict(zip(METRICS, values), images_per_s=n_acc * train_cfg.batch_size / elapsed,
                         epoch=step * train_cfg.batch_size // loop_config["rows"])
             if run_log:
+                watch()
                 run_log.log(step, last)
                 shown.update(step, note=f"loss_D {last['loss_d']:.3f} loss_G {last['loss_g']:.3f} "
                                         f"D(x) {last['d_x']:.3f} D(G(z)) {last['d_g_z']:.3f} "
@@ -179,17 +182,40 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             n_acc, t0 = 0, time.perf_counter()
         if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
             if rank == 0:
+                watch()
                 _checkpoint(cfg, step, gan, z_fixed, last, run_log)
                 run_log.flush()
             else:
                 ray.train.report({"step": step, **last})  # the other ranks meet rank 0 here, without waiting for S3
         if step >= train_cfg.steps:
             break
-    if step < train_cfg.steps:
-        raise RuntimeError(f"worker {rank}: the training stream ended at step {step} of {train_cfg.steps}")
+    if step < train_cfg.steps:  # the dataset holds fewer rows than its manifest says: a retry would end the same
+        raise InputError(f"worker {rank}: the training stream of {cfg.data_uri} ended at step {step} of "
+                         f"{train_cfg.steps} (the dataset holds fewer rows than its manifest says)")
     shown.close()
     if run_log:
         run_log.close()
+
+
+def _watch_driver(watched: dict[str, Any] | None, rank: int):
+    """A worker whose driver died (or lost the run's lease) stops itself: a thread checks the lease every sixth of
+    its lifetime, and rank 0 checks it again before each write. Returns that check."""
+    if not watched:
+        return lambda: None
+    watch = lease.Watch(**watched)
+
+    def stop(reason: str) -> None:
+        say(f"worker {rank} stops: {reason}")
+        os._exit(3)
+
+    watch.start(stop)
+
+    def check() -> None:
+        reason = watch.problem()
+        if reason:
+            stop(reason)
+
+    return check
 
 
 def _checkpoint(cfg: Config, step: int, gan: GANStep, z_fixed: torch.Tensor, metrics: dict[str, float],
@@ -234,6 +260,13 @@ def training_input(config: dict[str, Any], manifest: dict[str, Any], progress: b
     spare = cfg.cluster.workers * max(s["rows"] for s in manifest["shards"])  # no worker's equal split runs short
     return ingest.training_dataset(cfg.data_uri, manifest, seed=cfg.train.seed, start_row=step * batch,
                                    rows=(cfg.train.steps - step) * batch + spare, progress=progress)
+
+
+def _keep_newest_checkpoints(cfg: Config) -> None:
+    """Ray Train keeps the newest `keep_checkpoints` it registered; one uploaded just before a driver or worker died
+    was never registered, and nothing else would remove it: the run keeps `keep_checkpoints` all the same."""
+    for step in checkpoints.complete_steps(cfg.run_uri)[:-cfg.train.keep_checkpoints]:
+        storage.delete_prefix(checkpoints.checkpoint_uri(cfg.run_uri, step))
 
 
 def finished_step(cfg: Config) -> int | None:
@@ -287,8 +320,14 @@ def _followed(cfg: Config, every_s: float = 5.0) -> Iterator[None]:
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Train (or resume) the run `cfg.run_uri` on the dataset `cfg.data_uri` until `cfg.train.steps`."""
+    """Train (or resume) the run `cfg.run_uri` on the dataset `cfg.data_uri` until `cfg.train.steps`, as its one
+    writer (dcgan.lease: a second driver is refused)."""
     manifest = preflight(cfg)
+    with lease.held(cfg.run_uri) as held:
+        return _train_held(cfg, manifest, held)
+
+
+def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dict[str, Any]:
     done = finished_step(cfg)
     if done is not None:
         log.info("%s already has a checkpoint at step %d >= %d: nothing to train", cfg.run_uri, done, cfg.train.steps)
@@ -327,6 +366,7 @@ def train(cfg: Config) -> dict[str, Any]:
             "fail_at_step": int(fail_at) if fail_at else None,
             "resume": resume,
             "rows": manifest["counts"]["rows"],
+            "lease": held.watch_config(),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.workers,
@@ -339,6 +379,9 @@ def train(cfg: Config) -> dict[str, Any]:
                                              progress=bars)},
         dataset_config=ingest.data_config(),
     )
+    # Ctrl-C is a KeyboardInterrupt at once (exit 130, the run resumable). Ray Train's own SIGINT handler asks the
+    # controller to abort, which never returns while the job waits for resources, and exits 0 at the third Ctrl-C.
+    trainer._register_sigint_handler = lambda controller: None
     try:
         with _followed(cfg):
             result = trainer.fit()
@@ -349,6 +392,7 @@ def train(cfg: Config) -> dict[str, Any]:
         if known is None:
             raise
         raise known from None
+    _keep_newest_checkpoints(cfg)
     step = checkpoints.latest_step(cfg.run_uri) or 0
     rows = read_metrics(cfg.run_uri)
     return run_summary(cfg, step, rows[-1] if rows else None)

@@ -328,6 +328,9 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig | None = None, 
     when nothing usable came out or bad inputs exceed `cfg.max_reject_rate`."""
     preflight(cfg)
     out = storage.normalize(out)
+    if cfg.input and (storage.is_s3(cfg.input) or "://" not in cfg.input) and storage.overlaps(cfg.input, out):
+        raise InputError(f"--out {out} overlaps the input {cfg.input}: a build writes its dataset beside its input, "
+                         "never into or around it (a later build would read its own shards as inputs)")
     started = time.perf_counter()
     p = plan(cfg)  # bad input fails here, before anything is written
     _prepare(out, cfg.overwrite)

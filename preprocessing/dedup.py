@@ -248,10 +248,6 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
     return entries, info
 
 
-def _nested(a: str, b: str) -> bool:
-    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
-
-
 def dedup_dataset(src: str, out: str, cfg: DedupConfig, overwrite: bool = False) -> dict[str, Any]:
     """De-duplicate the committed dataset `src` into a new dataset `out`; returns the new manifest.
 
@@ -264,7 +260,7 @@ def dedup_dataset(src: str, out: str, cfg: DedupConfig, overwrite: bool = False)
     from preprocessing.shards import MANIFEST, read_manifest, verify, write_manifest
 
     src, out = storage.normalize(src), storage.normalize(out)
-    if _nested(src, out):
+    if storage.overlaps(src, out):
         raise InputError(f"--out {out} overlaps the source dataset {src}: dedup writes a new dataset beside its "
                          "input, never into or around it")
     manifest = verify(src, read_manifest(src))

@@ -80,6 +80,24 @@ def join(uri: str, *parts: str) -> str:
     return base
 
 
+def overlaps(a: str, b: str) -> bool:
+    """Whether two locations are the same or one lies inside the other (an output there would read or replace its
+    own input)."""
+    a, b = normalize(a), normalize(b)
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def _make_dirs(path: Path, uri: str) -> None:
+    """mkdir -p, with a path below a file (`notes.txt/sub`) or an unwritable parent as one StorageError line."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (NotADirectoryError, FileExistsError):
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
+        raise StorageError(f"{uri}: {blocker} is a file, not a folder") from None
+    except OSError as err:
+        raise StorageError(f"{uri}: cannot create {path} ({err.strerror or err})") from None
+
+
 def split_s3(uri: str) -> tuple[str, str]:
     parsed = urlparse(uri)
     if parsed.scheme != "s3" or not parsed.netloc:
@@ -200,7 +218,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         _s3_call(uri, s3_client().upload_fileobj, io.BytesIO(data), bucket, key, Config=_transfer_config())
         return
     p = local_path(uri)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs(p.parent, uri)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file is the user's, as their umask says
@@ -241,7 +259,7 @@ def upload_file(path: str | Path, uri: str) -> None:
         _s3_call(uri, s3_client().upload_file, str(path), bucket, key, Config=_transfer_config())
     else:
         dst = local_path(uri)
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs(dst.parent, uri)
         tmp = dst.with_name(f".{dst.name}.tmp")
         shutil.copyfile(path, tmp)
         os.replace(tmp, dst)
@@ -340,7 +358,7 @@ def check_writable(uri: str) -> None:
             raise
     else:
         p = local_path(uri)
-        p.mkdir(parents=True, exist_ok=True)
+        _make_dirs(p, uri)
         if not os.access(p, os.W_OK):
             raise StorageError(f"{uri}: not writable")
 

@@ -82,3 +82,168 @@ def test_two_workers_on_s3_survive_a_killed_worker_and_resume(ray_cluster, mnist
     import cv2
 
     assert cv2.imread(str(out)).shape == (4 * 34 + 2, 4 * 34 + 2, 3)
+
+
+# ------------------------------------------------------------------------------- one writer per run (issue 21)
+
+
+def dcgan_train(data: str, run: str, steps: int, mark: str) -> subprocess.Popen:
+    """`dcgan train` of configs/tiny-test.yaml in its own process (its own local Ray), with a short lease and an
+    environment mark that its Ray processes inherit (to find them, and to stop only them)."""
+    import os
+
+    env = {**os.environ, "DCGAN_LEASE_S": "6", "DCGAN_TEST_MARK": mark}
+    return subprocess.Popen([sys.executable, "-m", "dcgan.cli", "train", "--config", "configs/tiny-test.yaml",
+                             "--data", data, "--run", run, "--steps", str(steps)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def marked(mark: str, name: str = "") -> list[int]:
+    """PIDs of live processes whose environment carries DCGAN_TEST_MARK=mark (and whose command line has `name`)."""
+    from pathlib import Path
+
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            zombie = (proc / "stat").read_text().split(")")[-1].split()[0] == "Z"
+            if not zombie and name.encode() in (proc / "cmdline").read_bytes() \
+                    and f"DCGAN_TEST_MARK={mark}".encode() in (proc / "environ").read_bytes():
+                out.append(int(proc.name))
+        except OSError:
+            continue
+    return out
+
+
+@pytest.fixture
+def marks():
+    """Marks for the `dcgan train` processes a test starts; whatever carries one is stopped at the end, by PID."""
+    import os
+    import signal
+    import uuid
+
+    made: list[str] = []
+    yield lambda: made.append(uuid.uuid4().hex) or made[-1]
+    for mark in made:
+        for pid in marked(mark):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def without_ray_internals(err: str) -> str:
+    """stderr without Ray's PlacementGroupCleaner lines: with other Ray instances on the machine (other tests) it
+    logs "Found multiple active Ray instances" with a traceback of its own, whatever the job does."""
+    return "\n".join(ln for ln in err.splitlines() if "PlacementGroupCleaner" not in ln)
+
+
+def wait_for(what, timeout: float, every: float = 0.5):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def test_two_concurrent_trainings_of_one_run_one_is_refused_and_the_run_stays_resumable(mnist_on_s3, marks):
+    from dcgan import lease
+
+    run = "s3://train-test/runs/two-writers"
+    first = dcgan_train(mnist_on_s3, run, 10, marks())
+    wait_for(lambda: storage.exists(lease.lease_uri(run)) or first.poll() is not None, 120)
+    second = dcgan_train(mnist_on_s3, run, 10, marks())
+    _, err2 = second.communicate(timeout=120)
+    out1, err1 = first.communicate(timeout=300)
+    assert first.returncode == 0, err1
+    assert second.returncode == 2, err2
+    assert "Traceback" not in without_ray_internals(err2)
+    lines = [ln for ln in err2.splitlines() if ln.startswith("dcgan train: error: ")]
+    assert len(lines) == 1 and "being trained by another driver" in lines[0], err2
+    assert f"pid {first.pid} since " in lines[0] and "host " in lines[0]
+
+    # The run is intact: one header, each interval once, the lease gone, and it resumes.
+    assert not storage.exists(lease.lease_uri(run))
+    assert storage.read_text(run_layout.metrics_csv(run)).count("step,") == 1
+    assert [int(r["step"]) for r in read_metrics(run)] == [5, 10]
+    third = dcgan_train(mnist_on_s3, run, 15, marks())
+    _, err3 = third.communicate(timeout=300)
+    assert third.returncode == 0, err3
+    assert checkpoints.complete_steps(run) == [5, 10, 15]
+    assert [int(r["step"]) for r in read_metrics(run)] == [5, 10, 15]
+
+
+def test_a_killed_driver_leaves_no_worker_writing_and_a_rerun_continues_the_run(mnist_on_s3, marks):
+    """SIGKILL of the driver: its workers stop within one lease lifetime (6 s here) instead of training and writing
+    on; the next `dcgan train` waits out the dead driver's lease, then continues: every interval logged once,
+    keep_checkpoints (3) kept."""
+    import os
+    import signal
+    import time
+
+    run = "s3://train-test/runs/killed"
+    mark = marks()
+    first = dcgan_train(mnist_on_s3, run, 40, mark)
+    wait_for(lambda: 10 in checkpoints.complete_steps(run) or first.poll() is not None, 300)
+    assert first.poll() is None, first.communicate()[1]
+    assert marked(mark, "RayTrainWorker")
+    os.kill(first.pid, signal.SIGKILL)
+    first.communicate()
+    killed = time.monotonic()
+    wait_for(lambda: not marked(mark, "RayTrainWorker"), 10, every=0.2)
+    assert time.monotonic() - killed <= 6 + 2  # one lease lifetime, and a poll's slack
+    logged_before = [int(r["step"]) for r in read_metrics(run)] if storage.exists(run_layout.metrics_csv(run)) else []
+    time.sleep(3)  # nothing writes on after its driver died
+    assert ([int(r["step"]) for r in read_metrics(run)] if logged_before else []) == logged_before
+
+    again = dcgan_train(mnist_on_s3, run, 40, marks())
+    _, err = again.communicate(timeout=400)
+    assert again.returncode == 0, err
+    assert [int(r["step"]) for r in read_metrics(run)] == list(range(5, 45, 5))
+    assert storage.read_text(run_layout.metrics_csv(run)).count("step,") == 1
+    assert checkpoints.complete_steps(run) == [30, 35, 40]
+
+
+def test_bad_input_inside_a_worker_fails_once_with_one_line_not_retried(tmp_path, marks):
+    """A dataset whose manifest claims more rows than its shards hold: the training stream ends early inside the
+    workers. Ray Train's FailureConfig (max_failures 3) would run it four times; a known fault fails at once."""
+    data = str(tmp_path / "short")
+    x = mnist_rgb32(128)
+    entries = [shards.write_table(data, shards.shard_name(i), shards.make_table(
+        [f"d{j:05d}" for j in range(i * 64, (i + 1) * 64)], x[i * 64:(i + 1) * 64])) for i in range(2)]
+    shards.write_manifest(data, kind="test", resolution=32, shards=[{**e, "rows": 256} for e in entries], inputs=512)
+    r = dcgan_train(data, str(tmp_path / "run"), 15, marks())
+    _, err = r.communicate(timeout=400)
+    lines = [ln for ln in err.splitlines() if ln.startswith("dcgan train: error: ")]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in without_ray_internals(err), err
+    assert "manifest says 256" in lines[0] or "short" in lines[0]
+    assert err.count("starting step 0/15") == 1, err  # one attempt
+
+
+def test_ctrl_c_stops_a_local_training_within_seconds(mnist_on_s3, marks):
+    """SIGINT (Ctrl-C) in the middle of a fit: exit 130 with one line within seconds, the lease released, no Ray
+    training worker left; the run resumes (its checkpoints are intact)."""
+    import signal
+    import time
+
+    from dcgan import lease
+
+    run = "s3://train-test/runs/ctrl-c"
+    mark = marks()
+    r = dcgan_train(mnist_on_s3, run, 400, mark)
+    wait_for(lambda: storage.exists(run_layout.metrics_csv(run)) or r.poll() is not None, 300)
+    assert r.poll() is None
+    r.send_signal(signal.SIGINT)
+    asked = time.monotonic()
+    _, err = r.communicate(timeout=60)
+    assert time.monotonic() - asked < 15, err
+    assert r.returncode == 130, err
+    assert [ln for ln in err.splitlines() if ln.startswith("dcgan train: ")] == [
+        "dcgan train: interrupted; run the same command again to resume"], err
+    assert not storage.exists(lease.lease_uri(run))
+    wait_for(lambda: not marked(mark, "RayTrainWorker"), 10, every=0.2)

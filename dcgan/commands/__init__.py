@@ -30,15 +30,30 @@ def add_config_flags(p: argparse.ArgumentParser, address: bool = True) -> None:
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The dotted overrides the command line gives: flags whose dest is a dotted config field, then --set."""
+    """The dotted overrides the command line gives: flags whose dest is a dotted config field, then --set. The one
+    rule for both: a --set value is YAML and not empty, and a field is set once (`--steps 5 --set train.steps=7`
+    is an error naming both, not a silent winner)."""
+    from dcgan.config import ConfigError
+
     out = {k: v for k, v in vars(args).items() if ("." in k or k in TOP_LEVEL) and v is not None}
+    flag_names = getattr(args, "flag_names", None) or {}
+    given: dict[str, str] = {k: f"{flag_names.get(k, '--' + k)} {v}" for k, v in out.items()}
     for item in getattr(args, "sets", []) or []:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or "." not in key:
-            from dcgan.config import ConfigError
-
             raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. train.lr=0.001")
-        out[key.strip()] = yaml.safe_load(value)
+        if not value.strip():
+            raise ConfigError(f"--set {item!r}: no value after '='; give one (YAML), or leave the flag out to keep "
+                              f"the config's {key}")
+        if key in given:
+            raise ConfigError(f"{given[key]} and --set {item} both set {key}: give it once")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML "
+                              f"({getattr(err, 'problem', None) or type(err).__name__})") from None
+        given[key] = f"--set {item}"
     return out
 
 

@@ -1,0 +1,121 @@
+"""A run has one writer (dcgan.lease) and a metrics history that survives a repeated interval (dcgan.run_log):
+the lease's compare-and-swap on local disk and on a real S3 server (moto), and the CSV a resume rewrites."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dcgan import lease
+from dcgan.run_log import RunLog, parse_metrics, read_metrics
+from preprocessing import storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def run_uri(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "runs" / "r")
+    return request.getfixturevalue("s3_bucket") + "/runs/r"
+
+
+def test_a_second_writer_is_refused_naming_the_holder_until_the_first_releases(run_uri):
+    first = lease.acquire(run_uri, ttl_s=30)
+    with pytest.raises(lease.LeaseError) as refused:
+        lease.acquire(run_uri, ttl_s=30)
+    line = str(refused.value)
+    assert "\n" not in line and f"host {socket.gethostname()}" in line
+    assert f"pid {first.body()['holder']['pid']}" in line
+    assert f"since {first.since}" in line
+    first.renew()  # the holder's heartbeat goes on
+    first.release()
+    assert not storage.exists(lease.lease_uri(run_uri))
+    lease.acquire(run_uri, ttl_s=30).release()
+
+
+def test_an_expired_lease_is_taken_over_and_its_old_holder_can_no_longer_write(run_uri):
+    old = lease.acquire(run_uri, ttl_s=0.5)
+    time.sleep(0.7)
+    new = lease.acquire(run_uri, ttl_s=30)
+    with pytest.raises(lease.LeaseError, match="taken by"):
+        old.renew()
+    old.release()  # the old holder removes nothing that is not its own
+    assert storage.read_json(lease.lease_uri(run_uri))["token"] == new.token
+    new.release()
+
+
+def test_a_dead_driver_on_this_host_is_waited_out_not_refused(tmp_path):
+    run = str(tmp_path / "r")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = lease.Lease(lease.lease_uri(run), 1.0)
+    body = dead.body()
+    body["holder"]["pid"] = int(gone.stdout)
+    assert lease._create(dead.uri, body) is not None
+    waited = []
+    taken = lease.acquire(run, ttl_s=30, wait=lambda s: (waited.append(s), time.sleep(s)))
+    assert len(waited) == 1 and 0 < waited[0] <= 1.2
+    assert storage.read_json(lease.lease_uri(run))["token"] == taken.token
+
+
+def test_workers_see_their_driver_go(run_uri):
+    held = lease.acquire(run_uri, ttl_s=0.9)
+    watch = lease.Watch(**held.watch_config())
+    assert watch.problem() is None
+    held.renew()
+    assert watch.problem() is None
+    time.sleep(0.7)  # no renewal for more than two heartbeats (2 x 0.3 s): the driver died
+    assert "stopped renewing" in watch.problem()
+
+    other = lease.Watch(**held.watch_config())
+    assert other.problem() is None
+    time.sleep(1.0)
+    thief = lease.acquire(run_uri, ttl_s=30)  # expired, taken by the next driver
+    assert f"now held by host {socket.gethostname()}" in other.problem()
+    thief.release()
+    assert lease.Watch(thief.uri, thief.token, 30).problem().endswith("is gone (its driver ended)")
+
+
+def test_held_removes_the_lease_at_the_end_also_after_a_failure(run_uri):
+    with pytest.raises(RuntimeError):
+        with lease.held(run_uri):
+            assert storage.exists(lease.lease_uri(run_uri))
+            raise RuntimeError("a bug")
+    assert not storage.exists(lease.lease_uri(run_uri))
+
+
+# ------------------------------------------------------------------------------------------------ metrics.csv
+
+# What two concurrent writers left before the lease (issue 21): every row twice and a header in the middle.
+DAMAGED = """step,loss_d,loss_g,d_x,d_g_z,images_per_s,epoch
+5,1.2,0.9,0.6,0.4,100.0,0
+step,loss_d,loss_g,d_x,d_g_z,images_per_s,epoch
+5,1.3,0.8,0.6,0.4,90.0,0
+10,1.1,1.0,0.55,0.45,110.0,0
+10,1.1,1.0,0.55,0.45,110.0,0
+15,1.0,1.1,0.5,0.5,1
+"""
+
+
+def test_a_damaged_history_is_read_with_one_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        rows = parse_metrics(DAMAGED)
+    assert [r["step"] for r in rows] == [5, 10] and rows[0]["loss_d"] == 1.3
+    assert len([r for r in caplog.records if "damaged or repeated" in r.getMessage()]) == 1
+
+
+def test_a_resume_rewrites_the_rows_after_its_step_so_no_interval_is_written_twice(run_uri, caplog):
+    storage.write_text(storage.join(run_uri, "metrics", "metrics.csv"), DAMAGED)
+    log = RunLog(run_uri, resume_step=5)  # the newest checkpoint is step 5: rows 10 and 15 are repeated next
+    for step in (10, 15):
+        log.log(step, {"loss_d": 1.0, "loss_g": 1.0, "d_x": 0.5, "d_g_z": 0.5, "images_per_s": 1.0, "epoch": 0})
+    log.close()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        rows = read_metrics(run_uri)
+    assert [r["step"] for r in rows] == [5, 10, 15] and not caplog.records
+    text = storage.read_text(storage.join(run_uri, "metrics", "metrics.csv"))
+    assert text.count("step,") == 1
