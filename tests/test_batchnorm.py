@@ -175,3 +175,45 @@ def test_two_workers_train_as_one_worker(ray_cluster, tmp_path):
     assert one.keys() == two.keys() and any("running_var" in k for k in one)
     worst = {k: (one[k].double() - two[k].double()).abs().max().item() for k in one}
     assert max(worst.values()) < 1e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:5]
+
+
+def _grad_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out = {}
+        for case, w_scale in (("both", (1.0, 1.0)), ("rank0-only", (1.0, 0.0))):
+            ref, bn = bn_pair()
+            bn.double()
+            x, w = (t.double() for t in batch_and_weights())
+            part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+            y, gx = forward_backward(bn, x[part], w[part] * w_scale[rank])
+            for p in bn.parameters():
+                dist.all_reduce(p.grad)
+            out[case] = {"y": y, "gx": gx, "grads": [p.grad for p in bn.parameters()]}
+        torch.save(out, os.path.join(out_dir, f"grad{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_float64_gradient_over_two_processes_equals_one_process_on_the_concatenated_batch(tmp_path):
+    """The backward pass of the cross-replica statistics is the layer's own (not a torch version's differentiable
+    all-reduce): in float64, d(loss)/d(x, weight, bias) over 2 gloo processes equals nn.BatchNorm2d's on the whole
+    batch to 1e-12, also where only rank 0's outputs enter the loss (rank 1's inputs still get their gradient
+    through the shared statistics; a backward that skipped the all-reduce would give them none)."""
+    mp.spawn(_grad_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"grad{r}.pt") for r in range(2)]
+    half = BATCH // 2
+    for case, w_scale in (("both", 1.0), ("rank0-only", 0.0)):
+        ref, _ = bn_pair()
+        ref.double()
+        x, w = (t.double() for t in batch_and_weights())
+        w = torch.cat([w[:half], w[half:] * w_scale])
+        y, gx = forward_backward(ref, x, w)
+        close = dict(rtol=0, atol=1e-12)
+        torch.testing.assert_close(torch.cat([r[case]["y"] for r in ranks]), y, **close)
+        torch.testing.assert_close(torch.cat([r[case]["gx"] for r in ranks]), gx, **close)
+        torch.testing.assert_close(ranks[0][case]["grads"], [ref.weight.grad, ref.bias.grad], **close)
+        if case == "rank0-only":
+            assert ranks[1][case]["gx"].abs().max() > 1e-3  # through the statistics, from rank 0's loss
