@@ -1,4 +1,7 @@
-"""The training input stream: a dataset's shards, in a fresh seeded order every epoch, as uint8 batches.
+"""The previous training input: a dataset's shards, in a fresh seeded order every epoch, through a Ray Data split, as
+uint8 batches. Training now reads `preprocessing.stream` (the same global batches for any worker count; a Ray Data
+split gave blocks to whichever worker had fewest rows). Kept as the reference the stream's shuffle is tested against
+(tests/test_stream.py) until the lead decides to drop it.
 
 The epochs a run still needs are unrolled into one Ray Dataset whose items are (epoch, slot) -> shard
 `epoch_order(seed, epoch)[slot]`; each Ray Train worker iterates its split of it once, so there is no barrier, planning
