@@ -167,9 +167,9 @@ class _Lane:
         self.key: tuple[int, int] | None = None  # (epoch, window) of `table`
         self.table: pa.Table | None = None
 
-    def _shard(self, epoch: int, shard: int) -> pa.Table:
-        """A shard's table; the lane's next `ahead` shards start reading now (across the epoch boundary too)."""
-        plan, ahead = self.stream.plan, self.stream.ahead
+    def _advance(self, epoch: int, shard: int) -> None:
+        """Move the lane's upcoming shards on to (epoch, shard), dropping the reads before it."""
+        plan = self.stream.plan
         if self.next_epoch is None:
             self.next_epoch = epoch
         while True:
@@ -177,15 +177,38 @@ class _Lane:
                 self.items.extend((self.next_epoch, s) for s in plan.lane_shards(self.next_epoch, self.lane))
                 self.next_epoch += 1
             if self.items[0] == (epoch, shard):
-                break
+                return
             self.reads.pop(self.items.popleft(), None)
-        while len(self.items) <= ahead and self.next_epoch <= self.stream.last_epoch:  # nothing past the end
+
+    def _submit(self, item: tuple[int, int]) -> None:
+        if item not in self.reads:
+            self.reads[item] = self.stream.pool.submit(self.stream.read, item[1])
+
+    def want(self, epoch: int, window: int) -> None:
+        """Start reading the shards of a window the lane is about to build (all lanes ask before any waits)."""
+        if self.key != (epoch, window):
+            pieces, _ = self.stream.plan.window_rows(epoch, self.lane, window)
+            self._advance(epoch, pieces[0][0])
+            for s, _, _ in pieces:
+                self._submit((epoch, s))
+
+    def _shard(self, epoch: int, shard: int) -> pa.Table:
+        """A shard's table (read now unless `want` or `prefetch` started it)."""
+        self._advance(epoch, shard)
+        self._submit((epoch, shard))
+        return self.reads[(epoch, shard)].result()
+
+    def prefetch(self) -> None:
+        """Start reading the lane's next `ahead` shards (across the epoch boundary too, not past the last step).
+        Called after a batch is built, so that at the start every lane's first shard comes before anyone's next."""
+        if self.next_epoch is None:
+            return
+        plan, ahead = self.stream.plan, self.stream.ahead
+        while len(self.items) <= ahead and self.next_epoch <= self.stream.last_epoch:
             self.items.extend((self.next_epoch, s) for s in plan.lane_shards(self.next_epoch, self.lane))
             self.next_epoch += 1
         for item in list(self.items)[:ahead + 1]:
-            if item not in self.reads:
-                self.reads[item] = self.stream.pool.submit(self.stream.read, item[1])
-        return self.reads[(epoch, shard)].result()
+            self._submit(item)
 
     def rows(self, epoch: int, window: int, offset: int) -> pa.Table:
         if self.key != (epoch, window):
@@ -227,11 +250,15 @@ class WorkerStream:
         """This worker's slice of the global batch at `step` (synchronous; the iterator runs it in a thread)."""
         epoch, window, offset = self.plan.locate(step)
         p, (lo, hi) = self.plan.per_lane, self.span
+        for reader in self.lanes.values():
+            reader.want(epoch, window)
         parts = []
         for lane, reader in self.lanes.items():
             rows = reader.rows(epoch, window, offset)
             a, b = max(lo, lane * p) - lane * p, min(hi, (lane + 1) * p) - lane * p
             parts.append(rows.slice(a, b - a))
+        for reader in self.lanes.values():
+            reader.prefetch()
         return pa.concat_tables(parts).combine_chunks()
 
     def __iter__(self) -> Iterator[pa.Table]:
