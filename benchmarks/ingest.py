@@ -1,20 +1,19 @@
-"""The training input path against a bare pyarrow read of the same shards, in one run.
+"""The training input where training reads it: on Ray Train workers that hold their CPUs as in training, against a
+bare pyarrow read of the same shards, from local disk and from S3 (a moto server on loopback).
 
 Shards: >= 200k rows at 32 and 64 px, tiled from real photos (scikit-image's, random square crops resized with
 INTER_AREA; 8192 distinct crops, so no row repeats inside a row group), written with preprocessing.shards like a build
-(2048 rows per shard, zstd). Measured, interleaved, on the same files:
-  bare    one process: pq.read_table(shard, columns=["image"]) -> uint8 torch batches of 128, shard by shard.
-  stream  the training path: `preprocessing.ingest.training_dataset` (one epoch, seeded shard order, every shard
-          checked for size and sha256 as it is read) through `streaming_split(1, equal=True)` with Train's execution
-          options, the same iterator a Ray Train worker gets, then `ingest.batches` with the default 4096-row
-          shuffle buffer: uint8 torch batches of 128 as the worker receives them.
-  before  (--before) the previous path: read_parquet + map_batches to tensors, iter_torch_batches with Ray Data's
-          local shuffle buffer of 4096 rows.
-Ray (2 CPUs, as in the tests) is started and its workers warmed before timing. `ratio` = stream / bare images/s, from
-the first batch to the last (a stream starts once per run, not per epoch; its start-up is printed apart).
-`img/cpu-s` counts the CPU time of every process involved (this one and all of Ray's), from the first batch on, per
-image: how many cores the input needs at a given rate, whatever else the machine is doing.
-Run: `.venv/bin/python benchmarks/ingest.py` (3-5 minutes on 2 cores; --dir keeps the shards for the next run).
+(2048 rows per shard, zstd). On each of W workers (a TorchTrainer, 1 CPU each, Ray on 2 CPUs), interleaved, all
+workers in the same phase at once (a barrier):
+  bare    pyarrow alone: `pq.read_table(shard, columns=["image"], filesystem=...)` of the shards this worker's stream
+          reads in the epoch (each once, no checks) -> uint8 torch batches of batch/W, shard by shard.
+  stream  the training path: `preprocessing.stream.WorkerStream` for one epoch (seeded shard order, 8 lanes, 4096-row
+          shuffle windows, every shard checked for size and sha256), converted to owned torch tensors as
+          dcgan/train.py does.
+Reported per worker: time to the first batch (start-up), img/s from the first batch to the last (steady), `ratio` =
+stream / bare steady, `with start-up` = bare / stream wall time, and the bytes the stream read / the worker's share
+(dataset bytes / W).
+Run: `.venv/bin/python benchmarks/ingest.py` (--dir keeps the local shards for the next run; --source local s3).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -33,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from preprocessing import ingest, shards  # noqa: E402
+from preprocessing import shards, storage, stream  # noqa: E402
 
-BATCH, SHUFFLE, SHARD_ROWS, H100_RATE = 128, 4096, 2048, 25_000
+BATCH, SHUFFLE, SHARD_ROWS = 128, 4096, 2048
 
 
 def make_dataset(uri: str, res: int, rows: int, seed: int = 0) -> dict:
@@ -63,140 +61,140 @@ def make_dataset(uri: str, res: int, rows: int, seed: int = 0) -> dict:
     return shards.write_manifest(uri, kind="bench", resolution=res, shards=entries, inputs=rows)
 
 
-def _tree_cpu() -> dict[int, float]:
-    """CPU seconds (user + system) of this process and each of its descendants (Ray's daemons and workers)."""
-    stats = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                text = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            fields = text[text.rindex(")") + 2:].split()
-            stats[int(d)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    out, todo = {}, [os.getpid()]
-    while todo:
-        pid = todo.pop()
-        out[pid] = stats.get(pid, (0, 0))[1] / os.sysconf("SC_CLK_TCK")
-        todo += children.get(pid, [])
-    return out
-
-
-class CpuMeter:
-    """CPU seconds used by the process tree between start() and stop(), sampled every 0.1 s so that a Ray worker
-    that exits in between (Ray reaps idle workers) still counts up to its last sample."""
-
-    def start(self) -> None:
-        self.first, self.last, self.running = _tree_cpu(), {}, True
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.thread.start()
-
-    def _poll(self) -> None:
-        while self.running:
-            self.last.update(_tree_cpu())
-            time.sleep(0.1)
-
-    def stop(self) -> float:
-        self.running = False
-        self.thread.join()
-        self.last.update(_tree_cpu())
-        return sum(v - self.first.get(pid, 0.0) for pid, v in self.last.items())
-
-
 def timed(batches) -> dict:
-    """Drain an iterator of uint8 batches: rows, wall time, time to the first batch, CPU of the process tree."""
-    t0, meter = time.perf_counter(), CpuMeter()
+    """Drain an iterator of uint8 batches: rows, wall time, time to the first batch, img/s after the first batch."""
+    t0 = time.perf_counter()
     n, first = 0, None
     for b in batches:
         if first is None:
             first = time.perf_counter()
-            meter.start()
         n += len(b)
     end = time.perf_counter()
-    return {"rows": n, "wall": end - t0, "start": first - t0, "steady": n / (end - first), "cpu": meter.stop()}
+    return {"rows": n, "wall": end - t0, "start": first - t0, "steady": n / (end - first)}
 
 
-def bare(uri: str, manifest: dict):
+def worker_loop(cfg: dict) -> None:
+    """On each Ray Train worker: bare and stream, `repeats` times each, interleaved; results to cfg["out"]."""
+    import json
+
     import pyarrow.parquet as pq
+    import ray.train
     import torch
 
-    for entry in manifest["shards"]:
-        table = pq.read_table(os.path.join(uri, entry["path"]), columns=["image"])
-        yield from torch.from_numpy(shards.images_of(table)).split(BATCH)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(1)
+    uri = cfg["uri"]
+    manifest = shards.read_manifest(uri)
+    spec = stream.StreamSpec.of(BATCH, SHUFFLE, seed=0)
+    plan = stream.Plan([e["rows"] for e in manifest["shards"]], spec)
+    steps = plan.steps_per_epoch
+    fs, root = storage.arrow_filesystem(uri)
+    lanes = range(*[x // plan.per_lane for x in stream.worker_span(BATCH, rank, world)])
+    mine = list(dict.fromkeys(s for lane in lanes for s in plan.lane_shards(0, lane)))
+    share = sum(e["bytes"] for e in manifest["shards"]) / world
+
+    def bare():
+        for i in mine:
+            table = pq.read_table(f"{root}/{manifest['shards'][i]['path']}", columns=["image"], filesystem=fs)
+            yield from torch.from_numpy(shards.images_of(table)).split(BATCH // world)
+
+    def together() -> None:
+        """All workers start a phase at once (they share the CPUs, as in training): no bare beside a stream."""
+        if world > 1:
+            torch.distributed.barrier()
+
+    out = []
+    for rep in range(cfg["repeats"]):
+        together()
+        a = timed(bare())
+        reader = stream.WorkerStream(uri, manifest, spec, rank, world, 0, steps)
+        together()
+        b = timed(torch.from_numpy(np.array(shards.images_of(t))) for t in reader)
+        b["bytes_share"] = reader.bytes_read / share
+        out.append({"bare": a, "stream": b})
+    with open(os.path.join(cfg["out"], f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
 
 
-def stream(uri: str, manifest: dict, seed: int):
-    ds = ingest.training_dataset(uri, manifest, seed=seed, start_row=0, rows=manifest["counts"]["rows"])
-    ds.context.execution_options.preserve_order = True  # as ingest.data_config() asks of Ray Train
-    split = ds.streaming_split(1, equal=True)[0]
-    blocks = split.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
-    yield from ingest.batches(blocks, BATCH, SHUFFLE, seed)
+def on_workers(uri: str, workers: int, repeats: int) -> list[list[dict]]:
+    """The measurements of each worker (a TorchTrainer holding 1 CPU per worker, as training does)."""
+    import json
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = tempfile.mkdtemp(prefix="dcgan-ingest-out-")
+    TorchTrainer(worker_loop, train_loop_config={"uri": uri, "out": out, "repeats": repeats},
+                 scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+                 run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="dcgan-ingest-ray-"))).fit()
+    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(workers)]
 
 
-def before(uri: str, manifest: dict):
-    """The input path this replaced (dcgan/train.py before): Ray Data's Parquet reader and local shuffle."""
-    import functools
-
-    import ray.data
-
-    shape = (manifest["resolution"], manifest["resolution"], 3)
-
-    def to_tensor(batch, shape):
-        return {"image": shards.pixels(batch.column("image"), shape)}
-
-    ds = ray.data.read_parquet(shards.shard_uris(uri, manifest), file_extensions=["parquet"]).select_columns(["image"])
-    ds = ds.map_batches(functools.partial(to_tensor, shape=shape), batch_format="pyarrow", zero_copy_batch=True,
-                        batch_size=None)
-    split = ds.streaming_split(1, equal=True)[0]
-    for b in split.iter_torch_batches(batch_size=BATCH, drop_last=True, local_shuffle_buffer_size=SHUFFLE,
-                                      prefetch_batches=4):
-        yield b["image"]
-
-
-def line(name: str, m: dict) -> str:
-    return (f"  {name:7s} {m['rows']} rows  {m['steady']:9.0f} img/s  start {m['start']:5.2f}s  "
-            f"{m['rows'] / m['cpu']:8.0f} img/cpu-s")
+def to_s3(local: str, uri: str) -> None:
+    for path in sorted(Path(local).rglob("*")):
+        if path.is_file():
+            storage.upload_file(path, storage.join(uri, str(path.relative_to(local))))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=204_800)
     ap.add_argument("--res", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--source", nargs="+", default=["local", "s3"], choices=["local", "s3"])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dir", help="keep the generated shards here and reuse them on the next run")
-    ap.add_argument("--before", action="store_true", help="also time the previous input path")
     args = ap.parse_args()
 
     import ray
 
     root = args.dir or tempfile.mkdtemp(prefix="dcgan-ingest-")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    server = None
+    if "s3" in args.source:
+        import logging
+
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log line per request
+
+        from conftest import free_port
+
+        port = free_port()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing",
+                          AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1")
+        boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bench")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    for res in args.res:
-        uri = os.path.join(root, f"bench-{res}px-{args.rows}")
-        t = time.perf_counter()
-        manifest = make_dataset(uri, res, args.rows)
-        print(f"{res}px: {len(manifest['shards'])} shards, {args.rows} rows ({time.perf_counter() - t:.0f}s to "
-              f"make or find)", flush=True)
-        small = {**manifest, "shards": manifest["shards"][:8], "counts": {"rows": 8 * SHARD_ROWS}}
-        timed(stream(uri, small, seed=99))  # warm Ray's workers
-        for rep in range(args.repeats):
-            a = timed(bare(uri, manifest))
-            b = timed(stream(uri, manifest, seed=rep))
-            print(line("bare", a), line("stream", b), sep="\n")
-            if args.before:
-                c = timed(before(uri, manifest))
-                print(line("before", c), f"  before/bare {c['steady'] / a['steady']:.3f} "
-                      f"(with start-up {a['wall'] / c['wall']:.3f})", sep="\n")
-            per_core = b["rows"] / b["cpu"]
-            print(f"  ratio {b['steady'] / a['steady']:.3f} (with start-up {a['wall'] / b['wall']:.3f}); "
-                  f"stream {per_core:.0f} img/s per core -> {H100_RATE / per_core:.2f} cores for one H100 at "
-                  f"{H100_RATE} img/s", flush=True)
-    ray.shutdown()
+    print("| px | source | workers | rank | run | bare start | bare img/s | stream start | stream img/s | **ratio** | "
+          "with start-up | bytes / share |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    try:
+        for res in args.res:
+            local = os.path.join(root, f"bench-{res}px-{args.rows}")
+            make_dataset(local, res, args.rows)
+            for source in args.source:
+                uri = local
+                if source == "s3":
+                    uri = f"s3://bench/{res}px"
+                    to_s3(local, uri)
+                for workers in args.workers:
+                    for rank, reps in enumerate(on_workers(uri, workers, args.repeats)):
+                        for rep, m in enumerate(reps):
+                            a, b = m["bare"], m["stream"]
+                            print(f"| {res} | {source} | {workers} | {rank} | {rep + 1} | {a['start']:.2f} s | "
+                                  f"{a['steady']:,.0f} | {b['start']:.2f} s | {b['steady']:,.0f} | "
+                                  f"**{b['steady'] / a['steady']:.2f}** | {a['wall'] / b['wall']:.2f} | "
+                                  f"{b['bytes_share']:.3f} |", flush=True)
+                if source == "s3":
+                    storage.delete_prefix(uri)
+    finally:
+        ray.shutdown()
+        if server is not None:
+            server.stop()
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
 With the global batch split over N workers, per-worker BatchNorm normalises over batch/N images, so a run's result
 would depend on how many GPUs it had. Here a training-mode forward all-reduces each channel's sum, sum of squares and
-count in one autograd-aware collective: forward and backward are those of one BatchNorm over the concatenated batch,
-and the running statistics are identical on every rank. torch.nn.SyncBatchNorm refuses CPU tensors; this works on gloo
-(the tests) and NCCL alike, and under torch.compile (a functional collective). Not distributed, world size 1, or in
+count in one collective whose backward is its own (`_AllReduceSum`, as torch's SyncBatchNorm has its own autograd
+function): the gradient of a sum over ranks is the sum of the ranks' gradients, so backward all-reduces too. Older
+torch releases silently skip the backward of the functional all-reduce, so this does not rely on it: forward and
+backward are those of one BatchNorm over the concatenated batch on every torch the project accepts, and the running
+statistics are identical on every rank. torch.nn.SyncBatchNorm refuses CPU tensors; this works on gloo (the tests)
+and NCCL alike. Not distributed, world size 1, or in
 eval mode, it is exactly nn.BatchNorm2d; it adds no parameter or buffer, so state_dict keys stay those of
 nn.BatchNorm2d and checkpoints load into the plain networks.
 
@@ -25,6 +28,26 @@ def _world_size(group) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
+def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
+    """Sum of `t` over the ranks, out of place (the input stays as autograd saved it)."""
+    out = t.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """y = sum over ranks of x; dL/dx = sum over ranks of dL/dy (every rank's loss depends on every rank's x)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return _all_reduce_sum(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_reduce_sum(grad.contiguous(), ctx.group), None
+
+
 class CrossReplicaBatchNorm2d(nn.BatchNorm2d):
     """nn.BatchNorm2d whose training-mode statistics cover the batches of every rank in `process_group`."""
 
@@ -36,12 +59,10 @@ class CrossReplicaBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.cross_replica and _world_size(self.process_group) > 1):
             return super().forward(x)
-        from torch.distributed import _functional_collectives as fc  # autograd-aware; traceable by torch.compile
-
         c = x.shape[1]
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 statistics also under bf16 autocast
         local = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), xf.new_full((1,), x.numel() // c)])
-        total = fc.all_reduce(local, "sum", self.process_group or dist.group.WORLD)
+        total = _AllReduceSum.apply(local, self.process_group or dist.group.WORLD)
         n = total[2 * c]
         mean = total[:c] / n
         var = (total[c : 2 * c] / n - mean * mean).clamp_min(0)  # biased, for normalising (as nn.BatchNorm2d)

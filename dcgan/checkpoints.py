@@ -76,7 +76,7 @@ def check(run_uri: str, step: int) -> dict[str, Any]:
 
 
 def valid_steps(run_uri: str) -> list[int]:
-    """Steps of the checkpoints that pass the cheap checks, ascending."""
+    """Steps of the checkpoints that pass the cheap checks (no sha256: see `latest_step`), ascending."""
     out = []
     for step in complete_steps(run_uri):
         try:
@@ -88,9 +88,16 @@ def valid_steps(run_uri: str) -> list[int]:
 
 
 def latest_step(run_uri: str) -> int | None:
-    """The newest checkpoint that passes the cheap checks (sha256 is checked when it is loaded)."""
-    steps = valid_steps(run_uri)
-    return steps[-1] if steps else None
+    """The newest checkpoint whose content passes its checks (size and sha256, as `load_state` checks it), with the
+    same fallback: a corrupt newer one is reported in one warning line and the one before it counts. Run completion
+    and the resume step use this, so a same-size corruption of the final checkpoint is not taken for a finished run."""
+    for step in reversed(complete_steps(run_uri)):
+        try:
+            _verified_bytes(run_uri, step)
+            return step
+        except CheckpointError as err:
+            log.warning("skipping a corrupt checkpoint (left in place): %s", err)
+    return None
 
 
 def _encode(step: int, state: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
@@ -120,7 +127,8 @@ def write_dir(folder: str | Path, step: int, state: dict[str, Any]) -> Path:
     return folder
 
 
-def _load_step(run_uri: str, step: int, map_location) -> dict[str, Any]:
+def _verified_bytes(run_uri: str, step: int) -> bytes:
+    """A checkpoint's state.pt, after the cheap checks and its size and sha256 against the marker."""
     uri = checkpoint_uri(run_uri, step)
     marker = check(run_uri, step)
     try:
@@ -129,6 +137,12 @@ def _load_step(run_uri: str, step: int, map_location) -> dict[str, Any]:
         raise CheckpointError(f"{uri}/state.pt: {err}") from None
     if len(data) != marker["bytes"] or hashlib.sha256(data).hexdigest() != marker["sha256"]:
         raise CheckpointError(f"{uri}/state.pt: size or sha256 differs from its COMPLETE marker (corrupt)")
+    return data
+
+
+def _load_step(run_uri: str, step: int, map_location) -> dict[str, Any]:
+    uri = checkpoint_uri(run_uri, step)
+    data = _verified_bytes(run_uri, step)
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - an unreadable file whose checksum matched: still a bad checkpoint

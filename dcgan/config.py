@@ -103,7 +103,8 @@ class TrainConfig(Strict):
                        "so steps = generator updates; with alternate_updates a step updates D or G in turn, so G "
                        "gets steps / 2 (epochs = steps x batch_size / dataset rows either way)")
     alternate_updates: bool = Field(False, description="authors' quirk: update D and G on alternate minibatches")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16", "fp64"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 "
+                                                                "on CPU; fp64 for checks that runs agree to rounding")
     channels_last: bool | None = Field(None, description="None = on GPU only")
     compile: bool | None = Field(None, description="torch.compile the step; None = on GPU only")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (and sample grids); a lost "
@@ -112,8 +113,11 @@ class TrainConfig(Strict):
     log_every: int = Field(10, ge=1, description="steps between metrics rows (metrics.csv, TensorBoard, Prefect)")
     seed: int = Field(0, description="initial weights, each epoch's shard order, and each step's z for the global "
                                      "batch from (seed, step)")
-    shuffle_buffer: int = Field(4096, ge=0, description="rows in each worker's shuffle buffer, after a fresh seeded "
-                                "shard order every epoch; 0 = the shard order only")
+    shuffle_buffer: int = Field(4096, ge=0, description="rows shuffled at a time (seeded windows over the stream's "
+                                "lanes), after a fresh seeded shard order every epoch; 0 = the shard order only")
+    lanes: int | None = Field(None, ge=1, description="sub-streams of the global batch (preprocessing.stream): each "
+                              "worker reads only the shards of its lanes when the worker count divides them; None = "
+                              "the largest divisor of batch_size up to 8. Part of the stream: fixed for a run")
 
 
 class ClusterConfig(Strict):
@@ -192,6 +196,9 @@ class Config(Strict):
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be divisible by cluster.workers ({self.cluster.workers})"
             )
+        if self.train.lanes is not None and self.train.batch_size % self.train.lanes:
+            raise ValueError(f"train.batch_size ({self.train.batch_size}) must be divisible by train.lanes "
+                             f"({self.train.lanes})")
         if self.build is not None and self.build.resolution != self.model.resolution:
             raise ValueError(
                 f"build.resolution ({self.build.resolution}) differs from model.resolution ({self.model.resolution})"

@@ -89,12 +89,12 @@ def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
 @torch.no_grad()
 def generate(generator: nn.Module, z: torch.Tensor, bn: str = "batch", batch_size: int = 256) -> torch.Tensor:
     """G(z) in chunks; `bn` = "batch" (authors' sampling) or "running" (eval-mode BatchNorm)."""
-    device = next(generator.parameters()).device
+    param = next(generator.parameters())
     ctx = batch_statistics(generator) if bn == "batch" else _eval_mode(generator)
     outs = []
     with ctx:
-        for i in range(0, len(z), batch_size):
-            outs.append(generator(z[i : i + batch_size].to(device)).float().cpu())
+        for i in range(0, len(z), batch_size):  # z in the weights' dtype (a float64 check run's too)
+            outs.append(generator(z[i : i + batch_size].to(param.device, param.dtype)).float().cpu())
     return torch.cat(outs)
 
 

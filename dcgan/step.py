@@ -34,6 +34,7 @@ class StepOptions:
     channels_last: bool = False
     compile: bool = False
     fused_adam: bool = False
+    fp64: bool = False  # float64 weights and inputs: float32 rounding, amplified by Adam, cannot hide a real difference
 
     @classmethod
     def resolve(cls, train: TrainConfig, device: torch.device) -> "StepOptions":
@@ -44,6 +45,7 @@ class StepOptions:
             channels_last=gpu if train.channels_last is None else train.channels_last,
             compile=gpu if train.compile is None else train.compile,
             fused_adam=gpu,
+            fp64=train.precision == "fp64",
         )
 
 
@@ -116,8 +118,9 @@ class GANStep:
         self.device = device
         self.model_cfg, self.train_cfg = model_cfg, train_cfg
         fmt = torch.channels_last if self.options.channels_last else torch.contiguous_format
-        self.g_module = generator.to(device, memory_format=fmt)
-        self.d_module = discriminator.to(device, memory_format=fmt)
+        dtype = torch.float64 if self.options.fp64 else None
+        self.g_module = generator.to(device=device, dtype=dtype, memory_format=fmt)  # the same Parameter objects
+        self.d_module = discriminator.to(device=device, dtype=dtype, memory_format=fmt)
         self.g = torch.compile(self.g_module) if self.options.compile else self.g_module
         self.d = torch.compile(self.d_module) if self.options.compile else self.d_module
         self.opt_g, self.opt_d = opt_g, opt_d
@@ -133,6 +136,8 @@ class GANStep:
         """`real`: uint8 (N, H, W, C) or float (N, C, H, W) in [-1, 1]. Returns (loss_d, loss_g, D(x), D(G(z)))."""
         if real.dtype == torch.uint8:
             real = to_model_input(real, self.device, self.options.channels_last)
+            if self.options.fp64:
+                real = real.double()
         n = real.shape[0]
         z = step_z(self.model_cfg, self.train_cfg.seed, self.iteration, n * self.world)
         z = z[self.rank * n : (self.rank + 1) * n].to(self.device, real.dtype, non_blocking=True)  # this rank's slice

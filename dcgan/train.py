@@ -1,5 +1,5 @@
-"""DCGAN training on Ray Train: one worker per GPU (or CPU slot), many nodes, shards streamed with Ray Data (layer:
-dcgan). Over 300 lines because the driver's checks, the worker loop and its checkpoint hand-off share one life cycle
+"""DCGAN training on Ray Train: one worker per GPU (or CPU slot), many nodes, each worker reading its slice of every
+global batch itself (preprocessing.stream; layer: dcgan). Over 300 lines because the driver's checks, the worker loop and its checkpoint hand-off share one life cycle
 (resume, failure, progress) that reads best in one place.
 
 The driver checks everything it can before a worker starts (dataset manifest, resolution, batch split, writable run
@@ -11,7 +11,6 @@ instead of starting over. Rank 0 writes metrics, checkpoints and a fixed-z sampl
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import sys
@@ -19,6 +18,7 @@ import threading
 import time
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from dcgan import checkpoints, lease, resources, run_layout
@@ -28,7 +28,7 @@ from dcgan.networks import Discriminator, Generator, sample_z
 from dcgan.run_log import RunLog, mlflow_client, read_metrics
 from dcgan.sampling import generate, grid, save_png
 from dcgan.step import METRICS, GANStep, StepOptions, make_optimizers
-from preprocessing import compute, ownership, progress, shards, storage
+from preprocessing import compute, ownership, progress, shards, storage, stream
 from preprocessing.errors import InputError, known_fault
 
 log = logging.getLogger("dcgan.train")
@@ -113,8 +113,6 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from preprocessing import ingest
-
     cfg = parse_config(loop_config["config"])
     run_uri, train_cfg = cfg.run_uri, cfg.train
     ctx = ray.train.get_context()
@@ -125,6 +123,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
     g, d = Generator(cfg.model), Discriminator(cfg.model)
     options = StepOptions.resolve(train_cfg, device)
+    if options.fp64:  # before a checkpoint's float64 weights load: a float32 module would round them
+        g, d = g.double(), d.double()
     opt_g, opt_d = make_optimizers(g, d, train_cfg, fused=options.fused_adam)
     step, state = 0, resume_state(run_uri, loop_config.get("resume"), rank, world)
     if state is not None:
@@ -141,10 +141,11 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
         for t in list(g.state_dict().values()) + list(d.state_dict().values()):
             dist.broadcast(t, src=0)
+    spec, note = input_stream(cfg, state)
     if rank == 0:
         say(f"{'resuming at' if state else 'starting'} step {step}/{train_cfg.steps}: "
             f"{world} worker(s) on {device}, batch {train_cfg.batch_size} ({train_cfg.batch_size // world}/worker), "
-            f"{options}")
+            f"{options}{note}")
 
     z_fixed = fixed_z(cfg)
     watch = _watch_driver(loop_config.get("lease"), rank)
@@ -154,14 +155,11 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
                               show=rank == 0)
     fail_at = loop_config.get("fail_at_step")
     fail_marker = storage.join(run_layout.ray(run_uri), "fault-injected")
-    per_worker = train_cfg.batch_size // world
-    blocks = ray.train.get_dataset_shard("train").iter_batches(batch_size=None, batch_format="pyarrow",
-                                                                prefetch_batches=2)
-    stream = ingest.batches(blocks, per_worker, train_cfg.shuffle_buffer, seed=(train_cfg.seed, rank, step))
+    rows = stream.WorkerStream(cfg.data_uri, loop_config["manifest"], spec, rank, world, step, train_cfg.steps)
     acc, n_acc, t0 = torch.zeros(len(METRICS), device=device), 0, time.perf_counter()
     last: dict[str, float] = {}
-    for batch in stream:
-        acc += gan(batch)
+    for table in rows:
+        acc += gan(torch.from_numpy(np.array(shards.images_of(table))))  # owned memory, not Arrow's
         n_acc += 1
         step += 1
         if fail_at and step == fail_at and rank == world - 1 and not storage.exists(fail_marker):
@@ -171,7 +169,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             values = (acc / n_acc).tolist()  # the one host sync per log interval
             elapsed = time.perf_counter() - t0
             last = dict(zip(METRICS, values), images_per_s=n_acc * train_cfg.batch_size / elapsed,
-                        epoch=step * train_cfg.batch_size // loop_config["rows"])
+                        epoch=rows.plan.epoch(step - 1))
             if run_log:
                 watch()
                 run_log.log(step, last)
@@ -183,7 +181,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
             if rank == 0:
                 watch()
-                _checkpoint(cfg, step, gan, z_fixed, last, run_log)
+                _checkpoint(cfg, step, gan, z_fixed, last, run_log, {"stream": spec.as_dict(), "workers": world})
                 run_log.flush()
             else:
                 ray.train.report({"step": step, **last})  # the other ranks meet rank 0 here, without waiting for S3
@@ -219,7 +217,7 @@ def _watch_driver(watched: dict[str, Any] | None, rank: int):
 
 
 def _checkpoint(cfg: Config, step: int, gan: GANStep, z_fixed: torch.Tensor, metrics: dict[str, float],
-                run_log: RunLog) -> None:
+                run_log: RunLog, extra: dict[str, Any]) -> None:
     """Rank 0: the fixed-z sample grid, then the checkpoint, handed to Ray Train, which uploads it to
     <run>/checkpoints/step-NNNNNNN/ in the background (training goes on) and keeps the newest `keep_checkpoints`."""
     import tempfile
@@ -236,6 +234,7 @@ def _checkpoint(cfg: Config, step: int, gan: GANStep, z_fixed: torch.Tensor, met
         "rng": torch.get_rng_state(),
         "fixed_z": z_fixed,
         "config": cfg.model_dump(mode="json"),
+        **extra,
     }
     with local_statistics(gan.g_module):  # rank 0 alone draws the grid: no cross-replica BatchNorm
         images = generate(gan.g_module, z_fixed)
@@ -248,18 +247,20 @@ def _checkpoint(cfg: Config, step: int, gan: GANStep, z_fixed: torch.Tensor, met
     say(f"checkpoint {run_layout.checkpoint(cfg.run_uri, step)}  samples {grid_uri}")
 
 
-def training_input(config: dict[str, Any], manifest: dict[str, Any], progress: bool = False):
-    """The run's input stream, from the step its workers resume at (the newest checkpoint that passes the cheap
-    checks) to the last step. Ray Train calls it each time it starts the worker group, so a restart after a failure
-    continues the epoch's seeded shard order where the checkpoint left it."""
-    from preprocessing import ingest
-
-    cfg = parse_config(config)
-    step = checkpoints.latest_step(cfg.run_uri) or 0
-    batch = cfg.train.batch_size
-    spare = cfg.cluster.workers * max(s["rows"] for s in manifest["shards"])  # no worker's equal split runs short
-    return ingest.training_dataset(cfg.data_uri, manifest, seed=cfg.train.seed, start_row=step * batch,
-                                   rows=(cfg.train.steps - step) * batch + spare, progress=progress)
+def input_stream(cfg: Config, state: dict[str, Any] | None) -> tuple[stream.StreamSpec, str]:
+    """The run's stream and what to say of it: a resumed run keeps the stream its checkpoint was trained on (the same
+    global batches whatever the worker count now), a new one takes it from the config."""
+    spec = stream.StreamSpec.of(cfg.train.batch_size, cfg.train.shuffle_buffer, cfg.train.seed, cfg.train.lanes)
+    if state is None or "stream" not in state:
+        return spec, ""
+    stored = stream.StreamSpec(**state["stream"])
+    note = ""
+    if int(state.get("workers", cfg.cluster.workers)) != cfg.cluster.workers:
+        note = (f"; the checkpoint was trained on {state['workers']} worker(s), now {cfg.cluster.workers}: "
+                "the same stream continues")
+    if stored != spec:
+        note += f"; the checkpoint's stream {stored.as_dict()} continues (the config asks {spec.as_dict()})"
+    return stored, note
 
 
 def _keep_newest_checkpoints(cfg: Config) -> None:
@@ -334,14 +335,10 @@ def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dic
         return run_summary(cfg, done)
     storage.write_text(run_layout.config(cfg.run_uri), dump_config(cfg))
 
-    from ray.data import DataContext
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from dcgan.train_failures import Trainer  # a TorchTrainer that does not retry bad input
 
-    from preprocessing import ingest
-
     compute.connect(cfg.cluster.address)
-    bars = sys.stderr.isatty() and DataContext.get_current().enable_progress_bars  # a person watches
     fs, path = storage.arrow_filesystem(cfg.run_uri)
     # Ray Train's run is <run>/checkpoints: its checkpoints are the run's (step-NNNNNNN), its retention is the run's
     run_config = RunConfig(name="checkpoints", storage_path=path, storage_filesystem=fs,
@@ -357,7 +354,7 @@ def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dic
 
         state = checkpoints.load_state(cfg.run_uri)
         resume = (int(state["step"]), ray.put(state))
-        log.info("resuming %s from step %d", cfg.run_uri, resume[0])
+        log.info("resuming %s from step %d%s", cfg.run_uri, resume[0], input_stream(cfg, state)[1])
     trainer = Trainer(
         _worker_loop,
         train_loop_config={
@@ -365,7 +362,7 @@ def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dic
             "threads": max(1, round(cfg.cluster.cpus_per_worker)),
             "fail_at_step": int(fail_at) if fail_at else None,
             "resume": resume,
-            "rows": manifest["counts"]["rows"],
+            "manifest": manifest,
             "lease": held.watch_config(),
         },
         scaling_config=ScalingConfig(
@@ -375,9 +372,6 @@ def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dic
             placement_strategy=cfg.cluster.placement,
         ),
         run_config=run_config,
-        datasets={"train": functools.partial(training_input, cfg.model_dump(mode="json"), manifest,
-                                             progress=bars)},
-        dataset_config=ingest.data_config(),
     )
     # Ctrl-C is a KeyboardInterrupt at once (exit 130, the run resumable). Ray Train's own SIGINT handler asks the
     # controller to abort, which never returns while the job waits for resources, and exits 0 at the third Ctrl-C.

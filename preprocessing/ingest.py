@@ -1,4 +1,7 @@
-"""The training input stream: a dataset's shards, in a fresh seeded order every epoch, as uint8 batches.
+"""The previous training input: a dataset's shards, in a fresh seeded order every epoch, through a Ray Data split, as
+uint8 batches. Training now reads `preprocessing.stream` (the same global batches for any worker count; a Ray Data
+split gave blocks to whichever worker had fewest rows). Kept as the reference the stream's shuffle is tested against
+(tests/test_stream.py) until the lead decides to drop it.
 
 The epochs a run still needs are unrolled into one Ray Dataset whose items are (epoch, slot) -> shard
 `epoch_order(seed, epoch)[slot]`; each Ray Train worker iterates its split of it once, so there is no barrier, planning
@@ -27,8 +30,8 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 from ray.exceptions import UserCodeException
 
-from preprocessing import shards, storage
-from preprocessing.errors import one_line
+from preprocessing import shards, storage, stream
+from preprocessing.stream import epoch_order
 
 if TYPE_CHECKING:
     import torch
@@ -37,11 +40,6 @@ if TYPE_CHECKING:
 # all processes) would otherwise match the read of a 32 px shard.
 TASK_BYTES = 24 << 20
 EPOCH = "epoch"  # a column the stream can add: which epoch a row belongs to (tests, diagnostics)
-
-
-def epoch_order(n_shards: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of the shards in `epoch`: a permutation drawn from (seed, epoch) alone."""
-    return np.random.default_rng([seed, epoch]).permutation(n_shards)
 
 
 def stream_items(manifest: dict[str, Any], seed: int, start_row: int, rows: int) -> list[tuple[int, int]]:
@@ -82,18 +80,12 @@ class ShardUnreachable(storage.StorageUnreachable, UserCodeException):
 def read_shard(dataset_uri: str, entry: dict[str, Any], resolution: int, channels: int, columns: Sequence[str],
                epoch: int) -> pa.Table:
     """One shard, checked against its manifest entry as it is read (DatasetError names the shard)."""
-    uri = storage.join(dataset_uri, entry["path"])
     try:
-        data = storage.read_bytes(uri)
+        table = stream.read_checked(dataset_uri, entry, resolution, channels, [c for c in columns if c != EPOCH])
     except storage.StorageUnreachable as err:  # the store, not the shard, is failing: a fault that may pass
-        raise ShardUnreachable(f"shard {entry['path']} of {dataset_uri} cannot be read: {one_line(err)}") from None
-    except storage.StorageError as err:
-        raise ShardError(f"shard {entry['path']} of {dataset_uri} cannot be read: {one_line(err)}") from None
-    try:
-        parquet = shards.check_shard(dataset_uri, entry, data, resolution, channels)
+        raise ShardUnreachable(one_line(err)) from None
     except shards.DatasetError as err:
         raise ShardError(str(err)) from None
-    table = parquet.read(columns=[c for c in columns if c != EPOCH], use_threads=False)
     if EPOCH in columns:
         table = table.append_column(EPOCH, pa.array(np.full(table.num_rows, epoch, np.int32)))
     return table
