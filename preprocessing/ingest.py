@@ -31,6 +31,7 @@ from ray.data.datasource import Datasource, ReadTask
 from ray.exceptions import UserCodeException
 
 from preprocessing import shards, storage, stream
+from preprocessing.errors import one_line
 from preprocessing.stream import epoch_order
 
 if TYPE_CHECKING:

@@ -14,7 +14,6 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 
 from dcgan import checkpoints
 from dcgan.config import load_config
