@@ -32,10 +32,12 @@ import pyarrow.parquet as pq
 
 from preprocessing import compute, dataset_layout, storage
 from preprocessing.config import DedupConfig
-from preprocessing.dedup_groups import bucket_edges, codes_of, decide, edge_groups, groups_of, view_rows
+from preprocessing.dedup_groups import (bucket_edges, codes_of, decide, edge_groups, groups_of, member_rows, verify_rows,
+                                       view_rows)
 from preprocessing.dedup_model import crops_of, fit_ray, save_state
 from preprocessing.dedup_report import bit_stats, collision_picture
-from preprocessing.dedup_views import encode_views, view_sources
+from preprocessing.dedup_verify import BLANK_STD, blank, star_groups
+from preprocessing.dedup_views import cut_views, encode_views, view_sources
 from preprocessing.errors import InputError
 from preprocessing.progress import Progress
 from preprocessing.semantic_hash import group_views
@@ -47,6 +49,12 @@ METHOD = "autoencoder-semantic-hash"
 ROWS_PER_PARTITION = 200_000   # codes one grouping task handles (16 B + key each: a few MB)
 PICTURE_GROUPS = 8
 PHASES = ("crops", "train", "encode", "group", "write")
+
+
+def min_images(cfg: DedupConfig) -> int:
+    """The smallest dataset the autoencoder is trained on: its whitening basis (`whiten` components) needs more images
+    than components; below that the code is noise and every collision a guess."""
+    return max(2, cfg.whiten + 1)
 
 
 def _read_shard(src_uri: str, entry: dict[str, Any]) -> pa.Table:
@@ -66,7 +74,7 @@ def _read_shard(src_uri: str, entry: dict[str, Any]) -> pa.Table:
 def _crops_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], crop: int,
                 views: int) -> dict[str, np.ndarray]:
     cv2.setNumThreads(1)
-    out: dict[str, list] = {"key": [], "shard": [], "row": [], "crop": [], **({"source": []} if views > 1 else {})}
+    out: dict[str, list] = {"key": [], "shard": [], "row": [], "crop": [], "blank": [], **({"source": []} if views > 1 else {})}
     for i in batch["shard"]:
         table = _read_shard(src_uri, shards[int(i)])
         n = table.num_rows
@@ -75,6 +83,7 @@ def _crops_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], 
         out["shard"].append(np.full(n, i, np.int32))
         out["row"].append(np.arange(n, dtype=np.int32))
         out["crop"].append(crops_of(images, crop))
+        out["blank"].append(blank(out["crop"][-1]).astype(np.int8))
         if views > 1:
             out["source"].append(view_sources(images, crop))
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -111,6 +120,39 @@ def _write_task(batch: dict[str, np.ndarray], src_uri: str, out_uri: str, shards
 # ------------------------------------------------------------------------------------------------------ entry
 
 
+def _pixels_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], crop: int) -> dict[str, np.ndarray]:
+    """The members of one source shard -> the pixels of each member's matched view (float16, exact for these values)."""
+    cv2.setNumThreads(1)
+    rows = np.asarray(batch["row"], np.int64)
+    images = images_of(_read_shard(src_uri, shards[int(batch["shard"][0])]))
+    wanted, at = np.unique(rows, return_inverse=True)
+    pixels = cut_views(view_sources(images[wanted], crop)[at], np.asarray(batch["view"]))
+    return {"key": batch["key"], "bucket": batch["bucket"], "part": batch["part"],
+            "pixels": np.array([p.astype(np.float16).tobytes() for p in pixels], dtype=object)}
+
+
+def _verified_groups(coded, src_uri: str, shards: list[dict], cfg: DedupConfig, code_bytes: int,
+                     partitions: int) -> tuple[dict, dict]:
+    """The multi-view group stage (`dedup_verify`): codes propose, pixels decide, groups are stars.
+
+    Three shuffles, none through the driver: (image, code) rows by code partition -> bucket members (capped); members
+    by source shard -> their matched views' pixels; pixels by code partition -> verified edges. The driver gets the
+    verified edges only (true duplicates: a few per removed image) and the counts."""
+    members = (coded.map_batches(view_rows, batch_format="numpy",
+                                 fn_kwargs={"code_bytes": code_bytes, "partitions": partitions})
+               .groupby("part").map_groups(member_rows, batch_format="numpy").materialize())
+    left = int(members.sum("left") or 0) if members.count() else 0
+    if not members.count():
+        return {}, {"candidates_checked": 0, "verified_edges": 0, "unchecked_members": 0}
+    edges = (members.groupby("shard").map_groups(_pixels_task, batch_format="numpy",
+                                                  fn_kwargs={"src_uri": src_uri, "shards": shards, "crop": cfg.crop})
+             .groupby("part").map_groups(verify_rows, batch_format="numpy").to_pandas())
+    a, b = edges["a"].to_numpy(object), edges["b"].to_numpy(object)
+    real = a != ""
+    return star_groups(a[real], b[real]), {"candidates_checked": int(edges["checked"].sum()),
+                                           "verified_edges": int(real.sum()), "unchecked_members": left}
+
+
 def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig) -> tuple[list[dict], dict]:
     """De-duplicate the listed shards of `src_uri` into `out_uri`; returns (shard entries, dedup info for the manifest).
 
@@ -125,13 +167,16 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
         raise InputError(f"{src_uri}: no shards to de-duplicate")
     if cfg.crop <= 0:
         raise InputError(f"dedup.crop must be positive, got {cfg.crop}")
+    rows_in = sum(int(s["rows"]) for s in shards)
+    if rows_in < min_images(cfg):
+        raise InputError(f"{src_uri}: {rows_in} images are too few to train the hashing autoencoder (dedup needs at "
+                         f"least {min_images(cfg)}: dedup.whiten + 1 to estimate its whitening basis); pass --no-dedup")
     compute.connect()
     ctx = DataContext.get_current()
     saved_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    rows_in = sum(int(s["rows"]) for s in shards)
     shown = Progress("dedup", len(PHASES), "phases")
     try:
         items = [{"shard": i} for i in range(len(shards))]
@@ -142,6 +187,10 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
                  .materialize())
         if crops.count() != rows_in:
             raise DatasetError(f"{src_uri}: read {crops.count()} rows, the shard list says {rows_in}")
+        blank_rows = int(crops.sum("blank") or 0)
+        if blank_rows == rows_in:
+            raise InputError(f"{src_uri}: all {rows_in} images are blank (pixel std < {BLANK_STD:g} in the "
+                             f"{cfg.crop}x{cfg.crop} crop): nothing to de-duplicate; check the build, or pass --no-dedup")
         timings["crops_s"] = time.perf_counter() - t
         shown.update(1, note=f"{rows_in} crops read; training the autoencoder")
 
@@ -166,7 +215,10 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
 
         t = time.perf_counter()
         code_bytes = (cfg.code_bits + 7) // 8
-        if cfg.radius == 0:
+        checks = {}
+        if cfg.radius == 0 and cfg.views > 1:
+            groups, checks = _verified_groups(coded, src_uri, shards, cfg, code_bytes, partitions)
+        elif cfg.radius == 0:
             edges = (coded.map_batches(view_rows, batch_format="numpy",
                                        fn_kwargs={"code_bytes": code_bytes, "partitions": partitions})
                      .groupby("part").map_groups(bucket_edges, batch_format="numpy").to_pandas())
@@ -225,6 +277,9 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
         "rows_out": rows_out,
         "removed": removed,
         "groups": int(len(sizes)),
+        "merge": "verified" if cfg.views > 1 and cfg.radius == 0 else "shared code",
+        **checks,
+        "blank": blank_rows,
         "largest_group": int(sizes.max()) if len(sizes) else 1,
         **bits,
         "train_loss": [round(v, 5) for v in losses],
