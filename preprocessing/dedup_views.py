@@ -232,11 +232,11 @@ def _conv_bits(encoder, sources: np.ndarray, views: int) -> "torch.Tensor":
         a4 = h[..., :-2] + h[..., 2:]                                     # 16 x the 4x4 means
         cols = F.unfold(a4, k, dilation=4, stride=step)                  # (n, 3*k*k, gy*gx): im2col, one C call
         gx = (a4.shape[-1] - 4 * (k - 1) - 1) // step + 1
-        grid = kern @ cols                                                # (n, rank, gy*gx), kern holds the 1/16
+        grid = (cols.transpose(1, 2).reshape(-1, cols.shape[1]) @ kern.T).reshape(n, -1, len(kern))  # one sgemm
         planes = torch.stack([p2.sum(1) / 4, p2.pow(2).sum(1) / 16], 1).double()  # float64: exact integrals
         ty = np.array([wanted[i][2] for i in ks]) + ry
         tx = np.array([wanted[i][3] for i in ks]) + rx
-        proj[:, ks] = grid.transpose(1, 2)[:, torch.from_numpy((ty // step) * gx + tx // step)]
+        proj[:, ks] = grid[:, torch.from_numpy((ty // step) * gx + tx // step)]   # (n, views of this zoom, rank)
         for q in sorted({(int(u) % 2, int(v) % 2) for u, v in zip(ty, tx)}):  # 32x32 box means, per offset parity
             at = np.flatnonzero((ty % 2 == q[0]) & (tx % 2 == q[1]))
             box = _box_means(planes[:, :, q[0]::2, q[1]::2], c)[:, :, ty[at] // 2, tx[at] // 2] / 3
@@ -247,7 +247,7 @@ def _conv_bits(encoder, sources: np.ndarray, views: int) -> "torch.Tensor":
     return (wx - mean[..., None] * w1 + rms[..., None] * b) > 0
 
 
-def encode_views(state, crops: np.ndarray, sources: np.ndarray | None, cfg, chunk: int = 256) -> np.ndarray:
+def encode_views(state, crops: np.ndarray, sources: np.ndarray | None, cfg, chunk: int = 64) -> np.ndarray:
     """Packed codes (N, cfg.views, code_bits/8): view 0 is `dedup_model.encode` of the center crops (the `hash`
     column), the others come from `sources` (`view_sources`), all views of a chunk of images in one matmul."""
     import torch
