@@ -4,15 +4,14 @@ Why: the paper hashes one 32x32 center crop per image, and a copy shifted or re-
 crop and, almost always, another code (benchmarks/dedup_quality.py: the single hash finds 2% of 1-4 px shift/crop
 pairs). Here each image is also hashed in crops cut from its center square at twice the crop's resolution (64 px for
 the 32-px crop): shifted by up to `SHIFT` px, and zoomed in by 2-8 px (`ZOOMS`, some unequal in height and width, as a
-re-crop gives) over a grid of shifts; each is 2x2-pooled back to the crop size. Two images are duplicates when they
-share ANY code, e.g. a view of one equals a view or the center of the other (`semantic_hash.group_views`). Measured
-(RESULTS.md): 0.886 of 1-4 px shift/crop pairs found, no false positive, on the benchmark set. The first view is exactly
-the paper's center-crop hash (the `hash` column); `views: V` takes the first V views of the fixed order below (nearest
-first): 1 = the paper's single hash, 9/25/49/81 = shifts up to 1/2/3/4 px, 135 = all (the default).
+re-crop gives) over a grid of shifts; each is 2x2-pooled back to the crop size. A view code shared by two images makes them a
+candidate pair, which `dedup_verify` accepts or rejects on the two images' pixels aligned over those views
+(`cut_views`). The first view is exactly the paper's center-crop hash (the `hash` column); `views: V` takes the first V
+views of the fixed order below (nearest first): 1 = the paper's single hash, 9/25/49/81 = shifts up to 1/2/3/4 px,
+135 = all (the default). Measured: benchmarks/dedup_scale.py, docs/dedup.md.
 
-Cost: V codes per image, all views of a chunk of images encoded in one batched matmul (90-130x the single hash's
-encode time at 135 views on the loaded 2-core box, RESULTS.md), and V codes per image to group, linear in images x
-views.
+Cost: V codes per image, the views of a chunk of images as im2col + one matmul per zoom (`_conv_bits`), and V codes
+per image to group, linear in images x views.
 Units: shifts and zooms are pixels of the 2x source, i.e. of a 64-px stored image for crop 32; for a 32-px stored
 image they are half pixels (shifts up to 2 px there).
 """
@@ -40,7 +39,7 @@ def _view_list() -> list[tuple[int, int, int, int]]:
 
 VIEWS = _view_list()
 MAX_VIEWS = len(VIEWS)         # 81 shifts + 54 zoomed = 135
-DEFAULT_VIEWS = MAX_VIEWS       # measured: recall grows with every zoom grid added, no false positive (RESULTS.md)
+DEFAULT_VIEWS = MAX_VIEWS       # recall grows with every zoom grid added (RESULTS.md); pairs are verified on pixels
 
 
 def view_sources(images: np.ndarray, crop: int) -> np.ndarray:
