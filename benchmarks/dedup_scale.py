@@ -82,7 +82,8 @@ def recall(seed: int, variants: int) -> None:
         keys = np.array([f"i{i:05d}" for i in range(len(images))])
         state, _ = fit_local(crops_of(images, cfg.crop), cfg)
         codes = image_codes(state, images, cfg)
-        print(f"\n== {title}: {labels.max() + 1} originals (near copies KEPT) x (1 + {variants}) = {len(images)} images\n")
+        print(f"\n== {title}: {labels.max() + 1} originals (near copies KEPT) x (1 + {variants}) = {len(images)} "
+              "images\n")
         print(f"{'setting':<38}{'flagged':>9}{'TP':>8}{'recall':>9}{'FP/100':>9}")
         for name, groups, _ in settings(codes, view_sources(images, cfg.crop), keys):
             s = dq.pair_scores(groups, labels)

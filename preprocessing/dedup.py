@@ -7,9 +7,11 @@ Stages, each a Ray job that scales out with the cluster:
 3. encode  every image -> its `views` codes (ReLU > 0 of the code layer, packed: 16 bytes for 128 bits); view 0, the
            paper's center-crop hash, is the `hash` column.
 4. group   every (key, code) goes to a hash partition of its code (Ray Data groupby); each partition buckets equal
-           codes in one linear pass (`semantic_hash`) and emits an edge between the keys sharing a bucket. The edges
-           (only colliding images: a few per duplicate) are joined on the driver into groups (connected components),
-           so images sharing ANY code are one group; each group keeps its smallest key. With a Hamming radius r > 0
+           codes in one linear pass (`semantic_hash`). With views > 1 a shared code only proposes a pair: the members
+           of shared buckets get their matched views' pixels from the source shards and each partition verifies its
+           candidate pairs (`dedup_verify`); the driver gets the verified edges only and builds star groups (every
+           removed image verified against its keeper). With `views: 1` (the paper's hash) equal codes are one group
+           (connected components, unverified). Each group keeps its smallest key. With a Hamming radius r > 0
            all codes (16 bytes x views + key a row) are gathered on the driver for multi-index hashing instead.
 5. write   one task per source shard writes the kept rows, hash column filled, as out/shards/part-NNNNN.parquet
            (NNNNN = the source shard's index, so provenance is plain; a shard left empty is not written).
@@ -32,8 +34,8 @@ import pyarrow.parquet as pq
 
 from preprocessing import compute, dataset_layout, storage
 from preprocessing.config import DedupConfig
-from preprocessing.dedup_groups import (bucket_edges, codes_of, decide, edge_groups, groups_of, member_rows, verify_rows,
-                                       view_rows)
+from preprocessing.dedup_groups import (bucket_edges, codes_of, decide, edge_groups, groups_of, member_rows,
+                                       verify_rows, view_rows)
 from preprocessing.dedup_model import crops_of, fit_ray, save_state
 from preprocessing.dedup_report import bit_stats, collision_picture
 from preprocessing.dedup_verify import BLANK_STD, blank, star_groups
@@ -74,7 +76,8 @@ def _read_shard(src_uri: str, entry: dict[str, Any]) -> pa.Table:
 def _crops_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], crop: int,
                 views: int) -> dict[str, np.ndarray]:
     cv2.setNumThreads(1)
-    out: dict[str, list] = {"key": [], "shard": [], "row": [], "crop": [], "blank": [], **({"source": []} if views > 1 else {})}
+    out: dict[str, list] = {"key": [], "shard": [], "row": [], "crop": [], "blank": [],
+                            **({"source": []} if views > 1 else {})}
     for i in batch["shard"]:
         table = _read_shard(src_uri, shards[int(i)])
         n = table.num_rows
@@ -190,7 +193,8 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
         blank_rows = int(crops.sum("blank") or 0)
         if blank_rows == rows_in:
             raise InputError(f"{src_uri}: all {rows_in} images are blank (pixel std < {BLANK_STD:g} in the "
-                             f"{cfg.crop}x{cfg.crop} crop): nothing to de-duplicate; check the build, or pass --no-dedup")
+                             f"{cfg.crop}x{cfg.crop} crop): nothing to de-duplicate; check the build, or pass "
+                             "--no-dedup")
         timings["crops_s"] = time.perf_counter() - t
         shown.update(1, note=f"{rows_in} crops read; training the autoencoder")
 

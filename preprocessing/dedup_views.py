@@ -4,8 +4,8 @@ Why: the paper hashes one 32x32 center crop per image, and a copy shifted or re-
 crop and, almost always, another code (benchmarks/dedup_quality.py: the single hash finds 2% of 1-4 px shift/crop
 pairs). Here each image is also hashed in crops cut from its center square at twice the crop's resolution (64 px for
 the 32-px crop): shifted by up to `SHIFT` px, and zoomed in by 2-8 px (`ZOOMS`, some unequal in height and width, as a
-re-crop gives) over a grid of shifts; each is 2x2-pooled back to the crop size. A view code shared by two images makes them a
-candidate pair, which `dedup_verify` accepts or rejects on the two images' pixels aligned over those views
+re-crop gives) over a grid of shifts; each is 2x2-pooled back to the crop size. A view code shared by two images
+makes them a candidate pair, which `dedup_verify` accepts or rejects on the two images' pixels aligned over those views
 (`cut_views`). The first view is exactly the paper's center-crop hash (the `hash` column); `views: V` takes the first V
 views of the fixed order below (nearest first): 1 = the paper's single hash, 9/25/49/81 = shifts up to 1/2/3/4 px,
 135 = all (the default). Measured: benchmarks/dedup_scale.py, docs/dedup.md.

@@ -327,8 +327,8 @@ def test_verified_merge_finds_shifted_recropped_and_jpeg_copies(trained):
     for i, img in enumerate(originals):
         dy, dx = (int(v) or 1 for v in rng.integers(-4, 5, size=2))
         t, l, b, r = (int(v) for v in rng.integers(1, 5, size=4))
-        copies += [cv2.warpAffine(img, np.float32([[1, 0, dx], [0, 1, dy]]), (64, 64), borderMode=cv2.BORDER_REFLECT),
-                   _recrop(img, t, l, b, r), _jpeg(img, int(rng.choice([60, 75, 90])))]
+        shifted = cv2.warpAffine(img, np.float32([[1, 0, dx], [0, 1, dy]]), (64, 64), borderMode=cv2.BORDER_REFLECT)
+        copies += [shifted, _recrop(img, t, l, b, r), _jpeg(img, int(rng.choice([60, 75, 90])))]
         origin += [i] * 3
     images = np.concatenate([originals, np.stack(copies)])
     all_keys = np.array(keys + [f"{keys[o]}~{j % 3}" for j, o in enumerate(origin)])
