@@ -308,8 +308,13 @@ def test_verified_merge_keeps_5000_distinct_digits_apart():
     images = mnist_rgb32(5000)
     keys = np.array([f"d{i:04d}" for i in range(len(images))])
     cfg = DedupConfig()
-    state, _ = fit_local(crops_of(images, cfg.crop), cfg)
-    codes = image_codes(state, images, cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as benchmarks/dedup_scale.py (78 s there): two threads on a loaded box ran > 15 min
+    try:
+        state, _ = fit_local(crops_of(images, cfg.crop), cfg)
+        codes = image_codes(state, images, cfg)
+    finally:
+        torch.set_num_threads(threads)
     groups, figures = verified_groups(keys, codes, view_sources(images, cfg.crop))
     unverified = group_views(codes)
     shared = int((np.bincount(unverified)[unverified] > 1).sum())
