@@ -7,9 +7,11 @@ Stages, each a Ray job that scales out with the cluster:
 3. encode  every image -> its `views` codes (ReLU > 0 of the code layer, packed: 16 bytes for 128 bits); view 0, the
            paper's center-crop hash, is the `hash` column.
 4. group   every (key, code) goes to a hash partition of its code (Ray Data groupby); each partition buckets equal
-           codes in one linear pass (`semantic_hash`) and emits an edge between the keys sharing a bucket. The edges
-           (only colliding images: a few per duplicate) are joined on the driver into groups (connected components),
-           so images sharing ANY code are one group; each group keeps its smallest key. With a Hamming radius r > 0
+           codes in one linear pass (`semantic_hash`). With views > 1 a shared code only proposes a pair: the members
+           of shared buckets get their matched views' pixels from the source shards and each partition verifies its
+           candidate pairs (`dedup_verify`); the driver gets the verified edges only and builds star groups (every
+           removed image verified against its keeper). With `views: 1` (the paper's hash) equal codes are one group
+           (connected components, unverified). Each group keeps its smallest key. With a Hamming radius r > 0
            all codes (16 bytes x views + key a row) are gathered on the driver for multi-index hashing instead.
 5. write   one task per source shard writes the kept rows, hash column filled, as out/shards/part-NNNNN.parquet
            (NNNNN = the source shard's index, so provenance is plain; a shard left empty is not written).
@@ -32,10 +34,12 @@ import pyarrow.parquet as pq
 
 from preprocessing import compute, dataset_layout, storage
 from preprocessing.config import DedupConfig
-from preprocessing.dedup_groups import bucket_edges, codes_of, decide, edge_groups, groups_of, view_rows
+from preprocessing.dedup_groups import (bucket_edges, codes_of, decide, edge_groups, groups_of, member_rows,
+                                       verify_rows, view_rows)
 from preprocessing.dedup_model import crops_of, fit_ray, save_state
 from preprocessing.dedup_report import bit_stats, collision_picture
-from preprocessing.dedup_views import encode_views, view_sources
+from preprocessing.dedup_verify import BLANK_STD, blank, star_groups
+from preprocessing.dedup_views import cut_views, encode_views, view_sources
 from preprocessing.errors import InputError
 from preprocessing.progress import Progress
 from preprocessing.semantic_hash import group_views
@@ -47,6 +51,12 @@ METHOD = "autoencoder-semantic-hash"
 ROWS_PER_PARTITION = 200_000   # codes one grouping task handles (16 B + key each: a few MB)
 PICTURE_GROUPS = 8
 PHASES = ("crops", "train", "encode", "group", "write")
+
+
+def min_images(cfg: DedupConfig) -> int:
+    """The smallest dataset the autoencoder is trained on: its whitening basis (`whiten` components) needs more images
+    than components; below that the code is noise and every collision a guess."""
+    return max(2, cfg.whiten + 1)
 
 
 def _read_shard(src_uri: str, entry: dict[str, Any]) -> pa.Table:
@@ -66,7 +76,8 @@ def _read_shard(src_uri: str, entry: dict[str, Any]) -> pa.Table:
 def _crops_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], crop: int,
                 views: int) -> dict[str, np.ndarray]:
     cv2.setNumThreads(1)
-    out: dict[str, list] = {"key": [], "shard": [], "row": [], "crop": [], **({"source": []} if views > 1 else {})}
+    out: dict[str, list] = {"key": [], "shard": [], "row": [], "crop": [], "blank": [],
+                            **({"source": []} if views > 1 else {})}
     for i in batch["shard"]:
         table = _read_shard(src_uri, shards[int(i)])
         n = table.num_rows
@@ -75,6 +86,7 @@ def _crops_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], 
         out["shard"].append(np.full(n, i, np.int32))
         out["row"].append(np.arange(n, dtype=np.int32))
         out["crop"].append(crops_of(images, crop))
+        out["blank"].append(blank(out["crop"][-1]).astype(np.int8))
         if views > 1:
             out["source"].append(view_sources(images, crop))
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -111,6 +123,39 @@ def _write_task(batch: dict[str, np.ndarray], src_uri: str, out_uri: str, shards
 # ------------------------------------------------------------------------------------------------------ entry
 
 
+def _pixels_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], crop: int) -> dict[str, np.ndarray]:
+    """The members of one source shard -> the pixels of each member's matched view (float16, exact for these values)."""
+    cv2.setNumThreads(1)
+    rows = np.asarray(batch["row"], np.int64)
+    images = images_of(_read_shard(src_uri, shards[int(batch["shard"][0])]))
+    wanted, at = np.unique(rows, return_inverse=True)
+    pixels = cut_views(view_sources(images[wanted], crop)[at], np.asarray(batch["view"]))
+    return {"key": batch["key"], "bucket": batch["bucket"], "part": batch["part"],
+            "pixels": np.array([p.astype(np.float16).tobytes() for p in pixels], dtype=object)}
+
+
+def _verified_groups(coded, src_uri: str, shards: list[dict], cfg: DedupConfig, code_bytes: int,
+                     partitions: int) -> tuple[dict, dict]:
+    """The multi-view group stage (`dedup_verify`): codes propose, pixels decide, groups are stars.
+
+    Three shuffles, none through the driver: (image, code) rows by code partition -> bucket members (capped); members
+    by source shard -> their matched views' pixels; pixels by code partition -> verified edges. The driver gets the
+    verified edges only (true duplicates: a few per removed image) and the counts."""
+    members = (coded.map_batches(view_rows, batch_format="numpy",
+                                 fn_kwargs={"code_bytes": code_bytes, "partitions": partitions})
+               .groupby("part").map_groups(member_rows, batch_format="numpy").materialize())
+    left = int(members.sum("left") or 0) if members.count() else 0
+    if not members.count():
+        return {}, {"candidates_checked": 0, "verified_edges": 0, "unchecked_members": 0}
+    edges = (members.groupby("shard").map_groups(_pixels_task, batch_format="numpy",
+                                                  fn_kwargs={"src_uri": src_uri, "shards": shards, "crop": cfg.crop})
+             .groupby("part").map_groups(verify_rows, batch_format="numpy").to_pandas())
+    a, b = edges["a"].to_numpy(object), edges["b"].to_numpy(object)
+    real = a != ""
+    return star_groups(a[real], b[real]), {"candidates_checked": int(edges["checked"].sum()),
+                                           "verified_edges": int(real.sum()), "unchecked_members": left}
+
+
 def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig) -> tuple[list[dict], dict]:
     """De-duplicate the listed shards of `src_uri` into `out_uri`; returns (shard entries, dedup info for the manifest).
 
@@ -125,13 +170,16 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
         raise InputError(f"{src_uri}: no shards to de-duplicate")
     if cfg.crop <= 0:
         raise InputError(f"dedup.crop must be positive, got {cfg.crop}")
+    rows_in = sum(int(s["rows"]) for s in shards)
+    if rows_in < min_images(cfg):
+        raise InputError(f"{src_uri}: {rows_in} images are too few to train the hashing autoencoder (dedup needs at "
+                         f"least {min_images(cfg)}: dedup.whiten + 1 to estimate its whitening basis); pass --no-dedup")
     compute.connect()
     ctx = DataContext.get_current()
     saved_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    rows_in = sum(int(s["rows"]) for s in shards)
     shown = Progress("dedup", len(PHASES), "phases")
     try:
         items = [{"shard": i} for i in range(len(shards))]
@@ -142,6 +190,11 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
                  .materialize())
         if crops.count() != rows_in:
             raise DatasetError(f"{src_uri}: read {crops.count()} rows, the shard list says {rows_in}")
+        blank_rows = int(crops.sum("blank") or 0)
+        if blank_rows == rows_in:
+            raise InputError(f"{src_uri}: all {rows_in} images are blank (pixel std < {BLANK_STD:g} in the "
+                             f"{cfg.crop}x{cfg.crop} crop): nothing to de-duplicate; check the build, or pass "
+                             "--no-dedup")
         timings["crops_s"] = time.perf_counter() - t
         shown.update(1, note=f"{rows_in} crops read; training the autoencoder")
 
@@ -166,7 +219,10 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
 
         t = time.perf_counter()
         code_bytes = (cfg.code_bits + 7) // 8
-        if cfg.radius == 0:
+        checks = {}
+        if cfg.radius == 0 and cfg.views > 1:
+            groups, checks = _verified_groups(coded, src_uri, shards, cfg, code_bytes, partitions)
+        elif cfg.radius == 0:
             edges = (coded.map_batches(view_rows, batch_format="numpy",
                                        fn_kwargs={"code_bytes": code_bytes, "partitions": partitions})
                      .groupby("part").map_groups(bucket_edges, batch_format="numpy").to_pandas())
@@ -225,6 +281,9 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
         "rows_out": rows_out,
         "removed": removed,
         "groups": int(len(sizes)),
+        "merge": "verified" if cfg.views > 1 and cfg.radius == 0 else "shared code",
+        **checks,
+        "blank": blank_rows,
         "largest_group": int(sizes.max()) if len(sizes) else 1,
         **bits,
         "train_loss": [round(v, 5) for v in losses],

