@@ -428,6 +428,8 @@ def report(results: list[dict], cores: int) -> str:
                          f" | {r['n'] / max(f['cpu_s'], 1e-9):,.0f} | {f['driver_rss'] / mib:.0f} | "
                          f"{f['tree_anon'] / mib:.0f} | {f['object_store'] / mib:.0f} | {f['spilled'] / mib:.0f} | {rec} |")
     ns = [r["n"] for r in results]
+    if len(set(ns)) < 2:
+        return "\n".join(lines + ["", "(one N: no law fitted)"])
     lines += ["", "| stage | fixed wall s | per-image wall ms | fixed CPU s | per-image CPU ms | marginal cost largest/"
                   "smallest Ns, wall (CPU) | driver RSS largest/smallest N | driver RSS MiB per 100k | "
                   "3M images on 64 cores |", "|" + " --- |" * 9]
@@ -443,7 +445,7 @@ def report(results: list[dict], cores: int) -> str:
         # per-core throughput from CPU seconds (robust to a shared machine); the fixed cost is wall time
         proj = projection(fixed, cper, 1) if stage != "train" else None
         total += proj or 0
-        lin_s = "n/a" if lin is None else f"{lin:.2f} ({clin:.2f})"
+        lin_s = " (".join("n/a" if v is None else f"{v:.2f}" for v in (lin, clin)) + ")"
         lines.append(f"| {stage} | {fixed:.1f} | {per * 1e3:.3f} | {cfixed:.1f} | {cper * 1e3:.3f} | {lin_s} | "
                      f"{rss[int(np.argmax(ns))] / rss[int(np.argmin(ns))]:.2f} | {rss_per * 1e5 / mib:.0f} | "
                      f"{'by steps, not N' if proj is None else f'{proj / 60:.1f} min'} |")
@@ -462,8 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", help="working folder (default: a temporary one, removed at the end)")
     p.add_argument("--cache", help="folder to keep generated LMDBs in between runs (default: inside --work)")
     p.add_argument("--json", help="write the raw figures here")
+    p.add_argument("--report", nargs="+", metavar="JSON", help="only print the tables of earlier --json files "
+                                                                 "(several runs' Ns are merged)")
     args = p.parse_args(argv)
     cores = os.cpu_count() or 1
+    if args.report:
+        runs = [json.loads(Path(f).read_text()) for f in args.report]
+        print(report(sorted((r for run in runs for r in run["results"]), key=lambda r: r["n"]), runs[0]["cores"]))
+        return 0
     base = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="dcgan-scale-"))
     cache = Path(args.cache) if args.cache else None
     if cache:
