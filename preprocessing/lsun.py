@@ -52,26 +52,34 @@ def open_env(path: str) -> lmdb.Environment:
 
 
 def plan_lmdb(path: str, chunk_rows: int, limit: int | None = None) -> tuple[list[dict], int, str]:
-    """Key ranges of `chunk_rows` consecutive keys: (chunk specs, number of inputs, fingerprint of the keys)."""
+    """Key ranges of `chunk_rows` consecutive keys: (chunk specs, number of inputs, fingerprint of the keys).
+
+    The keys stream into the fingerprint: the driver keeps one spec per chunk, not a list of every key (about 130
+    bytes a key, so 390 MB at LSUN bedrooms' 3M).
+    """
     path = str(Path(path).resolve())
     env = open_env(path)
-    chunks, digest_keys, n = [], [], 0
-    try:
+    chunks: list[dict] = []
+
+    def keys() -> Iterator[str]:
         with env.begin(buffers=True) as txn:
-            for key in txn.cursor().iternext(keys=True, values=False):
+            for n, key in enumerate(txn.cursor().iternext(keys=True, values=False)):
                 if limit and n >= limit:
                     break
-                k = bytes(key)
+                k = bytes(key).hex()
                 if n % chunk_rows == 0:
-                    chunks.append({"lmdb": path, "start": k.hex(), "count": 0})
+                    chunks.append({"lmdb": path, "start": k, "count": 0})
                 chunks[-1]["count"] += 1
-                digest_keys.append(k.hex())
-                n += 1
+                yield k
+
+    try:
+        digest = fingerprint(keys())
     except lmdb.Error as err:  # pages overwritten (MDB_CORRUPTED, MDB_PAGE_NOTFOUND)
         raise InputError(f"{path}/data.mdb: corrupt LMDB ({one_line(err)}); copy or download it again") from None
+    n = sum(c["count"] for c in chunks)
     if n == 0:
         raise MissingError(f"input: the LMDB at {path} has no entries")
-    return chunks, n, fingerprint(digest_keys)
+    return chunks, n, digest
 
 
 def read_range(path: str, start_hex: str, count: int) -> Iterator[tuple[str, bytes]]:

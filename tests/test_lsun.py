@@ -51,6 +51,25 @@ def test_key_ranges_cover_every_key_once(lmdb_dir):
     assert n_lim == 10 and [c["count"] for c in limited] == [7, 3]
 
 
+def test_planning_memory_does_not_grow_with_the_number_of_keys(tmp_path):
+    """The driver keeps one spec per chunk, not every key: planning 40k keys takes no more memory than 5k, and the
+    fingerprint is still the digest of the full key listing (datasets built before keep their identity)."""
+    import tracemalloc
+
+    from preprocessing.sources import fingerprint
+
+    peaks = {}
+    for n in (5_000, 40_000):
+        keys = sorted(hashlib.sha1(str(i).encode()).hexdigest() for i in range(n))
+        lsun.write_lmdb(str(tmp_path / str(n)), {k.encode(): b"x" for k in keys})
+        tracemalloc.start()
+        chunks, count, digest = lsun.plan_lmdb(str(tmp_path / str(n)), chunk_rows=4096)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert count == n and digest == fingerprint(k.encode().hex() for k in keys)
+    assert peaks[40_000] < 1.5 * peaks[5_000] + 64 * 1024, peaks  # a list of keys would be ~5 MB at 40k
+
+
 def test_build_gives_expected_rows_rejects_and_pixels(lmdb_dir, tmp_path, ray_cluster, caplog, capsys):
     path, good = lmdb_dir
     cfg = BuildConfig(kind="lsun", input=path, shard_rows=8)

@@ -1,0 +1,87 @@
+"""benchmarks/scale.py's pieces that its figures rest on: the planted duplicates, the recall count, the process-tree
+memory sampling and the fitted laws (the full pipeline run is the benchmark itself, too slow for tests)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import scale  # noqa: E402
+
+
+def _decode(data: bytes) -> np.ndarray:
+    import cv2
+
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+
+
+def test_lmdb_has_lsun_layout_and_planted_duplicates(tmp_path):
+    import lmdb
+
+    path = str(tmp_path / "lsun")
+    truth = scale.make_lmdb(path, 100, exact=0.05, near=0.05, seed=3, batch=7)
+    env = lmdb.open(path, readonly=True, lock=False)
+    with env.begin() as txn:
+        entries = {bytes(k).decode(): bytes(v) for k, v in txn.cursor()}
+    env.close()
+    assert len(entries) == 100
+    assert all(len(k) == 40 and int(k, 16) >= 0 for k in entries)
+    assert all(v[:3] == b"\xff\xd8\xff" or (v[:4] == b"RIFF" and v[8:12] == b"WEBP") for v in entries.values())
+    assert all(min(_decode(v).shape[:2]) == 256 for v in list(entries.values())[:20])
+    kinds = [p[0] for p in truth["pairs"]]
+    assert kinds.count("exact") == 5 and kinds.count("near") == 5
+    for kind, a, b in truth["pairs"]:
+        if kind == "exact":
+            assert entries[a] == entries[b] and a != b
+        else:  # a near duplicate differs in bytes but is close in pixels, closer than an unrelated entry
+            assert entries[a] != entries[b]
+            x, y = _decode(entries[a]), _decode(entries[b])
+            h, w = min(x.shape[0], y.shape[0]), min(x.shape[1], y.shape[1])
+            import cv2
+
+            small = [cv2.resize(im, (32, 32), interpolation=cv2.INTER_AREA).astype(float) for im in (x, y)]
+            near_err = np.abs(small[0] - small[1]).mean()
+            other = next(k for k in entries if k not in (a, b))
+            far = cv2.resize(_decode(entries[other]), (32, 32), interpolation=cv2.INTER_AREA).astype(float)
+            assert near_err < 20 and near_err < np.abs(small[0] - far).mean(), (near_err, h, w)
+    # deterministic for a seed
+    again = scale.make_lmdb(str(tmp_path / "again"), 100, exact=0.05, near=0.05, seed=3)
+    assert again == truth
+
+
+def test_dedup_recall_counts_pairs_and_other_removals():
+    pairs = [["exact", "a", "b"], ["exact", "c", "d"], ["near", "e", "f"]]
+    kept = {"a", "c", "d", "e", "g"}  # b removed (found), c/d both kept (missed), f removed (found), h removed
+    r = scale.dedup_recall(pairs, kept, n_inputs=8, n_kept=5)
+    assert r["recall_exact"] == 0.5 and r["recall_near"] == 1.0
+    assert r["removed"] == 3 and r["other_removed"] == 1
+
+
+def test_monitor_sees_a_childs_peak_memory(tmp_path):
+    """A child that allocates 300 MiB and frees it: the driver's VmHWM and the tree's private memory show it."""
+    code = ("import time, subprocess, sys\n"
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; b = bytearray(300 << 20); time.sleep(1.5)'])\n"
+            "c.wait(); b = bytearray(120 << 20); time.sleep(0.5)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    with scale.Monitor(proc.pid, interval=0.1) as mon:
+        proc.wait()
+    assert mon.peaks.driver_rss >= 120 << 20
+    assert mon.peaks.tree_anon >= 300 << 20
+    assert len(mon.peaks.pids) >= 2
+
+
+def test_fitted_laws():
+    ns = [10_000, 20_000, 40_000]
+    fixed, per = scale.fit_linear(ns, [5 + 1e-3 * n for n in ns])
+    assert fixed == pytest.approx(5) and per == pytest.approx(1e-3)
+    assert scale.linearity(ns, [5 + 1e-3 * n for n in ns]) == pytest.approx(1.0)
+    quadratic = [1e-8 * n * n for n in ns]
+    assert scale.linearity(ns, quadratic) == pytest.approx(2.0)  # marginal cost doubles: not linear
+    assert scale.linearity(ns[:2], [1, 2]) is None
+    assert scale.projection(10, 1e-3, cores_here=2, n=3_000_000, cores=64) == pytest.approx(10 + 93.75)
