@@ -41,6 +41,21 @@ def tiny(name: str, data: str, run: str, **cluster) -> dict:
             "evaluate": {"suites": ["samples"], "n_samples": 8}}
 
 
+def digits_run(tmp_path: Path, name: str, data: str, run: str, rows: int, train: dict | None = None,
+               **cluster) -> Path:
+    """Two shards of `rows` real digits each at `data`, and a config file for a toy 32x32 run of them at `run`."""
+    images = mnist_rgb32(2 * rows)
+    entries = [shards.write_table(data, shards.shard_name(i), shards.make_table(
+        [f"{i}-{j:03d}" for j in range(rows)], images[rows * i:rows * (i + 1)])) for i in range(2)]
+    shards.write_manifest(data, kind="lsun", resolution=32, shards=entries, inputs=2 * rows)
+    config = tiny(name, data, run, **cluster)
+    config["model"] = {"resolution": 32, "ngf": 8, "ndf": 8, "kernel_size": 4, "z_dim": 16}
+    config["train"].update(train or {})
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(config))
+    return path
+
+
 def upload_face_photos(prefix: str) -> None:
     """Package photos with one face each (grace_hopper, astronaut), mirrored and rescaled, plus a cat (no face)."""
     photos = {"grace_hopper": cv2.cvtColor(cv2.imread(str(grace_hopper_path())), cv2.COLOR_BGR2RGB),
@@ -138,14 +153,7 @@ def test_dcgan_train_as_a_ray_job_starts_on_a_cluster_set_up_as_the_readme_says(
     its environment and needs no working_dir. Two shards, more than one global batch, two workers on two nodes."""
     cluster = multinode_cluster
     data, run = f"{s3_bucket}/datasets/operator", f"{s3_bucket}/runs/operator"
-    images = mnist_rgb32(96)
-    entries = [shards.write_table(data, shards.shard_name(i), shards.make_table(
-        [f"{i}-{j:03d}" for j in range(48)], images[48 * i:48 * (i + 1)])) for i in range(2)]
-    shards.write_manifest(data, kind="lsun", resolution=32, shards=entries, inputs=96)
-    config = tiny("operator", data, run, placement="STRICT_SPREAD")
-    config["model"] = {"resolution": 32, "ngf": 8, "ndf": 8, "kernel_size": 4, "z_dim": 16}
-    path = tmp_path / "operator.yaml"
-    path.write_text(json.dumps(config))
+    path = digits_run(tmp_path, "operator", data, run, rows=48, placement="STRICT_SPREAD")
 
     done = cli(cluster, "train", "--config", str(path))
     assert done.returncode == 0, done.stderr[-4000:]
@@ -157,31 +165,31 @@ def test_dcgan_train_as_a_ray_job_starts_on_a_cluster_set_up_as_the_readme_says(
     assert {w["node_id"] for w in workers} == {cluster.nodes["node_a"].node_id, cluster.nodes["node_b"].node_id}
 
 
+def train_until(cluster, path: Path, run: str, step: int, fault, **env: str):
+    """`dcgan train --config path` as a Ray Job, and `fault()` once the run has a checkpoint at `step` or later.
+    Returns (the CLI process, the newest checkpoint then, what `fault` returned); the checkpoint is None if the run
+    ended first."""
+    env = cluster.client_env(RAY_ADDRESS=cluster.jobs_address, PYTHONPATH=str(REPO), **env)
+    proc = subprocess.Popen([sys.executable, "-m", "dcgan.cli", "train", "--config", str(path)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        steps = checkpoints.complete_steps(run)
+        if steps and steps[-1] >= step:
+            return proc, steps[-1], fault()
+        time.sleep(0.5)
+    return proc, None, None
+
+
 def test_training_survives_a_lost_node(multinode_cluster, s3_bucket, tmp_path):
     """SPREAD over both worker nodes; node_b dies mid-run: Ray Train restarts the group on node_a from the newest
     checkpoint, and the run ends at its last step having lost at most one checkpoint interval."""
     cluster = multinode_cluster
     data, run = f"{s3_bucket}/datasets/digits", f"{s3_bucket}/runs/node-loss"
-    images = mnist_rgb32(64)
-    entry = shards.write_table(data, shards.shard_name(0), shards.make_table([f"{i:03d}" for i in range(64)], images))
-    shards.write_manifest(data, kind="lsun", resolution=32, shards=[entry], inputs=64)
-    # half a CPU a worker: after the loss both workers share node_a's 2 CPUs and leave one to Ray Data's reads
-    config = tiny("node-loss", data, run, placement="SPREAD", max_failures=2, cpus_per_worker=0.5)
-    config["model"] = {"resolution": 32, "ngf": 8, "ndf": 8, "kernel_size": 4, "z_dim": 16}
-    config["train"].update(steps=40, checkpoint_every=5, log_every=5)
-    path = tmp_path / "node-loss.yaml"
-    path.write_text(json.dumps(config))
-    env = cluster.client_env(RAY_ADDRESS=cluster.jobs_address, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "dcgan.cli", "train", "--config", str(path)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline, killed_after = time.monotonic() + 300, None
-    while time.monotonic() < deadline and proc.poll() is None:
-        steps = checkpoints.complete_steps(run)
-        if steps and steps[-1] >= 10:
-            killed_after = steps[-1]
-            cluster.kill_node("node_b")
-            break
-        time.sleep(0.5)
+    # half a CPU a worker: after the loss both workers share node_a's 2 CPUs
+    path = digits_run(tmp_path, "node-loss", data, run, rows=32, placement="SPREAD", max_failures=2,
+                      cpus_per_worker=0.5, train={"steps": 40, "checkpoint_every": 5, "log_every": 5})
+    proc, killed_after, _ = train_until(cluster, path, run, 10, lambda: cluster.kill_node("node_b"))
     out, err = proc.communicate(timeout=400)
     assert killed_after is not None, err[-3000:]
     assert proc.returncode == 0, err[-4000:]
@@ -227,27 +235,11 @@ def test_a_lost_head_is_one_line_in_bounded_time_and_the_rerun_resumes(multinode
     the module's cluster."""
     cluster = multinode_cluster
     data, run = f"{s3_bucket}/datasets/head-loss", f"{s3_bucket}/runs/head-loss"
-    images = mnist_rgb32(128)
-    entries = [shards.write_table(data, shards.shard_name(i), shards.make_table(
-        [f"{i}-{j:03d}" for j in range(64)], images[64 * i:64 * (i + 1)])) for i in range(2)]
-    shards.write_manifest(data, kind="lsun", resolution=32, shards=entries, inputs=128)
-    config = tiny("head-loss", data, run, placement="SPREAD", cpus_per_worker=0.5)
-    config["model"] = {"resolution": 32, "ngf": 8, "ndf": 8, "kernel_size": 4, "z_dim": 16}
-    config["train"].update(steps=60, checkpoint_every=5, log_every=5)
-    path = tmp_path / "head-loss.yaml"
-    path.write_text(json.dumps(config))
+    path = digits_run(tmp_path, "head-loss", data, run, rows=64, placement="SPREAD", cpus_per_worker=0.5,
+                      train={"steps": 60, "checkpoint_every": 5, "log_every": 5})
     wait_s = 10
-    env = cluster.client_env(RAY_ADDRESS=cluster.jobs_address, PYTHONPATH=str(REPO),
-                             DCGAN_CLUSTER_LOST_AFTER_S=str(wait_s), DCGAN_RETRY_DELAYS_S="")  # no stage retry
-    proc = subprocess.Popen([sys.executable, "-m", "dcgan.cli", "train", "--config", str(path)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline, killed = time.monotonic() + 300, None
-    while time.monotonic() < deadline and proc.poll() is None:
-        steps = checkpoints.complete_steps(run)
-        if steps and steps[-1] >= 10:
-            killed = cluster.kill_head()
-            break
-        time.sleep(0.5)
+    proc, _, killed = train_until(cluster, path, run, 10, cluster.kill_head, DCGAN_CLUSTER_LOST_AFTER_S=str(wait_s),
+                                  DCGAN_RETRY_DELAYS_S="")  # no stage retry: the lost cluster's own line
     assert killed is not None, proc.communicate(timeout=60)[1][-3000:]
     out, err = proc.communicate(timeout=wait_s + 90)
     took = time.monotonic() - killed
