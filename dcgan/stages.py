@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dcgan.config import ENV_PREFIX, Config, dump_config
-from preprocessing import compute, dataset_layout, progress, storage
+from preprocessing import compute, progress, shards, storage
 from preprocessing.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -73,11 +73,7 @@ def run(call: StageCall, emit: Emit = log.info) -> dict[str, Any]:
 
 def run_here(call: StageCall, emit: Emit = log.info) -> dict[str, Any]:
     """Run a stage in this process, on a local Ray or the cluster this process is on."""
-    worker_env = None
-    if call.config.build is not None and call.stage.startswith("build-"):
-        # OpenCV's own pixel cap, a second guard behind the header checks; read once when a worker loads cv2
-        worker_env = {"OPENCV_IO_MAX_IMAGE_PIXELS": str(call.config.build.max_pixels)}
-    compute.connect(call.config.cluster.address, worker_env=worker_env)
+    compute.connect(call.config.cluster.address)
     result = _IMPLEMENTATIONS[call.stage](call, emit)
     return {"stage": call.stage, **result}
 
@@ -130,7 +126,7 @@ def _evaluate(call: StageCall, emit: Emit) -> dict[str, Any]:
     from dcgan.evaluation.driver import evaluate, evaluate_every_checkpoint
 
     cfg, o = call.config, call.options
-    data = cfg.data_uri if dataset_layout.is_complete(cfg.data_uri) else None
+    data = cfg.data_uri if shards.is_complete(cfg.data_uri) else None
     kwargs = dict(data_uri=data, arithmetic=o.get("arithmetic"), boxes=o.get("boxes"), device=o.get("device"),
                   force=bool(o.get("force")))
     if o.get("every_checkpoint"):
@@ -248,14 +244,11 @@ def stored_result(call: StageCall) -> dict[str, Any]:
                 "picture": storage.join(o["out"], manifest["dedup"]["picture"])}
     from dcgan import checkpoints, run_layout
 
-    step = checkpoints.latest_step(cfg.run_uri)
     if call.stage == "train":
-        from dcgan.run_log import read_metrics
-        from dcgan.train import run_summary
+        from dcgan.run_state import stored_summary
 
-        rows = read_metrics(cfg.run_uri)
-        return {"stage": "train", **run_summary(cfg, step, rows[-1] if rows else None)}
-    step = o.get("step") or step
+        return {"stage": "train", **stored_summary(cfg)}
+    step = o.get("step") or checkpoints.latest_step(cfg.run_uri)
     out = run_layout.eval_step(cfg.run_uri, step)
     return {"stage": "evaluate", "run": cfg.run_uri, "step": step, "skipped": False,
             "report": storage.join(out, "report.md"), "html": storage.join(out, "report.html"),

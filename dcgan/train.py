@@ -23,9 +23,10 @@ import torch
 
 from dcgan import checkpoints, lease, resources, run_layout
 from dcgan.batchnorm import local_statistics
-from dcgan.config import Config, ConfigError, dump_config, parse_config, parse_config_text
+from dcgan.config import Config, ConfigError, dump_config, parse_config
 from dcgan.networks import Discriminator, Generator, sample_z
 from dcgan.run_log import RunLog, mlflow_client, read_metrics
+from dcgan.run_state import finished_step, run_summary, stored_config, stored_summary
 from dcgan.sampling import generate, grid, save_png
 from dcgan.step import METRICS, GANStep, StepOptions, make_optimizers
 from preprocessing import compute, ownership, progress, shards, storage, stream
@@ -68,14 +69,6 @@ def preflight(cfg: Config) -> dict[str, Any]:
     ownership.claim(cfg.run_uri, "run", legacy=lambda uri: stored_config(uri) is not None)
     check_resumable(cfg)
     return manifest
-
-
-def stored_config(run_uri: str) -> Config | None:
-    """The configuration a run was started with (its config.yaml), or None for a new run."""
-    uri = run_layout.config(run_uri)
-    if not storage.exists(uri):
-        return None
-    return parse_config_text(storage.read_text(uri), uri)
 
 
 def check_resumable(cfg: Config) -> None:
@@ -270,23 +263,6 @@ def _keep_newest_checkpoints(cfg: Config) -> None:
         storage.delete_prefix(checkpoints.checkpoint_uri(cfg.run_uri, step))
 
 
-def finished_step(cfg: Config) -> int | None:
-    """The step of the run's newest valid checkpoint if it reached `train.steps` (the run is complete), else None."""
-    done = checkpoints.latest_step(cfg.run_uri)
-    return done if done is not None and done >= cfg.train.steps else None
-
-
-def run_summary(cfg: Config, step: int, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a run at `step` offers: its URIs (from storage layout alone) and the last logged metrics, if given."""
-    return {
-        "run": cfg.run_uri,
-        "step": step,
-        "checkpoint": checkpoints.checkpoint_uri(cfg.run_uri, step),
-        "samples": run_layout.samples(cfg.run_uri, step),
-        "metrics": {k: v for k, v in (metrics or {}).items() if k not in ("checkpoint", "samples")},
-    }
-
-
 @contextlib.contextmanager
 def _followed(cfg: Config, every_s: float = 5.0) -> Iterator[None]:
     """For progress listeners in this process (a Prefect task's progress artifact): the run's step, read from its
@@ -387,6 +363,4 @@ def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dic
             raise
         raise known from None
     _keep_newest_checkpoints(cfg)
-    step = checkpoints.latest_step(cfg.run_uri) or 0
-    rows = read_metrics(cfg.run_uri)
-    return run_summary(cfg, step, rows[-1] if rows else None)
+    return stored_summary(cfg)

@@ -111,7 +111,7 @@ def build_stage(config: Config, stage: str) -> dict[str, Any]:
 def train_stage(config: Config) -> dict[str, Any]:
     """Train `config.run_uri` to `config.train.steps`. A retry resumes from the run's newest valid checkpoint, so a
     lost node costs at most `checkpoint_every` steps; a finished run is not sent anywhere."""
-    from dcgan.train import finished_step, run_summary
+    from dcgan.run_state import finished_step, run_summary
 
     from pipelines import artifacts
 

@@ -24,6 +24,7 @@ from preprocessing.errors import InputError, TransientError
 import hashlib
 import json
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from preprocessing.sources import HIDDEN, SYMLINK_LOOP
 log = logging.getLogger(__name__)
 
 CHUNK_RETRIES = 3
+PIXEL_CAP_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"  # OpenCV's own decode cap (pixels), read once per process
 ERROR = "error"  # an unexpected exception on one input: recorded with its type and message, the build goes on
 # Reasons that are outcomes of filtering, not bad input: they do not count against max_reject_rate. A photo without a
 # face is what the faces filter is for. A hidden file is metadata by convention (.DS_Store, .git, ._AppleDouble) and
@@ -232,6 +234,8 @@ def run_chunk(chunk: dict[str, Any], cfg: BuildConfig, shards_uri: str, rejects_
 def _run_batch(batch: dict[str, np.ndarray], cfg_json: str, shards_uri: str, rejects_uri: str) -> dict[str, list]:
     """Ray Data map_batches body: chunk specs in, chunk results out (both as JSON text)."""
     cfg = BuildConfig.model_validate_json(cfg_json)
+    if os.environ.get(PIXEL_CAP_ENV) != str(cfg.max_pixels):  # a bug, not bad input: the second guard is missing
+        raise RuntimeError(f"build worker without its {PIXEL_CAP_ENV}={cfg.max_pixels} (runtime_env not applied)")
     return {"result": [json.dumps(_with_retries(json.loads(spec), cfg, shards_uri, rejects_uri))
                        for spec in batch["chunk"]]}
 
@@ -257,7 +261,7 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
                 progress: bool) -> list[dict]:
     import ray
 
-    compute.connect(worker_env={"OPENCV_IO_MAX_IMAGE_PIXELS": str(cfg.max_pixels)})
+    compute.connect()
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -276,6 +280,9 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
         ds = ray.data.from_items([{"chunk": json.dumps(c)} for c in chunks], override_num_blocks=len(chunks))
         ds = ds.map_batches(
             _run_batch, batch_size=1, num_cpus=1, batch_format="numpy",
+            # OpenCV's own pixel cap, a second guard behind the header checks, read once when a worker loads cv2:
+            # it goes with these tasks, whoever started Ray in this process (the demo does, without it)
+            runtime_env={"env_vars": {PIXEL_CAP_ENV: str(cfg.max_pixels)}},
             fn_kwargs={"cfg_json": cfg.model_dump_json(), "shards_uri": shards_uri, "rejects_uri": rejects_uri},
         )
         rows = rejected = resumed = 0
@@ -297,11 +304,11 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
 def _prepare(out: str, overwrite: bool) -> None:
     """Claim `out` (refusing a location with files the project did not write); an existing dataset there is kept
     unless `overwrite`, which removes only the project's own files, manifest first."""
-    if storage.exists(storage.join(out, shards.MANIFEST)) and not overwrite and dataset_layout.is_complete(out):
+    if not overwrite and shards.is_complete(out):
         raise BuildError(f"{out} already holds a dataset (manifest.json); pass --overwrite "
                          "(BuildConfig.overwrite=True) to replace it")
-    ownership.claim(out, "dataset", legacy=dataset_layout.is_complete)
-    if storage.exists(storage.join(out, shards.MANIFEST)):
+    ownership.claim(out, "dataset", legacy=shards.is_complete)
+    if storage.exists(dataset_layout.manifest(out)):
         ownership.remove_own(out, "dataset")
 
 
@@ -374,6 +381,6 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig | None = None, 
         extra={"build_stats": stats},
     )
     ownership.remove_own(out, "dataset", under=STAGING if use_dedup else STATE_DIR)
-    log.info("wrote %s: %d rows in %d shards, content hash %s", storage.join(out, shards.MANIFEST),
+    log.info("wrote %s: %d rows in %d shards, content hash %s", dataset_layout.manifest(out),
              manifest["counts"]["rows"], len(entries), manifest["content_hash"][:16])
     return manifest

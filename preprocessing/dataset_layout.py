@@ -39,13 +39,3 @@ def chunk_state(dataset: str, index: int) -> str:
 def manifest(dataset: str) -> str:
     return join(dataset, MANIFEST)
 
-
-def is_complete(dataset: str) -> bool:
-    """Whether `dataset` holds a committed dataset: its manifest exists and reads (the one test of completeness)."""
-    from preprocessing.shards import DatasetError, read_manifest
-
-    try:
-        read_manifest(dataset)
-        return True
-    except DatasetError:
-        return False

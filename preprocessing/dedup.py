@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preprocessing import compute, dataset_layout, storage
+from preprocessing import compute, storage
 from preprocessing.config import DedupConfig
 from preprocessing.dedup_groups import (bucket_edges, codes_of, decide, edge_groups, groups_of, member_rows,
                                        verify_rows, view_rows)
@@ -316,15 +316,15 @@ def dedup_dataset(src: str, out: str, cfg: DedupConfig, overwrite: bool = False)
     reject files are copied, so the new version stands on its own.
     """
     from preprocessing import ownership
-    from preprocessing.shards import MANIFEST, read_manifest, verify, write_manifest
+    from preprocessing.shards import is_complete, read_manifest, verify, write_manifest
 
     src, out = storage.normalize(src), storage.normalize(out)
     if storage.overlaps(src, out):
         raise InputError(f"--out {out} overlaps the source dataset {src}: dedup writes a new dataset beside its "
                          "input, never into or around it")
     manifest = verify(src, read_manifest(src))
-    ownership.claim(out, "dataset", legacy=dataset_layout.is_complete)
-    if storage.exists(storage.join(out, MANIFEST)) and not overwrite:
+    ownership.claim(out, "dataset", legacy=is_complete)
+    if is_complete(out) and not overwrite:
         raise InputError(f"{out} already holds a dataset; pass --overwrite to replace it")
     ownership.remove_own(out, "dataset")  # an earlier (unfinished or replaced) output: our files only
 

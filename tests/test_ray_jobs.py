@@ -182,3 +182,40 @@ def test_a_job_that_fails_fails_the_run_with_its_cause(ray_head, tmp_path):
     assert "FAILED" in logs and "no manifest.json" in logs
     assert logs.count("submitted Ray job") == 1  # bad input is not retried
     assert checkpoints.latest_step(cfg.run_uri) is None
+
+
+def test_a_second_connect_to_another_ray_is_refused_not_ignored(tmp_path):
+    """Whoever connects first used to win silently (the demo's Ray kept the build's pixel cap from its workers):
+    the same place is kept, another one is one clear error, and a build after a plain connect still gives its
+    workers OpenCV's pixel cap (its tasks carry it; the worker checks)."""
+    import subprocess
+    import sys
+
+    from realdata import encode, real_photos
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    for name in ("astronaut", "coffee", "chelsea"):
+        (src / f"{name}.jpg").write_bytes(encode(real_photos()[name]))
+    code = f"""
+import sys
+from preprocessing import compute
+from preprocessing.build import build_dataset
+from preprocessing.config import BuildConfig
+from preprocessing.errors import InputError
+compute.connect()          # as the demo does: no pixel cap
+compute.connect(None)      # the same Ray: kept
+compute.connect("local")   # the same place: kept
+build_dataset(BuildConfig(kind="center-crop", input={str(src)!r}, max_pixels=400_000), {str(tmp_path / 'ds')!r},
+              dedup=None)
+try:
+    compute.connect("127.0.0.1:1")
+except InputError as err:
+    print("REFUSED", err)
+"""
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "REFUSED this process already works on a local Ray in this process; cluster.address '127.0.0.1:1'" \
+        in out.stdout, out.stdout
+    assert (tmp_path / "ds" / "manifest.json").exists()

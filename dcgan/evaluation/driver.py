@@ -21,7 +21,7 @@ from dcgan.config import EvalConfig
 from dcgan.evaluation import features
 from dcgan.evaluation.report import _jsonable, render_html, render_history, render_markdown
 from dcgan.evaluation.suites import RUNNERS, Context, NotRun, Section, check_suites, preflight
-from preprocessing import dataset_layout, storage
+from preprocessing import shards, storage
 from preprocessing.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def evaluate(
     cfg = cfg or loaded.config.evaluate
     suites = check_suites(list(cfg.suites))
     preflight(cfg, suites, arithmetic, boxes)
-    if data_uri is None and dataset_layout.is_complete(loaded.config.data_uri):
+    if data_uri is None and shards.is_complete(loaded.config.data_uri):
         data_uri = loaded.config.data_uri
     out = run_layout.eval_step(run_uri, loaded.step)
     inputs = {"suites": suites, "n_samples": cfg.n_samples, "data": data_uri, "arithmetic": arithmetic,
