@@ -82,19 +82,17 @@ def run_here(call: StageCall, emit: Emit = log.info) -> dict[str, Any]:
 
 
 def _build(call: StageCall, emit: Emit) -> dict[str, Any]:
-    from preprocessing.build import already_built, build_dataset
+    from preprocessing.build import already_built, build_dataset, require_input
 
     cfg, kind = call.config, BUILD_KINDS[call.stage]
-    if cfg.build is None or not cfg.build.input:
-        raise InputError(f"{call.stage}: no input given (build.input: an LMDB, folder, s3:// prefix or URL list)")
+    require_input(cfg.build)
     build = cfg.build.model_copy(update={"kind": kind})
-    dedup = cfg.dedup if cfg.dedup.enabled else None
-    manifest = None if build.overwrite else already_built(cfg.data_uri, build, dedup)
+    manifest = None if build.overwrite else already_built(cfg.data_uri, build, cfg.dedup)
     if manifest is not None:
         emit(f"skipping {call.stage}: {cfg.data_uri} is already complete with the same parameters "
              f"({manifest['counts']['rows']} rows)")
         return dataset_result(cfg.data_uri, manifest, skipped=True)
-    manifest = build_dataset(build, cfg.data_uri, dedup=dedup, progress=call.options.get("progress", True))
+    manifest = build_dataset(build, cfg.data_uri, dedup=cfg.dedup, progress=call.options.get("progress", True))
     return dataset_result(cfg.data_uri, manifest)
 
 

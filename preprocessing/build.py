@@ -42,6 +42,7 @@ from preprocessing.sources import HIDDEN, SYMLINK_LOOP
 log = logging.getLogger(__name__)
 
 CHUNK_RETRIES = 3
+NO_DEDUP = DedupConfig(enabled=False)
 PIXEL_CAP_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"  # OpenCV's own decode cap (pixels), read once per process
 ERROR = "error"  # an unexpected exception on one input: recorded with its type and message, the build goes on
 # Reasons that are outcomes of filtering, not bad input: they do not count against max_reject_rate. A photo without a
@@ -69,10 +70,15 @@ class Plan:
 # ---------------------------------------------------------------------------------------------------- planning
 
 
+def require_input(cfg: BuildConfig | None) -> None:
+    """A build needs an input: the one check (the stage asks before looking for an earlier build)."""
+    if cfg is None or not cfg.input:
+        raise InputError("build.input: no input given (LMDB, folder, s3:// prefix or URL list)")
+
+
 def plan(cfg: BuildConfig) -> Plan:
     """The inputs cut into chunks of `shard_rows` inputs, in key order; each chunk spec is JSON-serialisable."""
-    if not cfg.input:
-        raise InputError("build.input: no input given (LMDB, folder, s3:// prefix or URL list)")
+    require_input(cfg)
     from preprocessing import lsun
     from preprocessing.sources import chunk_items, list_items
 
@@ -104,13 +110,13 @@ def _params(cfg: BuildConfig) -> dict[str, Any]:
             if k not in RUN_OPTIONS and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
 
-def identity(cfg: BuildConfig, dedup: DedupConfig | None) -> dict[str, Any]:
+def identity(cfg: BuildConfig, dedup: DedupConfig) -> dict[str, Any]:
     """What makes a dataset this dataset: every build parameter but the run options, and the dedup parameters (None
-    without de-duplication). The manifest records it as `params`; equal identities over equal inputs give equal rows."""
-    return {**_params(cfg), "dedup": dedup.model_dump(mode="json") if dedup is not None and dedup.enabled else None}
+    when `dedup.enabled` is off). The manifest records it as `params`; equal identities over equal inputs give equal rows."""
+    return {**_params(cfg), "dedup": dedup.model_dump(mode="json") if dedup.enabled else None}
 
 
-def already_built(out: str, cfg: BuildConfig, dedup: DedupConfig | None) -> dict[str, Any] | None:
+def already_built(out: str, cfg: BuildConfig, dedup: DedupConfig = NO_DEDUP) -> dict[str, Any] | None:
     """The manifest of the dataset at `out` if it is complete and has this identity (a re-run has nothing to do)."""
     try:
         manifest = shards.read_manifest(out)
@@ -330,7 +336,7 @@ def _deduplicate(src: str, entries: list[dict], out: str, dedup: DedupConfig) ->
     return deduplicate(src, entries, out, dedup)
 
 
-def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig | None = None, progress: bool = True) -> dict:
+def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig = NO_DEDUP, progress: bool = True) -> dict:
     """Build (or finish building) the dataset at `out`; returns its manifest. Raises BuildError, writing no manifest,
     when nothing usable came out or bad inputs exceed `cfg.max_reject_rate`."""
     preflight(cfg)
@@ -341,7 +347,7 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig | None = None, 
     started = time.perf_counter()
     p = plan(cfg)  # bad input fails here, before anything is written
     _prepare(out, cfg.overwrite)
-    use_dedup = dedup is not None and dedup.enabled
+    use_dedup = dedup.enabled  # the one switch (dcgan build --no-dedup sets it)
     shards_uri = storage.join(out, STAGING) if use_dedup else out
     log.info("%s build of %s: %d inputs in %d chunks -> %s%s", cfg.kind, cfg.input, p.inputs, len(p.chunks), out,
              " (de-duplicated)" if use_dedup else "")

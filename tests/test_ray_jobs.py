@@ -206,8 +206,7 @@ from preprocessing.errors import InputError
 compute.connect()          # as the demo does: no pixel cap
 compute.connect(None)      # the same Ray: kept
 compute.connect("local")   # the same place: kept
-build_dataset(BuildConfig(kind="center-crop", input={str(src)!r}, max_pixels=400_000), {str(tmp_path / 'ds')!r},
-              dedup=None)
+build_dataset(BuildConfig(kind="center-crop", input={str(src)!r}, max_pixels=400_000), {str(tmp_path / 'ds')!r})
 try:
     compute.connect("127.0.0.1:1")
 except InputError as err:
