@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from dcgan import run_layout
 from dcgan.config import ENV_PREFIX, Config, dump_config
 from preprocessing import compute, progress, shards, storage
 from preprocessing.errors import InputError
@@ -120,7 +121,6 @@ def _train(call: StageCall, emit: Emit) -> dict[str, Any]:
 
 
 def _evaluate(call: StageCall, emit: Emit) -> dict[str, Any]:
-    from dcgan import run_layout
     from dcgan.evaluation.driver import evaluate, evaluate_every_checkpoint
 
     cfg, o = call.config, call.options
@@ -141,7 +141,7 @@ def _evaluate(call: StageCall, emit: Emit) -> dict[str, Any]:
              "(--force to redo it)")
     out = run_layout.eval_step(cfg.run_uri, metrics["step"])
     return {"run": cfg.run_uri, "step": metrics["step"], "skipped": metrics.get("skipped", False),
-            "report": storage.join(out, "report.md"), "html": storage.join(out, "report.html"),
+            "report": run_layout.eval_report(out), "html": run_layout.eval_report(out, html=True),
             "index": run_layout.eval_index(cfg.run_uri), "metrics": metrics}
 
 
@@ -186,7 +186,7 @@ def run_as_job(call: StageCall, address: str, emit: Emit = log.info, poll_s: flo
     with tempfile.TemporaryDirectory(prefix="dcgan-job-") as tmp:
         work = Path(tmp)
         job_call, moved = _travelling_files(call, work)
-        env = {**jobs.JOB_ENV, **jobs.aws_env(call.config.cluster.pass_credentials),
+        env = {**jobs.JOB_ENV, **jobs.retry_env(), **jobs.aws_env(call.config.cluster.pass_credentials),
                JOB_CONFIG_ENV: dump_config(job_call.config)}
         runtime_env: dict[str, Any] = {"env_vars": env}
         if moved:
@@ -240,7 +240,7 @@ def stored_result(call: StageCall) -> dict[str, Any]:
         return {"stage": "dedup", **dataset_result(o["out"], manifest), "source": o["source"],
                 "report": storage.join(o["out"], manifest["dedup"]["report"]),
                 "picture": storage.join(o["out"], manifest["dedup"]["picture"])}
-    from dcgan import checkpoints, run_layout
+    from dcgan import checkpoints
 
     if call.stage == "train":
         from dcgan.run_state import stored_summary
@@ -249,5 +249,5 @@ def stored_result(call: StageCall) -> dict[str, Any]:
     step = o.get("step") or checkpoints.latest_step(cfg.run_uri)
     out = run_layout.eval_step(cfg.run_uri, step)
     return {"stage": "evaluate", "run": cfg.run_uri, "step": step, "skipped": False,
-            "report": storage.join(out, "report.md"), "html": storage.join(out, "report.html"),
-            "index": run_layout.eval_index(cfg.run_uri), "metrics": storage.read_json(storage.join(out, "metrics.json"))}
+            "report": run_layout.eval_report(out), "html": run_layout.eval_report(out, html=True),
+            "index": run_layout.eval_index(cfg.run_uri), "metrics": storage.read_json(run_layout.eval_metrics(out))}

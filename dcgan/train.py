@@ -147,7 +147,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     shown = progress.Progress("train", train_cfg.steps, "steps", initial=step, stream=sys.stderr, bar=False,
                               show=rank == 0)
     fail_at = loop_config.get("fail_at_step")
-    fail_marker = storage.join(run_layout.ray(run_uri), "fault-injected")
+    fail_marker = run_layout.injected_fault(run_uri)
     rows = stream.WorkerStream(cfg.data_uri, loop_config["manifest"], spec, rank, world, step, train_cfg.steps)
     acc, n_acc, t0 = torch.zeros(len(METRICS), device=device), 0, time.perf_counter()
     last: dict[str, float] = {}

@@ -26,18 +26,18 @@ from dcgan import stages
 from dcgan.config import Config
 from dcgan.stages import StageCall
 from preprocessing import compute
-from preprocessing.errors import is_bad_input, retry_delays
+from preprocessing.errors import classify, retry_delays
 
 # Backoff between the attempts of a task that failed on a transient fault (the README's 10 s, 60 s, 300 s).
 RETRY_DELAYS = retry_delays()
 
 
 def retry_transient(task_: Any, task_run: TaskRun, state: State) -> bool:
-    """Prefect `retry_condition_fn`: retry unless the task failed on bad input."""
+    """Prefect `retry_condition_fn`: retry what another attempt may change (`preprocessing.errors.classify`)."""
     try:
         state.result(raise_on_failure=True)
     except BaseException as exc:  # noqa: BLE001 - we classify, never swallow: Prefect keeps the failure
-        return not is_bad_input(exc)
+        return classify(exc).worth_retrying
     return True
 
 

@@ -368,10 +368,10 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig = NO_DEDUP, pro
              summary)
     if rows == 0:
         raise BuildError(f"{cfg.input}: no usable rows from {p.inputs} inputs (rejects by reason: {summary}); "
-                         f"see {storage.join(out, 'rejects')}")
+                         f"see {dataset_layout.rejects(out)}")
     if bad / p.inputs > cfg.max_reject_rate:
         raise BuildError(f"{cfg.input}: {bad} of {p.inputs} inputs rejected ({bad / p.inputs:.1%}) > max_reject_rate "
-                         f"{cfg.max_reject_rate:.1%} (by reason: {summary}); see {storage.join(out, 'rejects')}")
+                         f"{cfg.max_reject_rate:.1%} (by reason: {summary}); see {dataset_layout.rejects(out)}")
 
     entries = [r["shard"] for r in results if r["shard"]]
     reject_entries = [r["rejects"] for r in results if r["rejects"]]

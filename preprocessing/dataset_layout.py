@@ -32,10 +32,38 @@ def part(index: int, folder: str = "shards") -> str:
     return f"{folder}/part-{index:05d}.parquet"
 
 
+def rejects(dataset: str) -> str:
+    """The folder of the reject shards (each input that failed, with its reason)."""
+    return join(dataset, "rejects")
+
+
 def chunk_state(dataset: str, index: int) -> str:
     return join(dataset, CHUNKS, f"part-{index:05d}.json")
 
 
 def manifest(dataset: str) -> str:
     return join(dataset, MANIFEST)
+
+
+def dedup_folder(dataset: str) -> str:
+    return join(dataset, DEDUP)
+
+
+def dedup_model(dataset: str) -> str:
+    """The hashing autoencoder's weights (a later dedup of the same dataset can reuse them)."""
+    return join(dataset, DEDUP, "model.pt")
+
+
+def dedup_report(dataset: str) -> str:
+    return join(dataset, DEDUP, "report.json")
+
+
+def dedup_collisions(dataset: str) -> str:
+    """The picture of the largest duplicate groups."""
+    return join(dataset, DEDUP, "collisions.png")
+
+
+def dedup_training(dataset: str) -> str:
+    """Ray Train's own files while the autoencoder trains on an s3:// dataset."""
+    return join(dataset, DEDUP, "_train")
 

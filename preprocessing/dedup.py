@@ -63,6 +63,8 @@ def _read_shard(src_uri: str, entry: dict[str, Any]) -> pa.Table:
     uri = storage.join(src_uri, entry["path"])
     try:
         table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    except storage.StorageUnreachable:
+        raise  # the store is failing, not this file: transient, retried
     except storage.StorageError as err:
         raise DatasetError(f"shard {entry['path']}: {err}") from None
     if "rows" in entry and table.num_rows != entry["rows"]:

@@ -203,6 +203,8 @@ def read_manifest(dataset_uri: str) -> dict[str, Any]:
         if not storage.exists(uri):
             raise DatasetError(f"{dataset_uri}: no {dataset_layout.MANIFEST} (not a dataset, or its build did not finish)")
         manifest = storage.read_json(uri)
+    except storage.StorageUnreachable:
+        raise  # the store is failing, not this file: transient, retried
     except storage.StorageError as err:
         raise DatasetError(str(err)) from None
     except ValueError as err:
@@ -277,6 +279,8 @@ def verify(dataset_uri: str, manifest: dict[str, Any] | None = None, checksums: 
         uri = storage.join(dataset_uri, entry["path"])
         try:
             data = storage.read_bytes(uri)
+        except storage.StorageUnreachable:
+            raise  # the store is failing, not this file: transient, retried
         except storage.StorageError:
             raise DatasetError(f"shard {entry['path']} listed in the manifest is missing ({uri})") from None
         check_shard(dataset_uri, entry, data, manifest["resolution"], manifest.get("channels", 3), checksums)

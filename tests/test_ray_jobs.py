@@ -218,3 +218,26 @@ except InputError as err:
     assert "REFUSED this process already works on a local Ray in this process; cluster.address '127.0.0.1:1'" \
         in out.stdout, out.stdout
     assert (tmp_path / "ds" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_a_job_that_fails_on_a_transient_fault_stays_transient_and_is_retried(ray_head, tmp_path, monkeypatch):
+    """Classified once, in the job's command (`preprocessing.errors.classify`): the follower raises the same class,
+    so the Prefect task retries a storage outage inside a job (and only bad input is final)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens: storage is down
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("DCGAN_RETRY_DELAYS_S", "")  # the job's own retries off: the fault reaches the follower
+    monkeypatch.setattr(tasks.train_stage, "retries", 1)
+    monkeypatch.setattr(tasks.train_stage, "retry_delay_seconds", [0])
+    cfg = load_config("configs/tiny-test.yaml", {
+        "root": str(tmp_path), "name": "storage-down", "data": "s3://nowhere-bucket/data",
+        "run": str(tmp_path / "run"), "cluster.address": ray_head,
+        "cluster.pass_credentials": True,
+    })
+    state = train_dcgan(cfg, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(jobs.RayJobTransientError, match="S3 endpoint"):
+        state.result()
+    logs = run_logs(state.state_details.flow_run_id)
+    assert logs.count("submitted Ray job") == 2, logs[-3000:]  # retried once, as a transient fault is

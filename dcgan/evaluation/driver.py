@@ -85,9 +85,9 @@ def evaluate(
     header = [f"run: {run_uri}", f"dataset: {data_uri or '(none)'}", f"device: {device}",
               f"model: {m.resolution}x{m.resolution}, z {m.z_dim}-d {m.z_dist}, "
               f"D features {features.feature_dim(loaded.discriminator)}-d"]
-    storage.write_text(storage.join(out, "report.md"), render_markdown(title, header, sections))
-    storage.write_text(storage.join(out, "report.html"), render_html(title, header, sections))
-    storage.write_json(storage.join(out, "metrics.json"), metrics)
+    storage.write_text(run_layout.eval_report(out), render_markdown(title, header, sections))
+    storage.write_text(run_layout.eval_report(out, html=True), render_html(title, header, sections))
+    storage.write_json(run_layout.eval_metrics(out), metrics)
     _record(run_uri, loaded.config.name, metrics)
     _to_tensorboard(run_uri, loaded.step, out, sections, metrics)
     return {**metrics, "skipped": False}
@@ -97,8 +97,8 @@ def _to_tensorboard(run_uri: str, step: int, out: str, sections: list[Section], 
     """The report's pictures and every numeric metric in the run's TensorBoard, beside training's curves."""
     from dcgan.run_log import publish_evaluation
 
-    pictures = {name: storage.read_bytes(storage.join(out, name)) for s in sections if s.status == "ok"
-                for name, _ in s.images if storage.exists(storage.join(out, name))}
+    pictures = {name: storage.read_bytes(run_layout.eval_file(out, name)) for s in sections if s.status == "ok"
+                for name, _ in s.images if storage.exists(run_layout.eval_file(out, name))}
     scalars = {f"eval/{suite}/{k}": float(v) for suite, m in metrics["suites"].items() for k, v in m.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seconds"}
     publish_evaluation(run_uri, step, pictures, scalars)
@@ -113,7 +113,7 @@ def evaluate_every_checkpoint(run_uri: str, cfg: EvalConfig | None = None, **kwa
 
 
 def _previous(out: str) -> dict | None:
-    uri = storage.join(out, "metrics.json")
+    uri = run_layout.eval_metrics(out)
     try:
         return storage.read_json(uri) if storage.exists(uri) else None
     except (storage.StorageError, ValueError):
