@@ -19,10 +19,15 @@ def stored_config(run_uri: str) -> Config | None:
     return parse_config_text(storage.read_text(uri), uri)
 
 
+def is_finished(cfg: Config, step: int | None) -> bool:
+    """Whether a run whose newest valid checkpoint is at `step` is complete: the one rule."""
+    return step is not None and step >= cfg.train.steps
+
+
 def finished_step(cfg: Config) -> int | None:
     """The step of the run's newest valid checkpoint if it reached `train.steps` (the run is complete), else None."""
     done = checkpoints.latest_step(cfg.run_uri)
-    return done if done is not None and done >= cfg.train.steps else None
+    return done if is_finished(cfg, done) else None
 
 
 def run_summary(cfg: Config, step: int, metrics: dict[str, Any] | None = None) -> dict[str, Any]:

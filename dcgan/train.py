@@ -26,7 +26,7 @@ from dcgan.batchnorm import local_statistics
 from dcgan.config import Config, ConfigError, dump_config, parse_config
 from dcgan.networks import Discriminator, Generator, sample_z
 from dcgan.run_log import RunLog, mlflow_client, read_metrics
-from dcgan.run_state import finished_step, run_summary, stored_config, stored_summary
+from dcgan.run_state import is_finished, run_summary, stored_config, stored_summary
 from dcgan.sampling import generate, grid, save_png
 from dcgan.step import METRICS, GANStep, StepOptions, make_optimizers
 from preprocessing import compute, ownership, progress, shards, storage, stream
@@ -85,9 +85,13 @@ def check_resumable(cfg: Config) -> None:
 def resume_state(run_uri: str, resume: tuple[int, Any] | None, rank: int, world: int) -> dict[str, Any] | None:
     """What the workers start from, read once for all of them: the state the driver read before the fit (`resume`
     = (step, object ref), from Ray's object store), unless the run has a newer checkpoint (Ray Train restarted the
-    group after a failure): rank 0 then reads it and hands it to the others."""
+    group after a failure): rank 0 then reads it and hands it to the others. Only a newer COMPLETE marker makes the
+    workers verify a checkpoint's bytes."""
     import ray
 
+    newer = [s for s in checkpoints.complete_steps(run_uri) if resume is None or s > resume[0]]
+    if not newer:
+        return ray.get(resume[1]) if resume is not None else None
     newest = checkpoints.latest_step(run_uri)
     if resume is not None and (newest is None or newest <= resume[0]):
         return ray.get(resume[1])
@@ -305,10 +309,13 @@ def train(cfg: Config) -> dict[str, Any]:
 
 
 def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dict[str, Any]:
-    done = finished_step(cfg)
-    if done is not None:
-        log.info("%s already has a checkpoint at step %d >= %d: nothing to train", cfg.run_uri, done, cfg.train.steps)
-        return run_summary(cfg, done)
+    # Where the run stands, read once: the newest valid checkpoint's state (a corrupt newer one is reported in one
+    # warning and skipped, as `run_state.finished_step` skips it): finished, or the resume point.
+    state = checkpoints.load_state(cfg.run_uri) if checkpoints.complete_steps(cfg.run_uri) else None
+    if state is not None and is_finished(cfg, int(state["step"])):
+        log.info("%s already has a checkpoint at step %d >= %d: nothing to train", cfg.run_uri, state["step"],
+                 cfg.train.steps)
+        return run_summary(cfg, int(state["step"]))
     storage.write_text(run_layout.config(cfg.run_uri), dump_config(cfg))
 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -325,10 +332,9 @@ def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dic
                            logging_config=LoggingConfig(log_level="CRITICAL"))
     fail_at = os.environ.get(FAIL_AT_STEP_ENV)
     resume = None
-    if checkpoints.complete_steps(cfg.run_uri):  # read once here (a corrupt newest is reported and skipped)
+    if state is not None:
         import ray
 
-        state = checkpoints.load_state(cfg.run_uri)
         resume = (int(state["step"]), ray.put(state))
         log.info("resuming %s from step %d%s", cfg.run_uri, resume[0], input_stream(cfg, state)[1])
     trainer = Trainer(

@@ -439,6 +439,12 @@ def test_dedup_command_over_s3_on_ray(s3_bucket, ray_cluster, capsys):
     assert png is not None and png.shape[0] >= 64
     assert "near duplicates removed" in capsys.readouterr().out
 
+    # "done?" answered as for a build: the same dedup again has nothing to do; other settings need --overwrite
+    assert main(["dedup", src, "--epochs", "30", "--seed", "3"]) == 0
+    assert "skipping dedup: " in capsys.readouterr().err and read_manifest(out) == m
+    assert main(["dedup", src, "--epochs", "30", "--seed", "4"]) == 2
+    assert "already holds a dataset; pass --overwrite" in capsys.readouterr().err
+
 
 @pytest.mark.slow
 def test_a_hash_that_would_remove_most_rows_fails_and_writes_nothing(tmp_path, ray_cluster):

@@ -51,10 +51,9 @@ def evaluate(
     if data_uri is None and shards.is_complete(loaded.config.data_uri):
         data_uri = loaded.config.data_uri
     out = run_layout.eval_step(run_uri, loaded.step)
-    inputs = {"suites": suites, "n_samples": cfg.n_samples, "data": data_uri, "arithmetic": arithmetic,
-              "boxes": boxes, "cifar10": cfg.cifar10, "svhn": cfg.svhn, "inception_weights": cfg.inception_weights}
-    done = _previous(out)
-    if done is not None and done.get("inputs") == inputs and not force:
+    inputs = evaluation_inputs(cfg, data_uri, arithmetic, boxes)
+    done = already_evaluated(run_uri, loaded.step, inputs)
+    if done is not None and not force:
         log.info("step %d of %s is already evaluated with these suites: %s", loaded.step, run_uri, out)
         return {**done, "skipped": True}
 
@@ -105,19 +104,31 @@ def _to_tensorboard(run_uri: str, step: int, out: str, sections: list[Section], 
 
 
 def evaluate_every_checkpoint(run_uri: str, cfg: EvalConfig | None = None, **kwargs: Any) -> list[dict]:
-    """Evaluate each valid checkpoint of the run that has no evaluation yet, oldest first."""
+    """Evaluate each valid checkpoint of the run not yet evaluated with these inputs, oldest first; returns the new
+    evaluations. `evaluate` alone decides what "already evaluated" means."""
     from dcgan import checkpoints
 
-    return [evaluate(run_uri, cfg, step=s, **kwargs) for s in checkpoints.valid_steps(run_uri)
-            if _previous(run_layout.eval_step(run_uri, s)) is None]
+    done = [evaluate(run_uri, cfg, step=s, **kwargs) for s in checkpoints.valid_steps(run_uri)]
+    return [m for m in done if not m.get("skipped")]
 
 
-def _previous(out: str) -> dict | None:
-    uri = run_layout.eval_metrics(out)
+def evaluation_inputs(cfg: EvalConfig, data_uri: str | None, arithmetic: str | None, boxes: str | None) -> dict:
+    """What makes an evaluation of a step this evaluation (recorded in its metrics.json)."""
+    return {"suites": check_suites(list(cfg.suites)), "n_samples": cfg.n_samples, "data": data_uri,
+            "arithmetic": arithmetic, "boxes": boxes, "cifar10": cfg.cifar10, "svhn": cfg.svhn,
+            "inception_weights": cfg.inception_weights}
+
+
+def already_evaluated(run_uri: str, step: int, inputs: dict) -> dict | None:
+    """The metrics of step `step` if it was evaluated with these `inputs`: the one test of "already evaluated"."""
+    uri = run_layout.eval_metrics(run_layout.eval_step(run_uri, step))
     try:
-        return storage.read_json(uri) if storage.exists(uri) else None
+        done = storage.read_json(uri) if storage.exists(uri) else None
+    except storage.StorageUnreachable:
+        raise
     except (storage.StorageError, ValueError):
         return None
+    return done if done is not None and done.get("inputs") == inputs else None
 
 
 def _record(run_uri: str, name: str, metrics: dict) -> None:
