@@ -46,11 +46,13 @@ ERROR = "error"  # an unexpected exception on one input: recorded with its type 
 # face is what the faces filter is for. A hidden file is metadata by convention (.DS_Store, .git, ._AppleDouble) and
 # a symlink loop lists nothing new (its target folder is listed already): neither means a photo was lost. A broken
 # link, a bad URL or a FIFO does (someone meant an input to be there), so those count.
-FILTERED = frozenset({"no_face", HIDDEN, SYMLINK_LOOP})
+# Robots.txt and X-Robots-Tag opt-outs are the sites' choice, honoured: not bad input either.
+FILTERED = frozenset({"no_face", HIDDEN, SYMLINK_LOOP, "robots", "opt_out"})
 STATE_DIR, STAGING = dataset_layout.CHUNKS, dataset_layout.STAGING
 # Run options: they change how a build runs, not a single output byte, so they are not part of a dataset's identity
 # (changing them neither invalidates finished chunks nor makes a finished dataset "different").
-RUN_OPTIONS = frozenset({"overwrite", "download_concurrency", "max_reject_rate"})
+RUN_OPTIONS = frozenset({"overwrite", "download_concurrency", "max_reject_rate", "contact", "host_concurrency",
+                         "host_rate", "max_retry_wait_s"})
 
 
 class BuildError(shards.DatasetError):
@@ -94,7 +96,8 @@ def preflight(cfg: BuildConfig) -> None:
 
 # Parameters added after datasets were built: left out of the identity while at their defaults, so those datasets
 # keep theirs.
-LATER_DEFAULTS = {"allow_private_hosts": [], "max_redirects": 5}
+LATER_DEFAULTS = {"allow_private_hosts": [], "max_redirects": 5, "robots_txt": True,
+                  "opt_out_tags": ["noai", "noimageai", "noindex", "noimageindex"]}
 
 
 def _params(cfg: BuildConfig) -> dict[str, Any]:
@@ -136,10 +139,9 @@ def _inputs(chunk: dict[str, Any], cfg: BuildConfig) -> Iterator[tuple[str, str,
         for key, value in read_range(chunk["lmdb"], chunk["start"], chunk["count"]):
             yield key, chunk["lmdb"], value
         return
-    from preprocessing.downloads import Policy
     from preprocessing.sources import fetch, ordered_map
 
-    policy = Policy(tuple(cfg.allow_private_hosts), cfg.max_redirects)
+    policy = policy_of(cfg)
 
     def get(item):
         key, source, *listed = item
@@ -156,6 +158,14 @@ def _inputs(chunk: dict[str, Any], cfg: BuildConfig) -> Iterator[tuple[str, str,
             return key, source, Reject(ERROR, f"{type(err).__name__}: {err}"[:300])
 
     yield from ordered_map(get, chunk["items"], cfg.download_concurrency)
+
+
+def policy_of(cfg: BuildConfig):
+    """The network policy (address checks and politeness) of a build's downloads."""
+    from preprocessing.downloads import Policy
+
+    return Policy(tuple(cfg.allow_private_hosts), cfg.max_redirects, cfg.contact, cfg.robots_txt,
+                  tuple(cfg.opt_out_tags), cfg.host_concurrency, cfg.host_rate, cfg.max_retry_wait_s)
 
 
 def _transform(kind: str) -> Callable:

@@ -107,6 +107,18 @@ class BuildConfig(Strict):
                                            "mirror.internal, 10.0.0.0/8) that URL lists may reach although private, "
                                            "loopback or link-local; every other such address is refused")
     max_redirects: int = Field(5, ge=0, description="redirects a download may follow (each hop is checked)")
+    contact: str = Field("", description="a URL or e-mail address put in the User-Agent (`dcgan-cluster/0.1 (DCGAN "
+                         "dataset build; +contact)`) so site owners can reach whoever runs the build")
+    robots_txt: bool = Field(True, description="honour each host's robots.txt (RFC 9309; fetched once per host and "
+                             "worker process); a disallowed URL is a `robots` reject")
+    opt_out_tags: list[str] = Field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
+                                    description="X-Robots-Tag directives that skip a response, read from its headers "
+                                    "before the body (an `opt_out` reject; [] = none)")
+    host_concurrency: int = Field(4, ge=1, description="downloads in flight per host, per build task")
+    host_rate: float = Field(10.0, ge=0, description="requests started per second per host, per build task (0 = no "
+                             "limit)")
+    max_retry_wait_s: float = Field(30.0, ge=0, description="longest wait a 429/503 (its Retry-After, or 1, 2, 4 ... "
+                                    "s) is given; a host asking for more is a `rate_limited` reject")
 
     @field_validator("allow_private_hosts")
     @classmethod

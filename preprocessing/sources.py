@@ -6,8 +6,8 @@ an http(s):// or s3:// URL) is listed with its reject reason and never read, so 
 vanishing. Keys are unique names inside the input: the path relative to the folder or prefix (extension kept), or the
 URL. Fetching happens in Ray workers: files and objects are read through `preprocessing.storage`; http(s) URLs are
 downloaded by `preprocessing.downloads` (no private/loopback/link-local address unless allowed, on every redirect
-hop; a redirect cap; a total time limit per attempt; retries with backoff on transient failures; a size cap), with
-bounded concurrency. Every failure is a `Reject` with its reason; none stops the build.
+hop; a redirect cap; a total time limit per attempt; retries with backoff on transient failures; a size cap; and
+politeness: robots.txt, X-Robots-Tag opt-outs, per-host limits, Retry-After), with bounded concurrency. Every failure is a `Reject` with its reason; none stops the build.
 
 Layer: preprocessing. (Listing and fetching stay together: each kind of source is one listing and one fetch.)
 """
