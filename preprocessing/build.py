@@ -97,7 +97,8 @@ def preflight(cfg: BuildConfig) -> None:
 # Parameters added after datasets were built: left out of the identity while at their defaults, so those datasets
 # keep theirs.
 LATER_DEFAULTS = {"allow_private_hosts": [], "max_redirects": 5, "robots_txt": True,
-                  "opt_out_tags": ["noai", "noimageai", "noindex", "noimageindex"]}
+                  "opt_out_tags": ["noai", "noimageai", "noindex", "noimageindex"], "detector": "haar",
+                  "detector_model": None}
 
 
 def _params(cfg: BuildConfig) -> dict[str, Any]:
@@ -203,13 +204,16 @@ def run_chunk(chunk: dict[str, Any], cfg: BuildConfig, shards_uri: str, rejects_
         storage.exists(storage.join(uri, e["path"]))
         for uri, e in ((shards_uri, done["shard"]), (rejects_uri, done["rejects"])) if e
     ):
+        if not storage.exists(storage.join(rejects_uri, dataset_layout.stats(index))):
+            _write_stats(rejects_uri, done)  # finished by a version that wrote none
         return {**done, "resumed": True}
 
     transform = _transform(cfg.kind)
     started = time.perf_counter()
-    rows, rejects, n = [], [], 0
+    rows, rejects, n, nbytes = [], [], 0, 0
     for key, source, got in _inputs(chunk, cfg):
         n += 1
+        nbytes += len(got) if isinstance(got, (bytes, bytearray, memoryview)) else 0
         try:
             if isinstance(got, Reject):
                 raise got
@@ -233,10 +237,34 @@ def run_chunk(chunk: dict[str, Any], cfg: BuildConfig, shards_uri: str, rejects_
     result = {
         "index": index, "digest": digest, "inputs": n, "rows": len(rows), "shard": shard_entry,
         "rejects": reject_entry, "reject_counts": dict(Counter(r[2] for r in rejects)),
-        "work_s": round(work_s, 3), "write_s": round(time.perf_counter() - started, 3),
+        "work_s": round(work_s, 3), "write_s": round(time.perf_counter() - started, 3), "bytes": nbytes,
     }
-    storage.write_json(sidecar, result)
+    _write_stats(rejects_uri, result)
+    storage.write_json(sidecar, result)  # last: a chunk with a sidecar has its shard, rejects and stats
     return {**result, "resumed": False}
+
+
+def _write_stats(dataset: str, result: dict[str, Any]) -> None:
+    """One chunk's figures next to its shard (`stats/part-i.json`): where its inputs went, bytes fetched, time."""
+    storage.write_json(storage.join(dataset, dataset_layout.stats(result["index"])), {
+        "index": result["index"], "inputs": result["inputs"], "rows": result["rows"],
+        "shard": (result["shard"] or {}).get("path"), "rejects_by_reason": dict(sorted(result["reject_counts"].items())),
+        "bytes": result.get("bytes"), "seconds": round(result["work_s"] + result["write_s"], 3),
+        "fetch_decode_s": result["work_s"], "write_s": result["write_s"],
+    })
+
+
+def totals(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The chunks' figures summed (resumed chunks included: the dataset's totals, not this run's)."""
+    by_reason: Counter = Counter()
+    for r in results:
+        by_reason.update(r["reject_counts"])
+    known = [r["bytes"] for r in results if r.get("bytes") is not None]
+    return {"inputs": sum(r["inputs"] for r in results), "rows": sum(r["rows"] for r in results),
+            "rejects_by_reason": dict(sorted(by_reason.items())),
+            "bytes": sum(known) if len(known) == len(results) else None,
+            "task_seconds": round(sum(r["work_s"] + r["write_s"] for r in results), 2),
+            "shard_stats": [dataset_layout.stats(r["index"]) for r in results]}
 
 
 def _run_batch(batch: dict[str, np.ndarray], cfg_json: str, shards_uri: str, rejects_uri: str) -> dict[str, list]:
@@ -359,7 +387,7 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig | None = None, 
     wall = time.perf_counter() - started
     stats = {"chunks": len(results), "resumed": sum(r["resumed"] for r in results), "seconds": round(wall, 2),
              "task_work_s": round(sum(r["work_s"] for r in results if not r["resumed"]), 2),
-             "task_write_s": round(sum(r["write_s"] for r in results if not r["resumed"]), 2)}
+             "task_write_s": round(sum(r["write_s"] for r in results if not r["resumed"]), 2), **totals(results)}
     log.info("%s: %d inputs -> %d rows in %.1f s (task time: %.1f s fetch/decode, %.1f s writing); "
              "rejects by reason: %s", cfg.kind, p.inputs, rows, wall, stats["task_work_s"], stats["task_write_s"],
              summary)
@@ -377,6 +405,7 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig | None = None, 
         entries, dedup_info = _deduplicate(shards_uri, entries, out, dedup)
     _remove_unlisted(out, "shards", entries)
     _remove_unlisted(out, "rejects", reject_entries)
+    _remove_unlisted(out, dataset_layout.STATS, [{"path": dataset_layout.stats(r["index"])} for r in results])
     manifest = shards.write_manifest(
         out, kind=cfg.kind, resolution=cfg.resolution, shards=entries, rejects=reject_entries,
         reject_counts=dict(reject_counts), inputs=p.inputs, dedup=dedup_info, inputs_fingerprint=p.fingerprint,

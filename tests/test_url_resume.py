@@ -9,6 +9,7 @@ reject rows with their reasons, never requested / never read.
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import signal
 import subprocess
@@ -112,3 +113,16 @@ def test_an_interrupted_url_list_build_resumes_fetching_only_what_is_missing(pho
     assert resumed["content_hash"] == reference["content_hash"]
     assert resumed["counts"]["rows"] == reference["counts"]["rows"] == 15  # 16 photos with a face, less p03
     assert resumed["rejects"]["by_reason"] == {"no_face": 7, "robots": 1, "opt_out": 1}  # p05 (coffee) opted out
+
+    # Per-shard stats (item 3): next to the shards, one per chunk, summed in the manifest; resumed chunks included
+    for m, where in ((reference, tmp_path / "whole"), (resumed, out)):
+        stats = [json.loads((where / p).read_text()) for p in m["build_stats"]["shard_stats"]]
+        assert [s["index"] for s in stats] == list(range(N // SHARD_ROWS))
+        assert sum(s["inputs"] for s in stats) == m["build_stats"]["inputs"] == N
+        assert sum(s["rows"] for s in stats) == m["build_stats"]["rows"] == 15
+        by_reason = sum((Counter(s["rejects_by_reason"]) for s in stats), Counter())
+        assert by_reason == m["build_stats"]["rejects_by_reason"] == m["rejects"]["by_reason"]
+        # every body read, once: p03 was never requested and p05's body was never read (its headers opted out)
+        assert m["build_stats"]["bytes"] == sum(s["bytes"] for s in stats) == sum(
+            len(PHOTOS[i % 3]) for i in range(N) if i not in (3, 5))
+        assert all(s["seconds"] > 0 for s in stats)
