@@ -33,7 +33,8 @@ import numpy as np
 
 from preprocessing.config import BuildConfig
 
-DETECT_FACE_PX = 32  # YuNet: a min_face face is searched for at this size
+DETECT_FACE_PX = 64  # YuNet: a min_face face is searched for at this size (photo shrunk to it, never enlarged); 32
+# is 3x faster but misses a third of 64-96 px faces (benchmarks/face_detect.py --detectors)
 REACH = 0.5  # the dense pass covers window origins within REACH x side of a first-pass hit ...
 SIZE_RANGE = 1.5  # ... and window sides within this ratio (OpenCV groups windows of sides within 1.4x)
 SYNC = 8  # level pixels scanned left of a dense crop: OpenCV skips the position after a first-stage rejection, and
@@ -164,6 +165,7 @@ class YuNetDetector:
 
     path: str
     score_threshold: float = 0.8
+    face_px: int = DETECT_FACE_PX
 
     def __post_init__(self):
         from preprocessing import storage
@@ -182,7 +184,7 @@ class YuNetDetector:
             raise InputError(f"build.detector_model: {self.path} is not a loadable YuNet ONNX model ({first})") from None
 
     def detect(self, rgb: np.ndarray, min_face: int) -> list[Box]:
-        scale = max(1.0, min_face / DETECT_FACE_PX)
+        scale = max(1.0, min_face / self.face_px)
         bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
         if scale > 1.0:
             h, w = bgr.shape[:2]
