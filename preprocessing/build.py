@@ -140,7 +140,7 @@ def _inputs(chunk: dict[str, Any], cfg: BuildConfig) -> Iterator[tuple[str, str,
         for key, value in read_range(chunk["lmdb"], chunk["start"], chunk["count"]):
             yield key, chunk["lmdb"], value
         return
-    from preprocessing.sources import fetch, ordered_map
+    from preprocessing.sources import fetch, interleave_hosts, ordered_map
 
     policy = policy_of(cfg)
 
@@ -158,7 +158,7 @@ def _inputs(chunk: dict[str, Any], cfg: BuildConfig) -> Iterator[tuple[str, str,
         except Exception as err:  # noqa: BLE001 - one input's failure must not stop the chunk
             return key, source, Reject(ERROR, f"{type(err).__name__}: {err}"[:300])
 
-    yield from ordered_map(get, chunk["items"], cfg.download_concurrency)
+    yield from ordered_map(get, interleave_hosts(chunk["items"]), cfg.download_concurrency)
 
 
 def policy_of(cfg: BuildConfig):

@@ -237,6 +237,21 @@ def fetch(source: str, timeout_s: float = 10.0, retries: int = 2, max_bytes: int
         raise Reject(UNREACHABLE, f"{type(err).__name__}: {err}"[:200]) from None
 
 
+def interleave_hosts(items: list[list[str]]) -> list[list[str]]:
+    """Chunk items [key, source, ...] reordered round-robin over their URLs' hosts: a sorted URL list puts a host's
+    URLs side by side, and per-host limits would then idle a task's download threads. Fetch order only: a chunk's
+    rows and rejects are sorted by key afterwards."""
+    by_host: dict[str, deque] = {}
+    for it in items:
+        by_host.setdefault(urlparse(it[1]).netloc.lower() if "://" in it[1] else "", deque()).append(it)
+    queues, out = list(by_host.values()), []
+    while queues:
+        queues = [q for q in queues if q]
+        for q in queues:
+            out.append(q.popleft())
+    return out
+
+
 T = TypeVar("T")
 R = TypeVar("R")
 
