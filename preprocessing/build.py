@@ -74,10 +74,12 @@ def plan(cfg: BuildConfig) -> Plan:
     if not cfg.input:
         raise InputError("build.input: no input given (LMDB, folder, s3:// prefix or URL list)")
     from preprocessing import lsun
-    from preprocessing.sources import chunk_items, list_items
+    from preprocessing.sources import chunk_items, is_streamed_url_list, list_items, plan_url_list
 
     if cfg.kind == "center-crop" and lsun.is_lmdb(cfg.input):
         chunks, n, fp = lsun.plan_lmdb(cfg.input, cfg.shard_rows, cfg.limit)
+    elif is_streamed_url_list(cfg.input):  # .txt/.lst: streamed, never held whole here
+        chunks, n, fp = plan_url_list(cfg.input, cfg.shard_rows, cfg.limit)
     else:  # a folder (LSUN's exported images, or photos), an s3:// prefix or a URL list
         chunks, n, fp = chunk_items(list_items(cfg.input, cfg.limit), cfg.shard_rows)
     for i, c in enumerate(chunks):
@@ -140,7 +142,7 @@ def _inputs(chunk: dict[str, Any], cfg: BuildConfig) -> Iterator[tuple[str, str,
         for key, value in read_range(chunk["lmdb"], chunk["start"], chunk["count"]):
             yield key, chunk["lmdb"], value
         return
-    from preprocessing.sources import fetch, interleave_hosts, ordered_map
+    from preprocessing.sources import fetch, interleave_hosts, ordered_map, url_chunk_items
 
     policy = policy_of(cfg)
 
@@ -158,7 +160,8 @@ def _inputs(chunk: dict[str, Any], cfg: BuildConfig) -> Iterator[tuple[str, str,
         except Exception as err:  # noqa: BLE001 - one input's failure must not stop the chunk
             return key, source, Reject(ERROR, f"{type(err).__name__}: {err}"[:300])
 
-    yield from ordered_map(get, interleave_hosts(chunk["items"]), cfg.download_concurrency)
+    items = chunk["items"] if "items" in chunk else url_chunk_items(chunk)  # a streamed URL list: read here
+    yield from ordered_map(get, interleave_hosts(items), cfg.download_concurrency)
 
 
 def policy_of(cfg: BuildConfig):
