@@ -293,3 +293,43 @@ def test_user_agent_names_the_project_and_the_contact(site):
     get(site.url("/a.jpg"), polite(contact="mailto:data@example.org"))
     agents = {ua for _, _, ua in site.log}
     assert agents == {"dcgan-cluster/0.1 (DCGAN dataset build; +mailto:data@example.org)"}  # robots.txt too
+
+
+def test_a_lying_content_length_or_a_silent_host_ends_by_the_deadline(site):
+    """Content-Length larger than what comes (then silence): a timeout at the deadline, not a hang; smaller: the
+    declared bytes only (the photo then fails to decode, a reject there). A host that accepts and never answers:
+    its robots.txt times out, so all of its URLs are `unreachable` (RFC 9309), the later ones without waiting."""
+    import socket
+
+    def overclaim(h):
+        h.send_response(200)
+        h.send_header("Content-Length", str(10 * len(JPEG)))
+        h.end_headers()
+        h.wfile.write(JPEG)
+        h.wfile.flush()
+        time.sleep(10)
+
+    site.routes["/over.jpg"] = overclaim
+    site.routes["/under.jpg"] = lambda h: (h.send_response(200), h.send_header("Content-Length", "100"),
+                                           h.end_headers(), h.wfile.write(JPEG))
+    site.routes["/robots.txt"] = body(b"")
+    started = time.monotonic()
+    assert reason(site.url("/over.jpg"), polite(), timeout_s=2) == "timeout"
+    assert time.monotonic() - started < 3.5
+    assert get(site.url("/under.jpg"), polite()) == JPEG[:100]
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts connections (the kernel does), never reads or answers
+    try:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(Reject) as got:
+            get(f"{url}/a.jpg", polite(), timeout_s=1)
+        assert got.value.reason == UNREACHABLE and "robots.txt" in got.value.detail
+        assert 0.9 < time.monotonic() - started < 2.5
+        started = time.monotonic()
+        assert reason(f"{url}/b.jpg", polite(), timeout_s=1) == UNREACHABLE
+        assert time.monotonic() - started < 0.2  # cached: the host is not asked again
+    finally:
+        silent.close()
