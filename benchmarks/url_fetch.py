@@ -11,7 +11,7 @@ Measured: CPU seconds of this process (download threads, decoding, detection, wr
 decoded images per CPU-second (one core's worth), and the ratio ours / baseline is printed. Both use 16 download
 threads and 1.5 s timeouts with one retry. Ours = `preprocessing.build.run_chunk` on one chunk, exactly a Ray task's
 work (robots.txt, X-Robots-Tag, per-host limits 4 in flight and 10/s, Retry-After), with `build.detector` haar and
-yunet (the model in ../shared/data/yunet/).
+yunet (the model in ../shared/data/yunet/), and yunet with `build.yunet_face_px: 32`.
 A third row runs our task as a center-crop build (the same fetching, decode, crop and write, no detection): the
 baseline's work through our polite fetcher, to tell fetching cost from detection cost.
 Run: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/url_fetch.py` (about two minutes; `--urls`, `--hosts`).
@@ -121,7 +121,9 @@ def ours(urls: list[str], detector: str, out: str) -> tuple[int, dict]:
     from preprocessing.build import run_chunk
     from preprocessing.config import BuildConfig
 
-    extra = {"detector": "yunet", "detector_model": str(YUNET)} if detector == "yunet" else {}
+    extra = {"detector": "yunet", "detector_model": str(YUNET)} if detector.startswith("yunet") else {}
+    if detector == "yunet@32":
+        extra["yunet_face_px"] = 32
     cfg = BuildConfig(kind="center-crop" if detector == "none" else "faces", resolution=SIZE, allow_private_hosts=["127.0.0.1"], download_timeout_s=TIMEOUT_S,
                       download_retries=1, download_concurrency=THREADS, max_retry_wait_s=2.0, **extra)
     result = run_chunk({"index": 0, "items": [[u, u] for u in urls]}, cfg, out, out)
@@ -155,8 +157,8 @@ def main() -> None:
         print(f"{len(urls)} URLs on {len(ports)} hosts (host 0 slow: timeouts; host 1 failing: 500/503), latency "
               f"50-300 ms, {THREADS} threads, one process")
         rows = {"baseline (img2dataset-style)": measure(lambda: (baseline(urls), None))}
-        for det in ("none", "haar", "yunet"):
-            if det == "yunet" and not YUNET.is_file():
+        for det in ("none", "haar", "yunet", "yunet@32"):
+            if det.startswith("yunet") and not YUNET.is_file():
                 print(f"(no YuNet model at {YUNET}: its row is skipped)")
                 continue
             with tempfile.TemporaryDirectory() as out:

@@ -100,7 +100,7 @@ def preflight(cfg: BuildConfig) -> None:
 # keep theirs.
 LATER_DEFAULTS = {"allow_private_hosts": [], "max_redirects": 5, "robots_txt": True,
                   "opt_out_tags": ["noai", "noimageai", "noindex", "noimageindex"], "detector": "haar",
-                  "detector_model": None}
+                  "detector_model": None, "yunet_face_px": 64}
 
 
 def _params(cfg: BuildConfig) -> dict[str, Any]:

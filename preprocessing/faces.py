@@ -34,7 +34,7 @@ import numpy as np
 from preprocessing.config import BuildConfig
 
 DETECT_FACE_PX = 64  # YuNet: a min_face face is searched for at this size (photo shrunk to it, never enlarged); 32
-# is 3x faster but misses a third of 64-96 px faces (benchmarks/face_detect.py --detectors)
+# is ~3x faster but misses more small faces (benchmarks/face_detect.py --detectors); `build.yunet_face_px`
 REACH = 0.5  # the dense pass covers window origins within REACH x side of a first-pass hit ...
 SIZE_RANGE = 1.5  # ... and window sides within this ratio (OpenCV groups windows of sides within 1.4x)
 SYNC = 8  # level pixels scanned left of a dense crop: OpenCV skips the position after a first-stage rejection, and
@@ -218,14 +218,14 @@ def _cached(name: str, scale_factor: float, min_neighbors: int, stride: int) -> 
 
 
 @functools.lru_cache(maxsize=4)
-def _yunet(model: str) -> Detector:
-    return YuNetDetector(model)
+def _yunet(model: str, face_px: int) -> Detector:
+    return YuNetDetector(model, face_px=face_px)
 
 
 def detector(cfg: BuildConfig) -> Detector:
     """The configured detector, built once per process (Ray workers reuse it across batches)."""
     if cfg.detector == "yunet":
-        return _yunet(cfg.detector_model)
+        return _yunet(cfg.detector_model, cfg.yunet_face_px)
     return _cached(cfg.cascade, cfg.scale_factor, cfg.min_neighbors, cfg.detect_stride)
 
 
