@@ -14,7 +14,8 @@ the private network). The policy, checked on the first request and again on ever
 Politeness, on by default (a 3M-URL build must not behave like a careless crawler):
 - an honest User-Agent naming the project, with the operator's contact when `build.contact` gives one;
 - robots.txt fetched once per host (per worker process), cached, honoured per RFC 9309 (longest match, `*` and `$`,
-  the first 500 KiB read, a 4xx means no rules, a 5xx or an unreachable host means nothing may be fetched);
+  the first 500 KiB read, a 4xx means no rules, a 5xx or an unreachable host means nothing may be fetched, asked
+  again after ROBOTS_RETRY_S);
 - `X-Robots-Tag` opt-outs (noai, noimageai, noindex, noimageindex by default) read from the headers before the body;
 - per-host concurrency and request rate (per worker process), and `Retry-After` / 429 / 503 backoff, waiting at most
   `max_retry_wait_s` (a longer wait is a `rate_limited` reject, never a hang).
@@ -58,6 +59,7 @@ USER_AGENT = f"{PRODUCT}/0.1 (DCGAN dataset build)"
 OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 ROBOTS_MAX_BYTES = 500 * 1024  # RFC 9309 2.5: parsers must read at least 500 KiB; the rest may be ignored
 MAX_HOSTS = 4096  # per-host state kept per process (least recently used dropped)
+ROBOTS_RETRY_S = 300.0  # an unreadable robots.txt (complete disallow meanwhile) is asked for again after this
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -217,6 +219,7 @@ class _Host:
         self.lock = threading.Lock()
         self.robots_lock = threading.Lock()
         self.robots: Robots | None = None
+        self.robots_at = 0.0  # when it was fetched
         self.next_at = 0.0  # earliest start of the next request (rate limit)
         self.backoff_until = 0.0  # Retry-After / 429 / 503
 
@@ -298,8 +301,11 @@ def opted_out(values: list[str], directives: Iterable[str], product: str = PRODU
 def _robots(host: _Host, policy: Policy, scheme: str, netloc: str, timeout_s: float) -> Robots:
     """The host's robots.txt, fetched once (threads of this process wait for the first fetch)."""
     with host.robots_lock:
-        if host.robots is None:
+        stale = host.robots is not None and host.robots.unreachable and \
+            time.monotonic() - host.robots_at > ROBOTS_RETRY_S
+        if host.robots is None or stale:
             host.robots = _fetch_robots(f"{scheme}://{netloc}/robots.txt", policy, timeout_s)
+            host.robots_at = time.monotonic()
         return host.robots
 
 

@@ -57,6 +57,7 @@ def _peak(fn) -> int:
         tracemalloc.stop()
 
 
+@pytest.mark.slow
 def test_planning_a_100k_line_list_keeps_driver_memory_flat(tmp_path):
     """Planning 100k lines peaks at a few MB (a 256 KiB read block and its lines, 8 bytes a line for repeated-URL
     detection, one spec per chunk): about as much as 25k lines' plan, and far below loading the list (what a .csv
