@@ -124,7 +124,8 @@ def ours(urls: list[str], detector: str, out: str) -> tuple[int, dict]:
     extra = {"detector": "yunet", "detector_model": str(YUNET)} if detector.startswith("yunet") else {}
     if detector == "yunet@32":
         extra["yunet_face_px"] = 32
-    cfg = BuildConfig(kind="center-crop" if detector == "none" else "faces", resolution=SIZE, allow_private_hosts=["127.0.0.1"], download_timeout_s=TIMEOUT_S,
+    cfg = BuildConfig(kind="center-crop" if detector == "none" else "faces", resolution=SIZE,
+                      allow_private_hosts=["127.0.0.1"], download_timeout_s=TIMEOUT_S,
                       download_retries=1, download_concurrency=THREADS, max_retry_wait_s=2.0, **extra)
     result = run_chunk({"index": 0, "items": [[u, u] for u in urls]}, cfg, out, out)
     decoded = result["inputs"] - sum(v for k, v in result["reject_counts"].items() if k != "no_face")

@@ -251,7 +251,8 @@ def _write_stats(dataset: str, result: dict[str, Any]) -> None:
     """One chunk's figures next to its shard (`stats/part-i.json`): where its inputs went, bytes fetched, time."""
     storage.write_json(storage.join(dataset, dataset_layout.stats(result["index"])), {
         "index": result["index"], "inputs": result["inputs"], "rows": result["rows"],
-        "shard": (result["shard"] or {}).get("path"), "rejects_by_reason": dict(sorted(result["reject_counts"].items())),
+        "shard": (result["shard"] or {}).get("path"),
+        "rejects_by_reason": dict(sorted(result["reject_counts"].items())),
         "bytes": result.get("bytes"), "seconds": round(result["work_s"] + result["write_s"], 3),
         "fetch_decode_s": result["work_s"], "write_s": result["write_s"],
     })

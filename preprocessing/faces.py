@@ -181,7 +181,8 @@ class YuNetDetector:
                                                   (320, 320), self.score_threshold)
         except cv2.error as err:
             first = str(err).strip().splitlines()[-1][:200]
-            raise InputError(f"build.detector_model: {self.path} is not a loadable YuNet ONNX model ({first})") from None
+            raise InputError(f"build.detector_model: {self.path} is not a loadable YuNet ONNX model "
+                             f"({first})") from None
 
     def detect(self, rgb: np.ndarray, min_face: int) -> list[Box]:
         scale = max(1.0, min_face / self.face_px)

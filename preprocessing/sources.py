@@ -9,7 +9,8 @@ vanishing. Keys are unique names inside the input: the path relative to the fold
 URL. Fetching happens in Ray workers: files and objects are read through `preprocessing.storage`; http(s) URLs are
 downloaded by `preprocessing.downloads` (no private/loopback/link-local address unless allowed, on every redirect
 hop; a redirect cap; a total time limit per attempt; retries with backoff on transient failures; a size cap; and
-politeness: robots.txt, X-Robots-Tag opt-outs, per-host limits, Retry-After), with bounded concurrency. Every failure is a `Reject` with its reason; none stops the build.
+politeness: robots.txt, X-Robots-Tag opt-outs, per-host limits, Retry-After), with bounded concurrency. Every
+failure is a `Reject` with its reason; none stops the build.
 
 Layer: preprocessing. (Listing and fetching stay together: each kind of source is one listing and one fetch.)
 """
