@@ -252,22 +252,24 @@ def _wait_backoff(host: _Host, policy: Policy, where: str) -> None:
 
 
 @contextmanager
-def _slot(host: _Host, policy: Policy, deadline: float, where: str) -> Iterator[None]:
-    """Hold one of the host's request slots, started no sooner than its rate and backoff allow."""
-    if not host.gate.acquire(timeout=max(0.0, deadline - time.monotonic())):
-        raise TimeoutError
+def _slot(host: _Host, policy: Policy, patience: float, where: str) -> Iterator[float]:
+    """Hold one of the host's request slots, started no sooner than its rate and backoff allow; yields the seconds
+    waited, which are not the request's: its deadline moves by them (a queue behind a slow host is not a timeout).
+    Bounded: holders release within their own deadline, backoff within max_retry_wait_s; past `patience` it is a
+    RATE_LIMITED reject."""
+    began = time.monotonic()
+    if not host.gate.acquire(timeout=patience):
+        raise Reject(RATE_LIMITED, f"no request slot for {where} within {patience:.0f} s "
+                                   f"(build.host_concurrency {policy.host_concurrency})")
     try:
         _wait_backoff(host, policy, where)
         with host.lock:
             now = time.monotonic()
             start = max(now, host.next_at)
             host.next_at = start + (1.0 / policy.host_rate if policy.host_rate > 0 else 0.0)
-        if start > deadline:
-            raise Reject(RATE_LIMITED, f"no request slot for {where} within the deadline "
-                                       f"(build.host_rate {policy.host_rate:g}/s)")
         if start > now:
             time.sleep(start - now)
-        yield
+        yield time.monotonic() - began
     finally:
         host.gate.release()
 
@@ -416,7 +418,8 @@ def _one_request(url: str, policy: Policy, deadline: float, max_bytes: int, time
     if not robots_fetch:
         _check_robots(policy, scheme, parts, host, path, timeout_s)
     last: Exception | None = None
-    with _slot(host, policy, deadline, parts.netloc):
+    with _slot(host, policy, 4 * timeout_s + policy.max_retry_wait_s, parts.netloc) as waited:
+        deadline += waited
         for ip in ips:
             left = deadline - time.monotonic()
             if left <= 0:
