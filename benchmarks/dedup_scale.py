@@ -9,8 +9,10 @@ Three measurements in one run (issue 19), each autoencoder trained on the set it
 2. Recall on the scikit-image photo tiles with 1-4 px shift/crop copies and with mixed copies (JPEG, resize, shift,
    crop, tone), near-copy originals KEPT (`--max-corr 1`, no filter): pair recall and false positives per 100
    flagged pairs, same three settings (benchmarks/dedup_quality.py builds the sets).
-3. Encode throughput on one core (torch and OpenCV single-threaded): images/s of the single hash, of the 135 views
-   as encoded now (`dedup_views._conv_bits`) and as before (`view_inputs` + `_view_bits`), same images, same run.
+3. Encode throughput on one core (torch and OpenCV single-threaded): images/s of the single hash and of the 135 views
+   as encoded now (`dedup_views.encode_views`: one dilated convolution per zoom, `_conv_bits`), by the previous path
+   (im2col + matmul, `previous_conv_bits` below) and by the first one (`view_inputs` + `_view_bits`), same images,
+   same run, with the fraction of view codes equal to the first path's.
 Run: `.venv/bin/python benchmarks/dedup_scale.py` (about 3 min on an idle 2-core box; slower under load).
 """
 
@@ -27,6 +29,69 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def _box_means(planes, c: int):
+    """Means over every c x c window of (N, P, H, W) float64 planes, from one integral image."""
+    import torch.nn.functional as F
+
+    ii = F.pad(planes.cumsum(2).cumsum(3), (1, 0, 1, 0))
+    return (ii[..., c:, c:] - ii[..., :-c, c:] - ii[..., c:, :-c] + ii[..., :-c, :-c]) / (c * c)
+
+
+def previous_conv_bits(encoder, sources: np.ndarray, views: int):
+    """The previous encode path (main before this change), kept as the measured baseline: im2col + one matmul per zoom.
+
+    A view's hash input is its 16x16 grid of 4x4 source-pixel means and the encoder's rank-32 factor B is a set of 32
+    16x16x3 kernels, so B x over all views of a zoom is ONE dilated convolution (dilation 4, stride = the zoom's grid
+    step) of the 4x4-summed source, done as im2col (`unfold`) + one batched matmul; each view's mean and mean square
+    (of its 32x32 2x2-averaged pixels, as `view_inputs` gives them) come from float64 integral images of the small
+    parity planes. Same codes as `view_inputs` + `_view_bits` (tests/test_dedup.py), without numpy copies of every
+    view, per-view poolings and float64 arithmetic on whole planes, which made 135 views cost 4.6-8.5 ms per image."""
+    import cv2
+    import torch
+    import torch.nn.functional as F
+
+    from preprocessing.dedup_model import EPS
+    from preprocessing.dedup_views import SHIFT, VIEWS, ZOOMS
+
+    a, bmat, w1, b, _ = encoder
+    n, s = len(sources), sources.shape[1]
+    c, k = s // 2, s // 4
+    kern = bmat.reshape(-1, k, k, 3).permute(0, 3, 1, 2).reshape(len(bmat), -1).contiguous() / 16  # unfold's order
+    wanted = VIEWS[1:views]
+    proj = torch.empty(n, len(wanted), bmat.shape[0])
+    mean, msq = torch.empty(n, len(wanted)), torch.empty(n, len(wanted))
+    for zy, zx, step in ((0, 0, 1),) + ZOOMS:
+        ks = [i for i, v in enumerate(wanted) if v[:2] == (zy, zx)]
+        if not ks:
+            continue
+        scaled = sources if (zy, zx) == (0, 0) else np.stack(
+            [cv2.resize(im, (s + zx, s + zy), interpolation=cv2.INTER_LINEAR) for im in sources])
+        padded = np.pad(scaled, ((0, 0), (SHIFT, SHIFT), (SHIFT, SHIFT), (0, 0)), mode="symmetric")
+        x = torch.from_numpy(padded).float().permute(0, 3, 1, 2).contiguous()
+        ry, rx = (SHIFT, SHIFT) if (zy, zx) == (0, 0) else (zy // 2, zx // 2)  # the grid's half-extent
+        top, left = SHIFT + zy // 2 - ry, SHIFT + zx // 2 - rx                    # its first window's corner
+        region = x[:, :, top:top + s + 2 * ry, left:left + s + 2 * rx]
+        h = region[..., :-1, :] + region[..., 1:, :]                     # separable sums: 2 adds per level
+        p2 = h[..., :-1] + h[..., 1:]                                     # 4 x the 2x2 means (exact integers)
+        h = p2[..., :-2, :] + p2[..., 2:, :]
+        a4 = h[..., :-2] + h[..., 2:]                                     # 16 x the 4x4 means
+        cols = F.unfold(a4, k, dilation=4, stride=step)                  # (n, 3*k*k, gy*gx): im2col, one C call
+        gx = (a4.shape[-1] - 4 * (k - 1) - 1) // step + 1
+        grid = (cols.transpose(1, 2).reshape(-1, cols.shape[1]) @ kern.T).reshape(n, -1, len(kern))  # one sgemm
+        planes = torch.stack([p2.sum(1) / 4, p2.pow(2).sum(1) / 16], 1).double()  # float64: exact integrals
+        ty = np.array([wanted[i][2] for i in ks]) + ry
+        tx = np.array([wanted[i][3] for i in ks]) + rx
+        proj[:, ks] = grid[:, torch.from_numpy((ty // step) * gx + tx // step)]   # (n, views of this zoom, rank)
+        for q in sorted({(int(u) % 2, int(v) % 2) for u, v in zip(ty, tx)}):  # 32x32 box means, per offset parity
+            at = np.flatnonzero((ty % 2 == q[0]) & (tx % 2 == q[1]))
+            box = _box_means(planes[:, :, q[0]::2, q[1]::2], c)[:, :, ty[at] // 2, tx[at] // 2] / 3
+            idx = [ks[j] for j in at]
+            mean[:, idx], msq[:, idx] = box[:, 0].float(), box[:, 1].float()
+    rms = (msq - mean ** 2).clamp_min(0).sqrt().clamp_min(EPS * 255)
+    wx = proj @ a.T
+    return (wx - mean[..., None] * w1 + rms[..., None] * b) > 0
 
 
 def _pairs(groups: np.ndarray) -> tuple[float, int, int]:
@@ -98,7 +163,8 @@ def throughput(n: int, seed: int) -> None:
 
     from preprocessing.config import DedupConfig
     from preprocessing.dedup_model import crops_of, encode, fit_local
-    from preprocessing.dedup_views import _conv_bits, _view_bits, _view_encoder, view_inputs, view_sources
+    from preprocessing.dedup_views import _view_bits, _view_encoder, encode_views, view_inputs, view_sources
+    from preprocessing.semantic_hash import pack_bits
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -108,15 +174,19 @@ def throughput(n: int, seed: int) -> None:
     state, _ = fit_local(crops, cfg)
     enc = _view_encoder(state, cfg.crop)
 
-    def old(chunk=64):
+    def first(chunk=64):
+        out = []
         for i in range(0, n, chunk):
             x, mean, msq = (torch.from_numpy(v) for v in view_inputs(sources[i:i + chunk], cfg.views, enc[-1]))
             m, v = x.shape[:2]
-            _view_bits(enc, x.reshape(m * v, -1), mean.reshape(-1, 1), msq.reshape(-1, 1))
+            out.append(_view_bits(enc, x.reshape(m * v, -1), mean.reshape(-1, 1), msq.reshape(-1, 1)).reshape(m, v, -1))
+        return torch.cat(out)
 
-    def new(chunk=64):
-        for i in range(0, n, chunk):
-            _conv_bits(enc, sources[i:i + chunk], cfg.views)
+    def previous(chunk=64):
+        return torch.cat([previous_conv_bits(enc, sources[i:i + chunk], cfg.views) for i in range(0, n, chunk)])
+
+    def now():
+        return encode_views(state, crops, sources, cfg)
 
     def best(fn, repeats=2):
         """Least CPU seconds of this process (one thread): a per-core figure even on a box shared with other jobs."""
@@ -127,15 +197,22 @@ def throughput(n: int, seed: int) -> None:
             times.append(time.process_time() - t)
         return min(times)
 
-    t_single = best(lambda: encode(state, crops, cfg), 3)
-    t_new, t_old = best(new), best(old, 1)
+    with torch.no_grad():
+        t_single = best(lambda: encode(state, crops, cfg), 3)
+        t_now, t_prev, t_first = best(now, 3), best(previous, 2), best(first, 1)
+        ref = first().numpy()
+        codes = now()[:, 1:]
+        same = (codes == pack_bits(ref.reshape(-1, ref.shape[-1])).reshape(codes.shape)).all(-1).mean()
+        same_prev = (previous().numpy() == ref).all(-1).mean()
     print(f"\n== encode, CPU time of one thread ({n} digits at 32 px, crop 32; views cut from the 64-px view "
           f"source)\n")
-    for name, t in (("single hash (views 1)", t_single), ("135 views, before (numpy views)", t_old),
-                    ("135 views, now (im2col + matmul)", t_new)):
-        print(f"  {name:<34} {n / t:>9.0f} images/s  {1000 * t / n:7.3f} ms/image")
-    print(f"ratio 135 views now / before: {t_old / t_new:.1f}x faster; now / single hash: {t_new / t_single:.0f}x "
-          f"the single hash's time")
+    for name, t in (("single hash (views 1)", t_single), ("135 views, first (numpy views)", t_first),
+                    ("135 views, previous (im2col + matmul)", t_prev),
+                    ("135 views, now (encode_views: conv)", t_now)):
+        print(f"  {name:<38} {n / t:>9.0f} images/s  {1000 * t / n:7.3f} ms/image")
+    print(f"ratio now / previous: {t_prev / t_now:.2f}x faster; now / first: {t_first / t_now:.2f}x; now costs "
+          f"{t_now / t_single:.0f}x the single hash's time")
+    print(f"view codes equal to the first path's: now {same:.6f}, previous {same_prev:.6f}")
 
 
 def main() -> int:
