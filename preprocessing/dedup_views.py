@@ -187,22 +187,22 @@ def _view_bits(encoder, x, mean, msq):
 
 
 @functools.lru_cache(maxsize=64)
-def _selector(corners: tuple[int, ...], length: int, c: int):
-    """(len(corners), length) 0/1 rows: row i picks every other index of the 2c from corners[i]."""
+def _selector(corners: tuple[int, ...], length: int, c: int, stride: int):
+    """(len(corners), length) 0/1 rows: row i picks c indices `stride` apart from corners[i]."""
     import torch
 
     out = torch.zeros(len(corners), length)
     for i, t in enumerate(corners):
-        out[i, t:t + 2 * c:2] = 1
+        out[i, t:t + stride * c:stride] = 1
     return out
 
 
-def _window_sums(plane, ty: np.ndarray, tx: np.ndarray, c: int):
-    """Sums of (N, H, W) planes over the c x c windows of every other row/column from the corners (ty[i], tx[j]):
-    (N, len(ty), len(tx)), as two 0/1 matmuls."""
+def _window_sums(plane, ty: np.ndarray, tx: np.ndarray, c: int, stride: int = 2):
+    """Sums of (N, H, W) planes over the c x c windows of every `stride`-th row/column from the corners
+    (ty[i], tx[j]): (N, len(ty), len(tx)), as two 0/1 matmuls."""
     n, h, w = plane.shape
-    rows = _selector(tuple(int(t) for t in ty), h, c)
-    cols = _selector(tuple(int(t) for t in tx), w, c)
+    rows = _selector(tuple(int(t) for t in ty), h, c, stride)
+    cols = _selector(tuple(int(t) for t in tx), w, c, stride)
     x = (plane.reshape(n * h, w) @ cols.T).reshape(n, h, -1).transpose(1, 2).reshape(-1, h) @ rows.T
     return x.reshape(n, len(tx), len(ty)).transpose(1, 2)
 
@@ -224,7 +224,8 @@ def _conv_bits(encoder, sources: np.ndarray, views: int) -> "torch.Tensor":
     by oneDNN's direct convolution (no im2col copy); a 33rd all-ones kernel gives each view's mean (exact: integer
     sums below 2**24). The mean square (of the view's 32x32 2x2-averaged pixels, as `view_inputs` gives it) is a
     window sum of one plane, read for the whole grid at once as two 0/1 matmuls. Box sums are shifted adds of flat
-    buffers. Codes equal those of `view_inputs` + `_view_bits` up to float rounding (tests/test_dedup.py);
+    buffers; a zoom whose views all start on even pixels (6 of the 8) is done on the even grid only, a quarter of the
+    plane (dilation 2). Codes equal those of `view_inputs` + `_view_bits` up to float rounding (tests/test_dedup.py);
     benchmarks/dedup_scale.py measures the speed against the previous (im2col) and first (numpy) paths."""
     import cv2
     import torch
@@ -256,26 +257,37 @@ def _conv_bits(encoder, sources: np.ndarray, views: int) -> "torch.Tensor":
         ry, rx = (SHIFT, SHIFT) if (zy, zx) == (0, 0) else (zy // 2, zx // 2)  # the grid's half-extent
         hh, ww = region.shape[1:3]
         size = hh * ww
-        # box sums as shifted adds of the flat NCHW buffer (long contiguous runs; the wrapped last rows/columns of
-        # each plane are never read): p2 = 4 x the 2x2 means, a4 = 16 x the 4x4 means, exact integers in float32
-        f = region.permute(0, 3, 1, 2).contiguous().reshape(-1).float()   # (uint8 transposed first: 2x faster)
-        h = f[:-1] + f[1:]
-        p2 = h[:-ww] + h[ww:]
-        h = p2[:-2] + p2[2:]
-        shape, strides = (n, 3, hh - 3, ww - 3), (3 * size, size, ww, 1)
-        a4 = torch.as_strided(h, shape, strides) + torch.as_strided(h, shape, strides, 2 * ww)  # contiguous
-        grid = F.conv2d(a4, kern, stride=step, dilation=4).flatten(2)    # (n, rank + 1, gy*gx): all views at once
-        gx = (ww - 3 - 4 * (k - 1) - 1) // step + 1
         ty = np.array([wanted[i][2] for i in ks]) + ry
         tx = np.array([wanted[i][3] for i in ks]) + rx
-        at = grid.index_select(2, torch.from_numpy((ty // step) * gx + tx // step)).transpose(1, 2)
+        f = region.permute(0, 3, 1, 2).contiguous().reshape(-1).float()   # (uint8 transposed first: 2x faster)
+        if not (ty % 2).any() and not (tx % 2).any():
+            # every view starts on an even pixel: only the 2x2 sums on the even grid are read, a quarter of the plane
+            x = f.reshape(n, 3, hh, ww)
+            q = x[..., 0::2, 0::2] + x[..., 1::2, 0::2] + x[..., 0::2, 1::2] + x[..., 1::2, 1::2]  # p2, even grid
+            h = q[..., :-1, :] + q[..., 1:, :]
+            a4 = h[..., :-1] + h[..., 1:]                                 # a4 on the even grid
+            ty, tx, st, dil, stride = ty // 2, tx // 2, max(step // 2, 1), 2, 1
+            sq = q * q
+            plane = sq[:, 0] + sq[:, 1] + sq[:, 2]
+        else:
+            # box sums as shifted adds of the flat NCHW buffer (long contiguous runs; the wrapped last rows/columns
+            # of each plane are never read): p2 = 4 x the 2x2 means, a4 = 16 x the 4x4 means, exact in float32
+            h = f[:-1] + f[1:]
+            p2 = h[:-ww] + h[ww:]
+            h = p2[:-2] + p2[2:]
+            shape, strides = (n, 3, hh - 3, ww - 3), (3 * size, size, ww, 1)
+            a4 = torch.as_strided(h, shape, strides) + torch.as_strided(h, shape, strides, 2 * ww)  # contiguous
+            st, dil, stride = step, 4, 2
+            sq = p2 * p2                                                  # mean square: window sums of 2x2 means^2
+            sq = sq[:-2 * size] + sq[size:-size] + sq[2 * size:]          # summed over channels
+            plane = torch.as_strided(sq, (n, hh - 1, ww - 1), (3 * size, ww, 1))
+        grid = F.conv2d(a4, kern, stride=st, dilation=dil).flatten(2)     # (n, rank + 1, gy*gx): all views at once
+        gx = (a4.shape[-1] - dil * (k - 1) - 1) // st + 1
+        at = grid.index_select(2, torch.from_numpy((ty // st) * gx + tx // st)).transpose(1, 2)
         proj[:, ks] = at[..., :-1]
         mean[:, ks] = (at[..., -1].double() * 4 / (c * c) / 3).float()   # sum of 4x4 means: exact, as view_inputs
-        sq = p2 * p2                                                      # mean square: window sums of 2x2 means^2
-        sq = sq[:-2 * size] + sq[size:-size] + sq[2 * size:]              # summed over channels
-        plane = torch.as_strided(sq, (n, hh - 1, ww - 1), (3 * size, ww, 1))
         uy, ux = np.unique(ty), np.unique(tx)                              # the zoom's views: a grid uy x ux
-        sums = _window_sums(plane, uy, ux, c) / (16 * c * c * 3)
+        sums = _window_sums(plane, uy, ux, c, stride) / (16 * c * c * 3)
         msq[:, ks] = sums[:, np.searchsorted(uy, ty), np.searchsorted(ux, tx)].float()
     rms = (msq - mean ** 2).clamp_min(0).sqrt().clamp_min(EPS * 255)
     wx = proj @ a.T
