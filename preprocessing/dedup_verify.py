@@ -14,7 +14,7 @@ block rule alone at 16 merged pairs of thin "1"s (0.32% of 625 distinct digits);
 any N (625-5,000), but flat sky/moon tiles a few grey levels apart still pass (4.8 false positives per 100 flagged
 pairs on the shift/crop set with near copies kept); the relative rule at 0.15 brings that to 0.67 per 100, at the
 price of recall on those pairs (0.735 at 16 alone -> 0.619). No setting of the sweep reaches recall 0.8 at < 1 per
-100: a JPEG copy of a low-contrast photo differs by up to 0.25 of its contrast, as much as distinct sky tiles.
+100: JPEG copies of low-contrast photos differ by about as large a fraction of their contrast as distinct sky tiles.
 
 Bounded work: equal codes are bucketed per hash partition; a bucket of s images yields the pairs between its
 `LEADERS` smallest keys and every other member (all pairs when s <= LEADERS + 1), so at most LEADERS x s checks, and

@@ -471,3 +471,24 @@ def test_a_hash_that_would_remove_most_rows_fails_and_writes_nothing(tmp_path, r
     with pytest.raises(DatasetError, match=r"would remove \d+ of 40 rows .*dedup.max_removed = 50%"):
         deduplicate(src, [entry], out, DedupConfig(epochs=1, max_removed=0.5))
     assert not list((tmp_path / "out").glob("shards/*.parquet"))
+
+
+@pytest.mark.slow
+def test_an_all_blank_dataset_is_one_line_and_exit_2(tmp_path, ray_cluster, capsys):
+    """40 blank images (two grey levels, enough rows to train on) stop with one line naming the reason, nothing
+    written; never one giant group of 40."""
+    from dcgan.cli import main
+
+    images = np.concatenate([np.full((20, 64, 64, 3), 0, np.uint8), np.full((20, 64, 64, 3), 200, np.uint8)])
+    src = str(tmp_path / "blank")
+    entry = write_table(src, "shards/part-00000.parquet", make_table([f"b{i:02d}" for i in range(len(images))],
+                                                                     images, ["src"] * len(images)))
+    write_manifest(src, kind="lsun", resolution=64, shards=[entry], rejects=[], reject_counts={},
+                   inputs=len(images), params={"resolution": 64})
+    out = tmp_path / "out"
+    assert main(["dedup", src, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # Ray Data logs its progress there too
+    ours = [line for line in err if "images are blank" in line]
+    assert len(ours) == 1 and "all 40 images are blank" in err[-1], err[-3:]
+    assert not list(out.glob("shards/*.parquet"))
+
