@@ -13,7 +13,10 @@ Three measurements in one run (issue 19), each autoencoder trained on the set it
    as encoded now (`dedup_views.encode_views`: one dilated convolution per zoom, `_conv_bits`), by the previous path
    (im2col + matmul, `previous_conv_bits` below) and by the first one (`view_inputs` + `_view_bits`), same images,
    same run, with the fraction of view codes equal to the first path's.
-Run: `.venv/bin/python benchmarks/dedup_scale.py` (about 3 min on an idle 2-core box; slower under load).
+Both verified rows come with a sweep of the verification thresholds over the same candidate pairs (how they were
+chosen). `--parts mosaic` (not in the default run: ~10 CPU minutes) adds distinct 2x2 digit mosaics, N = 10k-100k:
+wrongly grouped images and wrong pairs per N, the growth law, and the projection to 3M and 350k images.
+Run: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/dedup_scale.py` (about 4 min of CPU; longer under load).
 """
 
 from __future__ import annotations
@@ -312,18 +315,19 @@ def mosaics(sizes: list[int], pool: int, seed: int, train: int) -> None:
         ns = np.array([r[0] for r in rows if r[1] == name], float)
         pairs = np.array([r[3] for r in rows if r[1] == name], float)
         grouped = np.array([r[2] for r in rows if r[1] == name], float)
-        if (pairs > 0).sum() >= 2:
-            k, c = np.polyfit(np.log(ns[pairs > 0]), np.log(pairs[pairs > 0]), 1)
-            p3m = np.exp(c) * 3e6 ** k
-            per = grouped[pairs > 0].sum() / pairs[pairs > 0].sum()     # images per wrong pair seen
-            print(f"{name}: wrong pairs ~ N^{k:.2f}; at 3M: {p3m:,.0f} wrong pairs, ~{per * p3m:,.0f} images "
-                  f"({per * p3m / 3e6:.2%}) if each pair costs {per:.2f} images as measured")
-        else:
-            big = ns.max()
-            bound = 3.0 * (3e6 / big) ** 2  # rule of three on C(N,2) pairs, pairs growing as N^2
-            print(f"{name}: {int(pairs.sum())} wrong pairs at every N (largest {big:,.0f}); assuming pairs grow as "
-                  f"N^2, 95% bound at 3M: < {bound:,.0f} wrong pairs, < {2 * bound:,.0f} images "
-                  f"({2 * bound / 3e6:.2%})")
+        for size, label in ((3e6, "3M (LSUN bedrooms)"), (3.5e5, "350k (faces)")):
+            if (pairs > 0).sum() >= 2:
+                k, c = np.polyfit(np.log(ns[pairs > 0]), np.log(pairs[pairs > 0]), 1)
+                p_at = np.exp(c) * size ** k
+                per = grouped[pairs > 0].sum() / pairs[pairs > 0].sum()     # images per wrong pair seen
+                print(f"{name}: wrong pairs ~ N^{k:.2f}; at {label}: {p_at:,.0f} wrong pairs, ~{per * p_at:,.0f} "
+                      f"images ({per * p_at / size:.2%}) if each pair costs {per:.2f} images as measured")
+            else:
+                big = ns.max()
+                bound = 3.0 * (size / big) ** 2  # rule of three on C(N,2) pairs, pairs growing as N^2
+                print(f"{name}: {int(pairs.sum())} wrong pairs at every N (largest {big:,.0f}); assuming pairs grow "
+                      f"as N^2, 95% bound at {label}: < {bound:,.0f} wrong pairs, < {2 * bound:,.0f} images "
+                      f"({2 * bound / size:.2%})")
 
 
 def main() -> int:
