@@ -492,3 +492,21 @@ def test_an_all_blank_dataset_is_one_line_and_exit_2(tmp_path, ray_cluster, caps
     assert len(ours) == 1 and "all 40 images are blank" in err[-1], err[-3:]
     assert not list(out.glob("shards/*.parquet"))
 
+
+
+def test_benchmark_mosaics_are_distinct_and_share_quadrants():
+    """benchmarks/dedup_scale.py's mosaic set: every image distinct (each combination of digits once), and with a
+    small pool many pairs share three of four quadrants in place: look-alikes that are not duplicates."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from dedup_scale import mosaic_set
+
+    images = mosaic_set(3000, 20, 0)
+    assert images.shape == (3000, 32, 32, 3) and images.dtype == np.uint8
+    assert len(np.unique(images.reshape(len(images), -1), axis=0)) == 3000
+    quads = [images[:, y:y + 16, x:x + 16, 0].reshape(3000, -1) for y in (0, 16) for x in (0, 16)]
+    ids = np.stack([np.unique(q, axis=0, return_inverse=True)[1].ravel() for q in quads], axis=1)
+    shared3 = sum(len(np.unique(np.delete(ids, q, axis=1), axis=0)) < 3000 for q in range(4))
+    assert shared3 >= 1  # some pair agrees on three quadrants
