@@ -322,13 +322,15 @@ def mosaics(sizes: list[int], pool: int, seed: int, train: int) -> None:
                 per = grouped[pairs > 0].sum() / pairs[pairs > 0].sum()     # images per wrong pair seen
                 print(f"{name}: wrong pairs ~ N^{k:.2f}; at {label}: {p_at:,.0f} wrong pairs, ~{per * p_at:,.0f} "
                       f"images ({per * p_at / size:.2%}) if each pair costs {per:.2f} images as measured")
-            else:
-                big = ns.max()
-                bound = 3.0 * (size / big) ** 2  # rule of three on C(N,2) pairs, pairs growing as N^2
-                print(f"{name}: {int(pairs.sum())} wrong pairs at every N (largest {big:,.0f}); assuming pairs grow "
-                      f"as N^2, 95% bound at {label}: < {bound:,.0f} wrong pairs, < {2 * bound:,.0f} images "
-                      f"({2 * bound / size:.2%})")
+            else:  # too few N with a wrong pair for a fit: the largest N's count, as a rate per pair of images
+                from scipy.stats import chi2
 
+                big, seen = ns.max(), int(pairs[ns.argmax()])
+                upper = chi2.ppf(0.95, 2 * (seen + 1)) / 2   # 95% Poisson upper bound on the count (3.0 for 0)
+                scale = (size / big) ** 2                     # wrong pairs assumed to grow as N^2
+                print(f"{name}: {seen} wrong pair(s) at N = {big:,.0f}; with pairs growing as N^2, at {label}: "
+                      f"~{seen * scale:,.0f} pairs expected, 95% bound < {upper * scale:,.0f} pairs, "
+                      f"< {2 * upper * scale:,.0f} images ({2 * upper * scale / size:.2%})")
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
