@@ -2,7 +2,7 @@
 
   dict       a Python dict from code bytes to group id (what a first version of a dedup script does)
   np.unique  `np.unique(codes, axis=0, return_inverse=True)`: a comparison sort of the rows, O(N log N)
-  ours       `preprocessing.semantic_hash.group_identical`: hash-partition into cache-sized chunks, LSD radix sort
+  ours       `preprocessing.dedup.semantic_hash.group_identical`: hash-partition into cache-sized chunks, LSD radix sort
              of 16-bit digits per chunk, O(N)
 
 Codes are random with about one row in three repeating an earlier one (as many groups as a heavily duplicated
@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from preprocessing.semantic_hash import group_identical  # noqa: E402
+from preprocessing.dedup.semantic_hash import group_identical  # noqa: E402
 
 
 def codes(n: int, seed: int = 0) -> np.ndarray:

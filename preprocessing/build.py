@@ -372,7 +372,7 @@ def _remove_unlisted(out: str, folder: str, keep: list[dict]) -> None:
 
 def _deduplicate(src: str, entries: list[dict], out: str, dedup: DedupConfig) -> tuple[list[dict], dict]:
     try:
-        from preprocessing.dedup import deduplicate
+        from preprocessing.dedup.dataset import deduplicate
     except ImportError as err:
         raise BuildError(f"de-duplication requested but unavailable ({err}); build with --no-dedup") from None
     return deduplicate(src, entries, out, dedup)

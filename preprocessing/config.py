@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from preprocessing.dedup_views import DEFAULT_VIEWS, MAX_VIEWS
+from preprocessing.dedup.grid import DEFAULT_VIEWS, MAX_VIEWS
 from preprocessing.storage import resolve_location
 
 Location = Annotated[str, AfterValidator(resolve_location)]

@@ -52,25 +52,24 @@ def manifest(dataset: str) -> str:
     return join(dataset, MANIFEST)
 
 
-def dedup_folder(dataset: str) -> str:
-    return join(dataset, DEDUP)
+# The dedup step's files, relative to the dataset (the manifest's `dedup` section names them so)
+DEDUP_MODEL, DEDUP_REPORT, DEDUP_PICTURE = f"{DEDUP}/model.pt", f"{DEDUP}/report.json", f"{DEDUP}/collisions.png"
 
 
 def dedup_model(dataset: str) -> str:
-    """The hashing autoencoder's weights (a later dedup of the same dataset can reuse them)."""
-    return join(dataset, DEDUP, "model.pt")
+    """The hashing autoencoder's weights (a plain tensor dict)."""
+    return join(dataset, DEDUP_MODEL)
 
 
 def dedup_report(dataset: str) -> str:
-    return join(dataset, DEDUP, "report.json")
+    return join(dataset, DEDUP_REPORT)
 
 
 def dedup_collisions(dataset: str) -> str:
-    """The picture of the largest duplicate groups."""
-    return join(dataset, DEDUP, "collisions.png")
+    """The picture of some duplicate groups (kept member framed green, removed ones red)."""
+    return join(dataset, DEDUP_PICTURE)
 
 
 def dedup_training(dataset: str) -> str:
-    """Ray Train's own files while the autoencoder trains on an s3:// dataset."""
+    """Ray Train's own files while the autoencoder trains for an s3:// dataset (removed after)."""
     return join(dataset, DEDUP, "_train")
-

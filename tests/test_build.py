@@ -260,7 +260,7 @@ def test_cli_build_faces_and_overwrite_refusal(tmp_path, ray_cluster, capsys):
 @pytest.mark.slow
 def test_dedup_integration_writes_final_shards_and_removes_staging(tmp_path, ray_cluster):
     """With dedup on: staging shards -> preprocessing.dedup.deduplicate -> out/shards + manifest; staging removed."""
-    pytest.importorskip("preprocessing.dedup")
+    pytest.importorskip("preprocessing.dedup.dataset")
     from preprocessing.config import DedupConfig
 
     src = tmp_path / "photos"

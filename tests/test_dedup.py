@@ -15,12 +15,13 @@ import torch
 
 from preprocessing import storage
 from preprocessing.config import DedupConfig
-from preprocessing.dedup_groups import (bucket_edges, edge_groups, group_ids, groups_of, verified_groups,
+from preprocessing.dedup.groups import (bucket_edges, edge_groups, group_ids, groups_of, verified_groups,
                                         view_rows)
-from preprocessing.dedup_model import crops_of, encode, fit_local, inputs_of, load_state
-from preprocessing.dedup_verify import BUCKET_CAP, MAX_DIFF, MAX_REL, differences, measures, star_groups
-from preprocessing.dedup_views import MAX_VIEWS, cut_views, image_codes, view_crops, view_sources
-from preprocessing.semantic_hash import (group_codes, group_identical, group_views, hamming, keep_smallest_key,
+from preprocessing.dedup.model import crops_of, encode, fit_local, inputs_of, load_state
+from preprocessing.dedup.verify import BUCKET_CAP, MAX_DIFF, MAX_REL, differences, measures, star_groups
+from preprocessing.dedup.grid import MAX_VIEWS
+from preprocessing.dedup.views import cut_views, image_codes, view_crops, view_sources
+from preprocessing.dedup.semantic_hash import (group_codes, group_identical, group_views, hamming, keep_smallest_key,
                                          near_pairs, pack_bits)
 from preprocessing.shards import ShardDataset, make_table, read_manifest, write_manifest, write_table
 from realdata import mnist_rgb32, real_photos
@@ -339,7 +340,7 @@ def test_verified_merge_keeps_5000_distinct_digits_apart():
 
 def test_verified_merge_finds_shifted_recropped_and_jpeg_copies(trained):
     """1-4 px shifted, re-cropped and JPEG re-encoded copies of real photos and photo tiles (near-copy originals kept)
-    are grouped with their original (recall >= 0.7: the thresholds trade recall for no false merges, dedup_verify);
+    are grouped with their original (recall >= 0.7: the thresholds trade recall for no false merges, dedup.verify);
     no original is removed for another."""
     cfg, *_, state, _ = trained
     keys, originals = _tiles64()
@@ -465,7 +466,7 @@ def test_dedup_command_over_s3_on_ray(s3_bucket, ray_cluster, capsys):
 @pytest.mark.slow
 def test_a_hash_that_would_remove_most_rows_fails_and_writes_nothing(tmp_path, ray_cluster):
     """A dataset of near-identical rows (one real photo re-encoded) would lose 39 of 40 rows: that is refused."""
-    from preprocessing.dedup import deduplicate
+    from preprocessing.dedup.dataset import deduplicate
     from preprocessing.shards import DatasetError
 
     keys, images = _distinct_images(0)

@@ -2,14 +2,14 @@
 
 Stages, each a Ray job that scales out with the cluster:
 1. crops   one task per source shard reads it and keeps (key, shard, row, 32x32 center crop) and, with
-           `views` > 1, the 64x64 center square the other views are cut from (`dedup_views`); nothing else moves.
-2. train   the hashing autoencoder on Ray Train (`dedup_model.fit_ray`), on the dataset being de-duplicated.
+           `views` > 1, the 64x64 center square the other views are cut from (`views`); nothing else moves.
+2. train   the hashing autoencoder on Ray Train (`model.fit_ray`), on the dataset being de-duplicated.
 3. encode  every image -> its `views` codes (ReLU > 0 of the code layer, packed: 16 bytes for 128 bits); view 0, the
            paper's center-crop hash, is the `hash` column.
 4. group   every (key, code) goes to a hash partition of its code (Ray Data groupby); each partition buckets equal
            codes in one linear pass (`semantic_hash`). With views > 1 a shared code only proposes a pair: the members
            of shared buckets get their matched views' pixels from the source shards and each partition verifies its
-           candidate pairs (`dedup_verify`); the driver gets the verified edges only and builds star groups (every
+           candidate pairs (`verify`); the driver gets the verified edges only and builds star groups (every
            removed image verified against its keeper). With `views: 1` (the paper's hash) equal codes are one group
            (connected components, unverified). Each group keeps its smallest key. With a Hamming radius r > 0
            all codes (16 bytes x views + key a row) are gathered on the driver for multi-index hashing instead.
@@ -32,17 +32,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preprocessing import compute, storage
+from preprocessing import compute, dataset_layout, storage
 from preprocessing.config import DedupConfig
-from preprocessing.dedup_groups import (bucket_edges, codes_of, decide, edge_groups, groups_of, member_rows,
+from preprocessing.dedup.groups import (bucket_edges, codes_of, decide, edge_groups, groups_of, member_rows,
                                        verify_rows, view_rows)
-from preprocessing.dedup_model import crops_of, fit_ray, save_state
-from preprocessing.dedup_report import bit_stats, collision_picture
-from preprocessing.dedup_verify import BLANK_STD, blank, star_groups
-from preprocessing.dedup_views import cut_views, encode_views, view_sources
+from preprocessing.dedup.model import crops_of, fit_ray, save_state
+from preprocessing.dedup.report import bit_stats, collision_picture
+from preprocessing.dedup.verify import BLANK_STD, blank, star_groups
+from preprocessing.dedup.views import cut_views, encode_views, view_sources
 from preprocessing.errors import InputError
 from preprocessing.progress import Progress
-from preprocessing.semantic_hash import group_views
+from preprocessing.dedup.semantic_hash import group_views
 from preprocessing.shards import DatasetError, images_of, shard_name, write_table
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def _pixels_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict],
 
 def _verified_groups(coded, src_uri: str, shards: list[dict], cfg: DedupConfig, code_bytes: int,
                      partitions: int) -> tuple[dict, dict]:
-    """The multi-view group stage (`dedup_verify`): codes propose, pixels decide, groups are stars.
+    """The multi-view group stage (`verify`): codes propose, pixels decide, groups are stars.
 
     Three shuffles, none through the driver: (image, code) rows by code partition -> bucket members (capped); members
     by source shard -> their matched views' pixels; pixels by code partition -> verified edges. The driver gets the
@@ -164,10 +164,55 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
     `shards` are manifest entries (path relative to src_uri, rows). Writes out/shards/ and out/dedup/, not the
     manifest. Deterministic for equal inputs and `cfg.seed` on CPU (Ray Data keeps block order while this runs).
     """
-    import ray
     from ray.data import DataContext
     from ray.data.expressions import col
 
+    rows_in = _check(src_uri, shards, cfg)
+    compute.connect()
+    ctx = DataContext.get_current()
+    saved_order = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    timings: dict[str, float] = {}
+    shown = Progress("dedup", len(PHASES), "phases")
+
+    def phase(name: str, done: int, note: str, fn, *args):
+        t = time.perf_counter()
+        out = fn(*args)
+        timings[f"{name}_s"] = time.perf_counter() - t
+        shown.update(done, note=note if isinstance(note, str) else note(out))
+        return out
+
+    try:
+        crops, blank_rows = phase("crops", 1, f"{rows_in} crops read; training the autoencoder",
+                                  _crops, src_uri, shards, cfg, rows_in)
+        state, losses = phase("train", 2, "autoencoder trained; hashing", _train, crops, cfg, out_uri)
+        coded = phase("encode", 3, f"{rows_in} codes; grouping", _encode, crops, state, cfg)
+        decisions, checks = phase("group", 4, "grouped; writing the kept rows",
+                                  _group, coded, src_uri, shards, cfg, rows_in)
+        _check_removal(decisions, src_uri, rows_in, cfg)
+        entries = phase("write", 5, lambda e: f"{sum(x['rows'] for x in e)} of {rows_in} rows kept",
+                        _write, decisions, src_uri, out_uri, shards)
+        colliding = sorted(decisions.filter(expr=col("size") > 1).select_columns(
+            ["key", "shard", "row", "keep", "group", "size"]).take_all(), key=lambda r: (r["group"], str(r["key"])))
+        bits = bit_stats(coded, cfg.code_bits)
+    finally:
+        ctx.execution_options.preserve_order = saved_order
+        shown.close()
+    rows_out = sum(e["rows"] for e in entries)
+    info = {"method": METHOD, "code_bits": cfg.code_bits, "views": cfg.views, "radius": cfg.radius,
+            "rows_in": rows_in, "rows_out": rows_out, "removed": rows_in - rows_out,
+            "merge": "verified" if cfg.views > 1 and cfg.radius == 0 else "shared code", **checks,
+            "blank": blank_rows, **bits, "train_loss": [round(v, 5) for v in losses],
+            "model": dataset_layout.DEDUP_MODEL, "report": dataset_layout.DEDUP_REPORT,
+            "picture": dataset_layout.DEDUP_PICTURE, "params": cfg.model_dump()}
+    return entries, _report(info, colliding, src_uri, shards, out_uri, cfg, timings)
+
+
+# ------------------------------------------------------------------------------------------------ the phases
+
+
+def _check(src_uri: str, shards: list[dict], cfg: DedupConfig) -> int:
+    """The number of rows, once the dataset is known to be one the autoencoder can be trained on."""
     if not shards:
         raise InputError(f"{src_uri}: no shards to de-duplicate")
     if cfg.crop <= 0:
@@ -176,91 +221,88 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
     if rows_in < min_images(cfg):
         raise InputError(f"{src_uri}: {rows_in} images are too few to train the hashing autoencoder (dedup needs at "
                          f"least {min_images(cfg)}: dedup.whiten + 1 to estimate its whitening basis); pass --no-dedup")
-    compute.connect()
-    ctx = DataContext.get_current()
-    saved_order = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    shown = Progress("dedup", len(PHASES), "phases")
-    try:
-        items = [{"shard": i} for i in range(len(shards))]
-        crops = (ray.data.from_items(items, override_num_blocks=len(items))
-                 .map_batches(_crops_task, batch_size=1, batch_format="numpy",
-                              fn_kwargs={"src_uri": src_uri, "shards": shards, "crop": cfg.crop,
-                                         "views": cfg.views})
-                 .materialize())
-        if crops.count() != rows_in:
-            raise DatasetError(f"{src_uri}: read {crops.count()} rows, the shard list says {rows_in}")
-        blank_rows = int(crops.sum("blank") or 0)
-        if blank_rows == rows_in:
-            raise InputError(f"{src_uri}: all {rows_in} images are blank (pixel std < {BLANK_STD:g} in the "
-                             f"{cfg.crop}x{cfg.crop} crop): nothing to de-duplicate; check the build, or pass "
-                             "--no-dedup")
-        timings["crops_s"] = time.perf_counter() - t
-        shown.update(1, note=f"{rows_in} crops read; training the autoencoder")
+    return rows_in
 
-        t = time.perf_counter()
-        dedup_uri = storage.join(out_uri, "dedup")
-        with tempfile.TemporaryDirectory(prefix="dcgan-dedup-") as tmp:
-            train_dir = storage.join(dedup_uri, "_train") if storage.is_s3(out_uri) else tmp
-            state, losses = fit_ray(crops, cfg, train_dir)
-            if storage.is_s3(out_uri):
-                storage.delete_prefix(train_dir)
-        save_state(state, storage.join(dedup_uri, "model.pt"))
-        timings["train_s"] = time.perf_counter() - t
-        shown.update(2, note="autoencoder trained; hashing")
 
-        t = time.perf_counter()
-        partitions = max(1, -(-rows_in // ROWS_PER_PARTITION))
-        state_np = {k: v.numpy() for k, v in state.items() if k.startswith("encoder.")}  # hashing needs no decoder
-        coded = crops.map_batches(_encode_task, batch_format="numpy",
-                                  fn_kwargs={"state": state_np, "cfg": cfg.model_dump()}).materialize()
-        timings["encode_s"] = time.perf_counter() - t
-        shown.update(3, note=f"{rows_in} codes; grouping")
+def _crops(src_uri: str, shards: list[dict], cfg: DedupConfig, rows_in: int):
+    """1. One task per source shard: (key, shard, row, crop[, view source]) of every row; refuses an all-blank set."""
+    import ray
 
-        t = time.perf_counter()
-        code_bytes = (cfg.code_bits + 7) // 8
-        checks = {}
-        if cfg.radius == 0 and cfg.views > 1:
-            groups, checks = _verified_groups(coded, src_uri, shards, cfg, code_bytes, partitions)
-        elif cfg.radius == 0:
-            edges = (coded.map_batches(view_rows, batch_format="numpy",
-                                       fn_kwargs={"code_bytes": code_bytes, "partitions": partitions})
-                     .groupby("part").map_groups(bucket_edges, batch_format="numpy").to_pandas())
-            groups = edge_groups(edges["a"].to_numpy(object), edges["b"].to_numpy(object)) if len(edges) else {}
-        else:  # multi-index hashing needs every code in one place (16 bytes x views + key per row)
-            whole = coded.select_columns(["key", "views"]).to_pandas()
-            batch = {c: whole[c].to_numpy() for c in whole.columns}
-            groups = groups_of(batch["key"], group_views(codes_of(batch, code_bytes), cfg.radius))
-        decisions = coded.map_batches(decide, batch_format="numpy", fn_kwargs={"groups": groups}).materialize()
-        timings["group_s"] = time.perf_counter() - t
-        shown.update(4, note="grouped; writing the kept rows")
-        kept = int(decisions.map_batches(lambda b: {"n": [int(np.count_nonzero(b["keep"]))]},
-                                         batch_format="numpy").sum("n") or 0)
-        if rows_in - kept > cfg.max_removed * rows_in:
-            raise DatasetError(
-                f"{src_uri}: the hash would remove {rows_in - kept} of {rows_in} rows (more than dedup.max_removed = "
-                f"{cfg.max_removed:.0%}); a hash that collapsed to few codes looks like this, so nothing was written. "
-                f"Check the autoencoder (dedup.epochs, dedup.whiten) or raise dedup.max_removed if the data really is "
-                f"that redundant")
+    items = [{"shard": i} for i in range(len(shards))]
+    crops = (ray.data.from_items(items, override_num_blocks=len(items))
+             .map_batches(_crops_task, batch_size=1, batch_format="numpy",
+                          fn_kwargs={"src_uri": src_uri, "shards": shards, "crop": cfg.crop, "views": cfg.views})
+             .materialize())
+    if crops.count() != rows_in:
+        raise DatasetError(f"{src_uri}: read {crops.count()} rows, the shard list says {rows_in}")
+    blank_rows = int(crops.sum("blank") or 0)
+    if blank_rows == rows_in:
+        raise InputError(f"{src_uri}: all {rows_in} images are blank (pixel std < {BLANK_STD:g} in the "
+                         f"{cfg.crop}x{cfg.crop} crop): nothing to de-duplicate; check the build, or pass --no-dedup")
+    return crops, blank_rows
 
-        t = time.perf_counter()
-        written = decisions.groupby("shard").map_groups(
-            _write_task, batch_format="numpy", fn_kwargs={"src_uri": src_uri, "out_uri": out_uri, "shards": shards})
-        entries = sorted(({"path": str(r["path"]), "rows": int(r["rows"]), "bytes": int(r["bytes"]),
-                           "sha256": str(r["sha256"])} for r in written.take_all()), key=lambda e: e["path"])
-        timings["write_s"] = time.perf_counter() - t
-        shown.update(5, note=f"{sum(e['rows'] for e in entries)} of {rows_in} rows kept")
 
-        rows_out = sum(e["rows"] for e in entries)
-        colliding = sorted(decisions.filter(expr=col("size") > 1).select_columns(
-            ["key", "shard", "row", "keep", "group", "size"]).take_all(), key=lambda r: (r["group"], str(r["key"])))
-        bits = bit_stats(coded, cfg.code_bits)
-    finally:
-        ctx.execution_options.preserve_order = saved_order
-        shown.close()
+def _train(crops, cfg: DedupConfig, out_uri: str) -> tuple[dict, list[float]]:
+    """2. The hashing autoencoder on Ray Train; its weights saved beside the dataset."""
+    with tempfile.TemporaryDirectory(prefix="dcgan-dedup-") as tmp:
+        train_dir = dataset_layout.dedup_training(out_uri) if storage.is_s3(out_uri) else tmp
+        state, losses = fit_ray(crops, cfg, train_dir)
+        if storage.is_s3(out_uri):
+            storage.delete_prefix(train_dir)
+    save_state(state, dataset_layout.dedup_model(out_uri))
+    return state, losses
 
+
+def _encode(crops, state: dict, cfg: DedupConfig):
+    """3. Every image to its `views` codes (the encoder only: hashing needs no decoder)."""
+    state_np = {k: v.numpy() for k, v in state.items() if k.startswith("encoder.")}
+    return crops.map_batches(_encode_task, batch_format="numpy",
+                             fn_kwargs={"state": state_np, "cfg": cfg.model_dump()}).materialize()
+
+
+def _group(coded, src_uri: str, shards: list[dict], cfg: DedupConfig, rows_in: int) -> tuple[Any, dict]:
+    """4. Groups (verified stars, shared-code components, or multi-index hashing at radius > 0), then each row's
+    keep/remove decision; returns (decisions, the verification's figures)."""
+    partitions = max(1, -(-rows_in // ROWS_PER_PARTITION))
+    code_bytes = (cfg.code_bits + 7) // 8
+    checks = {}
+    if cfg.radius == 0 and cfg.views > 1:
+        groups, checks = _verified_groups(coded, src_uri, shards, cfg, code_bytes, partitions)
+    elif cfg.radius == 0:
+        edges = (coded.map_batches(view_rows, batch_format="numpy",
+                                   fn_kwargs={"code_bytes": code_bytes, "partitions": partitions})
+                 .groupby("part").map_groups(bucket_edges, batch_format="numpy").to_pandas())
+        groups = edge_groups(edges["a"].to_numpy(object), edges["b"].to_numpy(object)) if len(edges) else {}
+    else:  # multi-index hashing needs every code in one place (16 bytes x views + key per row)
+        whole = coded.select_columns(["key", "views"]).to_pandas()
+        batch = {c: whole[c].to_numpy() for c in whole.columns}
+        groups = groups_of(batch["key"], group_views(codes_of(batch, code_bytes), cfg.radius))
+    return coded.map_batches(decide, batch_format="numpy", fn_kwargs={"groups": groups}).materialize(), checks
+
+
+def _check_removal(decisions, src_uri: str, rows_in: int, cfg: DedupConfig) -> None:
+    """`max_removed`, the last guard: a hash that collapsed to few codes removes most rows; nothing is written."""
+    kept = int(decisions.map_batches(lambda b: {"n": [int(np.count_nonzero(b["keep"]))]},
+                                     batch_format="numpy").sum("n") or 0)
+    if rows_in - kept > cfg.max_removed * rows_in:
+        raise DatasetError(
+            f"{src_uri}: the hash would remove {rows_in - kept} of {rows_in} rows (more than dedup.max_removed = "
+            f"{cfg.max_removed:.0%}); a hash that collapsed to few codes looks like this, so nothing was written. "
+            f"Check the autoencoder (dedup.epochs, dedup.whiten) or raise dedup.max_removed if the data really is "
+            f"that redundant")
+
+
+def _write(decisions, src_uri: str, out_uri: str, shards: list[dict]) -> list[dict]:
+    """5. One task per source shard writes its kept rows; returns the shard entries."""
+    written = decisions.groupby("shard").map_groups(
+        _write_task, batch_format="numpy", fn_kwargs={"src_uri": src_uri, "out_uri": out_uri, "shards": shards})
+    return sorted(({"path": str(r["path"]), "rows": int(r["rows"]), "bytes": int(r["bytes"]),
+                    "sha256": str(r["sha256"])} for r in written.take_all()), key=lambda e: e["path"])
+
+
+def _report(info: dict, colliding: list[dict], src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig,
+            timings: dict[str, float]) -> dict:
+    """The groups' picture and report.json; returns the manifest's dedup info with the group figures."""
     by_group: dict[str, list[dict]] = {}
     for r in colliding:
         by_group.setdefault(str(r["group"]), []).append(r)
@@ -271,31 +313,11 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
     names = sorted(by_group)
     picked = [names[i] for i in sorted(rng.choice(len(names), min(PICTURE_GROUPS, len(names)), replace=False))]
     collision_picture(lambda i: _read_shard(src_uri, shards[i]), [by_group[g] for g in picked],
-                      storage.join(dedup_uri, "collisions.png"))
-
-    removed = rows_in - rows_out
-    info = {
-        "method": METHOD,
-        "code_bits": cfg.code_bits,
-        "views": cfg.views,
-        "radius": cfg.radius,
-        "rows_in": rows_in,
-        "rows_out": rows_out,
-        "removed": removed,
-        "groups": int(len(sizes)),
-        "merge": "verified" if cfg.views > 1 and cfg.radius == 0 else "shared code",
-        **checks,
-        "blank": blank_rows,
-        "largest_group": int(sizes.max()) if len(sizes) else 1,
-        **bits,
-        "train_loss": [round(v, 5) for v in losses],
-        "model": "dedup/model.pt",
-        "report": "dedup/report.json",
-        "picture": "dedup/collisions.png",
-        "params": cfg.model_dump(),
-    }
-    if removed != int((sizes - 1).sum()):
-        raise RuntimeError(f"dedup bookkeeping: {removed} rows removed but groups account for {(sizes - 1).sum()}")
+                      dataset_layout.dedup_collisions(out_uri))
+    info = {**info, "groups": int(len(sizes)), "largest_group": int(sizes.max()) if len(sizes) else 1}
+    if info["removed"] != int((sizes - 1).sum()):
+        raise RuntimeError(f"dedup bookkeeping: {info['removed']} rows removed but groups account for "
+                           f"{(sizes - 1).sum()}")
     report = {
         **info,
         "seconds": {k: round(v, 2) for k, v in timings.items()},
@@ -304,9 +326,10 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
         "groups_detail": [{"kept": g, "size": len(by_group[g]), "removed": [str(m["key"]) for m in by_group[g][1:]]}
                           for g in sorted(by_group, key=lambda g: (-len(by_group[g]), g))[:1000]],
     }
-    storage.write_json(storage.join(dedup_uri, "report.json"), report)
-    log.info("dedup %s: %d rows -> %d (%d removed in %d groups)", src_uri, rows_in, rows_out, removed, len(sizes))
-    return entries, info
+    storage.write_json(dataset_layout.dedup_report(out_uri), report)
+    log.info("dedup %s: %d rows -> %d (%d removed in %d groups)", src_uri, info["rows_in"], info["rows_out"],
+             info["removed"], len(sizes))
+    return info
 
 
 def already_deduplicated(src: str, out: str, cfg: DedupConfig) -> dict[str, Any] | None:

@@ -3,7 +3,7 @@
 Why: with 135 codes per image, grouping on ANY shared code joins distinct look-alikes, and union-find chains them
 (issue 19: 1.9% of 5,000 distinct MNIST digits grouped, growing with N). Here a shared code only makes two images a
 CANDIDATE pair; the pair becomes an edge only if the two images, aligned over the views whose codes matched
-(`dedup_views.cut_views`, 32x32 at the crop's resolution), differ by at most `MAX_DIFF` grey levels RMS in every
+(`views.cut_views`, 32x32 at the crop's resolution), differ by at most `MAX_DIFF` grey levels RMS in every
 block of a 4x4 grid (the border strip, where a shifted copy holds mirrored pixels, left out). Groups are stars: every
 removed image was verified directly against the image kept in its place (the group's smallest key), so a chain
 a~b~c never removes c for a (`star_groups`).
@@ -30,7 +30,7 @@ import hashlib
 
 import numpy as np
 
-from preprocessing.semantic_hash import group_identical
+from preprocessing.dedup.semantic_hash import group_identical
 
 MAX_DIFF = 12.0        # block RMS difference, grey levels, of two aligned 32x32 views: at most this, and ...
 MAX_REL = 0.15         # ... interior RMS difference at most this fraction of the lower contrast = duplicates
@@ -154,7 +154,7 @@ def verified_pairs(buckets: np.ndarray, owners: np.ndarray, pixels, record: list
 def star_groups(a: np.ndarray, b: np.ndarray) -> dict[str, tuple[str, int]]:
     """Groups from verified edges between keys (a[k], b[k]), without chains: in key order, an image not yet placed
     keeps, and its verified neighbours not yet placed join it. key -> (keeper, group size) for groups of two or more
-    (as `dedup_groups.groups_of`). Linear in edges after one sort; the edges are verified duplicates only."""
+    (as `groups.groups_of`). Linear in edges after one sort; the edges are verified duplicates only."""
     if len(a) == 0:
         return {}
     names, idx = np.unique(np.concatenate([np.asarray(a), np.asarray(b)]).astype(str), return_inverse=True)

@@ -40,7 +40,7 @@ from torch import nn
 from preprocessing import storage
 from preprocessing.config import DedupConfig
 from preprocessing.progress import Progress
-from preprocessing.semantic_hash import pack_bits
+from preprocessing.dedup.semantic_hash import pack_bits
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ crop and, almost always, another code (benchmarks/dedup_quality.py: the single h
 pairs). Here each image is also hashed in crops cut from its center square at twice the crop's resolution (64 px for
 the 32-px crop): shifted by up to `SHIFT` px, and zoomed in by 2-8 px (`ZOOMS`, some unequal in height and width, as a
 re-crop gives) over a grid of shifts; each is 2x2-pooled back to the crop size. A view code shared by two images
-makes them a candidate pair, which `dedup_verify` accepts or rejects on the two images' pixels aligned over those views
+makes them a candidate pair, which `verify` accepts or rejects on the two images' pixels aligned over those views
 (`cut_views`). The first view is exactly the paper's center-crop hash (the `hash` column); `views: V` takes the first V
 views of the fixed order below (nearest first): 1 = the paper's single hash, 9/25/49/81 = shifts up to 1/2/3/4 px,
 135 = all (the default). Measured: benchmarks/dedup_scale.py, docs/dedup.md.
@@ -19,29 +19,14 @@ image they are half pixels (shifts up to 2 px there).
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-SHIFT = 4                   # largest shift of a view, in source pixels (Chebyshev radius)
-ZOOMS = ((4, 4, 2), (8, 8, 4), (4, 0, 2), (0, 4, 2), (8, 4, 4), (4, 8, 4), (2, 2, 1), (6, 6, 3))
-# (pixels added to the source's height, to its width, step of that zoom's shift grid); zoom shifts span +-zoom/2
+from preprocessing.dedup.grid import SHIFT, VIEWS, ZOOMS
 
-
-def _view_list() -> list[tuple[int, int, int, int]]:
-    """All views as (zoom_y, zoom_x, dy, dx), nearest first: center; shifts by ring 1..SHIFT; each zoom's grid."""
-    out = [(0, 0, 0, 0)]
-    for r in range(1, SHIFT + 1):
-        ring = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if max(abs(dy), abs(dx)) == r]
-        out += [(0, 0, dy, dx) for dy, dx in ring]
-    for zy, zx, step in ZOOMS:
-        ys, xs = range(-(zy // 2), zy // 2 + 1, step), range(-(zx // 2), zx // 2 + 1, step)
-        out += [(zy, zx, dy, dx) for dy in ys for dx in xs]
-    return out
-
-
-VIEWS = _view_list()
-MAX_VIEWS = len(VIEWS)         # 81 shifts + 54 zoomed = 135
-DEFAULT_VIEWS = MAX_VIEWS       # recall grows with every zoom grid added (RESULTS.md); pairs are verified on pixels
+if TYPE_CHECKING:  # annotations only: torch is imported where the codes are computed
+    import torch
 
 
 def view_sources(images: np.ndarray, crop: int) -> np.ndarray:
@@ -155,7 +140,7 @@ def _view_encoder(state, crop: int):
     factorisation, 3072 x 128 multiply-adds become 768 x 32 + 32 x 128. Without whitening: the plain W."""
     import torch
 
-    from preprocessing.dedup_model import HashAutoencoder, pooling_matrix
+    from preprocessing.dedup.model import HashAutoencoder, pooling_matrix
 
     if isinstance(state, HashAutoencoder):
         state = state.folded_state()
@@ -176,9 +161,9 @@ def _view_encoder(state, crop: int):
 
 
 def _view_bits(encoder, x, mean, msq):
-    """Bits of the views (M, D) float: the encoder on standardised inputs (`dedup_model.inputs_of`), computed as
+    """Bits of the views (M, D) float: the encoder on standardised inputs (`model.inputs_of`), computed as
     sign(W x - mean W 1 + b rms) so no standardised copy of the views is written."""
-    from preprocessing.dedup_model import EPS
+    from preprocessing.dedup.model import EPS
 
     a, bmat, w1, b, _ = encoder
     rms = (msq - mean ** 2).clamp_min(0).sqrt().clamp_min(EPS * 255).float()
@@ -231,7 +216,7 @@ def _conv_bits(encoder, sources: np.ndarray, views: int) -> "torch.Tensor":
     import torch
     import torch.nn.functional as F
 
-    from preprocessing.dedup_model import EPS
+    from preprocessing.dedup.model import EPS
 
     a, bmat, w1, b, _ = encoder
     n, s = len(sources), sources.shape[1]
@@ -295,12 +280,12 @@ def _conv_bits(encoder, sources: np.ndarray, views: int) -> "torch.Tensor":
 
 
 def encode_views(state, crops: np.ndarray, sources: np.ndarray | None, cfg, chunk: int = 64) -> np.ndarray:
-    """Packed codes (N, cfg.views, code_bits/8): view 0 is `dedup_model.encode` of the center crops (the `hash`
+    """Packed codes (N, cfg.views, code_bits/8): view 0 is `model.encode` of the center crops (the `hash`
     column), the others come from `sources` (`view_sources`), all views of a chunk of images in one matmul."""
     import torch
 
-    from preprocessing.dedup_model import encode
-    from preprocessing.semantic_hash import pack_bits
+    from preprocessing.dedup.model import encode
+    from preprocessing.dedup.semantic_hash import pack_bits
 
     center = encode(state, crops, cfg)
     if cfg.views == 1:
@@ -326,7 +311,7 @@ def encode_views(state, crops: np.ndarray, sources: np.ndarray | None, cfg, chun
 
 def image_codes(state, images: np.ndarray, cfg) -> np.ndarray:
     """(N, H, W, 3) uint8 images -> (N, cfg.views, code_bits/8) packed codes (view 0: the paper's center crop)."""
-    from preprocessing.dedup_model import crops_of
+    from preprocessing.dedup.model import crops_of
 
     sources = view_sources(images, cfg.crop) if cfg.views > 1 else None
     return encode_views(state, crops_of(images, cfg.crop), sources, cfg)

@@ -1,6 +1,6 @@
-"""The group stage of `preprocessing.dedup` (layer: preprocessing): from every image's view codes to kept rows.
+"""The group stage of `preprocessing.dedup.dataset` (layer: preprocessing): from every image's view codes to kept rows.
 
-Multi-view hash (`views` > 1, the default): codes only PROPOSE pairs, pixels decide (`dedup_verify`). Each (image,
+Multi-view hash (`views` > 1, the default): codes only PROPOSE pairs, pixels decide (`verify`). Each (image,
 distinct code) row goes to a hash partition of its code; a partition buckets equal codes and sends the members of
 buckets with two or more images (capped) on; their matched views are cut from the source shards; each partition then
 checks its candidate pairs in bounded chunks and emits only the verified edges; the driver builds star groups from
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from preprocessing.dedup_verify import bucket_members, star_groups, verified_pairs
-from preprocessing.dedup_views import cut_views
-from preprocessing.semantic_hash import components, group_identical, keep_smallest_key, partition_of
+from preprocessing.dedup.verify import bucket_members, star_groups, verified_pairs
+from preprocessing.dedup.views import cut_views
+from preprocessing.dedup.semantic_hash import components, group_identical, keep_smallest_key, partition_of
 
 
 def codes_of(batch: dict[str, np.ndarray], code_bytes: int) -> np.ndarray:

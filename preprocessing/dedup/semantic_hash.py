@@ -1,7 +1,7 @@
 """Grouping binary codes: identical codes in one linear pass, and near codes within a Hamming radius.
 
 A code is a row of packed bits, (N, B/8) uint8 (the autoencoder's 128-bit code is 16 bytes). Everything here is
-vectorised numpy over one partition of the codes; `preprocessing.dedup` hash-partitions a dataset's codes across a
+vectorised numpy over one partition of the codes; `preprocessing.dedup.dataset` hash-partitions a dataset's codes across a
 Ray cluster with `partition_of` and calls these per partition, so no node ever holds the whole dataset.
 
 - Identical codes (radius 0): hash-partition into cache-sized chunks, then an LSD radix sort over 16-bit digits per
@@ -15,7 +15,7 @@ Ray cluster with `partition_of` and calls these per partition, so no node ever h
   about N^2 / 2^(B/(r+1)+1) chance candidates per block (negligible for B=128, r<=3 up to ~1e8 codes), plus the true
   near pairs; codes concentrated in a few buckets (a constant block) degrade towards N^2, and `max_candidates`
   turns that into a clear error instead of an endless run.
-- Several codes per image (`group_views`, the multi-view hash of `dedup_views`): the N*V codes are grouped as above and
+- Several codes per image (`group_views`, the multi-view hash of `views`): the N*V codes are grouped as above and
   each image is joined to the buckets of its codes; groups are connected components of that image-bucket graph.
 """
 
