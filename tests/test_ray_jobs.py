@@ -168,22 +168,6 @@ def test_train_flow_runs_a_ray_job_and_streams_its_log(ray_head, tmp_path, monke
     assert "storage settings passed: AWS_REGION" in logs and "not-to-be-logged-4711" not in logs
 
 
-@pytest.mark.slow
-def test_a_job_that_fails_fails_the_run_with_its_cause(ray_head, tmp_path):
-    cfg = load_config("configs/tiny-test.yaml", {
-        "root": str(tmp_path), "name": "no-data", "data": str(tmp_path / "missing-dataset"),
-        "cluster.address": ray_head,
-    })
-    state = train_dcgan(cfg, return_state=True)
-    assert state.is_failed()
-    with pytest.raises(jobs.RayJobInputError, match="no manifest.json"):
-        state.result()
-    logs = run_logs(state.state_details.flow_run_id)
-    assert "FAILED" in logs and "no manifest.json" in logs
-    assert logs.count("submitted Ray job") == 1  # bad input is not retried
-    assert checkpoints.latest_step(cfg.run_uri) is None
-
-
 def test_a_second_connect_to_another_ray_is_refused_not_ignored(tmp_path):
     """Whoever connects first used to win silently (the demo's Ray kept the build's pixel cap from its workers):
     the same place is kept, another one is one clear error, and a build after a plain connect still gives its
@@ -221,23 +205,29 @@ except InputError as err:
 
 
 @pytest.mark.slow
-def test_a_job_that_fails_on_a_transient_fault_stays_transient_and_is_retried(ray_head, tmp_path, monkeypatch):
-    """Classified once, in the job's command (`preprocessing.errors.classify`): the follower raises the same class,
-    so the Prefect task retries a storage outage inside a job (and only bad input is final)."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens: storage is down
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("DCGAN_RETRY_DELAYS_S", "")  # the job's own retries off: the fault reaches the follower
+@pytest.mark.parametrize("fault", ["bad_input", "transient"])
+def test_a_job_that_fails_fails_the_run_with_its_cause_classified_once(fault, ray_head, tmp_path, monkeypatch):
+    """The job's command classifies its fault (`preprocessing.errors.classify`) and the follower raises the same
+    class: bad input fails the run at once; a storage outage inside the job stays transient, so the Prefect task
+    retries it (it was bad input before: the follower read only the CLI's error line)."""
     monkeypatch.setattr(tasks.train_stage, "retries", 1)
     monkeypatch.setattr(tasks.train_stage, "retry_delay_seconds", [0])
-    cfg = load_config("configs/tiny-test.yaml", {
-        "root": str(tmp_path), "name": "storage-down", "data": "s3://nowhere-bucket/data",
-        "run": str(tmp_path / "run"), "cluster.address": ray_head,
-        "cluster.pass_credentials": True,
-    })
+    where, error, match, submissions = {"data": str(tmp_path / "missing-dataset")}, jobs.RayJobInputError, \
+        "no manifest.json", 1
+    if fault == "transient":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens: storage is down
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setenv("DCGAN_RETRY_DELAYS_S", "")  # the job's own retries off: the fault reaches the follower
+        where, error, match, submissions = {"data": "s3://nowhere-bucket/data", "cluster.pass_credentials": True}, \
+            jobs.RayJobTransientError, "cannot reach the S3 endpoint", 2
+    cfg = load_config("configs/tiny-test.yaml", {"root": str(tmp_path), "name": f"fails-{fault}",
+                                                  "run": str(tmp_path / "run"), "cluster.address": ray_head, **where})
     state = train_dcgan(cfg, return_state=True)
     assert state.is_failed()
-    with pytest.raises(jobs.RayJobTransientError, match="S3 endpoint"):
+    with pytest.raises(error, match=match):
         state.result()
     logs = run_logs(state.state_details.flow_run_id)
-    assert logs.count("submitted Ray job") == 2, logs[-3000:]  # retried once, as a transient fault is
+    assert "FAILED" in logs and match in logs
+    assert logs.count("submitted Ray job") == submissions, logs[-3000:]
+    assert checkpoints.latest_step(cfg.run_uri) is None
