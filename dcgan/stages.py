@@ -65,6 +65,10 @@ Emit = Callable[[str], None]
 
 def run(call: StageCall, emit: Emit = log.info) -> dict[str, Any]:
     """Run a stage where the configuration says (see preprocessing.compute); returns its result dict."""
+    if call.stage == "train" and call.config.cluster.submit == "rayjob":  # a cluster of its own (dcgan.rayjob)
+        from dcgan import rayjob
+
+        return rayjob.run(call, emit)
     where = compute.placement(call.config.cluster.address)
     if where.kind == "jobs":
         return run_as_job(call, where.address, emit)

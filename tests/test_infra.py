@@ -571,6 +571,46 @@ def test_rayjob_entrypoint_is_a_dcgan_command_on_a_config_in_object_storage():
     assert args.command == "train" and args.config.startswith("s3://")
 
 
+def test_a_rayjob_rendered_for_a_run_passes_the_checks_and_trains_the_runs_config():
+    """`cluster.submit: rayjob`: the template rendered for one run (dcgan.rayjob.render) is still a RayJob KubeRay
+    v1.6 takes, names this run's config in object storage, uses the run's image everywhere, can grow to its workers,
+    and each attempt gets its own name."""
+    import shlex
+
+    from dcgan import rayjob
+    from dcgan.cli import build_parser
+    from dcgan.config import load_config
+
+    cfg = load_config(REPO / "configs" / "lsun-bedrooms-64.yaml", {
+        "root": "s3://dcgan", "cluster.workers": 16, "cluster.submit": "rayjob", "cluster.image": "registry.example/dcgan:1.2.3"})
+    template = rayjob.load_template(K8S / "rayjob-train.yaml")
+    name = rayjob.job_name(cfg)
+    config = rayjob.config_uri(cfg.run_uri, name)
+    job = rayjob.render(template, cfg, name, config)
+    assert rayjob_errors(job) == [] and job["metadata"]["name"] == name != rayjob.job_name(cfg)
+    assert len(name) <= MAX_RAYJOB_NAME and job["metadata"]["annotations"]["dcgan.run"] == cfg.run_uri
+    args = build_parser().parse_args(shlex.split(job["spec"]["entrypoint"])[1:])
+    assert args.command == "train" and args.config == config == f"{cfg.run_uri}/rayjobs/{name}.yaml"
+    assert config.startswith("s3://")
+    images = {c["image"] for pod in rayjob._pod_specs(job) for c in pod["containers"] + pod.get("initContainers", [])}
+    assert images == {"registry.example/dcgan:1.2.3"}
+    assert _worker(job)["maxReplicas"] == 16 and _worker(job)["minReplicas"] == 0
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"
+    assert template == rayjob.load_template(K8S / "rayjob-train.yaml")  # the template itself is not changed
+
+
+@pytest.mark.parametrize("change, says", [({"cluster.cpus_per_worker": 9}, "cluster.cpus_per_worker=9"),
+                                          ({"cluster.use_gpu": False}, "no worker group without GPUs")])
+def test_a_rayjob_whose_pods_cannot_hold_a_worker_is_one_line(change, says):
+    from dcgan import rayjob
+    from dcgan.config import ConfigError, load_config
+
+    cfg = load_config(REPO / "configs" / "lsun-bedrooms-64.yaml", change)
+    with pytest.raises(ConfigError) as caught:
+        rayjob.render(rayjob.load_template(), cfg, "dcgan-train-x", "s3://dcgan/runs/x/rayjobs/x.yaml")
+    assert says in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_train_config_loads_from_object_storage(s3_bucket):
     """The entrypoint's `--config s3://...`: the same config as from a file; a missing one is one line, exit 2."""
     from dcgan.config import load_config
