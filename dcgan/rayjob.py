@@ -27,7 +27,7 @@ import yaml
 
 from dcgan import jobs, run_layout
 from dcgan.config import Config, ConfigError, dump_config
-from preprocessing import ownership, storage
+from preprocessing import ownership, progress, storage
 from preprocessing.errors import InputError, one_line
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
@@ -134,6 +134,12 @@ class KubernetesRayJobs:
         self.api.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
 
 
+def _relay(line: str, emit: Emit) -> None:
+    """A job's log line to this process's progress listeners (Prefect's progress artifacts) and the caller."""
+    progress.relay(line)
+    emit(f"[ray job] {line}")
+
+
 def follow(api: Any, name: str, emit: Emit, poll_s: float = 2.0) -> tuple[dict[str, Any], str]:
     """Follow RayJob `name` to its end: its state changes as lines, each attempt's Ray job log through the Jobs API
     of the attempt's cluster. Returns (its final status, the last attempt's log). A RayJob still Running with a
@@ -172,7 +178,7 @@ def follow(api: Any, name: str, emit: Emit, poll_s: float = 2.0) -> tuple[dict[s
                     followed.add(job_id)
                     address = dashboard if "://" in dashboard else f"http://{dashboard}"
                     try:
-                        info, logs = jobs.follow(jobs.connect(address), job_id, lambda line: emit(f"[ray job] {line}"),
+                        info, logs = jobs.follow(jobs.connect(address), job_id, lambda line: _relay(line, emit),
                                                  poll_s=poll_s, address=address)
                         ended = (job_id, time.monotonic(), str(info.status))
                     except jobs.RayClusterUnreachable as err:  # KubeRay decides: a retry, or Failed

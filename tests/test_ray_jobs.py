@@ -182,3 +182,107 @@ def test_a_job_that_fails_fails_the_run_with_its_cause(ray_head, tmp_path):
     assert "FAILED" in logs and "no manifest.json" in logs
     assert logs.count("submitted Ray job") == 1  # bad input is not retried
     assert checkpoints.latest_step(cfg.run_uri) is None
+
+
+# ------------------------------------------------------------------------------------- cluster.submit: rayjob
+
+
+class MiniKubeRay:
+    """KubeRay's part of a RayJob, on the test's Ray head: there is no Kubernetes API server here, so this is these
+    tests' one stand-in (for the Kubernetes API and the operator, nothing else). A created RayJob's spec.entrypoint is
+    submitted with its runtimeEnvYAML through the Jobs API, as KubeRay's submitter does, in the pods' environment
+    (the template's S3 settings); its status reads as KubeRay writes it: Initializing, then Running with jobId and
+    dashboardURL (host:port, no scheme), then Complete or Failed with the Ray job's jobStatus."""
+
+    namespace = "dcgan"
+
+    def __init__(self, address: str):
+        self.address, self.created, self.job_ids, self.polls, self.deleted = address, {}, {}, {}, []
+
+    def create(self, body: dict) -> dict:
+        self.created[body["metadata"]["name"]] = body
+        return body
+
+    def get(self, name: str) -> dict:
+        import yaml
+
+        self.polls[name] = self.polls.get(name, 0) + 1
+        spec = self.created[name]["spec"]
+        if self.polls[name] == 1:
+            return {"status": {"jobDeploymentStatus": "Initializing"}}
+        client = jobs.connect(self.address)
+        if name not in self.job_ids:
+            env = {**yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"], **jobs.aws_env(pass_credentials=True)}
+            self.job_ids[name] = client.submit_job(entrypoint=spec["entrypoint"], runtime_env={"env_vars": env})
+        ray_status = str(client.get_job_status(self.job_ids[name]))
+        state = {"SUCCEEDED": "Complete", "FAILED": "Failed", "STOPPED": "Failed"}.get(ray_status, "Running")
+        return {"status": {"jobDeploymentStatus": state, "jobStatus": ray_status, "jobId": self.job_ids[name],
+                           "dashboardURL": self.address.split("://", 1)[1]}}
+
+    def delete(self, name: str) -> None:
+        self.deleted.append(name)
+
+
+@pytest.mark.slow
+def test_train_flow_as_a_rayjob_streams_the_same_log_and_returns_the_result(s3_bucket, ray_head, tmp_path,
+                                                                          monkeypatch):
+    """`cluster.submit: rayjob`: the train task renders the RayJob, writes the run's config beside the run in object
+    storage, and follows the RayJob; the Ray job KubeRay starts from it trains from that config, and the flow run
+    logs its lines and returns its result as for a Jobs API submission."""
+    import yaml
+
+    from dcgan import rayjob
+
+    template = rayjob.load_template()  # the shipped template, its worker pods without GPUs (a CPU test)
+    for group in template["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        for amounts in group["template"]["spec"]["containers"][0]["resources"].values():
+            amounts.pop("nvidia.com/gpu", None)
+    (tmp_path / "rayjob-cpu.yaml").write_text(yaml.safe_dump(template))
+    monkeypatch.setenv(rayjob.TEMPLATE_ENV, str(tmp_path / "rayjob-cpu.yaml"))
+    kuberay = MiniKubeRay(ray_head)
+    monkeypatch.setattr(rayjob, "KubernetesRayJobs", lambda: kuberay)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config("configs/tiny-test.yaml", {
+        "root": s3_bucket, "name": "as-rayjob", "train.steps": 2, "train.checkpoint_every": 2, "train.batch_size": 16,
+        "cluster.workers": 1, "cluster.cpus_per_worker": 1, "cluster.submit": "rayjob"})
+    tiny_dataset(cfg.data_uri)
+    state = train_dcgan(cfg, return_state=True)
+    logs = run_logs(state.state_details.flow_run_id)
+    assert state.is_completed(), logs[-4000:]
+    assert state.result()["step"] == 2 and checkpoints.latest_step(cfg.run_uri) == 2
+    [name] = kuberay.created
+    for line in ("train runs on a KubeRay RayJob", f"created RayJob {name}", f"RayJob {name}: Initializing",
+                 f"RayJob {name}: Running", "[ray job]", f"RayJob {name}: Complete"):
+        assert line in logs, (line, logs[-3000:])
+    ran = load_config(rayjob.config_uri(cfg.run_uri, name))
+    assert ran.cluster.submit == "jobs-api" and ran.cluster.address is None and ran.train.steps == 2
+    assert kuberay.deleted == []
+
+
+def test_a_rayjob_still_running_on_a_lost_cluster_is_deleted_in_one_line(monkeypatch):
+    """KubeRay #3860/#4217: the head is gone and the RayJob keeps saying Running (its cluster leaked). The follower
+    does not wait for ever: after the configured wait it deletes the RayJob and raises a lost cluster in one line."""
+    from dcgan import rayjob
+
+    monkeypatch.setenv("DCGAN_CLUSTER_LOST_AFTER_S", "2")
+    dead = f"127.0.0.1:{free_port()}"  # the head's dashboard: nothing answers there
+
+    class Stuck:
+        deleted: list[str] = []
+
+        def get(self, name):
+            return {"status": {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "jobId": "raysubmit_1",
+                               "dashboardURL": dead}}
+
+        def delete(self, name):
+            self.deleted.append(name)
+
+    lines: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(jobs.RayClusterLost) as caught:
+        rayjob.follow(Stuck(), "dcgan-train-x", lines.append, poll_s=0.2)
+    assert time.monotonic() - started < 30
+    message = str(caught.value)
+    assert message.startswith(f"RayJob dcgan-train-x still says Running but its cluster at {dead} is gone") \
+        and "\n" not in message, message
+    assert Stuck.deleted == ["dcgan-train-x"] and "deleted RayJob dcgan-train-x" in lines
