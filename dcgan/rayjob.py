@@ -13,6 +13,7 @@ as a lost cluster in one line; so is a cancelled follower's RayJob (Ctrl-C, SIGT
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
 import re
@@ -108,30 +109,45 @@ def _limits(group: dict[str, Any]) -> dict[str, Any]:
 
 
 class KubernetesRayJobs:
-    """RayJobs of one namespace through the Kubernetes API (the `kubernetes` client, which prefect-kubernetes
-    installs): the pod's service account in a cluster, else the kubeconfig."""
+    """RayJobs of one namespace through the Kubernetes API, with kubernetes_asyncio (what prefect-kubernetes uses,
+    so a Kubernetes work pool's image has it): the pod's service account inside a cluster, else the kubeconfig
+    (KUBECONFIG). Each call is one short request; the follower polls."""
 
     def __init__(self, namespace: str | None = None):
         try:
-            from kubernetes import client, config
+            from kubernetes_asyncio import client, config
         except ImportError:
-            raise InputError("cluster.submit rayjob needs the kubernetes Python client (pip install kubernetes; "
-                             "prefect-kubernetes installs it)") from None
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
+            raise InputError("cluster.submit rayjob needs the kubernetes_asyncio client (pip install "
+                             "prefect-kubernetes, which brings it)") from None
         self.namespace = namespace or os.environ.get(NAMESPACE_ENV) or "dcgan"
-        self.api = client.CustomObjectsApi()
+        self._client = client
+        self._configuration = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=self._configuration)
+        except config.ConfigException:
+            try:
+                asyncio.run(config.load_kube_config(config_file=os.environ.get("KUBECONFIG"),
+                                                    client_configuration=self._configuration))
+            except (config.ConfigException, OSError) as err:
+                raise InputError(f"cluster.submit rayjob: no Kubernetes API to talk to (not in a pod, and no "
+                                 f"kubeconfig: {one_line(err)})") from None
+
+    def _call(self, method: str, *args: Any) -> Any:
+        async def call() -> Any:
+            async with self._client.ApiClient(self._configuration) as api:
+                return await getattr(self._client.CustomObjectsApi(api), method)(
+                    GROUP, VERSION, self.namespace, PLURAL, *args, _request_timeout=jobs.POLL_TIMEOUT_S)
+
+        return asyncio.run(call())
 
     def create(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self.api.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body)
+        return self._call("create_namespaced_custom_object", body)
 
     def get(self, name: str) -> dict[str, Any]:
-        return self.api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        return self._call("get_namespaced_custom_object", name)
 
     def delete(self, name: str) -> None:
-        self.api.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        self._call("delete_namespaced_custom_object", name)
 
 
 def _relay(line: str, emit: Emit) -> None:
@@ -157,7 +173,7 @@ def follow(api: Any, name: str, emit: Emit, poll_s: float = 2.0) -> tuple[dict[s
                     status = api.get(name).get("status") or {}
                     silent_since = None
                 except Exception as err:  # noqa: BLE001 - the API server is down or refuses us
-                    if not jobs._no_answer(err):
+                    if not (jobs._no_answer(err) or 500 <= int(getattr(err, "status", 0) or 0) < 600):
                         raise
                     silent_since = silent_since or time.monotonic()
                     if time.monotonic() - silent_since >= wait:
