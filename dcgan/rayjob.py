@@ -51,7 +51,10 @@ def config_uri(run_uri: str, name: str) -> str:
 
 
 def load_template(path: str | Path | None = None) -> dict[str, Any]:
-    path = Path(path or os.environ.get(TEMPLATE_ENV) or TEMPLATE)
+    """The RayJob template: `path`, DCGAN_RAYJOB_TEMPLATE, the repository's, else the one under the current
+    directory (an installed package has no infra/; the image keeps it at /opt/dcgan)."""
+    here = Path.cwd() / "infra" / "kubernetes" / TEMPLATE.name
+    path = Path(path or os.environ.get(TEMPLATE_ENV) or (TEMPLATE if TEMPLATE.is_file() else here))
     try:
         (doc,) = [d for d in yaml.safe_load_all(path.read_text()) if d]
     except (OSError, ValueError, yaml.YAMLError) as err:

@@ -174,6 +174,32 @@ def test_rbac_manifest_passes_kubernetes_validate():
     assert k8s_errors(role), "a Role with a misspelt field passed kubernetes-validate"
 
 
+def test_the_rayjob_deployment_may_create_follow_and_delete_its_rayjobs_and_nothing_else():
+    """train-dcgan/nightly-rayjob (`cluster.submit: rayjob`): its pods run as dcgan-rayjobs, which mounts its token and
+    may create, get and delete RayJobs in dcgan (what dcgan/rayjob.py calls); every other flow-run pod has no token.
+    The RayJob it renders is the image's template, with the run's image, and it starts paused beside `nightly`."""
+    from dcgan.config import Config
+
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in load(K8S / "prefect-rbac.yaml")}
+    assert docs[("ServiceAccount", "dcgan-rayjobs")]["automountServiceAccountToken"] is True
+    assert docs[("ServiceAccount", "dcgan-flows")]["automountServiceAccountToken"] is False
+    assert docs[("Role", "dcgan-rayjobs")]["rules"] == [
+        {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "delete"]}]
+    binding = docs[("RoleBinding", "dcgan-rayjobs")]
+    assert binding["roleRef"]["name"] == "dcgan-rayjobs" and binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "dcgan-rayjobs", "namespace": "dcgan"}]
+    d = deployments()["nightly-rayjob"]
+    env = d["work_pool"]["job_variables"]["env"]
+    assert env["DCGAN_RAYJOB_NAMESPACE"] == rayjob()["metadata"]["namespace"]
+    assert env["DCGAN_RAYJOB_TEMPLATE"] == "/opt/dcgan/infra/kubernetes/rayjob-train.yaml"
+    assert "COPY infra/kubernetes/rayjob-train.yaml ./infra/kubernetes/" in (REPO / "infra" / "Dockerfile").read_text()
+    cfg = Config.model_validate(d["parameters"]["config"])
+    assert cfg.cluster.submit == "rayjob" and cfg.cluster.image == rayjob()["spec"]["rayClusterSpec"][
+        "headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    assert [s["active"] for s in d["schedules"]] == [False] and d["schedules"][0]["cron"] == deployments()[
+        "nightly"]["schedules"][0]["cron"]
+
+
 def test_raycluster_pod_templates_pass_kubernetes_validate():
     """kubernetes-validate has no schema for RayCluster; its pod templates are core/v1 PodTemplateSpecs."""
     rc = raycluster()
@@ -226,7 +252,8 @@ def test_flow_run_jobs_pass_kubernetes_validate():
         job = flow_run_job(d["work_pool"]["job_variables"])
         pod = pod_of(job)
         container = pod["containers"][0]
-        assert pod["serviceAccountName"] == "dcgan-flows" and job["metadata"]["namespace"] == "dcgan", name
+        account = "dcgan-rayjobs" if name == "nightly-rayjob" else "dcgan-flows"  # only it talks to Kubernetes
+        assert pod["serviceAccountName"] == account and job["metadata"]["namespace"] == "dcgan", name
         assert container["envFrom"] == [{"secretRef": {"name": "dcgan-s3", "optional": True}}], name
         env = env_of(container)
         assert env["RAY_AUTH_TOKEN"] == {"secretKeyRef": {"name": "dcgan-ray-token", "key": "auth_token",
@@ -739,7 +766,7 @@ def runbook_problems(text: str) -> list[str]:
         for name in re.findall(r"work-pool create ([a-z0-9-]+)", command):
             if name not in pools:
                 problems.append(f"work pool {name} is not the deployments' ({pools})")
-        for name in re.findall(r"deployment (?:run|schedule clear) ([\w-]+/[\w-]+)", command):
+        for name in re.findall(r"deployment (?:run|schedule (?:clear|pause|resume|ls)) ([\w-]+/[\w-]+)", command):
             if name not in flows:
                 problems.append(f"deployment {name} is not in infra/kubernetes/prefect.yaml")
         for name in re.findall(r"ray\.io/cronjob-name=([a-z0-9-]+)", command):
@@ -845,7 +872,7 @@ def test_kubernetes_deployments_deploy_to_a_kubernetes_work_pool(prefect_server,
     prefect(env, "work-pool", "create", "dcgan-k8s", "--type", "kubernetes", "--base-job-template", str(template))
     deployed = prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", str(K8S / "prefect.yaml"))
     for name in ("build-faces/faces", "build-lsun/lsun", "train-dcgan/train", "train-dcgan/nightly",
-                 "evaluate-dcgan/evaluate", "dcgan-pipeline/pipeline"):
+                 "train-dcgan/nightly-rayjob", "evaluate-dcgan/evaluate", "dcgan-pipeline/pipeline"):
         assert name in deployed, deployed
 
     api = env["PREFECT_API_URL"]
@@ -859,6 +886,13 @@ def test_kubernetes_deployments_deploy_to_a_kubernetes_work_pool(prefect_server,
     assert evaluate["job_variables"]["service_account_name"] == "dcgan-flows"
     assert evaluate["pull_steps"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/dcgan"}}]
+    with urllib.request.urlopen(f"{api}/deployments/name/train-dcgan/nightly-rayjob", timeout=10) as r:
+        on_rayjob = json.load(r)  # the YAML merge of the flow-run env kept, the RayJob settings added, paused
+    variables = on_rayjob["job_variables"]
+    assert variables["service_account_name"] == "dcgan-rayjobs" and variables["env"]["RAY_AUTH_MODE"] == "token"
+    assert variables["env"]["DCGAN_RAYJOB_NAMESPACE"] == "dcgan" and on_rayjob["parameters"]["config"]["cluster"][
+        "submit"] == "rayjob"
+    assert [s["active"] for s in on_rayjob["schedules"]] == [False]
 
     prefect(env, "deployment", "schedule", "clear", "train-dcgan/nightly", "-y")  # as the runbook does (5.10)
     with urllib.request.urlopen(f"{api}/deployments/name/train-dcgan/nightly", timeout=10) as r:
