@@ -2,9 +2,11 @@
 nodes), Ray's token authentication on, a moto S3 server as the only storage, a real Prefect server and a process
 worker whose RAY_ADDRESS names the cluster's Jobs API. Every stage runs as a Ray Job of the same `dcgan` command
 line; nothing is written to local disk; a lost node costs at most one checkpoint interval of training, and a build
-that loses a node gives the same dataset.
+that loses a node gives the same dataset. A lost head is one line (CLI) or a Failed run (Prefect) within the
+configured wait, and the same command on the restarted cluster resumes training or finishes the build byte for byte.
 
-One cluster for the module (tests/multinode.py); the node-loss tests run last, since they kill nodes.
+One cluster for the module (tests/multinode.py); the node-loss tests run after the others and the head-loss tests
+last, since they kill nodes and replace the cluster.
 """
 
 from __future__ import annotations
