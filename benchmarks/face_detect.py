@@ -14,6 +14,15 @@ Sets: (a) the project's benchmark photos (scikit-image's photos and matplotlib's
 (300-600 px) and 2x; (b) composites: real faces (Grace Hopper, the astronaut, scikit-image's lfw_subset upscaled)
 pasted at four bands of sides onto real faceless photos of 640-1024 px (tests/realdata.face_composites, by seed).
 Run: `.venv/bin/python benchmarks/face_detect.py` (about a minute of CPU).
+
+Haar vs YuNet (`--detectors`, issue 23): `build.detector: haar` (as configured by default) against `build.detector:
+yunet` (the model in ../shared/data/yunet/, which the project does not ship), both through
+`preprocessing.faces.detector` at min_face 64, on the composites against the pasted faces' own boxes (ground truth):
+recall = pasted faces of side >= 64 matched by a box (IoU >= 0.4: the detectors draw their boxes differently),
+false positives = boxes matching no pasted face, per photo (the camera background's cameraman is a real face that is
+not in the ground truth, so a detector finding him is charged for it), and photos / faces found per CPU-second on one
+thread, decoding the JPEG included, as a ratio YuNet / Haar in the same run.
+Run: `.venv/bin/python benchmarks/face_detect.py --detectors` (half a minute of CPU).
 """
 
 from __future__ import annotations
@@ -99,13 +108,78 @@ def run(fn, items: list[bytes]) -> tuple[float, list]:
     return time.process_time() - t, answers
 
 
+YUNET = ROOT.parent / "shared" / "data" / "yunet" / "face_detection_yunet_2026may.onnx"
+
+
+def matches_at(ref: list, got: list, threshold: float) -> int:
+    pairs = sorted(((iou(r, g), i, j) for i, r in enumerate(ref) for j, g in enumerate(got)), reverse=True)
+    used_r, used_g = set(), set()
+    for v, i, j in pairs:
+        if v >= threshold and i not in used_r and j not in used_g:
+            used_r.add(i), used_g.add(j)
+    return len(used_r)
+
+
+def detectors_table(n: int, seed: int, model: Path) -> None:
+    """Haar vs YuNet on composites with known faces: recall, false positives per photo, speed per core."""
+    from realdata import encode, face_composites
+
+    if not model.is_file():
+        raise SystemExit(f"no YuNet model at {model} (see ../shared/data/yunet/README.md)")
+    from preprocessing.faces import YuNetDetector
+
+    dets = {"haar": detector(BuildConfig(kind="faces", min_face=MIN_FACE)),
+            "yunet": detector(BuildConfig(kind="faces", min_face=MIN_FACE, detector="yunet",
+                                          detector_model=str(model))),
+            # the same model searching a min_face face at 48 / 32 px (a smaller copy of the photo): faster, lossier
+            **{f"yunet@{px}": YuNetDetector(str(model), face_px=px) for px in (48, 32)}}
+    print(f"Haar vs YuNet, min_face {MIN_FACE}, composites against their pasted faces (IoU >= 0.4), one thread.")
+    head = (f"{'faces of side':16s} {'photos':>6s} {'faces':>5s} | {'recall haar':>11s} {'yunet':>6s} | "
+            f"{'FP/photo haar':>13s} {'yunet':>6s} | {'photos/CPU-s haar':>17s} {'yunet':>6s} {'ratio':>6s} | "
+            f"{'faces/CPU-s haar':>16s} {'yunet':>6s}")
+    print(head + "\n" + "-" * len(head))
+    total = {d: [0, 0, 0.0] for d in dets}  # hits, false positives, CPU s
+    photos_all = faces_all = 0
+    for i, band in enumerate(BANDS + ((64, 400),)):
+        photos, truth = face_composites(n, band, seed + 100 + i, boxes=True)
+        truth = [[b for b in t if min(b[2:]) >= MIN_FACE] for t in truth]
+        data = [encode(p, ".jpg", quality=90) for p in photos]
+        row = {}
+        for name, det in dets.items():
+            secs, found = run(lambda x: det.detect(decode(x, 10**9), MIN_FACE), data)
+            hits = sum(matches_at(t, f, 0.4) for t, f in zip(truth, found))
+            row[name] = (hits, sum(map(len, found)) - hits, secs)
+            total[name] = [a + b for a, b in zip(total[name], row[name])]
+        nf = sum(map(len, truth))
+        photos_all, faces_all = photos_all + len(data), faces_all + nf
+        _print_row(f"{band[0]}-{band[1]} px", len(data), nf, row)
+    _print_row("all", photos_all, faces_all, {d: tuple(v) for d, v in total.items()})
+    print(f"\nall {photos_all} photos, {faces_all} faces: YuNet searching a {MIN_FACE} px face at fewer pixels")
+    for name in [d for d in dets if d.startswith("yunet@")]:
+        h, f, secs = total[name]
+        print(f"  {name:9s} recall {h / faces_all:.3f}, FP/photo {f / photos_all:.2f}, "
+              f"{total['haar'][2] / secs:.2f}x Haar's photos/CPU-s")
+
+
+def _print_row(name: str, photos: int, faces: int, row: dict) -> None:
+    (hh, hf, hs), (yh, yf, ys) = row["haar"], row["yunet"]
+    print(f"{name:16s} {photos:6d} {faces:5d} | {hh / max(faces, 1):11.3f} {yh / max(faces, 1):6.3f} | "
+          f"{hf / photos:13.2f} {yf / photos:6.2f} | {photos / hs:17.1f} {photos / ys:6.1f} {hs / ys:5.2f}x | "
+          f"{hh / hs:16.1f} {yh / ys:6.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--composites", type=int, default=10, help="composite photos per band (default 10)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shrinks", type=float, nargs="*", default=[2.0], help="shrink factors to compare (default 2)")
+    ap.add_argument("--detectors", action="store_true", help="only the Haar vs YuNet table")
+    ap.add_argument("--yunet-model", type=Path, default=YUNET, help=f"YuNet ONNX file (default {YUNET})")
     args = ap.parse_args()
     cv2.setNumThreads(1)
+    if args.detectors:
+        detectors_table(args.composites, args.seed, args.yunet_model)
+        return
     fns = methods(args.shrinks)
     compared = [m for m in fns if m not in ("naive", "full")]
     rows = {}  # set name -> {"photos", "faces", "secs": {method: s}, "hits": {method: (matched, extra)}}

@@ -41,7 +41,7 @@ def make_dataset(uri: str, res: int, rows: int, seed: int = 0) -> dict:
     import cv2
     from realdata import real_photos
 
-    if os.path.exists(os.path.join(uri, shards.MANIFEST)):
+    if shards.is_complete(uri):
         manifest = shards.read_manifest(uri)
         if manifest["counts"]["rows"] == rows and manifest["resolution"] == res:
             return manifest

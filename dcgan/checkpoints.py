@@ -42,7 +42,7 @@ def checkpoint_uri(run_uri: str, step: int) -> str:
 def complete_steps(run_uri: str) -> list[int]:
     """Steps of every checkpoint whose COMPLETE marker exists, ascending (valid or not: see `valid_steps`)."""
     steps = []
-    for uri in storage.list_uris(run_layout.checkpoints(run_uri), suffix="COMPLETE"):
+    for uri in storage.list_uris(run_layout.checkpoints(run_uri), suffix=run_layout.MARKER_FILE):
         m = STEP_DIR.search(uri.replace("\\", "/"))
         if m:
             steps.append(int(m.group(1)))
@@ -52,7 +52,9 @@ def complete_steps(run_uri: str) -> list[int]:
 def _marker(uri: str) -> dict[str, Any]:
     """A checkpoint's COMPLETE marker, checked for the fields it must have; CheckpointError otherwise."""
     try:
-        marker = storage.read_json(storage.join(uri, "COMPLETE"))
+        marker = storage.read_json(run_layout.checkpoint_marker(uri))
+    except storage.StorageUnreachable:
+        raise  # the store is failing, not this file: transient, retried
     except storage.StorageError as err:
         raise CheckpointError(f"{uri}: not complete ({err})") from None
     except ValueError:
@@ -67,7 +69,7 @@ def check(run_uri: str, step: int) -> dict[str, Any]:
     """The cheap checks of one checkpoint (marker readable, state.pt present with the marker's size)."""
     uri = checkpoint_uri(run_uri, step)
     marker = _marker(uri)
-    size = storage.size(storage.join(uri, "state.pt"))
+    size = storage.size(run_layout.checkpoint_state(uri))
     if size is None:
         raise CheckpointError(f"{uri}/state.pt is missing")
     if size != marker["bytes"]:
@@ -111,8 +113,8 @@ def save(run_uri: str, step: int, state: dict[str, Any]) -> str:
     """Write state.pt, then the COMPLETE marker, straight to the run; returns the checkpoint URI."""
     data, marker = _encode(step, state)
     uri = checkpoint_uri(run_uri, step)
-    storage.write_bytes(storage.join(uri, "state.pt"), data)
-    storage.write_json(storage.join(uri, "COMPLETE"), marker)
+    storage.write_bytes(run_layout.checkpoint_state(uri), data)
+    storage.write_json(run_layout.checkpoint_marker(uri), marker)
     return uri
 
 
@@ -122,8 +124,8 @@ def write_dir(folder: str | Path, step: int, state: dict[str, Any]) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data, marker = _encode(step, state)
-    (folder / "state.pt").write_bytes(data)
-    (folder / "COMPLETE").write_text(json.dumps(marker))
+    (folder / run_layout.STATE_FILE).write_bytes(data)
+    (folder / run_layout.MARKER_FILE).write_text(json.dumps(marker))
     return folder
 
 
@@ -132,7 +134,7 @@ def _verified_bytes(run_uri: str, step: int) -> bytes:
     uri = checkpoint_uri(run_uri, step)
     marker = check(run_uri, step)
     try:
-        data = storage.read_bytes(storage.join(uri, "state.pt"))
+        data = storage.read_bytes(run_layout.checkpoint_state(uri))
     except storage.StorageError as err:
         raise CheckpointError(f"{uri}/state.pt: {err}") from None
     if len(data) != marker["bytes"] or hashlib.sha256(data).hexdigest() != marker["sha256"]:

@@ -85,17 +85,24 @@ def run_command(prog: str, fn) -> int:
     """The one error path of every front end (preprocessing.errors): a transient fault is retried with the
     documented backoff (every command resumes what it finished); a known fault is one line on stderr and exit 2;
     Ctrl-C is one line and exit 130 (what was written stays resumable); anything else is a bug and keeps its
-    traceback."""
-    from preprocessing.errors import UserError, one_line, retrying
+    traceback. Inside a Ray Job the project submitted, the fault's class is also printed for the job's follower
+    (`dcgan.jobs`), which raises the same class on the caller's side (a transient fault stays retryable there)."""
+    from dcgan.stages import JOB_CONFIG_ENV
+    from preprocessing.errors import classify, retrying
 
     try:
         return int(retrying(fn, prog) or 0)
-    except UserError as err:
-        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - classified once; a bug keeps its traceback
+        fault = classify(err)
+        if fault.kind == "bug":
+            raise
+        print(f"{prog}: error: {fault.line}", file=sys.stderr)
+        if JOB_CONFIG_ENV in os.environ:
+            print(fault.job_line(), flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
-from preprocessing.errors import TransientError, UserError, one_line
+from preprocessing.errors import RETRY_DELAYS_ENV, TransientError, UserError, fault_in_job_log, one_line
 
 # The standard storage settings a job needs to reach the same object store (passed only when set). Credentials are
 # not among them: the nodes bring their own (environment, profile, instance or pod role) unless the caller opts in.
@@ -36,8 +36,6 @@ TRY_AGAIN = re.compile(r"try again later|No available agent", re.IGNORECASE)
 SUBMIT_RETRY_S = (2, 5, 10, 20, 30)
 POLL_TIMEOUT_S = 30  # one Jobs API request while following a job
 LOST_AFTER_S = 60    # no answer for this long while a job runs: the cluster is lost (DCGAN_CLUSTER_LOST_AFTER_S)
-# The CLI's one-line message for a known fault (dcgan/cli.py): such a job fails the same way every time.
-INPUT_ERROR = re.compile(r"^dcgan [\w-]+: error: (.+)$", re.MULTILINE)
 # Terminal colours and cursor moves (Ray's prefixes, progress bars) mean nothing in a run log.
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 LOG_TAIL_LINES = 30
@@ -56,7 +54,11 @@ class RayJobError(RuntimeError):
 
 
 class RayJobInputError(RayJobError, UserError, ValueError):
-    """A job that failed on a known fault (bad input, config, storage): retrying cannot help."""
+    """A job that failed on bad input (a damaged dataset, a bad config): retrying cannot help."""
+
+
+class RayJobTransientError(RayJobError, TransientError):
+    """A job that failed on a transient fault past its own retries (storage down): a later attempt may pass."""
 
 
 @contextlib.contextmanager
@@ -89,6 +91,11 @@ def connect(address: str):
             raise UserError(f"the Ray cluster at {address} refused this client ({cause}); set RAY_AUTH_MODE=token "
                             "and the cluster's token (RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)") from None
         raise RayClusterUnreachable(f"cannot reach the Ray cluster at {address}: {cause}") from None
+
+
+def retry_env() -> dict[str, str]:
+    """The caller's retry backoff (DCGAN_RETRY_DELAYS_S, also when empty: retries off), kept by the job's command."""
+    return {RETRY_DELAYS_ENV: os.environ[RETRY_DELAYS_ENV]} if RETRY_DELAYS_ENV in os.environ else {}
 
 
 def aws_env(pass_credentials: bool = False) -> dict[str, str]:
@@ -216,10 +223,13 @@ def follow(client, job_id: str, emit: Callable[[str], None], poll_s: float = 1.0
 
 
 def job_failure(job_id: str, info: Any, logs: str) -> RayJobError:
-    """One error that says why the job ended: the CLI's own error line, else Ray's message and the end of the log."""
-    bad_input = INPUT_ERROR.findall(logs)
-    if bad_input:
-        return RayJobInputError(f"Ray job {job_id} {info.status}: {bad_input[-1]}")
+    """One error that says why the job ended: the fault the command classified (its `Fault.job_line`), of the same
+    class here; else Ray's message and the end of the log (a bug)."""
+    fault = fault_in_job_log(logs)
+    if fault is not None:
+        kind, line = fault
+        cls = RayJobTransientError if kind == "transient" else RayJobInputError
+        return cls(f"Ray job {job_id} {info.status}: {line}")
     tail = "\n".join(logs.strip().splitlines()[-LOG_TAIL_LINES:])
     reason = (info.message or "").strip().splitlines()[0] if info.message else ""
     return RayJobError(f"Ray job {job_id} {info.status}: {reason or info.error_type or 'no reason given'}"

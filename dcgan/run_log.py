@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dcgan import run_layout
 from preprocessing import storage
 from preprocessing.errors import InputError
 
@@ -73,7 +74,7 @@ class RunLog:
 
     def _restore(self) -> None:
         """A resumed remote run continues the CSV it already published."""
-        uri = storage.join(self.run_uri, "metrics", "metrics.csv")
+        uri = run_layout.metrics_csv(self.run_uri)
         if storage.exists(uri):
             storage.download_file(uri, self.dir / "metrics.csv")
 
@@ -85,7 +86,7 @@ class RunLog:
             self._mlflow.log_metrics({f"train/{k}": float(v) for k, v in values.items()}, step=step)
         if self.remote and time.monotonic() - self._published >= PUBLISH_CSV_S:
             self._csv.flush()
-            storage.upload_file(self.csv_path, storage.join(self.run_uri, "metrics", "metrics.csv"))
+            storage.upload_file(self.csv_path, run_layout.metrics_csv(self.run_uri))
             self._published = time.monotonic()
 
     def image(self, step: int, grid: np.ndarray, tag: str = "samples/fixed_z") -> None:
@@ -99,7 +100,7 @@ class RunLog:
         self._tb.flush()
         self._published = time.monotonic()
         if self.remote:
-            _publish(self.dir, storage.join(self.run_uri, "metrics"))
+            _publish(self.dir, run_layout.metrics(self.run_uri))
 
     def close(self) -> None:
         self.flush()
@@ -158,7 +159,7 @@ def _cell(value: float | None) -> str | int | float:
 
 def read_metrics(run_uri: str) -> list[dict[str, float]]:
     """The run's metrics.csv as a list of rows (numbers parsed; a damaged history is read with one warning)."""
-    uri = storage.join(run_uri, "metrics", "metrics.csv")
+    uri = run_layout.metrics_csv(run_uri)
     return parse_metrics(storage.read_text(uri), uri)
 
 
@@ -170,7 +171,7 @@ def publish_evaluation(run_uri: str, step: int, pictures: dict[str, bytes], scal
 
     remote = storage.is_s3(run_uri)
     with tempfile.TemporaryDirectory(prefix="dcgan-eval-tb-") as tmp:
-        logdir = Path(tmp) if remote else storage.local_path(run_uri) / "metrics" / "tensorboard"
+        logdir = Path(tmp) if remote else storage.local_path(run_layout.tensorboard(run_uri))
         writer = SummaryWriter(log_dir=str(logdir), filename_suffix=".eval")
         for name, png in pictures.items():
             image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
@@ -180,7 +181,7 @@ def publish_evaluation(run_uri: str, step: int, pictures: dict[str, bytes], scal
             writer.add_scalar(tag, value, step)
         writer.close()
         if remote:
-            _publish(Path(tmp), storage.join(run_uri, "metrics", "tensorboard"))
+            _publish(Path(tmp), run_layout.tensorboard(run_uri))
 
 
 def _publish(staged: Path, uri: str) -> None:

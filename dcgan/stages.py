@@ -20,15 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from dcgan import run_layout
 from dcgan.config import ENV_PREFIX, Config, dump_config
-from preprocessing import compute, dataset_layout, progress, storage
+from preprocessing import compute, progress, shards, storage
 from preprocessing.errors import InputError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("build-lsun", "build-faces", "dedup", "train", "evaluate")
-BUILD_KINDS = {"build-lsun": "center-crop", "build-faces": "faces"}  # build-lsun: the paper's name for center-crop
-STAGE_OF_KIND = {kind: stage for stage, kind in BUILD_KINDS.items()}
 FLAG_OPTIONS = ("overwrite", "arithmetic", "boxes", "step", "device", "every_checkpoint", "force")  # options a job's command line carries
 RESULT_KEY = "dcgan_result"   # the result line a job prints: {"dcgan_result": {...}}
 JOB_CONFIG_ENV = "DCGAN_JOB_CONFIG"  # a job's resolved config (YAML), read with `--config env:DCGAN_JOB_CONFIG`
@@ -43,15 +41,12 @@ class StageCall:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.stage not in STAGES:
-            raise InputError(f"unknown stage {self.stage!r}; stages: {', '.join(STAGES)}")
+        if self.stage not in REGISTRY:
+            raise InputError(f"unknown stage {self.stage!r}; stages: {', '.join(REGISTRY)}")
 
     def command(self, config_file: str = "config.yaml") -> list[str]:
         """The `dcgan` command line that runs this call from `config_file` (what a Ray Job runs)."""
-        argv = ["dcgan", self.stage]
-        if self.stage == "dedup":
-            argv += [self.options["source"], "--out", self.options["out"]]
-        argv += ["--config", config_file, "--json"]
+        argv = ["dcgan", self.stage, *REGISTRY[self.stage].arguments(self), "--config", config_file, "--json"]
         for name, value in self.options.items():
             if name not in FLAG_OPTIONS or value in (None, False):
                 continue
@@ -64,7 +59,14 @@ Emit = Callable[[str], None]
 
 
 def run(call: StageCall, emit: Emit = log.info) -> dict[str, Any]:
-    """Run a stage where the configuration says (see preprocessing.compute); returns its result dict."""
+    """Run a stage where the configuration says (see preprocessing.compute); returns its result dict. "Is it done?"
+    is asked once, first: a stage with nothing to do is not sent anywhere."""
+    stage = REGISTRY[call.stage]
+    done = stage.done(call)
+    if done is not None:
+        why, result = done
+        emit(f"skipping {call.stage}: {why}")
+        return {"stage": call.stage, **result, "skipped": True}
     if call.stage == "train" and call.config.cluster.submit == "rayjob":  # a cluster of its own (dcgan.rayjob)
         from dcgan import rayjob
 
@@ -77,50 +79,95 @@ def run(call: StageCall, emit: Emit = log.info) -> dict[str, Any]:
 
 def run_here(call: StageCall, emit: Emit = log.info) -> dict[str, Any]:
     """Run a stage in this process, on a local Ray or the cluster this process is on."""
-    worker_env = None
-    if call.config.build is not None and call.stage.startswith("build-"):
-        # OpenCV's own pixel cap, a second guard behind the header checks; read once when a worker loads cv2
-        worker_env = {"OPENCV_IO_MAX_IMAGE_PIXELS": str(call.config.build.max_pixels)}
-    compute.connect(call.config.cluster.address, worker_env=worker_env)
-    result = _IMPLEMENTATIONS[call.stage](call, emit)
-    return {"stage": call.stage, **result}
+    compute.connect(call.config.cluster.address)
+    return {"stage": call.stage, "skipped": False, **REGISTRY[call.stage].here(call, emit)}
 
 
-# ------------------------------------------------------------------------------------------- the stages, here
+# ------------------------------------------------------------------------------------------------- the stages
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage as one record: what every front end asks of it is answered here, once."""
+
+    name: str
+    here: Callable[[StageCall, Emit], dict[str, Any]]               # run it in this process
+    done: Callable[[StageCall], tuple[str, dict[str, Any]] | None]  # (why, stored result) if nothing is left to do
+    stored: Callable[[StageCall], dict[str, Any]]                   # its result as storage says (a job's log was lost)
+    writes: Callable[[StageCall], str]                              # where its outputs go (a Prefect task's scope)
+    arguments: Callable[[StageCall], list[str]] = lambda call: []   # its command line's positional arguments
+    build_kind: str | None = None                                   # a build's `build.kind`
+
+
+def dataset_result(uri: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a build or dedup reports: where the dataset is and its figures (the manifest holds the rest)."""
+    return {"dataset": uri, "kind": manifest["kind"], "resolution": manifest["resolution"],
+            "counts": manifest["counts"], "content_hash": manifest.get("content_hash"),
+            "rejects": (manifest.get("rejects") or {}).get("by_reason", {}), "shards": len(manifest["shards"])}
+
+
+# build-lsun, build-faces
+
+
+def _build_config(call: StageCall):
+    from preprocessing.build import require_input
+
+    require_input(call.config.build)
+    return call.config.build.model_copy(update={"kind": REGISTRY[call.stage].build_kind})
 
 
 def _build(call: StageCall, emit: Emit) -> dict[str, Any]:
-    from preprocessing.build import already_built, build_dataset
+    from preprocessing.build import build_dataset
 
-    cfg, kind = call.config, BUILD_KINDS[call.stage]
-    if cfg.build is None or not cfg.build.input:
-        raise InputError(f"{call.stage}: no input given (build.input: an LMDB, folder, s3:// prefix or URL list)")
-    build = cfg.build.model_copy(update={"kind": kind})
-    dedup = cfg.dedup if cfg.dedup.enabled else None
-    manifest = None if build.overwrite else already_built(cfg.data_uri, build, dedup)
-    if manifest is not None:
-        emit(f"skipping {call.stage}: {cfg.data_uri} is already complete with the same parameters "
-             f"({manifest['counts']['rows']} rows)")
-        return dataset_result(cfg.data_uri, manifest, skipped=True)
-    manifest = build_dataset(build, cfg.data_uri, dedup=dedup, progress=call.options.get("progress", True))
-    return dataset_result(cfg.data_uri, manifest)
+    cfg = call.config
+    return dataset_result(cfg.data_uri, build_dataset(_build_config(call), cfg.data_uri, dedup=cfg.dedup,
+                                                      progress=call.options.get("progress", True)))
 
 
-def dataset_result(uri: str, manifest: dict[str, Any], skipped: bool = False) -> dict[str, Any]:
-    """What a build or dedup reports: where the dataset is and its figures (the manifest holds the rest)."""
-    return {"dataset": uri, "skipped": skipped, "kind": manifest["kind"], "resolution": manifest["resolution"],
-            "counts": manifest["counts"], "content_hash": manifest.get("content_hash"),
-            "rejects": (manifest.get("rejects") or {}).get("by_reason", {}), "shards": len(manifest["shards"])}
+def _build_done(call: StageCall) -> tuple[str, dict[str, Any]] | None:
+    from preprocessing.build import already_built
+
+    build, cfg = _build_config(call), call.config
+    manifest = None if build.overwrite else already_built(cfg.data_uri, build, cfg.dedup)
+    if manifest is None:
+        return None
+    return (f"{cfg.data_uri} is already complete with the same parameters ({manifest['counts']['rows']} rows)",
+            dataset_result(cfg.data_uri, manifest))
+
+
+def _build_stored(call: StageCall) -> dict[str, Any]:
+    return dataset_result(call.config.data_uri, shards.read_manifest(call.config.data_uri))
+
+
+# dedup
+
+
+def _dedup_result(call: StageCall, manifest: dict[str, Any]) -> dict[str, Any]:
+    o, info = call.options, manifest["dedup"]
+    return {**dataset_result(o["out"], manifest), "source": o["source"],
+            "report": storage.join(o["out"], info["report"]), "picture": storage.join(o["out"], info["picture"])}
 
 
 def _dedup(call: StageCall, emit: Emit) -> dict[str, Any]:
     from preprocessing.dedup import dedup_dataset
 
     o = call.options
-    manifest = dedup_dataset(o["source"], o["out"], call.config.dedup, overwrite=bool(o.get("overwrite")))
-    info = manifest["dedup"]
-    return {**dataset_result(o["out"], manifest), "source": o["source"],
-            "report": storage.join(o["out"], info["report"]), "picture": storage.join(o["out"], info["picture"])}
+    return _dedup_result(call, dedup_dataset(o["source"], o["out"], call.config.dedup,
+                                             overwrite=bool(o.get("overwrite"))))
+
+
+def _dedup_done(call: StageCall) -> tuple[str, dict[str, Any]] | None:
+    from preprocessing.dedup import already_deduplicated
+
+    o = call.options
+    manifest = None if o.get("overwrite") else already_deduplicated(o["source"], o["out"], call.config.dedup)
+    if manifest is None:
+        return None
+    return (f"{o['out']} is already {o['source']} de-duplicated with these settings "
+            f"({manifest['counts']['rows']} rows)", _dedup_result(call, manifest))
+
+
+# train
 
 
 def _train(call: StageCall, emit: Emit) -> dict[str, Any]:
@@ -129,34 +176,102 @@ def _train(call: StageCall, emit: Emit) -> dict[str, Any]:
     return train(call.config)
 
 
+def _train_done(call: StageCall) -> tuple[str, dict[str, Any]] | None:
+    from dcgan.run_state import finished_step, run_summary
+
+    cfg = call.config
+    step = finished_step(cfg)
+    if step is None:
+        return None
+    return (f"{cfg.run_uri} already has a checkpoint at step {step} >= train.steps {cfg.train.steps}",
+            run_summary(cfg, step))
+
+
+def _train_stored(call: StageCall) -> dict[str, Any]:
+    from dcgan.run_state import stored_summary
+
+    return stored_summary(call.config)
+
+
+# evaluate
+
+
+def _evaluation_data(call: StageCall) -> str | None:
+    return call.config.data_uri if shards.is_complete(call.config.data_uri) else None
+
+
+def _evaluation_result(call: StageCall, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    run, out = call.config.run_uri, run_layout.eval_step(call.config.run_uri, step)
+    return {"run": run, "step": step, "report": run_layout.eval_report(out),
+            "html": run_layout.eval_report(out, html=True), "index": run_layout.eval_index(run), "metrics": metrics}
+
+
 def _evaluate(call: StageCall, emit: Emit) -> dict[str, Any]:
-    from dcgan import run_layout
     from dcgan.evaluation.driver import evaluate, evaluate_every_checkpoint
 
     cfg, o = call.config, call.options
-    data = cfg.data_uri if dataset_layout.is_complete(cfg.data_uri) else None
-    kwargs = dict(data_uri=data, arithmetic=o.get("arithmetic"), boxes=o.get("boxes"), device=o.get("device"),
-                  force=bool(o.get("force")))
+    kwargs = dict(data_uri=_evaluation_data(call), arithmetic=o.get("arithmetic"), boxes=o.get("boxes"),
+                  device=o.get("device"), force=bool(o.get("force")))
     if o.get("every_checkpoint"):
         done = evaluate_every_checkpoint(cfg.run_uri, cfg.evaluate, **kwargs)
-        emit(f"evaluated {len(done)} checkpoint(s) of {cfg.run_uri} that had no evaluation")
+        emit(f"evaluated {len(done)} checkpoint(s) of {cfg.run_uri} that had no evaluation with these suites")
         if not done:
             return {"run": cfg.run_uri, "report": run_layout.eval_index(cfg.run_uri), "evaluated": [],
                     "metrics": None}
         metrics = done[-1]
     else:
         metrics = evaluate(cfg.run_uri, cfg.evaluate, step=o.get("step"), **kwargs)
-    if metrics.get("skipped"):
-        emit(f"skipping evaluate: step {metrics['step']} of {cfg.run_uri} is already evaluated with these suites "
-             "(--force to redo it)")
-    out = run_layout.eval_step(cfg.run_uri, metrics["step"])
-    return {"run": cfg.run_uri, "step": metrics["step"], "skipped": metrics.get("skipped", False),
-            "report": storage.join(out, "report.md"), "html": storage.join(out, "report.html"),
-            "index": run_layout.eval_index(cfg.run_uri), "metrics": metrics}
+    return {**_evaluation_result(call, metrics["step"], metrics), "skipped": bool(metrics.get("skipped"))}
 
 
-_IMPLEMENTATIONS = {"build-lsun": _build, "build-faces": _build, "dedup": _dedup, "train": _train,
-                    "evaluate": _evaluate}
+def _evaluate_done(call: StageCall) -> tuple[str, dict[str, Any]] | None:
+    from dcgan import checkpoints
+    from dcgan.evaluation.driver import already_evaluated, evaluation_inputs
+
+    cfg, o = call.config, call.options
+    if o.get("force") or o.get("every_checkpoint"):
+        return None
+    step = o.get("step") or checkpoints.latest_step(cfg.run_uri)
+    if step is None:
+        return None  # no checkpoint: the evaluation itself says so
+    inputs = evaluation_inputs(cfg.evaluate, _evaluation_data(call), o.get("arithmetic"), o.get("boxes"))
+    metrics = already_evaluated(cfg.run_uri, step, inputs)
+    if metrics is None:
+        return None
+    return (f"step {step} of {cfg.run_uri} is already evaluated with these suites (--force to redo it)",
+            _evaluation_result(call, step, metrics))
+
+
+def _evaluate_stored(call: StageCall) -> dict[str, Any]:
+    from dcgan import checkpoints
+
+    cfg = call.config
+    step = call.options.get("step") or checkpoints.latest_step(cfg.run_uri)
+    return _evaluation_result(call, step, storage.read_json(run_layout.eval_metrics(run_layout.eval_step(
+        cfg.run_uri, step))))
+
+
+def _data(call: StageCall) -> str:
+    return call.config.data_uri
+
+
+def _run(call: StageCall) -> str:
+    return call.config.run_uri
+
+
+REGISTRY: dict[str, Stage] = {s.name: s for s in (
+    # build-lsun: the paper's name for a center-crop build (LSUN, or any folder of scenes)
+    Stage("build-lsun", _build, _build_done, _build_stored, _data, build_kind="center-crop"),
+    Stage("build-faces", _build, _build_done, _build_stored, _data, build_kind="faces"),
+    Stage("dedup", _dedup, _dedup_done, lambda call: _dedup_result(call, shards.read_manifest(call.options["out"])),
+          lambda call: call.options["out"], arguments=lambda call: [call.options["source"], "--out",
+                                                                     call.options["out"]]),
+    Stage("train", _train, _train_done, _train_stored, _run),
+    Stage("evaluate", _evaluate, _evaluate_done, _evaluate_stored, _run),
+)}
+STAGES = tuple(REGISTRY)
+BUILD_KINDS = {s.name: s.build_kind for s in REGISTRY.values() if s.build_kind}
+STAGE_OF_KIND = {kind: stage for stage, kind in BUILD_KINDS.items()}
 
 
 # ------------------------------------------------------------------------------------------ the stages, as jobs
@@ -196,7 +311,7 @@ def run_as_job(call: StageCall, address: str, emit: Emit = log.info, poll_s: flo
     with tempfile.TemporaryDirectory(prefix="dcgan-job-") as tmp:
         work = Path(tmp)
         job_call, moved = _travelling_files(call, work)
-        env = {**jobs.JOB_ENV, **jobs.aws_env(call.config.cluster.pass_credentials),
+        env = {**jobs.JOB_ENV, **jobs.retry_env(), **jobs.aws_env(call.config.cluster.pass_credentials),
                JOB_CONFIG_ENV: dump_config(job_call.config)}
         runtime_env: dict[str, Any] = {"env_vars": env}
         if moved:
@@ -240,27 +355,4 @@ def parse_result(logs: str) -> dict[str, Any] | None:
 
 def stored_result(call: StageCall) -> dict[str, Any]:
     """A finished stage's result as its outputs in storage say it (when a job's log did not reach the caller)."""
-    from preprocessing.shards import read_manifest
-
-    cfg, o = call.config, call.options
-    if call.stage.startswith("build-"):
-        return {"stage": call.stage, **dataset_result(cfg.data_uri, read_manifest(cfg.data_uri))}
-    if call.stage == "dedup":
-        manifest = read_manifest(o["out"])
-        return {"stage": "dedup", **dataset_result(o["out"], manifest), "source": o["source"],
-                "report": storage.join(o["out"], manifest["dedup"]["report"]),
-                "picture": storage.join(o["out"], manifest["dedup"]["picture"])}
-    from dcgan import checkpoints, run_layout
-
-    step = checkpoints.latest_step(cfg.run_uri)
-    if call.stage == "train":
-        from dcgan.run_log import read_metrics
-        from dcgan.train import run_summary
-
-        rows = read_metrics(cfg.run_uri)
-        return {"stage": "train", **run_summary(cfg, step, rows[-1] if rows else None)}
-    step = o.get("step") or step
-    out = run_layout.eval_step(cfg.run_uri, step)
-    return {"stage": "evaluate", "run": cfg.run_uri, "step": step, "skipped": False,
-            "report": storage.join(out, "report.md"), "html": storage.join(out, "report.html"),
-            "index": run_layout.eval_index(cfg.run_uri), "metrics": storage.read_json(storage.join(out, "metrics.json"))}
+    return {"stage": call.stage, "skipped": False, **REGISTRY[call.stage].stored(call)}

@@ -23,9 +23,10 @@ import torch
 
 from dcgan import checkpoints, lease, resources, run_layout
 from dcgan.batchnorm import local_statistics
-from dcgan.config import Config, ConfigError, dump_config, parse_config, parse_config_text
+from dcgan.config import Config, ConfigError, dump_config, parse_config
 from dcgan.networks import Discriminator, Generator, sample_z
 from dcgan.run_log import RunLog, mlflow_client, read_metrics
+from dcgan.run_state import is_finished, run_summary, stored_config, stored_summary
 from dcgan.sampling import generate, grid, save_png
 from dcgan.step import METRICS, GANStep, StepOptions, make_optimizers
 from preprocessing import compute, ownership, progress, shards, storage, stream
@@ -70,14 +71,6 @@ def preflight(cfg: Config) -> dict[str, Any]:
     return manifest
 
 
-def stored_config(run_uri: str) -> Config | None:
-    """The configuration a run was started with (its config.yaml), or None for a new run."""
-    uri = run_layout.config(run_uri)
-    if not storage.exists(uri):
-        return None
-    return parse_config_text(storage.read_text(uri), uri)
-
-
 def check_resumable(cfg: Config) -> None:
     """A run resumes only with the networks it was trained with: a changed model section is one clear error."""
     stored = stored_config(cfg.run_uri)
@@ -92,9 +85,13 @@ def check_resumable(cfg: Config) -> None:
 def resume_state(run_uri: str, resume: tuple[int, Any] | None, rank: int, world: int) -> dict[str, Any] | None:
     """What the workers start from, read once for all of them: the state the driver read before the fit (`resume`
     = (step, object ref), from Ray's object store), unless the run has a newer checkpoint (Ray Train restarted the
-    group after a failure): rank 0 then reads it and hands it to the others."""
+    group after a failure): rank 0 then reads it and hands it to the others. Only a newer COMPLETE marker makes the
+    workers verify a checkpoint's bytes."""
     import ray
 
+    newer = [s for s in checkpoints.complete_steps(run_uri) if resume is None or s > resume[0]]
+    if not newer:
+        return ray.get(resume[1]) if resume is not None else None
     newest = checkpoints.latest_step(run_uri)
     if resume is not None and (newest is None or newest <= resume[0]):
         return ray.get(resume[1])
@@ -154,7 +151,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     shown = progress.Progress("train", train_cfg.steps, "steps", initial=step, stream=sys.stderr, bar=False,
                               show=rank == 0)
     fail_at = loop_config.get("fail_at_step")
-    fail_marker = storage.join(run_layout.ray(run_uri), "fault-injected")
+    fail_marker = run_layout.injected_fault(run_uri)
     rows = stream.WorkerStream(cfg.data_uri, loop_config["manifest"], spec, rank, world, step, train_cfg.steps)
     acc, n_acc, t0 = torch.zeros(len(METRICS), device=device), 0, time.perf_counter()
     last: dict[str, float] = {}
@@ -270,23 +267,6 @@ def _keep_newest_checkpoints(cfg: Config) -> None:
         storage.delete_prefix(checkpoints.checkpoint_uri(cfg.run_uri, step))
 
 
-def finished_step(cfg: Config) -> int | None:
-    """The step of the run's newest valid checkpoint if it reached `train.steps` (the run is complete), else None."""
-    done = checkpoints.latest_step(cfg.run_uri)
-    return done if done is not None and done >= cfg.train.steps else None
-
-
-def run_summary(cfg: Config, step: int, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a run at `step` offers: its URIs (from storage layout alone) and the last logged metrics, if given."""
-    return {
-        "run": cfg.run_uri,
-        "step": step,
-        "checkpoint": checkpoints.checkpoint_uri(cfg.run_uri, step),
-        "samples": run_layout.samples(cfg.run_uri, step),
-        "metrics": {k: v for k, v in (metrics or {}).items() if k not in ("checkpoint", "samples")},
-    }
-
-
 @contextlib.contextmanager
 def _followed(cfg: Config, every_s: float = 5.0) -> Iterator[None]:
     """For progress listeners in this process (a Prefect task's progress artifact): the run's step, read from its
@@ -329,10 +309,13 @@ def train(cfg: Config) -> dict[str, Any]:
 
 
 def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dict[str, Any]:
-    done = finished_step(cfg)
-    if done is not None:
-        log.info("%s already has a checkpoint at step %d >= %d: nothing to train", cfg.run_uri, done, cfg.train.steps)
-        return run_summary(cfg, done)
+    # Where the run stands, read once: the newest valid checkpoint's state (a corrupt newer one is reported in one
+    # warning and skipped, as `run_state.finished_step` skips it): finished, or the resume point.
+    state = checkpoints.load_state(cfg.run_uri) if checkpoints.complete_steps(cfg.run_uri) else None
+    if state is not None and is_finished(cfg, int(state["step"])):
+        log.info("%s already has a checkpoint at step %d >= %d: nothing to train", cfg.run_uri, state["step"],
+                 cfg.train.steps)
+        return run_summary(cfg, int(state["step"]))
     storage.write_text(run_layout.config(cfg.run_uri), dump_config(cfg))
 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -349,10 +332,9 @@ def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dic
                            logging_config=LoggingConfig(log_level="CRITICAL"))
     fail_at = os.environ.get(FAIL_AT_STEP_ENV)
     resume = None
-    if checkpoints.complete_steps(cfg.run_uri):  # read once here (a corrupt newest is reported and skipped)
+    if state is not None:
         import ray
 
-        state = checkpoints.load_state(cfg.run_uri)
         resume = (int(state["step"]), ray.put(state))
         log.info("resuming %s from step %d%s", cfg.run_uri, resume[0], input_stream(cfg, state)[1])
     trainer = Trainer(
@@ -388,6 +370,4 @@ def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dic
             raise
         raise known from None
     _keep_newest_checkpoints(cfg)
-    step = checkpoints.latest_step(cfg.run_uri) or 0
-    rows = read_metrics(cfg.run_uri)
-    return run_summary(cfg, step, rows[-1] if rows else None)
+    return stored_summary(cfg)

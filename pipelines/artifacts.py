@@ -19,7 +19,7 @@ from uuid import UUID
 from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
 
-from preprocessing import progress, storage
+from preprocessing import dataset_layout, progress, storage
 
 MAX_EMBED_BYTES = 2_000_000
 
@@ -101,7 +101,7 @@ def dataset_summary(uri: str, manifest: dict[str, Any]) -> None:
     for reason, n in (manifest.get("rejects", {}).get("by_reason") or {}).items():
         rows.append({"field": f"rejected: {reason}", "value": n})
     create_table_artifact(rows, key=artifact_key("dataset", uri), description=f"Dataset build {uri}")
-    collisions = storage.join(uri, "dedup", "collisions.png")
+    collisions = dataset_layout.dedup_collisions(uri)
     if storage.exists(collisions):
         picture(collisions, "Duplicate groups found by the semantic hash", artifact_key("collisions", uri))
 

@@ -26,18 +26,18 @@ from dcgan import stages
 from dcgan.config import Config
 from dcgan.stages import StageCall
 from preprocessing import compute
-from preprocessing.errors import is_bad_input, retry_delays
+from preprocessing.errors import classify, retry_delays
 
 # Backoff between the attempts of a task that failed on a transient fault (the README's 10 s, 60 s, 300 s).
 RETRY_DELAYS = retry_delays()
 
 
 def retry_transient(task_: Any, task_run: TaskRun, state: State) -> bool:
-    """Prefect `retry_condition_fn`: retry unless the task failed on bad input."""
+    """Prefect `retry_condition_fn`: retry what another attempt may change (`preprocessing.errors.classify`)."""
     try:
         state.result(raise_on_failure=True)
     except BaseException as exc:  # noqa: BLE001 - we classify, never swallow: Prefect keeps the failure
-        return not is_bad_input(exc)
+        return classify(exc).worth_retrying
     return True
 
 
@@ -87,8 +87,7 @@ def _run(call: StageCall) -> dict[str, Any]:
     rayjob = call.stage == "train" and call.config.cluster.submit == "rayjob"
     where = "a KubeRay RayJob (a cluster of its own)" if rayjob else compute.placement(call.config.cluster.address)
     logger.info("%s runs on %s", call.stage, where)
-    scope = call.config.data_uri if call.stage.startswith("build-") else call.config.run_uri
-    with _project_logs_to(logger), artifacts.progress_artifacts(scope):
+    with _project_logs_to(logger), artifacts.progress_artifacts(stages.REGISTRY[call.stage].writes(call)):
         return stages.run(call, emit=logger.info)
 
 
@@ -111,21 +110,14 @@ def build_stage(config: Config, stage: str) -> dict[str, Any]:
 @task(name="train", task_run_name="train-{config.name}", **_RETRYING)
 def train_stage(config: Config) -> dict[str, Any]:
     """Train `config.run_uri` to `config.train.steps`. A retry resumes from the run's newest valid checkpoint, so a
-    lost node costs at most `checkpoint_every` steps; a finished run is not sent anywhere."""
-    from dcgan.train import finished_step, run_summary
-
+    lost node costs at most `checkpoint_every` steps; a finished run is not sent anywhere (`dcgan.stages.run`)."""
     from pipelines import artifacts
 
-    logger = get_run_logger()
-    done = finished_step(config)
-    if done is not None:
-        logger.info("Skipping train: %s already has a checkpoint at step %d >= train.steps %d",
-                    config.run_uri, done, config.train.steps)
-        return {**run_summary(config, done), "skipped": True}
     result = _run(StageCall("train", config))
-    artifacts.training_summary(config, result)
-    logger.info("Run %s at step %d; samples %s", result["run"], result["step"], result["samples"])
-    return {**result, "skipped": False}
+    if not result["skipped"]:
+        artifacts.training_summary(config, result)
+    get_run_logger().info("Run %s at step %d; samples %s", result["run"], result["step"], result["samples"])
+    return result
 
 
 @task(name="evaluate", task_run_name="evaluate-{config.name}", **_RETRYING)

@@ -24,6 +24,7 @@ from preprocessing.errors import InputError, TransientError
 import hashlib
 import json
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -41,16 +42,20 @@ from preprocessing.sources import HIDDEN, SYMLINK_LOOP
 log = logging.getLogger(__name__)
 
 CHUNK_RETRIES = 3
+NO_DEDUP = DedupConfig(enabled=False)
+PIXEL_CAP_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"  # OpenCV's own decode cap (pixels), read once per process
 ERROR = "error"  # an unexpected exception on one input: recorded with its type and message, the build goes on
 # Reasons that are outcomes of filtering, not bad input: they do not count against max_reject_rate. A photo without a
 # face is what the faces filter is for. A hidden file is metadata by convention (.DS_Store, .git, ._AppleDouble) and
 # a symlink loop lists nothing new (its target folder is listed already): neither means a photo was lost. A broken
 # link, a bad URL or a FIFO does (someone meant an input to be there), so those count.
-FILTERED = frozenset({"no_face", HIDDEN, SYMLINK_LOOP})
+# Robots.txt and X-Robots-Tag opt-outs are the sites' choice, honoured: not bad input either.
+FILTERED = frozenset({"no_face", HIDDEN, SYMLINK_LOOP, "robots", "opt_out"})
 STATE_DIR, STAGING = dataset_layout.CHUNKS, dataset_layout.STAGING
 # Run options: they change how a build runs, not a single output byte, so they are not part of a dataset's identity
 # (changing them neither invalidates finished chunks nor makes a finished dataset "different").
-RUN_OPTIONS = frozenset({"overwrite", "download_concurrency", "max_reject_rate"})
+RUN_OPTIONS = frozenset({"overwrite", "download_concurrency", "max_reject_rate", "contact", "host_concurrency",
+                         "host_rate", "max_retry_wait_s"})
 
 
 class BuildError(shards.DatasetError):
@@ -67,15 +72,22 @@ class Plan:
 # ---------------------------------------------------------------------------------------------------- planning
 
 
+def require_input(cfg: BuildConfig | None) -> None:
+    """A build needs an input: the one check (the stage asks before looking for an earlier build)."""
+    if cfg is None or not cfg.input:
+        raise InputError("build.input: no input given (LMDB, folder, s3:// prefix or URL list)")
+
+
 def plan(cfg: BuildConfig) -> Plan:
     """The inputs cut into chunks of `shard_rows` inputs, in key order; each chunk spec is JSON-serialisable."""
-    if not cfg.input:
-        raise InputError("build.input: no input given (LMDB, folder, s3:// prefix or URL list)")
+    require_input(cfg)
     from preprocessing import lsun
-    from preprocessing.sources import chunk_items, list_items
+    from preprocessing.sources import chunk_items, is_streamed_url_list, list_items, plan_url_list
 
     if cfg.kind == "center-crop" and lsun.is_lmdb(cfg.input):
         chunks, n, fp = lsun.plan_lmdb(cfg.input, cfg.shard_rows, cfg.limit)
+    elif is_streamed_url_list(cfg.input):  # .txt/.lst: streamed, never held whole here
+        chunks, n, fp = plan_url_list(cfg.input, cfg.shard_rows, cfg.limit)
     else:  # a folder (LSUN's exported images, or photos), an s3:// prefix or a URL list
         chunks, n, fp = chunk_items(list_items(cfg.input, cfg.limit), cfg.shard_rows)
     for i, c in enumerate(chunks):
@@ -94,7 +106,9 @@ def preflight(cfg: BuildConfig) -> None:
 
 # Parameters added after datasets were built: left out of the identity while at their defaults, so those datasets
 # keep theirs.
-LATER_DEFAULTS = {"allow_private_hosts": [], "max_redirects": 5}
+LATER_DEFAULTS = {"allow_private_hosts": [], "max_redirects": 5, "robots_txt": True,
+                  "opt_out_tags": ["noai", "noimageai", "noindex", "noimageindex"], "detector": "haar",
+                  "detector_model": None, "yunet_face_px": 64}
 
 
 def _params(cfg: BuildConfig) -> dict[str, Any]:
@@ -102,13 +116,13 @@ def _params(cfg: BuildConfig) -> dict[str, Any]:
             if k not in RUN_OPTIONS and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
 
-def identity(cfg: BuildConfig, dedup: DedupConfig | None) -> dict[str, Any]:
+def identity(cfg: BuildConfig, dedup: DedupConfig) -> dict[str, Any]:
     """What makes a dataset this dataset: every build parameter but the run options, and the dedup parameters (None
-    without de-duplication). The manifest records it as `params`; equal identities over equal inputs give equal rows."""
-    return {**_params(cfg), "dedup": dedup.model_dump(mode="json") if dedup is not None and dedup.enabled else None}
+    when `dedup.enabled` is off). The manifest records it as `params`; equal identities over equal inputs give equal rows."""
+    return {**_params(cfg), "dedup": dedup.model_dump(mode="json") if dedup.enabled else None}
 
 
-def already_built(out: str, cfg: BuildConfig, dedup: DedupConfig | None) -> dict[str, Any] | None:
+def already_built(out: str, cfg: BuildConfig, dedup: DedupConfig = NO_DEDUP) -> dict[str, Any] | None:
     """The manifest of the dataset at `out` if it is complete and has this identity (a re-run has nothing to do)."""
     try:
         manifest = shards.read_manifest(out)
@@ -136,10 +150,9 @@ def _inputs(chunk: dict[str, Any], cfg: BuildConfig) -> Iterator[tuple[str, str,
         for key, value in read_range(chunk["lmdb"], chunk["start"], chunk["count"]):
             yield key, chunk["lmdb"], value
         return
-    from preprocessing.downloads import Policy
-    from preprocessing.sources import fetch, ordered_map
+    from preprocessing.sources import fetch, interleave_hosts, ordered_map, url_chunk_items
 
-    policy = Policy(tuple(cfg.allow_private_hosts), cfg.max_redirects)
+    policy = policy_of(cfg)
 
     def get(item):
         key, source, *listed = item
@@ -155,7 +168,16 @@ def _inputs(chunk: dict[str, Any], cfg: BuildConfig) -> Iterator[tuple[str, str,
         except Exception as err:  # noqa: BLE001 - one input's failure must not stop the chunk
             return key, source, Reject(ERROR, f"{type(err).__name__}: {err}"[:300])
 
-    yield from ordered_map(get, chunk["items"], cfg.download_concurrency)
+    items = chunk["items"] if "items" in chunk else url_chunk_items(chunk)  # a streamed URL list: read here
+    yield from ordered_map(get, interleave_hosts(items), cfg.download_concurrency)
+
+
+def policy_of(cfg: BuildConfig):
+    """The network policy (address checks and politeness) of a build's downloads."""
+    from preprocessing.downloads import Policy
+
+    return Policy(tuple(cfg.allow_private_hosts), cfg.max_redirects, cfg.contact, cfg.robots_txt,
+                  tuple(cfg.opt_out_tags), cfg.host_concurrency, cfg.host_rate, cfg.max_retry_wait_s)
 
 
 def _transform(kind: str) -> Callable:
@@ -193,13 +215,16 @@ def run_chunk(chunk: dict[str, Any], cfg: BuildConfig, shards_uri: str, rejects_
         storage.exists(storage.join(uri, e["path"]))
         for uri, e in ((shards_uri, done["shard"]), (rejects_uri, done["rejects"])) if e
     ):
+        if not storage.exists(storage.join(rejects_uri, dataset_layout.stats(index))):
+            _write_stats(rejects_uri, done)  # finished by a version that wrote none
         return {**done, "resumed": True}
 
     transform = _transform(cfg.kind)
     started = time.perf_counter()
-    rows, rejects, n = [], [], 0
+    rows, rejects, n, nbytes = [], [], 0, 0
     for key, source, got in _inputs(chunk, cfg):
         n += 1
+        nbytes += len(got) if isinstance(got, (bytes, bytearray, memoryview)) else 0
         try:
             if isinstance(got, Reject):
                 raise got
@@ -223,15 +248,42 @@ def run_chunk(chunk: dict[str, Any], cfg: BuildConfig, shards_uri: str, rejects_
     result = {
         "index": index, "digest": digest, "inputs": n, "rows": len(rows), "shard": shard_entry,
         "rejects": reject_entry, "reject_counts": dict(Counter(r[2] for r in rejects)),
-        "work_s": round(work_s, 3), "write_s": round(time.perf_counter() - started, 3),
+        "work_s": round(work_s, 3), "write_s": round(time.perf_counter() - started, 3), "bytes": nbytes,
     }
-    storage.write_json(sidecar, result)
+    _write_stats(rejects_uri, result)
+    storage.write_json(sidecar, result)  # last: a chunk with a sidecar has its shard, rejects and stats
     return {**result, "resumed": False}
+
+
+def _write_stats(dataset: str, result: dict[str, Any]) -> None:
+    """One chunk's figures next to its shard (`stats/part-i.json`): where its inputs went, bytes fetched, time."""
+    storage.write_json(storage.join(dataset, dataset_layout.stats(result["index"])), {
+        "index": result["index"], "inputs": result["inputs"], "rows": result["rows"],
+        "shard": (result["shard"] or {}).get("path"),
+        "rejects_by_reason": dict(sorted(result["reject_counts"].items())),
+        "bytes": result.get("bytes"), "seconds": round(result["work_s"] + result["write_s"], 3),
+        "fetch_decode_s": result["work_s"], "write_s": result["write_s"],
+    })
+
+
+def totals(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The chunks' figures summed (resumed chunks included: the dataset's totals, not this run's)."""
+    by_reason: Counter = Counter()
+    for r in results:
+        by_reason.update(r["reject_counts"])
+    known = [r["bytes"] for r in results if r.get("bytes") is not None]
+    return {"inputs": sum(r["inputs"] for r in results), "rows": sum(r["rows"] for r in results),
+            "rejects_by_reason": dict(sorted(by_reason.items())),
+            "bytes": sum(known) if len(known) == len(results) else None,
+            "task_seconds": round(sum(r["work_s"] + r["write_s"] for r in results), 2),
+            "shard_stats": [dataset_layout.stats(r["index"]) for r in results]}
 
 
 def _run_batch(batch: dict[str, np.ndarray], cfg_json: str, shards_uri: str, rejects_uri: str) -> dict[str, list]:
     """Ray Data map_batches body: chunk specs in, chunk results out (both as JSON text)."""
     cfg = BuildConfig.model_validate_json(cfg_json)
+    if os.environ.get(PIXEL_CAP_ENV) != str(cfg.max_pixels):  # a bug, not bad input: the second guard is missing
+        raise RuntimeError(f"build worker without its {PIXEL_CAP_ENV}={cfg.max_pixels} (runtime_env not applied)")
     return {"result": [json.dumps(_with_retries(json.loads(spec), cfg, shards_uri, rejects_uri))
                        for spec in batch["chunk"]]}
 
@@ -257,7 +309,7 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
                 progress: bool) -> list[dict]:
     import ray
 
-    compute.connect(worker_env={"OPENCV_IO_MAX_IMAGE_PIXELS": str(cfg.max_pixels)})
+    compute.connect()
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -276,6 +328,9 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
         ds = ray.data.from_items([{"chunk": json.dumps(c)} for c in chunks], override_num_blocks=len(chunks))
         ds = ds.map_batches(
             _run_batch, batch_size=1, num_cpus=1, batch_format="numpy",
+            # OpenCV's own pixel cap, a second guard behind the header checks, read once when a worker loads cv2:
+            # it goes with these tasks, whoever started Ray in this process (the demo does, without it)
+            runtime_env={"env_vars": {PIXEL_CAP_ENV: str(cfg.max_pixels)}},
             fn_kwargs={"cfg_json": cfg.model_dump_json(), "shards_uri": shards_uri, "rejects_uri": rejects_uri},
         )
         rows = rejected = resumed = 0
@@ -297,11 +352,11 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
 def _prepare(out: str, overwrite: bool) -> None:
     """Claim `out` (refusing a location with files the project did not write); an existing dataset there is kept
     unless `overwrite`, which removes only the project's own files, manifest first."""
-    if storage.exists(storage.join(out, shards.MANIFEST)) and not overwrite and dataset_layout.is_complete(out):
+    if not overwrite and shards.is_complete(out):
         raise BuildError(f"{out} already holds a dataset (manifest.json); pass --overwrite "
                          "(BuildConfig.overwrite=True) to replace it")
-    ownership.claim(out, "dataset", legacy=dataset_layout.is_complete)
-    if storage.exists(storage.join(out, shards.MANIFEST)):
+    ownership.claim(out, "dataset", legacy=shards.is_complete)
+    if storage.exists(dataset_layout.manifest(out)):
         ownership.remove_own(out, "dataset")
 
 
@@ -323,7 +378,7 @@ def _deduplicate(src: str, entries: list[dict], out: str, dedup: DedupConfig) ->
     return deduplicate(src, entries, out, dedup)
 
 
-def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig | None = None, progress: bool = True) -> dict:
+def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig = NO_DEDUP, progress: bool = True) -> dict:
     """Build (or finish building) the dataset at `out`; returns its manifest. Raises BuildError, writing no manifest,
     when nothing usable came out or bad inputs exceed `cfg.max_reject_rate`."""
     preflight(cfg)
@@ -334,7 +389,7 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig | None = None, 
     started = time.perf_counter()
     p = plan(cfg)  # bad input fails here, before anything is written
     _prepare(out, cfg.overwrite)
-    use_dedup = dedup is not None and dedup.enabled
+    use_dedup = dedup.enabled  # the one switch (dcgan build --no-dedup sets it)
     shards_uri = storage.join(out, STAGING) if use_dedup else out
     log.info("%s build of %s: %d inputs in %d chunks -> %s%s", cfg.kind, cfg.input, p.inputs, len(p.chunks), out,
              " (de-duplicated)" if use_dedup else "")
@@ -349,16 +404,16 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig | None = None, 
     wall = time.perf_counter() - started
     stats = {"chunks": len(results), "resumed": sum(r["resumed"] for r in results), "seconds": round(wall, 2),
              "task_work_s": round(sum(r["work_s"] for r in results if not r["resumed"]), 2),
-             "task_write_s": round(sum(r["write_s"] for r in results if not r["resumed"]), 2)}
+             "task_write_s": round(sum(r["write_s"] for r in results if not r["resumed"]), 2), **totals(results)}
     log.info("%s: %d inputs -> %d rows in %.1f s (task time: %.1f s fetch/decode, %.1f s writing); "
              "rejects by reason: %s", cfg.kind, p.inputs, rows, wall, stats["task_work_s"], stats["task_write_s"],
              summary)
     if rows == 0:
         raise BuildError(f"{cfg.input}: no usable rows from {p.inputs} inputs (rejects by reason: {summary}); "
-                         f"see {storage.join(out, 'rejects')}")
+                         f"see {dataset_layout.rejects(out)}")
     if bad / p.inputs > cfg.max_reject_rate:
         raise BuildError(f"{cfg.input}: {bad} of {p.inputs} inputs rejected ({bad / p.inputs:.1%}) > max_reject_rate "
-                         f"{cfg.max_reject_rate:.1%} (by reason: {summary}); see {storage.join(out, 'rejects')}")
+                         f"{cfg.max_reject_rate:.1%} (by reason: {summary}); see {dataset_layout.rejects(out)}")
 
     entries = [r["shard"] for r in results if r["shard"]]
     reject_entries = [r["rejects"] for r in results if r["rejects"]]
@@ -367,6 +422,7 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig | None = None, 
         entries, dedup_info = _deduplicate(shards_uri, entries, out, dedup)
     _remove_unlisted(out, "shards", entries)
     _remove_unlisted(out, "rejects", reject_entries)
+    _remove_unlisted(out, dataset_layout.STATS, [{"path": dataset_layout.stats(r["index"])} for r in results])
     manifest = shards.write_manifest(
         out, kind=cfg.kind, resolution=cfg.resolution, shards=entries, rejects=reject_entries,
         reject_counts=dict(reject_counts), inputs=p.inputs, dedup=dedup_info, inputs_fingerprint=p.fingerprint,
@@ -374,6 +430,6 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig | None = None, 
         extra={"build_stats": stats},
     )
     ownership.remove_own(out, "dataset", under=STAGING if use_dedup else STATE_DIR)
-    log.info("wrote %s: %d rows in %d shards, content hash %s", storage.join(out, shards.MANIFEST),
+    log.info("wrote %s: %d rows in %d shards, content hash %s", dataset_layout.manifest(out),
              manifest["counts"]["rows"], len(entries), manifest["content_hash"][:16])
     return manifest

@@ -89,12 +89,19 @@ def placement(address: str | None = None) -> Placement:
     return Placement("join", address)
 
 
-def connect(address: str | None = None, *, worker_env: dict[str, str] | None = None, quiet: bool = True) -> None:
-    """Start or join Ray for work in this process, once (later calls keep the Ray that is there).
+_connected: tuple[Placement, str] | None = None  # where connect() started or joined Ray here, and that Ray's GCS
 
-    `worker_env` is set in every worker process of this job (read once when they start, as OpenCV's pixel cap is).
-    A Jobs API address is refused: a process cannot run work on a cluster through the Jobs API, only submit to it.
+
+def connect(address: str | None = None, *, quiet: bool = True) -> None:
+    """Start or join Ray for work in this process, once.
+
+    A later call that names another place than the Ray this process already works on is refused (one Ray per
+    process; it would otherwise run, silently, where the first caller connected); without an address it keeps the
+    Ray that is there. Settings a stage's workers need (an environment variable) go with its tasks' runtime_env,
+    not here, so that they hold whoever connected first. A Jobs API address is refused: a process cannot run work
+    on a cluster through the Jobs API, only submit to it.
     """
+    global _connected
     import ray
 
     where = placement(address)
@@ -102,13 +109,18 @@ def connect(address: str | None = None, *, worker_env: dict[str, str] | None = N
         raise InputError(f"{where.address} is a Ray Jobs API address: a stage sent there runs as a Ray Job "
                          "(the dcgan CLI and the flows submit it); inside a job or on a node use auto or HOST:PORT")
     if ray.is_initialized():
+        first = _connected[0] if _connected and _connected[1] == ray.get_runtime_context().gcs_address else None
+        if address is not None and first is not None and where != first:
+            raise InputError(f"this process already works on {first}; cluster.address {address!r} asks for "
+                             f"{where}: run it in its own process, or give every stage the same cluster.address")
         return
-    kwargs = {"runtime_env": {"env_vars": dict(worker_env)}} if worker_env else {}
+    kwargs = {}
     if quiet and not verbose():
         kwargs.update(logging_level=logging.WARNING, log_to_driver=True)
     if where.kind == "local":
         ray.init(**kwargs)
     else:
         ray.init(address=where.address, **kwargs)
+    _connected = (where, ray.get_runtime_context().gcs_address)
     if quiet:
         _quiet_ray_data()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from preprocessing.dedup_views import DEFAULT_VIEWS, MAX_VIEWS
 from preprocessing.storage import resolve_location
@@ -91,6 +91,14 @@ class BuildConfig(Strict):
     # faces
     min_face: int = Field(64, ge=1, description="smallest detected face side kept, in source pixels")
     margin: float = Field(0.0, ge=0, le=1, description="extra context around a face box, as a fraction of its side")
+    detector: Literal["haar", "yunet"] = Field("haar", description="face detector: haar = OpenCV's Haar cascade "
+                                               "(the paper's era; `cascade`), yunet = OpenCV's YuNet CNN "
+                                               "(cv2.FaceDetectorYN; `detector_model`), more accurate and faster")
+    detector_model: Location | None = Field(None, description="the YuNet ONNX file for `detector: yunet` (local path "
+                                            "or s3://; you supply it, the project never downloads one)")
+    yunet_face_px: int = Field(64, ge=16, le=256, description="YuNet searches a min_face face at this side, on a copy "
+                               "of the photo shrunk to it (never enlarged): 32 is ~3x faster and misses more small "
+                               "faces (benchmarks/face_detect.py --detectors)")
     cascade: str = Field("haarcascade_frontalface_default.xml", description="file under cv2.data.haarcascades or a path")
     scale_factor: float = Field(1.1, gt=1, description="cascade pyramid step between scales (detectMultiScale)")
     min_neighbors: int = Field(5, ge=0, description="overlapping detections a face needs (detectMultiScale); "
@@ -107,6 +115,24 @@ class BuildConfig(Strict):
                                            "mirror.internal, 10.0.0.0/8) that URL lists may reach although private, "
                                            "loopback or link-local; every other such address is refused")
     max_redirects: int = Field(5, ge=0, description="redirects a download may follow (each hop is checked)")
+    contact: str = Field("", description="a URL or e-mail address put in the User-Agent (`dcgan-cluster/0.1 (DCGAN "
+                         "dataset build; +contact)`) so site owners can reach whoever runs the build")
+    robots_txt: bool = Field(True, description="honour each host's robots.txt (RFC 9309; fetched once per host and "
+                             "worker process); a disallowed URL is a `robots` reject")
+    opt_out_tags: list[str] = Field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
+                                    description="X-Robots-Tag directives that skip a response, read from its headers "
+                                    "before the body (an `opt_out` reject; [] = none)")
+    host_concurrency: int = Field(4, ge=1, description="downloads in flight per host, per build task")
+    host_rate: float = Field(10.0, ge=0, description="requests started per second per host, per build task (0 = no "
+                             "limit)")
+    max_retry_wait_s: float = Field(30.0, ge=0, description="longest wait a 429/503 (its Retry-After, or 1, 2, 4 ... "
+                                    "s) is given; a host asking for more is a `rate_limited` reject")
+
+    @model_validator(mode="after")
+    def _yunet_needs_its_model(self):
+        if self.detector == "yunet" and not self.detector_model:
+            raise ValueError("build.detector_model: detector yunet needs the YuNet ONNX file (a local path or s3://)")
+        return self
 
     @field_validator("allow_private_hosts")
     @classmethod

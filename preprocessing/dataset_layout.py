@@ -3,6 +3,7 @@
     <dataset>/manifest.json               written last: present (and readable) == complete
     <dataset>/shards/part-NNNNN.parquet   the rows (preprocessing.shards has the schema)
     <dataset>/rejects/part-NNNNN.parquet  inputs that failed, each with its reason
+    <dataset>/stats/part-NNNNN.json       one build chunk's figures: inputs, rows, rejects by reason, bytes, seconds
     <dataset>/dedup/                      the hashing model, its report and a picture of collisions
     <dataset>/_chunks/part-NNNNN.json     a finished build chunk (resume state; removed when the build commits)
     <dataset>/staging/                    the build's shards before de-duplication (removed when it commits)
@@ -17,12 +18,13 @@ MANIFEST = "manifest.json"
 CHUNKS = "_chunks"
 STAGING = "staging"
 DEDUP = "dedup"
+STATS = "stats"
 
 _PART = r"part-\d{5}\.(parquet|json)"
 # What the project writes inside a dataset, relative to it; a pattern ending in "/" owns its whole subtree (files
 # written by Ray Train or a staged build, whose names are not ours to predict). Anything else is somebody else's.
 OWN_FILES = (
-    r"manifest\.json", rf"shards/{_PART}", rf"rejects/{_PART}", rf"{CHUNKS}/{_PART}",
+    r"manifest\.json", rf"shards/{_PART}", rf"rejects/{_PART}", rf"{CHUNKS}/{_PART}", rf"{STATS}/{_PART}",
     r"dedup/(model\.pt|report\.json|collisions\.png)", r"dedup/_train/", rf"{STAGING}/",
 )
 
@@ -32,20 +34,43 @@ def part(index: int, folder: str = "shards") -> str:
     return f"{folder}/part-{index:05d}.parquet"
 
 
+def rejects(dataset: str) -> str:
+    """The folder of the reject shards (each input that failed, with its reason)."""
+    return join(dataset, "rejects")
+
+
 def chunk_state(dataset: str, index: int) -> str:
     return join(dataset, CHUNKS, f"part-{index:05d}.json")
+
+
+def stats(index: int) -> str:
+    """The relative path of build chunk `index`'s figures: `stats/part-00012.json`."""
+    return f"{STATS}/part-{index:05d}.json"
 
 
 def manifest(dataset: str) -> str:
     return join(dataset, MANIFEST)
 
 
-def is_complete(dataset: str) -> bool:
-    """Whether `dataset` holds a committed dataset: its manifest exists and reads (the one test of completeness)."""
-    from preprocessing.shards import DatasetError, read_manifest
+def dedup_folder(dataset: str) -> str:
+    return join(dataset, DEDUP)
 
-    try:
-        read_manifest(dataset)
-        return True
-    except DatasetError:
-        return False
+
+def dedup_model(dataset: str) -> str:
+    """The hashing autoencoder's weights (a later dedup of the same dataset can reuse them)."""
+    return join(dataset, DEDUP, "model.pt")
+
+
+def dedup_report(dataset: str) -> str:
+    return join(dataset, DEDUP, "report.json")
+
+
+def dedup_collisions(dataset: str) -> str:
+    """The picture of the largest duplicate groups."""
+    return join(dataset, DEDUP, "collisions.png")
+
+
+def dedup_training(dataset: str) -> str:
+    """Ray Train's own files while the autoencoder trains on an s3:// dataset."""
+    return join(dataset, DEDUP, "_train")
+

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preprocessing import compute, dataset_layout, storage
+from preprocessing import compute, storage
 from preprocessing.config import DedupConfig
 from preprocessing.dedup_groups import (bucket_edges, codes_of, decide, edge_groups, groups_of, member_rows,
                                        verify_rows, view_rows)
@@ -63,6 +63,8 @@ def _read_shard(src_uri: str, entry: dict[str, Any]) -> pa.Table:
     uri = storage.join(src_uri, entry["path"])
     try:
         table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    except storage.StorageUnreachable:
+        raise  # the store is failing, not this file: transient, retried
     except storage.StorageError as err:
         raise DatasetError(f"shard {entry['path']}: {err}") from None
     if "rows" in entry and table.num_rows != entry["rows"]:
@@ -307,24 +309,43 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
     return entries, info
 
 
+def already_deduplicated(src: str, out: str, cfg: DedupConfig) -> dict[str, Any] | None:
+    """The manifest at `out` if it is a de-duplication of `src` as it is now (its content hash) with these settings:
+    a re-run has nothing to do (as a build with the same parameters)."""
+    from preprocessing.shards import read_manifest
+
+    try:
+        made, source = read_manifest(out), read_manifest(src)
+    except DatasetError:
+        return None
+    origin = made.get("derived_from") or {}
+    same = (origin.get("uri") == storage.normalize(src) and origin.get("content_hash") == source.get("content_hash")
+            and origin.get("dedup") == cfg.model_dump(mode="json"))
+    return made if same else None
+
+
 def dedup_dataset(src: str, out: str, cfg: DedupConfig, overwrite: bool = False) -> dict[str, Any]:
     """De-duplicate the committed dataset `src` into a new dataset `out`; returns the new manifest.
 
     The source is never modified, and `out` follows the ownership rule (preprocessing.ownership): a new or empty
     location, or an earlier (unfinished, or with `overwrite` finished) dedup output of this project. The new manifest
     copies the source's kind, resolution, input counts, rejects and build parameters, and adds the dedup figures;
-    reject files are copied, so the new version stands on its own.
+    reject files are copied, so the new version stands on its own. The same de-duplication done before is kept
+    (`already_deduplicated`); another dataset at `out` needs `overwrite`.
     """
     from preprocessing import ownership
-    from preprocessing.shards import MANIFEST, read_manifest, verify, write_manifest
+    from preprocessing.shards import is_complete, read_manifest, verify, write_manifest
 
     src, out = storage.normalize(src), storage.normalize(out)
     if storage.overlaps(src, out):
         raise InputError(f"--out {out} overlaps the source dataset {src}: dedup writes a new dataset beside its "
                          "input, never into or around it")
     manifest = verify(src, read_manifest(src))
-    ownership.claim(out, "dataset", legacy=dataset_layout.is_complete)
-    if storage.exists(storage.join(out, MANIFEST)) and not overwrite:
+    ownership.claim(out, "dataset", legacy=is_complete)
+    done = None if overwrite else already_deduplicated(src, out, cfg)
+    if done is not None:
+        return done
+    if is_complete(out) and not overwrite:
         raise InputError(f"{out} already holds a dataset; pass --overwrite to replace it")
     ownership.remove_own(out, "dataset")  # an earlier (unfinished or replaced) output: our files only
 
@@ -338,6 +359,7 @@ def dedup_dataset(src: str, out: str, cfg: DedupConfig, overwrite: bool = False)
         rejects=rejects.get("shards", []), reject_counts=rejects.get("by_reason", {}), inputs=counts.get("inputs"),
         dedup=info, inputs_fingerprint=manifest.get("inputs_fingerprint"), params=manifest.get("params", {}),
         channels=manifest.get("channels", 3),
-        extra={"derived_from": {"uri": src, "content_hash": manifest.get("content_hash")}},
+        extra={"derived_from": {"uri": src, "content_hash": manifest.get("content_hash"),
+                                "dedup": cfg.model_dump(mode="json")}},
     )
 

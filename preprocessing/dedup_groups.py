@@ -75,14 +75,16 @@ def verify_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"a": a, "b": b, "checked": np.r_[checked, np.zeros(len(a) - 1, np.int64)]}
 
 
-def verified_groups(keys: np.ndarray, codes: np.ndarray, sources: np.ndarray) -> tuple[dict, dict]:
+def verified_groups(keys: np.ndarray, codes: np.ndarray, sources: np.ndarray, record: list | None = None
+                    ) -> tuple[dict, dict]:
     """In one process (benchmarks, tests): (N, views, bytes) codes and (N, S, S, 3) view sources -> (`groups_of`-style
-    groups from verified edges, figures: candidate pairs checked, verified edges, members left unchecked)."""
+    groups from verified edges, figures: candidate pairs checked, verified edges, members left unchecked); `record`
+    as `verified_pairs`."""
     keys = np.asarray(keys).astype(str)
     owner, view, flat = distinct_views(np.asarray(codes, np.uint8))
     rows, buckets, left = bucket_members(keys[owner], [c.tobytes() for c in flat])
     members, views = owner[rows], view[rows]
-    a, b, checked = verified_pairs(buckets, members, lambda idx: cut_views(sources[members[idx]], views[idx]))
+    a, b, checked = verified_pairs(buckets, members, lambda idx: cut_views(sources[members[idx]], views[idx]), record)
     groups = star_groups(keys[a], keys[b])
     return groups, {"checked": checked, "verified": len(a), "unchecked": left}
 

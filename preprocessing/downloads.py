@@ -11,6 +11,14 @@ the private network). The policy, checked on the first request and again on ever
 - at most `max_redirects` redirects;
 - a total deadline per attempt, enforced while bytes trickle in (a watchdog closes the socket at the deadline), and a
   size cap.
+Politeness, on by default (a 3M-URL build must not behave like a careless crawler):
+- an honest User-Agent naming the project, with the operator's contact when `build.contact` gives one;
+- robots.txt fetched once per host (per worker process), cached, honoured per RFC 9309 (longest match, `*` and `$`,
+  the first 500 KiB read, a 4xx means no rules, a 5xx or an unreachable host means nothing may be fetched, asked
+  again after ROBOTS_RETRY_S);
+- `X-Robots-Tag` opt-outs (noai, noimageai, noindex, noimageindex by default) read from the headers before the body;
+- per-host concurrency and request rate (per worker process), and `Retry-After` / 429 / 503 backoff, waiting at most
+  `max_retry_wait_s` (a longer wait is a `rate_limited` reject, never a hang).
 Each refusal is a `Reject` with its reason, like every other input that cannot be used.
 """
 
@@ -22,9 +30,12 @@ import socket
 import ssl
 import threading
 import time
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable
-from urllib.parse import urljoin, urlsplit
+from email.utils import parsedate_to_datetime
+from typing import Iterable, Iterator
+from urllib.parse import unquote, urljoin, urlsplit
 
 from preprocessing.images import Reject
 
@@ -36,11 +47,19 @@ DOWNLOAD_TOO_LARGE = "download_too_large"
 BAD_URL = "bad_url"
 BLOCKED_ADDRESS = "blocked_address"  # the host resolves to a private/loopback/link-local/... address
 TOO_MANY_REDIRECTS = "too_many_redirects"
+ROBOTS = "robots"  # the host's robots.txt disallows the path for this crawler
+OPT_OUT = "opt_out"  # the response's X-Robots-Tag carries an opt-out directive (noai, noimageai, ...)
+RATE_LIMITED = "rate_limited"  # the host kept answering 429/503, or asked for a wait longer than max_retry_wait_s
 
 HTTP_SCHEMES = ("http", "https")
 REDIRECTS = (301, 302, 303, 307, 308)
 DEFAULT_MAX_REDIRECTS = 5
-USER_AGENT = "dcgan-cluster/0.1 (dataset build)"
+PRODUCT = "dcgan-cluster"  # the product token robots.txt groups and X-Robots-Tag prefixes are matched against
+USER_AGENT = f"{PRODUCT}/0.1 (DCGAN dataset build)"
+OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+ROBOTS_MAX_BYTES = 500 * 1024  # RFC 9309 2.5: parsers must read at least 500 KiB; the rest may be ignored
+MAX_HOSTS = 4096  # per-host state kept per process (least recently used dropped)
+ROBOTS_RETRY_S = 300.0  # an unreadable robots.txt (complete disallow meanwhile) is asked for again after this
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -77,6 +96,16 @@ class Policy:
 
     allow: tuple[str, ...] = ()
     max_redirects: int = DEFAULT_MAX_REDIRECTS
+    contact: str = ""  # a URL or e-mail address for the User-Agent
+    robots: bool = True  # honour robots.txt
+    opt_out: tuple[str, ...] = OPT_OUT_DIRECTIVES  # X-Robots-Tag directives that skip a response ( () = none)
+    host_concurrency: int = 4  # requests in flight per host (per process)
+    host_rate: float = 10.0  # requests started per second per host (per process); 0 = no limit
+    max_retry_wait_s: float = 30.0  # longest Retry-After / backoff waited for
+
+    @property
+    def user_agent(self) -> str:
+        return USER_AGENT[:-1] + f"; +{self.contact})" if self.contact else USER_AGENT
 
     def addresses(self, host: str, port: int) -> list[Address]:
         """The addresses of `host` that may be connected to, resolved once; raises Reject (BLOCKED_ADDRESS) if any
@@ -97,6 +126,221 @@ class Policy:
                 raise Reject(BLOCKED_ADDRESS, f"{shown} is a {kind} address: not fetched (allow internal hosts "
                                               "with build.allow_private_hosts)")
         return found
+
+
+# ------------------------------------------------------------------------------------------------- robots.txt
+
+
+def _glob(pattern: str, path: str) -> bool:
+    """Whether `pattern` ('*' = any run of characters) matches the whole of `path`; O(len x len), no regex, so a
+    hostile robots.txt cannot make matching blow up."""
+    p = i = 0
+    star, mark = -1, 0
+    while i < len(path):
+        if p < len(pattern) and pattern[p] != "*" and pattern[p] == path[i]:
+            p, i = p + 1, i + 1
+        elif p < len(pattern) and pattern[p] == "*":
+            star, mark, p = p, i, p + 1
+        elif star >= 0:
+            p, mark = star + 1, mark + 1
+            i = mark
+        else:
+            return False
+    while p < len(pattern) and pattern[p] == "*":
+        p += 1
+    return p == len(pattern)
+
+
+def _rule_matches(pattern: str, path: str) -> bool:
+    if pattern.endswith("$"):
+        pattern = pattern[:-1]
+        return _glob(pattern, path) if "*" in pattern else path == pattern
+    return _glob(pattern + "*", path) if "*" in pattern else path.startswith(pattern)
+
+
+class Robots:
+    """The rules of one robots.txt for one product token (RFC 9309): the groups naming the token, else the `*`
+    groups; the longest matching pattern decides, `allow` on a tie; no matching rule allows."""
+
+    def __init__(self, text: str, product: str = PRODUCT, note: str = ""):
+        self.note = note  # why there are no rules / why everything is disallowed (shown in rejects)
+        groups: list[tuple[list[str], list[tuple[str, bool]]]] = []
+        agents: list[str] = []
+        rules: list[tuple[str, bool]] = []
+        for raw in text.splitlines():
+            line = raw.split("#", 1)[0].strip()
+            key, sep, value = line.partition(":")
+            if not sep:
+                continue  # not a record: ignored (RFC 9309 2.2: parsers must accept malformed lines)
+            key, value = key.strip().lower(), value.strip()
+            if key == "user-agent":
+                if rules:  # a user-agent line after rules starts a new group
+                    groups.append((agents, rules))
+                    agents, rules = [], []
+                agents.append(value.lower())
+            elif key in ("allow", "disallow") and agents:
+                if value:  # an empty pattern matches nothing
+                    rules.append((unquote(value), key == "allow"))
+        if agents:
+            groups.append((agents, rules))
+        product = product.lower()
+        mine = [r for a, rs in groups if product in a for r in rs]
+        any_ = any(product in a for a, _ in groups)
+        chosen = mine if any_ else [r for a, rs in groups if "*" in a for r in rs]
+        # longest pattern first, allow before disallow on a tie: the first match decides
+        self.rules = sorted(chosen, key=lambda r: (-len(r[0]), not r[1]))
+
+    unreachable = False  # no robots.txt could be read: RFC 9309 says assume complete disallow
+
+    @classmethod
+    def everything(cls, allowed: bool, note: str) -> "Robots":
+        r = cls("", note=note)
+        r.rules, r.unreachable = ([], False) if allowed else ([("", False)], True)
+        return r
+
+    def allows(self, path: str) -> bool:
+        if path == "/robots.txt":
+            return True
+        path = unquote(path or "/")
+        for pattern, allow in self.rules:
+            if _rule_matches(pattern, path):
+                return allow
+        return True
+
+
+# ---------------------------------------------------------------------------------------------- per-host state
+
+
+class _Host:
+    """One origin's robots rules, request gate, rate slots and backoff, shared by a process's download threads."""
+
+    def __init__(self, concurrency: int):
+        self.gate = threading.BoundedSemaphore(max(1, concurrency))
+        self.lock = threading.Lock()
+        self.robots_lock = threading.Lock()
+        self.robots: Robots | None = None
+        self.robots_at = 0.0  # when it was fetched
+        self.next_at = 0.0  # earliest start of the next request (rate limit)
+        self.backoff_until = 0.0  # Retry-After / 429 / 503
+
+
+_HOSTS: "OrderedDict[tuple, _Host]" = OrderedDict()
+_HOSTS_LOCK = threading.Lock()
+
+
+def _host(policy: Policy, scheme: str, host: str, port: int) -> _Host:
+    key = (policy, scheme, host.lower().rstrip("."), port)
+    with _HOSTS_LOCK:
+        state = _HOSTS.get(key)
+        if state is None:
+            state = _HOSTS[key] = _Host(policy.host_concurrency)
+            if len(_HOSTS) > MAX_HOSTS:
+                _HOSTS.popitem(last=False)
+        else:
+            _HOSTS.move_to_end(key)
+        return state
+
+
+def _wait_backoff(host: _Host, policy: Policy, where: str) -> None:
+    """Sleep until the host's backoff ends; a wait longer than `max_retry_wait_s` is a RATE_LIMITED reject."""
+    wait = host.backoff_until - time.monotonic()
+    if wait > policy.max_retry_wait_s:
+        raise Reject(RATE_LIMITED, f"{where} asked to wait {wait:.0f} s > build.max_retry_wait_s "
+                                   f"{policy.max_retry_wait_s:g} s")
+    if wait > 0:
+        time.sleep(wait)
+
+
+@contextmanager
+def _slot(host: _Host, policy: Policy, patience: float, where: str) -> Iterator[float]:
+    """Hold one of the host's request slots, started no sooner than its rate and backoff allow; yields the seconds
+    waited, which are not the request's: its deadline moves by them (a queue behind a slow host is not a timeout).
+    Bounded: holders release within their own deadline, backoff within max_retry_wait_s; past `patience` it is a
+    RATE_LIMITED reject."""
+    began = time.monotonic()
+    if not host.gate.acquire(timeout=patience):
+        raise Reject(RATE_LIMITED, f"no request slot for {where} within {patience:.0f} s "
+                                   f"(build.host_concurrency {policy.host_concurrency})")
+    try:
+        _wait_backoff(host, policy, where)
+        with host.lock:
+            now = time.monotonic()
+            start = max(now, host.next_at)
+            host.next_at = start + (1.0 / policy.host_rate if policy.host_rate > 0 else 0.0)
+        if start > now:
+            time.sleep(start - now)
+        yield time.monotonic() - began
+    finally:
+        host.gate.release()
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds a Retry-After header asks for (delta-seconds or an HTTP date); None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def opted_out(values: list[str], directives: Iterable[str], product: str = PRODUCT) -> str | None:
+    """The X-Robots-Tag value that opts out: one of `directives`, for every crawler or prefixed with `product:`
+    ("otherbot: noai" is another crawler's business)."""
+    wanted = {d.lower() for d in directives}
+    for value in values:
+        agent, sep, rest = value.partition(":")
+        if sep and agent.strip().lower() != product.lower():
+            continue
+        if wanted & {d.strip().lower() for d in (rest if sep else value).split(",")}:
+            return value
+    return None
+
+
+def _robots(host: _Host, policy: Policy, scheme: str, netloc: str, timeout_s: float) -> Robots:
+    """The host's robots.txt, fetched once (threads of this process wait for the first fetch)."""
+    with host.robots_lock:
+        stale = host.robots is not None and host.robots.unreachable and \
+            time.monotonic() - host.robots_at > ROBOTS_RETRY_S
+        if host.robots is None or stale:
+            host.robots = _fetch_robots(f"{scheme}://{netloc}/robots.txt", policy, timeout_s)
+            host.robots_at = time.monotonic()
+        return host.robots
+
+
+def _fetch_robots(url: str, policy: Policy, timeout_s: float) -> Robots:
+    """RFC 9309 2.3.1: 2xx = its rules; 4xx or too many redirects = no rules; 5xx, 429 or no answer = nothing may be
+    fetched (a crawler must assume complete disallow)."""
+    try:
+        body = _get(url, policy, timeout_s, ROBOTS_MAX_BYTES, robots_fetch=True)
+    except HTTPStatus as err:
+        if 400 <= err.code < 500 and err.code != 429:
+            return Robots.everything(True, f"robots.txt HTTP {err.code}")
+        return Robots.everything(False, f"{url}: HTTP {err.code}")
+    except Reject as r:
+        if r.reason == TOO_MANY_REDIRECTS:
+            return Robots.everything(True, "robots.txt redirects too often")
+        return Robots.everything(False, f"{url}: {r.reason} ({r.detail})")
+    except (TimeoutError, socket.timeout):
+        return Robots.everything(False, f"{url}: no answer within {timeout_s:g} s")
+    except (ConnectionError, OSError) as err:
+        return Robots.everything(False, f"{url}: {type(err).__name__}: {err}"[:200])
+    if len(body) >= ROBOTS_MAX_BYTES:  # read up to the cap: the last line may be cut, so it is dropped
+        body = body[: body.rfind(b"\n") + 1]
+    return Robots(body.decode("utf-8", "replace"), note=f"{url}")
+
+
+def _check_robots(policy: Policy, scheme: str, parts, host: _Host, path: str, timeout_s: float) -> None:
+    if not policy.robots or path == "/robots.txt":
+        return
+    rules = _robots(host, policy, scheme, parts.netloc, timeout_s)
+    if not rules.allows(path):
+        if rules.unreachable:
+            raise Reject(UNREACHABLE, f"robots.txt not readable, so nothing is fetched (RFC 9309): {rules.note}"[:300])
+        raise Reject(ROBOTS, f"{parts.netloc}/robots.txt disallows {path[:150]} for {PRODUCT}")
 
 
 # ------------------------------------------------------------------------------------------------ connections
@@ -146,15 +390,20 @@ class _Watchdog:
 
 
 class HTTPStatus(Exception):
-    """An HTTP error status (whether it is worth a retry depends on the code)."""
+    """An HTTP error status (whether it is worth a retry depends on the code); for 429/503 the host that answered
+    and the wait its Retry-After asks for (None without one)."""
 
-    def __init__(self, code: int, reason: str):
+    def __init__(self, code: int, reason: str, host: "_Host | None" = None, retry_after: float | None = None):
         super().__init__(f"HTTP {code} {reason}")
-        self.code = code
+        self.code, self.host, self.retry_after = code, host, retry_after
 
 
-def _one_request(url: str, policy: Policy, deadline: float, max_bytes: int) -> bytes | str:
-    """GET one URL (no redirects followed): its body, or the Location of a redirect; raises Reject."""
+def _one_request(url: str, policy: Policy, deadline: float, max_bytes: int, timeout_s: float,
+                 robots_fetch: bool = False) -> bytes | str:
+    """GET one URL (no redirects followed): its body, or the Location of a redirect; raises Reject.
+
+    `robots_fetch`: the host's robots.txt itself: no robots or opt-out check, and a body longer than `max_bytes` is
+    cut there instead of refused."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in HTTP_SCHEMES or not parts.hostname:
@@ -165,60 +414,82 @@ def _one_request(url: str, policy: Policy, deadline: float, max_bytes: int) -> b
         raise Reject(BAD_URL, f"{url[:200]}: bad port") from None
     ips = policy.addresses(parts.hostname, port)  # refused here: nothing has been connected
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host = _host(policy, scheme, parts.hostname, port)
+    if not robots_fetch:
+        _check_robots(policy, scheme, parts, host, path, timeout_s)
     last: Exception | None = None
-    for ip in ips:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        conn = _Pinned.connection(scheme, parts.hostname, port, ip, timeout=left)
-        with _Watchdog(conn, left) as dog:
-            try:
+    with _slot(host, policy, 4 * timeout_s + policy.max_retry_wait_s, parts.netloc) as waited:
+        deadline += waited
+        for ip in ips:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            conn = _Pinned.connection(scheme, parts.hostname, port, ip, timeout=left)
+            with _Watchdog(conn, left) as dog:
                 try:
-                    conn.connect()
-                except OSError as err:  # try the host's next address
-                    last = err
-                    continue
-                conn.request("GET", path, headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
-                resp = conn.getresponse()
-                if resp.status in REDIRECTS:
-                    location = resp.getheader("Location")
-                    if not location:
-                        raise Reject(HTTP_ERROR, f"HTTP {resp.status} without a Location")
-                    return urljoin(url, location.strip())
-                if resp.status >= 400:
-                    raise HTTPStatus(resp.status, resp.reason)
-                length = resp.getheader("Content-Length")
-                if length and length.isdigit() and int(length) > max_bytes:
-                    raise Reject(DOWNLOAD_TOO_LARGE, f"Content-Length {int(length):,} > {max_bytes:,} bytes")
-                buf = bytearray()
-                while True:
-                    block = resp.read1(1 << 16)  # returns what has arrived: the deadline is checked every read
-                    if not block:
-                        break
-                    buf += block
-                    if len(buf) > max_bytes:
-                        raise Reject(DOWNLOAD_TOO_LARGE, f"more than {max_bytes:,} bytes")
-                    if time.monotonic() > deadline:
+                    try:
+                        conn.connect()
+                    except OSError as err:  # try the host's next address
+                        last = err
+                        continue
+                    conn.request("GET", path, headers={"User-Agent": policy.user_agent,
+                                                       "Accept-Encoding": "identity"})
+                    resp = conn.getresponse()
+                    if resp.status in REDIRECTS:
+                        location = resp.getheader("Location")
+                        if not location:
+                            raise Reject(HTTP_ERROR, f"HTTP {resp.status} without a Location")
+                        return urljoin(url, location.strip())
+                    if resp.status >= 400:
+                        wait = _retry_after(resp.getheader("Retry-After")) if resp.status in (429, 503) else None
+                        raise HTTPStatus(resp.status, resp.reason, host, wait)
+                    if policy.opt_out and not robots_fetch:  # from the headers: the body is never read
+                        tag = opted_out(resp.msg.get_all("X-Robots-Tag") or [], policy.opt_out)
+                        if tag:
+                            raise Reject(OPT_OUT, f"X-Robots-Tag: {tag}"[:200])
+                    length = resp.getheader("Content-Length")
+                    if length and length.isdigit() and int(length) > max_bytes and not robots_fetch:
+                        raise Reject(DOWNLOAD_TOO_LARGE, f"Content-Length {int(length):,} > {max_bytes:,} bytes")
+                    buf = bytearray()
+                    while True:
+                        block = resp.read1(1 << 16)  # returns what has arrived: the deadline is checked every read
+                        if not block:
+                            break
+                        buf += block
+                        if len(buf) > max_bytes:
+                            if robots_fetch:
+                                return bytes(buf[:max_bytes])
+                            raise Reject(DOWNLOAD_TOO_LARGE, f"more than {max_bytes:,} bytes")
+                        if time.monotonic() > deadline:
+                            raise TimeoutError
+                    if dog.fired or time.monotonic() > deadline:
                         raise TimeoutError
-                if dog.fired or time.monotonic() > deadline:
-                    raise TimeoutError
-                return bytes(buf)
-            except (OSError, http.client.HTTPException) as err:
-                if dog.fired or time.monotonic() > deadline or isinstance(err, (TimeoutError, socket.timeout)):
-                    raise TimeoutError from None
-                if isinstance(err, http.client.HTTPException):
-                    raise ConnectionError(f"{type(err).__name__}: {err}") from None
-                raise
-            finally:
-                conn.close()
+                    return bytes(buf)
+                except (OSError, http.client.HTTPException) as err:
+                    if dog.fired or time.monotonic() > deadline or isinstance(err, (TimeoutError, socket.timeout)):
+                        raise TimeoutError from None
+                    if isinstance(err, http.client.HTTPException):
+                        raise ConnectionError(f"{type(err).__name__}: {err}") from None
+                    raise
+                finally:
+                    conn.close()
     raise last if last else ConnectionError(f"no address of {parts.hostname} answered")
 
 
-def _get(url: str, policy: Policy, timeout_s: float, max_bytes: int) -> bytes:
-    """One attempt: the URL and its redirects, all within `timeout_s` in total."""
+def _get(url: str, policy: Policy, timeout_s: float, max_bytes: int, robots_fetch: bool = False) -> bytes:
+    """One attempt: the URL and its redirects, all within `timeout_s` in total (a robots.txt on the way has its own
+    `timeout_s`). A host backing off (Retry-After) is waited for first, outside the attempt's time."""
+    parts = urlsplit(url)
+    try:
+        scheme = parts.scheme.lower()
+        if scheme in HTTP_SCHEMES and parts.hostname:
+            _wait_backoff(_host(policy, scheme, parts.hostname, parts.port or (443 if scheme == "https" else 80)),
+                          policy, parts.netloc)
+    except ValueError:  # a bad port: _one_request rejects it
+        pass
     deadline = time.monotonic() + timeout_s
     for _ in range(policy.max_redirects + 1):
-        got = _one_request(url, policy, deadline, max_bytes)
+        got = _one_request(url, policy, deadline, max_bytes, timeout_s, robots_fetch)
         if isinstance(got, bytes):
             return got
         target = urlsplit(got)
@@ -230,7 +501,8 @@ def _get(url: str, policy: Policy, timeout_s: float, max_bytes: int) -> bytes:
 
 def download(url: str, timeout_s: float, retries: int, max_bytes: int, policy: Policy = Policy()) -> bytes:
     """GET a URL whole under `policy`; raises Reject. `timeout_s` bounds each attempt in total (redirects and a
-    trickling body included); transient failures (timeouts, resets, 408/425/429/5xx) are retried with backoff."""
+    trickling body included); transient failures (timeouts, resets, 408/425/5xx) are retried with backoff; a 429 or
+    503 backs the whole host off for its Retry-After (or 1, 2, 4 ... s), at most `policy.max_retry_wait_s`."""
     last: Reject | None = None
     for attempt in range(retries + 1):
         if attempt:
@@ -239,7 +511,16 @@ def download(url: str, timeout_s: float, retries: int, max_bytes: int, policy: P
             return _get(url, policy, timeout_s, max_bytes)
         except HTTPStatus as err:
             last = Reject(HTTP_ERROR, str(err))
-            if err.code not in (408, 425, 429) and err.code < 500:
+            if err.code in (429, 503) and err.host is not None:
+                wait = err.retry_after if err.retry_after is not None else min(2.0 ** attempt, 60.0)
+                with err.host.lock:
+                    err.host.backoff_until = max(err.host.backoff_until, time.monotonic() + wait)
+                said = f"Retry-After {wait:.0f} s" if err.retry_after is not None else "no Retry-After"
+                if wait > policy.max_retry_wait_s:
+                    raise Reject(RATE_LIMITED, f"{err}, {said} > build.max_retry_wait_s "
+                                               f"{policy.max_retry_wait_s:g} s") from None
+                last = Reject(RATE_LIMITED, f"{err} ({said}) on each of {attempt + 1} attempts")
+            elif err.code not in (408, 425) and err.code < 500:
                 raise last from None  # the server answered: retrying will not change a 404
         except (TimeoutError, socket.timeout):
             last = Reject(TIMEOUT, f"no complete response within {timeout_s:g} s "

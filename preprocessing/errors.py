@@ -7,17 +7,20 @@ Three classes, one rule each:
   exit 2, never retried (not by the CLI, not by Ray, not by Prefect): it fails the same way every time;
 - anything else is a bug and keeps its traceback.
 
-`known_fault` finds a known fault inside Ray's wrappers (a task's or a training worker's error reaches the driver
-wrapped), so every front end classifies the same way: the CLI (`dcgan.cli.run_command`) and the Prefect tasks
-(`pipelines.tasks`) through `retrying` and `is_bad_input`.
+`classify` is the one classifier: it finds a known fault inside Ray's wrappers (a task's or a training worker's
+error reaches the driver wrapped) and says which class a failure is, for every front end: the CLI
+(`dcgan.cli.run_command`, also inside a Ray Job, where it prints the class for the job's follower, `dcgan.jobs`),
+the Prefect tasks' retry condition (`pipelines.tasks`) and `retrying`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from typing import Callable, TypeVar
+from dataclasses import dataclass
+from typing import Callable, Literal, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +95,49 @@ def known_fault(err: BaseException) -> UserError | None:
     return None
 
 
-def is_transient(err: BaseException) -> bool:
-    return isinstance(known_fault(err), TransientError)
+FAULT_KEY = "dcgan_fault"  # the line a command in a Ray Job prints for its follower: {"dcgan_fault": {...}}
 
 
-def is_bad_input(err: BaseException) -> bool:
-    """Fails the same way on every attempt: a known fault that is not transient. (A ValueError or TypeError,
-    pydantic's validation errors among them, too: a retry cannot change it, though the CLI shows it as a bug.)"""
+@dataclass(frozen=True)
+class Fault:
+    """What a failure is, decided once (`classify`) for every front end."""
+
+    kind: Literal["transient", "bad_input", "bug"]
+    error: BaseException  # the known fault, unwrapped from Ray's wrappers; a bug as it was raised
+
+    @property
+    def line(self) -> str:
+        return one_line(self.error)
+
+    @property
+    def worth_retrying(self) -> bool:
+        """Another attempt may end otherwise: not bad input, and not a ValueError or TypeError (a bug, pydantic's
+        validation errors among them, that fails the same way every time)."""
+        return self.kind == "transient" or (self.kind == "bug" and not isinstance(self.error, (ValueError, TypeError)))
+
+    def job_line(self) -> str:
+        """This fault as one JSON line, for a Ray Job's log (its follower rebuilds the class: `from_job_log`)."""
+        return json.dumps({FAULT_KEY: {"kind": self.kind, "line": self.line}}, separators=(",", ":"))
+
+
+def classify(err: BaseException) -> Fault:
     known = known_fault(err)
-    if known is not None:
-        return not isinstance(known, TransientError)
-    return isinstance(err, (ValueError, TypeError))
+    if known is None:
+        return Fault("bug", err)
+    return Fault("transient" if isinstance(known, TransientError) else "bad_input", known)
+
+
+def fault_in_job_log(logs: str) -> tuple[str, str] | None:
+    """(kind, line) of the last fault a command printed in a Ray Job's log (`Fault.job_line`), if any."""
+    for raw in reversed(logs.splitlines()):
+        raw = raw.strip()
+        if raw.startswith('{"' + FAULT_KEY + '"'):
+            try:
+                got = json.loads(raw)[FAULT_KEY]
+                return str(got["kind"]), str(got["line"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    return None
 
 
 def retrying(fn: Callable[[], T], what: str, delays: list[float] | None = None,
@@ -117,14 +152,14 @@ def retrying(fn: Callable[[], T], what: str, delays: list[float] | None = None,
         try:
             return fn()
         except Exception as err:  # noqa: BLE001 - classified: a bug is re-raised untouched
-            known = known_fault(err)
-            if known is None:
+            fault = classify(err)
+            if fault.kind == "bug":
                 raise
-            if not isinstance(known, TransientError) or attempt == len(delays):
-                if known is err:
+            if fault.kind != "transient" or attempt == len(delays):
+                if fault.error is err:
                     raise
-                raise known from None
-            log.warning("%s: %s; retrying in %g s (retry %d of %d)", what, one_line(known), delays[attempt],
+                raise fault.error from None
+            log.warning("%s: %s; retrying in %g s (retry %d of %d)", what, fault.line, delays[attempt],
                         attempt + 1, len(delays))
             sleep(delays[attempt])
     raise AssertionError("unreachable")

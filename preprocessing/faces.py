@@ -1,7 +1,9 @@
 """Face boxes in photos (paper section 4.2: "an OpenCV face detector, keeping sufficiently high resolution detections").
 
-The default is OpenCV's Haar frontal-face cascade; any cascade XML or a `cv2.FaceDetectorYN` ONNX model the user
-supplies plugs in through `BuildConfig.cascade`.
+The default is OpenCV's Haar frontal-face cascade (`build.detector: haar`; any cascade XML through `build.cascade`);
+`build.detector: yunet` runs OpenCV's YuNet CNN (`cv2.FaceDetectorYN`) from the ONNX file `build.detector_model`
+names (a local path or s3://, which the user supplies). Both keep faces of side >= min_face and crop them with the
+same margin rule, in the same Ray tasks.
 
 For a cascade, the faces are those of OpenCV's `detectMultiScale(grey, scale_factor, min_neighbors, minSize=min_face)`
 on the photo at full resolution, and `detect_stride: 1` runs exactly that. It slides the window over every position of
@@ -31,7 +33,8 @@ import numpy as np
 
 from preprocessing.config import BuildConfig
 
-DETECT_FACE_PX = 32  # YuNet: a min_face face is searched for at this size
+DETECT_FACE_PX = 64  # YuNet: a min_face face is searched for at this size (photo shrunk to it, never enlarged); 32
+# is ~3x faster but misses more small faces (benchmarks/face_detect.py --detectors); `build.yunet_face_px`
 REACH = 0.5  # the dense pass covers window origins within REACH x side of a first-pass hit ...
 SIZE_RANGE = 1.5  # ... and window sides within this ratio (OpenCV groups windows of sides within 1.4x)
 SYNC = 8  # level pixels scanned left of a dense crop: OpenCV skips the position after a first-stage rejection, and
@@ -156,19 +159,33 @@ class HaarDetector:
 
 @dataclass
 class YuNetDetector:
-    """cv2.FaceDetectorYN (the YuNet ONNX model, which the user supplies); boxes are made square around the face."""
+    """cv2.FaceDetectorYN (the YuNet ONNX model, which the user supplies); boxes are made square around the face.
+
+    The model is read through `preprocessing.storage` (a local path or s3://) and loaded from memory: no temp file."""
 
     path: str
     score_threshold: float = 0.8
+    face_px: int = DETECT_FACE_PX
 
     def __post_init__(self):
+        from preprocessing import storage
+
         try:
-            self._net = cv2.FaceDetectorYN.create(self.path, "", (320, 320), self.score_threshold)
+            data = storage.read_bytes(self.path)
+        except storage.StorageUnreachable:
+            raise  # the store, not the model, is failing: transient
+        except storage.StorageError as err:
+            raise MissingError(f"build.detector_model: {err}") from None
+        try:
+            self._net = cv2.FaceDetectorYN.create("onnx", np.frombuffer(data, np.uint8), np.zeros(0, np.uint8),
+                                                  (320, 320), self.score_threshold)
         except cv2.error as err:
-            raise InputError(f"cascade: {self.path} is not a loadable FaceDetectorYN ONNX model ({err})") from None
+            first = str(err).strip().splitlines()[-1][:200]
+            raise InputError(f"build.detector_model: {self.path} is not a loadable YuNet ONNX model "
+                             f"({first})") from None
 
     def detect(self, rgb: np.ndarray, min_face: int) -> list[Box]:
-        scale = max(1.0, min_face / DETECT_FACE_PX)
+        scale = max(1.0, min_face / self.face_px)
         bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
         if scale > 1.0:
             h, w = bgr.shape[:2]
@@ -201,8 +218,15 @@ def _cached(name: str, scale_factor: float, min_neighbors: int, stride: int) -> 
     return HaarDetector(path, scale_factor, min_neighbors, stride)
 
 
+@functools.lru_cache(maxsize=4)
+def _yunet(model: str, face_px: int) -> Detector:
+    return YuNetDetector(model, face_px=face_px)
+
+
 def detector(cfg: BuildConfig) -> Detector:
     """The configured detector, built once per process (Ray workers reuse it across batches)."""
+    if cfg.detector == "yunet":
+        return _yunet(cfg.detector_model, cfg.yunet_face_px)
     return _cached(cfg.cascade, cfg.scale_factor, cfg.min_neighbors, cfg.detect_stride)
 
 

@@ -28,7 +28,6 @@ from preprocessing import dataset_layout, storage
 from preprocessing.errors import UserError
 
 SCHEMA_VERSION = 1
-MANIFEST = dataset_layout.MANIFEST
 CODE_VERSION = "0.1.0"
 
 
@@ -191,7 +190,7 @@ def write_manifest(
     }
     if extra:
         manifest.update(extra)
-    storage.write_json(storage.join(dataset_uri, MANIFEST), manifest)
+    storage.write_json(dataset_layout.manifest(dataset_uri), manifest)
     return manifest
 
 
@@ -199,16 +198,28 @@ def write_manifest(
 
 
 def read_manifest(dataset_uri: str) -> dict[str, Any]:
-    uri = storage.join(dataset_uri, MANIFEST)
+    uri = dataset_layout.manifest(dataset_uri)
     try:
         if not storage.exists(uri):
-            raise DatasetError(f"{dataset_uri}: no {MANIFEST} (not a dataset, or its build did not finish)")
+            raise DatasetError(f"{dataset_uri}: no {dataset_layout.MANIFEST} (not a dataset, or its build did not finish)")
         manifest = storage.read_json(uri)
+    except storage.StorageUnreachable:
+        raise  # the store is failing, not this file: transient, retried
     except storage.StorageError as err:
         raise DatasetError(str(err)) from None
     except ValueError as err:
         raise DatasetError(f"{uri}: not valid JSON ({err})") from None
     return check_manifest(manifest, uri)
+
+
+def is_complete(dataset_uri: str) -> bool:
+    """Whether `dataset_uri` holds a committed dataset: its manifest exists and reads (the one test of completeness:
+    the manifest is written last)."""
+    try:
+        read_manifest(dataset_uri)
+        return True
+    except DatasetError:
+        return False
 
 
 def check_manifest(manifest: Any, uri: str) -> dict[str, Any]:
@@ -268,6 +279,8 @@ def verify(dataset_uri: str, manifest: dict[str, Any] | None = None, checksums: 
         uri = storage.join(dataset_uri, entry["path"])
         try:
             data = storage.read_bytes(uri)
+        except storage.StorageUnreachable:
+            raise  # the store is failing, not this file: transient, retried
         except storage.StorageError:
             raise DatasetError(f"shard {entry['path']} listed in the manifest is missing ({uri})") from None
         check_shard(dataset_uri, entry, data, manifest["resolution"], manifest.get("channels", 3), checksums)

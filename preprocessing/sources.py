@@ -1,13 +1,16 @@
 """Where raw inputs come from: a local folder, an s3:// prefix, or a file listing image URLs; and fetching their bytes.
 
-Listing happens once, on the driver, and yields `Item`s sorted by key, so chunking them is deterministic. Every entry
+Listing happens once, on the driver, and yields `Item`s sorted by key, so chunking them is deterministic. A text URL
+list (.txt/.lst) is the exception, for lists of millions: it is streamed (`plan_url_list`), cut into chunks by byte
+range in file order, and each build task reads its own lines (`url_chunk_items`). Every entry
 found is an input: what cannot be one (a hidden file, a dangling symlink, a symlink loop, a URL list line that is not
 an http(s):// or s3:// URL) is listed with its reject reason and never read, so it shows up in the rejects instead of
 vanishing. Keys are unique names inside the input: the path relative to the folder or prefix (extension kept), or the
 URL. Fetching happens in Ray workers: files and objects are read through `preprocessing.storage`; http(s) URLs are
 downloaded by `preprocessing.downloads` (no private/loopback/link-local address unless allowed, on every redirect
-hop; a redirect cap; a total time limit per attempt; retries with backoff on transient failures; a size cap), with
-bounded concurrency. Every failure is a `Reject` with its reason; none stops the build.
+hop; a redirect cap; a total time limit per attempt; retries with backoff on transient failures; a size cap; and
+politeness: robots.txt, X-Robots-Tag opt-outs, per-host limits, Retry-After), with bounded concurrency. Every
+failure is a `Reject` with its reason; none stops the build.
 
 Layer: preprocessing. (Listing and fetching stay together: each kind of source is one listing and one fetch.)
 """
@@ -45,6 +48,8 @@ UNREADABLE = "unreadable"  # a folder that cannot be listed (permissions)
 URL_SCHEMES = ("http", "https", "s3")
 
 URL_LIST_SUFFIXES = (".txt", ".lst", ".csv", ".tsv", ".parquet")
+STREAMED_SUFFIXES = (".txt", ".lst")  # planned by streaming: never held whole on the driver
+BLOCK = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,10 @@ def is_url_list(uri: str) -> bool:
     return str(uri).lower().endswith(URL_LIST_SUFFIXES)
 
 
+def is_streamed_url_list(uri: str) -> bool:
+    return str(uri).lower().endswith(STREAMED_SUFFIXES)
+
+
 def read_url_list(uri: str) -> list[str]:
     """URLs from a text file (one per line, '#' comments), a CSV/TSV (a `url` column) or Parquet (a `url` column)."""
     data = storage.read_bytes(uri)
@@ -117,6 +126,115 @@ def read_url_list(uri: str) -> list[str]:
     if len(unique) < len(urls):
         log.warning("%s: %d duplicate URL lines counted once", uri, len(urls) - len(unique))
     return unique
+
+
+def _lines(uri: str, offset: int = 0) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, line) of a local or s3:// text file from `offset`, read in 256 KiB blocks (S3: ranged reads)."""
+    fs, path = storage.arrow_filesystem(uri)
+    try:
+        f = fs.open_input_file(path)
+    except (FileNotFoundError, OSError) as err:
+        raise MissingError(f"input: cannot read the URL list {uri} ({err})") from None
+    with f:
+        f.seek(offset)
+        pos, rest = offset, b""
+        while True:
+            block = f.read(BLOCK)
+            if not block:
+                break
+            lines = (rest + block).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                yield pos, line
+                pos += len(line) + 1
+        if rest:
+            yield pos, rest
+
+
+def _url_line(raw: bytes, first: bool) -> str | None:
+    """The URL of a list line, None for a blank or '#' comment line."""
+    text = raw.decode("utf-8", "replace")
+    if first:
+        text = text.lstrip("\ufeff")
+    text = text.strip()
+    return text if text and not text.startswith("#") else None
+
+
+def plan_url_list(uri: str, chunk_rows: int, limit: int | None = None) -> tuple[list[dict], int, str]:
+    """A text URL list in chunks of `chunk_rows` URL lines, streamed: (chunk specs, inputs, fingerprint).
+
+    The driver keeps one small spec per chunk (byte offset, line count, a digest of its lines, the lines to skip) and
+    8 bytes per line (a hash, to find repeated URLs: a URL is an input once, where it first appears), not the lines.
+    File order is kept (a list of millions is not sorted on the driver); rows are sorted by key within each chunk.
+    """
+    import array
+
+    import numpy as np
+
+    chunks: list[dict] = []
+    seen = array.array("Q")
+    whole = hashlib.sha256()
+    chunk_hash = None
+    n = 0
+    for offset, raw in _lines(uri):
+        url = _url_line(raw, offset == 0)
+        if url is None:
+            continue
+        if limit and n >= limit:
+            break
+        if n % chunk_rows == 0:
+            if chunks:
+                chunks[-1]["sha256"] = chunk_hash.hexdigest()
+            chunks.append({"urllist": uri, "offset": offset, "count": 0})
+            chunk_hash = hashlib.sha256()
+        line = url.encode("utf-8", "surrogateescape") + b"\n"
+        whole.update(line)
+        chunk_hash.update(line)
+        chunks[-1]["count"] += 1
+        seen.append(int.from_bytes(hashlib.blake2b(line, digest_size=8).digest(), "little"))
+        n += 1
+    if chunks:
+        chunks[-1]["sha256"] = chunk_hash.hexdigest()
+    if n == 0:
+        raise MissingError(f"input: no URLs in {uri}")
+    codes = np.frombuffer(seen, np.uint64)
+    ranked = np.sort(codes)
+    repeated = np.unique(ranked[1:][ranked[1:] == ranked[:-1]])  # hashes of URLs listed more than once
+    del ranked
+    repeats, firsts = [], set()
+    for start in range(0, len(codes) if len(repeated) else 0, 1 << 16):  # in blocks: isin copies and sorts
+        for r in (start + np.nonzero(np.isin(codes[start:start + (1 << 16)], repeated))[0]).tolist():
+            if codes[r] in firsts:  # every occurrence after a URL's first
+                repeats.append(r)
+            else:
+                firsts.add(codes[r])
+    del codes, seen
+    for r in repeats:
+        chunks[r // chunk_rows].setdefault("skip", []).append(r % chunk_rows)
+    if len(repeats):
+        log.warning("%s: %d duplicate URL lines counted once", uri, len(repeats))
+    return chunks, n - len(repeats), whole.hexdigest()
+
+
+def url_chunk_items(chunk: dict) -> list[list[str]]:
+    """A streamed chunk's items ([key, source] or [key, source, reason, detail]), read from its byte range; raises
+    InputError if the lines are no longer those planned (the list changed under the build)."""
+    skip, items, h, i = set(chunk.get("skip", ())), [], hashlib.sha256(), 0
+    for offset, raw in _lines(chunk["urllist"], chunk["offset"]):
+        if i == chunk["count"]:
+            break
+        url = _url_line(raw, offset == 0)
+        if url is None:
+            continue
+        h.update(url.encode("utf-8", "surrogateescape") + b"\n")
+        if i not in skip:
+            it = url_item(url)
+            items.append([it.key, it.source, *(it.reject or ())])
+        i += 1
+    if h.hexdigest() != chunk.get("sha256", h.hexdigest()) or i != chunk["count"]:
+        raise InputError(f"input: {chunk['urllist']} changed while it was being built (lines from byte "
+                         f"{chunk['offset']} differ from the plan); start the build again")
+    return items
 
 
 def url_item(url: str) -> Item:
@@ -235,6 +353,21 @@ def fetch(source: str, timeout_s: float = 10.0, retries: int = 2, max_bytes: int
         raise Reject(UNREACHABLE, str(err)[:200]) from None
     except OSError as err:
         raise Reject(UNREACHABLE, f"{type(err).__name__}: {err}"[:200]) from None
+
+
+def interleave_hosts(items: list[list[str]]) -> list[list[str]]:
+    """Chunk items [key, source, ...] reordered round-robin over their URLs' hosts: a sorted URL list puts a host's
+    URLs side by side, and per-host limits would then idle a task's download threads. Fetch order only: a chunk's
+    rows and rejects are sorted by key afterwards."""
+    by_host: dict[str, deque] = {}
+    for it in items:
+        by_host.setdefault(urlparse(it[1]).netloc.lower() if "://" in it[1] else "", deque()).append(it)
+    queues, out = list(by_host.values()), []
+    while queues:
+        queues = [q for q in queues if q]
+        for q in queues:
+            out.append(q.popleft())
+    return out
 
 
 T = TypeVar("T")

@@ -92,45 +92,53 @@ def encode(rgb: np.ndarray, ext: str = ".jpg", quality: int = 75) -> bytes:
     return buf.tobytes()
 
 
-def face_composites(n: int, sides: tuple[int, int] = (64, 400), seed: int = 0) -> list[np.ndarray]:
+def face_composites(n: int, sides: tuple[int, int] = (64, 400), seed: int = 0, boxes: bool = False):
     """n RGB photos with 2-4 real faces each (fewer where they do not fit side by side), of sides drawn log-uniformly in
     `sides`, pasted onto real photos without frontal faces (skimage coffee, chelsea, camera, rocket, hubble_deep_field
     rescaled to a 640-1024 px long side).
 
     The faces: Grace Hopper and the astronaut with some context around them (boxes from STACK.md), and the 100
     25x25 grey faces of skimage's lfw_subset upscaled; each mirrored at random. Deterministic for a seed.
+    boxes=True: (photos, per photo the pasted faces' boxes (x, y, w, h)) - the camera background's own cameraman
+    is not among them.
     """
     import cv2
     import skimage.data
 
     gh = cv2.imread(str(grace_hopper_path()))[..., ::-1]
-    sources = []  # (image, side of its face)
+    sources = []  # (image, side of its face, face box in the image)
     for img, (x, y, w, _) in ((gh, (155, 105, 222, 222)), (skimage_rgb("astronaut"), (177, 66, 95, 95))):
         c = w * 0.4  # context on each side
-        sources.append((img[max(0, int(y - c)) : int(y + w + c), max(0, int(x - c)) : int(x + w + c)], w))
+        x0, y0 = max(0, int(x - c)), max(0, int(y - c))
+        sources.append((img[y0 : int(y + w + c), x0 : int(x + w + c)], w, (x - x0, y - y0, w, w)))
     lfw = np.load(Path(skimage.data.__file__).parent / "lfw_subset.npy")[:100]  # the first 100 are faces
-    sources += [(np.repeat(np.round(f * 255).astype(np.uint8)[..., None], 3, axis=-1), 23.5) for f in lfw]
+    sources += [(np.repeat(np.round(f * 255).astype(np.uint8)[..., None], 3, axis=-1), 23.5, (0.75, 0.75, 23.5, 23.5))
+                for f in lfw]
     backgrounds = [skimage_rgb(name) for name in ("coffee", "chelsea", "camera", "rocket", "hubble_deep_field")]
     rng = np.random.default_rng(seed)
-    out = []
+    out, truth = [], []
     for _ in range(n):
         bg = backgrounds[rng.integers(len(backgrounds))]
         k = rng.uniform(640, 1024) / max(bg.shape[:2])
         img = cv2.resize(bg, (round(bg.shape[1] * k), round(bg.shape[0] * k)), interpolation=cv2.INTER_CUBIC)
-        placed = []
+        placed, faces = [], []
         for _ in range(rng.integers(2, 5)):
-            face, side = sources[rng.integers(len(sources))]
+            face, side, (fx, fy, fw, fh) = sources[rng.integers(len(sources))]
             target = min(np.exp(rng.uniform(np.log(sides[0]), np.log(sides[1]))), 0.6 * min(img.shape[:2]))
             k = target / side
             size = (round(face.shape[1] * k), round(face.shape[0] * k))
             patch = cv2.resize(face, size, interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC)
-            patch = (patch[:, ::-1] if rng.random() < 0.5 else patch)[: img.shape[0], : img.shape[1]]
+            mirror = rng.random() < 0.5
+            patch = (patch[:, ::-1] if mirror else patch)[: img.shape[0], : img.shape[1]]
+            fx = face.shape[1] - fx - fw if mirror else fx
             ph, pw = patch.shape[:2]
             for _ in range(20):  # a free place: faces do not cover each other
                 y, x = rng.integers(0, img.shape[0] - ph + 1), rng.integers(0, img.shape[1] - pw + 1)
                 if all(x + pw <= u or u + uw <= x or y + ph <= v or v + vh <= y for u, v, uw, vh in placed):
                     img[y : y + ph, x : x + pw] = patch
                     placed.append((x, y, pw, ph))
+                    faces.append(tuple(int(round(v)) for v in (x + fx * k, y + fy * k, fw * k, fh * k)))
                     break
         out.append(img)
-    return out
+        truth.append(faces)
+    return (out, truth) if boxes else out

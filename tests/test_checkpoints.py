@@ -12,7 +12,7 @@ import torch
 from dcgan import checkpoints
 from dcgan.config import load_config
 from dcgan.networks import Generator
-from dcgan.train import finished_step
+from dcgan.run_state import finished_step
 
 
 @pytest.fixture

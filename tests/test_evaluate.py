@@ -143,5 +143,8 @@ def test_every_checkpoint_evaluates_the_ones_not_yet_evaluated(tmp_path):
     evaluate(run, quick, step=100, device="cpu")
     done = evaluate_every_checkpoint(run, quick, device="cpu")
     assert [m["step"] for m in done] == [200] and evaluate_every_checkpoint(run, quick, device="cpu") == []
+    # the same question as evaluate's: evaluated with other suites is not "already evaluated"
+    assert [m["step"] for m in evaluate_every_checkpoint(run, EvalConfig(suites=["samples"], n_samples=6),
+                                                         device="cpu")] == [100, 200]
     index = (tmp_path / "run" / "eval" / "report.md").read_text()
     assert index.index("step-0000200") < index.index("step-0000100")  # newest first

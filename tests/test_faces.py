@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -161,3 +162,57 @@ def test_detect_stride_flag_and_config():
     assert cmd.call_of(parser.parse_args(argv + ["--detect-stride", "1"])).config.build.detect_stride == 1
     with pytest.raises(SystemExit):
         parser.parse_args(argv + ["--detect-stride", "3"])
+
+
+# ------------------------------------------------------------------------------------------------ YuNet (issue 23)
+
+YUNET = Path(__file__).resolve().parents[2] / "shared" / "data" / "yunet" / "face_detection_yunet_2026may.onnx"
+needs_yunet = pytest.mark.skipif(not YUNET.is_file(), reason=f"no YuNet model at {YUNET} (see its README)")
+
+
+@needs_yunet
+@pytest.mark.parametrize("name", sorted(KNOWN))
+def test_yunet_finds_the_known_face_under_the_same_rules(name):
+    path, box = KNOWN[name]
+    cfg = BuildConfig(kind="faces", detector="yunet", detector_model=str(YUNET), margin=0.1)
+    rows = faces.face_rows(str(path), str(path), path.read_bytes(), cfg)
+    assert len(rows) == 1 and rows[0][1].shape == (64, 64, 3)
+    assert iou(rows[0][3], box) > 0.6, rows[0][3]
+    found = rows[0][3]  # the same margin rule as Haar's
+    assert (rows[0][1] == faces.crop_square(decode(path.read_bytes(), 10**8), found, 0.1, 64)).all()
+    with pytest.raises(Reject) as exc:  # and the same minimum size
+        faces.face_rows("a", "a", path.read_bytes(), cfg.model_copy(update={"min_face": max(found[2:]) + 40}))
+    assert exc.value.reason == faces.NO_FACE
+
+
+@needs_yunet
+@pytest.mark.parametrize("name", ["rocket.jpg", "coffee.png", "chelsea.png"])  # YuNet does find the cameraman's
+def test_yunet_no_face_in_faceless_photos(name):
+    path = skimage_path(name)
+    with pytest.raises(Reject) as exc:
+        faces.face_rows("x", "x", path.read_bytes(), BuildConfig(kind="faces", detector="yunet",
+                                                                 detector_model=str(YUNET)))
+    assert exc.value.reason == faces.NO_FACE
+
+
+def test_yunet_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="build.detector_model: detector yunet needs"):
+        BuildConfig(kind="faces", detector="yunet")
+    with pytest.raises(FileNotFoundError, match="build.detector_model"):
+        faces.detector(BuildConfig(kind="faces", detector="yunet", detector_model=str(tmp_path / "none.onnx")))
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not an onnx model" * 10)
+    with pytest.raises(ValueError, match="build.detector_model: .* is not a loadable YuNet ONNX model"):
+        faces.detector(BuildConfig(kind="faces", detector="yunet", detector_model=str(junk)))
+
+
+@needs_yunet
+def test_yunet_model_read_from_s3(s3_bucket):
+    from preprocessing import storage
+
+    uri = f"{s3_bucket}/models/yunet.onnx"
+    storage.write_bytes(uri, YUNET.read_bytes())
+    cfg = BuildConfig(kind="faces", detector="yunet", detector_model=uri)
+    rgb = decode(grace_hopper_path().read_bytes(), 10**8)
+    boxes = faces.detector(cfg).detect(rgb, 64)
+    assert len(boxes) == 1 and iou(boxes[0], KNOWN["grace_hopper"][1]) > 0.6

@@ -163,6 +163,7 @@ def out_dir(name):
 CASES = [
     # ---- build-lsun
     Case("lsun-missing-input", lambda w: ["build-lsun", w.p("nowhere"), "--out", w.p("o")], "nowhere"),
+    Case("lsun-no-input-at-all", lambda w: ["build-lsun", "--out", w.p("o")], "build.input: no input given"),
     Case("lsun-input-is-a-file", lambda w: ["build-lsun", write(w.p("x.bin"), b"1"), "--out", w.p("o")], "x.bin"),
     Case("lsun-empty-folder", lambda w: ["build-lsun", str(Path(w.p("empty")).mkdir() or w.p("empty")), "--out",
                                          w.p("o")], "empty"),

@@ -112,4 +112,4 @@ def test_pipeline_builds_trains_evaluates_and_a_rerun_skips(ray_cluster, tmp_pat
 
     again = train_dcgan(cfg, return_state=True)
     assert again.result()["skipped"] is True and again.result()["step"] == 4
-    assert "Skipping train" in run_logs(again.state_details.flow_run_id)
+    assert "skipping train: " in run_logs(again.state_details.flow_run_id)

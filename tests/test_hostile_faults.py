@@ -14,7 +14,7 @@ from test_faults import TINY, make_run, world  # noqa: F401 (fixture)
 
 from dcgan.cli import main
 from preprocessing import storage
-from preprocessing.errors import (DEFAULT_RETRY_DELAYS, InputError, TransientError, is_bad_input, retry_delays,
+from preprocessing.errors import (DEFAULT_RETRY_DELAYS, InputError, TransientError, classify, retry_delays,
                                   retrying)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +53,8 @@ def test_each_class_is_retried_or_not(fault, calls, raised):
         retrying(fn, "test", delays=[10, 60, 300], sleep=slept.append)
     assert len(seen) == calls and slept == [10, 60, 300][:calls - 1]
     assert got.value is fault
-    assert is_bad_input(fault) == isinstance(fault, InputError)
+    assert classify(fault).worth_retrying == (not isinstance(fault, InputError))
+    assert classify(fault).kind == {TransientError: "transient", InputError: "bad_input", KeyError: "bug"}[raised]
 
 
 def test_a_transient_fault_that_passes_is_retried_to_success():

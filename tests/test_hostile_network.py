@@ -93,7 +93,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
-        _Handler.seen.append(self.path)
+        if self.path != "/robots.txt":  # robots.txt requests are test_polite_fetch's to count (404 here: no rules)
+            _Handler.seen.append(self.path)
         route = self.routes.get(self.path)
         if route is None:
             self.send_error(404)

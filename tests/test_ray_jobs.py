@@ -184,6 +184,65 @@ def test_a_job_that_fails_fails_the_run_with_its_cause(ray_head, tmp_path):
     assert checkpoints.latest_step(cfg.run_uri) is None
 
 
+def test_a_second_connect_to_another_ray_is_refused_not_ignored(tmp_path):
+    """Whoever connects first used to win silently (the demo's Ray kept the build's pixel cap from its workers):
+    the same place is kept, another one is one clear error, and a build after a plain connect still gives its
+    workers OpenCV's pixel cap (its tasks carry it; the worker checks)."""
+    import subprocess
+    import sys
+
+    from realdata import encode, real_photos
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    for name in ("astronaut", "coffee", "chelsea"):
+        (src / f"{name}.jpg").write_bytes(encode(real_photos()[name]))
+    code = f"""
+import sys
+from preprocessing import compute
+from preprocessing.build import build_dataset
+from preprocessing.config import BuildConfig
+from preprocessing.errors import InputError
+compute.connect()          # as the demo does: no pixel cap
+compute.connect(None)      # the same Ray: kept
+compute.connect("local")   # the same place: kept
+build_dataset(BuildConfig(kind="center-crop", input={str(src)!r}, max_pixels=400_000), {str(tmp_path / 'ds')!r})
+try:
+    compute.connect("127.0.0.1:1")
+except InputError as err:
+    print("REFUSED", err)
+"""
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "REFUSED this process already works on a local Ray in this process; cluster.address '127.0.0.1:1'" \
+        in out.stdout, out.stdout
+    assert (tmp_path / "ds" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_a_job_that_fails_on_a_transient_fault_stays_transient_and_is_retried(ray_head, tmp_path, monkeypatch):
+    """Classified once, in the job's command (`preprocessing.errors.classify`): the follower raises the same class,
+    so the Prefect task retries a storage outage inside a job (and only bad input is final)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens: storage is down
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("DCGAN_RETRY_DELAYS_S", "")  # the job's own retries off: the fault reaches the follower
+    monkeypatch.setattr(tasks.train_stage, "retries", 1)
+    monkeypatch.setattr(tasks.train_stage, "retry_delay_seconds", [0])
+    cfg = load_config("configs/tiny-test.yaml", {
+        "root": str(tmp_path), "name": "storage-down", "data": "s3://nowhere-bucket/data",
+        "run": str(tmp_path / "run"), "cluster.address": ray_head,
+        "cluster.pass_credentials": True,
+    })
+    state = train_dcgan(cfg, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(jobs.RayJobTransientError, match="S3 endpoint"):
+        state.result()
+    logs = run_logs(state.state_details.flow_run_id)
+    assert logs.count("submitted Ray job") == 2, logs[-3000:]  # retried once, as a transient fault is
+
+
 # ------------------------------------------------------------------------------------- cluster.submit: rayjob
 
 

@@ -17,7 +17,8 @@ import pytest
 
 from dcgan import checkpoints
 from dcgan.config import load_config
-from dcgan.train import FAIL_AT_STEP_ENV, finished_step, train
+from dcgan.run_state import finished_step
+from dcgan.train import FAIL_AT_STEP_ENV, train
 from tests.test_stream import SIZES, make_dataset
 
 pytestmark = pytest.mark.slow

@@ -51,6 +51,10 @@ def register(sub) -> None:
                        help="smallest face side kept, in source pixels (default 64)")
     faces.add_argument("--margin", type=float, dest="build.margin",
                        help="context around a face, as a fraction of its side on each side (default 0)")
+    faces.add_argument("--detector", choices=("haar", "yunet"), dest="build.detector",
+                       help="haar (default, the paper's OpenCV cascade) or yunet (OpenCV's CNN; needs --detector-model)")
+    faces.add_argument("--detector-model", dest="build.detector_model",
+                       help="the YuNet ONNX file for --detector yunet (local path or s3://; you supply it)")
     faces.add_argument("--cascade", dest="build.cascade",
                        help="cascade name under cv2.data.haarcascades, a cascade XML file, or a YuNet .onnx model")
     faces.add_argument("--scale-factor", type=float, dest="build.scale_factor",

@@ -40,7 +40,7 @@ def register(sub) -> None:
 
 def call_of(args):
     from dcgan.stages import StageCall
-    from dcgan.train import stored_config
+    from dcgan.run_state import stored_config
     from preprocessing.storage import resolve_location
 
     base = stored_config(resolve_location(args.run)) if args.run and not args.config else None

@@ -34,6 +34,7 @@ def run(args) -> int:
 
     import torch
 
+    from dcgan import run_layout
     from dcgan.checkpoints import load_models
     from dcgan.networks import sample_z
     from dcgan.sampling import generate, save_grid
@@ -44,7 +45,7 @@ def run(args) -> int:
     if args.out and storage.exists(args.out) and not args.overwrite:
         raise InputError(f"--out {args.out} exists; pass --overwrite to replace it, or choose another file")
     loaded = load_models(run_uri, args.step)
-    out = args.out or storage.join(run_uri, "samples", f"sample-step-{loaded.step:07d}-seed-{args.seed}.png")
+    out = args.out or run_layout.sample_grid(run_uri, loaded.step, args.seed)
     z = sample_z(loaded.config.model, args.n, generator=torch.Generator().manual_seed(args.seed))
     images = generate(loaded.generator, z, bn=args.bn)
     save_grid(images, out, nrow=max(1, math.isqrt(args.n - 1) + 1) if args.n > 1 else 1)

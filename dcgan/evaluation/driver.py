@@ -21,7 +21,7 @@ from dcgan.config import EvalConfig
 from dcgan.evaluation import features
 from dcgan.evaluation.report import _jsonable, render_html, render_history, render_markdown
 from dcgan.evaluation.suites import RUNNERS, Context, NotRun, Section, check_suites, preflight
-from preprocessing import dataset_layout, storage
+from preprocessing import shards, storage
 from preprocessing.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -48,13 +48,12 @@ def evaluate(
     cfg = cfg or loaded.config.evaluate
     suites = check_suites(list(cfg.suites))
     preflight(cfg, suites, arithmetic, boxes)
-    if data_uri is None and dataset_layout.is_complete(loaded.config.data_uri):
+    if data_uri is None and shards.is_complete(loaded.config.data_uri):
         data_uri = loaded.config.data_uri
     out = run_layout.eval_step(run_uri, loaded.step)
-    inputs = {"suites": suites, "n_samples": cfg.n_samples, "data": data_uri, "arithmetic": arithmetic,
-              "boxes": boxes, "cifar10": cfg.cifar10, "svhn": cfg.svhn, "inception_weights": cfg.inception_weights}
-    done = _previous(out)
-    if done is not None and done.get("inputs") == inputs and not force:
+    inputs = evaluation_inputs(cfg, data_uri, arithmetic, boxes)
+    done = already_evaluated(run_uri, loaded.step, inputs)
+    if done is not None and not force:
         log.info("step %d of %s is already evaluated with these suites: %s", loaded.step, run_uri, out)
         return {**done, "skipped": True}
 
@@ -85,9 +84,9 @@ def evaluate(
     header = [f"run: {run_uri}", f"dataset: {data_uri or '(none)'}", f"device: {device}",
               f"model: {m.resolution}x{m.resolution}, z {m.z_dim}-d {m.z_dist}, "
               f"D features {features.feature_dim(loaded.discriminator)}-d"]
-    storage.write_text(storage.join(out, "report.md"), render_markdown(title, header, sections))
-    storage.write_text(storage.join(out, "report.html"), render_html(title, header, sections))
-    storage.write_json(storage.join(out, "metrics.json"), metrics)
+    storage.write_text(run_layout.eval_report(out), render_markdown(title, header, sections))
+    storage.write_text(run_layout.eval_report(out, html=True), render_html(title, header, sections))
+    storage.write_json(run_layout.eval_metrics(out), metrics)
     _record(run_uri, loaded.config.name, metrics)
     _to_tensorboard(run_uri, loaded.step, out, sections, metrics)
     return {**metrics, "skipped": False}
@@ -97,27 +96,39 @@ def _to_tensorboard(run_uri: str, step: int, out: str, sections: list[Section], 
     """The report's pictures and every numeric metric in the run's TensorBoard, beside training's curves."""
     from dcgan.run_log import publish_evaluation
 
-    pictures = {name: storage.read_bytes(storage.join(out, name)) for s in sections if s.status == "ok"
-                for name, _ in s.images if storage.exists(storage.join(out, name))}
+    pictures = {name: storage.read_bytes(run_layout.eval_file(out, name)) for s in sections if s.status == "ok"
+                for name, _ in s.images if storage.exists(run_layout.eval_file(out, name))}
     scalars = {f"eval/{suite}/{k}": float(v) for suite, m in metrics["suites"].items() for k, v in m.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seconds"}
     publish_evaluation(run_uri, step, pictures, scalars)
 
 
 def evaluate_every_checkpoint(run_uri: str, cfg: EvalConfig | None = None, **kwargs: Any) -> list[dict]:
-    """Evaluate each valid checkpoint of the run that has no evaluation yet, oldest first."""
+    """Evaluate each valid checkpoint of the run not yet evaluated with these inputs, oldest first; returns the new
+    evaluations. `evaluate` alone decides what "already evaluated" means."""
     from dcgan import checkpoints
 
-    return [evaluate(run_uri, cfg, step=s, **kwargs) for s in checkpoints.valid_steps(run_uri)
-            if _previous(run_layout.eval_step(run_uri, s)) is None]
+    done = [evaluate(run_uri, cfg, step=s, **kwargs) for s in checkpoints.valid_steps(run_uri)]
+    return [m for m in done if not m.get("skipped")]
 
 
-def _previous(out: str) -> dict | None:
-    uri = storage.join(out, "metrics.json")
+def evaluation_inputs(cfg: EvalConfig, data_uri: str | None, arithmetic: str | None, boxes: str | None) -> dict:
+    """What makes an evaluation of a step this evaluation (recorded in its metrics.json)."""
+    return {"suites": check_suites(list(cfg.suites)), "n_samples": cfg.n_samples, "data": data_uri,
+            "arithmetic": arithmetic, "boxes": boxes, "cifar10": cfg.cifar10, "svhn": cfg.svhn,
+            "inception_weights": cfg.inception_weights}
+
+
+def already_evaluated(run_uri: str, step: int, inputs: dict) -> dict | None:
+    """The metrics of step `step` if it was evaluated with these `inputs`: the one test of "already evaluated"."""
+    uri = run_layout.eval_metrics(run_layout.eval_step(run_uri, step))
     try:
-        return storage.read_json(uri) if storage.exists(uri) else None
+        done = storage.read_json(uri) if storage.exists(uri) else None
+    except storage.StorageUnreachable:
+        raise
     except (storage.StorageError, ValueError):
         return None
+    return done if done is not None and done.get("inputs") == inputs else None
 
 
 def _record(run_uri: str, name: str, metrics: dict) -> None:

@@ -195,6 +195,8 @@ def load_inception(weights_uri: str | None, device: str | torch.device = "cpu") 
         raise InceptionWeightsError(f"no FID Inception weights given: {how_to_get_weights()}")
     try:
         data = storage.read_bytes(weights_uri)
+    except storage.StorageUnreachable:
+        raise  # the store is failing, not this file: transient, retried
     except storage.StorageError as err:
         raise InceptionWeightsError(f"FID Inception weights not found ({err}): {how_to_get_weights()}") from None
     try:

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from dcgan import run_layout
 from dcgan.config import SUITES, EvalConfig
 from dcgan.evaluation import datasets, digits, features, fid, forgetting, guided_backprop, latent, memorisation, svm
 from dcgan.evaluation.inception import how_to_get_weights, load_inception
@@ -83,10 +84,10 @@ def suite_samples(c: Context, s: Section) -> None:
     z = latent.sheet_z(c.g, c.cfg.n_samples)
     imgs = latent.render(c.g, z)
     s.images.append((c.save("samples.png", imgs), f"{len(z)} samples (step {c.step})"))
-    save_png(latent.numbered_sheet(imgs), storage.join(c.out, "sample_sheet.png"))
+    save_png(latent.numbered_sheet(imgs), run_layout.eval_file(c.out, "sample_sheet.png"))
     buf = io.BytesIO()
     np.save(buf, z.numpy())
-    storage.write_bytes(storage.join(c.out, "sample_z.npy"), buf.getvalue())
+    storage.write_bytes(run_layout.eval_file(c.out, "sample_z.npy"), buf.getvalue())
     s.images.append(("sample_sheet.png", "numbered sheet: pick concepts for --arithmetic and draw --boxes on it"))
     s.metrics = {"n": len(z), "z_file": "sample_z.npy", "seed": latent.SHEET_SEED}
 

@@ -1,0 +1,335 @@
+"""Polite fetching (issue 23, item 1) against real HTTP servers on 127.0.0.1, downloads on real threads.
+
+robots.txt (once per host, RFC 9309 matching, huge and malformed files, 5xx), X-Robots-Tag opt-outs decided from the
+headers before the body, Retry-After / 429 / 503 backoff bounded by max_retry_wait_s, per-host concurrency and rate,
+and the User-Agent with its contact.
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from realdata import grace_hopper_path
+
+from preprocessing.downloads import (OPT_OUT, RATE_LIMITED, ROBOTS, UNREACHABLE, Policy, Robots, download,
+                                     opted_out)
+from preprocessing.images import Reject
+
+JPEG = grace_hopper_path().read_bytes()
+
+
+class Site:
+    """A 127.0.0.1 server. `routes` maps a path to a function (handler) -> None that answers; every request is
+    logged as (path, monotonic time, User-Agent); `in_flight`/`peak` count concurrent requests."""
+
+    def __init__(self, delay: float = 0.0):
+        site = self
+        self.routes, self.log, self.delay = {}, [], delay
+        self.lock, self.in_flight, self.peak = threading.Lock(), 0, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                with site.lock:
+                    site.log.append((self.path, time.monotonic(), self.headers.get("User-Agent")))
+                    site.in_flight += 1
+                    site.peak = max(site.peak, site.in_flight)
+                try:
+                    if site.delay and self.path != "/robots.txt":
+                        time.sleep(site.delay)
+                    route = site.routes.get(self.path)
+                    if route is None:
+                        self.send_error(404)
+                    else:
+                        route(self)
+                finally:
+                    with site.lock:
+                        site.in_flight -= 1
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.handle_error = lambda *a: None  # a client that stops reading (the point of some tests)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def paths(self) -> list[str]:
+        return [p for p, _, _ in self.log]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def body(data: bytes, status: int = 200, headers: dict | None = None):
+    def answer(h):
+        h.send_response(status)
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+    return answer
+
+
+def trickle(data: bytes, headers: dict):
+    """Headers at once, then the body at 10 bytes/s: reading it would take minutes."""
+    def answer(h):
+        h.send_response(200)
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        try:
+            for i in range(0, len(data), 10):
+                h.wfile.write(data[i:i + 10])
+                h.wfile.flush()
+                time.sleep(1.0)
+        except OSError:
+            pass
+    return answer
+
+
+@pytest.fixture
+def site():
+    s = Site()
+    yield s
+    s.close()
+
+
+def polite(**kw) -> Policy:
+    return Policy(("127.0.0.1",), **kw)
+
+
+def get(url: str, policy: Policy, retries: int = 0, timeout_s: float = 5.0) -> bytes:
+    return download(url, timeout_s=timeout_s, retries=retries, max_bytes=10**7, policy=policy)
+
+
+def reason(url: str, policy: Policy, **kw) -> str:
+    with pytest.raises(Reject) as got:
+        get(url, policy, **kw)
+    return got.value.reason
+
+
+# ----------------------------------------------------------------------------------------------------- robots.txt
+
+ROBOTS_TXT = b"""# the product's own group wins over *
+User-agent: *
+Disallow: /
+
+User-agent: other-bot
+Disallow: /photos/
+
+user-agent: DCGAN-Cluster
+Disallow: /private/
+Allow: /private/ok
+Disallow: /*.png$
+"""
+
+
+def test_robots_txt_is_fetched_once_per_host_and_honoured(site):
+    for p in ("/photos/a.jpg", "/private/x.jpg", "/private/ok.jpg", "/pic.png", "/pic.png?v=1"):
+        site.routes[p] = body(JPEG)
+    site.routes["/robots.txt"] = body(ROBOTS_TXT)
+    policy = polite()
+    with ThreadPoolExecutor(8) as pool:  # eight threads ask at once: one robots.txt request
+        assert all(d == JPEG for d in pool.map(lambda _: get(site.url("/photos/a.jpg"), policy), range(8)))
+    assert get(site.url("/private/ok.jpg"), policy) == JPEG  # longer Allow beats the shorter Disallow
+    assert get(site.url("/pic.png?v=1"), policy) == JPEG  # '$' anchors: the query makes it no match
+    assert reason(site.url("/private/x.jpg"), policy) == ROBOTS
+    assert reason(site.url("/pic.png"), policy) == ROBOTS
+    assert site.paths().count("/robots.txt") == 1
+    assert "/private/x.jpg" not in site.paths() and "/pic.png" not in site.paths()  # refused before any request
+    # robots_txt off: the same URL is fetched
+    assert get(site.url("/private/x.jpg"), polite(robots=False)) == JPEG
+
+
+def test_robots_txt_huge_or_malformed_is_read_bounded_and_parsed_as_far_as_it_goes(site):
+    """The first 500 KiB count (RFC 9309 2.5); rules past them, garbage lines and rules before any user-agent do
+    not; a 40 MB robots.txt is not read whole."""
+    head = b"\xff\xfe\x00garbage\nDisallow: /orphan\nUser-agent: *\nDisallow /no-colon\nDisallow: /early\n"
+    huge = head + b"# " + b"x" * 600_000 + b"\nDisallow: /late\n" + b"#" * 40_000_000
+    site.routes["/robots.txt"] = body(huge)
+    for p in ("/early/1.jpg", "/late/1.jpg", "/orphan/1.jpg", "/no-colon/1.jpg"):
+        site.routes[p] = body(JPEG)
+    started = time.monotonic()
+    assert reason(site.url("/early/1.jpg"), polite()) == ROBOTS
+    assert time.monotonic() - started < 3  # 40 MB were not read
+    for p in ("/late/1.jpg", "/orphan/1.jpg", "/no-colon/1.jpg"):
+        assert get(site.url(p), polite()) == JPEG, p
+
+
+@pytest.mark.parametrize("status, fetched", [(404, True), (403, True), (500, False), (503, False)])
+def test_robots_txt_status(site, status, fetched):
+    """RFC 9309 2.3.1: 4xx = no rules; 5xx = assume complete disallow (an `unreachable` reject, counted as bad)."""
+    site.routes["/robots.txt"] = body(b"oops", status)
+    site.routes["/a.jpg"] = body(JPEG)
+    if fetched:
+        assert get(site.url("/a.jpg"), polite()) == JPEG
+    else:
+        with pytest.raises(Reject) as got:
+            get(site.url("/a.jpg"), polite())
+        assert got.value.reason == UNREACHABLE and "RFC 9309" in got.value.detail
+        assert "/a.jpg" not in site.paths()
+
+
+def test_robots_rules_directly():
+    r = Robots("User-agent: *\nDisallow: /a\nAllow: /a/b\nDisallow: /a/b/c*d$\nDisallow: /%7Euser\n")
+    assert not r.allows("/a/x") and r.allows("/a/b/x") and not r.allows("/a/b/c-and-d") and r.allows("/a/b/c-d-e")
+    assert not r.allows("/~user/pic.jpg") and r.allows("/robots.txt") and r.allows("/")
+    assert Robots("User-agent: x\nDisallow: /\n").allows("/anything")  # no group for us, no * group: allowed
+    # a hostile pattern is matched in bounded time (no regex backtracking)
+    evil = Robots("User-agent: *\nDisallow: /" + "*a" * 200 + "b\n")
+    started = time.monotonic()
+    assert evil.allows("/" + "a" * 2000)
+    assert time.monotonic() - started < 2
+
+
+# --------------------------------------------------------------------------------------------------- X-Robots-Tag
+
+
+@pytest.mark.parametrize("tag, skipped", [
+    ("noai", True), ("noimageai", True), ("noindex, nofollow", True), ("NoImageIndex", True),
+    ("dcgan-cluster: noai", True), ("otherbot: noai", False), ("nofollow", False),
+])
+def test_x_robots_tag_opt_out_is_read_from_the_headers_before_the_body(site, tag, skipped):
+    site.routes["/a.jpg"] = trickle(JPEG, {"X-Robots-Tag": tag})
+    site.routes["/robots.txt"] = body(b"")
+    started = time.monotonic()
+    if skipped:
+        with pytest.raises(Reject) as got:
+            get(site.url("/a.jpg"), polite(), timeout_s=20)
+        assert got.value.reason == OPT_OUT and tag in got.value.detail
+        assert time.monotonic() - started < 2  # the 10 B/s body was never read
+    else:
+        assert reason(site.url("/a.jpg"), polite(), timeout_s=1.5) == "timeout"  # it did start reading
+
+
+def test_x_robots_tag_opt_outs_are_configurable():
+    assert opted_out(["noai"], ()) is None
+    assert opted_out(["a, noindex"], ("noindex",)) == "a, noindex"
+    assert opted_out(["noindex"], ("noai",)) is None
+
+
+# ------------------------------------------------------------------------------------------ Retry-After and limits
+
+
+def test_retry_after_is_waited_for_then_the_host_answers(site):
+    answers = iter([body(b"slow down", 429, {"Retry-After": "1"}), body(JPEG)])
+    site.routes["/a.jpg"] = lambda h: next(answers)(h)
+    site.routes["/robots.txt"] = body(b"")
+    assert get(site.url("/a.jpg"), polite(), retries=2) == JPEG
+    times = [t for p, t, _ in site.log if p == "/a.jpg"]
+    assert len(times) == 2 and times[1] - times[0] >= 0.95
+
+
+def test_a_long_retry_after_or_a_host_that_keeps_refusing_is_rate_limited(site):
+    site.routes["/long.jpg"] = body(b"", 429, {"Retry-After": "3600"})
+    site.routes["/busy.jpg"] = body(b"", 503)
+    site.routes["/robots.txt"] = body(b"")
+    started = time.monotonic()
+    with pytest.raises(Reject) as got:
+        get(site.url("/long.jpg"), polite(max_retry_wait_s=5), retries=3)
+    assert got.value.reason == RATE_LIMITED and "Retry-After 3600 s > build.max_retry_wait_s 5" in got.value.detail
+    assert time.monotonic() - started < 2  # refused at once, not after an hour
+    # the host is backing off for an hour: its other URLs are refused without a request
+    assert reason(site.url("/busy.jpg"), polite(max_retry_wait_s=5)) == RATE_LIMITED
+    assert site.paths().count("/long.jpg") == 1 and "/busy.jpg" not in site.paths()
+
+
+def test_503_without_retry_after_backs_off_exponentially_then_rejects():
+    s = Site()
+    try:
+        s.routes["/busy.jpg"] = body(b"", 503)
+        s.routes["/robots.txt"] = body(b"")
+        started = time.monotonic()
+        assert reason(s.url("/busy.jpg"), polite(), retries=2) == RATE_LIMITED
+        assert 3 <= time.monotonic() - started < 8  # waited 1 + 2 s between the three attempts
+        assert s.paths().count("/busy.jpg") == 3
+    finally:
+        s.close()
+
+
+def test_per_host_concurrency_and_rate():
+    slow, other = Site(delay=0.3), Site(delay=0.3)
+    try:
+        for s in (slow, other):
+            s.routes["/robots.txt"] = body(b"")
+            for i in range(8):
+                s.routes[f"/{i}.jpg"] = body(JPEG)
+        policy = polite(host_concurrency=2, host_rate=0)
+        urls = [s.url(f"/{i}.jpg") for i in range(8) for s in (slow, other)]
+        with ThreadPoolExecutor(16) as pool:
+            assert all(d == JPEG for d in pool.map(lambda u: get(u, policy), urls))
+        assert slow.peak == 2 and other.peak == 2  # 16 threads, two hosts: two at a time on each
+        rated = Site()
+        try:
+            rated.routes["/robots.txt"] = body(b"")
+            rated.routes["/r.jpg"] = body(JPEG)
+            policy = polite(host_concurrency=8, host_rate=5)
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda _: get(rated.url("/r.jpg"), policy), range(8)))
+            times = sorted(t for p, t, _ in rated.log if p == "/r.jpg")
+            assert times[-1] - times[0] >= 7 / 5 - 0.1  # 5 requests/s: 8 requests span >= 1.4 s
+        finally:
+            rated.close()
+    finally:
+        slow.close()
+        other.close()
+
+
+def test_user_agent_names_the_project_and_the_contact(site):
+    site.routes["/a.jpg"] = body(JPEG)
+    get(site.url("/a.jpg"), polite(contact="mailto:data@example.org"))
+    agents = {ua for _, _, ua in site.log}
+    assert agents == {"dcgan-cluster/0.1 (DCGAN dataset build; +mailto:data@example.org)"}  # robots.txt too
+
+
+def test_a_lying_content_length_or_a_silent_host_ends_by_the_deadline(site):
+    """Content-Length larger than what comes (then silence): a timeout at the deadline, not a hang; smaller: the
+    declared bytes only (the photo then fails to decode, a reject there). A host that accepts and never answers:
+    its robots.txt times out, so all of its URLs are `unreachable` (RFC 9309), the later ones without waiting."""
+    import socket
+
+    def overclaim(h):
+        h.send_response(200)
+        h.send_header("Content-Length", str(10 * len(JPEG)))
+        h.end_headers()
+        h.wfile.write(JPEG)
+        h.wfile.flush()
+        time.sleep(10)
+
+    site.routes["/over.jpg"] = overclaim
+    site.routes["/under.jpg"] = lambda h: (h.send_response(200), h.send_header("Content-Length", "100"),
+                                           h.end_headers(), h.wfile.write(JPEG))
+    site.routes["/robots.txt"] = body(b"")
+    started = time.monotonic()
+    assert reason(site.url("/over.jpg"), polite(), timeout_s=2) == "timeout"
+    assert time.monotonic() - started < 3.5
+    assert get(site.url("/under.jpg"), polite()) == JPEG[:100]
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts connections (the kernel does), never reads or answers
+    try:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(Reject) as got:
+            get(f"{url}/a.jpg", polite(), timeout_s=1)
+        assert got.value.reason == UNREACHABLE and "robots.txt" in got.value.detail
+        assert 0.9 < time.monotonic() - started < 2.5
+        started = time.monotonic()
+        assert reason(f"{url}/b.jpg", polite(), timeout_s=1) == UNREACHABLE
+        assert time.monotonic() - started < 0.2  # cached: the host is not asked again
+    finally:
+        silent.close()
