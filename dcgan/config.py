@@ -137,6 +137,11 @@ class ClusterConfig(Strict):
     pass_credentials: bool = Field(False, description="pass this machine's AWS_ACCESS_KEY_ID/SECRET/SESSION_TOKEN to "
                                    "Ray Jobs (readable by anyone with Jobs API access); by default the cluster's "
                                    "nodes use their own credentials (environment, profile, instance or pod role)")
+    submit: Literal["jobs-api", "rayjob"] = Field(
+        "jobs-api", description="how a cluster runs `train`: jobs-api = a Ray Job on the standing cluster at address / "
+                                "RAY_ADDRESS; rayjob = a KubeRay RayJob (a cluster for this run, deleted after) created "
+                                "through the Kubernetes API from infra/kubernetes/rayjob-train.yaml")
+    image: str | None = Field(None, description="container image of a rayjob's pods (default: the template's)")
 
 
 SUITES = ("samples", "walks", "arithmetic", "forgetting", "guided-backprop", "memorisation", "digits", "fid", "cifar10",

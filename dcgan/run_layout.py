@@ -7,6 +7,7 @@
     <run>/eval/step-NNNNNNN/             one evaluation's report.md/html, metrics.json and pictures
     <run>/eval/metrics.jsonl             one line per evaluation; eval/report.md lists them
     <run>/ray/                           Ray Train's own run state
+    <run>/rayjobs/<name>.yaml            the config each RayJob of the run ran (cluster.submit: rayjob)
     <run>/lease.json                     who trains the run now (dcgan.lease): present only while a driver runs
 """
 
@@ -100,6 +101,11 @@ def lease(run: str) -> str:
 def injected_fault(run: str) -> str:
     """The marker of a test's injected worker failure (DCGAN_FAIL_AT_STEP): the fault fires once per run."""
     return join(run, "ray", "fault-injected")
+
+
+def rayjob_config(run: str, name: str) -> str:
+    """The config a RayJob of this run ran (`dcgan.rayjob`): one file per RayJob, kept as a record."""
+    return join(run, "rayjobs", f"{name}.yaml")
 
 
 def ray(run: str) -> str:

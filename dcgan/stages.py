@@ -67,6 +67,10 @@ def run(call: StageCall, emit: Emit = log.info) -> dict[str, Any]:
         why, result = done
         emit(f"skipping {call.stage}: {why}")
         return {"stage": call.stage, **result, "skipped": True}
+    if call.stage == "train" and call.config.cluster.submit == "rayjob":  # a cluster of its own (dcgan.rayjob)
+        from dcgan import rayjob
+
+        return rayjob.run(call, emit, job_config(call.config), lambda logs: parse_result(logs) or stored_result(call))
     where = compute.placement(call.config.cluster.address)
     if where.kind == "jobs":
         return run_as_job(call, where.address, emit)

@@ -364,7 +364,8 @@ def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dic
         if result.error:
             raise result.error
     except Exception as err:
-        known = known_fault(err)  # a worker's DatasetError (say) as itself: one line from the CLI
+        # a worker's DatasetError (say) as itself, or workers never placed: one line from the CLI
+        known = known_fault(err) or resources.never_placed(err, cfg.cluster)
         if known is None:
             raise
         raise known from None

@@ -7,24 +7,71 @@ fails the same way on every attempt (issue 21: 4 attempts over 77 s, then fragme
 TorchTrainer whose failure policy raises a known fault that is not transient (preprocessing.errors) at once and
 leaves every other failure to Ray's default policy. Ray 2.60 takes no policy from its public API: the hook is the
 trainer's `_initialize_and_run_controller`, which receives the policy it will use (pinned Ray version).
+
+Ray also retries, for ever, a worker group it cannot place within RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s): a
+training on a busy cluster, or one waiting for an autoscaler's node that never comes, would hang silently. The policy
+gives up after `resources.workers_wait_s()` and the driver reports it in one line (`resources.never_placed`).
 """
 
 from __future__ import annotations
 
-from ray.train.torch import TorchTrainer
-from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+import contextlib
+import os
+import time
+from typing import Iterator
 
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.constants import DEFAULT_WORKER_GROUP_START_TIMEOUT_S, WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+from ray.train.v2.api.exceptions import ControllerError
+
+from dcgan.resources import workers_wait_s
 from preprocessing.errors import TransientError, known_fault
 
 
+def _start_timeout_s() -> float:
+    return float(os.environ.get(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR) or DEFAULT_WORKER_GROUP_START_TIMEOUT_S)
+
+
 class KnownFaultPolicy(DefaultFailurePolicy):
-    """Ray's default decisions, except that bad input is raised at the first failure instead of retried."""
+    """Ray's default decisions, except that bad input is raised at the first failure instead of retried, and workers
+    that are not placed are waited for `wait_s` (measured in the controller, across Ray's start attempts)."""
+
+    def __init__(self, failure_config, wait_s: float | None = None, start_timeout_s: float | None = None):
+        super().__init__(failure_config)
+        self.wait_s = workers_wait_s() if wait_s is None else wait_s
+        self.start_timeout_s = _start_timeout_s() if start_timeout_s is None else start_timeout_s
+        self._unplaced_since: float | None = None
 
     def make_decision(self, training_failed_error) -> FailureDecision:
         known = known_fault(training_failed_error)
         if known is not None and not isinstance(known, TransientError):
             return FailureDecision.RAISE
+        if isinstance(training_failed_error, ControllerError) and isinstance(
+                training_failed_error.controller_failure, WorkerGroupStartupTimeoutError):
+            now = time.monotonic()
+            if self._unplaced_since is None:  # the first attempt began one start timeout ago
+                self._unplaced_since = now - self.start_timeout_s
+            if now - self._unplaced_since >= self.wait_s - 1e-6:
+                return FailureDecision.RAISE
+        else:
+            self._unplaced_since = None  # a group that failed later had been placed
         return super().make_decision(training_failed_error)
+
+
+@contextlib.contextmanager
+def _start_timeout_within(wait_s: float) -> Iterator[None]:
+    """A wait shorter than Ray's start timeout shortens that timeout (Ray reads it from the driver's environment
+    when it starts the controller), unless the user set it."""
+    if WORKER_GROUP_START_TIMEOUT_S_ENV_VAR in os.environ or wait_s >= DEFAULT_WORKER_GROUP_START_TIMEOUT_S:
+        yield
+        return
+    os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = f"{max(wait_s, 1.0):g}"
+    try:
+        yield
+    finally:
+        os.environ.pop(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, None)
 
 
 class Trainer(TorchTrainer):
@@ -32,6 +79,8 @@ class Trainer(TorchTrainer):
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         policy = controller_init_kwargs.get("failure_policy")
-        if type(policy) is DefaultFailurePolicy:
-            controller_init_kwargs["failure_policy"] = KnownFaultPolicy(policy.failure_config)
-        return super()._initialize_and_run_controller(**controller_init_kwargs)
+        wait_s = workers_wait_s()
+        with _start_timeout_within(wait_s):
+            if type(policy) is DefaultFailurePolicy:
+                controller_init_kwargs["failure_policy"] = KnownFaultPolicy(policy.failure_config, wait_s)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)

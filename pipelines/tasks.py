@@ -84,7 +84,8 @@ def _run(call: StageCall) -> dict[str, Any]:
     from pipelines import artifacts
 
     logger = get_run_logger()
-    where = compute.placement(call.config.cluster.address)
+    rayjob = call.stage == "train" and call.config.cluster.submit == "rayjob"
+    where = "a KubeRay RayJob (a cluster of its own)" if rayjob else compute.placement(call.config.cluster.address)
     logger.info("%s runs on %s", call.stage, where)
     with _project_logs_to(logger), artifacts.progress_artifacts(stages.REGISTRY[call.stage].writes(call)):
         return stages.run(call, emit=logger.info)

@@ -2,9 +2,11 @@
 nodes), Ray's token authentication on, a moto S3 server as the only storage, a real Prefect server and a process
 worker whose RAY_ADDRESS names the cluster's Jobs API. Every stage runs as a Ray Job of the same `dcgan` command
 line; nothing is written to local disk; a lost node costs at most one checkpoint interval of training, and a build
-that loses a node gives the same dataset.
+that loses a node gives the same dataset. A lost head is one line (CLI) or a Failed run (Prefect) within the
+configured wait, and the same command on the restarted cluster resumes training or finishes the build byte for byte.
 
-One cluster for the module (tests/multinode.py); the node-loss tests run last, since they kill nodes.
+One cluster for the module (tests/multinode.py); the node-loss tests run after the others and the head-loss tests
+last, since they kill nodes and replace the cluster.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import cv2
@@ -164,6 +167,16 @@ def test_dcgan_train_as_a_ray_job_starts_on_a_cluster_set_up_as_the_readme_says(
     workers = [w for w in cluster.state("actors", class_name="RayTrainWorker") if w["job_id"] == job.job_id]
     assert {w["node_id"] for w in workers} == {cluster.nodes["node_a"].node_id, cluster.nodes["node_b"].node_id}
 
+    # a job whose head answers but whose workers cannot all come: one line, what was asked and what the cluster has
+    asked = time.monotonic()
+    short = cli(cluster, "train", "--config", str(path), "--run", f"{run}-4gpu", "--workers", "4", "--gpu")
+    took = time.monotonic() - asked
+    assert short.returncode == 2 and "Traceback" not in short.stderr, short.stderr[-3000:]
+    line = short.stderr.strip().splitlines()[-1]
+    assert line.startswith("dcgan train: error: Ray job dcgan-train-operator-"), line
+    assert "asks for 4.25 CPU, 4 GPU, but the cluster has 4 CPU, 0 GPU" in line and took < 120, (took, line)
+    assert checkpoints.latest_step(f"{run}-4gpu") is None
+
 
 def train_until(cluster, path: Path, run: str, step: int, fault, **env: str):
     """`dcgan train --config path` as a Ray Job, and `fault()` once the run has a checkpoint at `step` or later.
@@ -202,30 +215,127 @@ def test_training_survives_a_lost_node(multinode_cluster, s3_bucket, tmp_path):
     cluster.add_node("node_b")
 
 
-def test_a_build_that_loses_a_node_gives_the_same_dataset(multinode_cluster, s3_bucket):
-    cluster = multinode_cluster
-    raw = f"{s3_bucket}/raw/digits"
+BUILD_ARGS = ("--resolution", "32", "--shard-rows", "20", "--no-dedup")  # 480 digits -> 24 chunks, 24 shards
+
+
+@pytest.fixture(scope="module")
+def digits_raw(multinode_cluster, s3_server) -> tuple[str, str]:
+    """480 real digits as PNGs in their own bucket, and the dataset an uninterrupted `dcgan build-lsun` job makes of
+    them: the reference that a build which loses a node or the head must equal. Built once for the module."""
+    import boto3
+
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    raw, clean = f"s3://{bucket}/raw/digits", f"s3://{bucket}/clean"
     for i, img in enumerate(mnist_rgb32(480)):
         storage.write_bytes(f"{raw}/{i:04d}.png", cv2.imencode(".png", img)[1].tobytes())
-    args = ["--resolution", "32", "--shard-rows", "20", "--no-dedup"]
-    clean = cli(cluster, "build-lsun", raw, "--out", f"{s3_bucket}/clean", *args)
-    assert clean.returncode == 0, clean.stderr[-3000:]
+    done = cli(multinode_cluster, "build-lsun", raw, "--out", clean, *BUILD_ARGS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return raw, clean
 
-    env = cluster.client_env(RAY_ADDRESS=cluster.jobs_address, PYTHONPATH=str(REPO))
-    argv = [sys.executable, "-m", "dcgan.cli", "build-lsun", raw, "--out", f"{s3_bucket}/lossy", *args]
+
+def build_until_chunks(cluster, raw: str, outs: list[str], fault, start=(), **env: str):
+    """`dcgan build-lsun raw --out outs[0]` as a Ray Job from the CLI, and `fault()` once every one of `outs` has a
+    finished chunk (`start()` has launched the builds of the others). Returns (the CLI process, what `fault`
+    returned, or None if a build ended first)."""
+    env = cluster.client_env(RAY_ADDRESS=cluster.jobs_address, PYTHONPATH=str(REPO), **env)
+    argv = [sys.executable, "-m", "dcgan.cli", "build-lsun", raw, "--out", outs[0], *BUILD_ARGS]
     proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    others = [p for p in start]
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if storage.list_uris(f"{s3_bucket}/lossy/_chunks"):
-            cluster.kill_node("node_a")
-            break
+    while time.monotonic() < deadline and proc.poll() is None and all(o.poll() is None for o in others):
+        if all(storage.list_uris(f"{out}/_chunks") for out in outs):
+            return proc, fault()
         time.sleep(0.2)
+    return proc, None
+
+
+def assert_same_dataset(uri: str, reference: str) -> None:
+    """Byte-identical: the same content hash, and every shard the same bytes under the same name."""
+    got, ref = shards.read_manifest(uri), shards.read_manifest(reference)
+    assert got["content_hash"] == ref["content_hash"] and got["counts"] == ref["counts"]
+    assert [(e["path"], e["sha256"]) for e in got["shards"]] == [(e["path"], e["sha256"]) for e in ref["shards"]]
+    for entry in got["shards"]:
+        assert storage.read_bytes(storage.join(uri, entry["path"])) == \
+            storage.read_bytes(storage.join(reference, entry["path"])), entry["path"]
+
+
+def test_a_build_that_loses_a_node_gives_the_same_dataset(multinode_cluster, digits_raw):
+    cluster, (raw, clean) = multinode_cluster, digits_raw
+    lossy = f"{clean.rsplit('/', 1)[0]}/lossy"
+    proc, _ = build_until_chunks(cluster, raw, [lossy], lambda: cluster.kill_node("node_a"))
     proc.communicate(timeout=400)
     if proc.returncode != 0:  # the job may fail with its node; the same command finishes it
-        again = cli(cluster, "build-lsun", raw, "--out", f"{s3_bucket}/lossy", *args)
+        again = cli(cluster, "build-lsun", raw, "--out", lossy, *BUILD_ARGS)
         assert again.returncode == 0, again.stderr[-3000:]
-    lossy, reference = shards.read_manifest(f"{s3_bucket}/lossy"), shards.read_manifest(f"{s3_bucket}/clean")
-    assert lossy["content_hash"] == reference["content_hash"] and lossy["counts"]["rows"] == 480
+    assert_same_dataset(lossy, clean)
+
+
+# A build flow run as a Prefect worker runs it (the flow in its own process, the state on the server); prints the
+# flow run's and its task runs' final states as the server has them.
+FLOW_RUN = """
+import json, sys
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from pipelines.flows import build_lsun
+from preprocessing.config import BuildConfig, DedupConfig
+
+state = build_lsun(BuildConfig(input=sys.argv[1], resolution=32, shard_rows=int(sys.argv[3])), sys.argv[2],
+                   DedupConfig(enabled=False), return_state=True)
+run_id = state.state_details.flow_run_id
+with get_client(sync_client=True) as client:
+    run = client.read_flow_run(run_id)
+    tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+print(json.dumps({"flow": [run.state.type.value, run.state.message],
+                  "tasks": [[t.name, t.state.type.value, t.state.message] for t in tasks]}))
+"""
+
+
+def test_a_build_that_loses_the_head_is_one_line_and_the_rerun_gives_the_same_dataset(
+        multinode_cluster, digits_raw, prefect_server):
+    """The head dies while two builds run as Ray Jobs, one from the CLI and one from a Prefect flow run: neither
+    hangs. Within the configured wait the CLI says in one line that the cluster was lost (exit 2) and the flow run
+    ends Failed with that reason, as the Prefect server records it. On the restarted cluster the same command
+    finishes the build from its finished chunks, byte-identical to an uninterrupted build. Replaces the module's
+    cluster (runs after the node-loss tests)."""
+    cluster, (raw, clean) = multinode_cluster, digits_raw
+    base = clean.rsplit("/", 1)[0]
+    out, flow_out = f"{base}/head-loss", f"{base}/head-loss-flow"
+    wait_s = 10
+    settings = dict(DCGAN_CLUSTER_LOST_AFTER_S=str(wait_s), DCGAN_RETRY_DELAYS_S="")  # no retry: the loss's own line
+    flow_env = cluster.client_env(**{k: v for k, v in prefect_server.items() if k.startswith("PREFECT_")},
+                                  RAY_ADDRESS=cluster.jobs_address, PYTHONPATH=str(REPO), **settings)
+    builds = len(stage_jobs(cluster).get("build-lsun", []))
+    # the flow's build has 4-row chunks (120 of them), so it is still running when the CLI's build has begun
+    flow = subprocess.Popen([sys.executable, "-c", FLOW_RUN, raw, flow_out, "4"], env=flow_env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180  # the flow's job first: its process starts slowly (Prefect, a flow run)
+        while len(stage_jobs(cluster).get("build-lsun", [])) < builds + 1 and flow.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)
+        proc, killed = build_until_chunks(cluster, raw, [out, flow_out], cluster.kill_head, start=[flow], **settings)
+        assert killed is not None, (proc.communicate(timeout=60)[1][-3000:], flow.stderr.read()[-3000:])
+        _, err = proc.communicate(timeout=wait_s + 90)
+        flow_out_text, flow_err = flow.communicate(timeout=wait_s + 90)
+        took = time.monotonic() - killed
+    finally:
+        if flow.poll() is None:
+            flow.kill()
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert lines[-1].startswith("dcgan build-lsun: error: lost the Ray cluster at http://127.0.0.1:"), lines[-3:]
+    assert f"no answer for {wait_s} s" in lines[-1] and took < wait_s + 60, (took, lines[-1])
+    assert flow.returncode == 0, flow_err[-3000:]
+    states = json.loads(flow_out_text.strip().splitlines()[-1])
+    assert states["flow"][0] in ("FAILED", "CRASHED") and "lost the Ray cluster at" in states["flow"][1], states
+    assert [t[1] for t in states["tasks"]] == ["FAILED"] and "lost the Ray cluster" in states["tasks"][0][2], states
+    assert not storage.exists(f"{out}/manifest.json")
+
+    cluster.restart()
+    again = cli(cluster, "build-lsun", raw, "--out", out, *BUILD_ARGS)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_dataset(out, clean)
 
 
 def test_a_lost_head_is_one_line_in_bounded_time_and_the_rerun_resumes(multinode_cluster, s3_bucket, tmp_path):

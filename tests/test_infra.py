@@ -174,6 +174,32 @@ def test_rbac_manifest_passes_kubernetes_validate():
     assert k8s_errors(role), "a Role with a misspelt field passed kubernetes-validate"
 
 
+def test_the_rayjob_deployment_may_create_follow_and_delete_its_rayjobs_and_nothing_else():
+    """train-dcgan/nightly-rayjob (`cluster.submit: rayjob`): its pods run as dcgan-rayjobs, which mounts its token and
+    may create, get and delete RayJobs in dcgan (what dcgan/rayjob.py calls); every other flow-run pod has no token.
+    The RayJob it renders is the image's template, with the run's image, and it starts paused beside `nightly`."""
+    from dcgan.config import Config
+
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in load(K8S / "prefect-rbac.yaml")}
+    assert docs[("ServiceAccount", "dcgan-rayjobs")]["automountServiceAccountToken"] is True
+    assert docs[("ServiceAccount", "dcgan-flows")]["automountServiceAccountToken"] is False
+    assert docs[("Role", "dcgan-rayjobs")]["rules"] == [
+        {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "delete"]}]
+    binding = docs[("RoleBinding", "dcgan-rayjobs")]
+    assert binding["roleRef"]["name"] == "dcgan-rayjobs" and binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "dcgan-rayjobs", "namespace": "dcgan"}]
+    d = deployments()["nightly-rayjob"]
+    env = d["work_pool"]["job_variables"]["env"]
+    assert env["DCGAN_RAYJOB_NAMESPACE"] == rayjob()["metadata"]["namespace"]
+    assert env["DCGAN_RAYJOB_TEMPLATE"] == "/opt/dcgan/infra/kubernetes/rayjob-train.yaml"
+    assert "COPY infra/kubernetes/rayjob-train.yaml ./infra/kubernetes/" in (REPO / "infra" / "Dockerfile").read_text()
+    cfg = Config.model_validate(d["parameters"]["config"])
+    assert cfg.cluster.submit == "rayjob" and cfg.cluster.image == rayjob()["spec"]["rayClusterSpec"][
+        "headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    assert [s["active"] for s in d["schedules"]] == [False] and d["schedules"][0]["cron"] == deployments()[
+        "nightly"]["schedules"][0]["cron"]
+
+
 def test_raycluster_pod_templates_pass_kubernetes_validate():
     """kubernetes-validate has no schema for RayCluster; its pod templates are core/v1 PodTemplateSpecs."""
     rc = raycluster()
@@ -226,7 +252,8 @@ def test_flow_run_jobs_pass_kubernetes_validate():
         job = flow_run_job(d["work_pool"]["job_variables"])
         pod = pod_of(job)
         container = pod["containers"][0]
-        assert pod["serviceAccountName"] == "dcgan-flows" and job["metadata"]["namespace"] == "dcgan", name
+        account = "dcgan-rayjobs" if name == "nightly-rayjob" else "dcgan-flows"  # only it talks to Kubernetes
+        assert pod["serviceAccountName"] == account and job["metadata"]["namespace"] == "dcgan", name
         assert container["envFrom"] == [{"secretRef": {"name": "dcgan-s3", "optional": True}}], name
         env = env_of(container)
         assert env["RAY_AUTH_TOKEN"] == {"secretKeyRef": {"name": "dcgan-ray-token", "key": "auth_token",
@@ -571,6 +598,46 @@ def test_rayjob_entrypoint_is_a_dcgan_command_on_a_config_in_object_storage():
     assert args.command == "train" and args.config.startswith("s3://")
 
 
+def test_a_rayjob_rendered_for_a_run_passes_the_checks_and_trains_the_runs_config():
+    """`cluster.submit: rayjob`: the template rendered for one run (dcgan.rayjob.render) is still a RayJob KubeRay
+    v1.6 takes, names this run's config in object storage, uses the run's image everywhere, can grow to its workers,
+    and each attempt gets its own name."""
+    import shlex
+
+    from dcgan import rayjob
+    from dcgan.cli import build_parser
+    from dcgan.config import load_config
+
+    cfg = load_config(REPO / "configs" / "lsun-bedrooms-64.yaml", {
+        "root": "s3://dcgan", "cluster.workers": 16, "cluster.submit": "rayjob", "cluster.image": "registry.example/dcgan:1.2.3"})
+    template = rayjob.load_template(K8S / "rayjob-train.yaml")
+    name = rayjob.job_name(cfg)
+    config = rayjob.config_uri(cfg.run_uri, name)
+    job = rayjob.render(template, cfg, name, config)
+    assert rayjob_errors(job) == [] and job["metadata"]["name"] == name != rayjob.job_name(cfg)
+    assert len(name) <= MAX_RAYJOB_NAME and job["metadata"]["annotations"]["dcgan.run"] == cfg.run_uri
+    args = build_parser().parse_args(shlex.split(job["spec"]["entrypoint"])[1:])
+    assert args.command == "train" and args.config == config == f"{cfg.run_uri}/rayjobs/{name}.yaml"
+    assert config.startswith("s3://")
+    images = {c["image"] for pod in rayjob._pod_specs(job) for c in pod["containers"] + pod.get("initContainers", [])}
+    assert images == {"registry.example/dcgan:1.2.3"}
+    assert _worker(job)["maxReplicas"] == 16 and _worker(job)["minReplicas"] == 0
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"
+    assert template == rayjob.load_template(K8S / "rayjob-train.yaml")  # the template itself is not changed
+
+
+@pytest.mark.parametrize("change, says", [({"cluster.cpus_per_worker": 9}, "cluster.cpus_per_worker=9"),
+                                          ({"cluster.use_gpu": False}, "no worker group without GPUs")])
+def test_a_rayjob_whose_pods_cannot_hold_a_worker_is_one_line(change, says):
+    from dcgan import rayjob
+    from dcgan.config import ConfigError, load_config
+
+    cfg = load_config(REPO / "configs" / "lsun-bedrooms-64.yaml", change)
+    with pytest.raises(ConfigError) as caught:
+        rayjob.render(rayjob.load_template(), cfg, "dcgan-train-x", "s3://dcgan/runs/x/rayjobs/x.yaml")
+    assert says in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_train_config_loads_from_object_storage(s3_bucket):
     """The entrypoint's `--config s3://...`: the same config as from a file; a missing one is one line, exit 2."""
     from dcgan.config import load_config
@@ -699,7 +766,7 @@ def runbook_problems(text: str) -> list[str]:
         for name in re.findall(r"work-pool create ([a-z0-9-]+)", command):
             if name not in pools:
                 problems.append(f"work pool {name} is not the deployments' ({pools})")
-        for name in re.findall(r"deployment (?:run|schedule clear) ([\w-]+/[\w-]+)", command):
+        for name in re.findall(r"deployment (?:run|schedule (?:clear|pause|resume|ls)) ([\w-]+/[\w-]+)", command):
             if name not in flows:
                 problems.append(f"deployment {name} is not in infra/kubernetes/prefect.yaml")
         for name in re.findall(r"ray\.io/cronjob-name=([a-z0-9-]+)", command):
@@ -805,7 +872,7 @@ def test_kubernetes_deployments_deploy_to_a_kubernetes_work_pool(prefect_server,
     prefect(env, "work-pool", "create", "dcgan-k8s", "--type", "kubernetes", "--base-job-template", str(template))
     deployed = prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", str(K8S / "prefect.yaml"))
     for name in ("build-faces/faces", "build-lsun/lsun", "train-dcgan/train", "train-dcgan/nightly",
-                 "evaluate-dcgan/evaluate", "dcgan-pipeline/pipeline"):
+                 "train-dcgan/nightly-rayjob", "evaluate-dcgan/evaluate", "dcgan-pipeline/pipeline"):
         assert name in deployed, deployed
 
     api = env["PREFECT_API_URL"]
@@ -819,6 +886,13 @@ def test_kubernetes_deployments_deploy_to_a_kubernetes_work_pool(prefect_server,
     assert evaluate["job_variables"]["service_account_name"] == "dcgan-flows"
     assert evaluate["pull_steps"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/dcgan"}}]
+    with urllib.request.urlopen(f"{api}/deployments/name/train-dcgan/nightly-rayjob", timeout=10) as r:
+        on_rayjob = json.load(r)  # the YAML merge of the flow-run env kept, the RayJob settings added, paused
+    variables = on_rayjob["job_variables"]
+    assert variables["service_account_name"] == "dcgan-rayjobs" and variables["env"]["RAY_AUTH_MODE"] == "token"
+    assert variables["env"]["DCGAN_RAYJOB_NAMESPACE"] == "dcgan" and on_rayjob["parameters"]["config"]["cluster"][
+        "submit"] == "rayjob"
+    assert [s["active"] for s in on_rayjob["schedules"]] == [False]
 
     prefect(env, "deployment", "schedule", "clear", "train-dcgan/nightly", "-y")  # as the runbook does (5.10)
     with urllib.request.urlopen(f"{api}/deployments/name/train-dcgan/nightly", timeout=10) as r:

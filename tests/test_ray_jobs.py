@@ -231,3 +231,170 @@ def test_a_job_that_fails_fails_the_run_with_its_cause_classified_once(fault, ra
     assert "FAILED" in logs and match in logs
     assert logs.count("submitted Ray job") == submissions, logs[-3000:]
     assert checkpoints.latest_step(cfg.run_uri) is None
+
+
+# ------------------------------------------------------------------------------------- cluster.submit: rayjob
+
+
+class MiniKubeRay:
+    """The Kubernetes API and KubeRay's part of a RayJob, on the test's Ray head. There is no Kubernetes API server
+    here, so this is these tests' one stand-in: an HTTP server on 127.0.0.1 that answers the custom-object requests
+    the real client (kubernetes_asyncio, from a kubeconfig) makes for RayJobs (create, get, delete), and does what
+    KubeRay does with one: submits spec.entrypoint with its runtimeEnvYAML through the Jobs API, as KubeRay's
+    submitter does, in the pods' environment (the template's S3 settings), and reports the status as KubeRay writes
+    it: Initializing, then Running with jobId and dashboardURL (host:port, no scheme), then Complete or Failed."""
+
+    def __init__(self, address: str, token: str = "t0ken"):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.address, self.token, self.created, self.job_ids, self.polls = address, token, {}, {}, {}
+        self.requests: list[tuple[str, str, str]] = []  # (method, path, Authorization)
+        mini = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _route(self, method: str) -> None:
+                mini.requests.append((method, self.path, self.headers.get("Authorization", "")))
+                prefix = "/apis/ray.io/v1/namespaces/dcgan/rayjobs"
+                path = self.path.split("?")[0]
+                if not path.startswith(prefix):
+                    return self._answer(404, {"kind": "Status", "code": 404})
+                name = path[len(prefix) + 1:]
+                if method == "POST":
+                    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                    mini.created[body["metadata"]["name"]] = body
+                    return self._answer(201, body)
+                if name not in mini.created:
+                    return self._answer(404, {"kind": "Status", "code": 404})
+                if method == "DELETE":
+                    mini.created.pop(name)
+                    return self._answer(200, {"kind": "Status", "status": "Success"})
+                return self._answer(200, {**mini.created[name], "status": mini.status(name)})
+
+            def do_POST(self):
+                self._route("POST")
+
+            def do_GET(self):
+                self._route("GET")
+
+            def do_DELETE(self):
+                self._route("DELETE")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def kubeconfig(self, path: Path) -> Path:
+        import yaml
+
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "mini",
+            "clusters": [{"name": "mini", "cluster": {"server": self.url}}],
+            "users": [{"name": "flows", "user": {"token": self.token}}],
+            "contexts": [{"name": "mini", "context": {"cluster": "mini", "user": "flows", "namespace": "dcgan"}}]}))
+        return path
+
+    def status(self, name: str) -> dict:
+        import yaml
+
+        self.polls[name] = self.polls.get(name, 0) + 1
+        spec = self.created[name]["spec"]
+        if self.polls[name] == 1:
+            return {"jobDeploymentStatus": "Initializing"}
+        client = jobs.connect(self.address)
+        if name not in self.job_ids:
+            env = {**yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"], **jobs.aws_env(pass_credentials=True)}
+            self.job_ids[name] = client.submit_job(entrypoint=spec["entrypoint"], runtime_env={"env_vars": env})
+        ray_status = str(client.get_job_status(self.job_ids[name]))
+        state = {"SUCCEEDED": "Complete", "FAILED": "Failed", "STOPPED": "Failed"}.get(ray_status, "Running")
+        return {"jobDeploymentStatus": state, "jobStatus": ray_status, "jobId": self.job_ids[name],
+                "dashboardURL": self.address.split("://", 1)[1]}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.slow
+def test_train_flow_as_a_rayjob_streams_the_same_log_and_returns_the_result(s3_bucket, ray_head, tmp_path,
+                                                                          monkeypatch):
+    """`cluster.submit: rayjob`: the train task renders the RayJob, writes the run's config beside the run in object
+    storage, and follows the RayJob; the Ray job KubeRay starts from it trains from that config, and the flow run
+    logs its lines and returns its result as for a Jobs API submission."""
+    import yaml
+
+    from dcgan import rayjob
+
+    template = rayjob.load_template()  # the shipped template, its worker pods without GPUs (a CPU test)
+    for group in template["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        for amounts in group["template"]["spec"]["containers"][0]["resources"].values():
+            amounts.pop("nvidia.com/gpu", None)
+    (tmp_path / "rayjob-cpu.yaml").write_text(yaml.safe_dump(template))
+    monkeypatch.setenv(rayjob.TEMPLATE_ENV, str(tmp_path / "rayjob-cpu.yaml"))
+    kuberay = MiniKubeRay(ray_head)
+    monkeypatch.setenv("KUBECONFIG", str(kuberay.kubeconfig(tmp_path / "kubeconfig")))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not in a pod: the kubeconfig it is
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config("configs/tiny-test.yaml", {
+        "root": s3_bucket, "name": "as-rayjob", "train.steps": 2, "train.checkpoint_every": 2, "train.batch_size": 16,
+        "cluster.workers": 1, "cluster.cpus_per_worker": 1, "cluster.submit": "rayjob"})
+    tiny_dataset(cfg.data_uri)
+    try:
+        state = train_dcgan(cfg, return_state=True)
+    finally:
+        kuberay.close()
+    logs = run_logs(state.state_details.flow_run_id)
+    assert state.is_completed(), logs[-4000:]
+    assert state.result()["step"] == 2 and checkpoints.latest_step(cfg.run_uri) == 2
+    [name] = kuberay.created
+    # what the real client sent: the RayJob created once in the namespace, then polled, with the kubeconfig's token
+    assert kuberay.requests[0][:2] == ("POST", "/apis/ray.io/v1/namespaces/dcgan/rayjobs")
+    assert {r[:2] for r in kuberay.requests[1:]} == {("GET", f"/apis/ray.io/v1/namespaces/dcgan/rayjobs/{name}")}
+    assert {r[2] for r in kuberay.requests} == {"Bearer t0ken"}
+    for line in ("train runs on a KubeRay RayJob", f"created RayJob {name}", f"RayJob {name}: Initializing",
+                 f"RayJob {name}: Running", "[ray job]", f"RayJob {name}: Complete"):
+        assert line in logs, (line, logs[-3000:])
+    ran = load_config(rayjob.config_uri(cfg.run_uri, name))
+    assert ran.cluster.submit == "jobs-api" and ran.cluster.address is None and ran.train.steps == 2
+
+
+def test_a_rayjob_still_running_on_a_lost_cluster_is_deleted_in_one_line(monkeypatch):
+    """KubeRay #3860/#4217: the head is gone and the RayJob keeps saying Running (its cluster leaked). The follower
+    does not wait for ever: after the configured wait it deletes the RayJob and raises a lost cluster in one line."""
+    from dcgan import rayjob
+
+    monkeypatch.setenv("DCGAN_CLUSTER_LOST_AFTER_S", "2")
+    dead = f"127.0.0.1:{free_port()}"  # the head's dashboard: nothing answers there
+
+    class Stuck:
+        deleted: list[str] = []
+
+        def get(self, name):
+            return {"status": {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "jobId": "raysubmit_1",
+                               "dashboardURL": dead}}
+
+        def delete(self, name):
+            self.deleted.append(name)
+
+    lines: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(jobs.RayClusterLost) as caught:
+        rayjob.follow(Stuck(), "dcgan-train-x", lines.append, poll_s=0.2)
+    assert time.monotonic() - started < 30
+    message = str(caught.value)
+    assert message.startswith(f"RayJob dcgan-train-x still says Running but its cluster at {dead} is gone") \
+        and "\n" not in message, message
+    assert Stuck.deleted == ["dcgan-train-x"] and "deleted RayJob dcgan-train-x" in lines
