@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from preprocessing import shards, storage, stream  # noqa: E402
+from preprocessing import dataset_layout
 
 BATCH, SHUFFLE, SHARD_ROWS = 128, 4096, 2048
 
@@ -57,7 +58,7 @@ def make_dataset(uri: str, res: int, rows: int, seed: int = 0) -> dict:
     for i, start in enumerate(range(0, rows, SHARD_ROWS)):
         idx = np.arange(start, min(rows, start + SHARD_ROWS))
         table = shards.make_table([f"r{j:07d}" for j in idx], crops[idx % len(crops)])
-        entries.append(shards.write_table(uri, shards.shard_name(i), table))
+        entries.append(shards.write_table(uri, dataset_layout.part(i), table))
     return shards.write_manifest(uri, kind="bench", resolution=res, shards=entries, inputs=rows)
 
 

@@ -35,10 +35,6 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, incomplete, or does not fit the architecture asked for."""
 
 
-def checkpoint_uri(run_uri: str, step: int) -> str:
-    return run_layout.checkpoint(run_uri, step)
-
-
 def complete_steps(run_uri: str) -> list[int]:
     """Steps of every checkpoint whose COMPLETE marker exists, ascending (valid or not: see `valid_steps`)."""
     steps = []
@@ -67,7 +63,7 @@ def _marker(uri: str) -> dict[str, Any]:
 
 def check(run_uri: str, step: int) -> dict[str, Any]:
     """The cheap checks of one checkpoint (marker readable, state.pt present with the marker's size)."""
-    uri = checkpoint_uri(run_uri, step)
+    uri = run_layout.checkpoint(run_uri, step)
     marker = _marker(uri)
     size = storage.size(run_layout.checkpoint_state(uri))
     if size is None:
@@ -112,7 +108,7 @@ def _encode(step: int, state: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
 def save(run_uri: str, step: int, state: dict[str, Any]) -> str:
     """Write state.pt, then the COMPLETE marker, straight to the run; returns the checkpoint URI."""
     data, marker = _encode(step, state)
-    uri = checkpoint_uri(run_uri, step)
+    uri = run_layout.checkpoint(run_uri, step)
     storage.write_bytes(run_layout.checkpoint_state(uri), data)
     storage.write_json(run_layout.checkpoint_marker(uri), marker)
     return uri
@@ -131,7 +127,7 @@ def write_dir(folder: str | Path, step: int, state: dict[str, Any]) -> Path:
 
 def _verified_bytes(run_uri: str, step: int) -> bytes:
     """A checkpoint's state.pt, after the cheap checks and its size and sha256 against the marker."""
-    uri = checkpoint_uri(run_uri, step)
+    uri = run_layout.checkpoint(run_uri, step)
     marker = check(run_uri, step)
     try:
         data = storage.read_bytes(run_layout.checkpoint_state(uri))
@@ -143,7 +139,7 @@ def _verified_bytes(run_uri: str, step: int) -> bytes:
 
 
 def _load_step(run_uri: str, step: int, map_location) -> dict[str, Any]:
-    uri = checkpoint_uri(run_uri, step)
+    uri = run_layout.checkpoint(run_uri, step)
     data = _verified_bytes(run_uri, step)
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)

@@ -35,7 +35,7 @@ def run_summary(cfg: Config, step: int, metrics: dict[str, Any] | None = None) -
     return {
         "run": cfg.run_uri,
         "step": step,
-        "checkpoint": checkpoints.checkpoint_uri(cfg.run_uri, step),
+        "checkpoint": run_layout.checkpoint(cfg.run_uri, step),
         "samples": run_layout.samples(cfg.run_uri, step),
         "metrics": {k: v for k, v in (metrics or {}).items() if k not in ("checkpoint", "samples")},
     }

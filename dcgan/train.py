@@ -264,7 +264,7 @@ def _keep_newest_checkpoints(cfg: Config) -> None:
     """Ray Train keeps the newest `keep_checkpoints` it registered; one uploaded just before a driver or worker died
     was never registered, and nothing else would remove it: the run keeps `keep_checkpoints` all the same."""
     for step in checkpoints.complete_steps(cfg.run_uri)[:-cfg.train.keep_checkpoints]:
-        storage.delete_prefix(checkpoints.checkpoint_uri(cfg.run_uri, step))
+        storage.delete_prefix(run_layout.checkpoint(cfg.run_uri, step))
 
 
 @contextlib.contextmanager

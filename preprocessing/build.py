@@ -242,9 +242,9 @@ def run_chunk(chunk: dict[str, Any], cfg: BuildConfig, shards_uri: str, rejects_
     if rows:
         table = shards.make_table([r[0] for r in rows], np.stack([r[1] for r in rows]), [r[2] for r in rows],
                                   [r[3] for r in rows])
-        shard_entry = shards.write_table(shards_uri, shards.shard_name(index), table)
+        shard_entry = shards.write_table(shards_uri, dataset_layout.part(index), table)
     if rejects:
-        reject_entry = shards.write_table(rejects_uri, shards.shard_name(index, "rejects"), _reject_table(rejects))
+        reject_entry = shards.write_table(rejects_uri, dataset_layout.part(index, "rejects"), _reject_table(rejects))
     result = {
         "index": index, "digest": digest, "inputs": n, "rows": len(rows), "shard": shard_entry,
         "rejects": reject_entry, "reject_counts": dict(Counter(r[2] for r in rejects)),

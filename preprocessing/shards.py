@@ -123,10 +123,6 @@ def images_of(table: pa.Table | pa.RecordBatch) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------ writing
 
 
-def shard_name(index: int, prefix: str = "shards") -> str:
-    return dataset_layout.part(index, prefix)
-
-
 def _parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     # No compression on pixels gains little; zstd on everything is a fair default and deterministic.

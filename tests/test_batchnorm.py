@@ -16,6 +16,7 @@ from dcgan.sampling import batch_statistics, generate
 from dcgan.step import GANStep, StepOptions, make_optimizers
 from tests.conftest import free_port
 from tests.realdata import mnist_rgb32
+from preprocessing import dataset_layout
 
 MODEL = ModelConfig(resolution=32, ngf=8, ndf=8, z_dim=16, kernel_size=4)
 BATCH, STEPS = 16, 3
@@ -156,7 +157,7 @@ def test_two_workers_train_as_one_worker(ray_cluster, tmp_path):
     from preprocessing import shards
 
     data = str(tmp_path / "data")
-    entry = shards.write_table(data, shards.shard_name(0),
+    entry = shards.write_table(data, dataset_layout.part(0),
                                shards.make_table([f"d{j:05d}" for j in range(32)], mnist_rgb32(32)))
     shards.write_manifest(data, kind="test", resolution=32, shards=[entry], inputs=32)
     states = {}

@@ -13,6 +13,7 @@ from dcgan import checkpoints
 from dcgan.config import load_config
 from dcgan.networks import Generator
 from dcgan.run_state import finished_step
+from dcgan import run_layout
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def run(tmp_path):
 
 
 def flip_a_bit(run_uri: str, step: int) -> None:
-    path = Path(checkpoints.checkpoint_uri(run_uri, step)) / "state.pt"
+    path = Path(run_layout.checkpoint(run_uri, step)) / "state.pt"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
@@ -43,7 +44,7 @@ def test_a_bit_flip_in_the_newest_checkpoint_falls_back_to_the_one_before(run, c
         assert checkpoints.latest_step(uri) == 5
     assert any("corrupt" in r.getMessage() and "step-0000010" in r.getMessage() for r in caplog.records)
     assert checkpoints.load_state(uri)["step"] == 5  # the same choice
-    assert (Path(checkpoints.checkpoint_uri(uri, 10)) / "state.pt").exists()  # left in place
+    assert (Path(run_layout.checkpoint(uri, 10)) / "state.pt").exists()  # left in place
 
 
 def test_a_bit_flip_in_the_final_checkpoint_leaves_the_run_unfinished(run):

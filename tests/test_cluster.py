@@ -27,7 +27,7 @@ from realdata import grace_hopper_path, mnist_rgb32, skimage_rgb
 
 from dcgan import checkpoints
 from dcgan.run_log import read_metrics
-from preprocessing import shards, storage
+from preprocessing import dataset_layout, shards, storage
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def digits_run(tmp_path: Path, name: str, data: str, run: str, rows: int, train:
                **cluster) -> Path:
     """Two shards of `rows` real digits each at `data`, and a config file for a toy 32x32 run of them at `run`."""
     images = mnist_rgb32(2 * rows)
-    entries = [shards.write_table(data, shards.shard_name(i), shards.make_table(
+    entries = [shards.write_table(data, dataset_layout.part(i), shards.make_table(
         [f"{i}-{j:03d}" for j in range(rows)], images[rows * i:rows * (i + 1)])) for i in range(2)]
     shards.write_manifest(data, kind="lsun", resolution=32, shards=entries, inputs=2 * rows)
     config = tiny(name, data, run, **cluster)

@@ -18,6 +18,7 @@ from preprocessing import shards, storage
 from realdata import mnist_rgb32
 from test_latent import SMALL, trained_small_gan
 from test_svm import write_cifar, write_svhn
+from preprocessing import dataset_layout
 
 
 def save_run(run_uri: str, g, d, model: dict, data: str | None = None) -> None:
@@ -28,7 +29,7 @@ def save_run(run_uri: str, g, d, model: dict, data: str | None = None) -> None:
 
 def write_dataset(uri: str, images: np.ndarray) -> None:
     table = shards.make_table([f"mnist-{i}" for i in range(len(images))], images)
-    entry = shards.write_table(uri, shards.shard_name(0), table)
+    entry = shards.write_table(uri, dataset_layout.part(0), table)
     shards.write_manifest(uri, kind="mnist", resolution=32, channels=images.shape[-1], shards=[entry])
 
 

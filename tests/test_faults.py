@@ -29,6 +29,8 @@ from dcgan.cli import main
 from dcgan.config import dump_config, load_config
 from dcgan.networks import Discriminator, Generator
 from preprocessing import lsun, shards, storage
+from preprocessing import dataset_layout
+from dcgan import run_layout
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny-test.yaml")
@@ -53,7 +55,7 @@ class World:
 def make_dataset(uri: str, n: int = 64) -> None:
     images = mnist_rgb32(n)
     half = n // 2
-    entries = [shards.write_table(uri, shards.shard_name(i), shards.make_table(
+    entries = [shards.write_table(uri, dataset_layout.part(i), shards.make_table(
         [f"d{j:05d}" for j in range(i * half, (i + 1) * half)], images[i * half:(i + 1) * half])) for i in range(2)]
     shards.write_manifest(uri, kind="lsun", resolution=32, shards=entries, inputs=n)
 
@@ -143,7 +145,7 @@ def digits_folder(w: World, n: int = 8) -> str:
 
 
 def truncate_newest(w: World) -> None:
-    state = Path(checkpoints.checkpoint_uri(w.run, 10)) / "state.pt"
+    state = Path(run_layout.checkpoint(w.run, 10)) / "state.pt"
     state.write_bytes(state.read_bytes()[:1000])
 
 
@@ -265,7 +267,7 @@ CASES = [
     Case("sample-zero-samples", lambda w: ["sample", "--run", w.run, "--n", "0"], "--n"),
     Case("sample-out-exists", lambda w: ["sample", "--run", w.run, "--out", str(w.user / "thesis.tex")], "thesis.tex"),
     Case("sample-every-checkpoint-corrupt", lambda w: ["sample", "--run", w.run], "corrupt",
-         setup=lambda w: [Path(checkpoints.checkpoint_uri(w.run, s), "COMPLETE").write_text("") for s in (5, 10)]),
+         setup=lambda w: [Path(run_layout.checkpoint(w.run, s), "COMPLETE").write_text("") for s in (5, 10)]),
     Case("sample-chosen-step-corrupt", lambda w: ["sample", "--run", w.run, "--step", "10"], "step-0000010",
          setup=truncate_newest),
     # ---- evaluate
@@ -351,7 +353,7 @@ def test_sample_falls_back_past_a_truncated_newest_checkpoint(world, capfd):
     assert "step 5" in out and "Traceback" not in err
     warnings = [ln for ln in err.splitlines() if "corrupt checkpoint" in ln]
     assert len(warnings) == 1 and "step-0000010" in warnings[0]
-    assert (Path(checkpoints.checkpoint_uri(world.run, 10)) / "state.pt").exists()  # left in place, not deleted
+    assert (Path(run_layout.checkpoint(world.run, 10)) / "state.pt").exists()  # left in place, not deleted
 
 
 @pytest.mark.slow
@@ -364,9 +366,9 @@ def test_relative_run_trains_and_resumes_past_a_corrupt_checkpoint(world, ray_cl
     assert main([*args, "2"]) == 0
     run = str(world.root / "runs" / "rel")
     assert checkpoints.complete_steps(run) == [2]
-    state = Path(checkpoints.checkpoint_uri(run, 2)) / "state.pt"
+    state = Path(run_layout.checkpoint(run, 2)) / "state.pt"
     checkpoints.save(run, 3, checkpoints.load_state(run, 2) | {"step": 3})
-    (Path(checkpoints.checkpoint_uri(run, 3)) / "state.pt").write_bytes(state.read_bytes()[:5000])
+    (Path(run_layout.checkpoint(run, 3)) / "state.pt").write_bytes(state.read_bytes()[:5000])
     capfd.readouterr()
     assert main([*args, "4"]) == 0
     assert "skipping a corrupt checkpoint" in capfd.readouterr().err

@@ -17,6 +17,7 @@ import yaml
 from preprocessing import ingest, shards, storage
 from preprocessing.shards import DatasetError
 from tests.realdata import mnist_rgb32
+from preprocessing import dataset_layout
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 def make_dataset(uri: str, n_shards: int = 6, rows: int = 20) -> np.ndarray:
     """Real digits in shards of `rows`; key d00007 is row 7."""
     x = mnist_rgb32(n_shards * rows)
-    entries = [shards.write_table(uri, shards.shard_name(i), shards.make_table(
+    entries = [shards.write_table(uri, dataset_layout.part(i), shards.make_table(
         [f"d{j:05d}" for j in range(i * rows, (i + 1) * rows)], x[i * rows:(i + 1) * rows])) for i in range(n_shards)]
     shards.write_manifest(uri, kind="test", resolution=32, shards=entries, inputs=len(x))
     return x

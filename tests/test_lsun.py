@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from preprocessing import lsun, shards
+from preprocessing import dataset_layout, lsun, shards
 from preprocessing.build import BuildError, build_dataset, plan
 from preprocessing.config import BuildConfig
 from preprocessing.sources import Item, chunk_items
@@ -81,7 +81,7 @@ def test_build_gives_expected_rows_rejects_and_pixels(lmdb_dir, tmp_path, ray_cl
     assert manifest["counts"]["rows"] == len(good)
     assert manifest["counts"]["inputs"] == len(good) + len(BAD)
     assert manifest["rejects"]["by_reason"] == {"empty": 1, "not_image": 1, "truncated": 2}
-    assert [s["path"] for s in manifest["shards"]] == [shards.shard_name(i) for i in range(len(manifest["shards"]))]
+    assert [s["path"] for s in manifest["shards"]] == [dataset_layout.part(i) for i in range(len(manifest["shards"]))]
     ds = shards.ShardDataset(str(tmp_path / "ds"))
     for table in ds.tables():
         keys = table.column("key").to_pylist()

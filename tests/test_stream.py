@@ -11,6 +11,7 @@ from preprocessing import ingest, shards, storage, stream
 from preprocessing.shards import DatasetError
 from tests.realdata import mnist_rgb32
 from tests.test_ingest import replace_with_same_size_shard
+from preprocessing import dataset_layout
 
 # 9 shards of unequal size (297 rows); batch 32 over 8 lanes of 4 rows, shuffle windows of 8 rows per lane:
 # 9 steps per epoch, so 30 steps cross three epoch boundaries.
@@ -24,7 +25,7 @@ def make_dataset(uri: str, sizes=SIZES, x=None) -> dict:
     entries, start = [], 0
     for i, n in enumerate(sizes):
         keys = [f"d{j:05d}" for j in range(start, start + n)]
-        entries.append(shards.write_table(uri, shards.shard_name(i), shards.make_table(keys, x[start:start + n])))
+        entries.append(shards.write_table(uri, dataset_layout.part(i), shards.make_table(keys, x[start:start + n])))
         start += n
     shards.write_manifest(uri, kind="test", resolution=32, shards=entries, inputs=len(x))
     return shards.read_manifest(uri)

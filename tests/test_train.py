@@ -15,6 +15,7 @@ from dcgan import run_layout
 from dcgan.train import FAIL_AT_STEP_ENV, train
 from preprocessing import shards, storage
 from tests.realdata import mnist_rgb32
+from preprocessing import dataset_layout
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,7 @@ def mnist_on_s3(s3_server):
     uri = "s3://train-test/datasets/mnist/v1"
     x = mnist_rgb32(512)
     entries = [
-        shards.write_table(uri, shards.shard_name(i),
+        shards.write_table(uri, dataset_layout.part(i),
                            shards.make_table([f"d{j:05d}" for j in range(i * 256, (i + 1) * 256)], x[i * 256:(i + 1) * 256]))
         for i in range(2)
     ]
@@ -214,7 +215,7 @@ def test_bad_input_inside_a_worker_fails_once_with_one_line_not_retried(tmp_path
     workers. Ray Train's FailureConfig (max_failures 3) would run it four times; a known fault fails at once."""
     data = str(tmp_path / "short")
     x = mnist_rgb32(128)
-    entries = [shards.write_table(data, shards.shard_name(i), shards.make_table(
+    entries = [shards.write_table(data, dataset_layout.part(i), shards.make_table(
         [f"d{j:05d}" for j in range(i * 64, (i + 1) * 64)], x[i * 64:(i + 1) * 64])) for i in range(2)]
     shards.write_manifest(data, kind="test", resolution=32, shards=[{**e, "rows": 256} for e in entries], inputs=512)
     r = dcgan_train(data, str(tmp_path / "run"), 15, marks())

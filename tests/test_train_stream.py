@@ -20,6 +20,7 @@ from dcgan.config import load_config
 from dcgan.run_state import finished_step
 from dcgan.train import FAIL_AT_STEP_ENV, train
 from tests.test_stream import SIZES, make_dataset
+from dcgan import run_layout
 
 pytestmark = pytest.mark.slow
 STEPS = 24
@@ -46,7 +47,7 @@ def worst(a, b):
 
 def flip_a_bit(run, step):
     """Same size, one bit different: only the sha256 can tell."""
-    path = Path(checkpoints.checkpoint_uri(run, step)) / "state.pt"
+    path = Path(run_layout.checkpoint(run, step)) / "state.pt"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x10
     path.write_bytes(bytes(data))

@@ -43,7 +43,7 @@ from preprocessing.dedup.views import cut_views, encode_views, view_sources
 from preprocessing.errors import InputError
 from preprocessing.progress import Progress
 from preprocessing.dedup.semantic_hash import group_views
-from preprocessing.shards import DatasetError, images_of, shard_name, write_table
+from preprocessing.shards import DatasetError, images_of, write_table
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _write_task(batch: dict[str, np.ndarray], src_uri: str, out_uri: str, shards
     table = _read_shard(src_uri, shards[i]).take(pa.array(rows[order]))
     table = table.set_column(table.schema.get_field_index("hash"), table.schema.field("hash"),
                              pa.array(list(hashes[order]), pa.binary()))
-    entry = write_table(out_uri, shard_name(i), table)
+    entry = write_table(out_uri, dataset_layout.part(i), table)
     return {k: np.array([v], dtype=object if isinstance(v, str) else np.int64) for k, v in entry.items()}
 
 
