@@ -10,25 +10,17 @@ GPU node never arrives) are waited for `workers_wait_s()`, then one line too (`n
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from dcgan.config import ClusterConfig, ConfigError
 from preprocessing.errors import TransientError
+from preprocessing.compute import WAIT_ENV, workers_wait_s
 
 READER_CPUS = 0.25  # ingest.training_dataset: a read asks for at least this much CPU
-# How long training waits for workers that fit the cluster but are not placed: long enough for an autoscaler to add
-# a GPU node (minutes on a cloud), short of a night. DCGAN_WORKERS_WAIT_S sets it.
-WAIT_ENV = "DCGAN_WORKERS_WAIT_S"
-WORKERS_WAIT_S = 900.0
 
 
 class WorkersNeverCame(TransientError):
     """The training workers fit the cluster but were not placed within the wait (transient: they may come later)."""
-
-
-def workers_wait_s() -> float:
-    return float(os.environ.get(WAIT_ENV) or WORKERS_WAIT_S)
 
 
 def _fmt(resources: dict[str, float]) -> str:

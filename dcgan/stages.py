@@ -121,7 +121,8 @@ def _build(call: StageCall, emit: Emit) -> dict[str, Any]:
 
     cfg = call.config
     return dataset_result(cfg.data_uri, build_dataset(_build_config(call), cfg.data_uri, dedup=cfg.dedup,
-                                                      progress=call.options.get("progress", True)))
+                                                      progress=call.options.get("progress", True),
+                                                      cluster=cfg.cluster))
 
 
 def _build_done(call: StageCall) -> tuple[str, dict[str, Any]] | None:
@@ -153,7 +154,7 @@ def _dedup(call: StageCall, emit: Emit) -> dict[str, Any]:
 
     o = call.options
     return _dedup_result(call, dedup_dataset(o["source"], o["out"], call.config.dedup,
-                                             overwrite=bool(o.get("overwrite"))))
+                                             overwrite=bool(o.get("overwrite")), cluster=call.config.cluster))
 
 
 def _dedup_done(call: StageCall) -> tuple[str, dict[str, Any]] | None:

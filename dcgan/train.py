@@ -30,7 +30,7 @@ from dcgan.run_state import is_finished, run_summary, stored_config, stored_summ
 from dcgan.sampling import generate, grid, save_png
 from dcgan.step import METRICS, GANStep, StepOptions, make_optimizers
 from preprocessing import compute, ownership, progress, shards, storage, stream
-from preprocessing.errors import InputError, known_fault
+from preprocessing.errors import InputError
 
 log = logging.getLogger("dcgan.train")
 
@@ -318,15 +318,16 @@ def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dic
         return run_summary(cfg, int(state["step"]))
     storage.write_text(run_layout.config(cfg.run_uri), dump_config(cfg))
 
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from dcgan.train_failures import Trainer  # a TorchTrainer that does not retry bad input
+    from ray.train import CheckpointConfig, LoggingConfig, RunConfig
+
+    from preprocessing import ray_train  # the one launcher: cluster settings, failure policy, known faults
 
     compute.connect(cfg.cluster.address)
     fs, path = storage.arrow_filesystem(cfg.run_uri)
     # Ray Train's run is <run>/checkpoints: its checkpoints are the run's (step-NNNNNNN), its retention is the run's
     run_config = RunConfig(name="checkpoints", storage_path=path, storage_filesystem=fs,
                            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                           failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+                           failure_config=ray_train.failures(cfg.cluster),
                            # Every failure reaches the driver once: a worker's known fault as one line, anything else
                            # with each worker's traceback; Ray Train's console copies of it would only repeat it.
                            logging_config=LoggingConfig(log_level="CRITICAL"))
@@ -337,7 +338,7 @@ def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dic
 
         resume = (int(state["step"]), ray.put(state))
         log.info("resuming %s from step %d%s", cfg.run_uri, resume[0], input_stream(cfg, state)[1])
-    trainer = Trainer(
+    trainer = ray_train.Trainer(
         _worker_loop,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
@@ -347,27 +348,10 @@ def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dic
             "manifest": manifest,
             "lease": held.watch_config(),
         },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.cluster.workers,
-            use_gpu=cfg.cluster.use_gpu,
-            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if cfg.cluster.use_gpu else {})},
-            placement_strategy=cfg.cluster.placement,
-        ),
+        scaling_config=ray_train.scaling(cfg.cluster),
         run_config=run_config,
     )
-    # Ctrl-C is a KeyboardInterrupt at once (exit 130, the run resumable). Ray Train's own SIGINT handler asks the
-    # controller to abort, which never returns while the job waits for resources, and exits 0 at the third Ctrl-C.
-    trainer._register_sigint_handler = lambda controller: None
-    try:
-        with _followed(cfg):
-            result = trainer.fit()
-        if result.error:
-            raise result.error
-    except Exception as err:
-        # a worker's DatasetError (say) as itself, or workers never placed: one line from the CLI
-        known = known_fault(err) or resources.never_placed(err, cfg.cluster)
-        if known is None:
-            raise
-        raise known from None
+    with _followed(cfg):  # Ctrl-C: exit 130 at once, the run resumable
+        ray_train.fit(trainer, unplaced=lambda err: resources.never_placed(err, cfg.cluster))
     _keep_newest_checkpoints(cfg)
     return stored_summary(cfg)

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from preprocessing import compute, dataset_layout, ownership, shards, storage
-from preprocessing.config import BuildConfig, DedupConfig
+from preprocessing.config import BuildConfig, ClusterConfig, DedupConfig
 from preprocessing.images import Reject
 from preprocessing.progress import Progress
 from preprocessing.sources import HIDDEN, SYMLINK_LOOP
@@ -370,15 +370,17 @@ def _remove_unlisted(out: str, folder: str, keep: list[dict]) -> None:
             storage.delete_prefix(uri)
 
 
-def _deduplicate(src: str, entries: list[dict], out: str, dedup: DedupConfig) -> tuple[list[dict], dict]:
+def _deduplicate(src: str, entries: list[dict], out: str, dedup: DedupConfig, cluster: ClusterConfig | None
+                 ) -> tuple[list[dict], dict]:
     try:
         from preprocessing.dedup.dataset import deduplicate
     except ImportError as err:
         raise BuildError(f"de-duplication requested but unavailable ({err}); build with --no-dedup") from None
-    return deduplicate(src, entries, out, dedup)
+    return deduplicate(src, entries, out, dedup, cluster)
 
 
-def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig = NO_DEDUP, progress: bool = True) -> dict:
+def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig = NO_DEDUP, progress: bool = True,
+                  cluster: ClusterConfig | None = None) -> dict:
     """Build (or finish building) the dataset at `out`; returns its manifest. Raises BuildError, writing no manifest,
     when nothing usable came out or bad inputs exceed `cfg.max_reject_rate`."""
     preflight(cfg)
@@ -419,7 +421,7 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig = NO_DEDUP, pro
     reject_entries = [r["rejects"] for r in results if r["rejects"]]
     dedup_info = None
     if use_dedup:
-        entries, dedup_info = _deduplicate(shards_uri, entries, out, dedup)
+        entries, dedup_info = _deduplicate(shards_uri, entries, out, dedup, cluster)
     _remove_unlisted(out, "shards", entries)
     _remove_unlisted(out, "rejects", reject_entries)
     _remove_unlisted(out, dataset_layout.STATS, [{"path": dataset_layout.stats(r["index"])} for r in results])

@@ -31,6 +31,16 @@ LOG_LEVEL_ENV = "DCGAN_LOG_LEVEL"
 PROJECT_LINES = r"^(?!.*(\[dcgan\]|\[progress\]|Traceback|Error\b))"
 
 
+# How long a Ray Train fit waits for workers that fit the cluster but are not placed: long enough for an autoscaler to
+# add a GPU node (minutes on a cloud), short of a night. DCGAN_WORKERS_WAIT_S sets it.
+WAIT_ENV = "DCGAN_WORKERS_WAIT_S"
+WORKERS_WAIT_S = 900.0
+
+
+def workers_wait_s() -> float:
+    return float(os.environ.get(WAIT_ENV) or WORKERS_WAIT_S)
+
+
 def verbose() -> bool:
     """Ray's own logs on the console too (DCGAN_LOG_LEVEL=INFO or DEBUG)."""
     return os.environ.get(LOG_LEVEL_ENV, "WARNING").strip().upper() in ("INFO", "DEBUG")

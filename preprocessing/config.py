@@ -149,3 +149,26 @@ class BuildConfig(Strict):
                     raise ValueError(f"{entry!r} is neither a host name nor an address or CIDR range") from None
         return v
 
+
+class ClusterConfig(Strict):
+    """Where Ray Train runs. `address` None = RAY_ADDRESS or a local in-process Ray."""
+
+    workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU); cross-replica BatchNorm when > 1")
+    use_gpu: bool = Field(False, description="one GPU per worker (NCCL); CPU workers use gloo")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker (input decoding "
+                                   "runs in the worker: ~1.2 cores per H100 at 64px)")
+    address: str | None = Field(None, description="where stages run: http(s)://HEAD:8265 = a Ray Job, auto or "
+                                "HOST:PORT = join that cluster; None = RAY_ADDRESS, else a local Ray")
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places the workers: PACK fills a node's GPUs first (fast NVLink, fewer nodes); "
+                            "SPREAD uses as many nodes as it can; STRICT_* refuse to start otherwise (and wait for a "
+                            "replacement node after a node is lost)")
+    max_failures: int = Field(3, ge=0, description="worker/node failures Ray Train recovers from by resuming")
+    pass_credentials: bool = Field(False, description="pass this machine's AWS_ACCESS_KEY_ID/SECRET/SESSION_TOKEN to "
+                                   "Ray Jobs (readable by anyone with Jobs API access); by default the cluster's "
+                                   "nodes use their own credentials (environment, profile, instance or pod role)")
+    submit: Literal["jobs-api", "rayjob"] = Field(
+        "jobs-api", description="how a cluster runs `train`: jobs-api = a Ray Job on the standing cluster at address / "
+                                "RAY_ADDRESS; rayjob = a KubeRay RayJob (a cluster for this run, deleted after) created "
+                                "through the Kubernetes API from infra/kubernetes/rayjob-train.yaml")
+    image: str | None = Field(None, description="container image of a rayjob's pods (default: the template's)")

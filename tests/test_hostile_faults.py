@@ -285,7 +285,7 @@ def test_ray_train_retries_all_but_bad_input(monkeypatch, tmp_path):
     from ray.train.v2._internal.execution.failure_handling import FailureDecision
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from dcgan.train_failures import KnownFaultPolicy
+    from preprocessing.ray_train import KnownFaultPolicy
     from preprocessing import ingest
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: the store is unreachable

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from preprocessing import compute, dataset_layout, storage
-from preprocessing.config import DedupConfig
+from preprocessing.config import ClusterConfig, DedupConfig
 from preprocessing.dedup.groups import (bucket_edges, codes_of, decide, edge_groups, groups_of, member_rows,
                                        verify_rows, view_rows)
 from preprocessing.dedup.model import crops_of, fit_ray, save_state
@@ -158,11 +158,13 @@ def _verified_groups(coded, src_uri: str, shards: list[dict], cfg: DedupConfig, 
                                            "verified_edges": int(real.sum()), "unchecked_members": left}
 
 
-def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig) -> tuple[list[dict], dict]:
+def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig, cluster: ClusterConfig | None = None
+                ) -> tuple[list[dict], dict]:
     """De-duplicate the listed shards of `src_uri` into `out_uri`; returns (shard entries, dedup info for the manifest).
 
     `shards` are manifest entries (path relative to src_uri, rows). Writes out/shards/ and out/dedup/, not the
     manifest. Deterministic for equal inputs and `cfg.seed` on CPU (Ray Data keeps block order while this runs).
+    The autoencoder trains on the workers `cluster` asks for (`model.fit_ray`).
     """
     from ray.data import DataContext
     from ray.data.expressions import col
@@ -185,7 +187,7 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
     try:
         crops, blank_rows = phase("crops", 1, f"{rows_in} crops read; training the autoencoder",
                                   _crops, src_uri, shards, cfg, rows_in)
-        state, losses = phase("train", 2, "autoencoder trained; hashing", _train, crops, cfg, out_uri)
+        state, losses = phase("train", 2, "autoencoder trained; hashing", _train, crops, cfg, out_uri, cluster)
         coded = phase("encode", 3, f"{rows_in} codes; grouping", _encode, crops, state, cfg)
         decisions, checks = phase("group", 4, "grouped; writing the kept rows",
                                   _group, coded, src_uri, shards, cfg, rows_in)
@@ -242,11 +244,11 @@ def _crops(src_uri: str, shards: list[dict], cfg: DedupConfig, rows_in: int):
     return crops, blank_rows
 
 
-def _train(crops, cfg: DedupConfig, out_uri: str) -> tuple[dict, list[float]]:
+def _train(crops, cfg: DedupConfig, out_uri: str, cluster: ClusterConfig | None) -> tuple[dict, list[float]]:
     """2. The hashing autoencoder on Ray Train; its weights saved beside the dataset."""
     with tempfile.TemporaryDirectory(prefix="dcgan-dedup-") as tmp:
         train_dir = dataset_layout.dedup_training(out_uri) if storage.is_s3(out_uri) else tmp
-        state, losses = fit_ray(crops, cfg, train_dir)
+        state, losses = fit_ray(crops, cfg, train_dir, cluster)
         if storage.is_s3(out_uri):
             storage.delete_prefix(train_dir)
     save_state(state, dataset_layout.dedup_model(out_uri))
@@ -347,7 +349,8 @@ def already_deduplicated(src: str, out: str, cfg: DedupConfig) -> dict[str, Any]
     return made if same else None
 
 
-def dedup_dataset(src: str, out: str, cfg: DedupConfig, overwrite: bool = False) -> dict[str, Any]:
+def dedup_dataset(src: str, out: str, cfg: DedupConfig, overwrite: bool = False,
+                  cluster: ClusterConfig | None = None) -> dict[str, Any]:
     """De-duplicate the committed dataset `src` into a new dataset `out`; returns the new manifest.
 
     The source is never modified, and `out` follows the ownership rule (preprocessing.ownership): a new or empty
@@ -372,7 +375,7 @@ def dedup_dataset(src: str, out: str, cfg: DedupConfig, overwrite: bool = False)
         raise InputError(f"{out} already holds a dataset; pass --overwrite to replace it")
     ownership.remove_own(out, "dataset")  # an earlier (unfinished or replaced) output: our files only
 
-    entries, info = deduplicate(src, manifest["shards"], out, cfg)
+    entries, info = deduplicate(src, manifest["shards"], out, cfg, cluster)
     rejects = manifest.get("rejects", {})
     for r in rejects.get("shards", []):
         storage.write_bytes(storage.join(out, r["path"]), storage.read_bytes(storage.join(src, r["path"])))

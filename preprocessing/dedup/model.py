@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from preprocessing import storage
-from preprocessing.config import DedupConfig
+from preprocessing.config import ClusterConfig, DedupConfig
 from preprocessing.progress import Progress
 from preprocessing.dedup.semantic_hash import pack_bits
 
@@ -252,35 +252,34 @@ def fit_local(crops: np.ndarray, cfg: DedupConfig) -> tuple[dict[str, torch.Tens
     return model.folded_state(), losses
 
 
-def fit_ray(crops_ds, cfg: DedupConfig, storage_path: str, num_workers: int | None = None
+def fit_ray(crops_ds, cfg: DedupConfig, storage_path: str, cluster: ClusterConfig | None = None
             ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Train on Ray Train (DDP) from a Ray Dataset with a uint8 `crop` column; returns (state_dict, epoch losses).
 
-    One worker per GPU when the cluster has GPUs; otherwise one CPU worker with half a CPU (the model is tiny, and Ray
-    Data needs the rest to stream crops). `storage_path` (local dir on one node, or s3://) holds the checkpoint.
+    Launched as the GAN's training is (`preprocessing.ray_train`: the same failure policy, retries and faults), on
+    the workers `cluster` asks for: `cluster.workers` GPUs with `use_gpu`; on CPUs one worker with half a CPU (the
+    model is tiny, and Ray Data needs the rest to stream crops). `storage_path` (local dir on one node, or s3://)
+    holds the checkpoint.
     """
-    import ray
-    import ray.train
     from ray.data import ExecutionOptions
-    from ray.train import DataConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import DataConfig, RunConfig
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = gpus > 0
-    workers = num_workers or (gpus if use_gpu else 1)
-    trainer = TorchTrainer(
+    from preprocessing import ray_train
+
+    cluster = cluster or ClusterConfig()
+    if not cluster.use_gpu:
+        cluster = cluster.model_copy(update={"workers": 1})
+    trainer = ray_train.Trainer(
         _train_worker,
         train_loop_config={"cfg": cfg.model_dump()},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": 0.5}),
+        scaling_config=ray_train.scaling(cluster, cpus_per_worker=None if cluster.use_gpu else 0.5),
         datasets={"train": crops_ds.select_columns(["crop"])},
-        run_config=RunConfig(name="dedup-autoencoder", storage_path=storage_path),
+        run_config=RunConfig(name="dedup-autoencoder", storage_path=storage_path,
+                             failure_config=ray_train.failures(cluster)),
         # stream order as given (and no ExecutionOptions.exclude_resources, which Ray Train's default still sets)
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
-    result = trainer.fit()
-    if result.error:
-        raise RuntimeError(f"autoencoder training failed: {result.error}") from result.error
+    result = ray_train.fit(trainer)
     with result.checkpoint.as_directory() as d:
         state = torch.load(f"{d}/model.pt", map_location="cpu", weights_only=True)
     losses = [float(v) for v in result.metrics["losses"]]

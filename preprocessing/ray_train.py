@@ -1,5 +1,7 @@
-"""Ray Train's failure handling with the project's fault classes (layer: dcgan; imports Ray Train, so it is
-imported only where training starts).
+"""One way to run a Ray Train fit (layer: preprocessing): the GAN's training (`dcgan.train`) and the dedup
+autoencoder (`preprocessing.dedup.model.fit_ray`) both start here, so both follow the same rules: the cluster
+settings (`ClusterConfig`: workers, GPUs, placement, `max_failures`), Ray Train's failure handling with the project's
+fault classes, Ctrl-C at once, and a worker's known fault raised as itself (one line from the CLI).
 
 Ray Train restarts the worker group on any worker error, up to `cluster.max_failures` times: right for a lost
 worker or node, wrong for bad input (a shard whose sha256, size or row count differs from the manifest), which
@@ -10,7 +12,7 @@ trainer's `_initialize_and_run_controller`, which receives the policy it will us
 
 Ray also retries, for ever, a worker group it cannot place within RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s): a
 training on a busy cluster, or one waiting for an autoscaler's node that never comes, would hang silently. The policy
-gives up after `resources.workers_wait_s()` and the driver reports it in one line (`resources.never_placed`).
+gives up after `workers_wait_s()` and the caller reports it in one line (`dcgan.resources.never_placed`).
 """
 
 from __future__ import annotations
@@ -18,16 +20,18 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
+from ray.train import FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.constants import DEFAULT_WORKER_GROUP_START_TIMEOUT_S, WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
 from ray.train.v2.api.exceptions import ControllerError
 
-from dcgan.resources import workers_wait_s
-from preprocessing.errors import TransientError, known_fault
+from preprocessing.compute import workers_wait_s
+from preprocessing.config import ClusterConfig
+from preprocessing.errors import TransientError, UserError, known_fault
 
 
 def _start_timeout_s() -> float:
@@ -84,3 +88,35 @@ class Trainer(TorchTrainer):
             if type(policy) is DefaultFailurePolicy:
                 controller_init_kwargs["failure_policy"] = KnownFaultPolicy(policy.failure_config, wait_s)
             return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+
+def scaling(cluster: ClusterConfig, cpus_per_worker: float | None = None) -> ScalingConfig:
+    """The workers the cluster settings ask for: `cluster.workers` (one GPU each with `use_gpu`), placed as
+    `cluster.placement` says; `cpus_per_worker` overrides the setting for a fit whose workers need less."""
+    cpus = cluster.cpus_per_worker if cpus_per_worker is None else cpus_per_worker
+    return ScalingConfig(num_workers=cluster.workers, use_gpu=cluster.use_gpu,
+                         resources_per_worker={"CPU": cpus, **({"GPU": 1} if cluster.use_gpu else {})},
+                         placement_strategy=cluster.placement)
+
+
+def failures(cluster: ClusterConfig) -> FailureConfig:
+    """Lost workers and nodes are recovered from up to `cluster.max_failures` times (bad input never: `Trainer`)."""
+    return FailureConfig(max_failures=cluster.max_failures)
+
+
+def fit(trainer: Trainer, unplaced: Callable[[BaseException], UserError | None] | None = None) -> Any:
+    """`trainer.fit()`; a worker's known fault (a DatasetError, say) raised as itself and, with `unplaced`, workers
+    that were never placed as the one-line fault it makes; anything else as it is. Ctrl-C is a KeyboardInterrupt at
+    once: Ray Train's own SIGINT handler asks the controller to abort, which never returns while the job waits for
+    resources, and exits 0 at the third Ctrl-C."""
+    trainer._register_sigint_handler = lambda controller: None
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except Exception as err:
+        known = known_fault(err) or (unplaced(err) if unplaced else None)
+        if known is None:
+            raise
+        raise known from None
+    return result
