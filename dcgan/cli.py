@@ -70,7 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def ctrl_c_interrupts() -> None:
+    """Ctrl-C (SIGINT) stops a command with one line and exit 130 (`run_command`), also when this process was
+    started with SIGINT ignored or blocked, as a parent may leave it (a script's background job, a harness whose
+    threads block it): Python then installs no KeyboardInterrupt handler, and a Ctrl-C was silently lost."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # this process is the command (a console script or `python -m dcgan.cli`)
+        ctrl_c_interrupts()
     args = build_parser().parse_args(argv)
     if args.verbose:
         os.environ["DCGAN_LOG_LEVEL"] = "INFO"

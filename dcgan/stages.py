@@ -178,9 +178,12 @@ def _train(call: StageCall, emit: Emit) -> dict[str, Any]:
 
 
 def _train_done(call: StageCall) -> tuple[str, dict[str, Any]] | None:
-    from dcgan.run_state import finished_step, run_summary
+    from dcgan.run_state import finished_step, run_summary, stored_config
 
     cfg = call.config
+    stored = stored_config(cfg.run_uri)
+    if stored is not None and stored.model != cfg.model:
+        return None  # not this run's networks: the trainer's preflight says so in one line
     step = finished_step(cfg)
     if step is None:
         return None

@@ -403,7 +403,8 @@ def test_flows_fail_once_with_the_same_line_and_touch_nothing(world, ray_cluster
 @pytest.mark.slow
 def test_ctrl_c_exits_130_and_the_build_resumes(world):
     """Ctrl-C in the middle of a build: one line, exit 130, and the same command finishes the build, reusing the
-    chunks that were done."""
+    chunks that were done; also when the CLI was started with SIGINT ignored and blocked (in a full test session it
+    inherited that, and the Ctrl-C was lost)."""
     import signal
     import time
 
@@ -413,7 +414,13 @@ def test_ctrl_c_exits_130_and_the_build_resumes(world):
             "--shard-rows", "20", "--no-dedup"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(argv, cwd=world.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def as_a_harness_may_leave_it():  # SIGINT ignored and blocked in the child: the CLI must still stop on it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    proc = subprocess.Popen(argv, cwd=world.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=as_a_harness_may_leave_it)
     deadline = time.monotonic() + 120
     while not list(Path(out).glob("_chunks/part-*.json")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
