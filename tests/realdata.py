@@ -142,3 +142,15 @@ def face_composites(n: int, sides: tuple[int, int] = (64, 400), seed: int = 0, b
         out.append(img)
         truth.append(faces)
     return (out, truth) if boxes else out
+
+
+def shared_data(*parts: str) -> Path:
+    """A file of the project's shared test data (../shared/data beside the checkout, e.g. the verified YuNet model):
+    DCGAN_SHARED_DATA if set, else ../shared/data next to this checkout, else the workplace's /work/shared/data (a
+    clone elsewhere, such as CI's, still finds it). The first that holds the file; the first candidate otherwise."""
+    import os
+
+    roots = [Path(os.environ["DCGAN_SHARED_DATA"])] if os.environ.get("DCGAN_SHARED_DATA") else []
+    roots += [Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data")]
+    found = [root.joinpath(*parts) for root in roots if root.joinpath(*parts).is_file()]
+    return found[0] if found else roots[0].joinpath(*parts)

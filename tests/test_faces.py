@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import io
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -14,7 +13,7 @@ from PIL import Image
 from preprocessing import faces
 from preprocessing.config import BuildConfig
 from preprocessing.images import Reject, decode
-from realdata import face_composites, grace_hopper_path, skimage_path, skimage_rgb
+from realdata import face_composites, grace_hopper_path, shared_data, skimage_path, skimage_rgb
 
 
 def iou(a, b) -> float:
@@ -166,7 +165,7 @@ def test_detect_stride_flag_and_config():
 
 # ------------------------------------------------------------------------------------------------ YuNet (issue 23)
 
-YUNET = Path(__file__).resolve().parents[2] / "shared" / "data" / "yunet" / "face_detection_yunet_2026may.onnx"
+YUNET = shared_data("yunet", "face_detection_yunet_2026may.onnx")
 needs_yunet = pytest.mark.skipif(not YUNET.is_file(), reason=f"no YuNet model at {YUNET} (see its README)")
 
 
