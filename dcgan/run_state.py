@@ -25,7 +25,12 @@ def is_finished(cfg: Config, step: int | None) -> bool:
 
 
 def finished_step(cfg: Config) -> int | None:
-    """The step of the run's newest valid checkpoint if it reached `train.steps` (the run is complete), else None."""
+    """The step of the run's newest valid checkpoint if it reached `train.steps` (the run is complete), else None.
+    Asked before every start and resume: a run with no COMPLETE marker at `train.steps` is not finished, so only then
+    are a checkpoint's bytes read and checked (a resume reads its state once, in the trainer)."""
+    markers = checkpoints.complete_steps(cfg.run_uri)
+    if not markers or not is_finished(cfg, markers[-1]):
+        return None
     done = checkpoints.latest_step(cfg.run_uri)
     return done if is_finished(cfg, done) else None
 

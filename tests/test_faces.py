@@ -166,7 +166,7 @@ def test_detect_stride_flag_and_config():
 # ------------------------------------------------------------------------------------------------ YuNet (issue 23)
 
 YUNET = shared_data("yunet", "face_detection_yunet_2026may.onnx")
-needs_yunet = pytest.mark.skipif(not YUNET.is_file(), reason=f"no YuNet model at {YUNET} (see its README)")
+needs_yunet = pytest.mark.skipif(not YUNET.is_file(), reason=f"no YuNet model at {YUNET}: the project does not ship it; set DCGAN_SHARED_DATA to the folder holding yunet/ (see ../shared/data/yunet/README.md)")
 
 
 @needs_yunet
