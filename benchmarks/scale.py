@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -40,6 +41,8 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -54,36 +57,56 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 # ---------------------------------------------------------------- the dataset
 
 
-DIGIT_SHARE = 0.1  # of entries; drawn uniformly over the 218 sources, 92% would be digits: far more redundant than LSUN
+DIGIT_SHARE = 0.1  # of tiles; drawn uniformly over the 219 sources, 91% would be digits: far more redundant than LSUN
+_SOURCES: tuple[list[np.ndarray], list[np.ndarray]] | None = None
 
 
 def _sources() -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(real RGB photos: scikit-image's and matplotlib's Grace Hopper, 200 MNIST digits as RGB), uint8 arrays."""
-    import cv2
-    from realdata import grace_hopper_path, lsun_like_photos, mnist
+    """(real RGB photos: scikit-image's and matplotlib's Grace Hopper, 200 MNIST digits as RGB), uint8 arrays; loaded
+    once per process."""
+    global _SOURCES
+    if _SOURCES is None:
+        import cv2
+        from realdata import grace_hopper_path, lsun_like_photos, mnist
 
-    photos = list(lsun_like_photos(320).values())
-    photos.append(cv2.imread(str(grace_hopper_path()))[..., ::-1].copy())
-    digits, _ = mnist(200)
-    return photos, [np.repeat(d[..., None], 3, axis=-1) for d in digits]
+        photos = list(lsun_like_photos(256).values())
+        photos.append(cv2.imread(str(grace_hopper_path()))[..., ::-1].copy())
+        digits, _ = mnist(200)
+        _SOURCES = photos, [np.repeat(d[..., None], 3, axis=-1) for d in digits]
+    return _SOURCES
 
 
-def _crop(src: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random crop (35-100% of the shorter side, aspect 1-1.5, flipped half the time) at LSUN's 256-px short side."""
+def _tile(src: np.ndarray, rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """A random crop of `src` (25-100% of its shorter side, the tile's aspect, flipped half the time) resized to
+    `shape` (h, w)."""
     import cv2
 
     h, w = src.shape[:2]
-    side = int(min(h, w) * rng.uniform(0.35, 1.0))
-    ch, cw = side, min(w, int(side * rng.uniform(1.0, 1.5)))
-    if rng.random() < 0.5:
-        ch, cw = min(h, cw), ch  # portrait as often as landscape
+    th, tw = shape
+    side = min(h, w) * rng.uniform(0.25, 1.0)
+    ch, cw = (side, side * tw / th) if tw >= th else (side * th / tw, side)
+    ch, cw = max(2, min(h, round(ch))), max(2, min(w, round(cw)))
     y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-    crop = src[y : y + ch, x : x + cw]
+    tile = cv2.resize(src[y : y + ch, x : x + cw], (tw, th), interpolation=cv2.INTER_LINEAR)  # a view: no copy
+    return tile[:, ::-1] if rng.random() < 0.5 else tile
+
+
+def _original(j: int, seed: int) -> tuple[np.ndarray, bytes]:
+    """Entry j when it is an original: a 2x2 mosaic of random crops of four random sources at LSUN's 256-px shorter
+    side (landscape or portrait, aspect 1-1.5), encoded. With only ~220 source pictures, whole-picture crops of the
+    same photo become real near duplicates by the thousands (measured: 5,937 of 10,000 at N = 10k); four independent
+    tiles make every original distinct at any N, while each tile is still a real photo's pixels."""
+    rng = np.random.default_rng([seed, j])
+    photos, digits = _sources()
+    h, w = 256, int(rng.integers(256, 385))
     if rng.random() < 0.5:
-        crop = crop[:, ::-1]
-    s = 256 / min(crop.shape[:2])
-    size = (max(256, round(crop.shape[1] * s)), max(256, round(crop.shape[0] * s)))
-    return cv2.resize(crop, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+        h, w = w, h
+    img = np.empty((h, w, 3), np.uint8)
+    for ys, xs in ((slice(0, h // 2), slice(0, w // 2)), (slice(0, h // 2), slice(w // 2, w)),
+                   (slice(h // 2, h), slice(0, w // 2)), (slice(h // 2, h), slice(w // 2, w))):
+        pool = digits if rng.random() < DIGIT_SHARE else photos
+        img[ys, xs] = _tile(pool[int(rng.integers(len(pool)))], rng, (ys.stop - ys.start, xs.stop - xs.start))
+    return img, _encode(img, rng)
 
 
 def _near(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -103,57 +126,95 @@ def _encode(rgb: np.ndarray, rng: np.random.Generator) -> bytes:
     return encode(rgb, ".webp" if rng.random() < 0.1 else ".jpg", int(rng.integers(60, 96)))
 
 
-def make_lmdb(path: str, n: int, exact: float = 0.02, near: float = 0.02, seed: int = 0,
-              batch: int = 2000) -> dict:
-    """Write an LSUN-layout LMDB of `n` entries, of which round(n*exact) exact and round(n*near) near duplicates of
-    earlier entries; returns {"pairs": [[kind, original_key, duplicate_key], ...], "bytes": total value bytes}.
+def planted(j: int, exact: float, near: float) -> str | None:
+    """Whether entry j is a planted duplicate ("exact", "near") or an original (None): every 1/exact-th entry is an
+    exact copy and every 1/near-th (offset by half a period) a near one, so any prefix of n entries holds
+    ~n*exact and ~n*near of them and the LMDBs of several Ns share their first entries."""
+    if exact and int((j + 1) * exact) > int(j * exact):
+        return "exact"
+    if near and int((j + 1) * near + 0.5) > int(j * near + 0.5):
+        return "near"
+    return None
 
-    Written in transactions of `batch` entries, so memory does not grow with n; deterministic for a seed.
+
+def _key(seed: int, j: int) -> bytes:
+    return hashlib.sha1(f"{seed}:{j}".encode()).hexdigest().encode()
+
+
+def _entry(j: int, seed: int, exact: float, near: float) -> tuple[bytes, bytes, list[str] | None]:
+    """(key, value, [kind, original key, this key] or None) of entry j: a function of (seed, j) only."""
+    kind = planted(j, exact, near)
+    if kind is None:
+        return _key(seed, j), _original(j, seed)[1], None
+    rng = np.random.default_rng([seed, j, 1])
+    o = int(rng.integers(0, j))
+    while planted(o, exact, near):  # a duplicate of an original, never of another duplicate
+        o -= 1
+    img, data = _original(o, seed)
+    if kind == "near":
+        data = _encode(_near(img, rng), rng)
+    return _key(seed, j), data, [kind, _key(seed, o).decode(), _key(seed, j).decode()]
+
+
+def _entry_star(args: tuple) -> tuple[bytes, bytes, list[str] | None]:
+    return _entry(*args)
+
+
+def make_lmdbs(paths: dict[int, str], exact: float = 0.02, near: float = 0.02, seed: int = 0, batch: int = 2000,
+               processes: int | None = None, on_done=None) -> dict[int, dict]:
+    """Write one LSUN-layout LMDB per {n: path}, each the first n entries of one stream (entry j is a function of
+    (seed, j) only, so the Ns share their entries and each entry is made once). Returns {n: {"pairs": [[kind,
+    original_key, duplicate_key], ...], "bytes": total value bytes}}; `on_done(n, truth)` is called as soon as the
+    LMDB of n is complete and closed (the smaller Ns can be measured while the larger are still being made).
+
+    Entries are made by `processes` worker processes (default: one per core) in order and written in transactions of
+    `batch` entries, so memory does not grow with n.
     """
     import lmdb
 
-    rng = np.random.default_rng(seed)
-    photos, digits = _sources()
-    n_exact, n_near = round(n * exact), round(n * near)
-    n_orig = n - n_exact - n_near
-    # which originals get a duplicate, and where in the stream each duplicate is written (after its original)
-    dup_of = rng.choice(n_orig, size=n_exact + n_near, replace=False)
-    kinds = ["exact"] * n_exact + ["near"] * n_near
-    pending: dict[int, list[str]] = {}
-    for o, kind in zip(dup_of.tolist(), kinds):
-        pending.setdefault(o, []).append(kind)
-    env = lmdb.open(path, map_size=max(1 << 26, n * 60_000), subdir=True)
-    pairs, total, written, i = [], 0, 0, 0
-
-    def key(j: int) -> bytes:
-        return hashlib.sha1(f"{seed}:{j}".encode()).hexdigest().encode()
-
+    top = max(paths)
+    _sources()  # before the workers fork: they share it
+    envs = {n: lmdb.open(p, map_size=max(1 << 26, n * 80_000), subdir=True) for n, p in paths.items()}
+    truth = {n: {"pairs": [], "bytes": 0} for n in paths}
+    processes = processes if processes is not None else (os.cpu_count() or 1) if top >= 2000 else 0
+    jobs = ((j, seed, exact, near) for j in range(top))
+    pool = None
     try:
-        txn = env.begin(write=True)
-        for o in range(n_orig):
-            pool = digits if rng.random() < DIGIT_SHARE else photos
-            img = _crop(pool[int(rng.integers(len(pool)))], rng)
-            data = _encode(img, rng)
-            entries = [(key(i), data)]
-            k0 = entries[0][0]
-            i += 1
-            for kind in pending.get(o, []):
-                dup = data if kind == "exact" else _encode(_near(img, rng), rng)
-                entries.append((key(i), dup))
-                pairs.append([kind, k0.decode(), key(i).decode()])
-                i += 1
-            for k, v in entries:
-                txn.put(k, v)
-                total += len(v)
-                written += 1
-                if written % batch == 0:
-                    txn.commit()
-                    txn = env.begin(write=True)
-        txn.commit()
+        if processes:
+            import multiprocessing
+
+            pool = multiprocessing.get_context("fork").Pool(processes)
+            stream = pool.imap(_entry_star, jobs, chunksize=64)
+        else:
+            stream = map(_entry_star, jobs)
+        txns = {n: env.begin(write=True) for n, env in envs.items()}
+        for j, (k, v, pair) in enumerate(stream):
+            for n in list(txns):
+                txns[n].put(k, v)
+                truth[n]["bytes"] += len(v)
+                if pair:
+                    truth[n]["pairs"].append(pair)
+                if j + 1 == n:  # this N is complete
+                    txns.pop(n).commit()
+                    envs.pop(n).close()
+                    if on_done:
+                        on_done(n, truth[n])
+                elif (j + 1) % batch == 0:
+                    txns[n].commit()
+                    txns[n] = envs[n].begin(write=True)
+            if (j + 1) % 10_000 == 0:
+                print(f"[scale] generated {j + 1:,} of {top:,} entries", file=sys.stderr, flush=True)
     finally:
-        env.close()
-    assert i == n, (i, n)
-    return {"pairs": pairs, "bytes": total}
+        if pool:
+            pool.terminate()
+        for env in envs.values():
+            env.close()
+    return truth
+
+
+def make_lmdb(path: str, n: int, exact: float = 0.02, near: float = 0.02, seed: int = 0, batch: int = 2000) -> dict:
+    """One LMDB of `n` entries (make_lmdbs for one N)."""
+    return make_lmdbs({n: path}, exact, near, seed, batch)[n]
 
 
 def dedup_recall(pairs: list[list[str]], kept: set[str], n_inputs: int, n_kept: int) -> dict:
@@ -232,39 +293,63 @@ def dir_bytes(path: str) -> int:
 class Peaks:
     """Peaks seen while a process tree ran (bytes)."""
 
-    driver_rss: int = 0     # VmHWM of the top process (the `dcgan` driver)
-    tree_anon: int = 0      # private memory summed over the driver and its descendants
-    object_store: int = 0   # largest shared-memory RSS of one process in the tree: a lower bound of plasma in use
+    driver_rss: int = 0     # VmHWM of the `dcgan` driver (the CLI locally; the Ray job's driver on a cluster)
+    tree_anon: int = 0      # private memory summed over every process measured
+    object_store: int = 0   # largest shared-memory RSS of one process: a lower bound of one node's plasma in use
     spilled: int = 0        # bytes under Ray's spill directories
+    nodes: dict = field(default_factory=dict)  # node name -> {"anon": peak private bytes, "store": peak shm bytes}
     cpu_ticks: dict = field(default_factory=dict)  # pid -> utime+stime seen last (clock ticks)
+    cpu_base: dict = field(default_factory=dict)  # pid -> its ticks when first seen, for processes older than the stage
     pids: dict = field(default_factory=dict)  # pid -> start time, of every process seen in the tree
 
 
-class Monitor:
-    """Samples a process tree every `interval` seconds in a thread until stopped."""
+def _is_job_driver(pid: int) -> bool:
+    """A Ray job's `dcgan <stage> ... --config env:...` driver (the command line the project submits)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return any(a.endswith(b"dcgan") for a in argv[:3]) and b"--config" in argv
 
-    def __init__(self, pid: int, ray_tmp: str | None = None, interval: float = 0.25):
-        self.pid, self.ray_tmp, self.interval = pid, ray_tmp, interval
+
+class Monitor:
+    """Samples a process tree every `interval` seconds in a thread until stopped: the tree of `pid` and, on a
+    cluster, every process of each node (`nodes()` -> {name: pids}), whose peaks are also kept per node."""
+
+    def __init__(self, pid: int, ray_tmp: str | None = None, interval: float = 0.25, nodes=None):
+        self.pid, self.ray_tmp, self.interval, self.nodes = pid, ray_tmp, interval, nodes
         self.peaks = Peaks()
+        self._first = True
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def sample(self) -> None:
         p = self.peaks
-        tree = descendants(self.pid)
+        groups = {"client" if self.nodes else "driver": descendants(self.pid), **(self.nodes() if self.nodes else {})}
         anon = 0
-        for q in tree:
-            st = _status(q)
-            if not st:
-                continue
-            if q not in p.pids:
-                p.pids[q] = _start_time(q)
-            p.cpu_ticks[q] = max(p.cpu_ticks.get(q, 0), _cpu_ticks(q))
-            anon += st.get("RssAnon", 0)
-            if q == self.pid:
-                p.driver_rss = max(p.driver_rss, st.get("VmHWM", 0))
-            p.object_store = max(p.object_store, st.get("RssShmem", 0))
+        for name, tree in groups.items():
+            node_anon = node_store = 0
+            for q in tree:
+                st = _status(q)
+                if not st:
+                    continue
+                if q not in p.pids:
+                    p.pids[q] = _start_time(q)
+                    if self._first and q != self.pid:  # a cluster's process, older than this stage
+                        p.cpu_base[q] = _cpu_ticks(q)
+                p.cpu_ticks[q] = max(p.cpu_ticks.get(q, 0), _cpu_ticks(q))
+                node_anon += st.get("RssAnon", 0)
+                node_store = max(node_store, st.get("RssShmem", 0))
+                if q == self.pid and not self.nodes or self.nodes and _is_job_driver(q):
+                    p.driver_rss = max(p.driver_rss, st.get("VmHWM", 0))
+            anon += node_anon
+            p.object_store = max(p.object_store, node_store)
+            if self.nodes and name != "client":
+                peak = p.nodes.setdefault(name, {"anon": 0, "store": 0})
+                peak["anon"], peak["store"] = max(peak["anon"], node_anon), max(peak["store"], node_store)
         p.tree_anon = max(p.tree_anon, anon)
+        self._first = False
         if self.ray_tmp:
             spill = sum(dir_bytes(os.path.join(d, s)) for d, subdirs, _ in os.walk(self.ray_tmp)
                         for s in subdirs if "spill" in s)
@@ -282,12 +367,14 @@ class Monitor:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self.sample()  # the last CPU ticks of processes still alive
 
     @property
     def cpu_s(self) -> float:
         """CPU seconds of the whole tree (user + system, as last sampled): robust to a machine shared with others,
-        where wall time is not."""
-        return sum(self.peaks.cpu_ticks.values()) / os.sysconf("SC_CLK_TCK")
+        where wall time is not. On a cluster this includes the idle cluster's own ticking while the stage ran."""
+        p = self.peaks
+        return sum(t - p.cpu_base.get(q, 0) for q, t in p.cpu_ticks.items()) / os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_ticks(pid: int) -> int:
@@ -307,17 +394,19 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
-def run_measured(argv: list[str], env: dict[str, str], ray_tmp: str | None, log: Path) -> tuple[float, float, Peaks]:
-    """Run one stage; (wall seconds, CPU seconds of its process tree, peaks). Processes it leaves behind (a crashed Ray) are ended by pid."""
+def run_measured(argv: list[str], env: dict[str, str], ray_tmp: str | None, log: Path, nodes=None
+                 ) -> tuple[float, float, Peaks]:
+    """Run one stage; (wall seconds, CPU seconds of its process tree, peaks). Processes it leaves behind (a crashed
+    local Ray) are ended by pid; a cluster's (`nodes`) are not ours to end."""
     t0 = time.perf_counter()
     with open(log, "ab") as err:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, env=env, cwd=ROOT)
-        with Monitor(proc.pid, ray_tmp) as mon:
+        with Monitor(proc.pid, ray_tmp, interval=0.5 if nodes else 0.25, nodes=nodes) as mon:
             proc.stdout.read()
             proc.wait()
     wall = time.perf_counter() - t0
     for q, started in mon.peaks.pids.items():  # ours only: same pid and same start time as when we saw it
-        if q != proc.pid and started and _start_time(q) == started:
+        if nodes is None and q != proc.pid and started and _start_time(q) == started:
             try:
                 os.kill(q, signal.SIGKILL)
             except OSError:
@@ -359,15 +448,85 @@ def projection(fixed: float, per_item: float, cores_here: int, n: int = 3_000_00
 STAGES = ("build-lsun", "dedup", "train", "evaluate")
 
 
-def stage_argv(stage: str, work: Path, lmdb_path: str, steps: int) -> list[str]:
+class LocalRay:
+    """Each stage's CLI starts its own local Ray, as a user on one machine runs it; storage on local disk."""
+
+    name = "local"
+
+    def uris(self, work: Path) -> tuple[str, str, str]:
+        """(built dataset, de-duplicated dataset, run) of one N."""
+        return str(work / "ds"), str(work / "ds-dedup"), str(work / "run")
+
+    @contextmanager
+    def stage(self) -> Iterator[tuple[dict, str, None]]:
+        """(environment of the stage's CLI, Ray's temp folder for spills, no nodes to watch)."""
+        ray_tmp = tempfile.mkdtemp(prefix="s22-", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
+        env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+        env.pop("RAY_ADDRESS", None)
+        try:
+            yield env, ray_tmp, None
+        finally:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    def traffic(self) -> dict:
+        return {}
+
+
+class ClusterWithS3:
+    """The 3-node cluster of tests/multinode.py on 127.0.0.1 (a head without CPUs, two nodes of 2 CPUs, token auth,
+    nodes started as the README says) with moto's S3 server as the only storage, behind a proxy that counts the S3
+    requests and bytes (tests/s3_faults.py with no faults). Each stage is `dcgan ...` with RAY_ADDRESS naming the
+    Jobs API: it runs as a Ray job, as on an operator's cluster. The LMDB stays a local path, which every node of
+    this one-machine cluster sees (on a real cluster: a shared file system)."""
+
+    name = "3-node + S3"
+
+    def __init__(self, stack: ExitStack):
+        import boto3
+        from conftest import free_port
+        from moto.server import ThreadedMotoServer
+        from multinode import start_cluster
+        from s3_faults import FaultProxy
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
+        port = free_port()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        stack.callback(server.stop)
+        self.proxy = stack.enter_context(FaultProxy(f"http://127.0.0.1:{port}", rate=0.0))
+        # the nodes inherit this process's environment when they start: the proxy is their S3 endpoint
+        os.environ.update(AWS_ENDPOINT_URL=self.proxy.url, AWS_ACCESS_KEY_ID="testing",
+                          AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1")
+        self.bucket = "scale"
+        boto3.client("s3", endpoint_url=self.proxy.url).create_bucket(Bucket=self.bucket)
+        t = time.perf_counter()
+        self.cluster = stack.enter_context(start_cluster())
+        print(f"[scale] 3-node cluster up in {time.perf_counter() - t:.0f} s at {self.cluster.jobs_address}",
+              file=sys.stderr, flush=True)
+
+    def uris(self, work: Path) -> tuple[str, str, str]:
+        base = f"s3://{self.bucket}/{work.name}"
+        return f"{base}/ds", f"{base}/ds-dedup", f"{base}/run"
+
+    @contextmanager
+    def stage(self) -> Iterator[tuple[dict, str, object]]:
+        nodes = self.cluster.nodes
+        yield (self.cluster.client_env(RAY_ADDRESS=self.cluster.jobs_address), str(self.cluster.base_dir),
+               lambda: {name: node.pids() for name, node in nodes.items()})
+
+    def traffic(self) -> dict:
+        """Counters since the start: S3 requests, bytes sent to S3 (PUT bodies) and read from it."""
+        return {"s3_requests": self.proxy.requests, "s3_bytes_put": self.proxy.bytes_in,
+                "s3_bytes_got": self.proxy.bytes_out}
+
+
+def stage_argv(stage: str, uris: tuple[str, str, str], lmdb_path: str, steps: int) -> list[str]:
     dcgan = [sys.executable, "-m", "dcgan.cli"]
-    ds, dd, run = str(work / "ds"), str(work / "ds-dedup"), str(work / "run")
+    ds, dd, run = uris
     if stage == "build-lsun":
         return dcgan + ["build-lsun", lmdb_path, "--out", ds, "--no-dedup", "--quiet", "--json"]
     if stage == "dedup":
-        # ~220 source pictures: at 10k crops, more than half collide with another crop of the same photo (measured:
-        # 5,937 of 10,000), past dedup's 50% guard against a collapsed hash; here that redundancy is real
-        return dcgan + ["dedup", ds, "--out", dd, "--json", "--set", "dedup.max_removed=0.95"]
+        return dcgan + ["dedup", ds, "--out", dd, "--json"]
     if stage == "train":
         return dcgan + ["train", "--data", dd, "--run", run, "--steps", str(steps), "--json",
                         "--set", "model.ngf=16", "--set", "model.ndf=16", "--set", "train.batch_size=64",
@@ -376,98 +535,132 @@ def stage_argv(stage: str, work: Path, lmdb_path: str, steps: int) -> list[str]:
 
 
 def kept_keys(dataset: str) -> set[str]:
+    """The keys of every row a dataset (local or s3://) holds, through its manifest."""
+    import io
+
     import pyarrow.parquet as pq
+    from preprocessing import dataset_layout, storage
 
     keys: set[str] = set()
-    for f in sorted((Path(dataset) / "shards").glob("*.parquet")):
-        keys.update(pq.read_table(f, columns=["key"]).column("key").to_pylist())
+    for entry in storage.read_json(dataset_layout.manifest(dataset))["shards"]:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(dataset, entry["path"]))), columns=["key"])
+        keys.update(table.column("key").to_pylist())
     return keys
 
 
-def measure(n: int, work: Path, steps: int, seed: int, cache: Path | None, stages=STAGES) -> dict:
-    """Generate (or reuse) the LMDB of n images and run the four stages on it; one dict of figures."""
-    work.mkdir(parents=True, exist_ok=True)
-    lmdb_path = str((cache or work) / f"lsun-{n}-{seed}")
-    truth_file = Path(lmdb_path + ".truth.json")
-    if not truth_file.exists():
+def ensure_lmdbs(ns: list[int], folder: Path, seed: int) -> dict[int, str]:
+    """{n: path} of the LMDBs of these Ns in `folder`, making the missing ones in one pass (their ground truth, and
+    the seconds that pass took, in `<path>.truth.json`)."""
+    paths = {n: str(folder / f"lsun-{n}-{seed}") for n in ns}
+    missing = {n: p for n, p in paths.items() if not Path(p + ".truth.json").exists()}
+    if missing:
+        folder.mkdir(parents=True, exist_ok=True)
+        for p in missing.values():
+            shutil.rmtree(p, ignore_errors=True)
         t = time.perf_counter()
-        shutil.rmtree(lmdb_path, ignore_errors=True)
-        truth = make_lmdb(lmdb_path, n, seed=seed)
-        truth["generate_s"] = time.perf_counter() - t
-        truth_file.write_text(json.dumps(truth))
-    truth = json.loads(truth_file.read_text())
-    print(f"[scale] N={n}: LMDB {truth['bytes'] / 2**20:.0f} MiB ({truth.get('generate_s', 0):.0f} s to make)",
-          file=sys.stderr, flush=True)
-    out = {"n": n, "lmdb_bytes": truth["bytes"], "stages": {}}
+
+        def done(n: int, truth: dict) -> None:
+            Path(missing[n] + ".truth.json").write_text(json.dumps({**truth, "generate_s": time.perf_counter() - t}))
+
+        make_lmdbs(missing, seed=seed, on_done=done)
+    return paths
+
+
+def measure(n: int, work: Path, steps: int, seed: int, cache: Path | None, stages=STAGES, place=None) -> dict:
+    """Generate (or reuse) the LMDB of n images and run the stages on it at `place`; one dict of figures."""
+    place = place or LocalRay()
+    work.mkdir(parents=True, exist_ok=True)
+    lmdb_path = ensure_lmdbs([n], cache or work, seed)[n]
+    truth = json.loads(Path(lmdb_path + ".truth.json").read_text())
+    print(f"[scale] N={n} on {place.name}: LMDB {truth['bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+    out = {"n": n, "place": place.name, "lmdb_bytes": truth["bytes"], "stages": {}}
+    uris = place.uris(work)
     for stage in stages:
-        ray_tmp = tempfile.mkdtemp(prefix="s22-", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
-        env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-        env.pop("RAY_ADDRESS", None)
-        try:
-            wall, cpu, peaks = run_measured(stage_argv(stage, work, lmdb_path, steps), env, ray_tmp,
-                                               work / f"{stage}.log")
-        finally:
-            shutil.rmtree(ray_tmp, ignore_errors=True)
+        before = place.traffic()
+        with place.stage() as (env, ray_tmp, nodes):
+            wall, cpu, peaks = run_measured(stage_argv(stage, uris, lmdb_path, steps), env, ray_tmp,
+                                            work / f"{stage}.log", nodes)
+        after = place.traffic()
         fig = {"wall_s": wall, "cpu_s": cpu, "driver_rss": peaks.driver_rss, "tree_anon": peaks.tree_anon,
-               "object_store": peaks.object_store, "spilled": peaks.spilled}
+               "object_store": peaks.object_store, "spilled": peaks.spilled, "nodes": peaks.nodes,
+               **{k: after[k] - before[k] for k in after}}
         if stage == "dedup":
-            kept = kept_keys(str(work / "ds-dedup"))
+            kept = kept_keys(uris[1])
             fig.update(dedup_recall(truth["pairs"], kept, n, len(kept)))
         out["stages"][stage] = fig
+        s3 = (f", S3 {fig['s3_requests']} requests, {fig['s3_bytes_put'] / 2**20:.0f} MiB put, "
+              f"{fig['s3_bytes_got'] / 2**20:.0f} MiB got" if after else "")
         print(f"[scale] N={n} {stage}: {wall:.1f} s ({cpu:.0f} CPU s), driver {peaks.driver_rss / 2**20:.0f} MiB, tree "
               f"{peaks.tree_anon / 2**20:.0f} MiB, store {peaks.object_store / 2**20:.0f} MiB, spilled "
-              f"{peaks.spilled / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+              f"{peaks.spilled / 2**20:.0f} MiB{s3}", file=sys.stderr, flush=True)
     return out
 
 
+N_STAGES = ("build-lsun", "dedup")  # whose work grows with N; training is by steps, evaluation by samples
+
+
 def report(results: list[dict], cores: int) -> str:
-    """The table, the fitted laws and the 3M projection, as Markdown."""
+    """The tables (one per place), the fitted laws and the 3M projection, as Markdown."""
     mib = 2**20
-    lines = ["| N | stage | wall s | CPU s | img/s | img per CPU-s | driver peak RSS MiB | tree private MiB "
-             "| object store MiB | spilled MiB | dedup recall exact / near (other removed) |", "|" + " --- |" * 11]
-    for r in results:
-        for stage, f in r["stages"].items():
-            rec = (f"{f['recall_exact']:.3f} / {f['recall_near']:.3f} ({f['other_removed']})"
-                   if "recall_exact" in f else "")
-            lines.append(f"| {r['n']:,} | {stage} | {f['wall_s']:.1f} | {f['cpu_s']:.0f} | {r['n'] / f['wall_s']:,.0f}"
-                         f" | {r['n'] / max(f['cpu_s'], 1e-9):,.0f} | {f['driver_rss'] / mib:.0f} | "
-                         f"{f['tree_anon'] / mib:.0f} | {f['object_store'] / mib:.0f} | {f['spilled'] / mib:.0f} | {rec} |")
-    ns = [r["n"] for r in results]
-    if len(set(ns)) < 2:
-        return "\n".join(lines + ["", "(one N: no law fitted)"])
-    lines += ["", "| stage | fixed wall s | per-image wall ms | fixed CPU s | per-image CPU ms | marginal cost largest/"
-                  "smallest Ns, wall (CPU) | driver RSS largest/smallest N | driver RSS MiB per 100k | "
-                  "3M images on 64 cores |", "|" + " --- |" * 9]
-    total = 0.0
-    for stage in [s for s in STAGES if all(s in r["stages"] for r in results)]:
-        ts = [r["stages"][stage]["wall_s"] for r in results]
-        cs = [r["stages"][stage]["cpu_s"] for r in results]
-        rss = [r["stages"][stage]["driver_rss"] for r in results]
-        fixed, per = fit_linear(ns, ts)
-        cfixed, cper = fit_linear(ns, cs)
-        lin, clin = linearity(ns, ts), linearity(ns, cs)
-        _, rss_per = fit_linear(ns, rss)
-        # per-core throughput from CPU seconds (robust to a shared machine); the fixed cost is wall time
-        proj = projection(fixed, cper, 1) if stage != "train" else None
-        total += proj or 0
-        lin_s = " (".join("n/a" if v is None else f"{v:.2f}" for v in (lin, clin)) + ")"
-        lines.append(f"| {stage} | {fixed:.1f} | {per * 1e3:.3f} | {cfixed:.1f} | {cper * 1e3:.3f} | {lin_s} | "
-                     f"{rss[int(np.argmax(ns))] / rss[int(np.argmin(ns))]:.2f} | {rss_per * 1e5 / mib:.0f} | "
-                     f"{'by steps, not N' if proj is None else f'{proj / 60:.1f} min'} |")
-    lines.append(f"\nData stages (build-lsun + dedup + evaluate) projected to 3M images on 64 cores: "
-                 f"{total / 3600:.2f} h (fixed wall cost + per-image CPU seconds x 3M / 64; this box has {cores} cores)")
-    return "\n".join(lines)
+    out = []
+    for place in dict.fromkeys(r.get("place", "local") for r in results):
+        rs = [r for r in results if r.get("place", "local") == place]
+        out += [f"**{place}**", "", "| N | stage | wall s | CPU s | img/s | img per CPU-s | driver peak RSS MiB | "
+                "private MiB, all processes (largest node) | object store MiB (largest node) | spilled MiB | "
+                "S3 requests / MiB put / MiB got | dedup recall exact / near (other removed) |", "|" + " --- |" * 12]
+        for r in rs:
+            for stage, f in r["stages"].items():
+                rec = (f"{f['recall_exact']:.3f} / {f['recall_near']:.3f} ({f['other_removed']})"
+                       if "recall_exact" in f else "")
+                nodes = f.get("nodes") or {}
+                node = f" ({max(v['anon'] for v in nodes.values()) / mib:.0f})" if nodes else ""
+                s3 = (f"{f['s3_requests']:,} / {f['s3_bytes_put'] / mib:.0f} / {f['s3_bytes_got'] / mib:.0f}"
+                      if "s3_requests" in f else "")
+                out.append(f"| {r['n']:,} | {stage} | {f['wall_s']:.1f} | {f['cpu_s']:.0f} | "
+                           f"{r['n'] / f['wall_s']:,.0f} | {r['n'] / max(f['cpu_s'], 1e-9):,.0f} | "
+                           f"{f['driver_rss'] / mib:.0f} | {f['tree_anon'] / mib:.0f}{node} | "
+                           f"{f['object_store'] / mib:.0f} | {f['spilled'] / mib:.0f} | {s3} | {rec} |")
+        ns = [r["n"] for r in rs]
+        if len(set(ns)) < 2:
+            out += ["", "(one N: no law fitted)", ""]
+            continue
+        out += ["", "| stage | fixed wall s | per-image wall ms | fixed CPU s | per-image CPU ms | marginal cost "
+                "largest/smallest Ns, wall (CPU) | driver RSS largest/smallest N | driver RSS MiB per 100k | "
+                "3M images on 64 cores |", "|" + " --- |" * 9]
+        total = 0.0
+        for stage in [s for s in STAGES if all(s in r["stages"] for r in rs)]:
+            ts = [r["stages"][stage]["wall_s"] for r in rs]
+            cs = [r["stages"][stage]["cpu_s"] for r in rs]
+            rss = [r["stages"][stage]["driver_rss"] for r in rs]
+            fixed, per = fit_linear(ns, ts)
+            cfixed, cper = fit_linear(ns, cs)
+            lin, clin = linearity(ns, ts), linearity(ns, cs)
+            _, rss_per = fit_linear(ns, rss)
+            # per-core throughput from CPU seconds (robust to a shared machine); the fixed cost is wall time
+            proj = projection(fixed, cper, 1) if stage in N_STAGES else None
+            total += proj or 0
+            lin_s = " (".join("n/a" if v is None else f"{v:.2f}" for v in (lin, clin)) + ")"
+            out.append(f"| {stage} | {fixed:.1f} | {per * 1e3:.3f} | {cfixed:.1f} | {cper * 1e3:.3f} | {lin_s} | "
+                       f"{rss[int(np.argmax(ns))] / max(rss[int(np.argmin(ns))], 1):.2f} | "
+                       f"{rss_per * 1e5 / mib:.0f} | {f'{proj / 60:.1f} min' if proj else 'not by N'} |")
+        out += ["", f"build-lsun + dedup projected to 3M images on 64 cores: {total / 3600:.2f} h (fixed wall cost + "
+                    f"per-image CPU seconds x 3M / 64; this box has {cores} cores)", ""]
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=[12_500, 25_000, 50_000], help="dataset sizes")
+    p.add_argument("--where", nargs="+", choices=("local", "cluster"), default=["local"],
+                   help="local: each stage starts its own local Ray, local disk; cluster: a 3-node Ray cluster on "
+                        "127.0.0.1 with moto S3 as the only storage, each stage a Ray job")
     p.add_argument("--steps", type=int, default=200, help="training steps (tiny widths, batch 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                    help="stages to run (each needs the ones before it to have run in the same --work)")
     p.add_argument("--work", help="working folder (default: a temporary one, removed at the end)")
     p.add_argument("--cache", help="folder to keep generated LMDBs in between runs (default: inside --work)")
+    p.add_argument("--generate-only", action="store_true", help="only make the LMDBs in --cache")
     p.add_argument("--json", help="write the raw figures here")
     p.add_argument("--report", nargs="+", metavar="JSON", help="only print the tables of earlier --json files "
                                                                  "(several runs' Ns are merged)")
@@ -478,16 +671,21 @@ def main(argv: list[str] | None = None) -> int:
         print(report(sorted((r for run in runs for r in run["results"]), key=lambda r: r["n"]), runs[0]["cores"]))
         return 0
     base = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="dcgan-scale-"))
-    cache = Path(args.cache) if args.cache else None
-    if cache:
-        cache.mkdir(parents=True, exist_ok=True)
+    cache = Path(args.cache) if args.cache else base
     print(f"[scale] uptime before: {Path('/proc/loadavg').read_text().strip()}", file=sys.stderr)
+    ensure_lmdbs(sorted(args.n), cache, args.seed)  # every N in one pass: they share their entries
+    if args.generate_only:
+        return 0
     results = []
     try:
-        for n in sorted(args.n):
-            results.append(measure(n, base / f"n{n}", args.steps, args.seed, cache, args.stages))
-            if args.json:
-                Path(args.json).write_text(json.dumps({"cores": cores, "results": results}, indent=1))
+        for where in args.where:
+            with ExitStack() as stack:
+                place = ClusterWithS3(stack) if where == "cluster" else LocalRay()
+                for n in sorted(args.n):
+                    results.append(measure(n, base / where / f"n{n}", args.steps, args.seed, cache, args.stages,
+                                           place))
+                    if args.json:
+                        Path(args.json).write_text(json.dumps({"cores": cores, "results": results}, indent=1))
     finally:
         if not args.work:
             shutil.rmtree(base, ignore_errors=True)

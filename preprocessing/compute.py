@@ -99,6 +99,14 @@ def placement(address: str | None = None) -> Placement:
     return Placement("join", address)
 
 
+def cluster_cpus() -> int:
+    """The CPUs of the Ray this process is connected to (1 when not connected): sizes the parallel steps of a stage
+    to the cluster it runs on."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
+
+
 _connected: tuple[Placement, str] | None = None  # where connect() started or joined Ray here, and that Ray's GCS
 
 

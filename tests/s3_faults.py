@@ -40,6 +40,7 @@ class FaultProxy:
         self.seen: Counter = Counter()
         self.injected: Counter = Counter()
         self.requests = 0
+        self.bytes_in = self.bytes_out = 0  # request and response bodies passed through
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -135,6 +136,9 @@ class FaultProxy:
                 up.request(self.command, self.path, body=body or None, headers=headers)
                 resp = up.getresponse()
                 data = resp.read()
+                with proxy._lock:
+                    proxy.bytes_in += len(body)
+                    proxy.bytes_out += len(data)
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):

@@ -48,9 +48,24 @@ from preprocessing.shards import DatasetError, images_of, write_table
 log = logging.getLogger(__name__)
 
 METHOD = "autoencoder-semantic-hash"
-ROWS_PER_PARTITION = 200_000   # codes one grouping task handles (16 B + key each: a few MB)
+ROWS_PER_PARTITION = 200_000   # codes one grouping task handles at most (16 B + key each: a few MB)
+ROWS_PER_TASK = 20_000         # below this many rows per CPU, more grouping tasks cost more than they save
+MAX_SHUFFLE_PARTITIONS = 200   # Ray Data's own default: every groupby used it, even for a 1,000-row dataset
 PICTURE_GROUPS = 8
 PHASES = ("crops", "train", "encode", "group", "write")
+
+
+def group_partitions(rows_in: int, cpus: int) -> int:
+    """Code partitions of the group stage: enough that no task holds more than ROWS_PER_PARTITION codes and that
+    every CPU has a task, but none of fewer than ~ROWS_PER_TASK rows. Each groupby gets exactly this many shuffle
+    partitions: Ray Data's default (200, whatever the size) cost a 2,000-image dedup on a 3-node cluster ~4 of its 7
+    minutes in shuffle start-up (benchmarks/scale.py)."""
+    return max(1, -(-rows_in // ROWS_PER_PARTITION), min(2 * cpus, rows_in // ROWS_PER_TASK, MAX_SHUFFLE_PARTITIONS))
+
+
+def shard_partitions(shards: list[dict]) -> int:
+    """Shuffle partitions of a groupby on the source shard: one per shard, at most MAX_SHUFFLE_PARTITIONS."""
+    return max(1, min(len(shards), MAX_SHUFFLE_PARTITIONS))
 
 
 def min_images(cfg: DedupConfig) -> int:
@@ -145,13 +160,15 @@ def _verified_groups(coded, src_uri: str, shards: list[dict], cfg: DedupConfig, 
     verified edges only (true duplicates: a few per removed image) and the counts."""
     members = (coded.map_batches(view_rows, batch_format="numpy",
                                  fn_kwargs={"code_bytes": code_bytes, "partitions": partitions})
-               .groupby("part").map_groups(member_rows, batch_format="numpy").materialize())
+               .groupby("part", num_partitions=partitions).map_groups(member_rows, batch_format="numpy")
+               .materialize())
     left = int(members.sum("left") or 0) if members.count() else 0
     if not members.count():
         return {}, {"candidates_checked": 0, "verified_edges": 0, "unchecked_members": 0}
-    edges = (members.groupby("shard").map_groups(_pixels_task, batch_format="numpy",
-                                                  fn_kwargs={"src_uri": src_uri, "shards": shards, "crop": cfg.crop})
-             .groupby("part").map_groups(verify_rows, batch_format="numpy").to_pandas())
+    edges = (members.groupby("shard", num_partitions=shard_partitions(shards))
+             .map_groups(_pixels_task, batch_format="numpy",
+                         fn_kwargs={"src_uri": src_uri, "shards": shards, "crop": cfg.crop})
+             .groupby("part", num_partitions=partitions).map_groups(verify_rows, batch_format="numpy").to_pandas())
     a, b = edges["a"].to_numpy(object), edges["b"].to_numpy(object)
     real = a != ""
     return star_groups(a[real], b[real]), {"candidates_checked": int(edges["checked"].sum()),
@@ -265,7 +282,7 @@ def _encode(crops, state: dict, cfg: DedupConfig):
 def _group(coded, src_uri: str, shards: list[dict], cfg: DedupConfig, rows_in: int) -> tuple[Any, dict]:
     """4. Groups (verified stars, shared-code components, or multi-index hashing at radius > 0), then each row's
     keep/remove decision; returns (decisions, the verification's figures)."""
-    partitions = max(1, -(-rows_in // ROWS_PER_PARTITION))
+    partitions = group_partitions(rows_in, compute.cluster_cpus())
     code_bytes = (cfg.code_bits + 7) // 8
     checks = {}
     if cfg.radius == 0 and cfg.views > 1:
@@ -273,7 +290,8 @@ def _group(coded, src_uri: str, shards: list[dict], cfg: DedupConfig, rows_in: i
     elif cfg.radius == 0:
         edges = (coded.map_batches(view_rows, batch_format="numpy",
                                    fn_kwargs={"code_bytes": code_bytes, "partitions": partitions})
-                 .groupby("part").map_groups(bucket_edges, batch_format="numpy").to_pandas())
+                 .groupby("part", num_partitions=partitions).map_groups(bucket_edges, batch_format="numpy")
+                 .to_pandas())
         groups = edge_groups(edges["a"].to_numpy(object), edges["b"].to_numpy(object)) if len(edges) else {}
     else:  # multi-index hashing needs every code in one place (16 bytes x views + key per row)
         whole = coded.select_columns(["key", "views"]).to_pandas()
@@ -296,7 +314,7 @@ def _check_removal(decisions, src_uri: str, rows_in: int, cfg: DedupConfig) -> N
 
 def _write(decisions, src_uri: str, out_uri: str, shards: list[dict]) -> list[dict]:
     """5. One task per source shard writes its kept rows; returns the shard entries."""
-    written = decisions.groupby("shard").map_groups(
+    written = decisions.groupby("shard", num_partitions=shard_partitions(shards)).map_groups(
         _write_task, batch_format="numpy", fn_kwargs={"src_uri": src_uri, "out_uri": out_uri, "shards": shards})
     return sorted(({"path": str(r["path"]), "rows": int(r["rows"]), "bytes": int(r["bytes"]),
                     "sha256": str(r["sha256"])} for r in written.take_all()), key=lambda e: e["path"])
