@@ -294,6 +294,7 @@ class Peaks:
     """Peaks seen while a process tree ran (bytes)."""
 
     driver_rss: int = 0     # VmHWM of the `dcgan` driver (the CLI locally; the Ray job's driver on a cluster)
+    driver_anon: int = 0    # its peak private memory (RssAnon): the heap, without mapped files such as the LMDB
     tree_anon: int = 0      # private memory summed over every process measured
     object_store: int = 0   # largest shared-memory RSS of one process: a lower bound of one node's plasma in use
     spilled: int = 0        # bytes under Ray's spill directories
@@ -343,6 +344,7 @@ class Monitor:
                 node_store = max(node_store, st.get("RssShmem", 0))
                 if q == self.pid and not self.nodes or self.nodes and _is_job_driver(q):
                     p.driver_rss = max(p.driver_rss, st.get("VmHWM", 0))
+                    p.driver_anon = max(p.driver_anon, st.get("RssAnon", 0))
             anon += node_anon
             p.object_store = max(p.object_store, node_store)
             if self.nodes and name != "client":
@@ -581,7 +583,8 @@ def measure(n: int, work: Path, steps: int, seed: int, cache: Path | None, stage
             wall, cpu, peaks = run_measured(stage_argv(stage, uris, lmdb_path, steps), env, ray_tmp,
                                             work / f"{stage}.log", nodes)
         after = place.traffic()
-        fig = {"wall_s": wall, "cpu_s": cpu, "driver_rss": peaks.driver_rss, "tree_anon": peaks.tree_anon,
+        fig = {"wall_s": wall, "cpu_s": cpu, "driver_rss": peaks.driver_rss, "driver_anon": peaks.driver_anon,
+               "tree_anon": peaks.tree_anon,
                "object_store": peaks.object_store, "spilled": peaks.spilled, "nodes": peaks.nodes,
                **{k: after[k] - before[k] for k in after}}
         if stage == "dedup":
@@ -605,7 +608,7 @@ def report(results: list[dict], cores: int) -> str:
     out = []
     for place in dict.fromkeys(r.get("place", "local") for r in results):
         rs = [r for r in results if r.get("place", "local") == place]
-        out += [f"**{place}**", "", "| N | stage | wall s | CPU s | img/s | img per CPU-s | driver peak RSS MiB | "
+        out += [f"**{place}**", "", "| N | stage | wall s | CPU s | img/s | img per CPU-s | driver peak RSS (private) MiB | "
                 "private MiB, all processes (largest node) | object store MiB (largest node) | spilled MiB | "
                 "S3 requests / MiB put / MiB got | dedup recall exact / near (other removed) |", "|" + " --- |" * 12]
         for r in rs:
@@ -618,20 +621,27 @@ def report(results: list[dict], cores: int) -> str:
                       if "s3_requests" in f else "")
                 out.append(f"| {r['n']:,} | {stage} | {f['wall_s']:.1f} | {f['cpu_s']:.0f} | "
                            f"{r['n'] / f['wall_s']:,.0f} | {r['n'] / max(f['cpu_s'], 1e-9):,.0f} | "
-                           f"{f['driver_rss'] / mib:.0f} | {f['tree_anon'] / mib:.0f}{node} | "
+                           f"{f['driver_rss'] / mib:.0f} ({f.get('driver_anon', 0) / mib:.0f}) | "
+                           f"{f['tree_anon'] / mib:.0f}{node} | "
                            f"{f['object_store'] / mib:.0f} | {f['spilled'] / mib:.0f} | {s3} | {rec} |")
         ns = [r["n"] for r in rs]
         if len(set(ns)) < 2:
             out += ["", "(one N: no law fitted)", ""]
             continue
         out += ["", "| stage | fixed wall s | per-image wall ms | fixed CPU s | per-image CPU ms | marginal cost "
-                "largest/smallest Ns, wall (CPU) | driver RSS largest/smallest N | driver RSS MiB per 100k | "
+                "largest/smallest Ns, wall (CPU) | driver RSS (private) largest/smallest N | driver RSS MiB per 100k | "
                 "3M images on 64 cores |", "|" + " --- |" * 9]
         total = 0.0
-        for stage in [s for s in STAGES if all(s in r["stages"] for r in rs)]:
-            ts = [r["stages"][stage]["wall_s"] for r in rs]
-            cs = [r["stages"][stage]["cpu_s"] for r in rs]
-            rss = [r["stages"][stage]["driver_rss"] for r in rs]
+        for stage in STAGES:
+            have = [r for r in rs if stage in r["stages"]]  # each stage over the Ns it ran at
+            ns = [r["n"] for r in have]
+            if len(set(ns)) < 2:
+                continue
+            ts = [r["stages"][stage]["wall_s"] for r in have]
+            cs = [r["stages"][stage]["cpu_s"] for r in have]
+            rss = [r["stages"][stage]["driver_rss"] for r in have]
+            anon = [r["stages"][stage].get("driver_anon", 0) for r in have]
+            big, small = int(np.argmax(ns)), int(np.argmin(ns))
             fixed, per = fit_linear(ns, ts)
             cfixed, cper = fit_linear(ns, cs)
             lin, clin = linearity(ns, ts), linearity(ns, cs)
@@ -641,7 +651,7 @@ def report(results: list[dict], cores: int) -> str:
             total += proj or 0
             lin_s = " (".join("n/a" if v is None else f"{v:.2f}" for v in (lin, clin)) + ")"
             out.append(f"| {stage} | {fixed:.1f} | {per * 1e3:.3f} | {cfixed:.1f} | {cper * 1e3:.3f} | {lin_s} | "
-                       f"{rss[int(np.argmax(ns))] / max(rss[int(np.argmin(ns))], 1):.2f} | "
+                       f"{rss[big] / max(rss[small], 1):.2f} ({anon[big] / max(anon[small], 1):.2f}) | "
                        f"{rss_per * 1e5 / mib:.0f} | {f'{proj / 60:.1f} min' if proj else 'not by N'} |")
         out += ["", f"build-lsun + dedup projected to 3M images on 64 cores: {total / 3600:.2f} h (fixed wall cost + "
                     f"per-image CPU seconds x 3M / 64; this box has {cores} cores)", ""]
@@ -658,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                    help="stages to run (each needs the ones before it to have run in the same --work)")
+    p.add_argument("--full-upto", type=int, metavar="N", help="run the stages after build-lsun only for Ns up to "
+                   "this (build-lsun's law to the largest N where de-duplicating it would take hours here)")
     p.add_argument("--work", help="working folder (default: a temporary one, removed at the end)")
     p.add_argument("--cache", help="folder to keep generated LMDBs in between runs (default: inside --work)")
     p.add_argument("--generate-only", action="store_true", help="only make the LMDBs in --cache")
@@ -682,8 +694,9 @@ def main(argv: list[str] | None = None) -> int:
             with ExitStack() as stack:
                 place = ClusterWithS3(stack) if where == "cluster" else LocalRay()
                 for n in sorted(args.n):
-                    results.append(measure(n, base / where / f"n{n}", args.steps, args.seed, cache, args.stages,
-                                           place))
+                    stages = [s for s in args.stages if s == "build-lsun" or not args.full_upto
+                              or n <= args.full_upto]
+                    results.append(measure(n, base / where / f"n{n}", args.steps, args.seed, cache, stages, place))
                     if args.json:
                         Path(args.json).write_text(json.dumps({"cores": cores, "results": results}, indent=1))
     finally:

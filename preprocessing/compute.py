@@ -51,8 +51,9 @@ def quiet_console() -> None:
     a terminal: call before `ray` is imported (Ray reads the setting once). Entry points (the `dcgan` CLI, the demo) call it; a library user keeps Ray's defaults."""
     if not verbose():
         os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", PROJECT_LINES)
-    if not sys.stderr.isatty():  # a log file or a pipe: Ray's worker prefixes without colour codes
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    if not sys.stderr.isatty():  # a log file or a pipe: Ray's worker prefixes without colour codes, and no
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # progress bars (a terminal's, redrawn with \r: a log
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # got every redraw of Train's dataset split)
 
 
 class _NoKnownFaultTracebacks(logging.Filter):
