@@ -16,7 +16,8 @@ pasted at four bands of sides onto real faceless photos of 640-1024 px (tests/re
 Run: `.venv/bin/python benchmarks/face_detect.py` (about a minute of CPU).
 
 Haar vs YuNet (`--detectors`, issue 23): `build.detector: haar` (as configured by default) against `build.detector:
-yunet` (the model in ../shared/data/yunet/, which the project does not ship) and YuNet with `yunet_face_px` 48 and 32,
+yunet` (the model in ../shared/data/yunet/, which the project does not ship), YuNet with `yunet_face_px` 48 and 32
+and Haar searching a min_face face at 32 px instead of its 48 (haar@32, a shrink the build does not make),
 each through `preprocessing.faces.find_faces` as the build runs it ('reduced': a JPEG decoded in libjpeg at 1/2, 1/4
 or 1/8 scale where min_face allows) and decoded at full size ('full', the code before), at `--min-face` (64), on
 the composites against the pasted faces' own boxes (ground truth): recall = pasted faces of side >= min_face matched
@@ -25,6 +26,7 @@ per photo (the camera background's cameraman is a real face that is not in the g
 him is charged for it), and photos per CPU-second on one thread, decoding the JPEG included, as a ratio to Haar
 (full) in the same run.
 Run: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/face_detect.py --detectors --composites 25 [--min-face 128]`.
+`--crops --min-face 128`: the build's crops (full resolution) against crops from the reduced decode.
 """
 
 from __future__ import annotations
@@ -127,13 +129,17 @@ def detectors_table(n: int, seed: int, model: Path, min_face: int) -> None:
     build runs it (`faces.find_faces`: a JPEG decoded at reduced scale where min_face allows) and at full size."""
     from realdata import encode, face_composites
 
-    from preprocessing.faces import find_faces
+    from preprocessing.faces import HaarDetector, find_faces
     from preprocessing.images import Reject, check, jpeg_factor
 
     if not model.is_file():
         raise SystemExit(f"no YuNet model at {model} (see ../shared/data/yunet/README.md)")
     yunet = {"detector": "yunet", "detector_model": str(model)}
+    haar32 = detector(BuildConfig(kind="faces"))
+    haar32 = HaarDetector(haar32.path, haar32.scale_factor, haar32.min_neighbors, haar32.stride)
+    haar32.face_px = 32  # a shrink the build does not make (48): what it would cost in recall
     cfgs = {"haar": BuildConfig(kind="faces", min_face=min_face),
+            "haar@32": BuildConfig(kind="faces", min_face=min_face),
             "yunet": BuildConfig(kind="faces", min_face=min_face, **yunet),
             # the same model searching a min_face face at 48 / 32 px: faster, lossier on these faces
             **{f"yunet@{px}": BuildConfig(kind="faces", min_face=min_face, yunet_face_px=px, **yunet)
@@ -152,12 +158,17 @@ def detectors_table(n: int, seed: int, model: Path, min_face: int) -> None:
     base = None
     for name, cfg in cfgs.items():
         for reduce in (False, True):
-            def one(data, cfg=cfg, reduce=reduce):
+            det = haar32 if name == "haar@32" else None
+
+            def one(data, cfg=cfg, reduce=reduce, det=det):
                 try:
-                    return find_faces(data, cfg, reduce)[0]
+                    return find_faces(data, cfg, reduce, det)[0]
                 except Reject:
                     return []
-            scale = jpeg_factor(check(photos[0], 10**9), min_face / detector(cfg).face_px) if reduce else 1
+            face_px = (det or detector(cfg)).face_px
+            scale = jpeg_factor(check(photos[0], 10**9), min_face / face_px) if reduce else 1
+            if name == "haar@32" and not reduce:
+                continue  # the haar row
             if reduce and scale == 1:
                 print(f"{name:10s} reduced: decoded at full size at this min_face (the row above)")
                 continue
@@ -170,6 +181,39 @@ def detectors_table(n: int, seed: int, model: Path, min_face: int) -> None:
                   f"{hits / faces:6.3f} {fp / len(photos):8.2f} {rate:12.1f} {rate / base:11.2f}x", flush=True)
 
 
+def crops_table(n: int, seed: int, min_face: int) -> None:
+    """The build's crops (from the full-resolution photo) against crops from the reduced decode the faces were found
+    in: grey levels apart, and the CPU a second, full decode costs against the whole face_rows."""
+    from realdata import encode, face_composites
+
+    from preprocessing.faces import crop_square, face_rows, find_faces
+    from preprocessing.images import Reject
+
+    photos = [encode(p, ".jpg", quality=90) for p in face_composites(n, (min_face, 400), seed + 100)]
+    print(f"Crops from the reduced decode vs the full-resolution photo: {len(photos)} composites, faces "
+          f"{min_face}-400 px, min_face {min_face}, Haar, 64 x 64 crops.")
+    for margin in (0.0, 0.25):
+        cfg = BuildConfig(kind="faces", min_face=min_face, margin=margin)
+        diffs, rows_s, decode_s, found = [], 0.0, 0.0, 0
+        for data in photos:
+            t = time.process_time()
+            try:
+                rows = face_rows("k", "s", data, cfg)
+            except Reject:
+                continue
+            rows_s += time.process_time() - t
+            t = time.process_time()
+            decode(data, 10**9)
+            decode_s += time.process_time() - t
+            _, small, f = find_faces(data, cfg)
+            found += 1
+            diffs += [np.abs(r[1].astype(int) - crop_square(small, tuple(v / f for v in r[3]), margin, 64)).mean()
+                      for r in rows]
+        print(f"margin {margin}: {len(diffs)} crops from {found} photos (scale 1/{f}): mean {np.mean(diffs):.2f}, "
+              f"max {np.max(diffs):.2f} grey levels apart; the full decode {1000 * decode_s / found:.1f} ms of "
+              f"{1000 * rows_s / found:.1f} ms per photo with a face ({decode_s / rows_s:.0%})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--composites", type=int, default=10, help="composite photos per band (default 10)")
@@ -178,8 +222,12 @@ def main() -> None:
     ap.add_argument("--detectors", action="store_true", help="only the Haar vs YuNet table")
     ap.add_argument("--yunet-model", type=Path, default=YUNET, help=f"YuNet ONNX file (default {YUNET})")
     ap.add_argument("--min-face", type=int, default=MIN_FACE, help="--detectors: build.min_face (default 64)")
+    ap.add_argument("--crops", action="store_true", help="only the crop comparison (use --min-face 128)")
     args = ap.parse_args()
     cv2.setNumThreads(1)
+    if args.crops:
+        crops_table(args.composites, args.seed, args.min_face)
+        return
     if args.detectors:
         detectors_table(args.composites, args.seed, args.yunet_model, args.min_face)
         return

@@ -3,7 +3,8 @@
 The default is OpenCV's Haar frontal-face cascade (`build.detector: haar`; any cascade XML through `build.cascade`);
 `build.detector: yunet` runs OpenCV's YuNet CNN (`cv2.FaceDetectorYN`) from the ONNX file `build.detector_model`
 names (a local path or s3://, which the user supplies). Both keep faces of side >= min_face and crop them with the
-same margin rule, in the same Ray tasks.
+same margin rule, in the same Ray tasks. A JPEG is searched on a libjpeg decode at 1/2, 1/4 or 1/8 scale when a
+min_face face still spans the detector's `face_px` there (`find_faces`); at the default min_face 64 neither shrinks.
 
 For a cascade, the faces are those of OpenCV's `detectMultiScale(grey, scale_factor, min_neighbors, minSize=min_face)`
 on the photo at full resolution, and `detect_stride: 1` runs exactly that. It slides the window over every position of
@@ -257,15 +258,17 @@ def crop_square(rgb: np.ndarray, box: Box, margin: float, size: int) -> np.ndarr
 NO_FACE = "no_face"  # a photo without a usable face: a filter outcome, recorded but not counted as bad input
 
 
-def find_faces(data: bytes, cfg: BuildConfig, reduce: bool = True) -> tuple[list[Box], np.ndarray, int]:
+def find_faces(data: bytes, cfg: BuildConfig, reduce: bool = True, det: Detector | None = None
+               ) -> tuple[list[Box], np.ndarray, int]:
     """A photo's faces of side >= min_face in source pixels, with the RGB image they were found in and its scale 1/f.
 
     Detection cost grows with the pixels searched, so a JPEG is decoded in libjpeg at 1/2, 1/4 or 1/8 scale when a
-    min_face face still spans the detector's `face_px` there (`reduce=False`: full size, for comparison)."""
+    min_face face still spans the detector's `face_px` there (`reduce=False`: full size, and `det`, another
+    detector than the configured one: for benchmarks/face_detect.py)."""
     from preprocessing.images import Reject, check, decode_checked, jpeg_factor
 
     checked = check(data, cfg.max_pixels)
-    det = detector(cfg)
+    det = det or detector(cfg)
     f = jpeg_factor(checked, cfg.min_face / det.face_px) if reduce else 1
     rgb = decode_checked(data, checked, f)  # EXIF orientation applied
     boxes = _to_source(det.detect(rgb, max(1, cfg.min_face // f)), f, cfg.min_face)
@@ -279,8 +282,8 @@ def face_rows(key: str, source: str, data: bytes, cfg: BuildConfig) -> list[tupl
     """One photo -> a row per face of side >= min_face: key `<key>#<i>`, the square crop, the source, the box.
 
     The crops come from the full-resolution photo (decoded again only when a face was found at reduced scale): a
-    crop from the reduced decode saved ~2.5 ms per such photo but moved the square by up to half a reduced pixel,
-    up to 8 grey levels off (benchmarks/RESULTS.md)."""
+    crop from the reduced decode would save 6% of such a photo's CPU but move the square by up to half a reduced
+    pixel (`benchmarks/face_detect.py --crops`)."""
     from preprocessing.images import decode
 
     boxes, rgb, f = find_faces(data, cfg)

@@ -3,14 +3,14 @@
 Listing happens once, on the driver, and yields `Item`s sorted by key, so chunking them is deterministic. A URL list
 (.txt/.lst, .csv/.tsv, .parquet) is the exception, for lists of millions: it is streamed (`plan_url_list`), cut into
 chunks in file order (by byte offset; Parquet by row), and each build task reads its own URLs (`url_chunk_items`).
-Every entry found is an input: what cannot be one (a hidden file, a dangling symlink, a symlink loop, a URL list line
-that is not an http(s):// or s3:// URL) is listed with its reject reason and never read, so it shows up in the
-rejects instead of vanishing. Keys are unique names inside the input: the path relative to the folder or prefix (extension kept), or the
-URL. Fetching happens in Ray workers: files and objects are read through `preprocessing.storage`; http(s) URLs are
-downloaded by `preprocessing.downloads` (no private/loopback/link-local address unless allowed, on every redirect
-hop; a redirect cap; a total time limit per attempt; retries with backoff on transient failures; a size cap; and
-politeness: robots.txt, X-Robots-Tag opt-outs, per-host limits, Retry-After), with bounded concurrency. Every
-failure is a `Reject` with its reason; none stops the build.
+Every entry found is an input: what cannot be one (a hidden file, a dangling symlink, a symlink loop, a URL list
+line that is not an http(s):// or s3:// URL) is listed with its reject reason and never read, so it shows up in the
+rejects instead of vanishing. Keys are unique names inside the input: the path relative to the folder or prefix
+(extension kept), or the URL. Fetching happens in Ray workers: files and objects are read through
+`preprocessing.storage`; http(s) URLs are downloaded by `preprocessing.downloads` (no private/loopback/link-local
+address unless allowed, on every redirect hop; a redirect cap; a total time limit per attempt; retries with backoff
+on transient failures; a size cap; and politeness: robots.txt, X-Robots-Tag opt-outs, per-host limits, Retry-After),
+with bounded concurrency. Every failure is a `Reject` with its reason; none stops the build.
 
 Layer: preprocessing. (Listing and fetching stay together: each kind of source is one listing and one fetch.)
 """

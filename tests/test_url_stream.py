@@ -75,7 +75,8 @@ def test_streamed_tables_give_the_inputs_of_the_whole_file_listing(tmp_path, suf
     assert sorted(tuple(i) for i in items) == sorted((it.key, it.source, *(it.reject or ())) for it in whole)
     assert len({i[0] for i in items}) == len(items)  # a repeated URL is an input once
     assert all(c["count"] <= 256 for c in chunks) and len({c["offset"] for c in chunks}) == len(chunks)
-    assert plan(BuildConfig(kind="faces", input=str(listing), shard_rows=256)).chunks[3]["offset"] == chunks[3]["offset"]
+    planned = plan(BuildConfig(kind="faces", input=str(listing), shard_rows=256)).chunks  # what a build plans
+    assert [c["offset"] for c in planned] == [c["offset"] for c in chunks]
     # a chunk is read from where it starts: alone, it gives its own URLs
     assert url_chunk_items(chunks[5]) == [i for c in chunks[5:6] for i in url_chunk_items(c)]
     assert [i[0] for i in url_chunk_items(chunks[0])][:2] == ["https://host0.example.org/photos/00000000.jpg",
