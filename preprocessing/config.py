@@ -106,7 +106,9 @@ class BuildConfig(Strict):
                                "higher = fewer false faces")
     detect_stride: Literal[1, 2] = Field(2, description="cascade search: 1 = OpenCV's detectMultiScale at full "
                                          "resolution, every window; 2 = every other window of the same pyramid "
-                                         "first, then every window around each hit (same boxes, faster)")
+                                         "first, then every window around each hit (same boxes, faster; from "
+                                         "min_face 96 on a JPEG decoded at 1/2-1/8 scale, where min_face stays "
+                                         ">= 48 px)")
     # URL lists
     download_concurrency: int = Field(16, ge=1, description="parallel downloads per build task (URL lists)")
     download_timeout_s: float = Field(10.0, gt=0, description="seconds before a download attempt is abandoned")

@@ -102,7 +102,8 @@ class HaarDetector:
         self._window = tuple(int(v) for v in self._cascade.getOriginalWindowSize())
         # exact where the two passes cannot be: old-format XML (another OpenCV code path), no grouping (every window)
         self._two_pass = self.stride == 2 and self.min_neighbors > 0 and not self._cascade.isOldFormatCascade()
-        self.face_px = max(HAAR_FACE_PX, 2 * max(self._window))
+        # detect_stride 1 is the full-resolution reference: never searched on a reduced decode
+        self.face_px = max(HAAR_FACE_PX, 2 * max(self._window)) if self.stride == 2 else 1 << 30
 
     def detect(self, rgb: np.ndarray, min_face: int) -> list[Box]:
         grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)

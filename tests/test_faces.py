@@ -133,6 +133,7 @@ def test_a_large_min_face_is_searched_on_a_reduced_jpeg_decode_and_cropped_at_fu
     rows = faces.face_rows("gh", "gh", data, cfg)
     assert len(rows) == 1 and (rows[0][1] == faces.crop_square(full, rows[0][3], 0.1, 64)).all()
     assert faces.find_faces(data, BuildConfig(kind="faces"))[2] == 1  # 64 / 48 < 2
+    assert faces.find_faces(data, cfg.model_copy(update={"detect_stride": 1}))[2] == 1  # the exact reference
     assert faces.find_faces(cv2.imencode(".png", full[..., ::-1])[1].tobytes(), cfg)[2] == 1
     # EXIF orientation is applied by the reduced decode too: the sideways photo's face is found upright
     sideways = jpeg(np.rot90(full, 1), exif_orientation=6)
