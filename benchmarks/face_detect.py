@@ -16,13 +16,17 @@ pasted at four bands of sides onto real faceless photos of 640-1024 px (tests/re
 Run: `.venv/bin/python benchmarks/face_detect.py` (about a minute of CPU).
 
 Haar vs YuNet (`--detectors`, issue 23): `build.detector: haar` (as configured by default) against `build.detector:
-yunet` (the model in ../shared/data/yunet/, which the project does not ship), both through
-`preprocessing.faces.detector` at min_face 64, on the composites against the pasted faces' own boxes (ground truth):
-recall = pasted faces of side >= 64 matched by a box (IoU >= 0.4: the detectors draw their boxes differently),
-false positives = boxes matching no pasted face, per photo (the camera background's cameraman is a real face that is
-not in the ground truth, so a detector finding him is charged for it), and photos / faces found per CPU-second on one
-thread, decoding the JPEG included, as a ratio YuNet / Haar in the same run.
-Run: `.venv/bin/python benchmarks/face_detect.py --detectors` (half a minute of CPU).
+yunet` (the model in ../shared/data/yunet/, which the project does not ship), YuNet with `yunet_face_px` 48 and 32
+and Haar searching a min_face face at 32 px instead of its 48 (haar@32, a shrink the build does not make),
+each through `preprocessing.faces.find_faces` as the build runs it ('reduced': a JPEG decoded in libjpeg at 1/2, 1/4
+or 1/8 scale where min_face allows) and decoded at full size ('full', the code before), at `--min-face` (64), on
+the composites against the pasted faces' own boxes (ground truth): recall = pasted faces of side >= min_face matched
+by a box (IoU >= 0.4: the detectors draw their boxes differently), false positives = boxes matching no pasted face,
+per photo (the camera background's cameraman is a real face that is not in the ground truth, so a detector finding
+him is charged for it), and photos per CPU-second on one thread, decoding the JPEG included, as a ratio to Haar
+(full) in the same run.
+Run: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/face_detect.py --detectors --composites 25 [--min-face 128]`.
+`--crops --min-face 128`: the build's crops (full resolution) against crops from the reduced decode.
 """
 
 from __future__ import annotations
@@ -120,52 +124,94 @@ def matches_at(ref: list, got: list, threshold: float) -> int:
     return len(used_r)
 
 
-def detectors_table(n: int, seed: int, model: Path) -> None:
-    """Haar vs YuNet on composites with known faces: recall, false positives per photo, speed per core."""
+def detectors_table(n: int, seed: int, model: Path, min_face: int) -> None:
+    """Haar vs YuNet on composites with known faces: recall, false positives per photo, speed per core; each as the
+    build runs it (`faces.find_faces`: a JPEG decoded at reduced scale where min_face allows) and at full size."""
     from realdata import encode, face_composites
+
+    from preprocessing.faces import HaarDetector, find_faces
+    from preprocessing.images import Reject, check, jpeg_factor
 
     if not model.is_file():
         raise SystemExit(f"no YuNet model at {model} (see ../shared/data/yunet/README.md)")
-    from preprocessing.faces import YuNetDetector
-
-    dets = {"haar": detector(BuildConfig(kind="faces", min_face=MIN_FACE)),
-            "yunet": detector(BuildConfig(kind="faces", min_face=MIN_FACE, detector="yunet",
-                                          detector_model=str(model))),
-            # the same model searching a min_face face at 48 / 32 px (a smaller copy of the photo): faster, lossier
-            **{f"yunet@{px}": YuNetDetector(str(model), face_px=px) for px in (48, 32)}}
-    print(f"Haar vs YuNet, min_face {MIN_FACE}, composites against their pasted faces (IoU >= 0.4), one thread.")
-    head = (f"{'faces of side':16s} {'photos':>6s} {'faces':>5s} | {'recall haar':>11s} {'yunet':>6s} | "
-            f"{'FP/photo haar':>13s} {'yunet':>6s} | {'photos/CPU-s haar':>17s} {'yunet':>6s} {'ratio':>6s} | "
-            f"{'faces/CPU-s haar':>16s} {'yunet':>6s}")
-    print(head + "\n" + "-" * len(head))
-    total = {d: [0, 0, 0.0] for d in dets}  # hits, false positives, CPU s
-    photos_all = faces_all = 0
+    yunet = {"detector": "yunet", "detector_model": str(model)}
+    haar32 = detector(BuildConfig(kind="faces"))
+    haar32 = HaarDetector(haar32.path, haar32.scale_factor, haar32.min_neighbors, haar32.stride)
+    haar32.face_px = 32  # a shrink the build does not make (48): what it would cost in recall
+    cfgs = {"haar": BuildConfig(kind="faces", min_face=min_face),
+            "haar@32": BuildConfig(kind="faces", min_face=min_face),
+            "yunet": BuildConfig(kind="faces", min_face=min_face, **yunet),
+            # the same model searching a min_face face at 48 / 32 px: faster, lossier on these faces
+            **{f"yunet@{px}": BuildConfig(kind="faces", min_face=min_face, yunet_face_px=px, **yunet)
+               for px in (48, 32)}}
+    photos, truth = [], []
     for i, band in enumerate(BANDS + ((64, 400),)):
-        photos, truth = face_composites(n, band, seed + 100 + i, boxes=True)
-        truth = [[b for b in t if min(b[2:]) >= MIN_FACE] for t in truth]
-        data = [encode(p, ".jpg", quality=90) for p in photos]
-        row = {}
-        for name, det in dets.items():
-            secs, found = run(lambda x: det.detect(decode(x, 10**9), MIN_FACE), data)
-            hits = sum(matches_at(t, f, 0.4) for t, f in zip(truth, found))
-            row[name] = (hits, sum(map(len, found)) - hits, secs)
-            total[name] = [a + b for a, b in zip(total[name], row[name])]
-        nf = sum(map(len, truth))
-        photos_all, faces_all = photos_all + len(data), faces_all + nf
-        _print_row(f"{band[0]}-{band[1]} px", len(data), nf, row)
-    _print_row("all", photos_all, faces_all, {d: tuple(v) for d, v in total.items()})
-    print(f"\nall {photos_all} photos, {faces_all} faces: YuNet searching a {MIN_FACE} px face at fewer pixels")
-    for name in [d for d in dets if d.startswith("yunet@")]:
-        h, f, secs = total[name]
-        print(f"  {name:9s} recall {h / faces_all:.3f}, FP/photo {f / photos_all:.2f}, "
-              f"{total['haar'][2] / secs:.2f}x Haar's photos/CPU-s")
+        p, t = face_composites(n, band, seed + 100 + i, boxes=True)
+        photos += [encode(x, ".jpg", quality=90) for x in p]
+        truth += [[b for b in bs if min(b[2:]) >= min_face] for bs in t]
+    faces = sum(map(len, truth))
+    print(f"Haar vs YuNet, min_face {min_face}, {len(photos)} composites (JPEG), {faces} pasted faces of side >= "
+          f"{min_face} (IoU >= 0.4), one thread. 'reduced' = as the build runs it, 'full' = decoded at full size.")
+    head = (f"{'detector':10s} {'decode':8s} {'scale':>5s} {'recall':>6s} {'FP/photo':>8s} {'photos/CPU-s':>12s} "
+            f"{'vs haar full':>12s}")
+    print(head + "\n" + "-" * len(head))
+    base = None
+    for name, cfg in cfgs.items():
+        for reduce in (False, True):
+            det = haar32 if name == "haar@32" else None
+
+            def one(data, cfg=cfg, reduce=reduce, det=det):
+                try:
+                    return find_faces(data, cfg, reduce, det)[0]
+                except Reject:
+                    return []
+            face_px = (det or detector(cfg)).face_px
+            scale = jpeg_factor(check(photos[0], 10**9), min_face / face_px) if reduce else 1
+            if name == "haar@32" and not reduce:
+                continue  # the haar row
+            if reduce and scale == 1:
+                print(f"{name:10s} reduced: decoded at full size at this min_face (the row above)")
+                continue
+            secs, got = run(one, photos)
+            hits = sum(matches_at(t, g, 0.4) for t, g in zip(truth, got))
+            fp = sum(map(len, got)) - hits
+            rate = len(photos) / secs
+            base = base or rate
+            print(f"{name:10s} {'reduced' if reduce else 'full':8s} {'1/' + str(scale):>5s} "
+                  f"{hits / faces:6.3f} {fp / len(photos):8.2f} {rate:12.1f} {rate / base:11.2f}x", flush=True)
 
 
-def _print_row(name: str, photos: int, faces: int, row: dict) -> None:
-    (hh, hf, hs), (yh, yf, ys) = row["haar"], row["yunet"]
-    print(f"{name:16s} {photos:6d} {faces:5d} | {hh / max(faces, 1):11.3f} {yh / max(faces, 1):6.3f} | "
-          f"{hf / photos:13.2f} {yf / photos:6.2f} | {photos / hs:17.1f} {photos / ys:6.1f} {hs / ys:5.2f}x | "
-          f"{hh / hs:16.1f} {yh / ys:6.1f}")
+def crops_table(n: int, seed: int, min_face: int) -> None:
+    """The build's crops (from the full-resolution photo) against crops from the reduced decode the faces were found
+    in: grey levels apart, and the CPU a second, full decode costs against the whole face_rows."""
+    from realdata import encode, face_composites
+
+    from preprocessing.faces import crop_square, face_rows, find_faces
+    from preprocessing.images import Reject
+
+    photos = [encode(p, ".jpg", quality=90) for p in face_composites(n, (min_face, 400), seed + 100)]
+    print(f"Crops from the reduced decode vs the full-resolution photo: {len(photos)} composites, faces "
+          f"{min_face}-400 px, min_face {min_face}, Haar, 64 x 64 crops.")
+    for margin in (0.0, 0.25):
+        cfg = BuildConfig(kind="faces", min_face=min_face, margin=margin)
+        diffs, rows_s, decode_s, found = [], 0.0, 0.0, 0
+        for data in photos:
+            t = time.process_time()
+            try:
+                rows = face_rows("k", "s", data, cfg)
+            except Reject:
+                continue
+            rows_s += time.process_time() - t
+            t = time.process_time()
+            decode(data, 10**9)
+            decode_s += time.process_time() - t
+            _, small, f = find_faces(data, cfg)
+            found += 1
+            diffs += [np.abs(r[1].astype(int) - crop_square(small, tuple(v / f for v in r[3]), margin, 64)).mean()
+                      for r in rows]
+        print(f"margin {margin}: {len(diffs)} crops from {found} photos (scale 1/{f}): mean {np.mean(diffs):.2f}, "
+              f"max {np.max(diffs):.2f} grey levels apart; the full decode {1000 * decode_s / found:.1f} ms of "
+              f"{1000 * rows_s / found:.1f} ms per photo with a face ({decode_s / rows_s:.0%})")
 
 
 def main() -> None:
@@ -175,10 +221,15 @@ def main() -> None:
     ap.add_argument("--shrinks", type=float, nargs="*", default=[2.0], help="shrink factors to compare (default 2)")
     ap.add_argument("--detectors", action="store_true", help="only the Haar vs YuNet table")
     ap.add_argument("--yunet-model", type=Path, default=YUNET, help=f"YuNet ONNX file (default {YUNET})")
+    ap.add_argument("--min-face", type=int, default=MIN_FACE, help="--detectors: build.min_face (default 64)")
+    ap.add_argument("--crops", action="store_true", help="only the crop comparison (use --min-face 128)")
     args = ap.parse_args()
     cv2.setNumThreads(1)
+    if args.crops:
+        crops_table(args.composites, args.seed, args.min_face)
+        return
     if args.detectors:
-        detectors_table(args.composites, args.seed, args.yunet_model)
+        detectors_table(args.composites, args.seed, args.yunet_model, args.min_face)
         return
     fns = methods(args.shrinks)
     compared = [m for m in fns if m not in ("naive", "full")]

@@ -11,10 +11,12 @@ Measured: CPU seconds of this process (download threads, decoding, detection, wr
 decoded images per CPU-second (one core's worth), and the ratio ours / baseline is printed. Both use 16 download
 threads and 1.5 s timeouts with one retry. Ours = `preprocessing.build.run_chunk` on one chunk, exactly a Ray task's
 work (robots.txt, X-Robots-Tag, per-host limits 4 in flight and 10/s, Retry-After), with `build.detector` haar and
-yunet (the model in ../shared/data/yunet/), and yunet with `build.yunet_face_px: 32`.
+yunet (the model in ../shared/data/yunet/), and yunet with `build.yunet_face_px: 32`, at `build.min_face` 64
+(`--min-face`: a larger one lets the detection decode JPEGs at 1/2-1/8 scale, preprocessing.faces.find_faces).
 A third row runs our task as a center-crop build (the same fetching, decode, crop and write, no detection): the
 baseline's work through our polite fetcher, to tell fetching cost from detection cost.
-Run: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/url_fetch.py` (about two minutes; `--urls`, `--hosts`).
+Run: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/url_fetch.py` (about two minutes; `--urls`, `--hosts`,
+`--min-face`).
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ def baseline(urls: list[str]) -> int:
         return sum(pool.map(one, urls))
 
 
-def ours(urls: list[str], detector: str, out: str) -> tuple[int, dict]:
+def ours(urls: list[str], detector: str, out: str, min_face: int = 64) -> tuple[int, dict]:
     """One build task on the URLs; detector "none" = the center-crop build (our fetching, decode, crop, no faces)."""
     from preprocessing.build import run_chunk
     from preprocessing.config import BuildConfig
@@ -124,7 +126,7 @@ def ours(urls: list[str], detector: str, out: str) -> tuple[int, dict]:
     extra = {"detector": "yunet", "detector_model": str(YUNET)} if detector.startswith("yunet") else {}
     if detector == "yunet@32":
         extra["yunet_face_px"] = 32
-    cfg = BuildConfig(kind="center-crop" if detector == "none" else "faces", resolution=SIZE,
+    cfg = BuildConfig(kind="center-crop" if detector == "none" else "faces", resolution=SIZE, min_face=min_face,
                       allow_private_hosts=["127.0.0.1"], download_timeout_s=TIMEOUT_S,
                       download_retries=1, download_concurrency=THREADS, max_retry_wait_s=2.0, **extra)
     result = run_chunk({"index": 0, "items": [[u, u] for u in urls]}, cfg, out, out)
@@ -142,6 +144,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--urls", type=int, default=400)
     ap.add_argument("--hosts", type=int, default=8)
+    ap.add_argument("--min-face", type=int, default=64, help="build.min_face of the face rows (default 64)")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -156,7 +159,7 @@ def main() -> None:
         ports = [int(p) for p in server.stdout.readline().split()]
         urls = sorted(f"http://127.0.0.1:{ports[i % len(ports)]}/{i}.jpg" for i in range(args.urls))
         print(f"{len(urls)} URLs on {len(ports)} hosts (host 0 slow: timeouts; host 1 failing: 500/503), latency "
-              f"50-300 ms, {THREADS} threads, one process")
+              f"50-300 ms, {THREADS} threads, one process, min_face {args.min_face}")
         rows = {"baseline (img2dataset-style)": measure(lambda: (baseline(urls), None))}
         for det in ("none", "haar", "yunet", "yunet@32"):
             if det.startswith("yunet") and not YUNET.is_file():
@@ -164,7 +167,7 @@ def main() -> None:
                 continue
             with tempfile.TemporaryDirectory() as out:
                 name = "ours, center-crop, no faces" if det == "none" else f"ours, faces, detector {det}"
-                rows[name] = measure(lambda: ours(urls, det, out))
+                rows[name] = measure(lambda: ours(urls, det, out, args.min_face))
         base_rate = rows["baseline (img2dataset-style)"][0][0] / rows["baseline (img2dataset-style)"][1]
         print(f"{'method':30s} {'decoded':>7s} {'CPU s':>6s} {'wall s':>6s} {'img/CPU-s':>9s} {'img/s wall':>10s} "
               f"{'vs baseline per core':>20s}")

@@ -86,7 +86,7 @@ def plan(cfg: BuildConfig) -> Plan:
 
     if cfg.kind == "center-crop" and lsun.is_lmdb(cfg.input):
         chunks, n, fp = lsun.plan_lmdb(cfg.input, cfg.shard_rows, cfg.limit)
-    elif is_streamed_url_list(cfg.input):  # .txt/.lst: streamed, never held whole here
+    elif is_streamed_url_list(cfg.input):  # a URL list (.txt/.lst/.csv/.tsv/.parquet): streamed, never held whole
         chunks, n, fp = plan_url_list(cfg.input, cfg.shard_rows, cfg.limit)
     else:  # a folder (LSUN's exported images, or photos), an s3:// prefix or a URL list
         chunks, n, fp = chunk_items(list_items(cfg.input, cfg.limit), cfg.shard_rows)

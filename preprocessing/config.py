@@ -97,15 +97,18 @@ class BuildConfig(Strict):
     detector_model: Location | None = Field(None, description="the YuNet ONNX file for `detector: yunet` (local path "
                                             "or s3://; you supply it, the project never downloads one)")
     yunet_face_px: int = Field(64, ge=16, le=256, description="YuNet searches a min_face face at this side, on a copy "
-                               "of the photo shrunk to it (never enlarged): 32 is ~3x faster and misses more small "
-                               "faces (benchmarks/face_detect.py --detectors)")
+                               "of the photo shrunk to it (never enlarged; a JPEG decoded at 1/2-1/8 scale by libjpeg "
+                               "where that reaches it): 32 is ~3.5-4.5x faster and misses more small faces "
+                               "(benchmarks/face_detect.py --detectors)")
     cascade: str = Field("haarcascade_frontalface_default.xml", description="file under cv2.data.haarcascades or a path")
     scale_factor: float = Field(1.1, gt=1, description="cascade pyramid step between scales (detectMultiScale)")
     min_neighbors: int = Field(5, ge=0, description="overlapping detections a face needs (detectMultiScale); "
                                "higher = fewer false faces")
     detect_stride: Literal[1, 2] = Field(2, description="cascade search: 1 = OpenCV's detectMultiScale at full "
                                          "resolution, every window; 2 = every other window of the same pyramid "
-                                         "first, then every window around each hit (same boxes, faster)")
+                                         "first, then every window around each hit (same boxes, faster; from "
+                                         "min_face 96 on a JPEG decoded at 1/2-1/8 scale, where min_face stays "
+                                         ">= 48 px)")
     # URL lists
     download_concurrency: int = Field(16, ge=1, description="parallel downloads per build task (URL lists)")
     download_timeout_s: float = Field(10.0, gt=0, description="seconds before a download attempt is abandoned")

@@ -15,7 +15,7 @@ Politeness, on by default (a 3M-URL build must not behave like a careless crawle
 - an honest User-Agent naming the project, with the operator's contact when `build.contact` gives one;
 - robots.txt fetched once per host (per worker process), cached, honoured per RFC 9309 (longest match, `*` and `$`,
   the first 500 KiB read, a 4xx means no rules, a 5xx or an unreachable host means nothing may be fetched, asked
-  again after ROBOTS_RETRY_S);
+  again after ROBOTS_RETRY_S; a 429 or 503 on robots.txt backs the host off and is asked again, as for any URL);
 - `X-Robots-Tag` opt-outs (noai, noimageai, noindex, noimageindex by default) read from the headers before the body;
 - per-host concurrency and request rate (per worker process), and `Retry-After` / 429 / 503 backoff, waiting at most
   `max_retry_wait_s` (a longer wait is a `rate_limited` reject, never a hang).
@@ -60,6 +60,7 @@ OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 ROBOTS_MAX_BYTES = 500 * 1024  # RFC 9309 2.5: parsers must read at least 500 KiB; the rest may be ignored
 MAX_HOSTS = 4096  # per-host state kept per process (least recently used dropped)
 ROBOTS_RETRY_S = 300.0  # an unreadable robots.txt (complete disallow meanwhile) is asked for again after this
+ROBOTS_RETRIES = 2  # a robots.txt answered 429/503 is asked again after the backoff this many times
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -191,11 +192,16 @@ class Robots:
         self.rules = sorted(chosen, key=lambda r: (-len(r[0]), not r[1]))
 
     unreachable = False  # no robots.txt could be read: RFC 9309 says assume complete disallow
+    reason, retry_s = UNREACHABLE, ROBOTS_RETRY_S  # when unreachable: its URLs' reject reason, and when to ask again
 
     @classmethod
-    def everything(cls, allowed: bool, note: str) -> "Robots":
+    def everything(cls, allowed: bool, note: str, reason: str = UNREACHABLE, retry_s: float = ROBOTS_RETRY_S
+                   ) -> "Robots":
+        """No rules (allowed) or complete disallow, which is a `reason` reject and asked again after `retry_s`."""
         r = cls("", note=note)
         r.rules, r.unreachable = ([], False) if allowed else ([("", False)], True)
+        if not allowed:
+            r.reason, r.retry_s = reason, retry_s
         return r
 
     def allows(self, path: str) -> bool:
@@ -304,7 +310,7 @@ def _robots(host: _Host, policy: Policy, scheme: str, netloc: str, timeout_s: fl
     """The host's robots.txt, fetched once (threads of this process wait for the first fetch)."""
     with host.robots_lock:
         stale = host.robots is not None and host.robots.unreachable and \
-            time.monotonic() - host.robots_at > ROBOTS_RETRY_S
+            time.monotonic() - host.robots_at >= host.robots.retry_s
         if host.robots is None or stale:
             host.robots = _fetch_robots(f"{scheme}://{netloc}/robots.txt", policy, timeout_s)
             host.robots_at = time.monotonic()
@@ -313,9 +319,11 @@ def _robots(host: _Host, policy: Policy, scheme: str, netloc: str, timeout_s: fl
 
 def _fetch_robots(url: str, policy: Policy, timeout_s: float) -> Robots:
     """RFC 9309 2.3.1: 2xx = its rules; 4xx or too many redirects = no rules; 5xx, 429 or no answer = nothing may be
-    fetched (a crawler must assume complete disallow)."""
+    fetched (a crawler must assume complete disallow). A 429 or 503 backs the host off as for any URL (Retry-After,
+    else 1, 2 s) and is asked again, ROBOTS_RETRIES times; still refused, its URLs are `rate_limited` and the next
+    one asks again once the backoff allows (not after ROBOTS_RETRY_S)."""
     try:
-        body = _get(url, policy, timeout_s, ROBOTS_MAX_BYTES, robots_fetch=True)
+        body = download(url, timeout_s, ROBOTS_RETRIES, ROBOTS_MAX_BYTES, policy, robots_fetch=True)
     except HTTPStatus as err:
         if 400 <= err.code < 500 and err.code != 429:
             return Robots.everything(True, f"robots.txt HTTP {err.code}")
@@ -323,6 +331,8 @@ def _fetch_robots(url: str, policy: Policy, timeout_s: float) -> Robots:
     except Reject as r:
         if r.reason == TOO_MANY_REDIRECTS:
             return Robots.everything(True, "robots.txt redirects too often")
+        if r.reason == RATE_LIMITED:
+            return Robots.everything(False, f"{url}: {r.detail}", RATE_LIMITED, retry_s=0.0)
         return Robots.everything(False, f"{url}: {r.reason} ({r.detail})")
     except (TimeoutError, socket.timeout):
         return Robots.everything(False, f"{url}: no answer within {timeout_s:g} s")
@@ -339,7 +349,7 @@ def _check_robots(policy: Policy, scheme: str, parts, host: _Host, path: str, ti
     rules = _robots(host, policy, scheme, parts.netloc, timeout_s)
     if not rules.allows(path):
         if rules.unreachable:
-            raise Reject(UNREACHABLE, f"robots.txt not readable, so nothing is fetched (RFC 9309): {rules.note}"[:300])
+            raise Reject(rules.reason, f"robots.txt not readable, so nothing is fetched (RFC 9309): {rules.note}"[:300])
         raise Reject(ROBOTS, f"{parts.netloc}/robots.txt disallows {path[:150]} for {PRODUCT}")
 
 
@@ -499,17 +509,22 @@ def _get(url: str, policy: Policy, timeout_s: float, max_bytes: int, robots_fetc
     raise Reject(TOO_MANY_REDIRECTS, f"more than {policy.max_redirects} redirects")
 
 
-def download(url: str, timeout_s: float, retries: int, max_bytes: int, policy: Policy = Policy()) -> bytes:
+def download(url: str, timeout_s: float, retries: int, max_bytes: int, policy: Policy = Policy(),
+             robots_fetch: bool = False) -> bytes:
     """GET a URL whole under `policy`; raises Reject. `timeout_s` bounds each attempt in total (redirects and a
     trickling body included); transient failures (timeouts, resets, 408/425/5xx) are retried with backoff; a 429 or
-    503 backs the whole host off for its Retry-After (or 1, 2, 4 ... s), at most `policy.max_retry_wait_s`."""
+    503 backs the whole host off for its Retry-After (or 1, 2, 4 ... s), at most `policy.max_retry_wait_s`.
+    `robots_fetch`: the host's robots.txt: only 429/503 are retried; any other failure is raised as it is (its
+    status decides the rules)."""
     last: Reject | None = None
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(min(0.25 * 2 ** (attempt - 1), 4.0))
         try:
-            return _get(url, policy, timeout_s, max_bytes)
+            return _get(url, policy, timeout_s, max_bytes, robots_fetch)
         except HTTPStatus as err:
+            if robots_fetch and err.code not in (429, 503):
+                raise
             last = Reject(HTTP_ERROR, str(err))
             if err.code in (429, 503) and err.host is not None:
                 wait = err.retry_after if err.retry_after is not None else min(2.0 ** attempt, 60.0)
@@ -523,9 +538,13 @@ def download(url: str, timeout_s: float, retries: int, max_bytes: int, policy: P
             elif err.code not in (408, 425) and err.code < 500:
                 raise last from None  # the server answered: retrying will not change a 404
         except (TimeoutError, socket.timeout):
+            if robots_fetch:
+                raise
             last = Reject(TIMEOUT, f"no complete response within {timeout_s:g} s "
                                    f"({attempt + 1} attempt{'s' if attempt else ''})")
         except (ConnectionError, OSError) as err:  # resets, refused connections
+            if robots_fetch:
+                raise
             last = Reject(UNREACHABLE, f"{type(err).__name__}: {err}"[:200])
     assert last is not None
     raise last

@@ -3,7 +3,8 @@
 The default is OpenCV's Haar frontal-face cascade (`build.detector: haar`; any cascade XML through `build.cascade`);
 `build.detector: yunet` runs OpenCV's YuNet CNN (`cv2.FaceDetectorYN`) from the ONNX file `build.detector_model`
 names (a local path or s3://, which the user supplies). Both keep faces of side >= min_face and crop them with the
-same margin rule, in the same Ray tasks.
+same margin rule, in the same Ray tasks. A JPEG is searched on a libjpeg decode at 1/2, 1/4 or 1/8 scale when a
+min_face face still spans the detector's `face_px` there (`find_faces`); at the default min_face 64 neither shrinks.
 
 For a cascade, the faces are those of OpenCV's `detectMultiScale(grey, scale_factor, min_neighbors, minSize=min_face)`
 on the photo at full resolution, and `detect_stride: 1` runs exactly that. It slides the window over every position of
@@ -33,6 +34,9 @@ import numpy as np
 
 from preprocessing.config import BuildConfig
 
+HAAR_FACE_PX = 48  # Haar: a min_face face is searched at this side at the least (2 x the 24-px window: the reduced
+# photo's pyramid starts at factor 2, where OpenCV visits every position; at 32 px, a 64-px face in a 2x reduced photo,
+# it lost faces the full-resolution search finds: benchmarks/RESULTS.md)
 DETECT_FACE_PX = 64  # YuNet: a min_face face is searched for at this size (photo shrunk to it, never enlarged); 32
 # is ~3x faster but misses more small faces (benchmarks/face_detect.py --detectors); `build.yunet_face_px`
 REACH = 0.5  # the dense pass covers window origins within REACH x side of a first-pass hit ...
@@ -44,6 +48,8 @@ Box = tuple[int, int, int, int]  # x, y, w, h in source pixels
 
 
 class Detector(Protocol):
+    face_px: int  # a min_face face may be shrunk to this side before detection (JPEGs decode that small: face_rows)
+
     def detect(self, rgb: np.ndarray, min_face: int) -> list[Box]:
         """Faces with side >= min_face in an RGB image, in source pixels."""
 
@@ -96,6 +102,8 @@ class HaarDetector:
         self._window = tuple(int(v) for v in self._cascade.getOriginalWindowSize())
         # exact where the two passes cannot be: old-format XML (another OpenCV code path), no grouping (every window)
         self._two_pass = self.stride == 2 and self.min_neighbors > 0 and not self._cascade.isOldFormatCascade()
+        # detect_stride 1 is the full-resolution reference: never searched on a reduced decode
+        self.face_px = max(HAAR_FACE_PX, 2 * max(self._window)) if self.stride == 2 else 1 << 30
 
     def detect(self, rgb: np.ndarray, min_face: int) -> list[Box]:
         grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
@@ -251,12 +259,35 @@ def crop_square(rgb: np.ndarray, box: Box, margin: float, size: int) -> np.ndarr
 NO_FACE = "no_face"  # a photo without a usable face: a filter outcome, recorded but not counted as bad input
 
 
-def face_rows(key: str, source: str, data: bytes, cfg: BuildConfig) -> list[tuple[str, np.ndarray, str, Box]]:
-    """One photo -> a row per face of side >= min_face: key `<key>#<i>`, the square crop, the source, the box."""
-    from preprocessing.images import Reject, decode
+def find_faces(data: bytes, cfg: BuildConfig, reduce: bool = True, det: Detector | None = None
+               ) -> tuple[list[Box], np.ndarray, int]:
+    """A photo's faces of side >= min_face in source pixels, with the RGB image they were found in and its scale 1/f.
 
-    rgb = decode(data, cfg.max_pixels)  # full resolution: crops keep every source pixel (EXIF orientation applied)
-    boxes = detector(cfg).detect(rgb, cfg.min_face)
+    Detection cost grows with the pixels searched, so a JPEG is decoded in libjpeg at 1/2, 1/4 or 1/8 scale when a
+    min_face face still spans the detector's `face_px` there (`reduce=False`: full size, and `det`, another
+    detector than the configured one: for benchmarks/face_detect.py)."""
+    from preprocessing.images import Reject, check, decode_checked, jpeg_factor
+
+    checked = check(data, cfg.max_pixels)
+    det = det or detector(cfg)
+    f = jpeg_factor(checked, cfg.min_face / det.face_px) if reduce else 1
+    rgb = decode_checked(data, checked, f)  # EXIF orientation applied
+    boxes = _to_source(det.detect(rgb, max(1, cfg.min_face // f)), f, cfg.min_face)
     if not boxes:
-        raise Reject(NO_FACE, f"no face of side >= {cfg.min_face} px in {rgb.shape[1]}x{rgb.shape[0]}")
+        raise Reject(NO_FACE, f"no face of side >= {cfg.min_face} px in {checked.width}x{checked.height}"
+                              + (f" (searched at 1/{f} scale)" if f > 1 else ""))
+    return boxes, rgb, f
+
+
+def face_rows(key: str, source: str, data: bytes, cfg: BuildConfig) -> list[tuple[str, np.ndarray, str, Box]]:
+    """One photo -> a row per face of side >= min_face: key `<key>#<i>`, the square crop, the source, the box.
+
+    The crops come from the full-resolution photo (decoded again only when a face was found at reduced scale): a
+    crop from the reduced decode would save 6% of such a photo's CPU but move the square by up to half a reduced
+    pixel (`benchmarks/face_detect.py --crops`)."""
+    from preprocessing.images import decode
+
+    boxes, rgb, f = find_faces(data, cfg)
+    if f > 1:
+        rgb = decode(data, cfg.max_pixels)
     return [(f"{key}#{i}", crop_square(rgb, b, cfg.margin, cfg.resolution), source, b) for i, b in enumerate(boxes)]

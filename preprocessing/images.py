@@ -212,28 +212,27 @@ _REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_RE
             8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
-def reduce_factor(checked: Checked, target: int) -> int:
-    """The largest JPEG DCT-domain downscale (1, 2, 4 or 8) that keeps the short side >= target.
+def jpeg_factor(checked: Checked, most: float) -> int:
+    """The largest JPEG DCT-domain downscale (1, 2, 4 or 8) not above `most`.
 
     Only JPEG scales inside the decoder (libjpeg); for other formats OpenCV would decode fully and then resize with
     a cruder filter, so they decode at full size.
     """
     if checked.fmt != "jpeg":
         return 1
-    short = min(checked.width, checked.height)
     f = 1
-    while f < 8 and short // (f * 2) >= target:
+    while f < 8 and f * 2 <= most:
         f *= 2
     return f
 
 
-def decode(data: bytes, max_pixels: int, target: int | None = None) -> np.ndarray:
-    """Bytes -> RGB uint8 (H, W, 3) with EXIF orientation applied; raises Reject.
+def reduce_factor(checked: Checked, target: int) -> int:
+    """The largest JPEG downscale that keeps the short side >= target."""
+    return jpeg_factor(checked, min(checked.width, checked.height) / target)
 
-    `target` (the short side the caller needs) lets JPEGs decode at 1/2, 1/4 or 1/8 scale, which is 2-4x faster.
-    """
-    checked = check(data, max_pixels)
-    factor = reduce_factor(checked, target) if target else 1
+
+def decode_checked(data: bytes, checked: Checked, factor: int = 1) -> np.ndarray:
+    """Checked bytes -> RGB uint8, decoded at 1/factor scale (`jpeg_factor`; 1 for other formats); raises Reject."""
     try:
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[factor])
     except cv2.error as err:
@@ -243,6 +242,15 @@ def decode(data: bytes, max_pixels: int, target: int | None = None) -> np.ndarra
     if bgr is None or bgr.size == 0:
         raise Reject(CORRUPT, f"OpenCV could not decode this {checked.fmt} ({len(data):,} bytes)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def decode(data: bytes, max_pixels: int, target: int | None = None) -> np.ndarray:
+    """Bytes -> RGB uint8 (H, W, 3) with EXIF orientation applied; raises Reject.
+
+    `target` (the short side the caller needs) lets JPEGs decode at 1/2, 1/4 or 1/8 scale, which is 2-4x faster.
+    """
+    checked = check(data, max_pixels)
+    return decode_checked(data, checked, reduce_factor(checked, target) if target else 1)
 
 
 def center_crop_resize(img: np.ndarray, size: int) -> np.ndarray:

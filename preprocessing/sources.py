@@ -1,16 +1,16 @@
 """Where raw inputs come from: a local folder, an s3:// prefix, or a file listing image URLs; and fetching their bytes.
 
-Listing happens once, on the driver, and yields `Item`s sorted by key, so chunking them is deterministic. A text URL
-list (.txt/.lst) is the exception, for lists of millions: it is streamed (`plan_url_list`), cut into chunks by byte
-range in file order, and each build task reads its own lines (`url_chunk_items`). Every entry
-found is an input: what cannot be one (a hidden file, a dangling symlink, a symlink loop, a URL list line that is not
-an http(s):// or s3:// URL) is listed with its reject reason and never read, so it shows up in the rejects instead of
-vanishing. Keys are unique names inside the input: the path relative to the folder or prefix (extension kept), or the
-URL. Fetching happens in Ray workers: files and objects are read through `preprocessing.storage`; http(s) URLs are
-downloaded by `preprocessing.downloads` (no private/loopback/link-local address unless allowed, on every redirect
-hop; a redirect cap; a total time limit per attempt; retries with backoff on transient failures; a size cap; and
-politeness: robots.txt, X-Robots-Tag opt-outs, per-host limits, Retry-After), with bounded concurrency. Every
-failure is a `Reject` with its reason; none stops the build.
+Listing happens once, on the driver, and yields `Item`s sorted by key, so chunking them is deterministic. A URL list
+(.txt/.lst, .csv/.tsv, .parquet) is the exception, for lists of millions: it is streamed (`plan_url_list`), cut into
+chunks in file order (by byte offset; Parquet by row), and each build task reads its own URLs (`url_chunk_items`).
+Every entry found is an input: what cannot be one (a hidden file, a dangling symlink, a symlink loop, a URL list
+line that is not an http(s):// or s3:// URL) is listed with its reject reason and never read, so it shows up in the
+rejects instead of vanishing. Keys are unique names inside the input: the path relative to the folder or prefix
+(extension kept), or the URL. Fetching happens in Ray workers: files and objects are read through
+`preprocessing.storage`; http(s) URLs are downloaded by `preprocessing.downloads` (no private/loopback/link-local
+address unless allowed, on every redirect hop; a redirect cap; a total time limit per attempt; retries with backoff
+on transient failures; a size cap; and politeness: robots.txt, X-Robots-Tag opt-outs, per-host limits, Retry-After),
+with bounded concurrency. Every failure is a `Reject` with its reason; none stops the build.
 
 Layer: preprocessing. (Listing and fetching stay together: each kind of source is one listing and one fetch.)
 """
@@ -48,7 +48,8 @@ UNREADABLE = "unreadable"  # a folder that cannot be listed (permissions)
 URL_SCHEMES = ("http", "https", "s3")
 
 URL_LIST_SUFFIXES = (".txt", ".lst", ".csv", ".tsv", ".parquet")
-STREAMED_SUFFIXES = (".txt", ".lst")  # planned by streaming: never held whole on the driver
+STREAMED_SUFFIXES = URL_LIST_SUFFIXES  # planned by streaming: never held whole on the driver
+PARQUET_BATCH = 8192  # rows per Parquet batch read (memory: a row group's url column, read by pyarrow)
 BLOCK = 1 << 18
 
 
@@ -160,24 +161,110 @@ def _url_line(raw: bytes, first: bool) -> str | None:
     return text if text and not text.startswith("#") else None
 
 
-def plan_url_list(uri: str, chunk_rows: int, limit: int | None = None) -> tuple[list[dict], int, str]:
-    """A text URL list in chunks of `chunk_rows` URL lines, streamed: (chunk specs, inputs, fingerprint).
+def _csv_records(uri: str, offset: int, delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """(byte offset where the record starts, its fields) from `offset`: csv.reader pulls one line at a time, so the
+    lines consumed so far end where the next record starts (a quoted field may span lines)."""
+    end = [offset]
 
-    The driver keeps one small spec per chunk (byte offset, line count, a digest of its lines, the lines to skip) and
-    8 bytes per line (a hash, to find repeated URLs: a URL is an input once, where it first appears), not the lines.
-    File order is kept (a list of millions is not sorted on the driver); rows are sorted by key within each chunk.
+    def lines():
+        for at, raw in _lines(uri, offset):
+            end[0] = at + len(raw) + 1
+            yield raw.decode("utf-8", "replace").lstrip("\ufeff" if at == 0 else "") + "\n"
+
+    start = offset
+    for record in csv.reader(lines(), delimiter=delimiter):
+        yield start, record
+        start = end[0]
+
+
+def _parquet_file(uri: str):
+    import pyarrow.parquet as pq
+
+    fs, path = storage.arrow_filesystem(uri)
+    try:
+        return pq.ParquetFile(fs.open_input_file(path))
+    except (FileNotFoundError, OSError) as err:
+        raise MissingError(f"input: cannot read the URL list {uri} ({err})") from None
+    except Exception as err:  # noqa: BLE001 - pyarrow's ArrowInvalid and kin: not a Parquet file
+        raise InputError(f"input: {uri} is not a readable Parquet URL list ({type(err).__name__}: {err})"[:300]) \
+            from None
+
+
+def _layout(uri: str) -> dict:
+    """Where a list's URLs are, found once on the driver (part of each chunk spec): for a CSV/TSV the `url` column's
+    index and whether row 0 is a header (a headerless list is one column of URLs); for Parquet the column's name."""
+    lower = uri.lower()
+    if lower.endswith(".parquet"):
+        names = _parquet_file(uri).schema_arrow.names
+        col = "url" if "url" in names else (names[0] if len(names) == 1 else None)
+        if col is None:
+            raise InputError(f"{uri}: no 'url' column (columns: {', '.join(names)})")
+        return {"column": col}
+    if lower.endswith((".csv", ".tsv")):
+        head = next((r for _, r in _csv_records(uri, 0, "\t" if lower.endswith(".tsv") else ",")), [])
+        names = [c.strip().lower() for c in head]
+        if "url" in names:
+            return {"column": names.index("url"), "header": True}
+        if len(head) == 1 and "://" in head[0]:
+            return {"column": 0, "header": False}
+        raise InputError(f"{uri}: no 'url' column in the header ({', '.join(head)})")
+    return {}
+
+
+def _entries(uri: str, start: int, layout: dict) -> Iterator[tuple[int, str | None]]:
+    """(position, URL or None for a blank or comment line or cell) of a URL list from `start`; the position is a
+    byte offset (text, CSV/TSV) or a row number (Parquet), where a chunk starting at that entry reads from."""
+    lower = uri.lower()
+    if lower.endswith(".parquet"):
+        pf = _parquet_file(uri)
+        first, groups, row = 0, [], 0  # only the row groups from the one holding `start`
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if row + n > start:
+                groups.append(g)
+            else:
+                first = row + n
+            row += n
+        row = first
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH, row_groups=groups, columns=[layout["column"]]):
+            for value in batch.column(0).to_pylist():
+                if row >= start:
+                    text = str(value).strip() if value is not None else ""
+                    yield row, text or None
+                row += 1
+        return
+    if lower.endswith((".csv", ".tsv")):
+        col, skip_header = layout["column"], layout["header"] and start == 0
+        for at, record in _csv_records(uri, start, "\t" if lower.endswith(".tsv") else ","):
+            if skip_header:
+                skip_header = False
+                continue
+            yield at, (record[col].strip() or None) if len(record) > col else None
+        return
+    for at, raw in _lines(uri, start):
+        yield at, _url_line(raw, at == 0)
+
+
+def plan_url_list(uri: str, chunk_rows: int, limit: int | None = None) -> tuple[list[dict], int, str]:
+    """A URL list in chunks of `chunk_rows` URLs, streamed: (chunk specs, inputs, fingerprint).
+
+    Text (.txt/.lst) and CSV/TSV lists are read in 256 KiB blocks and cut by byte offset, Parquet by row (batches of
+    a row group at a time). The driver keeps one small spec per chunk (where it starts, its URL count, a digest of
+    its URLs, the ones to skip, where the URLs are) and 8 bytes per URL (a hash, to find repeated URLs: a URL is an
+    input once, where it first appears), not the URLs. File order is kept (a list of millions is not sorted on the
+    driver); rows are sorted by key within each chunk.
     """
     import array
 
     import numpy as np
 
+    layout = _layout(uri)
     chunks: list[dict] = []
     seen = array.array("Q")
     whole = hashlib.sha256()
     chunk_hash = None
     n = 0
-    for offset, raw in _lines(uri):
-        url = _url_line(raw, offset == 0)
+    for at, url in _entries(uri, 0, layout):
         if url is None:
             continue
         if limit and n >= limit:
@@ -185,7 +272,7 @@ def plan_url_list(uri: str, chunk_rows: int, limit: int | None = None) -> tuple[
         if n % chunk_rows == 0:
             if chunks:
                 chunks[-1]["sha256"] = chunk_hash.hexdigest()
-            chunks.append({"urllist": uri, "offset": offset, "count": 0})
+            chunks.append({"urllist": uri, "offset": at, "count": 0, **layout})
             chunk_hash = hashlib.sha256()
         line = url.encode("utf-8", "surrogateescape") + b"\n"
         whole.update(line)
@@ -217,13 +304,13 @@ def plan_url_list(uri: str, chunk_rows: int, limit: int | None = None) -> tuple[
 
 
 def url_chunk_items(chunk: dict) -> list[list[str]]:
-    """A streamed chunk's items ([key, source] or [key, source, reason, detail]), read from its byte range; raises
-    InputError if the lines are no longer those planned (the list changed under the build)."""
+    """A streamed chunk's items ([key, source] or [key, source, reason, detail]), read from where it starts; raises
+    InputError if the URLs are no longer those planned (the list changed under the build)."""
     skip, items, h, i = set(chunk.get("skip", ())), [], hashlib.sha256(), 0
-    for offset, raw in _lines(chunk["urllist"], chunk["offset"]):
+    layout = {k: chunk[k] for k in ("column", "header") if k in chunk}
+    for _, url in _entries(chunk["urllist"], chunk["offset"], layout):
         if i == chunk["count"]:
             break
-        url = _url_line(raw, offset == 0)
         if url is None:
             continue
         h.update(url.encode("utf-8", "surrogateescape") + b"\n")
@@ -232,7 +319,8 @@ def url_chunk_items(chunk: dict) -> list[list[str]]:
             items.append([it.key, it.source, *(it.reject or ())])
         i += 1
     if h.hexdigest() != chunk.get("sha256", h.hexdigest()) or i != chunk["count"]:
-        raise InputError(f"input: {chunk['urllist']} changed while it was being built (lines from byte "
+        where = "row" if chunk["urllist"].lower().endswith(".parquet") else "byte"
+        raise InputError(f"input: {chunk['urllist']} changed while it was being built (URLs from {where} "
                          f"{chunk['offset']} differ from the plan); start the build again")
     return items
 

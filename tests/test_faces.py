@@ -110,6 +110,40 @@ def test_pluggable_cascade_and_clear_error_for_a_bad_one(tmp_path):
         faces.detector(BuildConfig(kind="faces", cascade=str(junk)))
 
 
+def jpeg(rgb: np.ndarray, exif_orientation: int | None = None) -> bytes:
+    img = Image.fromarray(np.ascontiguousarray(rgb))
+    exif = img.getexif()
+    if exif_orientation:
+        exif[0x0112] = exif_orientation
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95, exif=exif)
+    return buf.getvalue()
+
+
+def test_a_large_min_face_is_searched_on_a_reduced_jpeg_decode_and_cropped_at_full_resolution():
+    """min_face 128 lets Haar (face_px 48) search a JPEG decoded at 1/2 scale in libjpeg: the same face, its box in
+    source pixels, the crop the full-resolution one; at min_face 64, or for a PNG, the photo is searched whole."""
+    data = grace_hopper_path().read_bytes()
+    full = decode(data, 10**8)
+    cfg = BuildConfig(kind="faces", min_face=128, margin=0.1)
+    boxes, rgb, f = faces.find_faces(data, cfg)
+    assert f == 2 and rgb.shape[:2] == (full.shape[0] // 2, full.shape[1] // 2)
+    assert len(boxes) == 1 and iou(boxes[0], KNOWN["grace_hopper"][1]) > 0.75, boxes
+    assert iou(boxes[0], faces.find_faces(data, cfg, reduce=False)[0][0]) > 0.85
+    rows = faces.face_rows("gh", "gh", data, cfg)
+    assert len(rows) == 1 and (rows[0][1] == faces.crop_square(full, rows[0][3], 0.1, 64)).all()
+    assert faces.find_faces(data, BuildConfig(kind="faces"))[2] == 1  # 64 / 48 < 2
+    assert faces.find_faces(data, cfg.model_copy(update={"detect_stride": 1}))[2] == 1  # the exact reference
+    assert faces.find_faces(cv2.imencode(".png", full[..., ::-1])[1].tobytes(), cfg)[2] == 1
+    # EXIF orientation is applied by the reduced decode too: the sideways photo's face is found upright
+    sideways = jpeg(np.rot90(full, 1), exif_orientation=6)
+    boxes, _, f = faces.find_faces(sideways, cfg)
+    assert f == 2 and len(boxes) == 1 and iou(boxes[0], KNOWN["grace_hopper"][1]) > 0.7
+    with pytest.raises(Reject) as exc:  # a faceless photo says where it was searched
+        faces.face_rows("c", "c", jpeg(skimage_rgb("coffee")), cfg)
+    assert exc.value.reason == faces.NO_FACE and "searched at 1/2 scale" in exc.value.detail
+
+
 def full_resolution(rgb: np.ndarray, min_face: int = 64) -> list[tuple[int, int, int, int]]:
     """The reference: OpenCV's detector on the photo at its native resolution, minSize = min_face."""
     cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
@@ -215,3 +249,16 @@ def test_yunet_model_read_from_s3(s3_bucket):
     rgb = decode(grace_hopper_path().read_bytes(), 10**8)
     boxes = faces.detector(cfg).detect(rgb, 64)
     assert len(boxes) == 1 and iou(boxes[0], KNOWN["grace_hopper"][1]) > 0.6
+
+
+@needs_yunet
+def test_yunet_at_32_px_searches_a_half_size_jpeg_decode():
+    """yunet_face_px 32 at min_face 64: the JPEG is decoded at 1/2 in libjpeg (not whole, then shrunk); the astronaut's
+    face is still found, and cropped from the full-resolution photo."""
+    data = jpeg(skimage_rgb("astronaut"))
+    cfg = BuildConfig(kind="faces", detector="yunet", detector_model=str(YUNET), yunet_face_px=32)
+    boxes, rgb, f = faces.find_faces(data, cfg)
+    assert f == 2 and rgb.shape[:2] == (256, 256)
+    assert len(boxes) == 1 and iou(boxes[0], KNOWN["astronaut"][1]) > 0.6, boxes
+    rows = faces.face_rows("a", "a", data, cfg)
+    assert (rows[0][1] == faces.crop_square(decode(data, 10**8), boxes[0], 0.0, 64)).all()

@@ -169,9 +169,10 @@ def test_robots_txt_huge_or_malformed_is_read_bounded_and_parsed_as_far_as_it_go
         assert get(site.url(p), polite()) == JPEG, p
 
 
-@pytest.mark.parametrize("status, fetched", [(404, True), (403, True), (500, False), (503, False)])
+@pytest.mark.parametrize("status, fetched", [(404, True), (403, True), (500, False), (502, False)])
 def test_robots_txt_status(site, status, fetched):
-    """RFC 9309 2.3.1: 4xx = no rules; 5xx = assume complete disallow (an `unreachable` reject, counted as bad)."""
+    """RFC 9309 2.3.1: 4xx = no rules; 5xx = assume complete disallow (an `unreachable` reject, counted as bad);
+    429 and 503 are backed off and asked again (next tests)."""
     site.routes["/robots.txt"] = body(b"oops", status)
     site.routes["/a.jpg"] = body(JPEG)
     if fetched:
@@ -181,6 +182,35 @@ def test_robots_txt_status(site, status, fetched):
             get(site.url("/a.jpg"), polite())
         assert got.value.reason == UNREACHABLE and "RFC 9309" in got.value.detail
         assert "/a.jpg" not in site.paths()
+
+
+def test_robots_txt_429_backs_the_host_off_for_its_retry_after_then_is_read(site):
+    answers = iter([body(b"slow down", 429, {"Retry-After": "1"}), body(b"User-agent: *\nDisallow: /private/\n")])
+    site.routes["/robots.txt"] = lambda h: next(answers)(h)
+    site.routes["/a.jpg"] = body(JPEG)
+    site.routes["/private/x.jpg"] = body(JPEG)
+    policy = polite()
+    assert get(site.url("/a.jpg"), policy) == JPEG  # not `unreachable`: the host said when to come back
+    assert reason(site.url("/private/x.jpg"), policy) == ROBOTS  # the rules read after the wait
+    times = {p: [t for q, t, _ in site.log if q == p] for p in ("/robots.txt", "/a.jpg")}
+    assert len(times["/robots.txt"]) == 2 and times["/robots.txt"][1] - times["/robots.txt"][0] >= 0.95
+    assert times["/a.jpg"][0] > times["/robots.txt"][1] and "/private/x.jpg" not in site.paths()
+
+
+def test_robots_txt_that_stays_503_rate_limits_its_urls_and_is_asked_again_after_the_backoff(site):
+    """Three 503s (Retry-After 1): the URL is `rate_limited` (not `unreachable` for ROBOTS_RETRY_S); the next URL of
+    the host waits out the backoff, reads the robots.txt that now answers, and is fetched."""
+    answers = iter([body(b"", 503, {"Retry-After": "1"})] * 3 + [body(b"")])
+    site.routes["/robots.txt"] = lambda h: next(answers)(h)
+    site.routes["/a.jpg"] = body(JPEG)
+    policy = polite()
+    with pytest.raises(Reject) as got:
+        get(site.url("/a.jpg"), policy)
+    assert got.value.reason == RATE_LIMITED and "robots.txt" in got.value.detail
+    assert site.paths() == ["/robots.txt"] * 3  # the URL itself was not asked for
+    assert get(site.url("/a.jpg"), policy) == JPEG
+    times = [t for p, t, _ in site.log if p == "/robots.txt"]
+    assert len(times) == 4 and all(b - a >= 0.95 for a, b in zip(times, times[1:]))  # each Retry-After honoured
 
 
 def test_robots_rules_directly():
