@@ -124,7 +124,7 @@ def _pairs(groups: np.ndarray) -> tuple[float, int, int]:
     return int(many.sum()), int((many * (many - 1) // 2).sum()), int(sizes.max()) if len(sizes) else 0
 
 
-SWEEP_DIFF = (12.0, 16.0, 20.0, 24.0)           # block RMS difference limits tried (verify.MAX_DIFF)
+SWEEP_DIFF = (12.0, 16.0, 20.0, 24.0, np.inf)   # block RMS difference limits tried (verify.MAX_DIFF)
 SWEEP_REL = (0.08, 0.10, 0.12, 0.15, 0.20, np.inf)  # relative difference limits tried (verify.MAX_REL)
 
 
@@ -201,6 +201,9 @@ def recall(seed: int, variants: int) -> None:
         for name, groups, _ in settings(codes, view_sources(images, cfg.crop), keys, record):
             s = dq.pair_scores(groups, labels)
             print(f"{name:<38}{s['flagged']:>9}{s['tp']:>8}{s['recall']:>9.3f}{dq.fp100(s):>9.2f}")
+            if name.startswith("default"):
+                verified = groups
+        missed(verified, labels, record)
         print(f"\nthreshold sweep ({title}, verified merge, same candidate pairs): recall, FP per 100 flagged pairs")
         print(f"{'MAX_DIFF':>9}" + "".join(f"{'rel<=' + format(r, '.2f'):>16}" for r in SWEEP_REL))
         for t in SWEEP_DIFF:
@@ -209,6 +212,20 @@ def recall(seed: int, variants: int) -> None:
                 s = dq.pair_scores(swept(keys, record, t, r), labels)
                 cells.append(f"{s['recall']:>9.3f} {dq.fp100(s):>5.2f}")
             print(f"{t:>9.0f}" + "".join(f"{c:>16}" for c in cells))
+
+
+def missed(groups: np.ndarray, labels: np.ndarray, record: list) -> None:
+    """Why copies are missed: of the copies not in their original's group, how many never shared a code with it (no
+    candidate pair: the codes' limit) and how many were checked and failed the pixels (the thresholds' limit)."""
+    first = np.r_[0, np.flatnonzero(np.diff(labels)) + 1]
+    orig = first[np.searchsorted(first, np.arange(len(labels)), side="right") - 1]  # each image's original
+    copy = np.flatnonzero(orig != np.arange(len(labels)))
+    a, b = (np.concatenate(v) for v in list(zip(*record))[:2]) if record else (np.zeros(0, int), np.zeros(0, int))
+    checked = set(zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist()))
+    out = copy[groups[copy] != groups[orig[copy]]]
+    never = sum((int(orig[i]), int(i)) not in checked for i in out)
+    print(f"copies in their original's group: {1 - len(out) / len(copy):.3f} of {len(copy)}; of the {len(out)} missed, "
+          f"{never} never shared a code with their original, {len(out) - never} were checked and failed the pixels")
 
 
 def throughput(n: int, seed: int) -> None:
