@@ -347,7 +347,7 @@ def test_candidate_pairs_are_checked_once_in_memory_that_does_not_grow_with_them
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         verify.verified_pairs(code, owner, lambda idx: np.broadcast_to(np.float32(0), (len(idx), 16, 16, 3)), record)
-        got = list(zip(np.concatenate([r[0] for r in record]).tolist(), np.concatenate([r[1] for r in record]).tolist()))
+        got = list(zip(*(np.concatenate([r[k] for r in record]).tolist() for k in (0, 1))))
         assert checked == len(got) and set(got) == pairs  # every pair, in at most ALIGNMENTS of its buckets
         assert max(Counter(got).values()) <= verify.ALIGNMENTS
         return checked, peak

@@ -13,9 +13,9 @@ difference <= `MAX_DIFF` AND interior RMS difference <= `MAX_REL` x the lower in
 block rule alone at 16 merged pairs of thin "1"s (0.32% of 625 distinct digits); at 12 it merges no distinct digit at
 any N (625-5,000), but flat sky/moon tiles a few grey levels apart still pass (4.8 false positives per 100 flagged
 pairs on the shift/crop set with near copies kept); the relative rule at 0.15 brought that to 0.67 per 100 (one
-alignment per pair, at the price of recall: 0.735 at 16 alone -> 0.619). Two images sharing several codes are checked in up to
-`ALIGNMENTS` of those buckets (each its own alignment) and verified if any passes: 4 lifts shift/crop recall to
-0.664 at 0.63 per 100, no digit grouped (1: 0.542; all 135: 0.678 for 3x the checks). The false positives left are
+alignment per pair, at the price of recall: 0.735 at 16 alone -> 0.619). Two images sharing several codes are
+checked in up to `ALIGNMENTS` of those buckets (each its own alignment) and verified if any passes: 4 lifts
+shift/crop recall to 0.664 at 0.63 per 100, no digit grouped (1: 0.542; all 135: 0.678 for 3x the checks). The false positives left are
 distinct adjacent tiles of one low-contrast photo (retina veins in different places); the misses are copies whose
 codes never meet their original's (16% of them) and copies misaligned at sharp edges: even with every candidate
 accepted the shift/crop recall is 0.786, so no threshold reaches 0.8 (RESULTS.md).

@@ -206,7 +206,8 @@ def _conv_bits(encoder, sources: np.ndarray, views: int) -> "torch.Tensor":
     call per zoom; the rows that straddle two images are never read) and the convolution reads them channels-last, so
     no plane is transposed or copied; a zoom whose views all start on even pixels (6 of the 8) is done on the even
     grid only, a quarter of the plane (dilation 2). Codes equal those of `view_inputs` + `_view_bits` up to float
-    rounding (tests/test_dedup.py); benchmarks/dedup_scale.py measures the speed against the previous and first paths."""
+    rounding (tests/test_dedup.py); benchmarks/dedup_scale.py measures the speed against the previous and first
+    paths."""
     import cv2
     import torch
     import torch.nn.functional as F
