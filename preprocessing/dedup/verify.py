@@ -12,9 +12,13 @@ Thresholds, chosen on data (issue 19; `benchmarks/dedup_scale.py` prints the who
 difference <= `MAX_DIFF` AND interior RMS difference <= `MAX_REL` x the lower interior contrast of the two views. The
 block rule alone at 16 merged pairs of thin "1"s (0.32% of 625 distinct digits); at 12 it merges no distinct digit at
 any N (625-5,000), but flat sky/moon tiles a few grey levels apart still pass (4.8 false positives per 100 flagged
-pairs on the shift/crop set with near copies kept); the relative rule at 0.15 brings that to 0.67 per 100, at the
-price of recall on those pairs (0.735 at 16 alone -> 0.619). No setting of the sweep reaches recall 0.8 at < 1 per
-100: JPEG copies of low-contrast photos differ by about as large a fraction of their contrast as distinct sky tiles.
+pairs on the shift/crop set with near copies kept); the relative rule at 0.15 brought that to 0.67 per 100 (one
+alignment per pair, at the price of recall: 0.735 at 16 alone -> 0.619). Two images sharing several codes are
+checked in up to `ALIGNMENTS` of those buckets (each its own alignment) and verified if any passes: 4 lifts
+shift/crop recall to 0.664 at 0.63 per 100, no digit grouped (1: 0.542; all 135: 0.678 for 3x the checks). The false positives left are
+distinct adjacent tiles of one low-contrast photo (retina veins in different places); the misses are copies whose
+codes never meet their original's (16% of them) and copies misaligned at sharp edges: even with every candidate
+accepted the shift/crop recall is 0.786, so no threshold reaches 0.8 (RESULTS.md).
 
 Bounded work: equal codes are bucketed per hash partition; a bucket of s images yields the pairs between its
 `LEADERS` smallest keys and every other member (all pairs when s <= LEADERS + 1), so at most LEADERS x s checks, and
@@ -40,6 +44,8 @@ BLANK_STD = 2.0        # a view with less RMS contrast than this (grey levels) i
 LEADERS = 8            # members of a bucket every other member is checked against
 BUCKET_CAP = 2048      # members of one bucket checked at all (memory of one check task: ~6 KB each)
 CHUNK = 4096           # pairs checked at once
+BLOCK_PAIRS = 1 << 17  # candidate pairs (with repeats) expanded at once, per block of images
+ALIGNMENTS = 4         # buckets (alignments) a pair is checked in, its first ones: verified if any passes
 
 
 def measures(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -106,46 +112,70 @@ def bucket_members(keys: np.ndarray, codes: list[bytes] | np.ndarray) -> tuple[n
 
 
 def candidate_pairs(buckets: np.ndarray, owners: np.ndarray):
-    """Index pairs (x, y) into members sorted by (bucket, key): each of a bucket's first LEADERS members with every
-    later member, different images only, in chunks of about CHUNK pairs (bounded memory)."""
+    """Index pairs (x, y) into members sorted by (bucket, key), in chunks of at most CHUNK: a pair is two members of a
+    bucket one of which is among its first LEADERS (x, the leader, comes first); of the buckets two images share, the
+    pair is checked in the first `ALIGNMENTS` by (leader position, bucket), never more.
+
+    Streamed by image: the pairs of a block of images (each with the images after it) are expanded, reduced to one
+    per pair by a sort and handed on, so memory is bounded by `BLOCK_PAIRS` (and one image's pairs: at most views x
+    BUCKET_CAP), not by the candidates (issue 19: a set of the pairs already checked grew with them)."""
     buckets, owners = np.asarray(buckets), np.asarray(owners)
     n = len(buckets)
     if n < 2:
         return
     starts = np.r_[0, np.flatnonzero(buckets[1:] != buckets[:-1]) + 1]
-    first = np.repeat(starts, np.diff(np.r_[starts, n]))   # each member's bucket start
+    sizes = np.diff(np.r_[starts, n])
+    first, size = np.repeat(starts, sizes), np.repeat(sizes, sizes)
     pos = np.arange(n) - first
-    for lead in range(LEADERS):
-        x = first + lead
-        y = np.arange(n)
-        ok = (pos > lead) & (x < n)
-        x, y = x[ok], y[ok]
-        ok = (buckets[np.minimum(x, n - 1)] == buckets[y]) & (owners[x] != owners[y])
-        x, y = x[ok], y[ok]
+    image = np.unique(owners, return_inverse=True)[1].reshape(-1)
+    reach = np.where(pos < LEADERS, size, LEADERS)                 # a leader pairs with all, others with the leaders
+    rows = np.argsort(image, kind="stable")                         # streamed image by image
+    count = np.cumsum(reach[rows])
+    cuts = np.flatnonzero(np.diff(image[rows]) != 0) + 1           # blocks end between images
+    ends = np.r_[cuts, n]
+    lo = 0
+    while lo < n:
+        hi = ends[np.searchsorted(ends, lo, side="right"):]
+        hi = int(hi[max(0, np.searchsorted(count[hi - 1] - (count[lo - 1] if lo else 0), BLOCK_PAIRS,
+                                           side="right") - 1)])
+        r = rows[lo:hi]
+        rep = np.repeat(r, reach[r])
+        other = first[rep] + np.arange(len(rep)) - np.repeat(np.cumsum(reach[r]) - reach[r], reach[r])
+        ok = image[other] > image[rep]                              # each pair from its smaller image's side
+        rep, other = rep[ok], other[ok]
+        x, y = np.where(pos[rep] < pos[other], rep, other), np.where(pos[rep] < pos[other], other, rep)
+        order = np.lexsort((first[x], pos[x], image[other], image[rep]))
+        x, y, a, b = x[order], y[order], image[rep][order], image[other][order]
+        new = np.ones(len(a), bool)
+        new[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+        rank = np.arange(len(a)) - np.maximum.accumulate(np.where(new, np.arange(len(a)), 0))
+        x, y = x[rank < ALIGNMENTS], y[rank < ALIGNMENTS]
         for i in range(0, len(x), CHUNK):
             yield x[i:i + CHUNK], y[i:i + CHUNK]
+        lo = hi
 
 
 def verified_pairs(buckets: np.ndarray, owners: np.ndarray, pixels, record: list | None = None
                    ) -> tuple[np.ndarray, np.ndarray, int]:
     """Candidate pairs of the members (sorted by bucket, key) checked on their views' pixels: (owner a, owner b of the
     verified pairs, number of candidate pairs checked). `pixels(idx)` gives the members' aligned views; `record`
-    (benchmarks) receives (owner a, owner b, block difference, relative difference) of every checked pair."""
-    a, b, checked = [], [], 0
-    seen: set[tuple] = set()
+    (benchmarks) receives (owner a, owner b, block difference, relative difference) of every check. Holds one chunk
+    of pairs at a time and the verified ones (one edge per pair): memory does not grow with the candidates."""
+    a, b, checked, last = [], [], 0, None
     for x, y in candidate_pairs(buckets, owners):
         ox, oy = owners[x], owners[y]
-        fresh = np.array([(p, q) not in seen for p, q in zip(ox, oy)], bool)  # a pair met in another bucket: once
-        x, y, ox, oy = x[fresh], y[fresh], ox[fresh], oy[fresh]
-        if not len(x):
-            continue
-        seen.update(zip(ox, oy))
         checked += len(x)
         diff, rel = measures(pixels(x), pixels(y))
         if record is not None:
             record.append((ox, oy, diff, rel))
         ok = (diff <= MAX_DIFF) & (rel <= MAX_REL)
-        a.append(ox[ok]), b.append(oy[ok])
+        vx, vy = ox[ok], oy[ok]
+        if len(vx):  # a pair's alignments come one after another: keep the first that passed, one edge per pair
+            new = np.ones(len(vx), bool)
+            new[1:] = (vx[1:] != vx[:-1]) | (vy[1:] != vy[:-1])
+            new[0] = last != (vx[0], vy[0])
+            last = (vx[-1], vy[-1])
+            a.append(vx[new]), b.append(vy[new])
     if not a:
         return np.zeros(0, owners.dtype), np.zeros(0, owners.dtype), checked
     return np.concatenate(a), np.concatenate(b), checked

@@ -25,6 +25,8 @@ import numpy as np
 
 from preprocessing.dedup.grid import SHIFT, VIEWS, ZOOMS
 
+SMALL_GRID = 6         # a zoom with at most this many views is projected by one matmul, not a convolution
+
 if TYPE_CHECKING:  # annotations only: torch is imported where the codes are computed
     import torch
 
@@ -192,26 +194,20 @@ def _window_sums(plane, ty: np.ndarray, tx: np.ndarray, c: int, stride: int = 2)
     return x.reshape(n, len(tx), len(ty)).transpose(1, 2)
 
 
-def _mirror(n: int, pad: int):
-    """Row indices of a length-n axis padded by `pad` on both sides as numpy's "symmetric" mode does."""
-    import torch
-
-    i = torch.arange(-pad, n + pad)
-    return torch.where(i < 0, -i - 1, torch.where(i >= n, 2 * n - 1 - i, i))
-
-
 def _conv_bits(encoder, sources: np.ndarray, views: int) -> "torch.Tensor":
     """Bits (N, views-1, code_bits) of every view but the center, as one dilated convolution per zoom (issue 19).
 
     A view's hash input is its 16x16 grid of 4x4 source-pixel means and the encoder's rank-32 factor B is a set of 32
     16x16x3 kernels, so B x over all views of a zoom (a grid of shifts) is ONE convolution (dilation 4, stride = the
-    zoom's grid step) of the 4x4-summed source: the views share it, ~3.4M multiply-adds per image for 134 views, done
-    by oneDNN's direct convolution (no im2col copy); a 33rd all-ones kernel gives each view's mean (exact: integer
-    sums below 2**24). The mean square (of the view's 32x32 2x2-averaged pixels, as `view_inputs` gives it) is a
-    window sum of one plane, read for the whole grid at once as two 0/1 matmuls. Box sums are shifted adds of flat
-    buffers; a zoom whose views all start on even pixels (6 of the 8) is done on the even grid only, a quarter of the
-    plane (dilation 2). Codes equal those of `view_inputs` + `_view_bits` up to float rounding (tests/test_dedup.py);
-    benchmarks/dedup_scale.py measures the speed against the previous (im2col) and first (numpy) paths."""
+    zoom's grid step) of the 4x4-summed source: the views share it, ~3.4M multiply-adds per image for 134 views; a
+    33rd all-ones kernel gives each view's mean (exact: integer sums below 2**24). The mean square (of the view's
+    32x32 2x2-averaged pixels, as `view_inputs` gives it) is a window sum of one plane, read for the whole grid at once
+    as two 0/1 matmuls. Box sums are OpenCV box filters over the chunk stacked as one tall channels-last image (one
+    call per zoom; the rows that straddle two images are never read) and the convolution reads them channels-last, so
+    no plane is transposed or copied; a zoom whose views all start on even pixels (6 of the 8) is done on the even
+    grid only, a quarter of the plane (dilation 2). Codes equal those of `view_inputs` + `_view_bits` up to float
+    rounding (tests/test_dedup.py); benchmarks/dedup_scale.py measures the speed against the previous and first
+    paths."""
     import cv2
     import torch
     import torch.nn.functional as F
@@ -222,60 +218,60 @@ def _conv_bits(encoder, sources: np.ndarray, views: int) -> "torch.Tensor":
     n, s = len(sources), sources.shape[1]
     c, k = s // 2, s // 4
     kern = bmat.reshape(-1, k, k, 3).permute(0, 3, 1, 2) / 16          # (rank, 3, k, k), on 16 x the 4x4 means
-    kern = torch.cat([kern, torch.full((1, 3, k, k), 1 / 16)]).contiguous()  # + the sum of the 4x4 means (exact)
+    kern = torch.cat([kern, torch.full((1, 3, k, k), 1 / 16)]).contiguous(memory_format=torch.channels_last)
+    kern4 = kern * 4                                                    # the same, on 4 x the 4x4 means
     wanted = VIEWS[1:views]
-    proj = torch.empty(n, len(wanted), bmat.shape[0])
-    mean, msq = torch.empty(n, len(wanted)), torch.empty(n, len(wanted))
-    src = torch.from_numpy(np.ascontiguousarray(sources))
+    ats, msqs, order = [], [], []                                       # per zoom; put in view order at the end
+    ones = np.ones((1, 3), np.float32)
+    box = functools.partial(cv2.boxFilter, anchor=(0, 0), normalize=False, borderType=cv2.BORDER_REPLICATE)
     for zy, zx, step in ((0, 0, 1),) + ZOOMS:
         ks = [i for i, v in enumerate(wanted) if v[:2] == (zy, zx)]
         if not ks:
             continue
-        if (zy, zx) == (0, 0):   # shifts read up to SHIFT px beyond the source: mirror-padded as `view_inputs` does
-            m = _mirror(s, SHIFT)
-            region = src.index_select(1, m).index_select(2, m)
-        else:                    # a zoom's grid spans +-zoom/2 of the (s + zoom)-px resized source: no padding
-            scaled = np.empty((n, s + zy, s + zx, 3), np.uint8)
-            for i, im in enumerate(sources):
-                cv2.resize(im, (s + zx, s + zy), dst=scaled[i], interpolation=cv2.INTER_LINEAR)
-            region = torch.from_numpy(scaled)
+        hh, ww = s + max(zy, 2 * SHIFT * (zy == zx == 0)), s + max(zx, 2 * SHIFT * (zy == zx == 0))
+        region = np.empty((n, hh, ww, 3), np.uint8)
+        for i, im in enumerate(sources):
+            if (zy, zx) == (0, 0):  # shifts read up to SHIFT px beyond the source: mirrored as `view_inputs` pads
+                cv2.copyMakeBorder(im, SHIFT, SHIFT, SHIFT, SHIFT, cv2.BORDER_REFLECT, dst=region[i])
+            else:                   # a zoom's grid spans +-zoom/2 of the (s + zoom)-px resized source: no padding
+                cv2.resize(im, (ww, hh), dst=region[i], interpolation=cv2.INTER_LINEAR)
         ry, rx = (SHIFT, SHIFT) if (zy, zx) == (0, 0) else (zy // 2, zx // 2)  # the grid's half-extent
-        hh, ww = region.shape[1:3]
-        size = hh * ww
         ty = np.array([wanted[i][2] for i in ks]) + ry
         tx = np.array([wanted[i][3] for i in ks]) + rx
-        f = region.permute(0, 3, 1, 2).contiguous().reshape(-1).float()   # (uint8 transposed first: 2x faster)
+        tall = region.reshape(n * hh, ww, 3)
         if not (ty % 2).any() and not (tx % 2).any():
-            # every view starts on an even pixel: only the 2x2 sums on the even grid are read, a quarter of the plane
-            x = f.reshape(n, 3, hh, ww)
-            q = x[..., 0::2, 0::2] + x[..., 1::2, 0::2] + x[..., 0::2, 1::2] + x[..., 1::2, 1::2]  # p2, even grid
-            h = q[..., :-1, :] + q[..., 1:, :]
-            a4 = h[..., :-1] + h[..., 1:]                                 # a4 on the even grid
-            ty, tx, st, dil, stride = ty // 2, tx // 2, max(step // 2, 1), 2, 1
-            sq = q * q
-            plane = sq[:, 0] + sq[:, 1] + sq[:, 2]
+            # every view starts on an even pixel: only the 2x2 means on the even grid are read, a quarter of the plane
+            hh, ww = hh // 2, ww // 2
+            p2 = cv2.resize(tall.astype(np.float32), (ww, n * hh), interpolation=cv2.INTER_AREA)  # exact means
+            a4 = box(p2, -1, (2, 2))                                      # 4 x the 4x4 means, on the even grid
+            ty, tx, st, dil, stride, w, norm = ty // 2, tx // 2, max(step // 2, 1), 2, 1, kern4, 1
         else:
-            # box sums as shifted adds of the flat NCHW buffer (long contiguous runs; the wrapped last rows/columns
-            # of each plane are never read): p2 = 4 x the 2x2 means, a4 = 16 x the 4x4 means, exact in float32
-            h = f[:-1] + f[1:]
-            p2 = h[:-ww] + h[ww:]
-            h = p2[:-2] + p2[2:]
-            shape, strides = (n, 3, hh - 3, ww - 3), (3 * size, size, ww, 1)
-            a4 = torch.as_strided(h, shape, strides) + torch.as_strided(h, shape, strides, 2 * ww)  # contiguous
-            st, dil, stride = step, 4, 2
-            sq = p2 * p2                                                  # mean square: window sums of 2x2 means^2
-            sq = sq[:-2 * size] + sq[size:-size] + sq[2 * size:]          # summed over channels
-            plane = torch.as_strided(sq, (n, hh - 1, ww - 1), (3 * size, ww, 1))
-        grid = F.conv2d(a4, kern, stride=st, dilation=dil).flatten(2)     # (n, rank + 1, gy*gx): all views at once
-        gx = (a4.shape[-1] - dil * (k - 1) - 1) // st + 1
-        at = grid.index_select(2, torch.from_numpy((ty // st) * gx + tx // st)).transpose(1, 2)
-        proj[:, ks] = at[..., :-1]
-        mean[:, ks] = (at[..., -1].double() * 4 / (c * c) / 3).float()   # sum of 4x4 means: exact, as view_inputs
+            p2 = box(tall, cv2.CV_32F, (2, 2))                            # 4 x the 2x2 means, exact
+            a4 = box(tall, cv2.CV_32F, (4, 4))                            # 16 x the 4x4 means, exact
+            st, dil, stride, w, norm = step, 4, 2, kern, 16
+        plane = torch.from_numpy(cv2.transform(p2 * p2, ones)).view(n, hh, ww)  # summed over channels
+        x = torch.from_numpy(a4).view(n, hh, ww, 3).permute(0, 3, 1, 2)   # channels-last, no copy
+        edge = 3 if dil == 4 else 1                  # last rows/columns of a box: they straddle two images
+        gy, gx = (hh - edge - dil * (k - 1) - 1) // st + 1, (ww - edge - dil * (k - 1) - 1) // st + 1
+        if gy * gx > SMALL_GRID:
+            grid = F.conv2d(x[..., :hh - edge, :ww - edge], w, stride=st, dilation=dil).flatten(2)
+        else:  # a few views: oneDNN's convolution costs more than copying their windows for one matmul
+            win = torch.from_numpy(a4).as_strided((n, gy, gx, k, k, 3), (hh * ww * 3, st * ww * 3, st * 3,
+                                                                         dil * ww * 3, dil * 3, 1))
+            grid = (win.reshape(n * gy * gx, -1) @ w.permute(0, 2, 3, 1).reshape(len(w), -1).T
+                    ).reshape(n, gy * gx, -1).transpose(1, 2)
+        ats.append(grid.index_select(2, torch.from_numpy((ty // st) * gx + tx // st)))
         uy, ux = np.unique(ty), np.unique(tx)                              # the zoom's views: a grid uy x ux
-        sums = _window_sums(plane, uy, ux, c, stride) / (16 * c * c * 3)
-        msq[:, ks] = sums[:, np.searchsorted(uy, ty), np.searchsorted(ux, tx)].float()
+        sums = _window_sums(plane, uy, ux, c, stride) / (norm * c * c * 3)
+        msqs.append(sums.flatten(1).index_select(1, torch.from_numpy(np.searchsorted(uy, ty) * len(ux)
+                                                                     + np.searchsorted(ux, tx))))
+        order += ks
+    back = torch.from_numpy(np.argsort(order))
+    at = torch.cat(ats, 2).index_select(2, back).transpose(1, 2)         # (n, views, rank + 1) in view order
+    msq = torch.cat(msqs, 1).index_select(1, back)
+    mean = (at[..., -1].double() * 4 / (c * c) / 3).float()             # sum of 4x4 means: exact, as view_inputs
     rms = (msq - mean ** 2).clamp_min(0).sqrt().clamp_min(EPS * 255)
-    wx = proj @ a.T
+    wx = at[..., :-1] @ a.T
     return (wx - mean[..., None] * w1 + rms[..., None] * b) > 0
 
 
