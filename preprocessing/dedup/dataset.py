@@ -91,10 +91,10 @@ def _read_shard(src_uri: str, entry: dict[str, Any]) -> pa.Table:
 
 
 def _crops_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], crop: int,
-                views: int) -> dict[str, np.ndarray]:
+                sources: bool = False) -> dict[str, np.ndarray]:
     cv2.setNumThreads(1)
     out: dict[str, list] = {"key": [], "shard": [], "row": [], "crop": [], "blank": [],
-                            **({"source": []} if views > 1 else {})}
+                            **({"source": []} if sources else {})}
     for i in batch["shard"]:
         table = _read_shard(src_uri, shards[int(i)])
         n = table.num_rows
@@ -104,9 +104,16 @@ def _crops_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], 
         out["row"].append(np.arange(n, dtype=np.int32))
         out["crop"].append(crops_of(images, crop))
         out["blank"].append(blank(out["crop"][-1]).astype(np.int8))
-        if views > 1:
+        if sources:
             out["source"].append(view_sources(images, crop))
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _shard_codes_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], state: dict,
+                      cfg: dict) -> dict[str, np.ndarray]:
+    """One source shard read again -> its rows' view codes: the views' 2x sources (12 KB an image at crop 32) live
+    only inside this task, never in the object store."""
+    return _encode_task(_crops_task(batch, src_uri, shards, cfg["crop"], sources=True), state, cfg)
 
 
 def _encode_task(batch: dict[str, np.ndarray], state: dict, cfg: dict) -> dict[str, np.ndarray]:
@@ -205,7 +212,7 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
         crops, blank_rows = phase("crops", 1, f"{rows_in} crops read; training the autoencoder",
                                   _crops, src_uri, shards, cfg, rows_in)
         state, losses = phase("train", 2, "autoencoder trained; hashing", _train, crops, cfg, out_uri, cluster)
-        coded = phase("encode", 3, f"{rows_in} codes; grouping", _encode, crops, state, cfg)
+        coded = phase("encode", 3, f"{rows_in} codes; grouping", _encode, crops, state, cfg, src_uri, shards)
         decisions, checks = phase("group", 4, "grouped; writing the kept rows",
                                   _group, coded, src_uri, shards, cfg, rows_in)
         _check_removal(decisions, src_uri, rows_in, cfg)
@@ -250,7 +257,7 @@ def _crops(src_uri: str, shards: list[dict], cfg: DedupConfig, rows_in: int):
     items = [{"shard": i} for i in range(len(shards))]
     crops = (ray.data.from_items(items, override_num_blocks=len(items))
              .map_batches(_crops_task, batch_size=1, batch_format="numpy",
-                          fn_kwargs={"src_uri": src_uri, "shards": shards, "crop": cfg.crop, "views": cfg.views})
+                          fn_kwargs={"src_uri": src_uri, "shards": shards, "crop": cfg.crop})
              .materialize())
     if crops.count() != rows_in:
         raise DatasetError(f"{src_uri}: read {crops.count()} rows, the shard list says {rows_in}")
@@ -272,11 +279,23 @@ def _train(crops, cfg: DedupConfig, out_uri: str, cluster: ClusterConfig | None)
     return state, losses
 
 
-def _encode(crops, state: dict, cfg: DedupConfig):
-    """3. Every image to its `views` codes (the encoder only: hashing needs no decoder)."""
+def _encode(crops, state: dict, cfg: DedupConfig, src_uri: str, shards: list[dict]):
+    """3. Every image to its `views` codes (the encoder only: hashing needs no decoder). One view: from the crops in
+    the object store. More: each source shard is read again and its views cut inside the task; carried from phase 1
+    they were 5x the crops in the object store (~52 KB an image measured at 25k by benchmarks/scale.py, ~150 GB at
+    3M)."""
+    import ray
+
     state_np = {k: v.numpy() for k, v in state.items() if k.startswith("encoder.")}
-    return crops.map_batches(_encode_task, batch_format="numpy",
-                             fn_kwargs={"state": state_np, "cfg": cfg.model_dump()}).materialize()
+    if cfg.views == 1:
+        return crops.map_batches(_encode_task, batch_format="numpy",
+                                 fn_kwargs={"state": state_np, "cfg": cfg.model_dump()}).materialize()
+    items = [{"shard": i} for i in range(len(shards))]
+    return (ray.data.from_items(items, override_num_blocks=len(items))
+            .map_batches(_shard_codes_task, batch_size=1, batch_format="numpy",
+                         fn_kwargs={"src_uri": src_uri, "shards": shards, "state": state_np,
+                                    "cfg": cfg.model_dump()})
+            .materialize())
 
 
 def _group(coded, src_uri: str, shards: list[dict], cfg: DedupConfig, rows_in: int) -> tuple[Any, dict]:
