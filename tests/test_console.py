@@ -1,0 +1,27 @@
+"""What the `dcgan` CLI does to its console before Ray starts (preprocessing.compute.quiet_console)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = ("import os; from preprocessing.compute import quiet_console; quiet_console(); "
+         "print(os.environ.get('RAY_DATA_DISABLE_PROGRESS_BARS'), os.environ.get('RAY_COLOR_PREFIX'))")
+
+
+def test_a_console_that_is_a_log_file_gets_no_progress_bars_nor_colour(tmp_path):
+    """Ray Data's bars are redrawn with carriage returns: a dedup's log file got every redraw of Ray Train's dataset
+    split (seen in benchmarks/scale.py's logs) until the CLI turned them off for a console that is not a terminal."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_COLOR_PREFIX")}
+    with open(tmp_path / "stderr.log", "w") as log:
+        out = subprocess.run([sys.executable, "-c", PROBE], stdout=subprocess.PIPE, stderr=log, env=env, cwd=ROOT,
+                             text=True, check=True).stdout.split()
+    assert out == ["1", "0"]
+    env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "0"  # a user's own choice stands
+    with open(tmp_path / "stderr.log", "w") as log:
+        out = subprocess.run([sys.executable, "-c", PROBE], stdout=subprocess.PIPE, stderr=log, env=env, cwd=ROOT,
+                             text=True, check=True).stdout.split()
+    assert out == ["0", "0"]
