@@ -44,9 +44,11 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 1
     raise TimeoutError(f"prefect server not healthy after {timeout}s: {log.read_text()[-3000:]}")
 
 
-@pytest.fixture
-def prefect_server(tmp_path):
-    """`prefect server start` on a free loopback port with its own PREFECT_HOME; yields the CLI's environment."""
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on a free loopback port with its own PREFECT_HOME; yields the CLI's environment.
+    One server a module (a start costs 10-20 s here): its tests share it, each reading back only its own runs."""
+    tmp_path = tmp_path_factory.mktemp("prefect-server")
     home = tmp_path / "prefect-home"
     home.mkdir()
     port = free_port()
