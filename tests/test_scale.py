@@ -85,3 +85,23 @@ def test_fitted_laws():
     assert scale.linearity(ns, quadratic) == pytest.approx(2.0)  # marginal cost doubles: not linear
     assert scale.linearity(ns[:2], [1, 2]) is None
     assert scale.projection(10, 1e-3, cores_here=2, n=3_000_000, cores=64) == pytest.approx(10 + 93.75)
+
+
+def test_monitor_on_a_cluster_counts_each_node_and_only_the_cpu_spent_while_it_ran():
+    """--where cluster: the nodes' processes are older than the stage, so only the CPU they spend while it runs
+    counts, and each node's peak private memory is kept apart."""
+    import time
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass\n"
+    busy = subprocess.Popen([sys.executable, "-c", burn + "b = bytearray(200 << 20)\nprint('ready', flush=True)\n"
+                             "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert busy.stdout.readline().strip() == "ready"  # `busy` spent its CPU second before the stage starts
+        stage = subprocess.Popen([sys.executable, "-c", burn])
+        with scale.Monitor(stage.pid, interval=0.1, nodes=lambda: {"a": [busy.pid], "b": [idle.pid]}) as mon:
+            stage.wait()
+    finally:
+        busy.kill(), idle.kill(), busy.wait(), idle.wait()
+    assert mon.peaks.nodes["a"]["anon"] >= 200 << 20 > mon.peaks.nodes["b"]["anon"]
+    assert 0.9 <= mon.cpu_s < 1.6, mon.cpu_s  # the stage's second, not the node's earlier one too
