@@ -657,7 +657,7 @@ def report(results: list[dict], cores: int) -> str:
             total += proj or 0
             lin_s = " (".join("n/a" if v is None else f"{v:.2f}" for v in (lin, clin)) + ")"
             out.append(f"| {stage} | {fixed:.1f} | {per * 1e3:.3f} | {cfixed:.1f} | {cper * 1e3:.3f} | {lin_s} | "
-                       f"{rss[big] / max(rss[small], 1):.2f} ({anon[big] / max(anon[small], 1):.2f}) | "
+                       f"{rss[big] / max(rss[small], 1):.2f} ({anon[big] / anon[small] if anon[small] else float('nan'):.2f}) | "
                        f"{rss_per * 1e5 / mib:.0f} | {f'{proj / 60:.1f} min' if proj else 'not by N'} |")
         out += ["", f"build-lsun + dedup projected to 3M images on 64 cores: {total / 3600:.2f} h (fixed wall cost + "
                     f"per-image CPU seconds x 3M / 64; this box has {cores} cores)", ""]
