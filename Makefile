@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m pipelines.demo
 
-# Everything (what CI runs): about 20 minutes on 2 cores.
+# Everything (what CI runs): 45-55 minutes on 2 shared cores today (the goal is under 30).
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
