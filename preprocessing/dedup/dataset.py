@@ -250,12 +250,18 @@ def _check(src_uri: str, shards: list[dict], cfg: DedupConfig) -> int:
     return rows_in
 
 
-def _crops(src_uri: str, shards: list[dict], cfg: DedupConfig, rows_in: int):
-    """1. One task per source shard: (key, shard, row, crop[, view source]) of every row; refuses an all-blank set."""
+def _per_shard(shards: list[dict]):
+    """A dataset of one row, one block per source shard: tasks that each read their own shard."""
     import ray
 
     items = [{"shard": i} for i in range(len(shards))]
-    crops = (ray.data.from_items(items, override_num_blocks=len(items))
+    return ray.data.from_items(items, override_num_blocks=len(items))
+
+
+def _crops(src_uri: str, shards: list[dict], cfg: DedupConfig, rows_in: int):
+    """1. One task per source shard: (key, shard, row, crop[, view source]) of every row; refuses an all-blank set."""
+
+    crops = (_per_shard(shards)
              .map_batches(_crops_task, batch_size=1, batch_format="numpy",
                           fn_kwargs={"src_uri": src_uri, "shards": shards, "crop": cfg.crop})
              .materialize())
@@ -282,16 +288,13 @@ def _train(crops, cfg: DedupConfig, out_uri: str, cluster: ClusterConfig | None)
 def _encode(crops, state: dict, cfg: DedupConfig, src_uri: str, shards: list[dict]):
     """3. Every image to its `views` codes (the encoder only: hashing needs no decoder). One view: from the crops in
     the object store. More: each source shard is read again and its views cut inside the task; carried from phase 1
-    they were 5x the crops in the object store (~52 KB an image measured at 25k by benchmarks/scale.py, ~150 GB at
-    3M)."""
-    import ray
+    they were 4x the crops in the object store (12 KB an image at crop 32; ~36 GB at 3M)."""
 
     state_np = {k: v.numpy() for k, v in state.items() if k.startswith("encoder.")}
     if cfg.views == 1:
         return crops.map_batches(_encode_task, batch_format="numpy",
                                  fn_kwargs={"state": state_np, "cfg": cfg.model_dump()}).materialize()
-    items = [{"shard": i} for i in range(len(shards))]
-    return (ray.data.from_items(items, override_num_blocks=len(items))
+    return (_per_shard(shards)
             .map_batches(_shard_codes_task, batch_size=1, batch_format="numpy",
                          fn_kwargs={"src_uri": src_uri, "shards": shards, "state": state_np,
                                     "cfg": cfg.model_dump()})
