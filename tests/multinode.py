@@ -274,6 +274,12 @@ class MultiNodeCluster:
             raise ValueError("kill_node is for worker nodes; the head is the cluster")
         _kill_all(node, signal.SIGKILL)
         killed = time.monotonic()
+        # a process the node forked while the first kill went out (a raylet starting a worker, which leaves the
+        # process group) is killed too: a lost node loses all of it (one survived once, at load 5)
+        deadline = killed + STOP_TIMEOUT_S
+        while _members(node) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            _kill_all(node, signal.SIGKILL)
         node.process.wait(STOP_TIMEOUT_S)
         return killed
 
