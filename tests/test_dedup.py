@@ -15,10 +15,12 @@ import torch
 
 from preprocessing import storage
 from preprocessing.config import DedupConfig
-from preprocessing.dedup.groups import (bucket_edges, edge_groups, group_ids, groups_of, verified_groups,
-                                        view_rows)
+from preprocessing.dedup.groups import (bucket_edges, edge_groups, first_alignments, group_ids, groups_of,
+                                        member_rows, verified_groups, verify_rows, view_rows)
+from preprocessing.dedup.dataset import training_rows
 from preprocessing.dedup.model import crops_of, encode, fit_local, inputs_of, load_state
-from preprocessing.dedup.verify import BUCKET_CAP, MAX_DIFF, MAX_REL, differences, measures, star_groups
+from preprocessing.dedup.verify import (ALIGNMENTS, BUCKET_CAP, MAX_DIFF, MAX_REL, differences, measures,
+                                        star_groups)
 from preprocessing.dedup.grid import MAX_VIEWS
 from preprocessing.dedup.views import cut_views, image_codes, view_crops, view_sources
 from preprocessing.dedup.semantic_hash import (group_codes, group_identical, group_views, hamming, keep_smallest_key,
@@ -259,6 +261,44 @@ def test_an_images_own_views_are_not_duplicates_and_keepers_are_deterministic():
     assert groups_of(keys[perm], g[perm]) == groups_of(keys, g) == groups
 
 
+def test_the_training_sample_is_spread_over_every_block():
+    assert list(training_rows(10, 1.0)) == list(range(10))
+    rows = training_rows(2000, 0.1)
+    assert len(rows) == 200 and rows[0] == 0 and rows[-1] >= 1980 and (np.diff(rows) == 10).all()
+    assert len(training_rows(7, 0.01)) == 1 and list(training_rows(3, 0.5)) == [0, 2]
+
+
+def test_a_code_partition_sends_on_its_checks_not_every_bucket_member():
+    """A true duplicate shares most of its 135 codes with its original: the pair is checked in ALIGNMENTS of those
+    buckets, so only those go on to the pixel shuffle (two rows a check), not the ~100 buckets' members."""
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 256, (5, 135, 16), dtype=np.uint8)
+    codes[1, :100] = codes[0, :100]   # image 1: a copy of image 0 sharing 100 codes
+    codes[3, 7] = codes[2, 9]         # images 2 and 3 meet in one bucket
+    keys = np.array([f"k{i}" for i in range(5)], dtype=object)
+    batch = {"key": keys, "views": np.array([c.tobytes() for c in codes], dtype=object),
+             "shard": np.zeros(5, np.int32), "row": np.arange(5, dtype=np.int32)}
+    rows = view_rows(batch, 16, partitions=1)
+    checks = member_rows(rows)
+    assert len(checks["key"]) == 2 * (ALIGNMENTS + 1)          # was 2 x 100 + 2 member rows
+    bucket, key = checks["bucket"], checks["key"]
+    pairs = sorted(tuple(sorted(key[bucket == b])) for b in np.unique(bucket))
+    assert pairs == [("k0", "k1")] * ALIGNMENTS + [("k2", "k3")]
+    assert all(np.count_nonzero(bucket == b) == 2 for b in np.unique(bucket)) and checks["left"].sum() == 0
+
+    # over 3 code partitions the pair's 100 codes are spread out: each partition checks it up to ALIGNMENTS times,
+    # the pair shuffle keeps ALIGNMENTS in all (it was checked up to 3 x ALIGNMENTS times)
+    rows = view_rows(batch, 16, partitions=3)
+    parts = [member_rows({c: v[rows["part"] == p] for c, v in rows.items()}, partitions=3) for p in range(3)]
+    every = {c: np.concatenate([m[c] for m in parts]) for c in parts[0]}
+    assert len(every["key"]) == 2 * (3 * ALIGNMENTS + 1)
+    kept = [first_alignments({c: v[every["pair"] == p] for c, v in every.items()}) for p in range(3)]
+    kept = {c: np.concatenate([k[c] for k in kept]) for c in kept[0]}
+    pairs = sorted(tuple(sorted(kept["key"][kept["bucket"] == b])) for b in np.unique(kept["bucket"]))
+    assert pairs == [("k0", "k1")] * ALIGNMENTS + [("k2", "k3")]
+    assert (kept["part"] == kept["pair"]).all()
+
+
 # ------------------------------------------------------------------------------------------------------ verified merge
 
 
@@ -411,6 +451,32 @@ def test_verified_merge_finds_shifted_recropped_and_jpeg_copies(trained):
     assert found.mean() >= 0.7, (found.mean(), figures)
     wrong = sum(1 for k in keys if groups.get(k, (k, 1))[0] != k)  # originals removed for another original
     assert wrong == 0, wrong
+    # the cluster's path (its functions, partition by partition) gives these groups whatever the number of partitions
+    codes = image_codes(state, images, cfg)
+    assert _as_pipeline(all_keys, codes, images, cfg.crop, 1) == groups == _as_pipeline(all_keys, codes, images,
+                                                                                        cfg.crop, 3)
+
+
+def _as_pipeline(keys, codes, images, crop: int, partitions: int) -> dict:
+    """`dataset._verified_groups` without Ray: view rows -> checks per code partition -> first alignments per pair
+    partition -> pixels -> verified edges per partition -> star groups."""
+    def split(rows, column, p):
+        return {c: v[rows[column] == p] for c, v in rows.items()}
+
+    def joined(parts):
+        return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+
+    batch = {"key": np.asarray(keys, dtype=object), "views": np.array([c.tobytes() for c in codes], dtype=object),
+             "shard": np.zeros(len(keys), np.int32), "row": np.arange(len(keys), dtype=np.int32)}
+    rows = view_rows(batch, codes.shape[2], partitions)
+    checks = joined([member_rows(split(rows, "part", p), partitions) for p in range(partitions)])
+    if partitions > 1:
+        checks = joined([first_alignments(split(checks, "pair", p)) for p in range(partitions)])
+    pixels = cut_views(view_sources(images, crop)[checks["row"]], np.asarray(checks["view"]))
+    checks["pixels"] = np.array([p.astype(np.float16).tobytes() for p in pixels], dtype=object)
+    edges = joined([verify_rows(split(checks, "part", p)) for p in range(partitions)])
+    real = edges["a"] != ""
+    return star_groups(edges["a"][real], edges["b"][real])
 
 
 def test_one_image_repeated_thousands_of_times_is_one_group(trained):
@@ -472,9 +538,12 @@ def test_dedup_command_over_s3_on_ray(s3_bucket, ray_cluster, capsys):
     write_manifest(src, kind="lsun", resolution=RES, shards=entries, rejects=rejects, reject_counts={"decode": 1},
                    inputs=len(keys) + 1, params={"resolution": RES})
 
-    assert main(["dedup", src, "--epochs", "30", "--seed", "3"]) == 0
+    # trained on a sample of every shard (`train_images`), every image hashed
+    sample = ["--set", f"dedup.train_images={len(keys) - 20}"]
+    assert main(["dedup", src, "--epochs", "30", "--seed", "3", *sample]) == 0
     out = f"{src}-dedup"
     m = read_manifest(out)
+    assert len(keys) - 22 <= m["dedup"]["trained_on"] <= len(keys) - 18
     assert (m["kind"], m["resolution"], m["params"], m["rejects"]["by_reason"]) == ("lsun", RES, {"resolution": RES}, {"decode": 1})
     assert storage.exists(storage.join(out, "rejects/part-00000.parquet"))
     d = m["dedup"]
@@ -507,9 +576,9 @@ def test_dedup_command_over_s3_on_ray(s3_bucket, ray_cluster, capsys):
     assert "near duplicates removed" in capsys.readouterr().out
 
     # "done?" answered as for a build: the same dedup again has nothing to do; other settings need --overwrite
-    assert main(["dedup", src, "--epochs", "30", "--seed", "3"]) == 0
+    assert main(["dedup", src, "--epochs", "30", "--seed", "3", *sample]) == 0
     assert "skipping dedup: " in capsys.readouterr().err and read_manifest(out) == m
-    assert main(["dedup", src, "--epochs", "30", "--seed", "4"]) == 2
+    assert main(["dedup", src, "--epochs", "30", "--seed", "4", *sample]) == 2
     assert "already holds a dataset; pass --overwrite" in capsys.readouterr().err
 
 

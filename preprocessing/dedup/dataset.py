@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 
 from preprocessing import compute, dataset_layout, storage
 from preprocessing.config import ClusterConfig, DedupConfig
-from preprocessing.dedup.groups import (bucket_edges, codes_of, decide, edge_groups, groups_of, member_rows,
-                                       verify_rows, view_rows)
+from preprocessing.dedup.groups import (bucket_edges, codes_of, decide, edge_groups, first_alignments, groups_of,
+                                       member_rows, verify_rows, view_rows)
 from preprocessing.dedup.model import crops_of, fit_ray, save_state
 from preprocessing.dedup.report import bit_stats, collision_picture
 from preprocessing.dedup.verify import BLANK_STD, blank, star_groups
@@ -85,6 +85,15 @@ def _read_shard(src_uri: str, entry: dict[str, Any]) -> pa.Table:
     if "rows" in entry and table.num_rows != entry["rows"]:
         raise DatasetError(f"shard {entry['path']}: {table.num_rows} rows, the shard list says {entry['rows']}")
     return table
+
+
+def _total(ds, column: str) -> int:
+    """The sum of a numeric or bool column: one partial sum per block, added on the driver. Ray Data's own `sum` is a
+    hash aggregate, a shuffle that cost ~7 s for 8,000 rows on 2 CPUs (three per dedup)."""
+    parts = ds.select_columns([column]).map_batches(
+        lambda b: {"n": np.array([int(np.sum(b[column], dtype=np.int64))], np.int64)}, batch_format="numpy",
+        batch_size=None).take_all()
+    return sum(int(r["n"]) for r in parts)
 
 
 # ------------------------------------------------------------------------------------------------------ stages
@@ -148,7 +157,7 @@ def _write_task(batch: dict[str, np.ndarray], src_uri: str, out_uri: str, shards
 
 
 def _pixels_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], crop: int) -> dict[str, np.ndarray]:
-    """The members of one source shard -> the pixels of each member's matched view (float16, exact for these values)."""
+    """The check rows of one source shard -> the pixels of each row's matched view (float16, exact for these values)."""
     cv2.setNumThreads(1)
     rows = np.asarray(batch["row"], np.int64)
     images = images_of(_read_shard(src_uri, shards[int(batch["shard"][0])]))
@@ -162,17 +171,24 @@ def _verified_groups(coded, src_uri: str, shards: list[dict], cfg: DedupConfig, 
                      partitions: int) -> tuple[dict, dict]:
     """The multi-view group stage (`verify`): codes propose, pixels decide, groups are stars.
 
-    Three shuffles, none through the driver: (image, code) rows by code partition -> bucket members (capped); members
-    by source shard -> their matched views' pixels; pixels by code partition -> verified edges. The driver gets the
+    Three shuffles, none through the driver: (image, code) rows by code partition -> checks (candidate pairs with
+    their alignment, two rows each; `member_rows`); check rows by source shard -> their matched views' pixels; pixels
+    by code partition -> verified edges. With more than one code partition, one more (small) shuffle of the checks by
+    pair keeps each pair's first ALIGNMENTS checks across partitions (`first_alignments`). The driver gets the
     verified edges only (true duplicates: a few per removed image) and the counts."""
     members = (coded.map_batches(view_rows, batch_format="numpy",
                                  fn_kwargs={"code_bytes": code_bytes, "partitions": partitions})
-               .groupby("part", num_partitions=partitions).map_groups(member_rows, batch_format="numpy")
+               .groupby("part", num_partitions=partitions)
+               .map_groups(member_rows, batch_format="numpy", fn_kwargs={"partitions": partitions})
                .materialize())
-    left = int(members.sum("left") or 0) if members.count() else 0
     if not members.count():
         return {}, {"candidates_checked": 0, "verified_edges": 0, "unchecked_members": 0}
-    edges = (members.groupby("shard", num_partitions=shard_partitions(shards))
+    left = _total(members, "left")
+    checks = members
+    if partitions > 1:  # a pair met in several code partitions: its first ALIGNMENTS checks over all of them
+        checks = members.groupby("pair", num_partitions=partitions).map_groups(first_alignments,
+                                                                               batch_format="numpy")
+    edges = (checks.groupby("shard", num_partitions=shard_partitions(shards))
              .map_groups(_pixels_task, batch_format="numpy",
                          fn_kwargs={"src_uri": src_uri, "shards": shards, "crop": cfg.crop})
              .groupby("part", num_partitions=partitions).map_groups(verify_rows, batch_format="numpy").to_pandas())
@@ -211,7 +227,8 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
     try:
         crops, blank_rows = phase("crops", 1, f"{rows_in} crops read; training the autoencoder",
                                   _crops, src_uri, shards, cfg, rows_in)
-        state, losses = phase("train", 2, "autoencoder trained; hashing", _train, crops, cfg, out_uri, cluster)
+        state, losses, trained_on = phase("train", 2, "autoencoder trained; hashing", _train, crops, cfg, out_uri,
+                                          cluster, rows_in)
         coded = phase("encode", 3, f"{rows_in} codes; grouping", _encode, crops, state, cfg, src_uri, shards)
         decisions, checks = phase("group", 4, "grouped; writing the kept rows",
                                   _group, coded, src_uri, shards, cfg, rows_in)
@@ -228,7 +245,7 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
     info = {"method": METHOD, "code_bits": cfg.code_bits, "views": cfg.views, "radius": cfg.radius,
             "rows_in": rows_in, "rows_out": rows_out, "removed": rows_in - rows_out,
             "merge": "verified" if cfg.views > 1 and cfg.radius == 0 else "shared code", **checks,
-            "blank": blank_rows, **bits, "train_loss": [round(v, 5) for v in losses],
+            "blank": blank_rows, **bits, "trained_on": trained_on, "train_loss": [round(v, 5) for v in losses],
             "model": dataset_layout.DEDUP_MODEL, "report": dataset_layout.DEDUP_REPORT,
             "picture": dataset_layout.DEDUP_PICTURE, "params": cfg.model_dump()}
     return entries, _report(info, colliding, src_uri, shards, out_uri, cfg, timings)
@@ -267,22 +284,43 @@ def _crops(src_uri: str, shards: list[dict], cfg: DedupConfig, rows_in: int):
              .materialize())
     if crops.count() != rows_in:
         raise DatasetError(f"{src_uri}: read {crops.count()} rows, the shard list says {rows_in}")
-    blank_rows = int(crops.sum("blank") or 0)
+    blank_rows = _total(crops, "blank")
     if blank_rows == rows_in:
         raise InputError(f"{src_uri}: all {rows_in} images are blank (pixel std < {BLANK_STD:g} in the "
                          f"{cfg.crop}x{cfg.crop} crop): nothing to de-duplicate; check the build, or pass --no-dedup")
     return crops, blank_rows
 
 
-def _train(crops, cfg: DedupConfig, out_uri: str, cluster: ClusterConfig | None) -> tuple[dict, list[float]]:
-    """2. The hashing autoencoder on Ray Train; its weights saved beside the dataset."""
+def training_rows(n: int, fraction: float) -> np.ndarray:
+    """Rows of a block of n that the autoencoder trains on: every (1/fraction)-th, spread over the whole block (shards
+    are in key order, which may follow time or source), at least one."""
+    if fraction >= 1:
+        return np.arange(n)
+    return np.unique(np.minimum((np.arange(max(1, round(n * fraction))) / fraction).astype(np.int64), n - 1))
+
+
+def _training_sample(crops, rows_in: int, cfg: DedupConfig):
+    """The crops the autoencoder trains on: all of them, or `train_images` of them taken evenly from every block."""
+    if cfg.train_images is None or rows_in <= cfg.train_images:
+        return crops, rows_in
+    fraction = cfg.train_images / rows_in
+    sample = crops.map_batches(lambda b: {k: v[training_rows(len(v), fraction)] for k, v in b.items()},
+                               batch_format="numpy", batch_size=None).materialize()
+    return sample, sample.count()
+
+
+def _train(crops, cfg: DedupConfig, out_uri: str, cluster: ClusterConfig | None, rows_in: int
+           ) -> tuple[dict, list[float], int]:
+    """2. The hashing autoencoder on Ray Train (on at most `train_images` of the crops); its weights saved beside the
+    dataset. Returns (weights, epoch losses, images trained on)."""
+    sample, trained_on = _training_sample(crops.select_columns(["crop"]), rows_in, cfg)
     with tempfile.TemporaryDirectory(prefix="dcgan-dedup-") as tmp:
         train_dir = dataset_layout.dedup_training(out_uri) if storage.is_s3(out_uri) else tmp
-        state, losses = fit_ray(crops, cfg, train_dir, cluster)
+        state, losses = fit_ray(sample, cfg, train_dir, cluster)
         if storage.is_s3(out_uri):
             storage.delete_prefix(train_dir)
     save_state(state, dataset_layout.dedup_model(out_uri))
-    return state, losses
+    return state, losses, trained_on
 
 
 def _encode(crops, state: dict, cfg: DedupConfig, src_uri: str, shards: list[dict]):
@@ -324,8 +362,7 @@ def _group(coded, src_uri: str, shards: list[dict], cfg: DedupConfig, rows_in: i
 
 def _check_removal(decisions, src_uri: str, rows_in: int, cfg: DedupConfig) -> None:
     """`max_removed`, the last guard: a hash that collapsed to few codes removes most rows; nothing is written."""
-    kept = int(decisions.map_batches(lambda b: {"n": [int(np.count_nonzero(b["keep"]))]},
-                                     batch_format="numpy").sum("n") or 0)
+    kept = _total(decisions, "keep")
     if rows_in - kept > cfg.max_removed * rows_in:
         raise DatasetError(
             f"{src_uri}: the hash would remove {rows_in - kept} of {rows_in} rows (more than dedup.max_removed = "

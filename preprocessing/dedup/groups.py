@@ -1,26 +1,30 @@
 """The group stage of `preprocessing.dedup.dataset` (layer: preprocessing): from every image's view codes to kept rows.
 
-Multi-view hash (`views` > 1, the default): codes only PROPOSE pairs, pixels decide (`verify`). Each (image,
-distinct code) row goes to a hash partition of its code; a partition buckets equal codes and sends the members of
-buckets with two or more images (capped) on; their matched views are cut from the source shards; each partition then
-checks its candidate pairs in bounded chunks and emits only the verified edges; the driver builds star groups from
-them (every removed image verified against its keeper, the group's smallest key). `views: 1` (the paper's single hash)
-is unchanged: images with equal codes are one group (`bucket_edges`, `edge_groups`). An image's own views sharing a
-code are one row, never an edge: an image is not its own duplicate.
+Multi-view hash (`views` > 1, the default): codes only PROPOSE pairs, pixels decide (`verify`). Each (image, distinct
+code) row goes to a hash partition of its code; a partition buckets equal codes and turns the buckets with two or more
+images (capped) into checks, a candidate pair in one alignment each; the two views of every check are cut from the
+source shards; each partition then checks its pairs in bounded chunks and emits only the verified edges; the driver
+builds star groups from them (every removed image verified against its keeper, the group's smallest key). `views: 1`
+(the paper's single hash) is unchanged: images with equal codes are one group (`bucket_edges`, `edge_groups`). An
+image's own views sharing a code are one row, never an edge: an image is not its own duplicate.
 """
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
-from preprocessing.dedup.verify import bucket_members, star_groups, verified_pairs
+from preprocessing.dedup.verify import ALIGNMENTS, bucket_members, candidate_pairs, star_groups, verified_pairs
 from preprocessing.dedup.views import cut_views
-from preprocessing.dedup.semantic_hash import components, group_identical, keep_smallest_key, partition_of
+from preprocessing.dedup.semantic_hash import (code_mix, code_objects, components, group_identical,
+                                               keep_smallest_key, partition_of, stack_codes)
 
 
 def codes_of(batch: dict[str, np.ndarray], code_bytes: int) -> np.ndarray:
     """(N, views, code_bytes) uint8 from the `views` column (each row: its views' codes, concatenated)."""
-    return np.stack([np.frombuffer(v, np.uint8).reshape(-1, code_bytes) for v in batch["views"]])
+    views = stack_codes(batch["views"])
+    return views.reshape(len(views), -1, code_bytes)
 
 
 def distinct_views(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -36,7 +40,7 @@ def view_rows(batch: dict[str, np.ndarray], code_bytes: int, partitions: int) ->
     """One row per distinct (image, code): an image's own views sharing a code count once."""
     keys, codes = np.asarray(batch["key"], dtype=object), codes_of(batch, code_bytes)
     owner, view, flat = distinct_views(codes)
-    out = {"key": keys[owner], "code": np.array([c.tobytes() for c in flat], dtype=object),
+    out = {"key": keys[owner], "code": code_objects(flat),
            "part": partition_of(flat, partitions)}
     if "shard" in batch:  # where the image lives, for the verification's pixels
         out.update(shard=np.asarray(batch["shard"])[owner], row=np.asarray(batch["row"])[owner],
@@ -44,22 +48,79 @@ def view_rows(batch: dict[str, np.ndarray], code_bytes: int, partitions: int) ->
     return out
 
 
-def member_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One hash partition of `view_rows` -> the rows to verify (buckets of two or more images, capped), with a
-    bucket id unique across partitions; `left` counts members a capped bucket did not send (on the first row)."""
+def member_rows(batch: dict[str, np.ndarray], partitions: int = 1) -> dict[str, np.ndarray]:
+    """One hash partition of `view_rows` -> its checks: the candidate pairs (`candidate_pairs` over the buckets of two
+    or more images, capped) as two rows each, sharing a `bucket` id unique across partitions; `left` counts members a
+    capped bucket did not send (on the first row). Each check also gets its pair's partition (`pair`, the same
+    wherever the pair is met) and a priority (`prio`, a hash of its code) for `first_alignments`.
+
+    A check, not a bucket, goes on: a true duplicate shares ~100 of its 135 codes with its original, so its members
+    were ~35x the checks made of them (141,614 members for 3,944 checks at 25k images), and each member's pixels
+    (6 KB) went through two shuffles."""
     rows, buckets, left = bucket_members(batch["key"], batch["code"])
     part = int(batch["part"][0]) if len(batch["part"]) else 0
-    out = {c: np.asarray(batch[c])[rows] for c in ("key", "shard", "row", "view", "part")}
-    out["bucket"] = (np.int64(part) << np.int64(32)) + buckets.astype(np.int64)
-    out["left"] = np.zeros(len(rows), np.int64)
-    if len(rows):
+    owners = np.asarray(batch["key"])[rows].astype(str)
+    prio = code_priority(stack_codes(np.asarray(batch["code"])[rows]))
+    pairs = list(candidate_pairs(buckets, owners, prio))
+    x = np.concatenate([p[0] for p in pairs]) if pairs else np.zeros(0, np.int64)
+    y = np.concatenate([p[1] for p in pairs]) if pairs else np.zeros(0, np.int64)
+    pick = rows[np.stack([x, y], axis=1).reshape(-1)]
+    out = {c: np.asarray(batch[c])[pick] for c in ("key", "shard", "row", "view", "part")}
+    out["bucket"] = (np.int64(part) << np.int64(32)) + np.repeat(np.arange(len(x), dtype=np.int64), 2)
+    starts = np.r_[0, np.flatnonzero(buckets[1:] != buckets[:-1]) + 1] if len(buckets) else np.zeros(0, np.int64)
+    position = np.arange(len(buckets)) - np.repeat(starts, np.diff(np.r_[starts, len(buckets)]))
+    out["pos"] = np.repeat(position[x], 2)   # the leader's place in its bucket: the first key of the order
+    out["prio"] = np.repeat(prio[x], 2)
+    out["pair"] = np.repeat(np.array([pair_partition(a, b, partitions) for a, b in zip(owners[x], owners[y])],
+                                     np.int64), 2)
+    out["left"] = np.zeros(len(pick), np.int64)
+    if len(pick):  # a capped bucket (left > 0) has checks: its leaders pair with the rest
         out["left"][0] = left
     return out
 
 
+def code_priority(codes: np.ndarray) -> np.ndarray:
+    """(N, bytes) codes -> (N,) int64: the order in which a pair's shared buckets are checked (after the leader's
+    position)."""
+    return code_mix(codes).view(np.int64) if len(codes) else np.zeros(0, np.int64)
+
+
+def pair_partition(a: str, b: str, partitions: int) -> int:
+    """The partition of the pair {a, b}: the same in every process (no salted `hash`), whichever comes first."""
+    a, b = min(a, b), max(a, b)
+    digest = hashlib.blake2b(f"{a}\0{b}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % max(1, partitions)
+
+
+def first_alignments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """All the checks of the pairs of one `pair` partition -> at most ALIGNMENTS per pair, the first by (leader
+    position, `prio`) as `candidate_pairs` orders them in one partition (so any number of partitions checks the same
+    alignments), with `part` set to the pair's partition (so its alignments are verified together: one edge per pair).
+
+    Each code partition caps a pair at ALIGNMENTS of ITS buckets; a pair's ~100 shared codes are spread over all
+    partitions, so without this a pair was checked up to ALIGNMENTS x partitions times: at 25k / 50k / 100k images
+    (1 / 2 / 4 partitions) 3,944 / 14,502 / 52,283 checks for 654 / 1,356 / 2,798 images removed."""
+    keys = np.asarray(batch["key"]).astype(str)
+    check = np.asarray(batch["bucket"])
+    order = np.lexsort((keys, check))                       # two rows a check, its smaller key first
+    first, second = order[0::2], order[1::2]
+    by_pair = np.lexsort((check[first], np.asarray(batch["prio"])[first], np.asarray(batch["pos"])[first],
+                          keys[second], keys[first]))
+    first, second = first[by_pair], second[by_pair]
+    a, b = keys[first], keys[second]
+    new = np.ones(len(a), bool)
+    new[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    rank = np.arange(len(a)) - np.maximum.accumulate(np.where(new, np.arange(len(a)), 0))
+    kept = np.stack([first[rank < ALIGNMENTS], second[rank < ALIGNMENTS]], axis=1).reshape(-1)
+    out = {c: np.asarray(batch[c])[kept] for c in batch}
+    out["part"] = np.asarray(batch["pair"])[kept]
+    return out
+
+
 def verify_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One hash partition of members with their views' pixels (float16 bytes) -> verified edges between keys, and
-    the number of candidate pairs checked (on the first row; one row with empty keys when nothing verified)."""
+    """One partition of checks (two rows each) with their views' pixels (float16 bytes) -> verified edges between
+    keys, and the number of candidate pairs checked (on the first row; one row with empty keys when nothing
+    verified)."""
     keys = np.asarray(batch["key"]).astype(str)
     order = np.lexsort((keys, np.asarray(batch["bucket"])))
     keys, buckets = keys[order], np.asarray(batch["bucket"])[order]
@@ -84,7 +145,8 @@ def verified_groups(keys: np.ndarray, codes: np.ndarray, sources: np.ndarray, re
     owner, view, flat = distinct_views(np.asarray(codes, np.uint8))
     rows, buckets, left = bucket_members(keys[owner], [c.tobytes() for c in flat])
     members, views = owner[rows], view[rows]
-    a, b, checked = verified_pairs(buckets, members, lambda idx: cut_views(sources[members[idx]], views[idx]), record)
+    a, b, checked = verified_pairs(buckets, members, lambda idx: cut_views(sources[members[idx]], views[idx]), record,
+                                   prio=code_priority(flat[rows]))
     groups = star_groups(keys[a], keys[b])
     return groups, {"checked": checked, "verified": len(a), "unchecked": left}
 
@@ -101,7 +163,7 @@ def bucket_edges(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     keys = np.asarray(batch["key"], dtype=object)
     if len(keys) < 2:
         return {"a": np.zeros(0, object), "b": np.zeros(0, object)}
-    buckets = group_identical(np.stack([np.frombuffer(c, np.uint8) for c in batch["code"]]))
+    buckets = group_identical(stack_codes(batch["code"]))
     keep = keep_smallest_key(buckets, keys.astype(str))
     hub = np.empty(int(buckets.max()) + 1, dtype=object)
     hub[buckets[keep]] = keys[keep]

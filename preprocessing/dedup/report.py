@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from preprocessing import storage
+from preprocessing.dedup.semantic_hash import stack_codes
 from preprocessing.shards import images_of
 
 PICTURE_MEMBERS, PICTURE_SIDE = 8, 64
@@ -19,7 +20,7 @@ PICTURE_MEMBERS, PICTURE_SIDE = 8, 64
 def bit_stats(codes_ds, code_bits: int) -> dict[str, Any]:
     """How much of the code is used: bits that are on for between 1% and 99% of images, and their total entropy."""
     def count(batch):
-        bits = np.unpackbits(np.stack([np.frombuffer(h, np.uint8) for h in batch["hash"]]), axis=1)[:, :code_bits]
+        bits = np.unpackbits(stack_codes(batch["hash"]), axis=1)[:, :code_bits]
         return {"ones": bits.sum(0, dtype=np.int64)[None], "n": np.array([len(bits)])}
 
     parts = codes_ds.map_batches(count, batch_format="numpy").take_all()

@@ -32,6 +32,23 @@ def pack_bits(bits: np.ndarray) -> np.ndarray:
     return np.packbits(np.asarray(bits, dtype=bool), axis=1)
 
 
+def stack_codes(codes) -> np.ndarray:
+    """Equal-length codes as bytes objects (a Ray Data column) -> (N, bytes) uint8, in one copy: a frombuffer per
+    row cost 2 us, 6 of the 9 CPU-seconds of a 3.3M-row group partition (25k images x 131 distinct views)."""
+    if len(codes) == 0:
+        return np.zeros((0, 0), np.uint8)
+    return np.frombuffer(b"".join(codes), np.uint8).reshape(len(codes), -1)
+
+
+def code_objects(codes: np.ndarray) -> np.ndarray:
+    """(N, bytes) uint8 -> object array of N bytes objects (the inverse of `stack_codes`), sliced from one buffer."""
+    codes = np.ascontiguousarray(codes, np.uint8)
+    data, width = codes.tobytes(), codes.shape[1] if codes.ndim == 2 else 0
+    out = np.empty(len(codes), dtype=object)
+    out[:] = [data[i:i + width] for i in range(0, len(data), width)] if width else [b""] * len(codes)
+    return out
+
+
 def _digits(codes: np.ndarray) -> np.ndarray:
     """(N, nbytes) uint8 -> (N, ceil(nbytes/2)) uint16 digits, most significant first."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
@@ -183,8 +200,12 @@ def partition_of(codes: np.ndarray, partitions: int) -> np.ndarray:
     Hashes the whole code (Fibonacci hashing of the XOR of its 64-bit words), since the leading bits of a learned
     code can be nearly constant and would pile every row into one partition.
     """
+    return ((code_mix(codes) >> np.uint64(32)) % np.uint64(max(1, partitions))).astype(np.int64)
+
+
+def code_mix(codes: np.ndarray) -> np.ndarray:
+    """(N, bytes) codes -> (N,) uint64, well mixed (Fibonacci hashing of the XOR of the code's 64-bit words)."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     pad = (-codes.shape[1]) % 8
     words = np.pad(codes, ((0, 0), (0, pad))).view(">u8")
-    mixed = np.bitwise_xor.reduce(words, axis=1).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    return ((mixed >> np.uint64(32)) % np.uint64(max(1, partitions))).astype(np.int64)
+    return np.bitwise_xor.reduce(words, axis=1).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)

@@ -34,7 +34,7 @@ import hashlib
 
 import numpy as np
 
-from preprocessing.dedup.semantic_hash import group_identical
+from preprocessing.dedup.semantic_hash import group_identical, stack_codes
 
 MAX_DIFF = 12.0        # block RMS difference, grey levels, of two aligned 32x32 views: at most this, and ...
 MAX_REL = 0.15         # ... interior RMS difference at most this fraction of the lower contrast = duplicates
@@ -86,35 +86,37 @@ def bucket_members(keys: np.ndarray, codes: list[bytes] | np.ndarray) -> tuple[n
 
     Only buckets with two or more images are kept; a bucket keeps its LEADERS smallest keys plus, up to BUCKET_CAP,
     the members with the smallest per-bucket hash rank. Rows come back sorted by (bucket, key)."""
-    keys = np.asarray(keys).astype(str)
     if len(keys) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
-    codes = np.stack([np.frombuffer(c, np.uint8) for c in codes])
+    codes = stack_codes(codes)
     buckets = group_identical(codes)
-    order = np.lexsort((keys, buckets))
-    b = buckets[order]
+    shared = np.flatnonzero(np.bincount(buckets)[buckets] > 1)  # the few rows whose code another image has too:
+    keys = np.asarray(keys, dtype=object)[shared].astype(str)   # only they are sorted by key (3.3M rows -> 4%)
+    order = np.lexsort((keys, buckets[shared]))
+    b = buckets[shared][order]
+    if not len(b):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
     starts = np.r_[0, np.flatnonzero(b[1:] != b[:-1]) + 1]
     sizes = np.diff(np.r_[starts, len(b)])
     keep, left = [], 0
-    for lo, s in zip(starts[sizes > 1], sizes[sizes > 1]):
+    for lo, s in zip(starts, sizes):
         rows = order[lo:lo + s]
         if s > BUCKET_CAP:
             rest = rows[LEADERS:]
-            salt = np.repeat(codes[rows[0]].tobytes(), len(rest)).astype(object)
+            salt = np.repeat(codes[shared[rows[0]]].tobytes(), len(rest)).astype(object)
             picked = rest[np.argsort(_rank(keys[rest], salt), kind="stable")[:BUCKET_CAP - LEADERS]]
             rows = np.r_[rows[:LEADERS], picked[np.argsort(keys[picked], kind="stable")]]
             left += int(s - len(rows))
         keep.append(rows)
-    if not keep:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
-    rows = np.concatenate(keep)
+    rows = shared[np.concatenate(keep)]
     return rows, buckets[rows], left
 
 
-def candidate_pairs(buckets: np.ndarray, owners: np.ndarray):
+def candidate_pairs(buckets: np.ndarray, owners: np.ndarray, prio: np.ndarray | None = None):
     """Index pairs (x, y) into members sorted by (bucket, key), in chunks of at most CHUNK: a pair is two members of a
     bucket one of which is among its first LEADERS (x, the leader, comes first); of the buckets two images share, the
-    pair is checked in the first `ALIGNMENTS` by (leader position, bucket), never more.
+    pair is checked in the first `ALIGNMENTS` by (leader position, `prio` of the bucket's code), never more: an order
+    that does not depend on which other codes share the partition, so code partitions agree (`first_alignments`).
 
     Streamed by image: the pairs of a block of images (each with the images after it) are expanded, reduced to one
     per pair by a sort and handed on, so memory is bounded by `BLOCK_PAIRS` (and one image's pairs: at most views x
@@ -126,6 +128,7 @@ def candidate_pairs(buckets: np.ndarray, owners: np.ndarray):
     starts = np.r_[0, np.flatnonzero(buckets[1:] != buckets[:-1]) + 1]
     sizes = np.diff(np.r_[starts, n])
     first, size = np.repeat(starts, sizes), np.repeat(sizes, sizes)
+    tie = np.zeros(n, np.int64) if prio is None else np.asarray(prio)
     pos = np.arange(n) - first
     image = np.unique(owners, return_inverse=True)[1].reshape(-1)
     reach = np.where(pos < LEADERS, size, LEADERS)                 # a leader pairs with all, others with the leaders
@@ -144,7 +147,7 @@ def candidate_pairs(buckets: np.ndarray, owners: np.ndarray):
         ok = image[other] > image[rep]                              # each pair from its smaller image's side
         rep, other = rep[ok], other[ok]
         x, y = np.where(pos[rep] < pos[other], rep, other), np.where(pos[rep] < pos[other], other, rep)
-        order = np.lexsort((first[x], pos[x], image[other], image[rep]))
+        order = np.lexsort((first[x], tie[x], pos[x], image[other], image[rep]))
         x, y, a, b = x[order], y[order], image[rep][order], image[other][order]
         new = np.ones(len(a), bool)
         new[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
@@ -155,14 +158,15 @@ def candidate_pairs(buckets: np.ndarray, owners: np.ndarray):
         lo = hi
 
 
-def verified_pairs(buckets: np.ndarray, owners: np.ndarray, pixels, record: list | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, int]:
+def verified_pairs(buckets: np.ndarray, owners: np.ndarray, pixels, record: list | None = None,
+                   prio: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Candidate pairs of the members (sorted by bucket, key) checked on their views' pixels: (owner a, owner b of the
     verified pairs, number of candidate pairs checked). `pixels(idx)` gives the members' aligned views; `record`
     (benchmarks) receives (owner a, owner b, block difference, relative difference) of every check. Holds one chunk
-    of pairs at a time and the verified ones (one edge per pair): memory does not grow with the candidates."""
+    of pairs at a time and the verified ones (one edge per pair): memory does not grow with the candidates. `prio`: as
+    `candidate_pairs`."""
     a, b, checked, last = [], [], 0, None
-    for x, y in candidate_pairs(buckets, owners):
+    for x, y in candidate_pairs(buckets, owners, prio):
         ox, oy = owners[x], owners[y]
         checked += len(x)
         diff, rel = measures(pixels(x), pixels(y))
