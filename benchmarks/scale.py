@@ -410,7 +410,7 @@ def run_measured(argv: list[str], env: dict[str, str], ray_tmp: str | None, log:
     with open(log, "ab") as err:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, env=env, cwd=ROOT)
         with Monitor(proc.pid, ray_tmp, interval=0.5 if nodes else 0.25, nodes=nodes) as mon:
-            proc.stdout.read()
+            out = proc.stdout.read()
             proc.wait()
     wall = time.perf_counter() - t0
     for q, started in mon.peaks.pids.items():  # ours only: same pid and same start time as when we saw it
@@ -421,6 +421,9 @@ def run_measured(argv: list[str], env: dict[str, str], ray_tmp: str | None, log:
                 pass
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[2:4])} exited {proc.returncode}; see {log}")
+    if b'"skipped":true' in out.replace(b" ", b""):  # its output was already there: nothing was measured
+        raise RuntimeError(f"{' '.join(argv[2:4])} skipped: its output already exists (a --work of an earlier run?); "
+                           f"use a new --work")
     return wall, mon.cpu_s, mon.peaks
 
 

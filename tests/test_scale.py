@@ -90,7 +90,6 @@ def test_fitted_laws():
 def test_monitor_on_a_cluster_counts_each_node_and_only_the_cpu_spent_while_it_ran():
     """--where cluster: the nodes' processes are older than the stage, so only the CPU they spend while it runs
     counts, and each node's peak private memory is kept apart."""
-    import time
 
     burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass\n"
     busy = subprocess.Popen([sys.executable, "-c", burn + "b = bytearray(200 << 20)\nprint('ready', flush=True)\n"
