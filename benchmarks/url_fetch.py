@@ -14,7 +14,9 @@ work (robots.txt, X-Robots-Tag, per-host limits 4 in flight and 10/s, Retry-Afte
 yunet (the model in ../shared/data/yunet/), and yunet with `build.yunet_face_px: 32`, at `build.min_face` 64
 (`--min-face`: a larger one lets the detection decode JPEGs at 1/2-1/8 scale, preprocessing.faces.find_faces).
 A third row runs our task as a center-crop build (the same fetching, decode, crop and write, no detection): the
-baseline's work through our polite fetcher, to tell fetching cost from detection cost.
+baseline's work through our polite fetcher, to tell fetching cost from detection cost; the last row is that task with
+the per-host limits kept over the whole build (`preprocessing.host_gate` actors on a local Ray, as a URL-list build
+runs them; the actors' CPU seconds are added to ours).
 Run: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/url_fetch.py` (about two minutes; `--urls`, `--hosts`,
 `--min-face`).
 """
@@ -118,8 +120,10 @@ def baseline(urls: list[str]) -> int:
         return sum(pool.map(one, urls))
 
 
-def ours(urls: list[str], detector: str, out: str, min_face: int = 64) -> tuple[int, dict]:
-    """One build task on the URLs; detector "none" = the center-crop build (our fetching, decode, crop, no faces)."""
+def ours(urls: list[str], detector: str, out: str, min_face: int = 64, gates: tuple[str, ...] = ()
+         ) -> tuple[int, dict]:
+    """One build task on the URLs; detector "none" = the center-crop build (our fetching, decode, crop, no faces);
+    `gates`: per-host limits kept over the whole build by `preprocessing.host_gate` actors, as a build runs them."""
     from preprocessing.build import run_chunk
     from preprocessing.config import BuildConfig
 
@@ -129,9 +133,28 @@ def ours(urls: list[str], detector: str, out: str, min_face: int = 64) -> tuple[
     cfg = BuildConfig(kind="center-crop" if detector == "none" else "faces", resolution=SIZE, min_face=min_face,
                       allow_private_hosts=["127.0.0.1"], download_timeout_s=TIMEOUT_S,
                       download_retries=1, download_concurrency=THREADS, max_retry_wait_s=2.0, **extra)
-    result = run_chunk({"index": 0, "items": [[u, u] for u in urls]}, cfg, out, out)
+    result = run_chunk({"index": 0, "items": [[u, u] for u in urls]}, cfg, out, out, gates)
     decoded = result["inputs"] - sum(v for k, v in result["reject_counts"].items() if k != "no_face")
     return decoded, result
+
+
+def gated(urls: list[str]):
+    """The center-crop row with the build's per-host gates (a local Ray; the gates' CPU is counted with ours)."""
+    import ray
+
+    from preprocessing import host_gate
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        gates = host_gate.start(4, 10.0)
+        before = host_gate.cpu_seconds(gates)
+        with tempfile.TemporaryDirectory() as out:
+            got, cpu, wall = measure(lambda: ours(urls, "none", out, gates=gates))
+        cpu += host_gate.cpu_seconds(gates) - before
+        host_gate.stop(gates)
+        return got, cpu, wall
+    finally:
+        ray.shutdown()
 
 
 def measure(fn):
@@ -168,6 +191,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as out:
                 name = "ours, center-crop, no faces" if det == "none" else f"ours, faces, detector {det}"
                 rows[name] = measure(lambda: ours(urls, det, out, args.min_face))
+        rows["ours, center-crop, build-wide limits"] = gated(urls)
         base_rate = rows["baseline (img2dataset-style)"][0][0] / rows["baseline (img2dataset-style)"][1]
         print(f"{'method':30s} {'decoded':>7s} {'CPU s':>6s} {'wall s':>6s} {'img/CPU-s':>9s} {'img/s wall':>10s} "
               f"{'vs baseline per core':>20s}")

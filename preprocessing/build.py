@@ -142,8 +142,10 @@ def chunk_digest(chunk: dict[str, Any], params: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------- one chunk
 
 
-def _inputs(chunk: dict[str, Any], cfg: BuildConfig) -> Iterator[tuple[str, str, bytes | Reject]]:
-    """(key, source, bytes or the Reject that fetching it became), in chunk order."""
+def _inputs(chunk: dict[str, Any], cfg: BuildConfig, gates: tuple[str, ...] = ()
+            ) -> Iterator[tuple[str, str, bytes | Reject]]:
+    """(key, source, bytes or the Reject that fetching it became), in chunk order; `gates`: the build's per-host
+    limits (`host_gate`)."""
     if "lmdb" in chunk:
         from preprocessing.lsun import read_range
 
@@ -152,7 +154,7 @@ def _inputs(chunk: dict[str, Any], cfg: BuildConfig) -> Iterator[tuple[str, str,
         return
     from preprocessing.sources import fetch, interleave_hosts, ordered_map, url_chunk_items
 
-    policy = policy_of(cfg)
+    policy = policy_of(cfg, gates)
 
     def get(item):
         key, source, *listed = item
@@ -172,12 +174,13 @@ def _inputs(chunk: dict[str, Any], cfg: BuildConfig) -> Iterator[tuple[str, str,
     yield from ordered_map(get, interleave_hosts(items), cfg.download_concurrency)
 
 
-def policy_of(cfg: BuildConfig):
-    """The network policy (address checks and politeness) of a build's downloads."""
+def policy_of(cfg: BuildConfig, gates: tuple[str, ...] = ()):
+    """The network policy (address checks and politeness) of a build's downloads; with `gates` its per-host limits
+    hold over the whole build (`host_gate`), else per process."""
     from preprocessing.downloads import Policy
 
     return Policy(tuple(cfg.allow_private_hosts), cfg.max_redirects, cfg.contact, cfg.robots_txt,
-                  tuple(cfg.opt_out_tags), cfg.host_concurrency, cfg.host_rate, cfg.max_retry_wait_s)
+                  tuple(cfg.opt_out_tags), cfg.host_concurrency, cfg.host_rate, cfg.max_retry_wait_s, tuple(gates))
 
 
 def _transform(kind: str) -> Callable:
@@ -196,7 +199,8 @@ def _reject_table(rejects: list[tuple[str, str, str, str]]) -> pa.Table:
     return pa.Table.from_arrays([pa.array(list(c), pa.string()) for c in cols], schema=shards.REJECT_SCHEMA)
 
 
-def run_chunk(chunk: dict[str, Any], cfg: BuildConfig, shards_uri: str, rejects_uri: str) -> dict[str, Any]:
+def run_chunk(chunk: dict[str, Any], cfg: BuildConfig, shards_uri: str, rejects_uri: str,
+              gates: tuple[str, ...] = ()) -> dict[str, Any]:
     """Build one chunk: its shard under `shards_uri`, its rejects under `rejects_uri`, and its sidecar.
 
     Returns the chunk's result (also the sidecar's content); a chunk finished by an earlier run is not redone.
@@ -222,7 +226,7 @@ def run_chunk(chunk: dict[str, Any], cfg: BuildConfig, shards_uri: str, rejects_
     transform = _transform(cfg.kind)
     started = time.perf_counter()
     rows, rejects, n, nbytes = [], [], 0, 0
-    for key, source, got in _inputs(chunk, cfg):
+    for key, source, got in _inputs(chunk, cfg, gates):
         n += 1
         nbytes += len(got) if isinstance(got, (bytes, bytearray, memoryview)) else 0
         try:
@@ -279,21 +283,22 @@ def totals(results: list[dict[str, Any]]) -> dict[str, Any]:
             "shard_stats": [dataset_layout.stats(r["index"]) for r in results]}
 
 
-def _run_batch(batch: dict[str, np.ndarray], cfg_json: str, shards_uri: str, rejects_uri: str) -> dict[str, list]:
+def _run_batch(batch: dict[str, np.ndarray], cfg_json: str, shards_uri: str, rejects_uri: str,
+               gates: tuple[str, ...] = ()) -> dict[str, list]:
     """Ray Data map_batches body: chunk specs in, chunk results out (both as JSON text)."""
     cfg = BuildConfig.model_validate_json(cfg_json)
     if os.environ.get(PIXEL_CAP_ENV) != str(cfg.max_pixels):  # a bug, not bad input: the second guard is missing
         raise RuntimeError(f"build worker without its {PIXEL_CAP_ENV}={cfg.max_pixels} (runtime_env not applied)")
-    return {"result": [json.dumps(_with_retries(json.loads(spec), cfg, shards_uri, rejects_uri))
+    return {"result": [json.dumps(_with_retries(json.loads(spec), cfg, shards_uri, rejects_uri, gates))
                        for spec in batch["chunk"]]}
 
 
-def _with_retries(spec: dict, cfg: BuildConfig, shards_uri: str, rejects_uri: str) -> dict:
+def _with_retries(spec: dict, cfg: BuildConfig, shards_uri: str, rejects_uri: str, gates: tuple[str, ...]) -> dict:
     """A chunk whose storage kept failing after boto3's own retries runs again, after a pause, up to CHUNK_RETRIES
     times (the other chunks are not redone); a lost worker or node is Ray's to retry."""
     for attempt in range(CHUNK_RETRIES + 1):
         try:
-            return run_chunk(spec, cfg, shards_uri, rejects_uri)
+            return run_chunk(spec, cfg, shards_uri, rejects_uri, gates)
         except TransientError as err:
             if attempt == CHUNK_RETRIES:
                 raise
@@ -324,6 +329,7 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
     saved_raise = ctx.raise_original_map_exception
     ctx.raise_original_map_exception = True
     results: list[dict] = []
+    gates = _start_gates(cfg)
     try:
         ds = ray.data.from_items([{"chunk": json.dumps(c)} for c in chunks], override_num_blocks=len(chunks))
         ds = ds.map_batches(
@@ -331,7 +337,8 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
             # OpenCV's own pixel cap, a second guard behind the header checks, read once when a worker loads cv2:
             # it goes with these tasks, whoever started Ray in this process (the demo does, without it)
             runtime_env={"env_vars": {PIXEL_CAP_ENV: str(cfg.max_pixels)}},
-            fn_kwargs={"cfg_json": cfg.model_dump_json(), "shards_uri": shards_uri, "rejects_uri": rejects_uri},
+            fn_kwargs={"cfg_json": cfg.model_dump_json(), "shards_uri": shards_uri, "rejects_uri": rejects_uri,
+                       "gates": gates},
         )
         rows = rejected = resumed = 0
         with Progress(cfg.kind, total, "inputs", show=progress) as shown:
@@ -343,10 +350,28 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
                 shown.advance(r["inputs"], note=f"{len(results)}/{len(chunks)} chunks, {rows} rows, {rejected} "
                                                 f"rejects" + (f", {resumed} chunks resumed" if resumed else ""))
     finally:
+        if gates:
+            from preprocessing import host_gate
+
+            seen = host_gate.stop(gates)
+            log.info("per-host limits (build.host_concurrency %d, host_rate %g) over the whole build: %d hosts, %d "
+                     "requests, at most %d in flight on one host", cfg.host_concurrency, cfg.host_rate, seen["hosts"],
+                     seen["requests"], seen["peak_in_flight"])
         ctx.enable_progress_bars = saved_bars
         ctx.op_resource_reservation_enabled = saved_reservation
         ctx.raise_original_map_exception = saved_raise
     return sorted(results, key=lambda r: r["index"])
+
+
+def _start_gates(cfg: BuildConfig) -> tuple[str, ...]:
+    """A URL list's per-host limits, kept for the whole build by `host_gate` actors (no gates for other inputs)."""
+    from preprocessing.sources import is_url_list
+
+    if not is_url_list(cfg.input):
+        return ()
+    from preprocessing import host_gate
+
+    return host_gate.start(cfg.host_concurrency, cfg.host_rate)
 
 
 def _prepare(out: str, overwrite: bool) -> None:

@@ -129,9 +129,10 @@ class BuildConfig(Strict):
     opt_out_tags: list[str] = Field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
                                     description="X-Robots-Tag directives that skip a response, read from its headers "
                                     "before the body (an `opt_out` reject; [] = none)")
-    host_concurrency: int = Field(4, ge=1, description="downloads in flight per host, per build task")
-    host_rate: float = Field(10.0, ge=0, description="requests started per second per host, per build task (0 = no "
-                             "limit)")
+    host_concurrency: int = Field(4, ge=1, description="downloads in flight per host, over the whole build (all its "
+                                  "tasks on all nodes)")
+    host_rate: float = Field(10.0, ge=0, description="requests started per second per host, over the whole build "
+                             "(0 = no limit)")
     max_retry_wait_s: float = Field(30.0, ge=0, description="longest wait a 429/503 (its Retry-After, or 1, 2, 4 ... "
                                     "s) is given; a host asking for more is a `rate_limited` reject")
 

@@ -17,8 +17,9 @@ Politeness, on by default (a 3M-URL build must not behave like a careless crawle
   the first 500 KiB read, a 4xx means no rules, a 5xx or an unreachable host means nothing may be fetched, asked
   again after ROBOTS_RETRY_S; a 429 or 503 on robots.txt backs the host off and is asked again, as for any URL);
 - `X-Robots-Tag` opt-outs (noai, noimageai, noindex, noimageindex by default) read from the headers before the body;
-- per-host concurrency and request rate (per worker process), and `Retry-After` / 429 / 503 backoff, waiting at most
-  `max_retry_wait_s` (a longer wait is a `rate_limited` reject, never a hang).
+- per-host concurrency and request rate, and `Retry-After` / 429 / 503 backoff, waiting at most `max_retry_wait_s`
+  (a longer wait is a `rate_limited` reject, never a hang): over the whole build when `Policy.gates` names its
+  `host_gate` actors (a build's URL list does), else per process.
 Each refusal is a `Reject` with its reason, like every other input that cannot be used.
 """
 
@@ -100,9 +101,10 @@ class Policy:
     contact: str = ""  # a URL or e-mail address for the User-Agent
     robots: bool = True  # honour robots.txt
     opt_out: tuple[str, ...] = OPT_OUT_DIRECTIVES  # X-Robots-Tag directives that skip a response ( () = none)
-    host_concurrency: int = 4  # requests in flight per host (per process)
-    host_rate: float = 10.0  # requests started per second per host (per process); 0 = no limit
+    host_concurrency: int = 4  # requests in flight per host
+    host_rate: float = 10.0  # requests started per second per host; 0 = no limit
     max_retry_wait_s: float = 30.0  # longest Retry-After / backoff waited for
+    gates: tuple[str, ...] = ()  # a build's `host_gate` actors: the limits hold over all its tasks (else per process)
 
     @property
     def user_agent(self) -> str:
@@ -220,7 +222,8 @@ class Robots:
 class _Host:
     """One origin's robots rules, request gate, rate slots and backoff, shared by a process's download threads."""
 
-    def __init__(self, concurrency: int):
+    def __init__(self, concurrency: int, origin: str):
+        self.origin = origin  # scheme://host:port, the key a build's gates know it by
         self.gate = threading.BoundedSemaphore(max(1, concurrency))
         self.lock = threading.Lock()
         self.robots_lock = threading.Lock()
@@ -239,7 +242,7 @@ def _host(policy: Policy, scheme: str, host: str, port: int) -> _Host:
     with _HOSTS_LOCK:
         state = _HOSTS.get(key)
         if state is None:
-            state = _HOSTS[key] = _Host(policy.host_concurrency)
+            state = _HOSTS[key] = _Host(policy.host_concurrency, f"{scheme}://{key[2]}:{port}")
             if len(_HOSTS) > MAX_HOSTS:
                 _HOSTS.popitem(last=False)
         else:
@@ -262,8 +265,12 @@ def _slot(host: _Host, policy: Policy, patience: float, where: str) -> Iterator[
     """Hold one of the host's request slots, started no sooner than its rate and backoff allow; yields the seconds
     waited, which are not the request's: its deadline moves by them (a queue behind a slow host is not a timeout).
     Bounded: holders release within their own deadline, backoff within max_retry_wait_s; past `patience` it is a
-    RATE_LIMITED reject."""
+    RATE_LIMITED reject. With `policy.gates` the slot, the rate and the backoff are the whole build's."""
     began = time.monotonic()
+    if policy.gates:
+        with _build_slot(host, policy, patience, where):
+            yield time.monotonic() - began
+        return
     if not host.gate.acquire(timeout=patience):
         raise Reject(RATE_LIMITED, f"no request slot for {where} within {patience:.0f} s "
                                    f"(build.host_concurrency {policy.host_concurrency})")
@@ -278,6 +285,27 @@ def _slot(host: _Host, policy: Policy, patience: float, where: str) -> Iterator[
         yield time.monotonic() - began
     finally:
         host.gate.release()
+
+
+@contextmanager
+def _build_slot(host: _Host, policy: Policy, patience: float, where: str) -> Iterator[None]:
+    """`_slot` over the whole build: the host's gate (`host_gate`) holds the slot and spaces the starts."""
+    from preprocessing import host_gate
+
+    held, rate_wait, backoff_left = host_gate.acquire(policy.gates, host.origin, patience)
+    start = time.monotonic() + rate_wait  # the gate's answer counts from when it was given (a little later here)
+    if not held:
+        raise Reject(RATE_LIMITED, f"no request slot for {where} within {patience:.0f} s "
+                                   f"(build.host_concurrency {policy.host_concurrency}, over the whole build)")
+    try:
+        with host.lock:
+            host.backoff_until = max(host.backoff_until, time.monotonic() + backoff_left)
+        _wait_backoff(host, policy, where)
+        if start > time.monotonic():
+            time.sleep(start - time.monotonic())
+        yield
+    finally:
+        host_gate.release(policy.gates, host.origin)
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -530,6 +558,10 @@ def download(url: str, timeout_s: float, retries: int, max_bytes: int, policy: P
                 wait = err.retry_after if err.retry_after is not None else min(2.0 ** attempt, 60.0)
                 with err.host.lock:
                     err.host.backoff_until = max(err.host.backoff_until, time.monotonic() + wait)
+                if policy.gates:  # every task of the build backs off, not only this process
+                    from preprocessing import host_gate
+
+                    host_gate.backoff(policy.gates, err.host.origin, wait)
                 said = f"Retry-After {wait:.0f} s" if err.retry_after is not None else "no Retry-After"
                 if wait > policy.max_retry_wait_s:
                     raise Reject(RATE_LIMITED, f"{err}, {said} > build.max_retry_wait_s "

@@ -363,3 +363,41 @@ def test_a_lying_content_length_or_a_silent_host_ends_by_the_deadline(site):
         assert time.monotonic() - started < 0.2  # cached: the host is not asked again
     finally:
         silent.close()
+
+
+def test_per_host_limits_hold_over_the_whole_build_not_per_task(tmp_path, ray_cluster, caplog):
+    """Two build tasks (two Ray worker processes) fetch from one host at once: the build's gates keep the host at
+    `host_concurrency` in flight and `host_rate` starts a second over both (per process it would be 2x each)."""
+    import logging
+
+    from preprocessing.build import build_dataset
+    from preprocessing.config import BuildConfig
+
+    site = Site(delay=0.3)
+    try:
+        site.routes["/robots.txt"] = body(b"")
+        urls = [site.url(f"/{i}.jpg") for i in range(16)]
+        for i in range(16):
+            site.routes[f"/{i}.jpg"] = body(JPEG)
+        listing = tmp_path / "urls.txt"
+        listing.write_text("".join(u + "\n" for u in urls))
+
+        def build(name: str, **limits) -> list[float]:
+            del site.log[:]
+            site.peak = 0
+            cfg = BuildConfig(kind="center-crop", input=str(listing), resolution=32, shard_rows=8,
+                              allow_private_hosts=["127.0.0.1"], **limits)
+            manifest = build_dataset(cfg, str(tmp_path / name), progress=False)
+            assert manifest["counts"]["rows"] == 16 and len(manifest["shards"]) == 2
+            return sorted(t for p, t, _ in site.log if p != "/robots.txt")
+
+        with caplog.at_level(logging.INFO, logger="preprocessing.build"):
+            build("concurrency", host_concurrency=2, host_rate=0)
+        assert site.peak == 2  # 2 tasks x 16 threads each; per task it would reach 4
+        assert "at most 2 in flight on one host" in caplog.text
+        times = build("rate", host_concurrency=8, host_rate=4)
+        gaps = sorted(b - a for a, b in zip(times, times[1:]))
+        assert len(times) == 16 and times[-1] - times[0] >= 15 / 4 - 0.1  # 4/s over both tasks (per task: ~1.8 s)
+        assert gaps[len(gaps) // 2] >= 0.2  # spaced ~1/4 s apart, not two tasks' starts interleaved
+    finally:
+        site.close()
