@@ -82,8 +82,11 @@ class HostGate:
                 self.in_flight[host] = left
             else:
                 self.in_flight.pop(host, None)
-            if self.next_at.get(host, 0.0) < time.monotonic() and host not in self.in_flight:
-                self.next_at.pop(host, None)  # an idle host's state goes: memory follows the hosts in flight
+            now = time.monotonic()
+            if host not in self.in_flight and self.next_at.get(host, 0.0) < now \
+                    and self.backoff_until.get(host, 0.0) < now:  # an idle host's state goes: memory follows the
+                self.next_at.pop(host, None)                      # hosts in flight (and the distinct-host count)
+                self.backoff_until.pop(host, None)
             cond.notify_all()
 
     async def backoff(self, host: str, seconds: float) -> None:

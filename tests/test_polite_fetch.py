@@ -401,3 +401,22 @@ def test_per_host_limits_hold_over_the_whole_build_not_per_task(tmp_path, ray_cl
         assert gaps[len(gaps) // 2] >= 0.2  # spaced ~1/4 s apart, not two tasks' starts interleaved
     finally:
         site.close()
+
+
+def test_a_build_gate_counts_slots_spaces_starts_and_shares_a_backoff(ray_cluster):
+    from preprocessing import host_gate
+
+    gates = host_gate.start(2, 4.0, gates=2)
+    try:
+        host = "http://127.0.0.1:80"
+        first, second = host_gate.acquire(gates, host, 1.0), host_gate.acquire(gates, host, 1.0)
+        assert first[0] and second[0] and first[1] <= 0.01 and 0.1 <= second[1] <= 0.25  # 4/s: 1/4 s apart
+        assert host_gate.acquire(gates, host, 0.2) == (False, 0.0, 0.0)  # both slots held: no third within 0.2 s
+        host_gate.backoff(gates, host, 3.0)  # one task saw a 429 with Retry-After: 3
+        host_gate.release(gates, host)
+        held, _, backoff_left = host_gate.acquire(gates, host, 5.0)  # another task now waits for it
+        assert held and 2.0 < backoff_left <= 3.0
+        assert host_gate.acquire(gates, "http://other:80", 0.1)[:2] == (True, 0.0)  # other hosts are not held up
+    finally:
+        seen = host_gate.stop(gates)
+    assert seen["hosts"] == 2 and seen["requests"] == 4 and seen["peak_in_flight"] == 2 and seen["busy"] == 1
