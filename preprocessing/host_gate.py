@@ -8,8 +8,9 @@ to, and every download thread of every build task, on every node, asks it for a 
 
 The actors hold counters only: a lost one is restarted empty (the limits start over; no URL is lost), and a task
 that cannot reach its gate fails as a transient fault, which the build retries. Cost: two actor calls a request,
-~2.5 ms of CPU in all (benchmarks/url_fetch.py, its "build-wide limits" row against the per-task one), against the
-50-300 ms a web request waits and the ~30 ms of CPU a face detection takes; hosts are spread over the gates, one per
+~3 ms of CPU in all, task and gate (benchmarks/url_fetch.py, its "build-wide limits" row against the per-task one),
+against the 50-300 ms a web request waits and the ~35 ms of CPU a face detection takes; hosts are spread over the
+gates, one per
 CPUS_PER_GATE CPUs, so no single actor serialises a large build. `downloads` uses them when its `Policy.gates` names
 them (`preprocessing.build` does, for a URL list).
 """

@@ -254,25 +254,29 @@ def _conv_bits(encoder, sources: np.ndarray, views: int) -> "torch.Tensor":
         edge = 3 if dil == 4 else 1                  # last rows/columns of a box: they straddle two images
         gy, gx = (hh - edge - dil * (k - 1) - 1) // st + 1, (ww - edge - dil * (k - 1) - 1) // st + 1
         if gy * gx > SMALL_GRID:
-            grid = F.conv2d(x[..., :hh - edge, :ww - edge], w, stride=st, dilation=dil).flatten(2)
+            grid = F.conv2d(x[..., :hh - edge, :ww - edge], w, stride=st, dilation=dil)  # channels-last out:
+            grid = grid.permute(0, 2, 3, 1).reshape(n, gy * gx, -1)                      # (n, views, rank+1), a view
         else:  # a few views: oneDNN's convolution costs more than copying their windows for one matmul
             win = torch.from_numpy(a4).as_strided((n, gy, gx, k, k, 3), (hh * ww * 3, st * ww * 3, st * 3,
                                                                          dil * ww * 3, dil * 3, 1))
             grid = (win.reshape(n * gy * gx, -1) @ w.permute(0, 2, 3, 1).reshape(len(w), -1).T
-                    ).reshape(n, gy * gx, -1).transpose(1, 2)
-        ats.append(grid.index_select(2, torch.from_numpy((ty // st) * gx + tx // st)))
+                    ).reshape(n, gy * gx, -1)
+        ats.append(grid.index_select(1, torch.from_numpy((ty // st) * gx + tx // st)))
         uy, ux = np.unique(ty), np.unique(tx)                              # the zoom's views: a grid uy x ux
         sums = _window_sums(plane, uy, ux, c, stride) / (norm * c * c * 3)
         msqs.append(sums.flatten(1).index_select(1, torch.from_numpy(np.searchsorted(uy, ty) * len(ux)
                                                                      + np.searchsorted(ux, tx))))
         order += ks
     back = torch.from_numpy(np.argsort(order))
-    at = torch.cat(ats, 2).index_select(2, back).transpose(1, 2)         # (n, views, rank + 1) in view order
+    at = torch.cat(ats, 1).index_select(1, back)                         # (n, views, rank + 1) in view order
     msq = torch.cat(msqs, 1).index_select(1, back)
     mean = (at[..., -1].double() * 4 / (c * c) / 3).float()             # sum of 4x4 means: exact, as view_inputs
     rms = (msq - mean ** 2).clamp_min(0).sqrt().clamp_min(EPS * 255)
-    wx = at[..., :-1] @ a.T
-    return (wx - mean[..., None] * w1 + rms[..., None] * b) > 0
+    # W x - mean W 1 + rms b as ONE matmul: [B x, mean, rms] @ [A^T; -W 1; b] (three passes over the
+    # (images, views, bits) output saved)
+    at[..., -1] = mean                                                   # (at is a fresh tensor: reused)
+    lhs = torch.cat([at, rms[..., None]], -1)
+    return lhs @ torch.cat([a.T, -w1[None], b[None]]) > 0
 
 
 def encode_views(state, crops: np.ndarray, sources: np.ndarray | None, cfg, chunk: int = 64) -> np.ndarray:
