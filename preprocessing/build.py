@@ -329,8 +329,9 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
     saved_raise = ctx.raise_original_map_exception
     ctx.raise_original_map_exception = True
     results: list[dict] = []
-    gates = _start_gates(cfg)
+    gates: tuple[str, ...] = ()
     try:
+        gates = _start_gates(cfg)
         ds = ray.data.from_items([{"chunk": json.dumps(c)} for c in chunks], override_num_blocks=len(chunks))
         ds = ds.map_batches(
             _run_batch, batch_size=1, num_cpus=1, batch_format="numpy",
@@ -355,8 +356,8 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
 
             seen = host_gate.stop(gates)
             log.info("per-host limits (build.host_concurrency %d, host_rate %g) over the whole build: %d hosts, %d "
-                     "requests, at most %d in flight on one host", cfg.host_concurrency, cfg.host_rate, seen["hosts"],
-                     seen["requests"], seen["peak_in_flight"])
+                     "requests, at most %d in flight on one host, %d leases lapsed", cfg.host_concurrency,
+                     cfg.host_rate, seen["hosts"], seen["requests"], seen["peak_in_flight"], seen["lapsed"])
         ctx.enable_progress_bars = saved_bars
         ctx.op_resource_reservation_enabled = saved_reservation
         ctx.raise_original_map_exception = saved_raise

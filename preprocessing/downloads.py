@@ -62,6 +62,7 @@ ROBOTS_MAX_BYTES = 500 * 1024  # RFC 9309 2.5: parsers must read at least 500 Ki
 MAX_HOSTS = 4096  # per-host state kept per process (least recently used dropped)
 ROBOTS_RETRY_S = 300.0  # an unreadable robots.txt (complete disallow meanwhile) is asked for again after this
 ROBOTS_RETRIES = 2  # a robots.txt answered 429/503 is asked again after the backoff this many times
+LEASE_MARGIN_S = 30.0  # a build-wide slot lapses this long after its request's deadline (a holder that died)
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -261,14 +262,15 @@ def _wait_backoff(host: _Host, policy: Policy, where: str) -> None:
 
 
 @contextmanager
-def _slot(host: _Host, policy: Policy, patience: float, where: str) -> Iterator[float]:
+def _slot(host: _Host, policy: Policy, patience: float, where: str, hold_s: float) -> Iterator[float]:
     """Hold one of the host's request slots, started no sooner than its rate and backoff allow; yields the seconds
     waited, which are not the request's: its deadline moves by them (a queue behind a slow host is not a timeout).
     Bounded: holders release within their own deadline, backoff within max_retry_wait_s; past `patience` it is a
-    RATE_LIMITED reject. With `policy.gates` the slot, the rate and the backoff are the whole build's."""
+    RATE_LIMITED reject. With `policy.gates` the slot, the rate and the backoff are the whole build's (`hold_s`: how
+    long the request may hold it)."""
     began = time.monotonic()
     if policy.gates:
-        with _build_slot(host, policy, patience, where):
+        with _build_slot(host, policy, patience, where, hold_s):
             yield time.monotonic() - began
         return
     if not host.gate.acquire(timeout=patience):
@@ -288,24 +290,25 @@ def _slot(host: _Host, policy: Policy, patience: float, where: str) -> Iterator[
 
 
 @contextmanager
-def _build_slot(host: _Host, policy: Policy, patience: float, where: str) -> Iterator[None]:
-    """`_slot` over the whole build: the host's gate (`host_gate`) holds the slot and spaces the starts."""
+def _build_slot(host: _Host, policy: Policy, patience: float, where: str, hold_s: float) -> Iterator[None]:
+    """`_slot` over the whole build: the host's gate (`host_gate`) leases the slot and gives the start (after the
+    host's backoff, spaced by its rate); the lease lapses `hold_s` + LEASE_MARGIN_S after that start."""
     from preprocessing import host_gate
 
-    held, rate_wait, backoff_left = host_gate.acquire(policy.gates, host.origin, patience)
-    start = time.monotonic() + rate_wait  # the gate's answer counts from when it was given (a little later here)
-    if not held:
+    lease, wait, backoff_left = host_gate.acquire(policy.gates, host.origin, patience, hold_s + LEASE_MARGIN_S)
+    start = time.monotonic() + wait  # the gate's answer counts from when it was given (a little later here)
+    if lease is None:
         raise Reject(RATE_LIMITED, f"no request slot for {where} within {patience:.0f} s "
                                    f"(build.host_concurrency {policy.host_concurrency}, over the whole build)")
     try:
-        with host.lock:
-            host.backoff_until = max(host.backoff_until, time.monotonic() + backoff_left)
-        _wait_backoff(host, policy, where)
+        if backoff_left > policy.max_retry_wait_s:
+            raise Reject(RATE_LIMITED, f"{where} asked to wait {backoff_left:.0f} s > build.max_retry_wait_s "
+                                       f"{policy.max_retry_wait_s:g} s")
         if start > time.monotonic():
             time.sleep(start - time.monotonic())
         yield
     finally:
-        host_gate.release(policy.gates, host.origin)
+        host_gate.release(policy.gates, host.origin, lease)
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -456,7 +459,7 @@ def _one_request(url: str, policy: Policy, deadline: float, max_bytes: int, time
     if not robots_fetch:
         _check_robots(policy, scheme, parts, host, path, timeout_s)
     last: Exception | None = None
-    with _slot(host, policy, 4 * timeout_s + policy.max_retry_wait_s, parts.netloc) as waited:
+    with _slot(host, policy, 4 * timeout_s + policy.max_retry_wait_s, parts.netloc, timeout_s) as waited:
         deadline += waited
         for ip in ips:
             left = deadline - time.monotonic()
