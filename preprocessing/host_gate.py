@@ -59,7 +59,7 @@ class HostGate:
     def __init__(self, concurrency: int, rate: float):
         self.concurrency, self.rate = max(1, int(concurrency)), float(rate)
         self.hosts: dict[str, _Host] = {}
-        self.ids = itertools.count(1)
+        self.ids = itertools.count(uuid.uuid4().int >> 72)  # a restarted gate's ids are not an old holder's
         self.seen = {"requests": 0, "peak_in_flight": 0, "busy": 0, "hosts": 0, "lapsed": 0}
 
     def _host(self, host: str) -> _Host:
