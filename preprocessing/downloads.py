@@ -301,9 +301,9 @@ def _build_slot(host: _Host, policy: Policy, patience: float, where: str, hold_s
         raise Reject(RATE_LIMITED, f"no request slot for {where} within {patience:.0f} s "
                                    f"(build.host_concurrency {policy.host_concurrency}, over the whole build)")
     try:
-        if backoff_left > policy.max_retry_wait_s:
-            raise Reject(RATE_LIMITED, f"{where} asked to wait {backoff_left:.0f} s > build.max_retry_wait_s "
-                                       f"{policy.max_retry_wait_s:g} s")
+        with host.lock:  # the build's backoff of the host, waited for (or refused) as a backoff seen here
+            host.backoff_until = max(host.backoff_until, time.monotonic() + backoff_left)
+        _wait_backoff(host, policy, where)
         if start > time.monotonic():
             time.sleep(start - time.monotonic())
         yield

@@ -143,7 +143,7 @@ def verified_groups(keys: np.ndarray, codes: np.ndarray, sources: np.ndarray, re
     as `verified_pairs`."""
     keys = np.asarray(keys).astype(str)
     owner, view, flat = distinct_views(np.asarray(codes, np.uint8))
-    rows, buckets, left = bucket_members(keys[owner], [c.tobytes() for c in flat])
+    rows, buckets, left = bucket_members(keys[owner], code_objects(flat))
     members, views = owner[rows], view[rows]
     a, b, checked = verified_pairs(buckets, members, lambda idx: cut_views(sources[members[idx]], views[idx]), record,
                                    prio=code_priority(flat[rows]))
