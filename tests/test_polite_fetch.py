@@ -367,10 +367,15 @@ def test_a_lying_content_length_or_a_silent_host_ends_by_the_deadline(site):
 
 def test_per_host_limits_hold_over_the_whole_build_not_per_task(tmp_path, ray_cluster, caplog):
     """Two build tasks (two Ray worker processes) fetch from one host at once: the build's gates keep the host at
-    `host_concurrency` in flight and `host_rate` starts a second over both (per task it would be 2x each)."""
+    `host_concurrency` in flight and `host_rate` starts a second over both (per task it would be 2x each). The two
+    chunk tasks are started as the build starts them, but with no CPU asked, so they run at once whatever else holds
+    the test Ray's CPUs; a whole `build_dataset` checks that a URL-list build starts its gates."""
     import logging
 
-    from preprocessing.build import build_dataset
+    import ray
+
+    from preprocessing import build as builds
+    from preprocessing import host_gate
     from preprocessing.config import BuildConfig
 
     site = Site(delay=0.5)
@@ -382,26 +387,40 @@ def test_per_host_limits_hold_over_the_whole_build_not_per_task(tmp_path, ray_cl
         listing = tmp_path / "urls.txt"
         listing.write_text("".join(u + "\n" for u in urls))
 
-        def build(name: str, **limits) -> dict[str, float]:
+        def config(**limits) -> BuildConfig:
+            return BuildConfig(kind="center-crop", input=str(listing), resolution=32, shard_rows=16,
+                               allow_private_hosts=["127.0.0.1"], **limits)
+
+        def two_tasks(name: str, **limits) -> dict[str, float]:
             del site.log[:]
             site.peak = 0
-            cfg = BuildConfig(kind="center-crop", input=str(listing), resolution=32, shard_rows=16,
-                              allow_private_hosts=["127.0.0.1"], **limits)
-            manifest = build_dataset(cfg, str(tmp_path / name), progress=False)
-            assert manifest["counts"]["rows"] == 32 and len(manifest["shards"]) == 2
+            cfg, out = config(**limits), str(tmp_path / name)
+            chunks = builds.plan(cfg).chunks
+            gates = host_gate.start(cfg.host_concurrency, cfg.host_rate)
+            try:
+                task = ray.remote(num_cpus=0)(builds.run_chunk)
+                results = ray.get([task.remote(c, cfg, out, out, gates) for c in chunks])
+            finally:
+                host_gate.stop(gates)
+            assert len(chunks) == 2 and sum(r["rows"] for r in results) == 32
             return {p: t for p, t, _ in site.log if p != "/robots.txt"}
 
-        with caplog.at_level(logging.INFO, logger="preprocessing.build"):
-            started = build("concurrency", host_concurrency=2, host_rate=0)
+        started = two_tasks("concurrency", host_concurrency=2, host_rate=0)
         assert site.peak == 2  # 2 tasks x 16 threads; per task it would reach 4
         first, second = ([started[f"/{i}.jpg"] for i in chunk] for chunk in (range(16), range(16, 32)))
         assert min(second) < max(first) and min(first) < max(second)  # the two tasks did fetch at the same time
-        assert "at most 2 in flight on one host" in caplog.text
 
-        times = sorted(build("rate", host_concurrency=8, host_rate=8).values())
+        times = sorted(two_tasks("rate", host_concurrency=8, host_rate=8).values())
         assert len(times) == 32 and times[-1] - times[0] >= 0.85 * 31 / 8  # 8/s over both tasks (per task ~1.9 s)
         busiest = max(sum(1 for t in times if s <= t < s + 1.0) for s in times)
         assert busiest <= 8 + 2, busiest  # per task: ~16 starts in a second
+
+        site.peak = 0
+        with caplog.at_level(logging.INFO, logger="preprocessing.build"):
+            manifest = builds.build_dataset(config(host_concurrency=2, host_rate=0), str(tmp_path / "build"),
+                                            progress=False)
+        assert manifest["counts"]["rows"] == 32 and site.peak <= 2
+        assert "at most 2 in flight on one host" in caplog.text  # the build ran its downloads through its gates
     finally:
         site.close()
 
