@@ -1,9 +1,12 @@
 """LSUN's official LMDBs (`<category>_<split>_lmdb`: 40-hex-character key -> encoded JPEG or WebP) read in parallel.
 
-The driver walks the keys once (keys only: LMDB is memory-mapped, so this costs about a second per million) and cuts
-the key space into ranges of `shard_rows` consecutive keys; each Ray task opens the same LMDB read-only, seeks to its
-range's first key and reads on with a cursor. One environment is opened per worker process and reused, with
-`lock=False` so any number of processes read concurrently. A folder of exported images (fyu/lsun's `export`:
+The driver walks the keys once (keys only: about a second per million from the page cache) and cuts the key space
+into ranges of `shard_rows` consecutive keys; each Ray task opens the same LMDB read-only, seeks to its range's first
+key and reads on with a cursor. One environment is opened per worker process and reused, with `lock=False` so any
+number of processes read concurrently, and with the kernel's readahead ON: a build reads an LMDB once, from a cold
+page cache, in key order, and a value is rarely next to its key-order neighbour in the file; with readahead off (the
+usual advice for random lookups) every 4 KiB page is its own disk read, which made cold key walks and reads several
+times slower (`benchmarks/lmdb_decode.py`, "cold" rows). A folder of exported images (fyu/lsun's `export`:
 `<key>.webp` / `<key>.jpg`) works too, listed like any folder: its keys are the paths relative to it (`x.jpg` and
 `x.webp` are two inputs). An LMDB is checked against its own metadata when opened: a truncated `data.mdb` would
 otherwise kill the process with SIGBUS when a read reaches a page past the end of the file.
@@ -39,7 +42,7 @@ def open_env(path: str) -> lmdb.Environment:
     """
     data = Path(path) / "data.mdb"
     try:
-        env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False, max_readers=2048, subdir=True)
+        env = lmdb.open(path, readonly=True, lock=False, readahead=True, meminit=False, max_readers=2048, subdir=True)
     except lmdb.Error as err:
         raise InputError(f"{data}: not a readable LMDB ({one_line(err).removeprefix(path + ': ')}); "
                          "give the folder of an intact LSUN LMDB") from None
