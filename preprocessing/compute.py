@@ -58,11 +58,18 @@ def quiet_console() -> None:
 
 class _NoKnownFaultTracebacks(logging.Filter):
     """Ray Data logs a failed task's exception with its traceback before raising it to the driver, where a known
-    fault is reported in one line (and a transient one retried): its console copy is dropped; a bug's is kept."""
+    fault is reported in one line (and a transient one retried): its console copy is dropped; a bug's is kept. The
+    advice line Ray Data logs before it is dropped either way (a bug's traceback follows it, or the caller's own)."""
+
+    # Ray Data's advice before the exception it logs: "please open an issue" for any exception that is not its own
+    # UserCodeException (a known fault raised as itself is one), or where to find the full trace.
+    ADVICE = ("Exception occurred in Ray Data or Ray Core internal code", "Exception occurred in user code")
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return exc is None or known_fault(exc) is None
+        if exc is None:
+            return not (record.name.startswith("ray.data") and record.getMessage().startswith(self.ADVICE))
+        return known_fault(exc) is None
 
 
 def _quiet_ray_data() -> None:

@@ -268,6 +268,23 @@ def check_shard(dataset_uri: str, entry: dict[str, Any], data: bytes, resolution
     return parquet
 
 
+def check_sizes(dataset_uri: str, manifest: dict[str, Any]) -> None:
+    """Every shard the manifest lists is there with its size: a missing, truncated or replaced shard found before a
+    stage writes anything, at one HEAD a shard (no read; the readers check the bytes: `verify`'s other checks)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    entries = manifest["shards"]
+    with ThreadPoolExecutor(16) as pool:
+        sizes = list(pool.map(lambda e: storage.size(storage.join(dataset_uri, e["path"])), entries))
+    for entry, got in zip(entries, sizes):
+        if got is None:
+            raise DatasetError(f"shard {entry['path']} listed in the manifest is missing "
+                               f"({storage.join(dataset_uri, entry['path'])})")
+        if got != entry["bytes"]:
+            raise DatasetError(f"shard {entry['path']}: {got} bytes, the manifest of {dataset_uri} says "
+                               f"{entry['bytes']} (replaced or truncated; rebuild the dataset or restore the shard)")
+
+
 def verify(dataset_uri: str, manifest: dict[str, Any] | None = None, checksums: bool = True) -> dict[str, Any]:
     """Check every shard the manifest lists: present, same size, same sha256, same row count, same schema."""
     manifest = manifest or read_manifest(dataset_uri)
@@ -294,11 +311,16 @@ class ShardDataset:
     """Plain-Python reader (length, iteration, random access) for evaluation, dedup and tests.
 
     Shards are loaded lazily and the most recent one is cached, so sequential access reads each file once.
+    `check`: True verifies every shard up front (`verify`: the whole dataset read once more); "on_read" checks each
+    shard the same way when it is loaded, so a reader of a sample of a large dataset reads it once.
     """
 
-    def __init__(self, dataset_uri: str, check: bool = True, checksums: bool = True):
+    def __init__(self, dataset_uri: str, check: bool | str = True, checksums: bool = True):
         self.uri = dataset_uri
-        self.manifest = verify(dataset_uri, checksums=checksums) if check else read_manifest(dataset_uri)
+        self._check_on_read = check == "on_read"
+        self._checksums = checksums
+        self.manifest = (verify(dataset_uri, checksums=checksums) if check is True
+                         else read_manifest(dataset_uri))
         self._shards, start = [], 0
         for entry in self.manifest["shards"]:
             self._shards.append(_Shard(entry["path"], start, entry["rows"]))
@@ -315,7 +337,18 @@ class ShardDataset:
 
     def shard_table(self, i: int) -> pa.Table:
         if self._cache is None or self._cache[0] != i:
-            data = storage.read_bytes(storage.join(self.uri, self._shards[i].path))
+            uri = storage.join(self.uri, self._shards[i].path)
+            try:
+                data = storage.read_bytes(uri)
+            except storage.StorageUnreachable:
+                raise
+            except storage.StorageError:
+                if not self._check_on_read:
+                    raise
+                raise DatasetError(f"shard {self._shards[i].path} listed in the manifest is missing ({uri})") from None
+            if self._check_on_read:
+                check_shard(self.uri, self.manifest["shards"][i], data, self.resolution,
+                            self.manifest.get("channels", 3), self._checksums)
             self._cache = (i, pq.read_table(io.BytesIO(data)))
         return self._cache[1]
 

@@ -619,6 +619,28 @@ def test_an_all_blank_dataset_is_one_line_and_exit_2(tmp_path, ray_cluster, caps
     assert not list(out.glob("shards/*.parquet"))
 
 
+@pytest.mark.slow
+def test_a_corrupt_source_shard_stops_dedup_in_its_task_with_one_line(tmp_path, ray_cluster, capsys):
+    """The source's shards are checked where the tasks read them (the driver reads none): a shard whose bytes changed
+    (same size) stops `dcgan dedup` with one line naming it, exit 2, nothing written."""
+    from dcgan.cli import main
+
+    keys, images = _distinct_images(40)
+    src, half = str(tmp_path / "src"), len(keys) // 2
+    entries = [write_table(src, f"shards/part-{s:05d}.parquet", make_table(keys[a:b], images[a:b], ["src"] * (b - a)))
+               for s, (a, b) in enumerate(((0, half), (half, len(keys))))]
+    write_manifest(src, kind="lsun", resolution=RES, shards=entries, rejects=[], reject_counts={},
+                   inputs=len(keys), params={"resolution": RES})
+    shard = tmp_path / "src" / "shards" / "part-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    assert main(["dedup", src, "--out", str(out)]) == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("dcgan dedup: error: ")]
+    assert len(err) == 1 and "shard shards/part-00001.parquet: sha256 differs from the manifest" in err[0], err
+    assert not list(out.glob("shards/*.parquet"))
+
 
 def test_benchmark_mosaics_are_distinct_and_share_quadrants():
     """benchmarks/dedup_scale.py's mosaic set: every image distinct (each combination of digits once), and with a

@@ -66,6 +66,12 @@ def test_corrupt_shard_names_it(dataset_uri):
     storage.write_bytes(target, bytes(data))
     with pytest.raises(DatasetError, match=r"shard shards/part-00001.parquet: sha256 differs"):
         ShardDataset(dataset_uri)
+    # checked when read (evaluation's sample: the dataset is read once): the intact shard reads, the other refuses
+    ds = ShardDataset(dataset_uri, check="on_read")
+    first = ds.manifest["shards"][0]["rows"]
+    assert ds[0]["image"].shape == (ds.resolution, ds.resolution, 3)
+    with pytest.raises(DatasetError, match=r"shard shards/part-00001.parquet: sha256 differs"):
+        ds[first]
 
 
 def test_missing_shard_and_wrong_counts_and_version(tmp_path):
@@ -86,6 +92,8 @@ def test_missing_shard_and_wrong_counts_and_version(tmp_path):
     (tmp_path / "ds/shards/part-00002.parquet").unlink()
     with pytest.raises(DatasetError, match=r"shard shards/part-00002.parquet listed in the manifest is missing"):
         shards.verify(uri)
+    with pytest.raises(DatasetError, match=r"shard shards/part-00002.parquet listed in the manifest is missing"):
+        ShardDataset(uri, check="on_read").images()
 
 
 def test_missing_bucket_is_one_line(s3_server):

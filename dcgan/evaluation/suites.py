@@ -62,7 +62,7 @@ class Context:
         if not self.data_uri:
             raise NotRun("no dataset given (--data URI)")
         if self._real is None or len(self._real) < n:
-            ds = ShardDataset(self.data_uri, checksums=False)
+            ds = ShardDataset(self.data_uri, check="on_read", checksums=False)  # one read of what is sampled
             if ds.resolution != self.g.cfg.resolution:
                 raise InputError(f"{self.data_uri}: dataset resolution {ds.resolution}, the run's "
                                  f"model is {self.g.cfg.resolution}")

@@ -17,6 +17,9 @@ Stages, each a Ray job that scales out with the cluster:
            (NNNNN = the source shard's index, so provenance is plain; a shard left empty is not written).
 Then out/dedup/ gets model.pt (a plain tensor dict, `torch.load(weights_only=True)`), report.json and collisions.png
 (random collision groups, kept member framed green, removed ones red). The caller writes the manifest.
+The driver reads no shard: it checks that each one is there with its size (a HEAD each) before writing anything, and
+each task checks what it reads against the manifest (size, sha256, rows, schema), so a corrupt source stops phase 1;
+the source is read 4 times in all, not 5 (a driver pass read it all to check it first).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preprocessing import compute, dataset_layout, storage
+from preprocessing import compute, dataset_layout, storage, stream
 from preprocessing.config import ClusterConfig, DedupConfig
 from preprocessing.dedup.groups import (bucket_edges, codes_of, decide, edge_groups, first_alignments, groups_of,
                                        member_rows, verify_rows, view_rows)
@@ -43,7 +46,7 @@ from preprocessing.dedup.views import cut_views, encode_views, view_sources
 from preprocessing.errors import InputError
 from preprocessing.progress import Progress
 from preprocessing.dedup.semantic_hash import group_views
-from preprocessing.shards import DatasetError, images_of, write_table
+from preprocessing.shards import DatasetError, images_of, shard_schema, write_table
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,17 @@ def min_images(cfg: DedupConfig) -> int:
     return max(2, cfg.whiten + 1)
 
 
+def checked_entries(manifest: dict[str, Any]) -> list[dict]:
+    """A manifest's shard entries with what `_read_shard` needs to check each one as `shards.verify` does (size,
+    sha256, rows, schema) where a task reads it, instead of a pass of its own over the whole dataset on the driver."""
+    check = {"resolution": manifest["resolution"], "channels": manifest.get("channels", 3)}
+    return [{**e, **check} for e in manifest["shards"]]
+
+
 def _read_shard(src_uri: str, entry: dict[str, Any]) -> pa.Table:
+    if "resolution" in entry:  # `checked_entries`: every read is checked, the first one before any work is done
+        res, ch = entry["resolution"], entry["channels"]
+        return stream.read_checked(src_uri, entry, res, ch, shard_schema(res, ch).names)
     uri = storage.join(src_uri, entry["path"])
     try:
         table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
@@ -212,8 +225,9 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
     rows_in = _check(src_uri, shards, cfg)
     compute.connect()
     ctx = DataContext.get_current()
-    saved_order = ctx.execution_options.preserve_order
+    saved_order, saved_raise = ctx.execution_options.preserve_order, ctx.raise_original_map_exception
     ctx.execution_options.preserve_order = True
+    ctx.raise_original_map_exception = True  # a task's DatasetError (a corrupt shard) reaches the CLI as itself
     timings: dict[str, float] = {}
     shown = Progress("dedup", len(PHASES), "phases")
 
@@ -239,7 +253,7 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
             ["key", "shard", "row", "keep", "group", "size"]).take_all(), key=lambda r: (r["group"], str(r["key"])))
         bits = bit_stats(coded, cfg.code_bits)
     finally:
-        ctx.execution_options.preserve_order = saved_order
+        ctx.execution_options.preserve_order, ctx.raise_original_map_exception = saved_order, saved_raise
         shown.close()
     rows_out = sum(e["rows"] for e in entries)
     info = {"method": METHOD, "code_bits": cfg.code_bits, "views": cfg.views, "radius": cfg.radius,
@@ -437,13 +451,14 @@ def dedup_dataset(src: str, out: str, cfg: DedupConfig, overwrite: bool = False,
     (`already_deduplicated`); another dataset at `out` needs `overwrite`.
     """
     from preprocessing import ownership
-    from preprocessing.shards import is_complete, read_manifest, verify, write_manifest
+    from preprocessing.shards import check_sizes, is_complete, read_manifest, write_manifest
 
     src, out = storage.normalize(src), storage.normalize(out)
     if storage.overlaps(src, out):
         raise InputError(f"--out {out} overlaps the source dataset {src}: dedup writes a new dataset beside its "
                          "input, never into or around it")
-    manifest = verify(src, read_manifest(src))
+    manifest = read_manifest(src)
+    check_sizes(src, manifest)  # before anything is written; the bytes are checked where tasks read them
     ownership.claim(out, "dataset", legacy=is_complete)
     done = None if overwrite else already_deduplicated(src, out, cfg)
     if done is not None:
@@ -452,7 +467,7 @@ def dedup_dataset(src: str, out: str, cfg: DedupConfig, overwrite: bool = False,
         raise InputError(f"{out} already holds a dataset; pass --overwrite to replace it")
     ownership.remove_own(out, "dataset")  # an earlier (unfinished or replaced) output: our files only
 
-    entries, info = deduplicate(src, manifest["shards"], out, cfg, cluster)
+    entries, info = deduplicate(src, checked_entries(manifest), out, cfg, cluster)
     rejects = manifest.get("rejects", {})
     for r in rejects.get("shards", []):
         storage.write_bytes(storage.join(out, r["path"]), storage.read_bytes(storage.join(src, r["path"])))
