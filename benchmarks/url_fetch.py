@@ -17,8 +17,13 @@ A third row runs our task as a center-crop build (the same fetching, decode, cro
 baseline's work through our polite fetcher, to tell fetching cost from detection cost; the last row is that task with
 the per-host limits kept over the whole build (`preprocessing.host_gate` actors on a local Ray, as a URL-list build
 runs them; the actors' CPU seconds are added to ours).
-Run: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/url_fetch.py` (about two minutes; `--urls`, `--hosts`,
-`--min-face`).
+Two rates per method. Per CPU-second: what a photo costs in CPU, whatever the network does. Per core, wall (`--pin K`,
+img2dataset's sense: its ~1,350 img/s on 16 cores is ~84 img/s per core): the measured methods run on K cores only
+(the process's CPU affinity), the server on the others, and the rate is decoded photos per wall second / K; that
+rate is latency-bound while the download threads wait more than the core works, and CPU-bound once they do not
+(`--threads`).
+Run: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/url_fetch.py --pin 1` (about two minutes; `--urls`, `--hosts`,
+`--min-face`, `--threads`).
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 YUNET = ROOT.parent / "shared" / "data" / "yunet" / "face_detection_yunet_2026may.onnx"
-TIMEOUT_S, THREADS, SIZE = 1.5, 16, 64
+TIMEOUT_S, SIZE = 1.5, 64
+THREADS = 16  # download threads of both; `--threads`
 
 
 def photos() -> list[bytes]:
@@ -157,6 +163,18 @@ def gated(urls: list[str]):
         ray.shutdown()
 
 
+def pin(server_pid: int, k: int) -> tuple[list[int], list[int]]:
+    """This process (and what it starts: the gates' Ray) on the first k allowed cores, the server on the rest."""
+    import os
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if k >= len(cpus):
+        raise SystemExit(f"--pin {k}: only {len(cpus)} cores here; leave at least one to the server")
+    os.sched_setaffinity(server_pid, cpus[k:])
+    os.sched_setaffinity(0, cpus[:k])
+    return cpus[:k], cpus[k:]
+
+
 def measure(fn):
     cpu, wall = time.process_time(), time.perf_counter()
     got = fn()
@@ -164,15 +182,20 @@ def measure(fn):
 
 
 def main() -> None:
+    global THREADS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--urls", type=int, default=400)
     ap.add_argument("--hosts", type=int, default=8)
     ap.add_argument("--min-face", type=int, default=64, help="build.min_face of the face rows (default 64)")
+    ap.add_argument("--threads", type=int, default=THREADS, help="download threads of both (default 16)")
+    ap.add_argument("--pin", type=int, metavar="K", help="run the measured methods on K cores (the server on the "
+                    "others) and print wall images/s per core")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         serve(args.serve)
         return
+    THREADS = args.threads
     import cv2
 
     cv2.setNumThreads(1)
@@ -180,9 +203,11 @@ def main() -> None:
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         ports = [int(p) for p in server.stdout.readline().split()]
+        cores = pin(server.pid, args.pin) if args.pin else None
         urls = sorted(f"http://127.0.0.1:{ports[i % len(ports)]}/{i}.jpg" for i in range(args.urls))
         print(f"{len(urls)} URLs on {len(ports)} hosts (host 0 slow: timeouts; host 1 failing: 500/503), latency "
-              f"50-300 ms, {THREADS} threads, one process, min_face {args.min_face}")
+              f"50-300 ms, {THREADS} threads, one process, min_face {args.min_face}"
+              + (f", measured on {args.pin} pinned core(s) {cores[0]}, server on {cores[1]}" if cores else ""))
         rows = {"baseline (img2dataset-style)": measure(lambda: (baseline(urls), None))}
         for det in ("none", "haar", "yunet", "yunet@32"):
             if det.startswith("yunet") and not YUNET.is_file():
@@ -192,12 +217,15 @@ def main() -> None:
                 name = "ours, center-crop, no faces" if det == "none" else f"ours, faces, detector {det}"
                 rows[name] = measure(lambda: ours(urls, det, out, args.min_face))
         rows["ours, center-crop, build-wide limits"] = gated(urls)
-        base_rate = rows["baseline (img2dataset-style)"][0][0] / rows["baseline (img2dataset-style)"][1]
-        print(f"{'method':30s} {'decoded':>7s} {'CPU s':>6s} {'wall s':>6s} {'img/CPU-s':>9s} {'img/s wall':>10s} "
-              f"{'vs baseline per core':>20s}")
+        (base_ok, _), base_cpu, base_wall = rows["baseline (img2dataset-style)"]
+        print(f"{'method':36s} {'decoded':>7s} {'CPU s':>6s} {'wall s':>6s} {'img/CPU-s':>9s} {'vs baseline':>11s} "
+              f"{'img/s wall':>10s}" + (f" {'per core':>8s} {'vs baseline':>11s}" if cores else ""))
         for name, ((ok, result), cpu, wall) in rows.items():
-            print(f"{name:30s} {ok:7d} {cpu:6.2f} {wall:6.2f} {ok / cpu:9.1f} {ok / wall:10.1f} "
-                  f"{ok / cpu / base_rate:19.2f}x")
+            line = (f"{name:36s} {ok:7d} {cpu:6.2f} {wall:6.2f} {ok / cpu:9.1f} {ok / cpu / (base_ok / base_cpu):10.2f}x "
+                    f"{ok / wall:10.1f}")
+            if cores:
+                line += f" {ok / wall / args.pin:8.1f} {ok / wall / (base_ok / base_wall):10.2f}x"
+            print(line)
             if result:
                 print(f"{'':30s} rejects: {dict(sorted(result['reject_counts'].items()))}, rows {result['rows']}")
     finally:
