@@ -274,8 +274,9 @@ def fit_ray(crops_ds, cfg: DedupConfig, storage_path: str, cluster: ClusterConfi
 
     Launched as the GAN's training is (`preprocessing.ray_train`: the same failure policy, retries and faults), on
     the workers `cluster` asks for: `cluster.workers` GPUs with `use_gpu`; on CPUs one worker with half a CPU (the
-    model is tiny, and Ray Data needs the rest to stream crops). `storage_path` (local dir on one node, or s3://)
-    holds the checkpoint.
+    model is tiny, and Ray Data needs the rest to stream crops). A worker reads its crops once and, up to
+    `IN_MEMORY_ROWS`, trains on them in memory (then with up to `TRAIN_THREADS` torch threads on a CPU, Ray Data
+    being done). `storage_path` (local dir on one node, or s3://) holds the checkpoint.
     """
     from ray.data import ExecutionOptions
     from ray.train import DataConfig, RunConfig
