@@ -115,9 +115,11 @@ def cold(path: str) -> None:
     """Key walk and read + decode from a cold page cache, LMDB readahead off vs on, each in a fresh process."""
     import subprocess
 
-    fs = [line.split()[2] for line in Path("/proc/mounts").read_text().splitlines()
-          if Path(path).resolve().as_posix().startswith(line.split()[1])]
-    if fs and max(fs, key=len) == "tmpfs":
+    where = Path(path).resolve()
+    mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    fs = max(((point, kind) for point, kind in mounts if where.is_relative_to(point)), default=("", ""),
+             key=lambda m: len(m[0]))[1]  # the file system of the deepest mount point holding the LMDB
+    if fs == "tmpfs":
         print("cold: skipped (the LMDB is on tmpfs: nothing to evict)")
         return
     got = {}

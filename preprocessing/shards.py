@@ -252,9 +252,7 @@ def check_shard(dataset_uri: str, entry: dict[str, Any], data: bytes, resolution
                 checksums: bool = True) -> pq.ParquetFile:
     """A shard's bytes against its manifest entry: same size, sha256, row count and schema; the opened file."""
     where = f"shard {entry['path']}"
-    if len(data) != entry["bytes"]:
-        raise DatasetError(f"{where}: {len(data)} bytes, the manifest of {dataset_uri} says {entry['bytes']} "
-                           "(replaced or truncated; rebuild the dataset or restore the shard)")
+    _check_size(dataset_uri, entry, len(data))
     if checksums and hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise DatasetError(f"{where}: sha256 differs from the manifest of {dataset_uri} "
                            "(corrupt or replaced; rebuild the dataset or restore the shard)")
@@ -268,6 +266,27 @@ def check_shard(dataset_uri: str, entry: dict[str, Any], data: bytes, resolution
     return parquet
 
 
+def _check_size(dataset_uri: str, entry: dict[str, Any], size: int) -> None:
+    if size != entry["bytes"]:
+        raise DatasetError(f"shard {entry['path']}: {size} bytes, the manifest of {dataset_uri} says {entry['bytes']} "
+                           "(replaced or truncated; rebuild the dataset or restore the shard)")
+
+
+def _missing(dataset_uri: str, entry: dict[str, Any]) -> DatasetError:
+    return DatasetError(f"shard {entry['path']} listed in the manifest is missing "
+                        f"({storage.join(dataset_uri, entry['path'])})")
+
+
+def read_listed(dataset_uri: str, entry: dict[str, Any]) -> bytes:
+    """A listed shard's bytes; DatasetError when it is not there (an unreachable store stays transient)."""
+    try:
+        return storage.read_bytes(storage.join(dataset_uri, entry["path"]))
+    except storage.StorageUnreachable:
+        raise  # the store is failing, not this file: transient, retried
+    except storage.StorageError:
+        raise _missing(dataset_uri, entry) from None
+
+
 def check_sizes(dataset_uri: str, manifest: dict[str, Any]) -> None:
     """Every shard the manifest lists is there with its size: a missing, truncated or replaced shard found before a
     stage writes anything, at one HEAD a shard (no read; the readers check the bytes: `verify`'s other checks)."""
@@ -278,25 +297,16 @@ def check_sizes(dataset_uri: str, manifest: dict[str, Any]) -> None:
         sizes = list(pool.map(lambda e: storage.size(storage.join(dataset_uri, e["path"])), entries))
     for entry, got in zip(entries, sizes):
         if got is None:
-            raise DatasetError(f"shard {entry['path']} listed in the manifest is missing "
-                               f"({storage.join(dataset_uri, entry['path'])})")
-        if got != entry["bytes"]:
-            raise DatasetError(f"shard {entry['path']}: {got} bytes, the manifest of {dataset_uri} says "
-                               f"{entry['bytes']} (replaced or truncated; rebuild the dataset or restore the shard)")
+            raise _missing(dataset_uri, entry)
+        _check_size(dataset_uri, entry, got)
 
 
 def verify(dataset_uri: str, manifest: dict[str, Any] | None = None, checksums: bool = True) -> dict[str, Any]:
     """Check every shard the manifest lists: present, same size, same sha256, same row count, same schema."""
     manifest = manifest or read_manifest(dataset_uri)
     for entry in manifest["shards"]:
-        uri = storage.join(dataset_uri, entry["path"])
-        try:
-            data = storage.read_bytes(uri)
-        except storage.StorageUnreachable:
-            raise  # the store is failing, not this file: transient, retried
-        except storage.StorageError:
-            raise DatasetError(f"shard {entry['path']} listed in the manifest is missing ({uri})") from None
-        check_shard(dataset_uri, entry, data, manifest["resolution"], manifest.get("channels", 3), checksums)
+        check_shard(dataset_uri, entry, read_listed(dataset_uri, entry), manifest["resolution"],
+                    manifest.get("channels", 3), checksums)
     return manifest
 
 
@@ -337,18 +347,12 @@ class ShardDataset:
 
     def shard_table(self, i: int) -> pa.Table:
         if self._cache is None or self._cache[0] != i:
-            uri = storage.join(self.uri, self._shards[i].path)
-            try:
-                data = storage.read_bytes(uri)
-            except storage.StorageUnreachable:
-                raise
-            except storage.StorageError:
-                if not self._check_on_read:
-                    raise
-                raise DatasetError(f"shard {self._shards[i].path} listed in the manifest is missing ({uri})") from None
+            entry = self.manifest["shards"][i]
             if self._check_on_read:
-                check_shard(self.uri, self.manifest["shards"][i], data, self.resolution,
-                            self.manifest.get("channels", 3), self._checksums)
+                data = read_listed(self.uri, entry)
+                check_shard(self.uri, entry, data, self.resolution, self.manifest.get("channels", 3), self._checksums)
+            else:
+                data = storage.read_bytes(storage.join(self.uri, entry["path"]))
             self._cache = (i, pq.read_table(io.BytesIO(data)))
         return self._cache[1]
 

@@ -329,8 +329,8 @@ def _train_worker(config: dict) -> None:
                 dist.all_reduce(moved)
                 t.copy_(moved.cpu())
 
-    share = -(-int(config.get("rows") or 0) // ctx.get_world_size())  # Ray Train splits the rows equally
-    if config.get("rows") and share <= IN_MEMORY_ROWS:
+    share = -(-config["rows"] // ctx.get_world_size())  # Ray Train splits the rows equally
+    if share <= IN_MEMORY_ROWS:
         # One pass reads this worker's crops; the epochs then shuffle them in memory, like `fit_local`: streaming
         # them again every epoch through Ray Data cost more than the training itself (~2x on 2 CPUs at 100k).
         data = torch.cat(list(batches(shuffle=False)))
