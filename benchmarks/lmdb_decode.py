@@ -6,8 +6,8 @@ and flips for distinct entries, JPEG quality 75 as in LSUN's README). Three meas
             OpenCV keeps its default threads), nothing written.
   ours-1p   one process, our per-image path (`preprocessing.images.square_image`: header checks, JPEG decoded at 1/2
             or 1/4 scale in libjpeg, crop, resize), nothing written: the per-image gain alone.
-  ray       `build_dataset` end to end on Ray Data with all cores (key-range tasks, one LMDB env per worker, shards
-            written as zstd Parquet). Ray is started and its workers warmed before timing; start-up is printed apart.
+  ray       `build_dataset` end to end on Ray with all cores (one task a key range, one LMDB env per worker, shards
+            written as Parquet). Ray is started and its workers warmed before timing; start-up is printed apart.
   cold      the same LMDB read from a cold page cache (the file's pages evicted with posix_fadvise before each run,
             a fresh process each): the driver's key walk (`plan_lmdb`) and ours-1p's read + decode, with LMDB's
             readahead off (the setting before 2026-12-03) and on (`preprocessing.lsun.open_env` now). A build
@@ -184,7 +184,7 @@ def main() -> None:
             manifest = build_dataset(cfg, str(tmp / "out"), progress=False)
             best = min(best, time.perf_counter() - t)
         rows = manifest["counts"]["rows"]
-        print(f"ray      ({args.cpus} CPUs, Ray Data, shards)  : {rows / best:8.0f} img/s  ({rows} in {best:.2f} s, "
+        print(f"ray      ({args.cpus} CPUs, Ray tasks, shards)  : {rows / best:8.0f} img/s  ({rows} in {best:.2f} s, "
               f"{len(manifest['shards'])} shards, best of 2)")
         st = manifest["build_stats"]
         print(f"  task time: {st['task_work_s']:.2f} s read+decode, {st['task_write_s']:.2f} s writing shards "

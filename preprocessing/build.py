@@ -1,11 +1,11 @@
-"""The one dataset build both kinds share: plan chunks -> Ray Data (one task per chunk) -> shards + rejects -> manifest
+"""The one dataset build both kinds share: plan chunks -> Ray tasks (one per chunk) -> shards + rejects -> manifest
 (layer: preprocessing). Over 300 lines because planning, the chunk task and the resumable driver share the chunk
 contract (spec, digest, sidecar) and are read together.
 
 - Deterministic: inputs are listed and sorted by key on the driver and cut into fixed chunks; chunk i becomes
   `shards/part-i.parquet` (rows sorted by key) and `rejects/part-i.parquet`. Same inputs and parameters give the same
   bytes, so the manifest's content hash repeats.
-- Parallel the same way on a laptop and a cluster: a Ray Data `map_batches` over chunk specs; each task fetches its
+- Parallel the same way on a laptop and a cluster: one Ray task per chunk spec (`_run_chunks`); each fetches its
   inputs (threads for I/O), decodes/crops with one OpenCV thread, and writes its own files through
   `preprocessing.shards.write_table` (Ray Data's `write_parquet` is not idempotent). Progress advances per chunk.
 - Resumable: each finished chunk leaves a sidecar (`_chunks/part-i.json`) with a digest of its spec and parameters;
@@ -19,7 +19,7 @@ contract (spec, digest, sidecar) and are read together.
 
 from __future__ import annotations
 
-from preprocessing.errors import InputError, TransientError
+from preprocessing.errors import InputError, TransientError, known_fault
 
 import hashlib
 import json
@@ -42,6 +42,8 @@ from preprocessing.sources import HIDDEN, SYMLINK_LOOP
 log = logging.getLogger(__name__)
 
 CHUNK_RETRIES = 3
+CHUNK_TASK_RETRIES = 3  # Ray runs a chunk again this many times when its worker or node is lost
+IN_FLIGHT_PER_CPU = 2   # chunk tasks queued a cluster CPU: the next one starts the moment a CPU frees
 NO_DEDUP = DedupConfig(enabled=False)
 PIXEL_CAP_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"  # OpenCV's own decode cap (pixels), read once per process
 ERROR = "error"  # an unexpected exception on one input: recorded with its type and message, the build goes on
@@ -166,7 +168,7 @@ def _inputs(chunk: dict[str, Any], cfg: BuildConfig, gates: tuple[str, ...] = ()
         except Reject as r:
             return key, source, r
         except TransientError:
-            raise  # the chunk fails and Ray Data runs it again; the input is not bad
+            raise  # the chunk fails and runs again (`_with_retries`); the input is not bad
         except Exception as err:  # noqa: BLE001 - one input's failure must not stop the chunk
             return key, source, Reject(ERROR, f"{type(err).__name__}: {err}"[:300])
 
@@ -283,14 +285,12 @@ def totals(results: list[dict[str, Any]]) -> dict[str, Any]:
             "shard_stats": [dataset_layout.stats(r["index"]) for r in results]}
 
 
-def _run_batch(batch: dict[str, np.ndarray], cfg_json: str, shards_uri: str, rejects_uri: str,
-               gates: tuple[str, ...] = ()) -> dict[str, list]:
-    """Ray Data map_batches body: chunk specs in, chunk results out (both as JSON text)."""
+def _chunk_task(spec: dict, cfg_json: str, shards_uri: str, rejects_uri: str, gates: tuple[str, ...] = ()) -> dict:
+    """One Ray task: one chunk spec in, its result out."""
     cfg = BuildConfig.model_validate_json(cfg_json)
     if os.environ.get(PIXEL_CAP_ENV) != str(cfg.max_pixels):  # a bug, not bad input: the second guard is missing
         raise RuntimeError(f"build worker without its {PIXEL_CAP_ENV}={cfg.max_pixels} (runtime_env not applied)")
-    return {"result": [json.dumps(_with_retries(json.loads(spec), cfg, shards_uri, rejects_uri, gates))
-                       for spec in batch["chunk"]]}
+    return _with_retries(spec, cfg, shards_uri, rejects_uri, gates)
 
 
 def _with_retries(spec: dict, cfg: BuildConfig, shards_uri: str, rejects_uri: str, gates: tuple[str, ...]) -> dict:
@@ -312,45 +312,52 @@ def _with_retries(spec: dict, cfg: BuildConfig, shards_uri: str, rejects_uri: st
 
 def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_uri: str, total: int,
                 progress: bool) -> list[dict]:
+    """Run the chunks as Ray tasks, at most `IN_FLIGHT_PER_CPU` a cluster CPU at a time, spread over the nodes.
+
+    Plain tasks, not Ray Data: a chunk's inputs and outputs never pass through the driver (its result is a few
+    hundred bytes), so there is nothing to stream or back-pressure, and Ray Data's start-up (its executor, stats
+    actor and pandas import: ~0.5 s and ~2 CPU-s a stage) bought nothing. A worker or node lost mid-chunk is
+    retried by Ray (`max_retries`); a chunk's known fault reaches the caller as itself, once the other chunks in
+    flight are cancelled."""
     import ray
 
     compute.connect()
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    saved_bars = ctx.enable_progress_bars
-    ctx.enable_progress_bars = progress and saved_bars
-    # One map operator whose outputs are a few bytes of JSON: Ray Data's per-operator reservation would hold back
-    # CPUs for operators that do not exist (on 2 CPUs it runs one chunk at a time: 1.3x instead of 2.1x).
-    saved_reservation = ctx.op_resource_reservation_enabled
-    ctx.op_resource_reservation_enabled = False
-    # A chunk's known fault reaches this driver as itself (a storage outage stays a transient fault the caller
-    # retries), not as a UserCodeException whose cause survives only as traceback text.
-    saved_raise = ctx.raise_original_map_exception
-    ctx.raise_original_map_exception = True
     results: list[dict] = []
     gates: tuple[str, ...] = ()
+    pending: dict[Any, int] = {}
     try:
         gates = _start_gates(cfg)
-        ds = ray.data.from_items([{"chunk": json.dumps(c)} for c in chunks], override_num_blocks=len(chunks))
-        ds = ds.map_batches(
-            _run_batch, batch_size=1, num_cpus=1, batch_format="numpy",
+        task = ray.remote(_chunk_task).options(
+            num_cpus=1, max_retries=CHUNK_TASK_RETRIES, scheduling_strategy="SPREAD",
             # OpenCV's own pixel cap, a second guard behind the header checks, read once when a worker loads cv2:
             # it goes with these tasks, whoever started Ray in this process (the demo does, without it)
-            runtime_env={"env_vars": {PIXEL_CAP_ENV: str(cfg.max_pixels)}},
-            fn_kwargs={"cfg_json": cfg.model_dump_json(), "shards_uri": shards_uri, "rejects_uri": rejects_uri,
-                       "gates": gates},
-        )
+            runtime_env={"env_vars": {PIXEL_CAP_ENV: str(cfg.max_pixels)}})
+        args = (ray.put(cfg.model_dump_json()), shards_uri, rejects_uri, gates)
+        window = IN_FLIGHT_PER_CPU * compute.cluster_cpus()
+        queued = iter(chunks)
         rows = rejected = resumed = 0
         with Progress(cfg.kind, total, "inputs", show=progress) as shown:
-            for rec in ds.iter_rows():
-                r = json.loads(rec["result"])
+            while True:
+                while len(pending) < window and (spec := next(queued, None)) is not None:
+                    pending[task.remote(spec, *args)] = spec["index"]
+                if not pending:
+                    break
+                [ref], _ = ray.wait(list(pending), num_returns=1)
+                del pending[ref]
+                r = ray.get(ref)
                 results.append(r)
                 rows, rejected = rows + r["rows"], rejected + sum(r["reject_counts"].values())
                 resumed += bool(r["resumed"])
                 shown.advance(r["inputs"], note=f"{len(results)}/{len(chunks)} chunks, {rows} rows, {rejected} "
                                                 f"rejects" + (f", {resumed} chunks resumed" if resumed else ""))
+    except ray.exceptions.RayTaskError as err:
+        fault = known_fault(err)
+        if fault is None:
+            raise  # a bug: Ray's error keeps the task's traceback
+        raise fault from None
     finally:
+        for ref in pending:  # stopped early (a fault, Ctrl-C): the chunks still running are not ours to leave
+            ray.cancel(ref)
         if gates:
             from preprocessing import host_gate
 
@@ -358,9 +365,6 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
             log.info("per-host limits (build.host_concurrency %d, host_rate %g) over the whole build: %d hosts, %d "
                      "requests, at most %d in flight on one host, %d leases lapsed", cfg.host_concurrency,
                      cfg.host_rate, seen["hosts"], seen["requests"], seen["peak_in_flight"], seen["lapsed"])
-        ctx.enable_progress_bars = saved_bars
-        ctx.op_resource_reservation_enabled = saved_reservation
-        ctx.raise_original_map_exception = saved_raise
     return sorted(results, key=lambda r: r["index"])
 
 

@@ -72,9 +72,10 @@ class _NoKnownFaultTracebacks(logging.Filter):
         return known_fault(exc) is None
 
 
-def _quiet_ray_data() -> None:
+def quiet_ray_data() -> None:
     """Ray Data's INFO lines (execution plans, "Progress bars disabled") to its log file only, unless verbose; no
-    console traceback for a known fault (its one line comes from the caller)."""
+    console traceback for a known fault (its one line comes from the caller). A stage calls it before its first
+    Ray Data step: importing Ray Data (and pandas with it) costs ~0.5 s, which a stage without it does not pay."""
     import ray.data  # noqa: F401 - configures Ray Data's loggers
 
     for name in ("ray", "ray.data"):
@@ -144,9 +145,11 @@ def connect(address: str | None = None, *, quiet: bool = True) -> None:
     if quiet and not verbose():
         kwargs.update(logging_level=logging.WARNING, log_to_driver=True)
     if where.kind == "local":
-        ray.init(**kwargs)
+        # A local Ray is this process's own: no dashboard (nothing here reads it; it cost ~3 CPU-s and ~1 s of
+        # start-up a stage). Jobs and the state API need a cluster, whose head runs one.
+        ray.init(include_dashboard=False, **kwargs)
     else:
         ray.init(address=where.address, **kwargs)
     _connected = (where, ray.get_runtime_context().gcs_address)
-    if quiet:
-        _quiet_ray_data()
+    if quiet and "ray.data" in sys.modules:
+        quiet_ray_data()

@@ -1,8 +1,9 @@
-"""LSUN-layout LMDBs built here from real photos (JPEG and WebP values, corrupt entries), through the Ray Data build."""
+"""LSUN-layout LMDBs built here from real photos (JPEG and WebP values, corrupt entries), through the build's Ray tasks."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -104,6 +105,26 @@ def test_build_gives_expected_rows_rejects_and_pixels(lmdb_dir, tmp_path, ray_cl
     rejects = [r for e in manifest["rejects"]["shards"] for r in pq.read_table(str(tmp_path / "ds" / e["path"])).to_pylist()]
     assert {(r["key"], r["reason"]) for r in rejects} == {(k.decode(), why) for k, (_, why) in BAD.items()}
     assert all(r["detail"] for r in rejects)
+
+
+def test_a_build_on_its_own_local_ray_needs_neither_ray_data_nor_a_dashboard(lmdb_dir, tmp_path):
+    """A build's chunks are plain Ray tasks: its process never imports Ray Data (0.5 s of pandas and more a stage,
+    issue 22's fixed start-up) and its own local Ray starts no dashboard; the build itself is the same."""
+    path, good = lmdb_dir
+    code = ("import sys, ray\n"
+            "from preprocessing.build import build_dataset\n"
+            "from preprocessing.config import BuildConfig\n"
+            f"m = build_dataset(BuildConfig(kind='lsun', input={path!r}, shard_rows=8), {str(tmp_path / 'ds')!r}, "
+            "progress=False)\n"
+            "import json; print(json.dumps([m['counts']['rows'], len(m['shards']), 'ray.data' in sys.modules, "
+            "'pandas' in sys.modules, ray._private.worker.global_worker.node.address_info.get('webui_url')]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows, n_shards, ray_data, pandas, dashboard = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (rows, n_shards) == (len(good), -(-(len(good) + len(BAD)) // 8))  # every row, in several chunks
+    assert (ray_data, pandas) == (False, False)
+    assert not dashboard, dashboard
 
 
 def test_idempotent_resumable_and_overwrite_guarded(lmdb_dir, tmp_path, ray_cluster):

@@ -224,6 +224,7 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
 
     rows_in = _check(src_uri, shards, cfg)
     compute.connect()
+    compute.quiet_ray_data()
     ctx = DataContext.get_current()
     saved_order, saved_raise = ctx.execution_options.preserve_order, ctx.raise_original_map_exception
     ctx.execution_options.preserve_order = True
