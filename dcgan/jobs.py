@@ -35,6 +35,7 @@ TRY_AGAIN = re.compile(r"try again later|No available agent", re.IGNORECASE)
 # DCGAN_JOB_SUBMIT_RETRY_S ("2,5,10") sets other pauses.
 SUBMIT_RETRY_S = (2, 5, 10, 20, 30)
 POLL_TIMEOUT_S = 30  # one Jobs API request while following a job
+FAST_POLL_S, FAST_POLL_FOR_S = 0.2, 10.0  # a followed job is polled every 0.2 s for its first 10 s, then every poll_s
 LOST_AFTER_S = 60    # no answer for this long while a job runs: the cluster is lost (DCGAN_CLUSTER_LOST_AFTER_S)
 # Terminal colours and cursor moves (Ray's prefixes, progress bars) mean nothing in a run log.
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -179,12 +180,15 @@ def follow(client, job_id: str, emit: Callable[[str], None], poll_s: float = 1.0
            address: str = "") -> tuple[Any, str]:
     """Stream a job's log through `emit` until it ends; returns (JobDetails, full log).
 
-    Polls the Jobs API rather than holding a websocket, so a dropped connection costs one poll, not the run. A head
-    that stops answering for `lost_after_s()` is a lost cluster: RayClusterLost, in one line, never a hang. If the
-    follower is interrupted (Ctrl-C, SIGTERM, a cancelled Prefect run), the job is stopped.
+    Polls the Jobs API rather than holding a websocket, so a dropped connection costs one poll, not the run. The
+    first `FAST_POLL_FOR_S` are polled every `FAST_POLL_S`: a short stage's end is seen within a fifth of a second,
+    not up to a second later, and a long one still costs one poll a `poll_s`. A head that stops answering for
+    `lost_after_s()` is a lost cluster: RayClusterLost, in one line, never a hang. If the follower is interrupted
+    (Ctrl-C, SIGTERM, a cancelled Prefect run), the job is stopped.
     """
     stream = _LineStream(emit)
     logs, silent_since, wait = "", None, lost_after_s()
+    fast_until = time.monotonic() + FAST_POLL_FOR_S
     try:
         with _sigterm_stops():
             while True:
@@ -211,7 +215,7 @@ def follow(client, job_id: str, emit: Callable[[str], None], poll_s: float = 1.0
                 if str(info.status) in TERMINAL:
                     stream.close()
                     return info, logs
-                time.sleep(poll_s)
+                time.sleep(min(poll_s, FAST_POLL_S) if time.monotonic() < fast_until else poll_s)
     except BaseException:
         try:
             if str(_within(POLL_TIMEOUT_S, client.get_job_status, job_id)) not in TERMINAL:

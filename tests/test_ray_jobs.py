@@ -53,6 +53,35 @@ def test_job_log_is_streamed_line_by_line_once():
     assert lines == ["step 1", "step 2 loss 0.7", "last"]
 
 
+def test_a_short_jobs_end_is_seen_within_a_fifth_of_a_second(monkeypatch):
+    """A stage's fixed cost on a warm cluster includes the follower's wait for the end it polls for: the first
+    seconds are polled every FAST_POLL_S (at the old 1 s polls this job's end was seen 1.0 s after the start)."""
+
+    class Ending:
+        def __init__(self, after_s):
+            self.ends = time.monotonic() + after_s
+            self.calls = 0
+
+        def get_job_info(self, job_id):
+            self.calls += 1
+            status = "SUCCEEDED" if time.monotonic() >= self.ends else "RUNNING"
+            return type("Info", (), {"status": status})()
+
+        def get_job_logs(self, job_id):
+            return "done\n"
+
+    started = time.monotonic()
+    info, logs = jobs.follow(Ending(0.3), "raysubmit_1", lambda line: None, poll_s=1.0)
+    seen_after = time.monotonic() - started
+    assert str(info.status) == "SUCCEEDED" and logs == "done\n"
+    assert 0.3 <= seen_after < 0.3 + jobs.FAST_POLL_S + 0.15, seen_after
+    # past the fast window, one poll a poll_s (polled every FAST_POLL_S throughout, this job would take 18 polls)
+    monkeypatch.setattr(jobs, "FAST_POLL_FOR_S", 1.0)
+    client = Ending(3.5)
+    jobs.follow(client, "raysubmit_2", lambda line: None, poll_s=1.0)
+    assert client.calls <= 1.0 / jobs.FAST_POLL_S + 2.5 + 2, client.calls
+
+
 def test_unreachable_cluster_fails_the_run_with_the_address(monkeypatch, tmp_path):
     address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("RAY_ADDRESS", address)
