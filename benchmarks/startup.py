@@ -1,0 +1,107 @@
+"""A stage's fixed cost on a warm cluster: each stage on a tiny input, against a bare Ray job, in one run (issue 22).
+
+Why: at 3M images a stage's per-image cost dominates, but every stage a user or a schedule runs also pays a fixed
+start-up: the CLI submitting a Ray job, the job's driver importing and connecting, workers starting for the job, the
+follower seeing the end. Issue 22's goal is <= 5 s on a warm cluster.
+
+Where: the 3-node cluster of tests/multinode.py on 127.0.0.1 (token authentication on) with moto's S3 server as the
+only storage (benchmarks/scale.py's `ClusterWithS3`), started once and kept warm; every stage is `python -m
+dcgan.cli ...` with RAY_ADDRESS naming the Jobs API, as an operator runs it.
+
+Rows (each run `--reps` times, in turn; median and all values printed):
+  bare job     the floor every stage pays: `dcgan.jobs.run_job` (our submit and follower, in a fresh process) of a
+               driver that connects and runs one task on a fresh worker: `python -c "import ray; ray.init();
+               ray.get(ray.remote(lambda: 0).remote())"`.
+  build-lsun   `dcgan build-lsun` of a 512-image LSUN-layout LMDB (one chunk, real photos; scale.py's generator).
+  train        `dcgan train` for `--steps` steps (small networks, as scale.py), from that dataset.
+  evaluate     `dcgan evaluate --suite samples` of that run.
+The ratio is stage / bare job. build-lsun's work on 512 images is ~0.1 s of task time, so its row is its fixed cost.
+
+Run: `.venv/bin/python benchmarks/startup.py` (about 3 minutes; `--stages build-lsun` for the first row only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import scale  # noqa: E402
+
+BARE = "python -c 'import ray; ray.init(); ray.get(ray.remote(num_cpus=1)(lambda: 0).remote())'"
+
+
+def bare_argv(address: str) -> list[str]:
+    follow = (f"from dcgan import jobs; jobs.run_job({address!r}, {BARE!r}, {{}}, lambda line: None)")
+    return [sys.executable, "-c", follow]
+
+
+def timed(argv: list[str], env: dict[str, str], log: Path) -> float:
+    t = time.perf_counter()
+    with open(log, "ab") as err:
+        proc = subprocess.run(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:5])} exited {proc.returncode}; see {log}")
+    return wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--stages", nargs="+", default=["build-lsun", "train", "evaluate"],
+                    choices=["build-lsun", "train", "evaluate"])
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="startup-", dir="/tmp"))
+    lmdb_path = scale.ensure_lmdbs([512], work, seed=0)[512]
+    rows: dict[str, list[float]] = {"bare job": [], **{s: [] for s in args.stages}}
+    with ExitStack() as stack:
+        place = scale.ClusterWithS3(stack)
+        address = place.cluster.jobs_address
+        print("[startup] warming the cluster: one bare job and one build (not counted)", file=sys.stderr, flush=True)
+        with place.stage() as (env, _, _):
+            timed(bare_argv(address), env, work / "warm.log")
+            timed(scale.stage_argv("build-lsun", place.uris(work / "warm"), lmdb_path, args.steps), env,
+                  work / "warm.log")
+            for rep in range(args.reps):
+                ds, _, run = place.uris(work / f"rep{rep}")
+                uris = (ds, ds, run)  # no dedup stage: training reads the build's dataset
+                rows["bare job"].append(timed(bare_argv(address), env, work / "bare.log"))
+                for stage in args.stages:
+                    rows[stage].append(timed(scale.stage_argv(stage, uris, lmdb_path, args.steps), env,
+                                             work / f"{stage}.log"))
+                print(f"[startup] rep {rep + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in rows.items()),
+                      file=sys.stderr, flush=True)
+    base = statistics.median(rows["bare job"])
+    print(f"\nwarm 3-node cluster + S3 (127.0.0.1), {os.cpu_count()} cores, median of {args.reps} "
+          f"(train: {args.steps} steps)\n")
+    print("| row | wall s, median | all runs | **vs bare job** |")
+    print("| --- | --- | --- | --- |")
+    for name, vals in rows.items():
+        med = statistics.median(vals)
+        print(f"| {name} | {med:.2f} | {' / '.join(f'{v:.2f}' for v in vals)} | {med / base:.2f}x |")
+    if "build-lsun" in rows:
+        med = statistics.median(rows["build-lsun"])
+        print(f"\nbuild-lsun's fixed cost {med:.2f} s: goal <= 5 s on a warm cluster: "
+              f"{'met' if med <= 5 else 'NOT met'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cores": os.cpu_count(), "reps": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
