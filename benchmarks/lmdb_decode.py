@@ -14,7 +14,8 @@ and flips for distinct entries, JPEG quality 75 as in LSUN's README). Three meas
             reads its LMDB once, so this is what a first build of a dataset on disk pays. Skipped where /tmp is
             tmpfs (nothing to evict); `--work` puts the LMDB on another disk.
 Ratios: ray / baseline is the headline (target >= 1.7x on 2 cores); ours-1p / baseline and ray / ours-1p split it into
-the decode gain and the parallel gain. Run: `.venv/bin/python benchmarks/lmdb_decode.py` (about a minute).
+the decode gain and the parallel gain. Run: `.venv/bin/python benchmarks/lmdb_decode.py` (about a minute; `--format
+webp` for WebP entries).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from preprocessing.lsun import write_lmdb  # noqa: E402
 
 
-def make_lmdb(path: str, n: int, seed: int = 0) -> int:
-    """n distinct LSUN-like JPEG entries from real photos; returns the total encoded bytes."""
+def make_lmdb(path: str, n: int, seed: int = 0, fmt: str = "jpeg") -> int:
+    """n distinct LSUN-like JPEG (or WebP) entries from real photos; returns the total encoded bytes."""
     from realdata import lsun_like_photos
 
     rng = np.random.default_rng(seed)
@@ -53,7 +54,9 @@ def make_lmdb(path: str, n: int, seed: int = 0) -> int:
         crop = img[y : y + ch, x : x + cw]
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
-        ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(crop[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 75])
+        quality = cv2.IMWRITE_JPEG_QUALITY if fmt == "jpeg" else cv2.IMWRITE_WEBP_QUALITY
+        ok, buf = cv2.imencode(".jpg" if fmt == "jpeg" else ".webp", np.ascontiguousarray(crop[..., ::-1]),
+                               [quality, 75])
         data = buf.tobytes()
         entries[hashlib.sha1(data + i.to_bytes(4, "little")).hexdigest().encode()] = data
     write_lmdb(path, entries)
@@ -145,14 +148,17 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=os.cpu_count())
     ap.add_argument("--work", help="folder for the LMDB (default: a temporary one); its disk is what 'cold' reads")
     ap.add_argument("--only-cold", action="store_true", help="only the cold-cache rows")
+    ap.add_argument("--format", choices=["jpeg", "webp"], default="jpeg",
+                    help="the entries' encoding (LSUN's README says JPEG; many of its categories are WebP, which "
+                         "OpenCV decodes only at full scale)")
     args = ap.parse_args()
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     tmp = Path(tempfile.mkdtemp(prefix="lmdb-bench-", dir=args.work))
     try:
         t = time.perf_counter()
-        nbytes = make_lmdb(str(tmp / "bedroom_train_lmdb"), args.entries)
-        print(f"LMDB: {args.entries} JPEG entries from real photos, {nbytes / 1e6:.1f} MB, "
+        nbytes = make_lmdb(str(tmp / "bedroom_train_lmdb"), args.entries, fmt=args.format)
+        print(f"LMDB: {args.entries} {args.format.upper()} entries from real photos, {nbytes / 1e6:.1f} MB, "
               f"built in {time.perf_counter() - t:.1f} s")
         lmdb_path = str(tmp / "bedroom_train_lmdb")
         cold(lmdb_path)
