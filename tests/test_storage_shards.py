@@ -53,6 +53,21 @@ def test_same_rows_give_same_content_hash(tmp_path):
     assert a["content_hash"] == b["content_hash"]
 
 
+def test_pixels_are_snappy_and_text_zstd_in_every_row_group(tmp_path):
+    """The shard codec benchmarks/shard_codec.py measured (pixels: 0.67x zstd's write CPU, 0.70x its read, 2% more
+    bytes); a shard of several row groups, read back equal."""
+    import pyarrow.parquet as pq
+
+    x = small_dataset(str(tmp_path / "ds"), n=2100, per_shard=2100)  # one shard, 3 row groups of <= 1024 rows
+    meta = pq.ParquetFile(str(tmp_path / "ds" / dataset_layout.part(0))).metadata
+    assert meta.num_row_groups == 3
+    names = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    for g in range(meta.num_row_groups):
+        codecs = {name: meta.row_group(g).column(i).compression for i, name in enumerate(names)}
+        assert codecs.pop("image") == "SNAPPY" and set(codecs.values()) == {"ZSTD"}, codecs
+    assert np.array_equal(ShardDataset(str(tmp_path / "ds")).images(), x)
+
+
 def test_missing_manifest_is_clear(tmp_path):
     with pytest.raises(DatasetError, match="no manifest.json"):
         ShardDataset(str(tmp_path / "nothing"))
