@@ -32,6 +32,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/lmdb_decode.py
+	$(PY) benchmarks/shard_codec.py
 	$(PY) benchmarks/face_detect.py
 	$(PY) benchmarks/dedup_quality.py
 	$(PY) benchmarks/dedup_grouping.py
