@@ -112,6 +112,12 @@ def test_faces_from_s3_to_s3_and_idempotent(s3_bucket, ray_cluster):
     assert second["content_hash"] == first["content_hash"]
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    # The build's chunk tasks start together and open their connections at once; socketserver's default listen
+    # backlog (5) can drop a SYN, and the client's retransmit comes 1 s later, past the test's short timeout.
+    request_queue_size = 64
+
+
 class _Handler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):  # keep test output clean
         pass
@@ -142,7 +148,7 @@ def http_photos(tmp_path):
     (root / "big.png").write_bytes(encode(np.zeros((2000, 2000, 3), np.uint8) + 7, ".bmp"))
 
     handler = lambda *a, **k: _Handler(*a, directory=str(root), **k)  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = _Server(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -157,14 +163,14 @@ def test_faces_from_a_url_list(http_photos, tmp_path, ray_cluster):
             "file:///etc/passwd", str(PHOTOS["grace_hopper.jpg"])]
     listing = tmp_path / "urls.csv"
     listing.write_text("name,url\n" + "".join(f"n{i},{u}\n" for i, u in enumerate(urls)))
-    cfg = BuildConfig(kind="faces", input=str(listing), shard_rows=5, download_timeout_s=0.8, download_retries=1,
+    cfg = BuildConfig(kind="faces", input=str(listing), shard_rows=5, download_timeout_s=1.5, download_retries=1,
                       allow_private_hosts=["127.0.0.1"],  # the test server; every other private address is refused
                       max_download_bytes=1_000_000)
     started = time.perf_counter()
     manifest = build_dataset(cfg, str(tmp_path / "ds"), progress=False)
     assert time.perf_counter() - started < 30
-    assert manifest["counts"]["inputs"] == 12 and manifest["counts"]["rows"] == 3
     reasons = {r["key"]: (r["reason"], r["detail"]) for r in all_rejects(str(tmp_path / "ds"), manifest)}
+    assert manifest["counts"]["inputs"] == 12 and manifest["counts"]["rows"] == 3, reasons
     assert reasons["file:///etc/passwd"] == ("bad_url", "scheme 'file': a URL list names http(s):// or s3:// URLs "
                                                         "only; not read")
     assert reasons[str(PHOTOS["grace_hopper.jpg"])][1].startswith("a local path: ")
