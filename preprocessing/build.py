@@ -317,14 +317,16 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
     Plain tasks, not Ray Data: a chunk's inputs and outputs never pass through the driver (its result is a few
     hundred bytes), so there is nothing to stream or back-pressure, and Ray Data's start-up (its executor, stats
     actor and pandas import: ~0.5 s and ~2 CPU-s a stage) bought nothing. A worker or node lost mid-chunk is
-    retried by Ray (`max_retries`); a chunk's known fault reaches the caller as itself, once the other chunks in
-    flight are cancelled."""
+    retried by Ray (`max_retries`); a chunk's known fault reaches the caller as itself. Chunks still in flight are
+    not cancelled: each finishes whole (its sidecar lets a re-run reuse it) or ends with this driver's job, and
+    `ray.cancel` racing a task's completion while an interrupted driver exits aborted Ray's core worker (exit 1,
+    not 130, on Ctrl-C)."""
     import ray
 
     compute.connect()
     results: list[dict] = []
     gates: tuple[str, ...] = ()
-    pending: dict[Any, int] = {}
+    pending: dict[Any, int] = {}  # chunk task -> chunk index
     try:
         gates = _start_gates(cfg)
         task = ray.remote(_chunk_task).options(
@@ -356,8 +358,6 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
             raise  # a bug: Ray's error keeps the task's traceback
         raise fault from None
     finally:
-        for ref in pending:  # stopped early (a fault, Ctrl-C): the chunks still running are not ours to leave
-            ray.cancel(ref)
         if gates:
             from preprocessing import host_gate
 
