@@ -326,7 +326,7 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
     compute.connect()
     results: list[dict] = []
     gates: tuple[str, ...] = ()
-    pending: dict[Any, int] = {}  # chunk task -> chunk index
+    pending: set = set()  # chunk tasks in flight
     try:
         gates = _start_gates(cfg)
         task = ray.remote(_chunk_task).options(
@@ -341,11 +341,11 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
         with Progress(cfg.kind, total, "inputs", show=progress) as shown:
             while True:
                 while len(pending) < window and (spec := next(queued, None)) is not None:
-                    pending[task.remote(spec, *args)] = spec["index"]
+                    pending.add(task.remote(spec, *args))
                 if not pending:
                     break
                 [ref], _ = ray.wait(list(pending), num_returns=1)
-                del pending[ref]
+                pending.remove(ref)
                 r = ray.get(ref)
                 results.append(r)
                 rows, rejected = rows + r["rows"], rejected + sum(r["reject_counts"].values())

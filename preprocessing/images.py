@@ -159,7 +159,7 @@ def _truncated(data: bytes, fmt: str) -> bool:
         except ValueError as err:
             raise Reject(CORRUPT, f"jpeg header: {err}") from None
         # No scan header, or no end-of-image marker after the first scan (thumbnails' EOIs sit before it). Searched
-        # from the end, where an intact file's EOI is: a forward search read the whole scan (3% of a build's CPU).
+        # from the end, where an intact file's EOI is: a forward search read the whole scan (~3% of a chunk's CPU in a profile).
         return h is None or data.rfind(b"\xff\xd9", h[2]) < 0
     if fmt == "png":
         return data.rfind(b"IEND") < 0
