@@ -365,6 +365,39 @@ def test_a_lying_content_length_or_a_silent_host_ends_by_the_deadline(site):
         silent.close()
 
 
+def two_workers_ready(timeout_s: float = 120.0) -> None:
+    """Start two Ray worker processes and hold both until each has seen the other, so that the next two tasks find
+    two idle workers: a worker's start-up (seconds on a loaded 2-core CI box) is not part of what a test measures."""
+    import os
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Meeting:
+        def __init__(self):
+            self.arrived = 0
+
+        def arrive(self) -> None:
+            self.arrived += 1
+
+        def count(self) -> int:
+            return self.arrived
+
+    @ray.remote(num_cpus=0)
+    def meet(meeting, deadline: float) -> int:
+        ray.get(meeting.arrive.remote())
+        while ray.get(meeting.count.remote()) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        return os.getpid()
+
+    meeting = Meeting.remote()
+    try:
+        pids = ray.get([meet.remote(meeting, time.time() + timeout_s) for _ in range(2)], timeout=timeout_s + 30)
+    finally:
+        ray.kill(meeting)
+    assert len(set(pids)) == 2, pids
+
+
 def test_per_host_limits_hold_over_the_whole_build_not_per_task(tmp_path, ray_cluster, caplog):
     """Two build tasks (two Ray worker processes) fetch from one host at once: the build's gates keep the host at
     `host_concurrency` in flight and `host_rate` starts a second over both (per task it would be 2x each). The two
@@ -390,6 +423,8 @@ def test_per_host_limits_hold_over_the_whole_build_not_per_task(tmp_path, ray_cl
         def config(**limits) -> BuildConfig:
             return BuildConfig(kind="center-crop", input=str(listing), resolution=32, shard_rows=16,
                                allow_private_hosts=["127.0.0.1"], **limits)
+
+        two_workers_ready()  # a Ray worker that starts later than the other's 16 fetches would not overlap them
 
         def two_tasks(name: str, **limits) -> dict[str, float]:
             del site.log[:]
