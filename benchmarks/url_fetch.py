@@ -88,9 +88,12 @@ def serve(hosts: int) -> None:
                 self.wfile.write(body)
         return H
 
+    class Server(http.server.ThreadingHTTPServer):
+        request_queue_size = 1024  # socketserver's 5 drops SYNs when 64-256 threads connect at once (1 s retransmit)
+
     servers = []
     for h in range(hosts):
-        s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler(h))
+        s = Server(("127.0.0.1", 0), handler(h))
         s.daemon_threads = True
         threading.Thread(target=s.serve_forever, daemon=True).start()
         servers.append(s)
