@@ -124,19 +124,20 @@ def _pairs(groups: np.ndarray) -> tuple[float, int, int]:
     return int(many.sum()), int((many * (many - 1) // 2).sum()), int(sizes.max()) if len(sizes) else 0
 
 
-SWEEP_DIFF = (12.0, 16.0, 20.0, 24.0, np.inf)   # block RMS difference limits tried (verify.MAX_DIFF)
-SWEEP_REL = (0.08, 0.10, 0.12, 0.15, 0.20, np.inf)  # relative difference limits tried (verify.MAX_REL)
+SWEEP_DIFF = (12.0, 16.0, 20.0, 24.0, np.inf)        # block RMS difference limits tried (verify.MAX_DIFF)
+SWEEP_REL = (0.06, 0.08, 0.10, 0.12, 0.15, np.inf)  # tolerant relative difference limits tried (verify.MAX_REL)
+SWEEP_TOL = (6.0, 8.0, 10.0, 12.0, np.inf)           # tolerant block difference limits tried (verify.MAX_TOL)
 
 
-def swept(keys, record, max_diff: float, max_rel: float) -> np.ndarray:
+def swept(keys, record, max_diff: float, max_rel: float, max_tol: float | None = None) -> np.ndarray:
     """Group ids the verified merge would give with other thresholds, from the recorded candidate pairs."""
     from preprocessing.dedup.groups import group_ids
-    from preprocessing.dedup.verify import star_groups
+    from preprocessing.dedup.verify import MAX_TOL, passes, star_groups
 
     if not record:
         return np.arange(len(keys))
-    a, b, diff, rel = (np.concatenate(v) for v in zip(*record))
-    ok = (diff <= max_diff) & (rel <= max_rel)
+    a, b, plain, tol, rel = (np.concatenate(v) for v in zip(*record))
+    ok = passes(plain, tol, rel, max_diff, MAX_TOL if max_tol is None else max_tol, max_rel)
     return group_ids(keys, star_groups(keys[a[ok]], keys[b[ok]]))
 
 
@@ -174,11 +175,19 @@ def digits(sizes: list[int], seed: int) -> None:
             checked = figures["checked"] if figures else "-"
             print(f"{n:>6}  {name:<38}{grouped:>17}{grouped / n:>10.4f}{pairs:>13}{largest:>9}{checked:>9}")
     print("\nthreshold sweep (verified merge, same candidate pairs): fraction of distinct digits wrongly grouped")
-    print(f"{'MAX_DIFF':>9}{'MAX_REL':>9}" + "".join(f"{n:>10}" for n in sizes))
-    for t in SWEEP_DIFF:
-        for r in SWEEP_REL:
-            cells = "".join(f"{_pairs(swept(k, rec, t, r))[0] / len(k):>10.4f}" for k, rec in records.values())
-            print(f"{t:>9.0f}{r:>9.2f}{cells}")
+    print(f"{'MAX_DIFF':>9}{'MAX_TOL':>9}{'MAX_REL':>9}" + "".join(f"{n:>10}" for n in sizes))
+    for t, tol, r in _sweep():
+        cells = "".join(f"{_pairs(swept(k, rec, t, r, tol))[0] / len(k):>10.4f}" for k, rec in records.values())
+        print(f"{t:>9.0f}{tol:>9.0f}{r:>9.2f}{cells}")
+
+
+def _sweep() -> list[tuple[float, float, float]]:
+    """(MAX_DIFF, MAX_TOL, MAX_REL) tried: the block and relative limits at the default MAX_TOL, then MAX_TOL at the
+    default block and relative limits."""
+    from preprocessing.dedup.verify import MAX_DIFF, MAX_REL, MAX_TOL
+
+    return ([(t, MAX_TOL, r) for t in SWEEP_DIFF for r in SWEEP_REL]
+            + [(MAX_DIFF, tol, MAX_REL) for tol in SWEEP_TOL if tol != MAX_TOL])
 
 
 def recall(seed: int, variants: int) -> None:
@@ -203,29 +212,46 @@ def recall(seed: int, variants: int) -> None:
             print(f"{name:<38}{s['flagged']:>9}{s['tp']:>8}{s['recall']:>9.3f}{dq.fp100(s):>9.2f}")
             if name.startswith("default"):
                 verified = groups
-        missed(verified, labels, record)
+        missed(verified, labels, record, codes)
         print(f"\nthreshold sweep ({title}, verified merge, same candidate pairs): recall, FP per 100 flagged pairs")
-        print(f"{'MAX_DIFF':>9}" + "".join(f"{'rel<=' + format(r, '.2f'):>16}" for r in SWEEP_REL))
-        for t in SWEEP_DIFF:
-            cells = []
-            for r in SWEEP_REL:
-                s = dq.pair_scores(swept(keys, record, t, r), labels)
-                cells.append(f"{s['recall']:>9.3f} {dq.fp100(s):>5.2f}")
-            print(f"{t:>9.0f}" + "".join(f"{c:>16}" for c in cells))
+        print(f"{'MAX_DIFF':>9}{'MAX_TOL':>9}{'MAX_REL':>9}{'recall':>9}{'FP/100':>9}")
+        for t, tol, r in _sweep():
+            s = dq.pair_scores(swept(keys, record, t, r, tol), labels)
+            print(f"{t:>9.0f}{tol:>9.0f}{r:>9.2f}{s['recall']:>9.3f}{dq.fp100(s):>9.2f}")
 
 
-def missed(groups: np.ndarray, labels: np.ndarray, record: list) -> None:
+def missed(groups: np.ndarray, labels: np.ndarray, record: list, codes: np.ndarray | None = None) -> None:
     """Why copies are missed: of the copies not in their original's group, how many never shared a code with it (no
-    candidate pair: the codes' limit) and how many were checked and failed the pixels (the thresholds' limit)."""
+    candidate pair: the codes' limit) and how many were checked and failed the pixels (the thresholds' limit). With
+    `codes`, how far the never-checked copies' codes are from their original's (the smallest Hamming distance over
+    all view pairs), against 1,000 random pairs of distinct originals: what probing codes a few bits away would add."""
     first = np.r_[0, np.flatnonzero(np.diff(labels)) + 1]
     orig = first[np.searchsorted(first, np.arange(len(labels)), side="right") - 1]  # each image's original
     copy = np.flatnonzero(orig != np.arange(len(labels)))
     a, b = (np.concatenate(v) for v in list(zip(*record))[:2]) if record else (np.zeros(0, int), np.zeros(0, int))
     checked = set(zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist()))
     out = copy[groups[copy] != groups[orig[copy]]]
-    never = sum((int(orig[i]), int(i)) not in checked for i in out)
+    never = [int(i) for i in out if (int(orig[i]), int(i)) not in checked]
     print(f"copies in their original's group: {1 - len(out) / len(copy):.3f} of {len(copy)}; of the {len(out)} missed, "
-          f"{never} never shared a code with their original, {len(out) - never} were checked and failed the pixels")
+          f"{len(never)} never shared a code with their original, {len(out) - len(never)} were checked and failed the "
+          "pixels")
+    if codes is None:
+        return
+    bits = np.unpackbits(codes, axis=2)
+
+    def nearest(x: int, y: int) -> int:
+        return int((bits[x][:, None, :] != bits[y][None, :, :]).sum(axis=2).min())
+
+    def histogram(d: list[int]) -> str:
+        counts = np.bincount(np.minimum(d, 10), minlength=11)
+        return ", ".join(f"{k if k < 10 else '>=10'}: {c}" for k, c in enumerate(counts) if c)
+
+    rng = np.random.default_rng(0)
+    distinct = [(x, y) for x, y in rng.choice(first, (1200, 2)) if x != y][:1000]
+    print(f"  never-checked copies, fewest bits between any of their codes and their original's: "
+          f"{histogram([nearest(int(orig[i]), i) for i in never])}")
+    print(f"  {len(distinct)} random pairs of distinct originals, the same: "
+          f"{histogram([nearest(int(x), int(y)) for x, y in distinct])}")
 
 
 def throughput(n: int, seed: int, repeats: int = 6) -> None:

@@ -8,17 +8,20 @@ block of a 4x4 grid (the border strip, where a shifted copy holds mirrored pixel
 removed image was verified directly against the image kept in its place (the group's smallest key), so a chain
 a~b~c never removes c for a (`star_groups`).
 
-Thresholds, chosen on data (issue 19; `benchmarks/dedup_scale.py` prints the whole sweep, RESULTS.md): block
-difference <= `MAX_DIFF` AND interior RMS difference <= `MAX_REL` x the lower interior contrast of the two views. The
-block rule alone at 16 merged pairs of thin "1"s (0.32% of 625 distinct digits); at 12 it merges no distinct digit at
-any N (625-5,000), but flat sky/moon tiles a few grey levels apart still pass (4.8 false positives per 100 flagged
-pairs on the shift/crop set with near copies kept); the relative rule at 0.15 brought that to 0.67 per 100 (one
-alignment per pair, at the price of recall: 0.735 at 16 alone -> 0.619). Two images sharing several codes are
-checked in up to `ALIGNMENTS` of those buckets (each its own alignment) and verified if any passes: 4 lifts
-shift/crop recall to 0.664 at 0.63 per 100, no digit grouped (1: 0.542; all 135: 0.678 for 3x the checks). The false positives left are
-distinct adjacent tiles of one low-contrast photo (retina veins in different places); the misses are copies whose
-codes never meet their original's (16% of them) and copies misaligned at sharp edges: even with every candidate
-accepted the shift/crop recall is 0.786, so no threshold reaches 0.8 (RESULTS.md).
+Thresholds, chosen on data (issue 19; `benchmarks/dedup_scale.py` prints the sweeps, RESULTS.md): a pair is a
+duplicate if (1) its largest block RMS difference is <= `MAX_DIFF` grey levels and (2) its TOLERANT difference, where
+a pixel within the range of the other image's 3x3 neighbourhood (both ways) counts as no difference, is <= `MAX_TOL`
+grey levels in every block and <= `MAX_REL` x the lower interior contrast over the interior. (2) is what tells copies
+from look-alikes: a re-cropped or resized copy is misaligned by a fraction of a pixel, which the plain difference
+punishes at every sharp edge (such copies were half of the misses), while distinct tiles of one low-contrast photo
+differ everywhere. (1) keeps thin strokes apart: the tolerant rule alone merged 1.4-9.8% of 625-5,000 distinct
+MNIST digits, with the block rule at 12 none (at 16: up to 0.32%). Against the plain rules this replaced (block <= 12
+and plain RMS <= 0.15 of the contrast), over seeds 0-3 on the photo tiles with near copies kept: shift/crop recall
+0.640-0.670 -> 0.709-0.736 and false positives per 100 flagged pairs 0.43-2.14 -> 0.00-0.59; mixed copies
+0.634-0.667 -> 0.689-0.705, 0.59-1.15 -> 0.00-0.72. Two images sharing several codes are checked in up to
+`ALIGNMENTS` of those buckets (each its own alignment) and verified if any passes. Recall is now capped by the
+candidates: copies whose codes never meet their original's (~16% of the shift/crop copies; most of them 1-4 bits
+from one of its 135 codes) are never checked (RESULTS.md).
 
 Bounded work: equal codes are bucketed per hash partition; a bucket of s images yields the pairs between its
 `LEADERS` smallest keys and every other member (all pairs when s <= LEADERS + 1), so at most LEADERS x s checks, and
@@ -37,7 +40,8 @@ import numpy as np
 from preprocessing.dedup.semantic_hash import group_identical, stack_codes
 
 MAX_DIFF = 12.0        # block RMS difference, grey levels, of two aligned 32x32 views: at most this, and ...
-MAX_REL = 0.15         # ... interior RMS difference at most this fraction of the lower contrast = duplicates
+MAX_TOL = 8.0          # ... block RMS of the tolerant difference (3x3 neighbourhood range) at most this, and ...
+MAX_REL = 0.10         # ... its interior RMS at most this fraction of the lower contrast = duplicates
 MARGIN = 3             # border pixels (of 32) left out: a 1-4 px shift mirrors up to 2 of them
 BLOCK = 7              # (32 - 2*MARGIN) // BLOCK = 3 ... the 26 interior pixels as a 3x3 grid of 7x7 blocks (+ rest)
 BLANK_STD = 2.0        # a view with less RMS contrast than this (grey levels) is blank: no evidence, never verified
@@ -48,20 +52,46 @@ BLOCK_PAIRS = 1 << 17  # candidate pairs (with repeats) expanded at once, per bl
 ALIGNMENTS = 4         # buckets (alignments) a pair is checked in, its first ones: verified if any passes
 
 
-def measures(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Aligned views (M, c, c, 3) -> (largest block RMS difference in grey levels, inf where either view is blank;
-    interior RMS difference / the lower interior RMS contrast of the two), each (M,)."""
+def _range3(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(M, n, n, 3) -> the min and max of each pixel's 3x3 neighbourhood, (M, n - 2, n - 2, 3) (separable)."""
+    lo = np.minimum(np.minimum(x[:, :-2], x[:, 1:-1]), x[:, 2:])
+    hi = np.maximum(np.maximum(x[:, :-2], x[:, 1:-1]), x[:, 2:])
+    return (np.minimum(np.minimum(lo[:, :, :-2], lo[:, :, 1:-1]), lo[:, :, 2:]),
+            np.maximum(np.maximum(hi[:, :, :-2], hi[:, :, 1:-1]), hi[:, :, 2:]))
+
+
+def _block_rms(d: np.ndarray) -> np.ndarray:
+    """(M, n, n, 3) differences -> (M,) the largest RMS over a grid of BLOCK x BLOCK blocks."""
+    m, k = len(d), d.shape[1] // BLOCK
+    blocks = (d[:, :k * BLOCK, :k * BLOCK] ** 2).reshape(m, k, BLOCK, k, BLOCK, 3).mean(axis=(2, 4, 5))
+    return np.sqrt(blocks.reshape(m, -1).max(axis=1))
+
+
+def measures(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Aligned views (M, c, c, 3) -> three (M,) measures over the interior (MARGIN left out), inf where either view is
+    blank: the largest block RMS difference in grey levels; the largest block RMS of the tolerant difference (how far
+    each pixel lies outside the range of the other view's 3x3 neighbourhood around it, the larger of the two ways);
+    the tolerant difference's interior RMS / the lower interior RMS contrast of the two."""
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     c, m = a.shape[1], len(a)
-    ia, ib = a[:, MARGIN:c - MARGIN, MARGIN:c - MARGIN], b[:, MARGIN:c - MARGIN, MARGIN:c - MARGIN]
-    d = ia - ib
-    k = d.shape[1] // BLOCK
-    blocks = (d[:, :k * BLOCK, :k * BLOCK] ** 2).reshape(m, k, BLOCK, k, BLOCK, 3).mean(axis=(2, 4, 5))
-    out = np.sqrt(blocks.reshape(m, -1).max(axis=1))
-    out[blank(a) | blank(b)] = np.inf
+    inner, ring = slice(MARGIN, c - MARGIN), slice(MARGIN - 1, c - MARGIN + 1)
+    ia, ib = a[:, inner, inner], b[:, inner, inner]
+    plain = _block_rms(ia - ib)
+    (lo_a, hi_a), (lo_b, hi_b) = _range3(a[:, ring, ring]), _range3(b[:, ring, ring])
+    tol = np.maximum(np.maximum(ia - hi_b, lo_b - ia), np.maximum(ib - hi_a, lo_a - ib))
+    np.maximum(tol, 0, out=tol)
+    tolerant = _block_rms(tol)
     contrast = np.minimum(ia.reshape(m, -1).std(axis=1), ib.reshape(m, -1).std(axis=1))
-    rel = np.sqrt((d.reshape(m, -1) ** 2).mean(axis=1)) / np.maximum(contrast, 1e-6)
-    return out, rel
+    rel = np.sqrt((tol.reshape(m, -1) ** 2).mean(axis=1)) / np.maximum(contrast, 1e-6)
+    empty = blank(a) | blank(b)
+    plain[empty] = tolerant[empty] = rel[empty] = np.inf
+    return plain, tolerant, rel
+
+
+def passes(plain: np.ndarray, tolerant: np.ndarray, rel: np.ndarray, max_diff: float = MAX_DIFF,
+           max_tol: float = MAX_TOL, max_rel: float = MAX_REL) -> np.ndarray:
+    """The verification rule on `measures`' output: (M,) bool, duplicates."""
+    return (plain <= max_diff) & (tolerant <= max_tol) & (rel <= max_rel)
 
 
 def differences(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -162,17 +192,17 @@ def verified_pairs(buckets: np.ndarray, owners: np.ndarray, pixels, record: list
                    prio: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Candidate pairs of the members (sorted by bucket, key) checked on their views' pixels: (owner a, owner b of the
     verified pairs, number of candidate pairs checked). `pixels(idx)` gives the members' aligned views; `record`
-    (benchmarks) receives (owner a, owner b, block difference, relative difference) of every check. Holds one chunk
+    (benchmarks) receives (owner a, owner b, *`measures`) of every check. Holds one chunk
     of pairs at a time and the verified ones (one edge per pair): memory does not grow with the candidates. `prio`: as
     `candidate_pairs`."""
     a, b, checked, last = [], [], 0, None
     for x, y in candidate_pairs(buckets, owners, prio):
         ox, oy = owners[x], owners[y]
         checked += len(x)
-        diff, rel = measures(pixels(x), pixels(y))
+        found = measures(pixels(x), pixels(y))
         if record is not None:
-            record.append((ox, oy, diff, rel))
-        ok = (diff <= MAX_DIFF) & (rel <= MAX_REL)
+            record.append((ox, oy, *found))
+        ok = passes(*found)
         vx, vy = ox[ok], oy[ok]
         if len(vx):  # a pair's alignments come one after another: keep the first that passed, one edge per pair
             new = np.ones(len(vx), bool)
