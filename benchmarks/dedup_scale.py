@@ -124,7 +124,7 @@ def _pairs(groups: np.ndarray) -> tuple[float, int, int]:
     return int(many.sum()), int((many * (many - 1) // 2).sum()), int(sizes.max()) if len(sizes) else 0
 
 
-SWEEP_DIFF = (12.0, 16.0, 20.0, 24.0, np.inf)        # block RMS difference limits tried (verify.MAX_DIFF)
+SWEEP_DIFF = (12.0, 14.0, 16.0, 20.0, np.inf)        # block RMS difference limits tried (verify.MAX_DIFF)
 SWEEP_REL = (0.06, 0.08, 0.10, 0.12, 0.15, np.inf)  # tolerant relative difference limits tried (verify.MAX_REL)
 SWEEP_TOL = (6.0, 8.0, 10.0, 12.0, np.inf)           # tolerant block difference limits tried (verify.MAX_TOL)
 
