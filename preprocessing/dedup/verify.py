@@ -15,7 +15,7 @@ counts as no difference, is <= `MAX_TOL` grey levels in every block and <= `MAX_
 over the interior. (2) is what tells copies from look-alikes: a re-cropped or resized copy is misaligned by a
 fraction of a pixel, which the plain difference punishes at every sharp edge (such copies were half of the misses),
 while distinct tiles of one low-contrast photo differ everywhere. (1) keeps thin strokes apart: the tolerant rule
-alone merged 1.4-9.8% of 625-5,000 distinct MNIST digits, with the block rule at 14 none (at 16: 0.16% at 1,250),
+alone merged 1.2-8.9% of 625-5,000 distinct MNIST digits, with the block rule at 14 none (at 16: 0.16% at 1,250),
 nor any of 10k-100k distinct digit mosaics. Against the plain rules this replaced (block <= 12 on a grid that missed
 the last 5 of 26 rows and columns, and plain RMS <= 0.15 of the contrast), over seeds 0-3 on the photo tiles with
 near copies kept: shift/crop recall 0.640-0.670 -> 0.707-0.738 and false positives per 100 flagged pairs 0.43-2.14
