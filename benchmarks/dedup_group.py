@@ -1,5 +1,5 @@
 """The verified group stage on its own, on a built dataset: what goes through its shuffles, and whether the number of
-code partitions changes its answer.
+code partitions changes its answer, for each `--probes` value (what probing costs here).
 
 Reads the dataset's crops, hashes them with a saved dedup model (the `dedup/model.pt` a `dcgan dedup` of the same
 dataset wrote), then runs `dataset._verified_groups` once per `--partitions` value on a local Ray and prints, for each:
@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="a dedup model.pt for it")
     ap.add_argument("--partitions", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--probes", type=int, nargs="+", default=[2], help="dedup.probes values to compare")
     args = ap.parse_args()
 
     import ray
@@ -47,16 +48,18 @@ def main() -> None:
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True
     entries = shard_format.read_manifest(args.data)["shards"]
-    cfg = DedupConfig()
     rows_in = sum(e["rows"] for e in entries)
-    crops, _ = dedup._crops(args.data, entries, cfg, rows_in)
-    coded = dedup._encode(crops, load_state(args.model), cfg, args.data, entries).materialize()
-    code_bytes = (cfg.code_bits + 7) // 8
-    print(f"{args.data}: {rows_in} images, views {cfg.views}")
-    print(f"{'partitions':>10} {'wall s':>7} {'code rows':>10} {'members':>8} {'check rows':>10} {'checks':>7} "
-          f"{'edges':>6} {'grouped':>7}")
     first = None
-    for p in args.partitions:
+    for probes, p in ((q, p) for q in args.probes for p in args.partitions):
+        cfg = DedupConfig(probes=probes)
+        if first is None or p == args.partitions[0]:
+            crops, _ = dedup._crops(args.data, entries, cfg, rows_in)
+            coded = dedup._encode(crops, load_state(args.model), cfg, args.data, entries).materialize()
+            code_bytes = (cfg.code_bits + 7) // 8
+            print(f"{args.data}: {rows_in} images, views {cfg.views}, probes {probes}")
+            print(f"{'partitions':>10} {'wall s':>7} {'code rows':>10} {'members':>8} {'check rows':>10} "
+                  f"{'checks':>7} {'edges':>6} {'grouped':>7}")
+            first = None
         codes = coded.map_batches(view_rows, batch_format="numpy",
                                   fn_kwargs={"code_bytes": code_bytes, "partitions": p}).materialize()
         members = 0

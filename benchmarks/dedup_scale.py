@@ -141,13 +141,15 @@ def swept(keys, record, max_diff: float, max_rel: float, max_tol: float | None =
     return group_ids(keys, star_groups(keys[a[ok]], keys[b[ok]]))
 
 
-def settings(codes, sources, keys, record=None):
-    """Group ids per setting from one model's codes: (name, groups, verification figures)."""
+def settings(codes, flips, sources, keys, record=None):
+    """Group ids per setting from one model's codes and probes (`flips`): (name, groups, verification figures)."""
     from preprocessing.dedup.groups import group_ids, verified_groups
     from preprocessing.dedup.semantic_hash import group_codes, group_views
 
-    groups, figures = verified_groups(keys, codes, sources, record)
-    return [("default (views 135, verified)", group_ids(keys, groups), figures),
+    groups, figures = verified_groups(keys, codes, sources, record, flips)
+    unprobed, plain_figures = verified_groups(keys, codes, sources)
+    return [(f"default (views 135, probes {flips.shape[2]}, verified)", group_ids(keys, groups), figures),
+            ("the same, probes 0 (equal codes only)", group_ids(keys, unprobed), plain_figures),
             ("views 135, any shared code (before)", group_views(codes), None),
             ("views 1 (paper's single hash)", group_codes(codes[:, 0]), None)]
 
@@ -168,9 +170,9 @@ def digits(sizes: list[int], seed: int) -> None:
         images = mnist_rgb32(n)
         keys = np.array([f"d{i:05d}" for i in range(n)])
         state, _ = fit_local(crops_of(images, cfg.crop), cfg)
-        codes = image_codes(state, images, cfg)
+        codes, flips = image_codes(state, images, cfg, probed=True)
         records[n] = (keys, [])
-        for name, groups, figures in settings(codes, view_sources(images, cfg.crop), keys, records[n][1]):
+        for name, groups, figures in settings(codes, flips, view_sources(images, cfg.crop), keys, records[n][1]):
             grouped, pairs, largest = _pairs(groups)
             checked = figures["checked"] if figures else "-"
             print(f"{n:>6}  {name:<38}{grouped:>17}{grouped / n:>10.4f}{pairs:>13}{largest:>9}{checked:>9}")
@@ -202,12 +204,12 @@ def recall(seed: int, variants: int) -> None:
         images, labels, _ = dq.labelled_set(variants, seed, kinds, None, max_corr=1.0)
         keys = np.array([f"i{i:05d}" for i in range(len(images))])
         state, _ = fit_local(crops_of(images, cfg.crop), cfg)
-        codes = image_codes(state, images, cfg)
+        codes, flips = image_codes(state, images, cfg, probed=True)
         print(f"\n== {title}: {labels.max() + 1} originals (near copies KEPT) x (1 + {variants}) = {len(images)} "
               "images\n")
         print(f"{'setting':<38}{'flagged':>9}{'TP':>8}{'recall':>9}{'FP/100':>9}")
         record = []
-        for name, groups, _ in settings(codes, view_sources(images, cfg.crop), keys, record):
+        for name, groups, _ in settings(codes, flips, view_sources(images, cfg.crop), keys, record):
             s = dq.pair_scores(groups, labels)
             print(f"{name:<38}{s['flagged']:>9}{s['tp']:>8}{s['recall']:>9.3f}{dq.fp100(s):>9.2f}")
             if name.startswith("default"):
@@ -262,7 +264,8 @@ def throughput(n: int, seed: int, repeats: int = 6) -> None:
 
     from preprocessing.config import DedupConfig
     from preprocessing.dedup.model import crops_of, encode, fit_local
-    from preprocessing.dedup.views import _view_bits, _view_encoder, encode_views, view_inputs, view_sources
+    from preprocessing.dedup.views import (_view_bits, _view_encoder, encode_views, encode_views_probed, view_inputs,
+                                           view_sources)
     from preprocessing.dedup.semantic_hash import pack_bits
 
     torch.set_num_threads(1)
@@ -287,6 +290,9 @@ def throughput(n: int, seed: int, repeats: int = 6) -> None:
     def now():
         return encode_views(state, crops, sources, cfg)
 
+    def probed():
+        return encode_views_probed(state, crops, sources, cfg)
+
     def cpu(fn) -> float:
         """CPU seconds of this process (one thread): a per-core figure even on a box shared with other jobs."""
         t = time.process_time()
@@ -296,8 +302,9 @@ def throughput(n: int, seed: int, repeats: int = 6) -> None:
     with torch.no_grad():
         # rounds interleave the paths, so a change of load between paths hits both: least time per path, and the
         # median of the rounds' ratios now / previous (sequential best-of runs swung 0.9-1.5x at load 11-33)
-        rounds = [(cpu(lambda: encode(state, crops, cfg)), cpu(previous), cpu(now)) for _ in range(repeats)]
-        t_single, t_prev, t_now = (min(r[i] for r in rounds) for i in range(3))
+        rounds = [(cpu(lambda: encode(state, crops, cfg)), cpu(previous), cpu(now), cpu(probed))
+                  for _ in range(repeats)]
+        t_single, t_prev, t_now, t_probed = (min(r[i] for r in rounds) for i in range(4))
         ratio = float(np.median([r[1] / r[2] for r in rounds]))
         t_first = cpu(first)
         ref = first().numpy()
@@ -308,11 +315,13 @@ def throughput(n: int, seed: int, repeats: int = 6) -> None:
           f"source)\n")
     for name, t in (("single hash (views 1)", t_single), ("135 views, first (numpy views)", t_first),
                     ("135 views, previous (torch box sums)", t_prev),
-                    ("135 views, now (encode_views: cv2 box)", t_now)):
+                    ("135 views, now (encode_views: cv2 box)", t_now),
+                    (f"the same + {cfg.probes} probes a view (default)", t_probed)):
         print(f"  {name:<38} {n / t:>9.0f} images/s  {1000 * t / n:7.3f} ms/image")
     print(f"ratio now / previous: {ratio:.2f}x faster (median of {repeats} interleaved rounds; least times "
           f"{t_prev / t_now:.2f}x); now / first: {t_first / t_now:.2f}x; now costs "
-          f"{t_now / t_single:.0f}x the single hash's time")
+          f"{t_now / t_single:.0f}x the single hash's time; the probes' least certain bits add "
+          f"{t_probed / t_now - 1:.0%}")
     print(f"view codes equal to the first path's: now {same:.6f}, previous {same_prev:.6f}")
 
 
@@ -367,8 +376,9 @@ def mosaics(sizes: list[int], pool: int, seed: int, train: int) -> None:
         keys = np.array([f"m{i:07d}" for i in range(n)])
         sample = np.random.default_rng(seed).permutation(n)[:train]
         state, _ = fit_local(crops_of(images[sample], cfg.crop), cfg)
-        codes = np.concatenate([image_codes(state, images[i:i + 4096], cfg) for i in range(0, n, 4096)])
-        groups, figures = verified_groups(keys, codes, _LazySources(images, cfg.crop))
+        coded = [image_codes(state, images[i:i + 4096], cfg, probed=True) for i in range(0, n, 4096)]
+        codes, flips = (np.concatenate(v) for v in zip(*coded))
+        groups, figures = verified_groups(keys, codes, _LazySources(images, cfg.crop), flips=flips)
         cpu = time.process_time() - t
         for name, g, checked in (("default (views 135, verified)", group_ids(keys, groups), figures["checked"]),
                                  ("views 1 (paper's single hash)", group_codes(codes[:, 0]), "-")):

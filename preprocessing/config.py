@@ -66,6 +66,9 @@ class DedupConfig(Strict):
                        "center-crop hash; more = also crops shifted by up to 4 px (9/25/49/81 = up to 1/2/3/4 px) and "
                        "zoomed by 2-8 px (135 = all), at 2x the crop's resolution; a shared code proposes a pair, "
                        "the aligned pixels decide (finds 1-4 px shifts and re-crops; see docs/dedup.md)")
+    probes: int = Field(2, ge=0, le=8, description="with views > 1: each view also proposes its code with one of "
+                        "its `probes` least certain bits flipped (multi-probe hashing: a copy whose code is one bit "
+                        "away still meets its original; the pixels still decide); 0 = equal codes only")
     radius: int = Field(0, ge=0, description="Hamming radius; 0 = identical codes only (linear time)")
     max_removed: float = Field(0.5, ge=0, le=1, description="fail, writing nothing, when more than this fraction "
                                "of the rows would be removed (the paper removed ~9% of LSUN bedrooms)")

@@ -42,7 +42,7 @@ from preprocessing.dedup.groups import (bucket_edges, codes_of, decide, edge_gro
 from preprocessing.dedup.model import crops_of, fit_ray, save_state
 from preprocessing.dedup.report import bit_stats, collision_picture
 from preprocessing.dedup.verify import BLANK_STD, blank, star_groups
-from preprocessing.dedup.views import cut_views, encode_views, view_sources
+from preprocessing.dedup.views import cut_views, encode_views, encode_views_probed, view_sources
 from preprocessing.errors import InputError
 from preprocessing.progress import Progress
 from preprocessing.dedup.semantic_hash import group_views
@@ -143,11 +143,18 @@ def _encode_task(batch: dict[str, np.ndarray], state: dict, cfg: dict) -> dict[s
 
     dcfg = DedupConfig(**cfg)
     # the encoder's weights arrive read-only from the object store; a copy (1.5 MB) keeps torch from warning
-    codes = encode_views({k: torch.from_numpy(v.copy()) for k, v in state.items()}, batch["crop"],
-                         batch.get("source"), dcfg)
-    return {"key": batch["key"], "shard": batch["shard"], "row": batch["row"],
-            "hash": np.array([c[0].tobytes() for c in codes], dtype=object),
-            "views": np.array([c.tobytes() for c in codes], dtype=object)}
+    weights = {k: torch.from_numpy(v.copy()) for k, v in state.items()}
+    probes = dcfg.views > 1 and dcfg.probes > 0 and dcfg.radius == 0
+    if probes:  # each view's least certain bits (a byte each): the group stage makes the probe codes
+        codes, flips = encode_views_probed(weights, batch["crop"], batch.get("source"), dcfg)
+    else:
+        codes = encode_views(weights, batch["crop"], batch.get("source"), dcfg)
+    out = {"key": batch["key"], "shard": batch["shard"], "row": batch["row"],
+           "hash": np.array([c[0].tobytes() for c in codes], dtype=object),
+           "views": np.array([c.tobytes() for c in codes], dtype=object)}
+    if probes:
+        out["flips"] = np.array([f.tobytes() for f in flips], dtype=object)
+    return out
 
 
 def _write_task(batch: dict[str, np.ndarray], src_uri: str, out_uri: str, shards: list[dict]) -> dict[str, np.ndarray]:

@@ -17,7 +17,7 @@ import numpy as np
 
 from preprocessing.dedup.verify import ALIGNMENTS, bucket_members, candidate_pairs, star_groups, verified_pairs
 from preprocessing.dedup.views import cut_views
-from preprocessing.dedup.semantic_hash import (code_mix, code_objects, components, group_identical,
+from preprocessing.dedup.semantic_hash import (code_mix, components, group_identical,
                                                keep_smallest_key, partition_of, stack_codes)
 
 
@@ -27,20 +27,50 @@ def codes_of(batch: dict[str, np.ndarray], code_bytes: int) -> np.ndarray:
     return views.reshape(len(views), -1, code_bytes)
 
 
-def distinct_views(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(N, views, bytes) codes -> (owner image, view index, code) per distinct (image, code), first view of each."""
+def probe_codes(codes: np.ndarray, flips: np.ndarray) -> np.ndarray:
+    """(N, V, bytes) codes and (N, V, P) bit indices -> (N, V * P, bytes): each view's code with one of its bits
+    flipped, view by view (the probes of view v are columns v*P .. v*P + P-1). Bit k is unit k (`pack_bits`: most
+    significant bit first)."""
+    n, v, p = flips.shape
+    out = np.repeat(codes, p, axis=1)
+    bit = flips.reshape(n, v * p).astype(np.int64)
+    rows, cols = np.arange(n)[:, None], np.arange(v * p)[None, :]
+    out[rows, cols, bit // 8] ^= (0x80 >> (bit % 8)).astype(np.uint8)
+    return out
+
+
+def probed(codes: np.ndarray, flips: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and probes side by side, (N, V + V*P, bytes), and the view each column is aligned by: a probe of view v
+    is checked over view v's pixels."""
+    v = codes.shape[1]
+    if flips is None or flips.shape[2] == 0:
+        return codes, np.arange(v)
+    p = flips.shape[2]
+    return np.concatenate([codes, probe_codes(codes, flips)], axis=1), np.r_[np.arange(v), np.repeat(np.arange(v), p)]
+
+
+def distinct_views(codes: np.ndarray, view_of: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, columns, bytes) codes -> (owner image, view index, code) per distinct (image, code), its first column;
+    `view_of`: the view of each column (`probed`), else column = view."""
     n, v = codes.shape[:2]
     flat, owner = codes.reshape(n * v, -1), np.repeat(np.arange(n), v)
     same = group_identical(flat)
     first = np.unique(owner * (int(same.max()) + 1 if len(same) else 1) + same, return_index=True)[1]
-    return owner[first], first % v, flat[first]
+    view = first % v if view_of is None else np.asarray(view_of)[first % v]
+    return owner[first], view, flat[first]
 
 
 def view_rows(batch: dict[str, np.ndarray], code_bytes: int, partitions: int) -> dict[str, np.ndarray]:
-    """One row per distinct (image, code): an image's own views sharing a code count once."""
+    """One row per distinct (image, code), probes (`flips` column) included: an image's own views sharing a code count
+    once. The code is a (rows, bytes) uint8 tensor column: as bytes objects, 10M rows (25k images with probes) took ~1.4
+    s more to make and as long to read back."""
     keys, codes = np.asarray(batch["key"], dtype=object), codes_of(batch, code_bytes)
-    owner, view, flat = distinct_views(codes)
-    out = {"key": keys[owner], "code": code_objects(flat),
+    flips = None
+    if "flips" in batch:
+        f = stack_codes(batch["flips"])
+        flips = f.reshape(len(f), codes.shape[1], -1)
+    owner, view, flat = distinct_views(*probed(codes, flips))
+    out = {"key": keys[owner], "code": np.ascontiguousarray(flat),
            "part": partition_of(flat, partitions)}
     if "shard" in batch:  # where the image lives, for the verification's pixels
         out.update(shard=np.asarray(batch["shard"])[owner], row=np.asarray(batch["row"])[owner],
@@ -136,14 +166,14 @@ def verify_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"a": a, "b": b, "checked": np.r_[checked, np.zeros(len(a) - 1, np.int64)]}
 
 
-def verified_groups(keys: np.ndarray, codes: np.ndarray, sources: np.ndarray, record: list | None = None
-                    ) -> tuple[dict, dict]:
+def verified_groups(keys: np.ndarray, codes: np.ndarray, sources: np.ndarray, record: list | None = None,
+                    flips: np.ndarray | None = None) -> tuple[dict, dict]:
     """In one process (benchmarks, tests): (N, views, bytes) codes and (N, S, S, 3) view sources -> (`groups_of`-style
     groups from verified edges, figures: candidate pairs checked, verified edges, members left unchecked); `record`
-    as `verified_pairs`."""
+    as `verified_pairs`; `flips` (`views.encode_views_probed`): probes too."""
     keys = np.asarray(keys).astype(str)
-    owner, view, flat = distinct_views(np.asarray(codes, np.uint8))
-    rows, buckets, left = bucket_members(keys[owner], code_objects(flat))
+    owner, view, flat = distinct_views(*probed(np.asarray(codes, np.uint8), flips))
+    rows, buckets, left = bucket_members(keys[owner], flat)
     members, views = owner[rows], view[rows]
     a, b, checked = verified_pairs(buckets, members, lambda idx: cut_views(sources[members[idx]], views[idx]), record,
                                    prio=code_priority(flat[rows]))

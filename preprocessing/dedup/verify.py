@@ -42,7 +42,7 @@ from preprocessing.dedup.semantic_hash import group_identical, stack_codes
 
 MAX_DIFF = 14.0        # block RMS difference, grey levels, of two aligned 32x32 views: at most this, and ...
 MAX_TOL = 8.0          # ... block RMS of the tolerant difference (3x3 neighbourhood range) at most this, and ...
-MAX_REL = 0.10         # ... its interior RMS at most this fraction of the lower contrast = duplicates
+MAX_REL = 0.08         # ... its interior RMS at most this fraction of the lower contrast = duplicates
 MARGIN = 3             # border pixels (of 32) left out: a 1-4 px shift mirrors up to 2 of them
 BLOCK = 7              # the 26 interior pixels (32 - 2*MARGIN) as 4x4 blocks of 7x7 (the last ones flush with the edge)
 BLANK_STD = 2.0        # a view with less RMS contrast than this (grey levels) is blank: no evidence, never verified
@@ -50,7 +50,7 @@ LEADERS = 8            # members of a bucket every other member is checked again
 BUCKET_CAP = 2048      # members of one bucket checked at all (memory of one check task: ~6 KB each)
 CHUNK = 4096           # pairs checked at once
 BLOCK_PAIRS = 1 << 17  # candidate pairs (with repeats) expanded at once, per block of images
-ALIGNMENTS = 4         # buckets (alignments) a pair is checked in, its first ones: verified if any passes
+ALIGNMENTS = 8         # buckets (alignments) a pair is checked in, its first ones: verified if any passes
 
 
 def _range3(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -163,14 +163,20 @@ def _view_encoder(state, crop: int):
 
 
 def _view_bits(encoder, x, mean, msq):
-    """Bits of the views (M, D) float: the encoder on standardised inputs (`model.inputs_of`), computed as
-    sign(W x - mean W 1 + b rms) so no standardised copy of the views is written."""
+    """Bits of the views (M, D) float (`_view_scores` > 0)."""
+    return _view_scores(encoder, x, mean, msq) > 0
+
+
+def _view_scores(encoder, x, mean, msq):
+    """Code-layer pre-activations of the views (M, D) float, times each view's RMS contrast: the encoder on
+    standardised inputs (`model.inputs_of`), computed as W x - mean W 1 + b rms so no standardised copy of the views
+    is written."""
     from preprocessing.dedup.model import EPS
 
     a, bmat, w1, b, _ = encoder
     rms = (msq - mean ** 2).clamp_min(0).sqrt().clamp_min(EPS * 255).float()
     wx = x @ bmat.T if a is None else (x @ bmat.T) @ a.T
-    return (wx - mean.float() * w1 + rms * b) > 0
+    return wx - mean.float() * w1 + rms * b
 
 
 @functools.lru_cache(maxsize=64)
@@ -195,7 +201,13 @@ def _window_sums(plane, ty: np.ndarray, tx: np.ndarray, c: int, stride: int = 2)
 
 
 def _conv_bits(encoder, sources: np.ndarray, views: int) -> "torch.Tensor":
-    """Bits (N, views-1, code_bits) of every view but the center, as one dilated convolution per zoom (issue 19).
+    """Bits (N, views-1, code_bits) of every view but the center (`_conv_scores` > 0)."""
+    return _conv_scores(encoder, sources, views) > 0
+
+
+def _conv_scores(encoder, sources: np.ndarray, views: int) -> "torch.Tensor":
+    """Code-layer pre-activations (N, views-1, code_bits), times each view's RMS contrast, of every view but the
+    center, as one dilated convolution per zoom (issue 19).
 
     A view's hash input is its 16x16 grid of 4x4 source-pixel means and the encoder's rank-32 factor B is a set of 32
     16x16x3 kernels, so B x over all views of a zoom (a grid of shifts) is ONE convolution (dilation 4, stride = the
@@ -276,42 +288,84 @@ def _conv_bits(encoder, sources: np.ndarray, views: int) -> "torch.Tensor":
     # (images, views, bits) output saved)
     at[..., -1] = mean                                                   # (at is a fresh tensor: reused)
     lhs = torch.cat([at, rms[..., None]], -1)
-    return lhs @ torch.cat([a.T, -w1[None], b[None]]) > 0
+    return lhs @ torch.cat([a.T, -w1[None], b[None]])
 
 
 def encode_views(state, crops: np.ndarray, sources: np.ndarray | None, cfg, chunk: int = 64) -> np.ndarray:
     """Packed codes (N, cfg.views, code_bits/8): view 0 is `model.encode` of the center crops (the `hash`
     column), the others come from `sources` (`view_sources`), all views of a chunk of images in one matmul."""
-    import torch
-
     from preprocessing.dedup.model import encode
-    from preprocessing.dedup.semantic_hash import pack_bits
 
     center = encode(state, crops, cfg)
     if cfg.views == 1:
         return center[:, None]
-    if sources is None or len(sources) != len(crops):
-        raise ValueError(f"views: {cfg.views} needs one view source per crop")
-    out = np.empty((len(crops), cfg.views, center.shape[1]), np.uint8)
-    out[:, 0] = center
-    encoder = _view_encoder(state, cfg.crop)
+    return _encode(state, crops, sources, cfg, chunk, 0, center)[0]
+
+
+def encode_views_probed(state, crops: np.ndarray, sources: np.ndarray | None, cfg, chunk: int = 64
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(codes as `encode_views`, flips (N, cfg.views, cfg.probes) uint8): each view's `cfg.probes` least certain bits
+    (`least_certain`). The code with one of them flipped is a probe: multi-probe hashing (Lv et al., VLDB 2007), the
+    codes one bit away that a slightly shifted copy most likely has (`groups.probe_codes`)."""
+    return _encode(state, crops, sources, cfg, chunk, cfg.probes, None)
+
+
+def least_certain(scores, scale, probes: int) -> np.ndarray:
+    """(..., bits) pre-activations and (bits,) weight norms -> (..., probes) uint8: the bits whose input lies nearest
+    their hyperplane (|score| / ||w_b||; a view's contrast scales all its bits alike), nearest first."""
+    import torch
+
+    if probes == 0:
+        return np.zeros((*scores.shape[:-1], 0), np.uint8)
+    return torch.topk(scores.abs() / scale, probes, dim=-1, largest=False).indices.numpy().astype(np.uint8)
+
+
+def _encode(state, crops, sources, cfg, chunk: int, probes: int, center):
+    """Codes (N, views, bytes) and flips (N, views, probes) of every view; `center`: view 0's codes if known (no
+    probes)."""
+    import torch
+
+    from preprocessing.dedup.model import HashAutoencoder, inputs_of
+    from preprocessing.dedup.semantic_hash import pack_bits
+
+    folded = state.folded_state() if isinstance(state, HashAutoencoder) else state
+    weight, bias = folded["encoder.weight"].float(), folded["encoder.bias"].float()
+    scale = weight.norm(dim=1)
+    n, nbytes = len(crops), (weight.shape[0] + 7) // 8
+    out = np.empty((n, cfg.views, nbytes), np.uint8)
+    flips = np.zeros((n, cfg.views, probes), np.uint8)
     with torch.no_grad():
-        for i in range(0, len(crops), chunk):
+        if center is None:
+            for i in range(0, n, 8192):
+                z = torch.nn.functional.linear(inputs_of(crops[i:i + 8192]), weight, bias)
+                out[i:i + 8192, 0] = pack_bits((z > 0).numpy())
+                flips[i:i + 8192, 0] = least_certain(z, scale, probes)
+        else:
+            out[:, 0] = center
+        if cfg.views == 1:
+            return out, flips
+        if sources is None or len(sources) != n:
+            raise ValueError(f"views: {cfg.views} needs one view source per crop")
+        encoder = _view_encoder(folded, cfg.crop)
+        for i in range(0, n, chunk):
             if encoder[0] is not None and encoder[-1] == 2:  # whitened (the default): the convolution path
-                out[i:i + chunk, 1:] = pack_bits(_conv_bits(encoder, sources[i:i + chunk], cfg.views).numpy()
-                                                 .reshape(-1, encoder[2].shape[0])).reshape(-1, cfg.views - 1,
-                                                                                            center.shape[1])
-                continue
-            x, mean, msq = (torch.from_numpy(v) for v in view_inputs(sources[i:i + chunk], cfg.views, encoder[-1]))
-            m, v = x.shape[:2]
-            bits = _view_bits(encoder, x.reshape(m * v, -1), mean.reshape(-1, 1), msq.reshape(-1, 1))
-            out[i:i + m, 1:] = pack_bits(bits.numpy()).reshape(m, v, -1)
-    return out
+                z = _conv_scores(encoder, sources[i:i + chunk], cfg.views)
+            else:
+                x, mean, msq = (torch.from_numpy(v) for v in view_inputs(sources[i:i + chunk], cfg.views, encoder[-1]))
+                m, v = x.shape[:2]
+                z = _view_scores(encoder, x.reshape(m * v, -1), mean.reshape(-1, 1), msq.reshape(-1, 1))
+                z = z.reshape(m, v, -1)
+            m = len(z)
+            out[i:i + m, 1:] = pack_bits((z > 0).numpy().reshape(-1, z.shape[-1])).reshape(m, cfg.views - 1, nbytes)
+            flips[i:i + m, 1:] = least_certain(z, scale, probes)
+    return out, flips
 
 
-def image_codes(state, images: np.ndarray, cfg) -> np.ndarray:
-    """(N, H, W, 3) uint8 images -> (N, cfg.views, code_bits/8) packed codes (view 0: the paper's center crop)."""
+def image_codes(state, images: np.ndarray, cfg, probed: bool = False):
+    """(N, H, W, 3) uint8 images -> (N, cfg.views, code_bits/8) packed codes (view 0: the paper's center crop); with
+    `probed`, (codes, flips) as `encode_views_probed`."""
     from preprocessing.dedup.model import crops_of
 
     sources = view_sources(images, cfg.crop) if cfg.views > 1 else None
-    return encode_views(state, crops_of(images, cfg.crop), sources, cfg)
+    encode = encode_views_probed if probed else encode_views
+    return encode(state, crops_of(images, cfg.crop), sources, cfg)
