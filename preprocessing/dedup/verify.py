@@ -151,10 +151,11 @@ def bucket_members(keys: np.ndarray, codes: list[bytes] | np.ndarray) -> tuple[n
     return rows, buckets[rows], left
 
 
-def candidate_pairs(buckets: np.ndarray, owners: np.ndarray, prio: np.ndarray | None = None):
+def candidate_pairs(buckets: np.ndarray, owners: np.ndarray, prio: np.ndarray | None = None,
+                    alignments: int = ALIGNMENTS):
     """Index pairs (x, y) into members sorted by (bucket, key), in chunks of at most CHUNK: a pair is two members of a
     bucket one of which is among its first LEADERS (x, the leader, comes first); of the buckets two images share, the
-    pair is checked in the first `ALIGNMENTS` by (leader position, `prio` of the bucket's code), never more: an order
+    pair is checked in the first `alignments` (`ALIGNMENTS`; other values for benchmarks) by (leader position, `prio` of the bucket's code), never more: an order
     that does not depend on which other codes share the partition, so code partitions agree (`first_alignments`).
 
     Streamed by image: the pairs of a block of images (each with the images after it) are expanded, reduced to one
@@ -191,21 +192,21 @@ def candidate_pairs(buckets: np.ndarray, owners: np.ndarray, prio: np.ndarray | 
         new = np.ones(len(a), bool)
         new[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
         rank = np.arange(len(a)) - np.maximum.accumulate(np.where(new, np.arange(len(a)), 0))
-        x, y = x[rank < ALIGNMENTS], y[rank < ALIGNMENTS]
+        x, y = x[rank < alignments], y[rank < alignments]
         for i in range(0, len(x), CHUNK):
             yield x[i:i + CHUNK], y[i:i + CHUNK]
         lo = hi
 
 
 def verified_pairs(buckets: np.ndarray, owners: np.ndarray, pixels, record: list | None = None,
-                   prio: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+                   prio: np.ndarray | None = None, alignments: int = ALIGNMENTS) -> tuple[np.ndarray, np.ndarray, int]:
     """Candidate pairs of the members (sorted by bucket, key) checked on their views' pixels: (owner a, owner b of the
     verified pairs, number of candidate pairs checked). `pixels(idx)` gives the members' aligned views; `record`
     (benchmarks) receives (owner a, owner b, *`measures`) of every check. Holds one chunk
-    of pairs at a time and the verified ones (one edge per pair): memory does not grow with the candidates. `prio`: as
-    `candidate_pairs`."""
+    of pairs at a time and the verified ones (one edge per pair): memory does not grow with the candidates. `prio`,
+    `alignments`: as `candidate_pairs`."""
     a, b, checked, last = [], [], 0, None
-    for x, y in candidate_pairs(buckets, owners, prio):
+    for x, y in candidate_pairs(buckets, owners, prio, alignments):
         ox, oy = owners[x], owners[y]
         checked += len(x)
         found = measures(pixels(x), pixels(y))
