@@ -22,6 +22,7 @@ from preprocessing.config import BuildConfig
 from preprocessing.errors import InputError, MissingError
 from preprocessing.sources import list_items
 from realdata import encode, grace_hopper_path, skimage_path, skimage_rgb
+from local_http import LocalHTTPServer
 
 PHOTOS = {"grace_hopper.jpg": grace_hopper_path(), "astronaut.png": skimage_path("astronaut.png"),
           "camera.png": skimage_path("camera.png"), "coffee.png": skimage_path("coffee.png"),
@@ -112,12 +113,6 @@ def test_faces_from_s3_to_s3_and_idempotent(s3_bucket, ray_cluster):
     assert second["content_hash"] == first["content_hash"]
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    # The build's chunk tasks start together and open their connections at once; socketserver's default listen
-    # backlog (5) can drop a SYN, and the client's retransmit comes 1 s later, past the test's short timeout.
-    request_queue_size = 64
-
-
 class _Handler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):  # keep test output clean
         pass
@@ -148,7 +143,7 @@ def http_photos(tmp_path):
     (root / "big.png").write_bytes(encode(np.zeros((2000, 2000, 3), np.uint8) + 7, ".bmp"))
 
     handler = lambda *a, **k: _Handler(*a, directory=str(root), **k)  # noqa: E731
-    server = _Server(("127.0.0.1", 0), handler)
+    server = LocalHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()

@@ -19,6 +19,7 @@ from realdata import grace_hopper_path
 from preprocessing.config import BuildConfig
 from preprocessing.downloads import BAD_URL, BLOCKED_ADDRESS, TIMEOUT, TOO_MANY_REDIRECTS, Policy, download
 from preprocessing.images import Reject
+from local_http import LocalHTTPServer
 
 JPEG = grace_hopper_path().read_bytes()
 
@@ -124,7 +125,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def site():
     """A 127.0.0.1 server; `routes` maps paths to ("redirect", location) / ("body", bytes) / ("trickle",)."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server = LocalHTTPServer(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
     port = server.server_address[1]
     _Handler.seen = []

@@ -18,6 +18,7 @@ from realdata import grace_hopper_path
 from preprocessing.downloads import (OPT_OUT, RATE_LIMITED, ROBOTS, UNREACHABLE, Policy, Robots, download,
                                      opted_out)
 from preprocessing.images import Reject
+from local_http import LocalHTTPServer
 
 JPEG = grace_hopper_path().read_bytes()
 
@@ -54,7 +55,7 @@ class Site:
                 else:
                     route(self)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = LocalHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.server.handle_error = lambda *a: None  # a client that stops reading (the point of some tests)
         self.port = self.server.server_address[1]

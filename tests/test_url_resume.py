@@ -25,6 +25,7 @@ from realdata import grace_hopper_path, skimage_path
 from preprocessing import shards
 from preprocessing.build import build_dataset
 from preprocessing.config import BuildConfig
+from local_http import LocalHTTPServer
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = [grace_hopper_path().read_bytes(), skimage_path("astronaut.png").read_bytes(),
@@ -66,7 +67,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def photo_site(tmp_path):
     _Handler.counts = Counter()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server = LocalHTTPServer(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"

@@ -12,6 +12,7 @@ from preprocessing.build import plan
 from preprocessing.config import BuildConfig
 from preprocessing.errors import InputError
 from preprocessing.sources import list_items, plan_url_list, url_chunk_items
+from local_http import LocalHTTPServer
 
 
 def write_list(path, n: int, dup_every: int = 7) -> None:
@@ -172,7 +173,7 @@ def test_a_100k_line_url_list_builds_with_the_driver_holding_no_lines(tmp_path, 
             self.end_headers()
             self.wfile.write(data)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    server = LocalHTTPServer(("127.0.0.1", 0), H)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
