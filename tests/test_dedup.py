@@ -541,7 +541,10 @@ def test_one_image_repeated_thousands_of_times_is_one_group(trained):
     images = np.concatenate([np.repeat(photos[:1], n, axis=0),
                              np.stack([_jpeg(photos[0], q) for q in range(50, 90)]), photos[1:]])
     keys = np.array([f"k{i:05d}" for i in range(len(images))])
-    groups, figures = verified_groups(keys, image_codes(state, images, cfg), view_sources(images, cfg.crop))
+    # a pair of identical photos passes in its first alignment: 2 alignments a pair, not the default's 8, keep this
+    # test's ~2.5M checks of identical pixels (45 s at 8) from proving the same thing four times over
+    groups, figures = verified_groups(keys, image_codes(state, images, cfg), view_sources(images, cfg.crop),
+                                      alignments=2)
     copies = n + 40
     assert figures["unchecked"] > 0  # the buckets were capped ...
     assert sum(1 for k in keys[:copies] if groups.get(k, (None,))[0] == "k00000") >= 0.99 * copies, figures
