@@ -20,9 +20,11 @@ nor any of 10k-100k distinct digit mosaics. Against the plain rules this replace
 the last 5 of 26 rows and columns, and plain RMS <= 0.15 of the contrast), over seeds 0-3 on the photo tiles with
 near copies kept: shift/crop recall 0.640-0.670 -> 0.707-0.738 and false positives per 100 flagged pairs 0.43-2.14
 -> 0.20-0.58; mixed copies 0.634-0.667 -> 0.685-0.713, 0.59-1.15 -> 0.00-0.73. Two images sharing several codes are
-checked in up to `ALIGNMENTS` of those buckets (each its own alignment) and verified if any passes. Recall is now
-capped by the candidates: copies whose codes never meet their original's (~16% of the shift/crop copies; most of
-them 1-4 bits from one of its 135 codes) are never checked (RESULTS.md).
+checked in up to `ALIGNMENTS` of those buckets (each its own alignment) and verified if any passes. Multi-probe
+hashing (`dedup.probes`: codes one bit away at a view's least certain bits also propose pairs) made the candidates
+reach the copies whose codes never met their original's (~16% of the shift/crop copies): with 2 probes a view, 8
+alignments (4 before) and `MAX_REL` 0.08 (0.10 before), shift/crop recall 0.820-0.827 at 0.17-0.87 false positives per
+100 over seeds 0-3, still no distinct digit or mosaic grouped (RESULTS.md, "Multi-probe hashing").
 
 Bounded work: equal codes are bucketed per hash partition; a bucket of s images yields the pairs between its
 `LEADERS` smallest keys and every other member (all pairs when s <= LEADERS + 1), so at most LEADERS x s checks, and
