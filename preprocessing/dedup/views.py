@@ -6,7 +6,7 @@ pairs). Here each image is also hashed in crops cut from its center square at tw
 the 32-px crop): shifted by up to `SHIFT` px, and zoomed in by 2-8 px (`ZOOMS`, some unequal in height and width, as a
 re-crop gives) over a grid of shifts; each is 2x2-pooled back to the crop size. A view code shared by two images
 makes them a candidate pair, which `verify` accepts or rejects on the two images' pixels aligned over those views
-(`cut_views`). The first view is exactly the paper's center-crop hash (the `hash` column); `views: V` takes the first V
+(`cut_views`); so does a code one bit away at one of a view's least certain bits (`encode_views_probed`). The first view is exactly the paper's center-crop hash (the `hash` column); `views: V` takes the first V
 views of the fixed order below (nearest first): 1 = the paper's single hash, 9/25/49/81 = shifts up to 1/2/3/4 px,
 135 = all (the default). Measured: benchmarks/dedup_scale.py, docs/dedup.md.
 
