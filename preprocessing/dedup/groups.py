@@ -4,9 +4,10 @@ Multi-view hash (`views` > 1, the default): codes only PROPOSE pairs, pixels dec
 code) row, the probes' codes one bit away included (`probed`), goes to a hash partition of its code; a partition
 buckets equal codes and turns the buckets with two or more images (capped) into checks, a candidate pair in one
 alignment each; the two views of every check are cut from the source shards; each partition then checks its pairs
-in bounded chunks and emits only the verified edges; the driver builds star groups from them (every removed image verified against its keeper, the group's smallest key). `views: 1`
-(the paper's single hash) is unchanged: images with equal codes are one group (`bucket_edges`, `edge_groups`). An
-image's own views sharing a code are one row, never an edge: an image is not its own duplicate.
+in bounded chunks and emits only the verified edges; the driver builds star groups from them (every removed image
+verified against its keeper, the group's smallest key). `views: 1` (the paper's single hash) is unchanged: images
+with equal codes are one group (`bucket_edges`, `edge_groups`). An image's own views sharing a code are one row, never
+an edge: an image is not its own duplicate.
 """
 
 from __future__ import annotations
