@@ -49,31 +49,29 @@ def main() -> None:
     ctx.execution_options.preserve_order = True
     entries = shard_format.read_manifest(args.data)["shards"]
     rows_in = sum(e["rows"] for e in entries)
-    first = None
-    for probes, p in ((q, p) for q in args.probes for p in args.partitions):
+    for probes in args.probes:
         cfg = DedupConfig(probes=probes)
-        if first is None or p == args.partitions[0]:
-            crops, _ = dedup._crops(args.data, entries, cfg, rows_in)
-            coded = dedup._encode(crops, load_state(args.model), cfg, args.data, entries).materialize()
-            code_bytes = (cfg.code_bits + 7) // 8
-            print(f"{args.data}: {rows_in} images, views {cfg.views}, probes {probes}")
-            print(f"{'partitions':>10} {'wall s':>7} {'code rows':>10} {'members':>8} {'check rows':>10} "
-                  f"{'checks':>7} {'edges':>6} {'grouped':>7}")
-            first = None
-        codes = coded.map_batches(view_rows, batch_format="numpy",
-                                  fn_kwargs={"code_bytes": code_bytes, "partitions": p}).materialize()
-        members = 0
-        for part in range(p):  # bucket members per code partition, as member_rows finds them
-            rows = codes.filter(expr=col("part") == part).select_columns(["key", "code"]).to_pandas()
-            members += len(bucket_members(rows["key"].to_numpy(object), rows["code"].to_numpy(object))[0])
-        t = time.perf_counter()
-        groups, figures = dedup._verified_groups(coded, args.data, entries, cfg, code_bytes, p)
-        wall = time.perf_counter() - t
-        print(f"{p:>10} {wall:>7.1f} {codes.count():>10} {members:>8} {2 * figures['candidates_checked']:>10} "
-              f"{figures['candidates_checked']:>7} {figures['verified_edges']:>6} {len(groups):>7}", flush=True)
-        first = groups if first is None else first
-        print(f"{'':>10} same groups as {args.partitions[0]} partition(s): {groups == first}")
-
+        crops, _ = dedup._crops(args.data, entries, cfg, rows_in)
+        coded = dedup._encode(crops, load_state(args.model), cfg, args.data, entries).materialize()
+        code_bytes = (cfg.code_bits + 7) // 8
+        print(f"{args.data}: {rows_in} images, views {cfg.views}, probes {probes}")
+        print(f"{'partitions':>10} {'wall s':>7} {'code rows':>10} {'members':>8} {'check rows':>10} "
+              f"{'checks':>7} {'edges':>6} {'grouped':>7}")
+        first = None
+        for p in args.partitions:
+            codes = coded.map_batches(view_rows, batch_format="numpy",
+                                      fn_kwargs={"code_bytes": code_bytes, "partitions": p}).materialize()
+            members = 0
+            for part in range(p):  # bucket members per code partition, as member_rows finds them
+                rows = codes.filter(expr=col("part") == part).select_columns(["key", "code"]).to_pandas()
+                members += len(bucket_members(rows["key"].to_numpy(object), rows["code"].to_numpy(object))[0])
+            t = time.perf_counter()
+            groups, figures = dedup._verified_groups(coded, args.data, entries, cfg, code_bytes, p)
+            wall = time.perf_counter() - t
+            print(f"{p:>10} {wall:>7.1f} {codes.count():>10} {members:>8} {2 * figures['candidates_checked']:>10} "
+                  f"{figures['candidates_checked']:>7} {figures['verified_edges']:>6} {len(groups):>7}", flush=True)
+            first = groups if first is None else first
+            print(f"{'':>10} same groups as {args.partitions[0]} partition(s): {groups == first}")
 
 if __name__ == "__main__":
     main()

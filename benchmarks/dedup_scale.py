@@ -16,8 +16,9 @@ Three measurements in one run (issue 19), each autoencoder trained on the set it
    and by the first one (`view_inputs` + `_view_bits`), same images, same run, with the fraction of view codes equal
    to the first path's.
 Both verified rows come with a sweep of the verification thresholds over the same candidate pairs, and the recall
-rows with a sweep of `probes` (how they were chosen). `--parts mosaic` (not in the default run: ~10 CPU minutes) adds distinct 2x2 digit mosaics, N = 10k-100k:
-wrongly grouped images and wrong pairs per N, the growth law, and the projection to 3M and 350k images.
+rows with a sweep of `probes` and of alignments per pair (how they were chosen). `--parts mosaic` (not in the default
+run: ~10 CPU minutes) adds distinct 2x2 digit mosaics, N = 10k-100k: wrongly grouped images and wrong pairs per N,
+the growth law, and the projection to 3M and 350k images.
 Run: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/dedup_scale.py` (about 4 min of CPU; longer under load).
 """
 

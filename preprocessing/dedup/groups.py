@@ -50,15 +50,14 @@ def probed(codes: np.ndarray, flips: np.ndarray | None) -> tuple[np.ndarray, np.
     return np.concatenate([codes, probe_codes(codes, flips)], axis=1), np.r_[np.arange(v), np.repeat(np.arange(v), p)]
 
 
-def distinct_views(codes: np.ndarray, view_of: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(N, columns, bytes) codes -> (owner image, view index, code) per distinct (image, code), its first column;
-    `view_of`: the view of each column (`probed`), else column = view."""
+def distinct_views(codes: np.ndarray, view_of: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, columns, bytes) codes and the view of each column (`probed`) -> (owner image, view index, code) per distinct
+    (image, code), its first column."""
     n, v = codes.shape[:2]
     flat, owner = codes.reshape(n * v, -1), np.repeat(np.arange(n), v)
     same = group_identical(flat)
     first = np.unique(owner * (int(same.max()) + 1 if len(same) else 1) + same, return_index=True)[1]
-    view = first % v if view_of is None else np.asarray(view_of)[first % v]
-    return owner[first], view, flat[first]
+    return owner[first], np.asarray(view_of)[first % v], flat[first]
 
 
 def view_rows(batch: dict[str, np.ndarray], code_bytes: int, partitions: int) -> dict[str, np.ndarray]:

@@ -27,6 +27,7 @@ slower); more epochs (30 and 60 did not beat 10).
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -359,12 +360,17 @@ def _train_worker(config: dict) -> None:
 # ------------------------------------------------------------------------------------------------------ codes
 
 
-def bit_function(state: dict[str, torch.Tensor] | HashAutoencoder) -> Callable[[torch.Tensor], torch.Tensor]:
-    """inputs (`inputs_of`) -> bool code bits, from a model or from saved weights (only the folded encoder)."""
-    if isinstance(state, nn.Module):
-        return state.bits
-    weight, bias = state["encoder.weight"], state["encoder.bias"]
-    return lambda x: nn.functional.linear(x, weight, bias) > 0  # HashAutoencoder.bits, unfolded
+def code_scores(state: dict[str, torch.Tensor] | HashAutoencoder, crops: np.ndarray, batch: int = 8192
+                ) -> Iterator[torch.Tensor]:
+    """uint8 crops (N, c, c, 3) -> the code layer's pre-activations, one (<= batch, code_bits) tensor per batch, from a
+    model or from saved weights (only the folded encoder): the bits are those > 0 (`encode`), the ones nearest 0 the
+    least certain (`views.least_certain`)."""
+    score = state.pre_code if isinstance(state, nn.Module) else functools.partial(  # HashAutoencoder.pre_code, folded
+        nn.functional.linear, weight=state["encoder.weight"], bias=state["encoder.bias"])
+    for i in range(0, len(crops), batch):
+        with torch.no_grad():  # not held across the yield: the caller's grad mode stays its own
+            z = score(inputs_of(crops[i:i + batch]))
+        yield z
 
 
 def encode(state: dict[str, torch.Tensor] | HashAutoencoder, crops: np.ndarray, cfg: DedupConfig,
@@ -373,9 +379,7 @@ def encode(state: dict[str, torch.Tensor] | HashAutoencoder, crops: np.ndarray, 
 
     Given saved weights, only the (folded) encoder is needed: no module is built, so per-batch callers stay cheap.
     """
-    bits = bit_function(state)
-    with torch.no_grad():
-        out = [pack_bits(bits(inputs_of(crops[i:i + batch])).numpy()) for i in range(0, len(crops), batch)]
+    out = [pack_bits((z > 0).numpy()) for z in code_scores(state, crops, batch)]
     return np.concatenate(out) if out else np.zeros((0, (cfg.code_bits + 7) // 8), np.uint8)
 
 

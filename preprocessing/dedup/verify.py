@@ -157,8 +157,9 @@ def candidate_pairs(buckets: np.ndarray, owners: np.ndarray, prio: np.ndarray | 
                     alignments: int = ALIGNMENTS):
     """Index pairs (x, y) into members sorted by (bucket, key), in chunks of at most CHUNK: a pair is two members of a
     bucket one of which is among its first LEADERS (x, the leader, comes first); of the buckets two images share, the
-    pair is checked in the first `alignments` (`ALIGNMENTS`; other values for benchmarks) by (leader position, `prio` of the bucket's code), never more: an order
-    that does not depend on which other codes share the partition, so code partitions agree (`first_alignments`).
+    pair is checked in the first `alignments` (`ALIGNMENTS`; other values for benchmarks) by (leader position, `prio`
+    of the bucket's code), never more: an order that does not depend on which other codes share the partition, so
+    code partitions agree (`first_alignments`).
 
     Streamed by image: the pairs of a block of images (each with the images after it) are expanded, reduced to one
     per pair by a sort and handed on, so memory is bounded by `BLOCK_PAIRS` (and one image's pairs: at most views x

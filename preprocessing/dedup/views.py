@@ -6,8 +6,9 @@ pairs). Here each image is also hashed in crops cut from its center square at tw
 the 32-px crop): shifted by up to `SHIFT` px, and zoomed in by 2-8 px (`ZOOMS`, some unequal in height and width, as a
 re-crop gives) over a grid of shifts; each is 2x2-pooled back to the crop size. A view code shared by two images
 makes them a candidate pair, which `verify` accepts or rejects on the two images' pixels aligned over those views
-(`cut_views`); so does a code one bit away at one of a view's least certain bits (`encode_views_probed`). The first view is exactly the paper's center-crop hash (the `hash` column); `views: V` takes the first V
-views of the fixed order below (nearest first): 1 = the paper's single hash, 9/25/49/81 = shifts up to 1/2/3/4 px,
+(`cut_views`); so does a code one bit away at one of a view's least certain bits (`encode_views_probed`). The first
+view is exactly the paper's center-crop hash (the `hash` column); `views: V` takes the first V views of the fixed
+order below (nearest first): 1 = the paper's single hash, 9/25/49/81 = shifts up to 1/2/3/4 px,
 135 = all (the default). Measured: benchmarks/dedup_scale.py, docs/dedup.md.
 
 Cost: V codes per image, the views of a chunk of images as one dilated convolution per zoom (`_conv_bits`), and V
@@ -294,12 +295,7 @@ def _conv_scores(encoder, sources: np.ndarray, views: int) -> "torch.Tensor":
 def encode_views(state, crops: np.ndarray, sources: np.ndarray | None, cfg, chunk: int = 64) -> np.ndarray:
     """Packed codes (N, cfg.views, code_bits/8): view 0 is `model.encode` of the center crops (the `hash`
     column), the others come from `sources` (`view_sources`), all views of a chunk of images in one matmul."""
-    from preprocessing.dedup.model import encode
-
-    center = encode(state, crops, cfg)
-    if cfg.views == 1:
-        return center[:, None]
-    return _encode(state, crops, sources, cfg, chunk, 0, center)[0]
+    return _encode(state, crops, sources, cfg, chunk, 0)[0]
 
 
 def encode_views_probed(state, crops: np.ndarray, sources: np.ndarray | None, cfg, chunk: int = 64
@@ -307,7 +303,7 @@ def encode_views_probed(state, crops: np.ndarray, sources: np.ndarray | None, cf
     """(codes as `encode_views`, flips (N, cfg.views, cfg.probes) uint8): each view's `cfg.probes` least certain bits
     (`least_certain`). The code with one of them flipped is a probe: multi-probe hashing (Lv et al., VLDB 2007), the
     codes one bit away that a slightly shifted copy most likely has (`groups.probe_codes`)."""
-    return _encode(state, crops, sources, cfg, chunk, cfg.probes, None)
+    return _encode(state, crops, sources, cfg, chunk, cfg.probes)
 
 
 def least_certain(scores, scale, probes: int) -> np.ndarray:
@@ -320,33 +316,29 @@ def least_certain(scores, scale, probes: int) -> np.ndarray:
     return torch.topk(scores.abs() / scale, probes, dim=-1, largest=False).indices.numpy().astype(np.uint8)
 
 
-def _encode(state, crops, sources, cfg, chunk: int, probes: int, center):
-    """Codes (N, views, bytes) and flips (N, views, probes) of every view; `center`: view 0's codes if known (no
-    probes)."""
+def _encode(state, crops, sources, cfg, chunk: int, probes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (N, views, bytes) and flips (N, views, probes) of every view."""
     import torch
 
-    from preprocessing.dedup.model import HashAutoencoder, inputs_of
+    from preprocessing.dedup.model import HashAutoencoder, code_scores
     from preprocessing.dedup.semantic_hash import pack_bits
 
     folded = state.folded_state() if isinstance(state, HashAutoencoder) else state
-    weight, bias = folded["encoder.weight"].float(), folded["encoder.bias"].float()
-    scale = weight.norm(dim=1)
-    n, nbytes = len(crops), (weight.shape[0] + 7) // 8
+    scale = folded["encoder.weight"].float().norm(dim=1)
+    n, nbytes = len(crops), (len(scale) + 7) // 8
     out = np.empty((n, cfg.views, nbytes), np.uint8)
     flips = np.zeros((n, cfg.views, probes), np.uint8)
+    i = 0
+    for z in code_scores(state, crops):  # view 0: `model.encode`'s codes
+        out[i:i + len(z), 0] = pack_bits((z > 0).numpy())
+        flips[i:i + len(z), 0] = least_certain(z, scale, probes)
+        i += len(z)
+    if cfg.views == 1:
+        return out, flips
+    if sources is None or len(sources) != n:
+        raise ValueError(f"views: {cfg.views} needs one view source per crop")
+    encoder = _view_encoder(folded, cfg.crop)
     with torch.no_grad():
-        if center is None:
-            for i in range(0, n, 8192):
-                z = torch.nn.functional.linear(inputs_of(crops[i:i + 8192]), weight, bias)
-                out[i:i + 8192, 0] = pack_bits((z > 0).numpy())
-                flips[i:i + 8192, 0] = least_certain(z, scale, probes)
-        else:
-            out[:, 0] = center
-        if cfg.views == 1:
-            return out, flips
-        if sources is None or len(sources) != n:
-            raise ValueError(f"views: {cfg.views} needs one view source per crop")
-        encoder = _view_encoder(folded, cfg.crop)
         for i in range(0, n, chunk):
             if encoder[0] is not None and encoder[-1] == 2:  # whitened (the default): the convolution path
                 z = _conv_scores(encoder, sources[i:i + chunk], cfg.views)
