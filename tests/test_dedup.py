@@ -15,8 +15,8 @@ import torch
 
 from preprocessing import storage
 from preprocessing.config import DedupConfig
-from preprocessing.dedup.groups import (bucket_edges, edge_groups, first_alignments, group_ids, groups_of,
-                                        member_rows, verified_groups, verify_rows, view_rows)
+from preprocessing.dedup.groups import (bucket_edges, code_hashes, edge_groups, first_alignments, group_ids, groups_of,
+                                        member_rows, shared_hashes, verified_groups, verify_rows, view_rows)
 from preprocessing.dedup.dataset import training_rows
 from preprocessing.dedup.model import crops_of, encode, fit_local, inputs_of, load_state
 from preprocessing.dedup.verify import (ALIGNMENTS, BUCKET_CAP, MARGIN, MAX_DIFF, MAX_REL, MAX_TOL, differences,
@@ -24,7 +24,7 @@ from preprocessing.dedup.verify import (ALIGNMENTS, BUCKET_CAP, MARGIN, MAX_DIFF
 from preprocessing.dedup.grid import MAX_VIEWS
 from preprocessing.dedup.views import cut_views, image_codes, view_crops, view_sources
 from preprocessing.dedup.semantic_hash import (group_codes, group_identical, group_views, hamming, keep_smallest_key,
-                                         near_pairs, pack_bits)
+                                         near_pairs, pack_bits, partition_of)
 from preprocessing.shards import ShardDataset, make_table, read_manifest, write_manifest, write_table
 from realdata import mnist_rgb32, real_photos
 
@@ -259,6 +259,34 @@ def test_an_images_own_views_are_not_duplicates_and_keepers_are_deterministic():
     assert edge_groups(*(np.concatenate([e[c] for e in parts]) for c in ("a", "b"))) == groups
     perm = np.random.default_rng(1).permutation(len(keys))
     assert groups_of(keys[perm], g[perm]) == groups_of(keys, g) == groups
+
+
+def test_only_codes_two_images_have_go_on_to_the_group_shuffle():
+    """`code_hashes` counted over batches (`shared_hashes`) keep exactly the (image, code) rows of codes another image
+    has too, across batches and partitions; an image's own views sharing a code never make it shared."""
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 256, (40, 9, 16), dtype=np.uint8)
+    codes[0, 1:] = codes[0, 0]        # one image, one code nine times: not shared
+    codes[33, 4] = codes[2, 7]        # shared across the two batches ...
+    codes[5, 0] = codes[6, 3]         # ... within one batch ...
+    codes[7, 2] = codes[6, 3]         # ... by three images
+    codes[8, 1] = codes[8, 5] = codes[30, 6]  # twice in one image, once in another
+    keys = np.array([f"k{i:02d}" for i in range(40)], dtype=object)
+    batch = {"key": keys, "views": np.array([c.tobytes() for c in codes], dtype=object)}
+    batches = [{c: v[:20] for c, v in batch.items()}, {c: v[20:] for c, v in batch.items()}]
+    for partitions in (1, 3):
+        pieces = [code_hashes(b, 16, partitions) for b in batches]
+        shared = [shared_hashes(*[p[i] for p in pieces]) for i in range(partitions)]
+        assert sum(len(s) for s in shared) == 3
+        rows = [view_rows(b, 16, partitions, shared) for b in batches]
+        kept = sorted((k, c.tobytes()) for r in rows for k, c in zip(r["key"], r["code"]))
+        everything = view_rows(batch, 16, partitions)
+        owners = {}
+        for k, c in zip(everything["key"], everything["code"]):
+            owners.setdefault(c.tobytes(), set()).add(k)
+        assert kept == sorted((k, c) for c, ks in owners.items() if len(ks) > 1 for k in ks)
+        assert [k for k, _ in kept] == ["k02", "k05", "k06", "k07", "k08", "k30", "k33"]
+        assert all((r["part"] == partition_of(r["code"], partitions)).all() for r in rows)
 
 
 def test_the_training_sample_is_spread_over_every_block():
@@ -509,8 +537,9 @@ def test_a_probe_is_the_code_with_one_least_certain_bit_flipped(trained):
 
 
 def _as_pipeline(keys, codes, images, crop: int, partitions: int, flips=None) -> dict:
-    """`dataset._verified_groups` without Ray: view rows -> checks per code partition -> first alignments per pair
-    partition -> pixels -> verified edges per partition -> star groups."""
+    """`dataset._verified_groups` without Ray: code hashes of two batches counted per code partition -> the view rows
+    of shared codes -> checks per code partition -> first alignments per pair partition -> pixels -> verified edges
+    per partition -> star groups."""
     def split(rows, column, p):
         return {c: v[rows[column] == p] for c, v in rows.items()}
 
@@ -521,7 +550,11 @@ def _as_pipeline(keys, codes, images, crop: int, partitions: int, flips=None) ->
              "shard": np.zeros(len(keys), np.int32), "row": np.arange(len(keys), dtype=np.int32)}
     if flips is not None:  # as `dataset._encode_task` writes them
         batch["flips"] = np.array([f.tobytes() for f in flips], dtype=object)
-    rows = view_rows(batch, codes.shape[2], partitions)
+    half = len(keys) // 2
+    batches = [{c: v[:half] for c, v in batch.items()}, {c: v[half:] for c, v in batch.items()}]
+    pieces = [code_hashes(b, codes.shape[2], partitions) for b in batches]
+    shared = [shared_hashes(*[p[i] for p in pieces]) for i in range(partitions)]
+    rows = joined([view_rows(b, codes.shape[2], partitions, shared) for b in batches])
     checks = joined([member_rows(split(rows, "part", p), partitions) for p in range(partitions)])
     if partitions > 1:
         checks = joined([first_alignments(split(checks, "pair", p)) for p in range(partitions)])

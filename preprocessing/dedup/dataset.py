@@ -6,8 +6,9 @@ Stages, each a Ray job that scales out with the cluster:
 2. train   the hashing autoencoder on Ray Train (`model.fit_ray`), on the dataset being de-duplicated.
 3. encode  every image -> its `views` codes (ReLU > 0 of the code layer, packed: 16 bytes for 128 bits); view 0, the
            paper's center-crop hash, is the `hash` column.
-4. group   every (key, code) goes to a hash partition of its code (Ray Data groupby); each partition buckets equal
-           codes in one linear pass (`semantic_hash`). With views > 1 a shared code only proposes a pair: the members
+4. group   every (key, code) whose code another image has too goes to a hash partition of its code (Ray Data
+           groupby; which codes are shared is counted first, 8 bytes a code, in plain tasks: `_shared_rows`); each
+           partition buckets equal codes in one linear pass (`semantic_hash`). With views > 1 a shared code only proposes a pair: the members
            of shared buckets get their matched views' pixels from the source shards and each partition verifies its
            candidate pairs (`verify`); the driver gets the verified edges only and builds star groups (every
            removed image verified against its keeper). With `views: 1` (the paper's hash) equal codes are one group
@@ -37,8 +38,8 @@ import pyarrow.parquet as pq
 
 from preprocessing import compute, dataset_layout, storage, stream
 from preprocessing.config import ClusterConfig, DedupConfig
-from preprocessing.dedup.groups import (bucket_edges, codes_of, decide, edge_groups, first_alignments, groups_of,
-                                       member_rows, verify_rows, view_rows)
+from preprocessing.dedup.groups import (bucket_edges, code_hashes, codes_of, decide, edge_groups, first_alignments,
+                                       groups_of, member_rows, shared_hashes, verify_rows, view_rows)
 from preprocessing.dedup.model import crops_of, fit_ray, save_state
 from preprocessing.dedup.report import bit_stats, collision_picture
 from preprocessing.dedup.verify import BLANK_STD, blank, star_groups
@@ -187,17 +188,55 @@ def _pixels_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict],
             "pixels": np.array([p.astype(np.float16).tobytes() for p in pixels], dtype=object)}
 
 
+def _hashes_task(block: pa.Table, code_bytes: int, partitions: int) -> list[np.ndarray] | np.ndarray:
+    from ray.data.block import BlockAccessor
+
+    pieces = code_hashes(BlockAccessor.for_block(block).to_batch_format("numpy"), code_bytes, partitions)
+    return pieces if partitions > 1 else pieces[0]
+
+
+def _shared_view_rows(batch: dict[str, np.ndarray], code_bytes: int, partitions: int, shared: list) -> dict:
+    import ray
+
+    return view_rows(batch, code_bytes, partitions, shared=ray.get(shared))
+
+
+def _shared_rows(coded, code_bytes: int, partitions: int, shared_only: bool = True):
+    """The (image, code) rows (`view_rows`) whose code two or more images have: the only ones the group shuffle needs.
+
+    Most codes belong to one image (94% of the 9.6M rows at 25k images): they make no bucket, yet they were most of
+    what went through Ray Data's hash shuffle (~19 of the stage's ~36 s at 25k on 2 CPUs). So first each block sends
+    8 bytes a row (the code's `code_mix`) to its code partition, in plain tasks (one per block, one output per
+    partition: `code_hashes`), each partition counts them (`shared_hashes`), and the rows are made again with only
+    the codes met twice kept. Nothing goes through the driver but object references. `shared_only=False`: every row,
+    as before (benchmarks/dedup_group.py's baseline)."""
+    import ray
+
+    if not shared_only:
+        return coded.map_batches(view_rows, batch_format="numpy",
+                                 fn_kwargs={"code_bytes": code_bytes, "partitions": partitions})
+
+    split = ray.remote(_hashes_task).options(num_returns=partitions)
+    pieces = [split.remote(block, code_bytes, partitions) for block in coded.to_arrow_refs()]
+    if partitions == 1:
+        pieces = [[p] for p in pieces]
+    count = ray.remote(shared_hashes)
+    shared = [count.remote(*[p[i] for p in pieces]) for i in range(partitions)]
+    return coded.map_batches(_shared_view_rows, batch_format="numpy",
+                             fn_kwargs={"code_bytes": code_bytes, "partitions": partitions, "shared": shared})
+
+
 def _verified_groups(coded, src_uri: str, shards: list[dict], cfg: DedupConfig, code_bytes: int,
-                     partitions: int) -> tuple[dict, dict]:
+                     partitions: int, shared_only: bool = True) -> tuple[dict, dict]:
     """The multi-view group stage (`verify`): codes propose, pixels decide, groups are stars.
 
-    Three shuffles, none through the driver: (image, code) rows by code partition -> checks (candidate pairs with
+    Three shuffles, none through the driver: (image, code) rows of shared codes (`_shared_rows`; `shared_only`
+    as there) by code partition -> checks (candidate pairs with
     their alignment, two rows each; `member_rows`); check rows by source shard -> their matched views' pixels; pixels
     by code partition -> verified edges. With more than one code partition, one more (small) shuffle of the checks by
     pair keeps each pair's first ALIGNMENTS checks across partitions (`first_alignments`). The driver gets the
     verified edges only (true duplicates: a few per removed image) and the counts."""
-    members = (coded.map_batches(view_rows, batch_format="numpy",
-                                 fn_kwargs={"code_bytes": code_bytes, "partitions": partitions})
+    members = (_shared_rows(coded, code_bytes, partitions, shared_only)
                .groupby("part", num_partitions=partitions)
                .map_groups(member_rows, batch_format="numpy", fn_kwargs={"partitions": partitions})
                .materialize())
@@ -370,8 +409,7 @@ def _group(coded, src_uri: str, shards: list[dict], cfg: DedupConfig, rows_in: i
     if cfg.radius == 0 and cfg.views > 1:
         groups, checks = _verified_groups(coded, src_uri, shards, cfg, code_bytes, partitions)
     elif cfg.radius == 0:
-        edges = (coded.map_batches(view_rows, batch_format="numpy",
-                                   fn_kwargs={"code_bytes": code_bytes, "partitions": partitions})
+        edges = (_shared_rows(coded, code_bytes, partitions)
                  .groupby("part", num_partitions=partitions).map_groups(bucket_edges, batch_format="numpy")
                  .to_pandas())
         groups = edge_groups(edges["a"].to_numpy(object), edges["b"].to_numpy(object)) if len(edges) else {}

@@ -1,9 +1,9 @@
 """The group stage of `preprocessing.dedup.dataset` (layer: preprocessing): from every image's view codes to kept rows.
 
 Multi-view hash (`views` > 1, the default): codes only PROPOSE pairs, pixels decide (`verify`). Each (image, distinct
-code) row, the probes' codes one bit away included (`probed`), goes to a hash partition of its code; a partition
-buckets equal codes and turns the buckets with two or more images (capped) into checks, a candidate pair in one
-alignment each; the two views of every check are cut from the source shards; each partition then checks its pairs
+code) row, the probes' codes one bit away included (`probed`), whose code another image has too (`code_hashes`,
+`shared_hashes`) goes to a hash partition of its code; a partition buckets equal codes and turns the buckets with two
+or more images (capped) into checks, a candidate pair in one alignment each; the two views of every check are cut from the source shards; each partition then checks its pairs
 in bounded chunks and emits only the verified edges; the driver builds star groups from them (every removed image
 verified against its keeper, the group's smallest key). `views: 1` (the paper's single hash) is unchanged: images
 with equal codes are one group (`bucket_edges`, `edge_groups`). An image's own views sharing a code are one row, never
@@ -18,8 +18,8 @@ import numpy as np
 
 from preprocessing.dedup.verify import ALIGNMENTS, bucket_members, candidate_pairs, star_groups, verified_pairs
 from preprocessing.dedup.views import cut_views
-from preprocessing.dedup.semantic_hash import (code_mix, components, group_identical,
-                                               keep_smallest_key, partition_of, stack_codes)
+from preprocessing.dedup.semantic_hash import (code_mix, components, group_identical, keep_smallest_key,
+                                               mix_partition, partition_of, stack_codes)
 
 
 def codes_of(batch: dict[str, np.ndarray], code_bytes: int) -> np.ndarray:
@@ -50,28 +50,73 @@ def probed(codes: np.ndarray, flips: np.ndarray | None) -> tuple[np.ndarray, np.
     return np.concatenate([codes, probe_codes(codes, flips)], axis=1), np.r_[np.arange(v), np.repeat(np.arange(v), p)]
 
 
-def distinct_views(codes: np.ndarray, view_of: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def distinct_views(codes: np.ndarray, view_of: np.ndarray,
+                   entries: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(N, columns, bytes) codes and the view of each column (`probed`) -> (owner image, view index, code) per distinct
-    (image, code), its first column."""
+    (image, code), its first column; `entries` (indices into the N x columns codes, ascending) limits it to those."""
     n, v = codes.shape[:2]
-    flat, owner = codes.reshape(n * v, -1), np.repeat(np.arange(n), v)
+    flat = codes.reshape(n * v, -1)
+    entries = np.arange(n * v) if entries is None else entries
+    owner, flat = entries // v, flat[entries]
     same = group_identical(flat)
     first = np.unique(owner * (int(same.max()) + 1 if len(same) else 1) + same, return_index=True)[1]
-    return owner[first], np.asarray(view_of)[first % v], flat[first]
+    return owner[first], np.asarray(view_of)[entries[first] % v], flat[first]
 
 
-def view_rows(batch: dict[str, np.ndarray], code_bytes: int, partitions: int) -> dict[str, np.ndarray]:
-    """One row per distinct (image, code), probes (`flips` column) included: an image's own views sharing a code count
-    once. The code is a (rows, bytes) uint8 tensor column: as bytes objects, 10M rows (25k images with probes) took ~1.4
-    s more to make and as long to read back."""
-    keys, codes = np.asarray(batch["key"], dtype=object), codes_of(batch, code_bytes)
+def _probed_codes(batch: dict[str, np.ndarray], code_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A batch of coded rows -> its codes and probes (`probed`: (N, columns, bytes), the view of each column) and their
+    `code_mix` (N, columns)."""
+    codes = codes_of(batch, code_bytes)
     flips = None
     if "flips" in batch:
         f = stack_codes(batch["flips"])
         flips = f.reshape(len(f), codes.shape[1], -1)
-    owner, view, flat = distinct_views(*probed(codes, flips))
-    out = {"key": keys[owner], "code": np.ascontiguousarray(flat),
-           "part": partition_of(flat, partitions)}
+    codes, view_of = probed(codes, flips)
+    n, c, b = codes.shape
+    return codes, view_of, code_mix(codes.reshape(n * c, b)).reshape(n, c)
+
+
+def code_hashes(batch: dict[str, np.ndarray], code_bytes: int, partitions: int) -> list[np.ndarray]:
+    """A batch of coded rows -> the distinct `code_mix` values of each image (probes included), one array per code
+    partition: what `shared_hashes` counts. An image's own columns sharing a code count once."""
+    mix = np.sort(_probed_codes(batch, code_bytes)[2], axis=1)
+    first = np.ones(mix.shape, bool)
+    first[:, 1:] = mix[:, 1:] != mix[:, :-1]
+    mix = mix[first]
+    part = mix_partition(mix, partitions)
+    return [mix[part == p] for p in range(partitions)]
+
+
+def shared_hashes(*pieces: np.ndarray) -> np.ndarray:
+    """One code partition's `code_hashes` from every batch -> the sorted hashes that two or more images have: every
+    code two images share (and, rarely, two codes with one 64-bit mix, which the buckets then tell apart)."""
+    mix = np.concatenate(pieces) if pieces else np.zeros(0, np.uint64)
+    found, count = np.unique(mix, return_counts=True)
+    return found[count > 1]
+
+
+def view_rows(batch: dict[str, np.ndarray], code_bytes: int, partitions: int,
+              shared: list[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """One row per distinct (image, code), probes (`flips` column) included: an image's own views sharing a code count
+    once. The code is a (rows, bytes) uint8 tensor column: as bytes objects, 10M rows (25k images with probes) took ~1.4
+    s more to make and as long to read back.
+
+    `shared` (`shared_hashes`, one array per code partition) keeps only the codes that another image may have too: a
+    code one image has makes no bucket, and those were 94% of the rows (9.6M at 25k images)."""
+    keys = np.asarray(batch["key"], dtype=object)
+    codes, view_of, mix = _probed_codes(batch, code_bytes)
+    mix = mix.reshape(-1)
+    part = mix_partition(mix, partitions)
+    entries = None
+    if shared is not None:
+        keep = np.zeros(len(mix), bool)
+        for p, found in enumerate(shared):
+            at = np.flatnonzero(part == p)
+            if len(at) and len(found):
+                keep[at] = found[np.minimum(np.searchsorted(found, mix[at]), len(found) - 1)] == mix[at]
+        entries = np.flatnonzero(keep)
+    owner, view, flat = distinct_views(codes, view_of, entries)
+    out = {"key": keys[owner], "code": np.ascontiguousarray(flat), "part": partition_of(flat, partitions)}
     if "shard" in batch:  # where the image lives, for the verification's pixels
         out.update(shard=np.asarray(batch["shard"])[owner], row=np.asarray(batch["row"])[owner],
                    view=view.astype(np.int64))

@@ -194,7 +194,12 @@ def partition_of(codes: np.ndarray, partitions: int) -> np.ndarray:
     Hashes the whole code (Fibonacci hashing of the XOR of its 64-bit words), since the leading bits of a learned
     code can be nearly constant and would pile every row into one partition.
     """
-    return ((code_mix(codes) >> np.uint64(32)) % np.uint64(max(1, partitions))).astype(np.int64)
+    return mix_partition(code_mix(codes), partitions)
+
+
+def mix_partition(mix: np.ndarray, partitions: int) -> np.ndarray:
+    """`partition_of` from the codes' `code_mix`, for a caller that has it already."""
+    return ((mix >> np.uint64(32)) % np.uint64(max(1, partitions))).astype(np.int64)
 
 
 def code_mix(codes: np.ndarray) -> np.ndarray:
