@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterator
 
 from ray.train import FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from ray.train.v2._internal.constants import DEFAULT_WORKER_GROUP_START_TIMEOUT_S, WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+from ray.train.v2._internal.constants import (DEFAULT_WORKER_GROUP_START_TIMEOUT_S, HEALTH_CHECK_INTERVAL_S_ENV_VAR,
+                                              WORKER_GROUP_START_TIMEOUT_S_ENV_VAR)
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
 from ray.train.v2.api.exceptions import ControllerError
@@ -64,18 +65,25 @@ class KnownFaultPolicy(DefaultFailurePolicy):
         return super().make_decision(training_failed_error)
 
 
+POLL_INTERVAL_S = 0.5  # the controller's look at its workers: Ray's 2 s default was ~1.5 s of every fit's end
+
+
 @contextlib.contextmanager
-def _start_timeout_within(wait_s: float) -> Iterator[None]:
-    """A wait shorter than Ray's start timeout shortens that timeout (Ray reads it from the driver's environment
-    when it starts the controller), unless the user set it."""
-    if WORKER_GROUP_START_TIMEOUT_S_ENV_VAR in os.environ or wait_s >= DEFAULT_WORKER_GROUP_START_TIMEOUT_S:
-        yield
-        return
-    os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = f"{max(wait_s, 1.0):g}"
+def _controller_env(wait_s: float) -> Iterator[None]:
+    """Settings Ray Train's controller reads from the driver's environment when it starts, unless the user set them:
+    a wait shorter than Ray's start timeout shortens that timeout, and the controller polls its workers every
+    POLL_INTERVAL_S (it notices a finished or failed worker group at its next poll; a poll is one small call a
+    worker)."""
+    ours = {HEALTH_CHECK_INTERVAL_S_ENV_VAR: f"{POLL_INTERVAL_S:g}"}
+    if wait_s < DEFAULT_WORKER_GROUP_START_TIMEOUT_S:
+        ours[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = f"{max(wait_s, 1.0):g}"
+    ours = {k: v for k, v in ours.items() if k not in os.environ}
+    os.environ.update(ours)
     try:
         yield
     finally:
-        os.environ.pop(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, None)
+        for k in ours:
+            os.environ.pop(k, None)
 
 
 class Trainer(TorchTrainer):
@@ -84,7 +92,7 @@ class Trainer(TorchTrainer):
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         policy = controller_init_kwargs.get("failure_policy")
         wait_s = workers_wait_s()
-        with _start_timeout_within(wait_s):
+        with _controller_env(wait_s):
             if type(policy) is DefaultFailurePolicy:
                 controller_init_kwargs["failure_policy"] = KnownFaultPolicy(policy.failure_config, wait_s)
             return super()._initialize_and_run_controller(**controller_init_kwargs)

@@ -5,6 +5,7 @@ Prefect tasks alike. Storage faults are met for real: a moto S3 server on 127.0.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from pathlib import Path
@@ -276,6 +277,27 @@ def test_the_demo_export_takes_over_an_export_from_before_the_marker(tmp_path):
     digits = export_mnist(old, 4)
     assert sorted(p.name for p in old.iterdir()) == ["README.txt", "_dcgan.json", "digits", "export.txt"]
     assert len(list(digits.glob("*.png"))) == 4 and not (tmp_path / "demo-input.exported").exists()
+
+
+def test_ray_trains_controller_gets_our_poll_interval_and_start_timeout_unless_the_user_set_them(monkeypatch):
+    """Ray Train's controller polls its workers every 2 s by default, so each fit ended ~1.5 s after its workers did
+    (issue 22's fixed start-up); `_controller_env` sets 0.5 s and a wait shorter than Ray's start timeout while the
+    controller starts, never over what the user set, and leaves the environment as it was."""
+    from preprocessing import ray_train
+
+    poll, start = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+    monkeypatch.delenv(poll, raising=False)
+    monkeypatch.delenv(start, raising=False)
+    with ray_train._controller_env(4.0):
+        assert os.environ[poll] == "0.5" and os.environ[start] == "4"
+    assert poll not in os.environ and start not in os.environ
+    with ray_train._controller_env(600.0):
+        assert os.environ[poll] == "0.5" and start not in os.environ
+    monkeypatch.setenv(poll, "3")
+    monkeypatch.setenv(start, "90")
+    with ray_train._controller_env(4.0):
+        assert os.environ[poll] == "3" and os.environ[start] == "90"
+    assert os.environ[poll] == "3" and os.environ[start] == "90"
 
 
 def test_ray_train_retries_all_but_bad_input(monkeypatch, tmp_path):
