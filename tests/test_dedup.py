@@ -287,6 +287,8 @@ def test_only_codes_two_images_have_go_on_to_the_group_shuffle():
         assert kept == sorted((k, c) for c, ks in owners.items() if len(ks) > 1 for k in ks)
         assert [k for k, _ in kept] == ["k02", "k05", "k06", "k07", "k08", "k30", "k33"]
         assert all((r["part"] == partition_of(r["code"], partitions)).all() for r in rows)
+        empty = code_hashes({c: v[:0] for c, v in batch.items()}, 16, partitions)
+        assert len(empty) == partitions and not any(len(e) for e in empty)
 
 
 def test_the_training_sample_is_spread_over_every_block():

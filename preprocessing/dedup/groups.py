@@ -79,6 +79,8 @@ def _probed_codes(batch: dict[str, np.ndarray], code_bytes: int) -> tuple[np.nda
 def code_hashes(batch: dict[str, np.ndarray], code_bytes: int, partitions: int) -> list[np.ndarray]:
     """A batch of coded rows -> the distinct `code_mix` values of each image (probes included), one array per code
     partition: what `shared_hashes` counts. An image's own columns sharing a code count once."""
+    if len(batch["key"]) == 0:  # a block whose images were all left out (blank)
+        return [np.zeros(0, np.uint64) for _ in range(partitions)]
     mix = np.sort(_probed_codes(batch, code_bytes)[2], axis=1)
     first = np.ones(mix.shape, bool)
     first[:, 1:] = mix[:, 1:] != mix[:, :-1]
