@@ -6,14 +6,14 @@ Stages, each a Ray job that scales out with the cluster:
 2. train   the hashing autoencoder on Ray Train (`model.fit_ray`), on the dataset being de-duplicated.
 3. encode  every image -> its `views` codes (ReLU > 0 of the code layer, packed: 16 bytes for 128 bits); view 0, the
            paper's center-crop hash, is the `hash` column.
-4. group   every (key, code) whose code another image has too goes to a hash partition of its code (Ray Data
-           groupby; which codes are shared is counted first, 8 bytes a code, in plain tasks: `_shared_rows`); each
-           partition buckets equal codes in one linear pass (`semantic_hash`). With views > 1 a shared code only proposes a pair: the members
-           of shared buckets get their matched views' pixels from the source shards and each partition verifies its
-           candidate pairs (`verify`); the driver gets the verified edges only and builds star groups (every
-           removed image verified against its keeper). With `views: 1` (the paper's hash) equal codes are one group
-           (connected components, unverified). Each group keeps its smallest key. With a Hamming radius r > 0
-           all codes (16 bytes x views + key a row) are gathered on the driver for multi-index hashing instead.
+4. group   every (key, code) whose code another image has too goes to a hash partition of its code (Ray Data groupby;
+           which codes are shared is counted first, 8 bytes a code, in plain tasks: `_shared_rows`); each partition
+           buckets equal codes in one linear pass (`semantic_hash`). With views > 1 a shared code only proposes a pair:
+           the members of shared buckets get their matched views' pixels from the source shards and each partition
+           verifies its candidate pairs (`verify`); the driver gets the verified edges only and builds star groups
+           (every removed image verified against its keeper). With `views: 1` (the paper's hash) equal codes are one
+           group (connected components, unverified). Each group keeps its smallest key. With a Hamming radius r > 0 all
+           codes (16 bytes x views + key a row) are gathered on the driver for multi-index hashing instead.
 5. write   one task per source shard writes the kept rows, hash column filled, as out/shards/part-NNNNN.parquet
            (NNNNN = the source shard's index, so provenance is plain; a shard left empty is not written).
 Then out/dedup/ gets model.pt (a plain tensor dict, `torch.load(weights_only=True)`), report.json and collisions.png
@@ -230,12 +230,12 @@ def _verified_groups(coded, src_uri: str, shards: list[dict], cfg: DedupConfig, 
                      partitions: int, shared_only: bool = True) -> tuple[dict, dict]:
     """The multi-view group stage (`verify`): codes propose, pixels decide, groups are stars.
 
-    Three shuffles, none through the driver: (image, code) rows of shared codes (`_shared_rows`; `shared_only`
-    as there) by code partition -> checks (candidate pairs with
-    their alignment, two rows each; `member_rows`); check rows by source shard -> their matched views' pixels; pixels
-    by code partition -> verified edges. With more than one code partition, one more (small) shuffle of the checks by
-    pair keeps each pair's first ALIGNMENTS checks across partitions (`first_alignments`). The driver gets the
-    verified edges only (true duplicates: a few per removed image) and the counts."""
+    Three shuffles, none through the driver: (image, code) rows of shared codes (`_shared_rows`; `shared_only` as there)
+    by code partition -> checks (candidate pairs with their alignment, two rows each; `member_rows`); check rows by
+    source shard -> their matched views' pixels; pixels by code partition -> verified edges. With more than one code
+    partition, one more (small) shuffle of the checks by pair keeps each pair's first ALIGNMENTS checks across
+    partitions (`first_alignments`). The driver gets the verified edges only (true duplicates: a few per removed image)
+    and the counts."""
     members = (_shared_rows(coded, code_bytes, partitions, shared_only)
                .groupby("part", num_partitions=partitions)
                .map_groups(member_rows, batch_format="numpy", fn_kwargs={"partitions": partitions})

@@ -2,12 +2,12 @@
 
 Multi-view hash (`views` > 1, the default): codes only PROPOSE pairs, pixels decide (`verify`). Each (image, distinct
 code) row, the probes' codes one bit away included (`probed`), whose code another image has too (`code_hashes`,
-`shared_hashes`) goes to a hash partition of its code; a partition buckets equal codes and turns the buckets with two
-or more images (capped) into checks, a candidate pair in one alignment each; the two views of every check are cut from the source shards; each partition then checks its pairs
-in bounded chunks and emits only the verified edges; the driver builds star groups from them (every removed image
-verified against its keeper, the group's smallest key). `views: 1` (the paper's single hash) is unchanged: images
-with equal codes are one group (`bucket_edges`, `edge_groups`). An image's own views sharing a code are one row, never
-an edge: an image is not its own duplicate.
+`shared_hashes`) goes to a hash partition of its code; a partition buckets equal codes and turns the buckets with two or
+more images (capped) into checks, a candidate pair in one alignment each; the two views of every check are cut from the
+source shards; each partition then checks its pairs in bounded chunks and emits only the verified edges; the driver
+builds star groups from them (every removed image verified against its keeper, the group's smallest key). `views: 1`
+(the paper's single hash) is unchanged: images with equal codes are one group (`bucket_edges`, `edge_groups`). An
+image's own views sharing a code are one row, never an edge: an image is not its own duplicate.
 """
 
 from __future__ import annotations
@@ -107,10 +107,10 @@ def view_rows(batch: dict[str, np.ndarray], code_bytes: int, partitions: int,
     code one image has makes no bucket, and those were 94% of the rows (9.6M at 25k images)."""
     keys = np.asarray(batch["key"], dtype=object)
     codes, view_of, mix = _probed_codes(batch, code_bytes)
-    mix = mix.reshape(-1)
-    part = mix_partition(mix, partitions)
     entries = None
     if shared is not None:
+        mix = mix.reshape(-1)
+        part = mix_partition(mix, partitions)
         keep = np.zeros(len(mix), bool)
         for p, found in enumerate(shared):
             at = np.flatnonzero(part == p)
