@@ -72,8 +72,8 @@ def _poll_rows(work: Path, lmdb_path: str, reps: int, steps: int) -> dict[str, l
     timed(scale.stage_argv("build-lsun", (ds, ds, ""), lmdb_path, steps), env, work / "poll.log")
     rows: dict[str, list[float]] = {name: [] for name in POLL_ROWS}
     for rep in range(reps):
-        for name, extra in zip(POLL_ROWS, ({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}, {})):
-            run = str(work / f"local-run-{rep}-{len(rows[name])}-{POLL_ROWS.index(name)}")
+        for i, (name, extra) in enumerate(zip(POLL_ROWS, ({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}, {}))):
+            run = str(work / f"local-run-{rep}-{i}")
             rows[name].append(timed(scale.stage_argv("train", (ds, ds, run), lmdb_path, steps), {**env, **extra},
                                     work / "poll.log"))
         print(f"[startup] local rep {rep + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in rows.items()),

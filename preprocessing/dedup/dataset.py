@@ -204,7 +204,7 @@ def _shared_view_rows(batch: dict[str, np.ndarray], code_bytes: int, partitions:
 def _shared_rows(coded, code_bytes: int, partitions: int, shared_only: bool = True):
     """The (image, code) rows (`view_rows`) whose code two or more images have: the only ones the group shuffle needs.
 
-    Most codes belong to one image (94% of the 9.6M rows at 25k images): they make no bucket, yet they were most of
+    Most codes belong to one image (95% of the 9.6M rows at 25k images): they make no bucket, yet they were most of
     what went through Ray Data's hash shuffle (~19 of the stage's ~36 s at 25k on 2 CPUs). So first each block sends
     8 bytes a row (the code's `code_mix`) to its code partition, in plain tasks (one per block, one output per
     partition: `code_hashes`), each partition counts them (`shared_hashes`), and the rows are made again with only

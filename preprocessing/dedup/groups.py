@@ -63,17 +63,19 @@ def distinct_views(codes: np.ndarray, view_of: np.ndarray,
     return owner[first], np.asarray(view_of)[entries[first] % v], flat[first]
 
 
-def _probed_codes(batch: dict[str, np.ndarray], code_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A batch of coded rows -> its codes and probes (`probed`: (N, columns, bytes), the view of each column) and their
-    `code_mix` (N, columns)."""
+def _probed_codes(batch: dict[str, np.ndarray], code_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of coded rows -> its codes and probes (`probed`: (N, columns, bytes), the view of each column)."""
     codes = codes_of(batch, code_bytes)
     flips = None
     if "flips" in batch:
         f = stack_codes(batch["flips"])
         flips = f.reshape(len(f), codes.shape[1], -1)
-    codes, view_of = probed(codes, flips)
-    n, c, b = codes.shape
-    return codes, view_of, code_mix(codes.reshape(n * c, b)).reshape(n, c)
+    return probed(codes, flips)
+
+
+def _column_mix(codes: np.ndarray) -> np.ndarray:
+    """(N, columns, bytes) codes -> their `code_mix`, (N * columns,) in row-major order."""
+    return code_mix(codes.reshape(-1, codes.shape[2]))
 
 
 def code_hashes(batch: dict[str, np.ndarray], code_bytes: int, partitions: int) -> list[np.ndarray]:
@@ -81,7 +83,8 @@ def code_hashes(batch: dict[str, np.ndarray], code_bytes: int, partitions: int) 
     partition: what `shared_hashes` counts. An image's own columns sharing a code count once."""
     if len(batch["key"]) == 0:  # a block whose images were all left out (blank)
         return [np.zeros(0, np.uint64) for _ in range(partitions)]
-    mix = np.sort(_probed_codes(batch, code_bytes)[2], axis=1)
+    codes = _probed_codes(batch, code_bytes)[0]
+    mix = np.sort(_column_mix(codes).reshape(codes.shape[:2]), axis=1)
     first = np.ones(mix.shape, bool)
     first[:, 1:] = mix[:, 1:] != mix[:, :-1]
     mix = mix[first]
@@ -104,12 +107,12 @@ def view_rows(batch: dict[str, np.ndarray], code_bytes: int, partitions: int,
     s more to make and as long to read back.
 
     `shared` (`shared_hashes`, one array per code partition) keeps only the codes that another image may have too: a
-    code one image has makes no bucket, and those were 94% of the rows (9.6M at 25k images)."""
+    code one image has makes no bucket, and those were 95% of the rows (9.6M at 25k images)."""
     keys = np.asarray(batch["key"], dtype=object)
-    codes, view_of, mix = _probed_codes(batch, code_bytes)
+    codes, view_of = _probed_codes(batch, code_bytes)
     entries = None
     if shared is not None:
-        mix = mix.reshape(-1)
+        mix = _column_mix(codes)
         part = mix_partition(mix, partitions)
         keep = np.zeros(len(mix), bool)
         for p, found in enumerate(shared):
