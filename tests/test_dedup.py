@@ -17,6 +17,7 @@ from preprocessing import storage
 from preprocessing.config import DedupConfig
 from preprocessing.dedup.groups import (bucket_edges, code_hashes, edge_groups, first_alignments, group_ids, groups_of,
                                         member_rows, shared_hashes, verified_groups, verify_rows, view_rows)
+from preprocessing.dedup import exchange
 from preprocessing.dedup.dataset import training_rows
 from preprocessing.dedup.model import crops_of, encode, fit_local, inputs_of, load_state
 from preprocessing.dedup.verify import (ALIGNMENTS, BUCKET_CAP, MARGIN, MAX_DIFF, MAX_REL, MAX_TOL, differences,
@@ -539,14 +540,16 @@ def test_a_probe_is_the_code_with_one_least_certain_bit_flipped(trained):
 
 
 def _as_pipeline(keys, codes, images, crop: int, partitions: int, flips=None) -> dict:
-    """`dataset._verified_groups` without Ray: code hashes of two batches counted per code partition -> the view rows
-    of shared codes -> checks per code partition -> first alignments per pair partition -> pixels -> verified edges
-    per partition -> star groups."""
-    def split(rows, column, p):
-        return {c: v[rows[column] == p] for c, v in rows.items()}
+    """`dataset._verified_groups` without Ray, through the exchange's own cutting and grouping (`exchange.split`,
+    `by_group`): code hashes of two batches counted per code partition -> the view rows of shared codes -> checks per
+    code partition -> first alignments per pair partition -> pixels -> verified edges per partition -> star groups."""
+    def shuffle(batches, key, fn, **kwargs):  # one exchange step: each batch cut by key, each partition grouped
+        pieces = [exchange.split(b, key, partitions) for b in batches]
+        return [exchange.by_group(exchange.concat([p[i] for p in pieces]), key, fn, kwargs) for i in range(partitions)]
 
-    def joined(parts):
-        return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+    def pixels_of(checks):
+        pixels = cut_views(view_sources(images, crop)[checks["row"]], np.asarray(checks["view"]))
+        return {**checks, "pixels": np.array([p.astype(np.float16).tobytes() for p in pixels], dtype=object)}
 
     batch = {"key": np.asarray(keys, dtype=object), "views": np.array([c.tobytes() for c in codes], dtype=object),
              "shard": np.zeros(len(keys), np.int32), "row": np.arange(len(keys), dtype=np.int32)}
@@ -556,13 +559,11 @@ def _as_pipeline(keys, codes, images, crop: int, partitions: int, flips=None) ->
     batches = [{c: v[:half] for c, v in batch.items()}, {c: v[half:] for c, v in batch.items()}]
     pieces = [code_hashes(b, codes.shape[2], partitions) for b in batches]
     shared = [shared_hashes(*[p[i] for p in pieces]) for i in range(partitions)]
-    rows = joined([view_rows(b, codes.shape[2], partitions, shared) for b in batches])
-    checks = joined([member_rows(split(rows, "part", p), partitions) for p in range(partitions)])
+    rows = [view_rows(b, codes.shape[2], partitions, shared) for b in batches]
+    checks = shuffle(rows, "part", member_rows, partitions=partitions)
     if partitions > 1:
-        checks = joined([first_alignments(split(checks, "pair", p)) for p in range(partitions)])
-    pixels = cut_views(view_sources(images, crop)[checks["row"]], np.asarray(checks["view"]))
-    checks["pixels"] = np.array([p.astype(np.float16).tobytes() for p in pixels], dtype=object)
-    edges = joined([verify_rows(split(checks, "part", p)) for p in range(partitions)])
+        checks = shuffle(checks, "pair", first_alignments)
+    edges = exchange.concat(shuffle([pixels_of(exchange.concat(checks))], "part", verify_rows))
     real = edges["a"] != ""
     return star_groups(edges["a"][real], edges["b"][real])
 

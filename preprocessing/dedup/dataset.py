@@ -6,8 +6,8 @@ Stages, each a Ray job that scales out with the cluster:
 2. train   the hashing autoencoder on Ray Train (`model.fit_ray`), on the dataset being de-duplicated.
 3. encode  every image -> its `views` codes (ReLU > 0 of the code layer, packed: 16 bytes for 128 bits); view 0, the
            paper's center-crop hash, is the `hash` column.
-4. group   every (key, code) whose code another image has too goes to a hash partition of its code (Ray Data groupby;
-           which codes are shared is counted first, 8 bytes a code, in plain tasks: `_shared_rows`); each partition
+4. group   every (key, code) whose code another image has too goes to a hash partition of its code (plain-task
+           shuffles, `exchange`; which codes are shared is counted first, 8 bytes a code: `_code_rows`); each partition
            buckets equal codes in one linear pass (`semantic_hash`). With views > 1 a shared code only proposes a pair:
            the members of shared buckets get their matched views' pixels from the source shards and each partition
            verifies its candidate pairs (`verify`); the driver gets the verified edges only and builds star groups
@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from preprocessing import compute, dataset_layout, storage, stream
 from preprocessing.config import ClusterConfig, DedupConfig
+from preprocessing.dedup import exchange
 from preprocessing.dedup.groups import (bucket_edges, code_hashes, codes_of, decide, edge_groups, first_alignments,
                                        groups_of, member_rows, shared_hashes, verify_rows, view_rows)
 from preprocessing.dedup.model import crops_of, fit_ray, save_state
@@ -201,57 +202,53 @@ def _shared_view_rows(batch: dict[str, np.ndarray], code_bytes: int, partitions:
     return view_rows(batch, code_bytes, partitions, shared=ray.get(shared))
 
 
-def _shared_rows(coded, code_bytes: int, partitions: int, shared_only: bool = True):
-    """The (image, code) rows (`view_rows`) whose code two or more images have: the only ones the group shuffle needs.
+def _code_rows(coded, code_bytes: int, partitions: int, shared_only: bool = True) -> tuple[list, exchange.Step]:
+    """The coded blocks, and the map step that makes their (image, code) rows (`view_rows`) whose code two or more
+    images have: the only ones the group shuffle needs.
 
     Most codes belong to one image (95% of the 9.6M rows at 25k images): they make no bucket, yet they were most of
-    what went through Ray Data's hash shuffle (~19 of the stage's ~36 s at 25k on 2 CPUs). So first each block sends
-    8 bytes a row (the code's `code_mix`) to its code partition, in plain tasks (one per block, one output per
-    partition: `code_hashes`), each partition counts them (`shared_hashes`), and the rows are made again with only
-    the codes met twice kept. Nothing goes through the driver but object references. `shared_only=False`: every row,
-    as before (benchmarks/dedup_group.py's baseline)."""
+    what went through the code shuffle (~19 of the stage's ~36 s at 25k on 2 CPUs). So first each block sends 8 bytes
+    a row (the code's `code_mix`) to its code partition, in plain tasks (one per block, one output per partition:
+    `code_hashes`), each partition counts them (`shared_hashes`), and the rows are made again with only the codes met
+    twice kept. Nothing goes through the driver but object references. `shared_only=False`: every row, as before
+    (benchmarks/dedup_group.py's baseline)."""
     import ray
 
+    blocks = coded.to_arrow_refs()
     if not shared_only:
-        return coded.map_batches(view_rows, batch_format="numpy",
-                                 fn_kwargs={"code_bytes": code_bytes, "partitions": partitions})
-
+        kwargs = {"code_bytes": code_bytes, "partitions": partitions}
+        return blocks, exchange.Step(None, len(blocks), view_rows, kwargs)
     split = ray.remote(_hashes_task).options(num_returns=partitions)
-    pieces = [split.remote(block, code_bytes, partitions) for block in coded.to_arrow_refs()]
+    pieces = [split.remote(block, code_bytes, partitions) for block in blocks]
     if partitions == 1:
         pieces = [[p] for p in pieces]
     count = ray.remote(shared_hashes)
     shared = [count.remote(*[p[i] for p in pieces]) for i in range(partitions)]
-    return coded.map_batches(_shared_view_rows, batch_format="numpy",
-                             fn_kwargs={"code_bytes": code_bytes, "partitions": partitions, "shared": shared})
+    return blocks, exchange.Step(None, len(blocks), _shared_view_rows,
+                                 {"code_bytes": code_bytes, "partitions": partitions, "shared": shared})
 
 
 def _verified_groups(coded, src_uri: str, shards: list[dict], cfg: DedupConfig, code_bytes: int,
                      partitions: int, shared_only: bool = True) -> tuple[dict, dict]:
     """The multi-view group stage (`verify`): codes propose, pixels decide, groups are stars.
 
-    Three shuffles, none through the driver: (image, code) rows of shared codes (`_shared_rows`; `shared_only` as there)
-    by code partition -> checks (candidate pairs with their alignment, two rows each; `member_rows`); check rows by
-    source shard -> their matched views' pixels; pixels by code partition -> verified edges. With more than one code
-    partition, one more (small) shuffle of the checks by pair keeps each pair's first ALIGNMENTS checks across
-    partitions (`first_alignments`). The driver gets the verified edges only (true duplicates: a few per removed image)
-    and the counts."""
-    members = (_shared_rows(coded, code_bytes, partitions, shared_only)
-               .groupby("part", num_partitions=partitions)
-               .map_groups(member_rows, batch_format="numpy", fn_kwargs={"partitions": partitions})
-               .materialize())
-    if not members.count():
-        return {}, {"candidates_checked": 0, "verified_edges": 0, "unchecked_members": 0}
-    left = _total(members, "left")
-    checks = members
-    if partitions > 1:  # a pair met in several code partitions: its first ALIGNMENTS checks over all of them
-        checks = members.groupby("pair", num_partitions=partitions).map_groups(first_alignments,
-                                                                               batch_format="numpy")
-    edges = (checks.groupby("shard", num_partitions=shard_partitions(shards))
-             .map_groups(_pixels_task, batch_format="numpy",
-                         fn_kwargs={"src_uri": src_uri, "shards": shards, "crop": cfg.crop})
-             .groupby("part", num_partitions=partitions).map_groups(verify_rows, batch_format="numpy").to_pandas())
-    a, b = edges["a"].to_numpy(object), edges["b"].to_numpy(object)
+    One chain of plain-task shuffles (`exchange`), none through the driver: (image, code) rows of shared codes
+    (`_code_rows`; `shared_only` as there) by code partition -> checks (candidate pairs with their alignment, two
+    rows each; `member_rows`); with more than one code partition, the checks by pair, keeping each pair's first
+    ALIGNMENTS checks across partitions (`first_alignments`); check rows by source shard -> their matched views'
+    pixels; pixels by code partition -> verified edges. The driver gets the verified edges only (true duplicates: a
+    few per removed image) and the counts."""
+    blocks, rows = _code_rows(coded, code_bytes, partitions, shared_only)
+    members = exchange.run(blocks, [rows, exchange.Step("part", partitions, member_rows, {"partitions": partitions})])
+    steps = [exchange.Step("pair", partitions, first_alignments)] if partitions > 1 else []
+    steps += [exchange.Step("shard", shard_partitions(shards), _pixels_task,
+                            {"src_uri": src_uri, "shards": shards, "crop": cfg.crop}),
+              exchange.Step("part", partitions, verify_rows)]
+    edges = exchange.gather(exchange.run(members, steps))
+    left = exchange.total(members, "left")
+    if not edges:
+        return {}, {"candidates_checked": 0, "verified_edges": 0, "unchecked_members": left}
+    a, b = edges["a"].astype(object), edges["b"].astype(object)
     real = a != ""
     return star_groups(a[real], b[real]), {"candidates_checked": int(edges["checked"].sum()),
                                            "verified_edges": int(real.sum()), "unchecked_members": left}
@@ -409,10 +406,9 @@ def _group(coded, src_uri: str, shards: list[dict], cfg: DedupConfig, rows_in: i
     if cfg.radius == 0 and cfg.views > 1:
         groups, checks = _verified_groups(coded, src_uri, shards, cfg, code_bytes, partitions)
     elif cfg.radius == 0:
-        edges = (_shared_rows(coded, code_bytes, partitions)
-                 .groupby("part", num_partitions=partitions).map_groups(bucket_edges, batch_format="numpy")
-                 .to_pandas())
-        groups = edge_groups(edges["a"].to_numpy(object), edges["b"].to_numpy(object)) if len(edges) else {}
+        blocks, rows = _code_rows(coded, code_bytes, partitions)
+        edges = exchange.gather(exchange.run(blocks, [rows, exchange.Step("part", partitions, bucket_edges)]))
+        groups = edge_groups(edges["a"].astype(object), edges["b"].astype(object)) if edges else {}
     else:  # multi-index hashing needs every code in one place (16 bytes x views + key per row)
         whole = coded.select_columns(["key", "views"]).to_pandas()
         batch = {c: whole[c].to_numpy() for c in whole.columns}
