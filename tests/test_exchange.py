@@ -39,6 +39,12 @@ def _blocks(rng, n_blocks=5, rows=40):
     return blocks
 
 
+def test_consecutive_runs_of_blocks_cover_them_in_order():
+    assert exchange._runs(list(range(5)), 2) == [[0, 1], [2, 3, 4]]
+    assert exchange._runs(list(range(3)), 10) == [[0], [1], [2]]
+    assert exchange._runs([], 4) == [[]]
+
+
 def test_split_concat_and_by_group_keep_every_row_in_order():
     rng = np.random.default_rng(0)
     batch = _blocks(rng, 1, 50)[0]
@@ -57,9 +63,11 @@ def test_split_concat_and_by_group_keep_every_row_in_order():
     assert exchange.by_group({}, "g", _tag, {"name": "t"}) == {} and exchange.concat([{}, {}]) == {}
 
 
-@pytest.mark.parametrize("partitions", [1, 3])
-def test_a_chain_of_plain_task_shuffles_gives_what_one_process_gives(ray_cluster, partitions):
+@pytest.mark.parametrize("partitions,max_pieces", [(1, exchange.MAX_PIECES), (3, exchange.MAX_PIECES), (3, 6)])
+def test_a_chain_of_plain_task_shuffles_gives_what_one_process_gives(ray_cluster, partitions, max_pieces, monkeypatch):
+    """Also when the first tasks take several blocks each (`MAX_PIECES` 6: two tasks for five blocks)."""
     ray = ray_cluster
+    monkeypatch.setattr(exchange, "MAX_PIECES", max_pieces)
     rng = np.random.default_rng(partitions)
     blocks = _blocks(rng)
     whole = exchange.concat(blocks)

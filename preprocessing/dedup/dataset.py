@@ -428,11 +428,15 @@ def _check_removal(decisions, src_uri: str, rows_in: int, cfg: DedupConfig) -> N
 
 
 def _write(decisions, src_uri: str, out_uri: str, shards: list[dict]) -> list[dict]:
-    """5. One task per source shard writes its kept rows; returns the shard entries."""
-    written = decisions.groupby("shard", num_partitions=shard_partitions(shards)).map_groups(
-        _write_task, batch_format="numpy", fn_kwargs={"src_uri": src_uri, "out_uri": out_uri, "shards": shards})
-    return sorted(({"path": str(r["path"]), "rows": int(r["rows"]), "bytes": int(r["bytes"]),
-                    "sha256": str(r["sha256"])} for r in written.take_all()), key=lambda e: e["path"])
+    """5. One task per source shard writes its kept rows; returns the shard entries. The decisions reach the tasks
+    by a plain-task shuffle (`exchange`), only the four columns the writers need (the codes stay behind)."""
+    blocks = decisions.select_columns(["shard", "row", "keep", "hash"]).to_arrow_refs()
+    written = exchange.gather(exchange.run(blocks, [exchange.Step(
+        "shard", shard_partitions(shards), _write_task, {"src_uri": src_uri, "out_uri": out_uri, "shards": shards})]))
+    if not written:
+        return []
+    return sorted(({"path": str(p), "rows": int(r), "bytes": int(b), "sha256": str(h)} for p, r, b, h in
+                   zip(written["path"], written["rows"], written["bytes"], written["sha256"])), key=lambda e: e["path"])
 
 
 def _report(info: dict, colliding: list[dict], src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig,
