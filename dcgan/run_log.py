@@ -11,17 +11,20 @@ its pictures and numbers at the evaluated checkpoint's step (`publish_evaluation
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from dcgan import run_layout
+from dcgan import run_layout, scratch
 from preprocessing import storage
 from preprocessing.errors import InputError
 
@@ -52,8 +55,7 @@ class RunLog:
         self.run_uri = run_uri
         self.remote = storage.is_s3(run_uri)
         if self.remote:
-            self._tmp = tempfile.TemporaryDirectory(prefix="dcgan-metrics-")
-            self.dir = Path(self._tmp.name)
+            self.dir = scratch.make(run_uri, "metrics")
             self._restore()
         else:
             self.dir = storage.local_path(run_uri) / "metrics"
@@ -104,12 +106,19 @@ class RunLog:
 
     def close(self) -> None:
         self.flush()
+        self.release()
+
+    def release(self) -> None:
+        """Close the files and the MLflow run, and remove a remote run's scratch folder, publishing nothing more (a
+        failed run's worker; `close` publishes first). A killed worker's folder is the next worker's to remove
+        (`scratch.clear`)."""
         self._csv.close()
         self._tb.close()
         if self._mlflow is not None:
             self._mlflow.end_run()
+            self._mlflow = None
         if self.remote:
-            self._tmp.cleanup()
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def parse_metrics(text: str, source: str = "metrics.csv") -> list[dict[str, float]]:
@@ -136,6 +145,21 @@ def parse_metrics(text: str, source: str = "metrics.csv") -> list[dict[str, floa
     if damaged:
         log.warning("%s: %d damaged or repeated rows skipped (the last row of each step is kept)", source, damaged)
     return [by_step[k] for k in sorted(by_step)]
+
+
+@contextlib.contextmanager
+def opened(run_uri: str, resume_step: int, enabled: bool = True) -> Iterator[RunLog | None]:
+    """A `RunLog` for the block (None where not `enabled`: ranks but 0): closed (published) when the block ends,
+    released (nothing more published) when it raises."""
+    run_log = RunLog(run_uri, resume_step) if enabled else None
+    try:
+        yield run_log
+    except BaseException:
+        if run_log is not None:
+            run_log.release()
+        raise
+    if run_log is not None:
+        run_log.close()
 
 
 def _truncate_csv(path: Path, resume_step: int) -> None:

@@ -21,11 +21,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from dcgan import checkpoints, lease, resources, run_layout
+from dcgan import checkpoints, lease, resources, run_layout, scratch
 from dcgan.batchnorm import local_statistics
 from dcgan.config import Config, ConfigError, dump_config, parse_config
 from dcgan.networks import Discriminator, Generator, sample_z
-from dcgan.run_log import RunLog, mlflow_client, read_metrics
+from dcgan.run_log import RunLog, mlflow_client, opened, read_metrics
 from dcgan.run_state import is_finished, run_summary, stored_config, stored_summary
 from dcgan.sampling import generate, grid, save_png
 from dcgan.step import METRICS, GANStep, StepOptions, make_optimizers
@@ -145,62 +145,65 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             f"{options}{note}")
 
     z_fixed = fixed_z(cfg)
-    watch = _watch_driver(loop_config.get("lease"), rank)
-    run_log = RunLog(run_uri, resume_step=step) if rank == 0 else None
-    # rank 0's progress lines reach the driver (and a Ray Job's log) through Ray's log forwarding
-    shown = progress.Progress("train", train_cfg.steps, "steps", initial=step, stream=sys.stderr, bar=False,
-                              show=rank == 0)
-    fail_at = loop_config.get("fail_at_step")
-    fail_marker = run_layout.injected_fault(run_uri)
-    rows = stream.WorkerStream(cfg.data_uri, loop_config["manifest"], spec, rank, world, step, train_cfg.steps)
-    acc, n_acc, t0 = torch.zeros(len(METRICS), device=device), 0, time.perf_counter()
-    last: dict[str, float] = {}
-    for table in rows:
-        acc += gan(torch.from_numpy(np.array(shards.images_of(table))))  # owned memory, not Arrow's
-        n_acc += 1
-        step += 1
-        if fail_at and step == fail_at and rank == world - 1 and not storage.exists(fail_marker):
-            storage.write_text(fail_marker, f"worker {rank} exited at step {step}\n")
-            os._exit(1)
-        if step % train_cfg.log_every == 0 or step == train_cfg.steps:
-            values = (acc / n_acc).tolist()  # the one host sync per log interval
-            elapsed = time.perf_counter() - t0
-            last = dict(zip(METRICS, values), images_per_s=n_acc * train_cfg.batch_size / elapsed,
-                        epoch=rows.plan.epoch(step - 1))
-            if run_log:
-                watch()
-                run_log.log(step, last)
-                shown.update(step, note=f"loss_D {last['loss_d']:.3f} loss_G {last['loss_g']:.3f} "
-                                        f"D(x) {last['d_x']:.3f} D(G(z)) {last['d_g_z']:.3f} "
-                                        f"{last['images_per_s']:.0f} img/s")
-            acc.zero_()
-            n_acc, t0 = 0, time.perf_counter()
-        if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
-            if rank == 0:
-                watch()
-                _checkpoint(cfg, step, gan, z_fixed, last, run_log, {"stream": spec.as_dict(), "workers": world})
-                run_log.flush()
-            else:
-                ray.train.report({"step": step, **last})  # the other ranks meet rank 0 here, without waiting for S3
-        if step >= train_cfg.steps:
-            break
-    if step < train_cfg.steps:  # the dataset holds fewer rows than its manifest says: a retry would end the same
-        raise InputError(f"worker {rank}: the training stream of {cfg.data_uri} ended at step {step} of "
-                         f"{train_cfg.steps} (the dataset holds fewer rows than its manifest says)")
-    shown.close()
-    if run_log:
-        run_log.close()
+    watch = _watch_driver(loop_config.get("lease"), rank, run_uri)
+    if rank == 0:
+        scratch.clear(run_uri)  # what a killed rank 0 of this run left on this machine
+    with opened(run_uri, step, rank == 0) as run_log:  # rank 0's metrics; its scratch folder goes either way
+        # rank 0's progress lines reach the driver (and a Ray Job's log) through Ray's log forwarding
+        shown = progress.Progress("train", train_cfg.steps, "steps", initial=step, stream=sys.stderr, bar=False,
+                                  show=rank == 0)
+        fail_at = loop_config.get("fail_at_step")
+        fail_marker = run_layout.injected_fault(run_uri)
+        rows = stream.WorkerStream(cfg.data_uri, loop_config["manifest"], spec, rank, world, step, train_cfg.steps)
+        acc, n_acc, t0 = torch.zeros(len(METRICS), device=device), 0, time.perf_counter()
+        last: dict[str, float] = {}
+        for table in rows:
+            acc += gan(torch.from_numpy(np.array(shards.images_of(table))))  # owned memory, not Arrow's
+            n_acc += 1
+            step += 1
+            if fail_at and step == fail_at and rank == world - 1 and not storage.exists(fail_marker):
+                storage.write_text(fail_marker, f"worker {rank} exited at step {step}\n")
+                os._exit(1)
+            if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+                values = (acc / n_acc).tolist()  # the one host sync per log interval
+                elapsed = time.perf_counter() - t0
+                last = dict(zip(METRICS, values), images_per_s=n_acc * train_cfg.batch_size / elapsed,
+                            epoch=rows.plan.epoch(step - 1))
+                if run_log:
+                    watch()
+                    run_log.log(step, last)
+                    shown.update(step, note=f"loss_D {last['loss_d']:.3f} loss_G {last['loss_g']:.3f} "
+                                            f"D(x) {last['d_x']:.3f} D(G(z)) {last['d_g_z']:.3f} "
+                                            f"{last['images_per_s']:.0f} img/s")
+                acc.zero_()
+                n_acc, t0 = 0, time.perf_counter()
+            if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
+                if rank == 0:
+                    watch()
+                    _checkpoint(cfg, step, gan, z_fixed, last, run_log, {"stream": spec.as_dict(), "workers": world})
+                    run_log.flush()
+                else:
+                    ray.train.report({"step": step, **last})  # the other ranks meet rank 0 here, without waiting for S3
+            if step >= train_cfg.steps:
+                break
+        if step < train_cfg.steps:  # the dataset holds fewer rows than its manifest says: a retry would end the same
+            raise InputError(f"worker {rank}: the training stream of {cfg.data_uri} ended at step {step} of "
+                             f"{train_cfg.steps} (the dataset holds fewer rows than its manifest says)")
+        shown.close()
 
 
-def _watch_driver(watched: dict[str, Any] | None, rank: int):
-    """A worker whose driver died (or lost the run's lease) stops itself: a thread checks the lease every sixth of
-    its lifetime, and rank 0 checks it again before each write. Returns that check."""
+def _watch_driver(watched: dict[str, Any] | None, rank: int, run_uri: str):
+    """A worker whose driver died (or lost the run's lease) stops itself, rank 0 removing its scratch folders first
+    (`os._exit` runs no cleanup): a thread checks the lease every sixth of its lifetime, and rank 0 checks it again
+    before each write. Returns that check."""
     if not watched:
         return lambda: None
     watch = lease.Watch(**watched)
 
     def stop(reason: str) -> None:
         say(f"worker {rank} stops: {reason}")
+        if rank == 0:
+            scratch.clear(run_uri)
         os._exit(3)
 
     watch.start(stop)
@@ -217,8 +220,6 @@ def _checkpoint(cfg: Config, step: int, gan: GANStep, z_fixed: torch.Tensor, met
                 run_log: RunLog, extra: dict[str, Any]) -> None:
     """Rank 0: the fixed-z sample grid, then the checkpoint, handed to Ray Train, which uploads it to
     <run>/checkpoints/step-NNNNNNN/ in the background (training goes on) and keeps the newest `keep_checkpoints`."""
-    import tempfile
-
     import ray.train
     from ray.train import Checkpoint, CheckpointUploadMode
 
@@ -238,7 +239,7 @@ def _checkpoint(cfg: Config, step: int, gan: GANStep, z_fixed: torch.Tensor, met
     picture = grid(images, nrow=8)
     grid_uri = save_png(picture, run_layout.samples(cfg.run_uri, step))
     run_log.image(step, picture)
-    folder = checkpoints.write_dir(tempfile.mkdtemp(prefix="dcgan-ckpt-"), step, state)  # Ray deletes it after upload
+    folder = checkpoints.write_dir(scratch.make(cfg.run_uri, "ckpt"), step, state)  # Ray deletes it after upload
     ray.train.report({"step": step, **metrics}, checkpoint=Checkpoint.from_directory(str(folder)),
                      checkpoint_dir_name=run_layout.step_name(step), checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
     say(f"checkpoint {run_layout.checkpoint(cfg.run_uri, step)}  samples {grid_uri}")
@@ -351,7 +352,10 @@ def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dic
         scaling_config=ray_train.scaling(cfg.cluster),
         run_config=run_config,
     )
-    with _followed(cfg):  # Ctrl-C: exit 130 at once, the run resumable
-        ray_train.fit(trainer, unplaced=lambda err: resources.never_placed(err, cfg.cluster))
+    try:
+        with _followed(cfg):  # Ctrl-C: exit 130 at once, the run resumable
+            ray_train.fit(trainer, unplaced=lambda err: resources.never_placed(err, cfg.cluster))
+    finally:  # what a rank 0 Ray ended on this machine left (a local run's workers share it)
+        scratch.clear(cfg.run_uri)
     _keep_newest_checkpoints(cfg)
     return stored_summary(cfg)

@@ -119,3 +119,36 @@ def test_a_resume_rewrites_the_rows_after_its_step_so_no_interval_is_written_twi
     assert [r["step"] for r in rows] == [5, 10, 15] and not caplog.records
     text = storage.read_text(storage.join(run_uri, "metrics", "metrics.csv"))
     assert text.count("step,") == 1
+
+
+def test_a_remote_runs_scratch_folder_goes_on_close_on_error_and_with_the_next_worker(s3_bucket, tmp_path,
+                                                                                       monkeypatch):
+    """A remote run's metrics are written in a local scratch folder first: `close` publishes and removes it, a failing
+    block removes it without publishing, and what a killed worker left (no Python cleanup runs) the run's next rank 0
+    removes (`scratch.clear`), leaving other runs' folders and anything else in the temporary folder alone."""
+    import tempfile
+
+    from dcgan import scratch
+    from dcgan.run_log import opened
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's own temporary folder
+    run, other = s3_bucket + "/runs/a", s3_bucket + "/runs/b"
+    values = {"loss_d": 1.0, "loss_g": 1.0, "d_x": 0.5, "d_g_z": 0.5, "images_per_s": 1.0, "epoch": 0}
+    with opened(run, 0) as log:
+        log.log(5, values)
+        assert log.dir.is_dir() and log.dir.parent == tmp_path
+    assert not log.dir.exists() and [r["step"] for r in read_metrics(run)] == [5]
+    with pytest.raises(RuntimeError), opened(run, 5) as log:
+        log.log(10, values)
+        raise RuntimeError("worker failed")
+    assert not log.dir.exists() and [r["step"] for r in read_metrics(run)] == [5]  # nothing more published
+
+    killed = RunLog(run, resume_step=5)  # a worker Ray killed: never closed
+    checkpoint = scratch.make(run, "ckpt")
+    (checkpoint / "state.pt").write_bytes(b"x" * 1000)
+    theirs, mine = scratch.make(other, "metrics"), tmp_path / "someone-elses"
+    mine.mkdir()
+    assert scratch.clear(run) == 2
+    assert not killed.dir.exists() and not checkpoint.exists() and theirs.is_dir() and mine.is_dir()
+    killed._csv.close()
+    killed._tb.close()
