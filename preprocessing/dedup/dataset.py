@@ -55,21 +55,21 @@ log = logging.getLogger(__name__)
 METHOD = "autoencoder-semantic-hash"
 ROWS_PER_PARTITION = 200_000   # codes one grouping task handles at most (16 B + key each: a few MB)
 ROWS_PER_TASK = 20_000         # below this many rows per CPU, more grouping tasks cost more than they save
-MAX_SHUFFLE_PARTITIONS = 200   # Ray Data's own default: every groupby used it, even for a 1,000-row dataset
+MAX_SHUFFLE_PARTITIONS = 200   # partitions of a shuffle at most (Ray Data's default, which every groupby once used)
 PICTURE_GROUPS = 8
 PHASES = ("crops", "train", "encode", "group", "write")
 
 
 def group_partitions(rows_in: int, cpus: int) -> int:
     """Code partitions of the group stage: enough that no task holds more than ROWS_PER_PARTITION codes and that
-    every CPU has a task, but none of fewer than ~ROWS_PER_TASK rows. Each groupby gets exactly this many shuffle
+    every CPU has a task, but none of fewer than ~ROWS_PER_TASK rows. Each code shuffle gets exactly this many
     partitions: Ray Data's default (200, whatever the size) cost a 2,000-image dedup on a 3-node cluster ~4 of its 7
-    minutes in shuffle start-up (benchmarks/scale.py)."""
+    minutes in shuffle start-up (benchmarks/scale.py), when the shuffles were Ray Data groupbys."""
     return max(1, -(-rows_in // ROWS_PER_PARTITION), min(2 * cpus, rows_in // ROWS_PER_TASK, MAX_SHUFFLE_PARTITIONS))
 
 
 def shard_partitions(shards: list[dict]) -> int:
-    """Shuffle partitions of a groupby on the source shard: one per shard, at most MAX_SHUFFLE_PARTITIONS."""
+    """Partitions of a shuffle by source shard: one per shard, at most MAX_SHUFFLE_PARTITIONS."""
     return max(1, min(len(shards), MAX_SHUFFLE_PARTITIONS))
 
 
