@@ -367,8 +367,10 @@ def test_a_lying_content_length_or_a_silent_host_ends_by_the_deadline(site):
 
 
 def two_workers_ready(timeout_s: float = 120.0) -> None:
-    """Start two Ray worker processes and hold both until each has seen the other, so that the next two tasks find
-    two idle workers: a worker's start-up (seconds on a loaded 2-core CI box) is not part of what a test measures."""
+    """Start two Ray worker processes, each with what a build task imports, and hold both until each has seen the
+    other, so that the next two tasks find two idle, warm workers: a worker's start-up and a cold worker's imports
+    (seconds on a loaded 2-core CI box; once the second chunk began 4 s after the first, when the first had finished
+    its 16 fetches) are not part of what a test measures."""
     import os
 
     import ray
@@ -386,6 +388,13 @@ def two_workers_ready(timeout_s: float = 120.0) -> None:
 
     @ray.remote(num_cpus=0)
     def meet(meeting, deadline: float) -> int:
+        import cv2  # noqa: F401 - what a build task's first input would import
+        import preprocessing.build  # noqa: F401
+        import preprocessing.downloads  # noqa: F401
+        import preprocessing.host_gate  # noqa: F401
+        import preprocessing.lsun  # noqa: F401
+        import preprocessing.sources  # noqa: F401
+
         ray.get(meeting.arrive.remote())
         while ray.get(meeting.count.remote()) < 2 and time.time() < deadline:
             time.sleep(0.05)
@@ -422,8 +431,11 @@ def test_per_host_limits_hold_over_the_whole_build_not_per_task(tmp_path, ray_cl
         listing.write_text("".join(u + "\n" for u in urls))
 
         def config(**limits) -> BuildConfig:
+            # 4 downloads a task, not 16: with all 16 of a chunk's requests queued at once, the gate (first come,
+            # first served) could serve one task's whole chunk before the other's first request, and then the two tasks
+            # never overlapped (~1 run in 8); with 4, each request's thread queues its next behind the other task's
             return BuildConfig(kind="center-crop", input=str(listing), resolution=32, shard_rows=16,
-                               allow_private_hosts=["127.0.0.1"], **limits)
+                               allow_private_hosts=["127.0.0.1"], download_concurrency=4, **limits)
 
         two_workers_ready()  # a Ray worker that starts later than the other's 16 fetches would not overlap them
 
@@ -442,7 +454,7 @@ def test_per_host_limits_hold_over_the_whole_build_not_per_task(tmp_path, ray_cl
             return {p: t for p, t, _ in site.log if p != "/robots.txt"}
 
         started = two_tasks("concurrency", host_concurrency=2, host_rate=0)
-        assert site.peak == 2  # 2 tasks x 16 threads; per task it would reach 4
+        assert site.peak == 2  # 2 tasks x 4 threads, 2 at a time over both; per task it would reach 4
         first, second = ([started[f"/{i}.jpg"] for i in chunk] for chunk in (range(16), range(16, 32)))
         assert min(second) < max(first) and min(first) < max(second)  # the two tasks did fetch at the same time
 
