@@ -3,8 +3,9 @@
 Each step of a chain is one task per partition: it gets its piece of every task of the step before (Ray passes the
 object references; nothing goes through the driver), calls its function once per distinct key value in key order,
 and cuts the result into the next step's partitions (`num_returns`). Ray Data's hash shuffle starts an executor and
-aggregator actors per groupby, ~1-2 s each even for a few thousand rows, and the verified group stage made four of
-them (~11 s of its ~19 s at 25k images on 2 CPUs). Ray retries a lost task and rebuilds a lost piece from its lineage,
+aggregator actors per groupby, ~1-4 s each even for the 17k check rows of a 25k-image set, and the verified group
+stage made four of them: ~12 of its ~19 s there on 2 CPUs, work included; as one chain of plain tasks the whole stage
+takes ~8 s (benchmarks/dedup_group.py --baseline ray-data). Ray retries a lost task and rebuilds a lost piece from its lineage,
 as it did for Ray Data's tasks. Batches are dicts of numpy columns, as `map_groups(batch_format="numpy")` gives them;
 keys are non-negative integers (a partition or shard number), and a row goes to partition key % partitions.
 """
@@ -51,7 +52,8 @@ def concat(pieces: list[Batch]) -> Batch:
 
 
 def by_group(batch: Batch, key: str, fn: Callable[..., Batch], kwargs: dict[str, Any]) -> Batch:
-    """`fn` on each group of rows with one `key` value, in key order (rows keep their order within a group)."""
+    """`fn` on each group of rows with one `key` value, in key order (rows keep their order within a group); `batch`
+    is {} or has rows (as `concat` makes them)."""
     if not batch:
         return {}
     keys = np.asarray(batch[key])
