@@ -69,7 +69,7 @@ def main() -> None:
             codes = coded.map_batches(view_rows, batch_format="numpy",
                                       fn_kwargs={"code_bytes": code_bytes, "partitions": p}).materialize()
             blocks, step = dedup._code_rows(coded, code_bytes, p)
-            shared = exchange.count(exchange.run(blocks, [step]))
+            shared = exchange.total(exchange.run(blocks, [step]))
             members = 0
             for part in range(p):  # bucket members per code partition, as member_rows finds them
                 rows = codes.filter(expr=col("part") == part).select_columns(["key", "code"]).to_pandas()

@@ -21,7 +21,7 @@ PREFIX = "dcgan-scratch-"
 
 def _stem(run_uri: str) -> str:
     digest = hashlib.sha256(run_uri.rstrip("/").encode()).hexdigest()[:16]
-    return f"{PREFIX}{os.getuid() if hasattr(os, 'getuid') else 0}-{digest}-"
+    return f"{PREFIX}{os.getuid()}-{digest}-"
 
 
 def make(run_uri: str, kind: str) -> Path:

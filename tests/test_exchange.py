@@ -17,7 +17,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers can
 def _tag(batch, name):
     """One row per group: the group's key, its row count, the sum of its values and the rows' order (as text)."""
     return {"g": batch["g"][:1], "h": batch["h"][:1], "n": np.array([len(batch["g"])]),
-            "v": batch["v"].sum(keepdims=True), "order": np.array([",".join(map(str, batch["i"]))], dtype=object), name: np.ones(1, bool)}
+            "v": batch["v"].sum(keepdims=True), "order": np.array([",".join(map(str, batch["i"]))], dtype=object),
+            name: np.ones(1, bool)}
 
 
 def _regroup(batch):
@@ -82,7 +83,9 @@ def test_a_chain_of_plain_task_shuffles_gives_what_one_process_gives(ray_cluster
     assert list(got["h"][order]) == list(want["h"]) and list(got["total"][order]) == list(want["total"])
     assert len(want["h"]) >= 1 and set(np.unique(whole["h"]) % 2) == {0, 1}  # some groups dropped, some kept
     tagged = exchange.gather(exchange.run([ray.put(b) for b in blocks], steps[:1]))
-    assert exchange.total(exchange.run([ray.put(b) for b in blocks], steps[:1]), "n") == len(whole["i"])
+    tagged_refs = exchange.run([ray.put(b) for b in blocks], steps[:1])
+    assert exchange.total(tagged_refs, "n") == len(whole["i"])
+    assert exchange.total(tagged_refs) == len(tagged["g"])  # no column: the rows
     # each group met in one task whole, its rows in block order, whatever the partition count
     for g, order_text in zip(tagged["g"], tagged["order"]):
         assert order_text == ",".join(map(str, whole["i"][whole["g"] == g]))

@@ -3,11 +3,11 @@
 Each step of a chain is one task per partition: it gets its piece of every task of the step before (Ray passes the
 object references; nothing goes through the driver), calls its function once per distinct key value in key order,
 and cuts the result into the next step's partitions (`num_returns`). Ray Data's hash shuffle starts an executor and
-aggregator actors per groupby, ~1-4 s each even for the 17k check rows of a 25k-image set, and the verified group
-stage made four of them: ~12 of its ~19 s there on 2 CPUs, work included; as one chain of plain tasks the whole stage
-takes ~8 s (benchmarks/dedup_group.py --baseline ray-data). Ray retries a lost task and rebuilds a lost piece from its lineage,
-as it did for Ray Data's tasks. Batches are dicts of numpy columns, as `map_groups(batch_format="numpy")` gives them;
-keys are non-negative integers (a partition or shard number), and a row goes to partition key % partitions.
+aggregator actors per groupby, even for a few thousand rows, and the verified group stage made four of them; as one
+chain of plain tasks the stage ran 1.75-2.16x faster on a 25k-image set (benchmarks/dedup_group.py --baseline
+ray-data). Ray retries a lost task and rebuilds a lost piece from its lineage, as it did for Ray Data's tasks.
+Batches are dicts of numpy columns, as `map_groups(batch_format="numpy")` gives them; keys are non-negative integers
+(a partition or shard number), and a row goes to partition key % partitions.
 """
 
 from __future__ import annotations
@@ -131,25 +131,15 @@ def gather(refs: list) -> Batch:
     return concat(ray.get(refs))
 
 
-def total(refs: list, column: str) -> int:
-    """The sum of an integer column over the batches behind `refs`, each summed where it lives."""
+def total(refs: list, column: str | None = None) -> int:
+    """The sum of an integer column (None: the rows) over the batches behind `refs`, each summed where it lives."""
     import ray
 
     task = ray.remote(_column_total)
     return sum(ray.get([task.remote(r, column) for r in refs]))
 
 
-def _column_total(batch: Batch, column: str) -> int:
-    return int(np.sum(batch[column], dtype=np.int64)) if batch else 0
-
-
-def count(refs: list) -> int:
-    """The rows of the batches behind `refs`, each counted where it lives."""
-    import ray
-
-    task = ray.remote(_rows)
-    return sum(ray.get([task.remote(r) for r in refs]))
-
-
-def _rows(batch: Batch) -> int:
-    return len(next(iter(batch.values()))) if batch else 0
+def _column_total(batch: Batch, column: str | None) -> int:
+    if not batch:
+        return 0
+    return len(next(iter(batch.values()))) if column is None else int(np.sum(batch[column], dtype=np.int64))
