@@ -1,7 +1,8 @@
 """One way to run a Ray Train fit (layer: preprocessing): the GAN's training (`dcgan.train`) and the dedup
-autoencoder (`preprocessing.dedup.model.fit_ray`) both start here, so both follow the same rules: the cluster
-settings (`ClusterConfig`: workers, GPUs, placement, `max_failures`), Ray Train's failure handling with the project's
-fault classes, Ctrl-C at once, and a worker's known fault raised as itself (one line from the CLI).
+autoencoder on GPUs (`preprocessing.dedup.model.fit_ray_train`; on CPUs it is one plain Ray task) both start here,
+so both follow the same rules: the cluster settings (`ClusterConfig`: workers, GPUs, placement, `max_failures`), Ray
+Train's failure handling with the project's fault classes, Ctrl-C at once, and a worker's known fault raised as
+itself (one line from the CLI).
 
 Ray Train restarts the worker group on any worker error, up to `cluster.max_failures` times: right for a lost
 worker or node, wrong for bad input (a shard whose sha256, size or row count differs from the manifest), which

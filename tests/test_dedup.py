@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from preprocessing import storage
-from preprocessing.config import DedupConfig
+from preprocessing.config import ClusterConfig, DedupConfig
 from preprocessing.dedup.groups import (bucket_edges, code_hashes, edge_groups, first_alignments, group_ids, groups_of,
                                         member_rows, shared_hashes, verified_groups, verify_rows, view_rows)
 from preprocessing.dedup import exchange
 from preprocessing.dedup.dataset import training_rows
-from preprocessing.dedup.model import crops_of, encode, fit_local, inputs_of, load_state
+from preprocessing.dedup.model import crops_of, encode, fit_local, fit_ray, fit_ray_train, inputs_of, load_state
 from preprocessing.dedup.verify import (ALIGNMENTS, BUCKET_CAP, MARGIN, MAX_DIFF, MAX_REL, MAX_TOL, differences,
                                         measures, passes, star_groups)
 from preprocessing.dedup.grid import MAX_VIEWS
@@ -209,6 +209,27 @@ def test_multi_view_finds_shifted_and_recropped_photos(trained):
         found[views] = float(np.mean(same))
     # measured: 0.93 of the 45 copies with the default views, none with the single hash
     assert found[cfg.views] >= 0.8 and found[cfg.views] > found[1] + 0.3, found
+
+
+@pytest.mark.slow  # one Ray Train fit
+def test_a_cpu_fit_in_one_task_trains_what_a_ray_train_worker_trains(trained, ray_cluster, tmp_path):
+    """On CPUs the autoencoder trains in one plain Ray task (`fit_task`), not a Ray Train worker group of one: the
+    same crops in several blocks give the same losses, weights and codes as the Ray Train worker's in-memory path."""
+    import ray
+
+    cfg, _, crops, _, _, _ = trained
+    cfg = cfg.model_copy(update={"epochs": 3})
+    ds = ray.data.from_items([{"crop": c} for c in crops], override_num_blocks=4).materialize()
+    assert ds.num_blocks() == 4
+    state, losses = fit_ray(ds, cfg, str(tmp_path / "task"))
+    workers_before = len(ray.util.state.list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000))
+    other, other_losses = fit_ray_train(ds, cfg, str(tmp_path / "ray-train"), ClusterConfig(), ds.count())
+    assert len(ray.util.state.list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000)) > \
+        workers_before  # the second fit did run on Ray Train, the first did not
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert np.allclose(losses, other_losses, rtol=1e-5), (losses, other_losses)
+    assert all(torch.allclose(state[k], other[k], atol=1e-5) for k in state)
+    assert (encode(state, crops, cfg) == encode(other, crops, cfg)).mean() > 0.999
 
 
 def test_views_1_is_the_papers_single_hash(trained):

@@ -3,7 +3,8 @@
 Stages, each a Ray job that scales out with the cluster:
 1. crops   one task per source shard reads it and keeps (key, shard, row, 32x32 center crop) and, with
            `views` > 1, the 64x64 center square the other views are cut from (`views`); nothing else moves.
-2. train   the hashing autoencoder on Ray Train (`model.fit_ray`), on the dataset being de-duplicated.
+2. train   the hashing autoencoder (`model.fit_ray`: one Ray task on CPUs, Ray Train on GPUs), on the dataset being
+           de-duplicated.
 3. encode  every image -> its `views` codes (ReLU > 0 of the code layer, packed: 16 bytes for 128 bits); view 0, the
            paper's center-crop hash, is the `hash` column.
 4. group   every (key, code) whose code another image has too goes to a hash partition of its code (plain-task
@@ -369,7 +370,7 @@ def _training_sample(crops, rows_in: int, cfg: DedupConfig):
 
 def _train(crops, cfg: DedupConfig, out_uri: str, cluster: ClusterConfig | None, rows_in: int
            ) -> tuple[dict, list[float], int]:
-    """2. The hashing autoencoder on Ray Train (on at most `train_images` of the crops); its weights saved beside the
+    """2. The hashing autoencoder on Ray (`fit_ray`; on at most `train_images` of the crops); its weights saved beside the
     dataset. Returns (weights, epoch losses, images trained on)."""
     sample, trained_on = _training_sample(crops.select_columns(["crop"]), rows_in, cfg)
     with tempfile.TemporaryDirectory(prefix="dcgan-dedup-") as tmp:

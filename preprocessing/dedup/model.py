@@ -237,13 +237,15 @@ def whitening(batches: Iterable[torch.Tensor], cfg: DedupConfig,
     return moments.basis(cfg.whiten)
 
 
-def fit_local(crops: np.ndarray, cfg: DedupConfig) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Train in this process (small datasets, benchmarks); same loop and seeds as the Ray Train path."""
+def fit_local(crops: np.ndarray, cfg: DedupConfig, on_epoch: Callable[[int, float], None] | None = None
+              ) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Train in this process (a CPU fit's one task, small datasets, benchmarks); the same loop and seeds as a Ray Train
+    worker that holds its crops in memory."""
     data = torch.as_tensor(crops)
     basis, center = whitening(chunks_of(data), cfg)
     torch.manual_seed(cfg.seed)
     model = HashAutoencoder.from_config(cfg, basis, center)
-    losses = train_epochs(model, shuffled_batches(data, cfg), cfg)
+    losses = train_epochs(model, shuffled_batches(data, cfg), cfg, on_epoch=on_epoch)
     return model.folded_state(), losses
 
 
@@ -271,25 +273,43 @@ TRAIN_THREADS = 4  # torch threads of a CPU worker once its crops are in memory 
 
 def fit_ray(crops_ds, cfg: DedupConfig, storage_path: str, cluster: ClusterConfig | None = None
             ) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Train on Ray Train (DDP) from a Ray Dataset with a uint8 `crop` column; returns (state_dict, epoch losses).
+    """Train on Ray from a materialized Ray Dataset with a uint8 `crop` column; returns (state_dict, epoch losses).
 
-    Launched as the GAN's training is (`preprocessing.ray_train`: the same failure policy, retries and faults), on
-    the workers `cluster` asks for: `cluster.workers` GPUs with `use_gpu`; on CPUs one worker with half a CPU (the
-    model is tiny, and Ray Data needs the rest to stream crops). A worker reads its crops once and, up to
-    `IN_MEMORY_ROWS`, trains on them in memory (then with up to `TRAIN_THREADS` torch threads on a CPU, Ray Data
-    being done). `storage_path` (local dir on one node, or s3://) holds the checkpoint.
+    On CPUs, up to `IN_MEMORY_ROWS` crops (the default `train_images` cap is 200k): one plain Ray task that holds them
+    in memory and trains as `fit_local` does (`fit_task`), with up to `TRAIN_THREADS` torch threads; Ray runs it again
+    on a lost node up to `cluster.max_failures` times. Otherwise on Ray Train, launched as the GAN's training is
+    (`preprocessing.ray_train`: the same failure policy, retries and faults), on the workers `cluster` asks for:
+    `cluster.workers` GPUs with `use_gpu`, or one CPU worker with half a CPU that streams its crops from Ray Data every
+    epoch. A Ray Train worker reads its crops once and, up to `IN_MEMORY_ROWS`, trains on them in memory.
+    `storage_path` (local dir on one node, or s3://) holds Ray Train's checkpoint.
+
+    One CPU worker was all Ray Train ever ran here (DDP on CPUs only splits the same cores), and its controller and
+    worker group cost ~8 s a fit, more than the fit itself on small sets: the task is 3.6x faster on 512 crops and
+    1.55x on 20,000 (benchmarks/dedup_fit.py, the same losses).
     """
+    cluster = cluster or ClusterConfig()
+    rows = crops_ds.count()
+    if not cluster.use_gpu and rows <= IN_MEMORY_ROWS:
+        import ray
+
+        task = ray.remote(fit_task).options(num_cpus=1, max_retries=cluster.max_failures)
+        return ray.get(task.remote(cfg.model_dump(), *crops_ds.to_arrow_refs()))
+    return fit_ray_train(crops_ds, cfg, storage_path, cluster, rows)
+
+
+def fit_ray_train(crops_ds, cfg: DedupConfig, storage_path: str, cluster: ClusterConfig, rows: int
+                  ) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """`fit_ray` on Ray Train: DDP over `cluster.workers` GPUs, or one CPU worker."""
     from ray.data import ExecutionOptions
     from ray.train import DataConfig, RunConfig
 
     from preprocessing import ray_train
 
-    cluster = cluster or ClusterConfig()
     if not cluster.use_gpu:
         cluster = cluster.model_copy(update={"workers": 1})
     trainer = ray_train.Trainer(
         _train_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "rows": crops_ds.count()},
+        train_loop_config={"cfg": cfg.model_dump(), "rows": rows},
         scaling_config=ray_train.scaling(cluster, cpus_per_worker=None if cluster.use_gpu else 0.5),
         datasets={"train": crops_ds.select_columns(["crop"])},
         run_config=RunConfig(name="dedup-autoencoder", storage_path=storage_path,
@@ -301,6 +321,23 @@ def fit_ray(crops_ds, cfg: DedupConfig, storage_path: str, cluster: ClusterConfi
     with result.checkpoint.as_directory() as d:
         state = torch.load(f"{d}/model.pt", map_location="cpu", weights_only=True)
     losses = [float(v) for v in result.metrics["losses"]]
+    return state, losses
+
+
+def fit_task(cfg: dict, *blocks) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """A CPU fit as one Ray task: the training crops (Ray Data blocks with a `crop` column, in order) -> `fit_local`,
+    its epochs shown as a Ray Train worker's are (through Ray's log forwarding)."""
+    from ray.data.block import BlockAccessor
+
+    dcfg = DedupConfig(**cfg)
+    parts = [BlockAccessor.for_block(b).to_batch_format("numpy")["crop"] for b in blocks
+             if BlockAccessor.for_block(b).num_rows()]
+    crops = np.concatenate(parts) if parts else np.zeros((0, dcfg.crop, dcfg.crop, 3), np.uint8)
+    torch.set_num_threads(max(1, min(TRAIN_THREADS, os.cpu_count() or 1)))
+    shown = Progress("dedup-train", dcfg.epochs, "epochs", stream=sys.stderr, bar=False)
+    state, losses = fit_local(crops, dcfg,
+                              on_epoch=lambda epoch, loss: shown.update(epoch + 1, note=f"reconstruction loss {loss:.4f}"))
+    shown.close()
     return state, losses
 
 
