@@ -333,10 +333,14 @@ def fit_task(cfg: dict, *blocks) -> tuple[dict[str, torch.Tensor], list[float]]:
     parts = [BlockAccessor.for_block(b).to_batch_format("numpy")["crop"] for b in blocks
              if BlockAccessor.for_block(b).num_rows()]
     crops = np.concatenate(parts) if parts else np.zeros((0, dcfg.crop, dcfg.crop, 3), np.uint8)
-    torch.set_num_threads(max(1, min(TRAIN_THREADS, os.cpu_count() or 1)))
     shown = Progress("dedup-train", dcfg.epochs, "epochs", stream=sys.stderr, bar=False)
-    state, losses = fit_local(crops, dcfg,
-                              on_epoch=lambda epoch, loss: shown.update(epoch + 1, note=f"reconstruction loss {loss:.4f}"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(TRAIN_THREADS, os.cpu_count() or 1)))
+    try:
+        state, losses = fit_local(crops, dcfg, on_epoch=lambda epoch, loss: shown.update(
+            epoch + 1, note=f"reconstruction loss {loss:.4f}"))
+    finally:  # Ray runs later tasks (the encode's, one thread each) in this same worker process
+        torch.set_num_threads(threads)
     shown.close()
     return state, losses
 
