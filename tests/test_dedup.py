@@ -19,7 +19,8 @@ from preprocessing.dedup.groups import (bucket_edges, code_hashes, edge_groups, 
                                         member_rows, shared_hashes, verified_groups, verify_rows, view_rows)
 from preprocessing.dedup import exchange
 from preprocessing.dedup.dataset import training_rows
-from preprocessing.dedup.model import crops_of, encode, fit_local, fit_ray, fit_ray_train, inputs_of, load_state
+from preprocessing.dedup.model import (crops_of, encode, fit_local, fit_ray, fit_ray_train, fit_task, inputs_of,
+                                       load_state)
 from preprocessing.dedup.verify import (ALIGNMENTS, BUCKET_CAP, MARGIN, MAX_DIFF, MAX_REL, MAX_TOL, differences,
                                         measures, passes, star_groups)
 from preprocessing.dedup.grid import MAX_VIEWS
@@ -230,6 +231,16 @@ def test_a_cpu_fit_in_one_task_trains_what_a_ray_train_worker_trains(trained, ra
     assert np.allclose(losses, other_losses, rtol=1e-5), (losses, other_losses)
     assert all(torch.allclose(state[k], other[k], atol=1e-5) for k in state)
     assert (encode(state, crops, cfg) == encode(other, crops, cfg)).mean() > 0.999
+
+    # Ray runs later tasks (the encode's, one torch thread each) in the fit's worker process: it leaves the count as
+    # it found it
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _, again = fit_task(cfg.model_dump(), *ray.get(ds.to_arrow_refs()))
+        assert torch.get_num_threads() == 1 and np.allclose(again, losses, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_views_1_is_the_papers_single_hash(trained):
