@@ -20,9 +20,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m pipelines.demo
 
-# Everything (what CI runs): ~29 minutes on 2 idle cores (28.1 min of tests, 464 passed, + ~1 min of set-up on a
-# fresh clone, 2026-12-04, before one dedup test was cut from 45 to 13 s); 45-55 minutes when other jobs share the
-# cores.
+# Everything (what CI runs): ~27 minutes on 2 idle cores (25.3 min of tests, 474 passed, + 1.3 min of set-up on a
+# fresh clone, 2026-12-04, after dedup's CPU fit left Ray Train; 30.2 min of tests the same day before it); 45-55
+# minutes when other jobs share the cores.
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
