@@ -66,7 +66,7 @@ def by_group(batch: Batch, key: str, fn: Callable[..., Batch], kwargs: dict[str,
 
 def _step_task(step: Step, next_key: str | None, next_partitions: int, *pieces: Any) -> Any:
     """One partition of a step: its pieces -> `step.fn` -> cut for the next step (or the chain's result)."""
-    batch = concat([_as_batch(p) for p in pieces])
+    batch = concat([as_batch(p) for p in pieces])
     if not batch:  # no rows came (an empty block, or none of this partition's key values)
         out = {}
     elif step.key is None:
@@ -79,7 +79,7 @@ def _step_task(step: Step, next_key: str | None, next_partitions: int, *pieces: 
     return pieces if next_partitions > 1 else pieces[0]
 
 
-def _as_batch(piece: Any) -> Batch:
+def as_batch(piece: Any) -> Batch:
     """A numpy batch, or a Ray Data block (an Arrow table, as `Dataset.to_arrow_refs` gives) made one."""
     if isinstance(piece, dict):
         return piece

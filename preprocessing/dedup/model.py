@@ -327,11 +327,10 @@ def fit_ray_train(crops_ds, cfg: DedupConfig, storage_path: str, cluster: Cluste
 def fit_task(cfg: dict, *blocks) -> tuple[dict[str, torch.Tensor], list[float]]:
     """A CPU fit as one Ray task: the training crops (Ray Data blocks with a `crop` column, in order) -> `fit_local`,
     its epochs shown as a Ray Train worker's are (through Ray's log forwarding)."""
-    from ray.data.block import BlockAccessor
+    from preprocessing.dedup.exchange import as_batch
 
     dcfg = DedupConfig(**cfg)
-    parts = [BlockAccessor.for_block(b).to_batch_format("numpy")["crop"] for b in blocks
-             if BlockAccessor.for_block(b).num_rows()]
+    parts = [batch["crop"] for batch in map(as_batch, blocks) if batch]
     crops = np.concatenate(parts) if parts else np.zeros((0, dcfg.crop, dcfg.crop, 3), np.uint8)
     shown = Progress("dedup-train", dcfg.epochs, "epochs", stream=sys.stderr, bar=False)
     threads = torch.get_num_threads()
