@@ -50,7 +50,9 @@ BLOCK = 7              # the 26 interior pixels (32 - 2*MARGIN) as 4x4 blocks of
 BLANK_STD = 2.0        # a view with less RMS contrast than this (grey levels) is blank: no evidence, never verified
 LEADERS = 8            # members of a bucket every other member is checked against
 BUCKET_CAP = 2048      # members of one bucket checked at all (memory of one check task: ~6 KB each)
-CHUNK = 4096           # pairs checked at once
+CHUNK = 256            # pairs checked at once: their temporaries (~1 MB each) are reused by malloc. At 4096 each one
+                       # (~33 MB) was a fresh mapping that the kernel zeroed (numpy asks for huge pages from 4 MB):
+                       # 2.9x slower, half of it system time (benchmarks/dedup_verify.py)
 BLOCK_PAIRS = 1 << 17  # candidate pairs (with repeats) expanded at once, per block of images
 ALIGNMENTS = 8         # buckets (alignments) a pair is checked in, its first ones: verified if any passes
 
