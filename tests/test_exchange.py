@@ -98,3 +98,25 @@ def test_a_chain_over_nothing_gives_nothing(ray_cluster):
     steps = [exchange.Step("g", 2, _tag, {"name": "t"}), exchange.Step("h", 2, _regroup)]
     assert exchange.gather(exchange.run([ray.put(empty), ray.put({})], steps)) == {}
     assert exchange.total(exchange.run([ray.put(empty)], steps[:1]), "n") == 0
+
+
+def _offset(batch, *tables, by=1):
+    """Each row's `v` plus its group's entry in every table (arrays another task made): the step's `inputs`."""
+    assert all(isinstance(t, np.ndarray) for t in tables), [type(t) for t in tables]  # resolved, not references
+    return {"g": batch["g"], "v": batch["v"] + by * sum(t[batch["g"]] for t in tables)}
+
+
+def test_a_steps_inputs_arrive_resolved_in_every_task(ray_cluster):
+    """`Step.inputs`: object references every task of a step needs (the group stage's shared-code counts) are the
+    tasks' own arguments, resolved by Ray before they start, in a map step and a keyed one; no task fetches them."""
+    ray = ray_cluster
+    rng = np.random.default_rng(7)
+    blocks = _blocks(rng)
+    whole = exchange.concat(blocks)
+    made = ray.remote(lambda k: np.arange(13) * k)
+    tables = (made.remote(10), made.remote(1000))  # made by tasks, as `shared_hashes` makes them
+    want = whole["v"] + 1010 * whole["g"]
+    for steps in ([exchange.Step(None, 5, _offset, {"by": 1}, tables)],
+                  [exchange.Step("g", 3, _offset, {"by": 1}, tables)]):
+        got = exchange.gather(exchange.run([ray.put(b) for b in blocks], steps))
+        assert sorted(zip(got["g"], got["v"])) == sorted(zip(whole["g"], want))

@@ -197,10 +197,8 @@ def _hashes_task(block: pa.Table, code_bytes: int, partitions: int) -> list[np.n
     return pieces if partitions > 1 else pieces[0]
 
 
-def _shared_view_rows(batch: dict[str, np.ndarray], code_bytes: int, partitions: int, shared: list) -> dict:
-    import ray
-
-    return view_rows(batch, code_bytes, partitions, shared=ray.get(shared))
+def _shared_view_rows(batch: dict[str, np.ndarray], *shared: np.ndarray, code_bytes: int, partitions: int) -> dict:
+    return view_rows(batch, code_bytes, partitions, shared=list(shared))
 
 
 def _code_rows(coded, code_bytes: int, partitions: int, shared_only: bool = True) -> tuple[list, exchange.Step]:
@@ -225,8 +223,8 @@ def _code_rows(coded, code_bytes: int, partitions: int, shared_only: bool = True
         pieces = [[p] for p in pieces]
     count = ray.remote(shared_hashes)
     shared = [count.remote(*[p[i] for p in pieces]) for i in range(partitions)]
-    return blocks, exchange.Step(None, len(blocks), _shared_view_rows,
-                                 {"code_bytes": code_bytes, "partitions": partitions, "shared": shared})
+    return blocks, exchange.Step(None, len(blocks), _shared_view_rows, {"code_bytes": code_bytes,
+                                                                       "partitions": partitions}, tuple(shared))
 
 
 def _verified_groups(coded, src_uri: str, shards: list[dict], cfg: DedupConfig, code_bytes: int,
