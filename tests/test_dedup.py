@@ -794,3 +794,42 @@ def test_group_stage_shuffles_are_sized_to_the_data_and_the_cluster():
     assert group_partitions(3_000_000, 64) == 128     # every CPU twice
     assert group_partitions(100_000_000, 64) == 500   # no task above 200k codes
     assert shard_partitions([{}] * 3) == 3 and shard_partitions([{}] * 5000) == 200
+
+
+def test_the_collision_picture_reads_one_shard_at_a_time_and_shows_each_member(tmp_path):
+    """The picture's members live in several shards. Each shard is read once, and the one before it is let go before
+    the next is read: holding every shard a member lived in (up to 64, ~25 MB each) was the driver's largest memory
+    at 100k images. Every cell shows its member's own image."""
+    import pyarrow as pa
+
+    from preprocessing.dedup.report import PICTURE_SIDE, collision_picture
+
+    digits = np.stack([cv2.resize(d, (64, 64), interpolation=cv2.INTER_NEAREST) for d in mnist_rgb32(2000)])
+    shards = []
+    for s in range(4):
+        buf = io.BytesIO()
+        pq.write_table(make_table([f"s{s}-{i}" for i in range(500)], digits[s * 500:(s + 1) * 500]), buf)
+        shards.append(buf.getvalue())
+    one_table = digits[:500].nbytes
+    reads, held = [], []
+
+    def table_of(s):
+        reads.append(s)
+        held.append(pa.total_allocated_bytes())  # what Arrow still holds from the shards read before
+        return pq.read_table(io.BytesIO(shards[s]))
+
+    groups = [[{"shard": 3, "row": 7, "keep": True}, {"shard": 0, "row": 480, "keep": False}],
+              [{"shard": 1, "row": 2, "keep": True}, {"shard": 3, "row": 499, "keep": False},
+               {"shard": 1, "row": 300, "keep": False}],
+              [{"shard": 2, "row": 0, "keep": True}, {"shard": 0, "row": 1, "keep": False}]]
+    uri = str(tmp_path / "collisions.png")
+    collision_picture(table_of, groups, uri)
+    assert reads == [0, 1, 2, 3]
+    assert max(held) - held[0] < one_table // 2, held
+    png = cv2.imdecode(np.frombuffer(storage.read_bytes(uri), np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+    side = PICTURE_SIDE + 4
+    for r, group in enumerate(groups):
+        for c, m in enumerate(group):
+            cell = png[r * side:(r + 1) * side, c * side:(c + 1) * side]
+            assert np.array_equal(cell[2:-2, 2:-2], digits[m["shard"] * 500 + m["row"]])
+            assert tuple(cell[0, 0]) == ((0, 170, 0) if m["keep"] else (220, 0, 0))

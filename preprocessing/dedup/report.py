@@ -32,21 +32,23 @@ def bit_stats(codes_ds, code_bits: int) -> dict[str, Any]:
 
 
 def collision_picture(table_of: Callable[[int], pa.Table], members: list[list[dict]], uri: str) -> None:
-    """A PNG grid: one row per collision group, kept member first (green frame), removed members red."""
+    """A PNG grid: one row per collision group, kept member first (green frame), removed members red. The shards are
+    read one at a time and only the pictured images kept: holding every shard a member lives in (up to 64 of them,
+    ~25 MB each) was the driver's largest memory at 100k images and more (benchmarks/scale.py)."""
     side = PICTURE_SIDE
     canvas = np.full((max(1, len(members)) * (side + 4), PICTURE_MEMBERS * (side + 4), 3), 255, np.uint8)
-    tables: dict[int, pa.Table] = {}
+    shown = [m for group in members for m in group[:PICTURE_MEMBERS]]
+    images: dict[tuple[int, int], np.ndarray] = {}
+    for s in sorted({int(m["shard"]) for m in shown}):
+        rows = sorted({int(m["row"]) for m in shown if int(m["shard"]) == s})
+        for row, img in zip(rows, images_of(table_of(s).take(pa.array(rows)))):
+            images[s, row] = cv2.resize(img, (side, side), interpolation=cv2.INTER_NEAREST)
     for r, group in enumerate(members):
         for c, m in enumerate(group[:PICTURE_MEMBERS]):
-            s = int(m["shard"])
-            if s not in tables:
-                tables[s] = table_of(s)
-            img = images_of(tables[s].slice(int(m["row"]), 1))[0]
-            img = cv2.resize(img, (side, side), interpolation=cv2.INTER_NEAREST)
             color = (0, 170, 0) if m["keep"] else (220, 0, 0)
             y, x = r * (side + 4), c * (side + 4)
             canvas[y:y + side + 4, x:x + side + 4] = color
-            canvas[y + 2:y + side + 2, x + 2:x + side + 2] = img
+            canvas[y + 2:y + side + 2, x + 2:x + side + 2] = images[int(m["shard"]), int(m["row"])]
     if not members:
         cv2.putText(canvas, "no collisions", (4, side // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1)
     ok, png = cv2.imencode(".png", canvas[..., ::-1])
