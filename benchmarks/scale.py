@@ -28,8 +28,10 @@ Projection to 3M images on a 64-core cluster: fixed wall + per-image CPU seconds
 throughput holds; training is by steps, not by N, so it is not projected).
 
 Run: `.venv/bin/python benchmarks/scale.py --where local cluster --n 25000 100000 300000 --full-upto 25000
---cache /tmp/lsun --json scale.json` (`--full-upto`: the stages after build-lsun only up to that N). On an idle 2-core
-box a 1,000-image pass of all four stages takes about 4 minutes.
+--cache /tmp/lsun --json scale.json --warm-memory` (`--full-upto`: the stages after build-lsun only up to that N;
+`--warm-memory`: touch the box's free memory once first, see benchmarks/box_memory.py, so that a VM that backs its
+memory lazily does not charge the first large N for it). On an idle 2-core box a 1,000-image pass of all four stages
+takes about 4 minutes.
 """
 
 from __future__ import annotations
@@ -683,6 +685,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", help="folder to keep generated LMDBs in between runs (default: inside --work)")
     p.add_argument("--generate-only", action="store_true", help="only make the LMDBs in --cache")
     p.add_argument("--json", help="write the raw figures here")
+    p.add_argument("--warm-memory", action="store_true", help="first touch all but 2 GiB of the available memory "
+                   "once (benchmarks/box_memory.py): on a VM that backs memory lazily, the first run to reach it pays "
+                   "seconds per GiB in the kernel; recorded in --json as `warm_memory`")
     p.add_argument("--report", nargs="+", metavar="JSON", help="only print the tables of earlier --json files "
                                                                  "(several runs' Ns are merged)")
     args = p.parse_args(argv)
@@ -697,6 +702,12 @@ def main(argv: list[str] | None = None) -> int:
     ensure_lmdbs(sorted(args.n), cache, args.seed)  # every N in one pass: they share their entries
     if args.generate_only:
         return 0
+    box = {}
+    if args.warm_memory:
+        from box_memory import warm
+
+        box["warm_memory"] = warm()
+        print(f"[scale] memory warmed: {box['warm_memory']}", file=sys.stderr, flush=True)
     results = []
     try:
         for where in args.where:
@@ -707,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
                               or n <= args.full_upto]
                     results.append(measure(n, base / where / f"n{n}", args.steps, args.seed, cache, stages, place))
                     if args.json:
-                        Path(args.json).write_text(json.dumps({"cores": cores, "results": results}, indent=1))
+                        Path(args.json).write_text(json.dumps({"cores": cores, **box, "results": results}, indent=1))
     finally:
         if not args.work:
             shutil.rmtree(base, ignore_errors=True)

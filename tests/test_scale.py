@@ -104,3 +104,19 @@ def test_monitor_on_a_cluster_counts_each_node_and_only_the_cpu_spent_while_it_r
         busy.kill(), idle.kill(), busy.wait(), idle.wait()
     assert mon.peaks.nodes["a"]["anon"] >= 200 << 20 > mon.peaks.nodes["b"]["anon"]
     assert 0.9 <= mon.cpu_s < 1.6, mon.cpu_s  # the stage's second, not the node's earlier one too
+
+
+def test_the_memory_warm_up_touches_what_it_says_and_leaves_the_rest():
+    """benchmarks/box_memory.py, which `scale.py --warm-memory` runs first: a pass over 1 GiB shows in the process's
+    page faults (one per 4 KiB page at least, or per huge page), and a pass that must leave more than is available
+    touches nothing."""
+    import resource
+
+    import box_memory
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    one = box_memory.touch(1)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert one["gib"] == 1 and one["s"] > 0 and faults >= (1 << 30) // (2 << 20)
+    none = box_memory.warm(leave=box_memory.available_gib() + 1)
+    assert none["gib"] == 0 and none["available_gib"] > 0
