@@ -800,6 +800,8 @@ def test_the_collision_picture_reads_one_shard_at_a_time_and_shows_each_member(t
     """The picture's members live in several shards. Each shard is read once, and the one before it is let go before
     the next is read: holding every shard a member lived in (up to 64, ~25 MB each) was the driver's largest memory
     at 100k images. Every cell shows its member's own image."""
+    import gc
+
     import pyarrow as pa
 
     from preprocessing.dedup.report import PICTURE_SIDE, collision_picture
@@ -815,6 +817,7 @@ def test_the_collision_picture_reads_one_shard_at_a_time_and_shows_each_member(t
 
     def table_of(s):
         reads.append(s)
+        gc.collect()  # what is still referenced, not what the cyclic collector has yet to reach
         held.append(pa.total_allocated_bytes())  # what Arrow still holds from the shards read before
         return pq.read_table(io.BytesIO(shards[s]))
 
@@ -833,3 +836,19 @@ def test_the_collision_picture_reads_one_shard_at_a_time_and_shows_each_member(t
             cell = png[r * side:(r + 1) * side, c * side:(c + 1) * side]
             assert np.array_equal(cell[2:-2, 2:-2], digits[m["shard"] * 500 + m["row"]])
             assert tuple(cell[0, 0]) == ((0, 170, 0) if m["keep"] else (220, 0, 0))
+
+
+def test_shared_code_lookup_in_ascending_order_answers_as_a_plain_search():
+    """`groups.is_in_sorted` (the shared-code filter of `view_rows`) sorts its queries for the search and must hand
+    each answer back to its own query: the same as a search in the queries' order, repeats and edges included."""
+    from preprocessing.dedup.groups import is_in_sorted
+
+    rng = np.random.default_rng(3)
+    values = np.unique(rng.integers(0, 2**63, 5000, dtype=np.uint64))
+    queries = rng.integers(0, 2**63, 20000, dtype=np.uint64)
+    queries[::7] = values[rng.integers(0, len(values), len(queries[::7]))]
+    queries[:3] = [values[0], values[-1], np.uint64(2**64 - 1)]  # the first, the last, beyond the last
+    want = np.isin(queries, values)
+    assert want.sum() >= len(queries) // 7 and np.array_equal(is_in_sorted(values, queries), want)
+    assert is_in_sorted(values, queries[:0]).shape == (0,)
+    assert not is_in_sorted(values[:0], queries).any()
