@@ -1,4 +1,11 @@
-"""The group stage's shared-code lookup (`groups.is_in_sorted`, in `view_rows`): each block's code hashes looked up in
+"""The group stage's shared codes: their count (`groups.shared_hashes`) and their lookup (`groups.is_in_sorted`, in
+`view_rows`), each now against before on the same arrays, in turn, in one run.
+
+Count: a code partition's hashes from every block, concatenated, and the values met twice kept; now sorted in place
+and read off neighbours, before `np.unique(..., return_counts=True)`, which makes four more arrays the input's size
+(fresh memory the kernel zeroes). `--counted` values (a 300k-image partition counts ~30M), 5% of them repeated.
+
+Lookup: each block's code hashes looked up in
 a partition's sorted shared hashes, in ascending order (now) against in the hashes' own order (before), on the same
 arrays, in turn, in one run.
 
@@ -30,16 +37,48 @@ def in_hash_order(values: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return values[np.minimum(np.searchsorted(values, queries), len(values) - 1)] == queries
 
 
+def unique_counted(*pieces: np.ndarray) -> np.ndarray:
+    """The count as `shared_hashes` did it until the thirteenth session."""
+    found, count = np.unique(np.concatenate(pieces), return_counts=True)
+    return found[count > 1]
+
+
+def count_rows(counted: list[int], reps: int, rng: np.random.Generator) -> None:
+    from preprocessing.dedup.groups import shared_hashes
+
+    print("| hashes counted | np.unique with counts, ms | in place (now), ms | **ratio** | same |")
+    print("| --- | --- | --- | --- | --- |")
+    for n in counted:
+        pieces = list(np.array_split(rng.integers(0, 2**63, n, dtype=np.uint64), 64))  # 64 blocks' pieces
+        for p in pieces[1:]:
+            p[::20] = pieces[0][rng.integers(0, len(pieces[0]), len(p[::20]))]
+        times: dict[str, list[float]] = {"before": [], "now": []}
+        answers = {}
+        for _ in range(reps):
+            for name, fn in (("before", unique_counted), ("now", shared_hashes)):
+                t = time.perf_counter()
+                answers[name] = fn(*pieces)
+                times[name].append(time.perf_counter() - t)
+        before, now = statistics.median(times["before"]), statistics.median(times["now"])
+        same = bool(np.array_equal(answers["before"], answers["now"]))
+        print(f"| {n:,} | {before * 1e3:.0f} | {now * 1e3:.0f} | **{before / now:.2f}x** | {same} |")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shared", type=int, nargs="+", default=[350_000, 1_400_000], help="shared hashes, per partition")
     ap.add_argument("--lookups", type=int, default=206_000)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--counted", type=int, nargs="+", default=[8_000_000, 30_000_000],
+                    help="hashes a partition counts (shared_hashes' input)")
+    ap.add_argument("--count-reps", type=int, default=5)
     args = ap.parse_args()
 
     from preprocessing.dedup.groups import is_in_sorted
 
     rng = np.random.default_rng(0)
+    count_rows(args.counted, args.count_reps, rng)
     print("| shared hashes | lookups | hash order, ms | ascending (now), ms | **ratio** | same |")
     print("| --- | --- | --- | --- | --- | --- |")
     for n in args.shared:

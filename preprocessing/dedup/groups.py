@@ -94,10 +94,15 @@ def code_hashes(batch: dict[str, np.ndarray], code_bytes: int, partitions: int) 
 
 def shared_hashes(*pieces: np.ndarray) -> np.ndarray:
     """One code partition's `code_hashes` from every batch -> the sorted hashes that two or more images have: every
-    code two images share (and, rarely, two codes with one 64-bit mix, which the buckets then tell apart)."""
-    mix = np.concatenate(pieces) if pieces else np.zeros(0, np.uint64)
-    found, count = np.unique(mix, return_counts=True)
-    return found[count > 1]
+    code two images share (and, rarely, two codes with one 64-bit mix, which the buckets then tell apart).
+
+    Sorted in place, the values met twice read off neighbours: `np.unique(..., return_counts=True)` made four more
+    arrays the size of the input (its sorted copy, the uniques, their indices, the counts), ~1 GB a partition at 300k
+    images, each a fresh mapping the kernel zeroes (benchmarks/dedup_lookup.py)."""
+    mix = np.concatenate(pieces) if pieces else np.zeros(0, np.uint64)  # a fresh array (the pieces are read-only)
+    mix.sort()
+    twice = mix[1:][mix[1:] == mix[:-1]]  # a value met k times is here k - 1 times, in order
+    return twice[np.r_[True, twice[1:] != twice[:-1]]] if len(twice) else twice
 
 
 def is_in_sorted(values: np.ndarray, queries: np.ndarray) -> np.ndarray:
