@@ -13,6 +13,11 @@ members (each member checked against the bucket's first LEADERS); a quarter of t
 bucket's first member (verified duplicates), the rest distinct digits, as float16 pixel bytes (`verify_rows` turns
 them into float32 per chunk).
 
+A second table numbers the members of a partition's candidate pairs (`candidate_pairs` streams them image by
+image): `verify.image_ids` on the keys as Python strings (now) against `np.unique(keys, return_inverse=True)` on the
+keys as fixed-width unicode (before; ~10% of a 100k group stage in a py-spy profile of its workers), on `--members`
+member rows of `--images` distinct 40-character hex keys (LSUN-like), median of `--reps`, and whether the numbers agree.
+
 Run: `.venv/bin/python benchmarks/dedup_verify.py` (about a minute on 2 cores).
 """
 
@@ -62,11 +67,36 @@ def timed(chunk: int, batch: dict[str, np.ndarray]) -> tuple[float, float, float
                                                                           int(out["checked"][0]))
 
 
+def numbering(members: int, images: int, reps: int) -> None:
+    from preprocessing.dedup.verify import image_ids
+
+    rng = np.random.default_rng(1)
+    names = np.array([f"{v:040x}" for v in rng.integers(0, 2**63, images)], dtype=object)
+    keys = names[rng.integers(0, images, members)]
+    as_unicode = keys.astype(str)  # what `member_rows` handed on before
+    times: dict[str, list[float]] = {"before": [], "now": []}
+    out = {}
+    for _ in range(reps):
+        t = time.perf_counter()
+        out["before"] = np.unique(as_unicode, return_inverse=True)[1].reshape(-1)
+        times["before"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        out["now"] = image_ids(keys)
+        times["now"].append(time.perf_counter() - t)
+    before, now = statistics.median(times["before"]), statistics.median(times["now"])
+    print(f"\n{members:,} member rows of {images:,} images, numbered in key order")
+    print("| np.unique on unicode keys, s | image_ids on str keys (now), s | **ratio** | same |")
+    print("| --- | --- | --- | --- |")
+    print(f"| {before:.2f} | {now:.2f} | **{before / now:.2f}x** | {np.array_equal(out['before'], out['now'])} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=16_000, help="members")
     ap.add_argument("--bucket", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--members", type=int, default=1_000_000, help="member rows numbered (second table)")
+    ap.add_argument("--images", type=int, default=100_000, help="distinct keys among them")
     args = ap.parse_args()
 
     from preprocessing.dedup import verify
@@ -87,6 +117,7 @@ def main() -> None:
     for c in (BEFORE, now):
         print(f"| {c} | {med[c][0]:.2f} | {med[c][1]:.2f} | {med[c][2]:.2f} |")
     print(f"ratio (wall, {BEFORE} / {now}): **{med[BEFORE][0] / med[now][0]:.2f}x**; same verified pairs: {same}")
+    numbering(args.members, args.images, args.reps)
 
 
 if __name__ == "__main__":

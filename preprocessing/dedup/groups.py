@@ -159,7 +159,7 @@ def member_rows(batch: dict[str, np.ndarray], partitions: int = 1) -> dict[str, 
     (6 KB) went through two shuffles."""
     rows, buckets, left = bucket_members(batch["key"], batch["code"])
     part = int(batch["part"][0]) if len(batch["part"]) else 0
-    owners = np.asarray(batch["key"])[rows].astype(str)
+    owners = np.asarray(batch["key"], dtype=object)[rows]  # Python strings: `candidate_pairs` numbers them by a dict
     prio = code_priority(stack_codes(np.asarray(batch["code"])[rows]))
     pairs = list(candidate_pairs(buckets, owners, prio))
     x = np.concatenate([p[0] for p in pairs]) if pairs else np.zeros(0, np.int64)

@@ -155,6 +155,15 @@ def bucket_members(keys: np.ndarray, codes: list[bytes] | np.ndarray) -> tuple[n
     return rows, buckets[rows], left
 
 
+def image_ids(owners: np.ndarray) -> np.ndarray:
+    """Each owner's place among the distinct owners in key order: `np.unique(owners, return_inverse=True)[1]`, by a
+    dict. numpy sorted the members' keys as fixed-width unicode (160 bytes a 40-character key), ~10% of a 100k group
+    stage (a py-spy profile of its workers); the distinct keys are a few per bucket member, and Python sorts them."""
+    keys = owners.tolist()
+    index = {k: i for i, k in enumerate(sorted(set(keys)))}
+    return np.fromiter(map(index.__getitem__, keys), np.int64, len(keys))
+
+
 def candidate_pairs(buckets: np.ndarray, owners: np.ndarray, prio: np.ndarray | None = None,
                     alignments: int = ALIGNMENTS):
     """Index pairs (x, y) into members sorted by (bucket, key), in chunks of at most CHUNK: a pair is two members of a
@@ -175,7 +184,7 @@ def candidate_pairs(buckets: np.ndarray, owners: np.ndarray, prio: np.ndarray | 
     first, size = np.repeat(starts, sizes), np.repeat(sizes, sizes)
     tie = np.zeros(n, np.int64) if prio is None else np.asarray(prio)
     pos = np.arange(n) - first
-    image = np.unique(owners, return_inverse=True)[1].reshape(-1)
+    image = image_ids(owners)
     reach = np.where(pos < LEADERS, size, LEADERS)                 # a leader pairs with all, others with the leaders
     rows = np.argsort(image, kind="stable")                         # streamed image by image
     count = np.cumsum(reach[rows])
