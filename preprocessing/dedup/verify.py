@@ -157,8 +157,9 @@ def bucket_members(keys: np.ndarray, codes: list[bytes] | np.ndarray) -> tuple[n
 
 def image_ids(owners: np.ndarray) -> np.ndarray:
     """Each owner's place among the distinct owners in key order: `np.unique(owners, return_inverse=True)[1]`, by a
-    dict. numpy sorted the members' keys as fixed-width unicode (160 bytes a 40-character key), ~10% of a 100k group
-    stage (a py-spy profile of its workers); the distinct keys are a few per bucket member, and Python sorts them."""
+    dict. numpy sorted every member's key as fixed-width unicode (160 bytes a 40-character key): ~10% of a 100k group
+    stage (a py-spy profile of its workers). An image is a member of several buckets, so its key repeats; only the
+    distinct keys are sorted here, as Python strings."""
     keys = owners.tolist()
     index = {k: i for i, k in enumerate(sorted(set(keys)))}
     return np.fromiter(map(index.__getitem__, keys), np.int64, len(keys))
