@@ -15,8 +15,10 @@ them into float32 per chunk).
 
 A second table numbers the members of a partition's candidate pairs (`candidate_pairs` streams them image by
 image): `verify.image_ids` on the keys as Python strings (now) against `np.unique(keys, return_inverse=True)` on the
-keys as fixed-width unicode (before; ~10% of a 100k group stage in a py-spy profile of its workers), on `--members`
-member rows of `--images` distinct 40-character hex keys (LSUN-like), median of `--reps`, and whether the numbers agree.
+keys as fixed-width unicode (before; ~10% of a 100k group stage in a py-spy profile of its workers), and the order
+`bucket_members` gives the rows, by (bucket, key): `np.lexsort` over `image_ids` (now) against over the unicode keys
+(before; ~6% of a 300k group stage); on `--members` member rows of `--images` distinct 40-character hex keys
+(LSUN-like), median of `--reps`, and whether the answers agree.
 
 Run: `.venv/bin/python benchmarks/dedup_verify.py` (about a minute on 2 cores).
 """
@@ -85,9 +87,22 @@ def numbering(members: int, images: int, reps: int) -> None:
         times["now"].append(time.perf_counter() - t)
     before, now = statistics.median(times["before"]), statistics.median(times["now"])
     print(f"\n{members:,} member rows of {images:,} images, numbered in key order")
-    print("| np.unique on unicode keys, s | image_ids on str keys (now), s | **ratio** | same |")
-    print("| --- | --- | --- | --- |")
-    print(f"| {before:.2f} | {now:.2f} | **{before / now:.2f}x** | {np.array_equal(out['before'], out['now'])} |")
+    print("| step | before, s | now, s | **ratio** | same |")
+    print("| --- | --- | --- | --- | --- |")
+    print(f"| candidate_pairs: np.unique on unicode keys / image_ids on str keys | {before:.2f} | {now:.2f} | "
+          f"**{before / now:.2f}x** | {np.array_equal(out['before'], out['now'])} |")
+    buckets = rng.integers(0, members // 4, members)  # bucket_members: rows ordered by (bucket, key)
+    times = {"before": [], "now": []}
+    for _ in range(reps):
+        t = time.perf_counter()
+        out["before"] = np.lexsort((as_unicode, buckets))
+        times["before"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        out["now"] = np.lexsort((image_ids(as_unicode), buckets))
+        times["now"].append(time.perf_counter() - t)
+    before, now = statistics.median(times["before"]), statistics.median(times["now"])
+    print(f"| bucket_members: lexsort by unicode key / by image_ids | {before:.2f} | {now:.2f} | "
+          f"**{before / now:.2f}x** | {np.array_equal(out['before'], out['now'])} |")
 
 
 def main() -> None:

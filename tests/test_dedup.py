@@ -914,3 +914,27 @@ def test_members_are_numbered_in_key_order_whatever_array_holds_their_keys():
     pairs = [np.concatenate(p) for p in zip(*candidate_pairs(buckets, keys))]
     as_str = [np.concatenate(p) for p in zip(*candidate_pairs(buckets, keys.astype(str)))]
     assert len(pairs[0]) > 1000 and all(np.array_equal(p, q) for p, q in zip(pairs, as_str))
+
+
+def test_bucket_members_come_back_sorted_by_bucket_then_key_as_text():
+    """`bucket_members` orders the shared buckets' rows by (bucket, key) through `image_ids`, not numpy's unicode sort:
+    the keys' text order (so int keys sort as "10" < "9", as they did), a capped bucket keeping its LEADERS smallest
+    keys first and the rest it picked in key order."""
+    from preprocessing.dedup.verify import BUCKET_CAP, LEADERS, bucket_members
+
+    rng = np.random.default_rng(9)
+    n = 10000
+    codes = rng.integers(0, 200, n).astype(np.uint8).reshape(-1, 1).repeat(16, 1)
+    codes[:, 1] = rng.integers(0, 4, n)
+    codes[: BUCKET_CAP + 1000] = 255                        # one bucket over the cap
+    for keys in (np.array([f"{v:040x}" for v in rng.integers(0, 2**62, n)], dtype=object), rng.integers(0, 3000, n)):
+        rows, buckets, left = bucket_members(keys, codes)
+        text = np.asarray(keys).astype(str)[rows]
+        assert left == 1000 and len(rows) > n // 2
+        assert (np.diff(buckets) >= 0).all()
+        for b in np.unique(buckets):
+            ks = text[buckets == b].tolist()
+            if len(ks) <= BUCKET_CAP:
+                assert ks == sorted(ks)
+            else:
+                assert ks[:LEADERS] == sorted(ks)[:LEADERS] and ks[LEADERS:] == sorted(ks[LEADERS:])

@@ -135,7 +135,8 @@ def bucket_members(keys: np.ndarray, codes: list[bytes] | np.ndarray) -> tuple[n
     buckets = group_identical(codes)
     shared = np.flatnonzero(np.bincount(buckets)[buckets] > 1)  # the few rows whose code another image has too:
     keys = np.asarray(keys, dtype=object)[shared].astype(str)   # only they are sorted by key (3.3M rows -> 4%)
-    order = np.lexsort((keys, buckets[shared]))
+    ids = image_ids(keys)   # key order as numbers: numpy's sort of the unicode keys was ~6% of a 300k group stage
+    order = np.lexsort((ids, buckets[shared]))
     b = buckets[shared][order]
     if not len(b):
         return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
@@ -148,7 +149,7 @@ def bucket_members(keys: np.ndarray, codes: list[bytes] | np.ndarray) -> tuple[n
             rest = rows[LEADERS:]
             salt = np.repeat(codes[shared[rows[0]]].tobytes(), len(rest)).astype(object)
             picked = rest[np.argsort(_rank(keys[rest], salt), kind="stable")[:BUCKET_CAP - LEADERS]]
-            rows = np.r_[rows[:LEADERS], picked[np.argsort(keys[picked], kind="stable")]]
+            rows = np.r_[rows[:LEADERS], picked[np.argsort(ids[picked], kind="stable")]]
             left += int(s - len(rows))
         keep.append(rows)
     rows = shared[np.concatenate(keep)]
