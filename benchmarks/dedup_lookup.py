@@ -5,9 +5,8 @@ Count: a code partition's hashes from every block, concatenated, and the values 
 and read off neighbours, before `np.unique(..., return_counts=True)`, which makes four more arrays the input's size
 (fresh memory the kernel zeroes). `--counted` values (a 300k-image partition counts ~30M), 5% of them repeated.
 
-Lookup: each block's code hashes looked up in
-a partition's sorted shared hashes, in ascending order (now) against in the hashes' own order (before), on the same
-arrays, in turn, in one run.
+Lookup: each block's code hashes looked up in a partition's sorted shared hashes, in ascending order (now) against
+in the hashes' own order (before).
 
 Why: a perf profile of a 300k-image group stage put ~24% of its CPU time in numpy's binary search, and the shared
 hashes a block looks up in grow with the dataset, so in random order each lookup missed the cache more often as N
@@ -43,6 +42,19 @@ def unique_counted(*pieces: np.ndarray) -> np.ndarray:
     return found[count > 1]
 
 
+def in_turn(before, now, reps: int) -> tuple[float, float, bool]:
+    """Call `before()` and `now()` in turn `reps` times: (median seconds of each, whether their last answers agree)."""
+    times: dict[str, list[float]] = {"before": [], "now": []}
+    answers = {}
+    for _ in range(reps):
+        for name, fn in (("before", before), ("now", now)):
+            t = time.perf_counter()
+            answers[name] = fn()
+            times[name].append(time.perf_counter() - t)
+    same = bool(np.array_equal(answers["before"], answers["now"]))
+    return statistics.median(times["before"]), statistics.median(times["now"]), same
+
+
 def count_rows(counted: list[int], reps: int, rng: np.random.Generator) -> None:
     from preprocessing.dedup.groups import shared_hashes
 
@@ -52,15 +64,7 @@ def count_rows(counted: list[int], reps: int, rng: np.random.Generator) -> None:
         pieces = list(np.array_split(rng.integers(0, 2**63, n, dtype=np.uint64), 64))  # 64 blocks' pieces
         for p in pieces[1:]:
             p[::20] = pieces[0][rng.integers(0, len(pieces[0]), len(p[::20]))]
-        times: dict[str, list[float]] = {"before": [], "now": []}
-        answers = {}
-        for _ in range(reps):
-            for name, fn in (("before", unique_counted), ("now", shared_hashes)):
-                t = time.perf_counter()
-                answers[name] = fn(*pieces)
-                times[name].append(time.perf_counter() - t)
-        before, now = statistics.median(times["before"]), statistics.median(times["now"])
-        same = bool(np.array_equal(answers["before"], answers["now"]))
+        before, now, same = in_turn(lambda: unique_counted(*pieces), lambda: shared_hashes(*pieces), reps)
         print(f"| {n:,} | {before * 1e3:.0f} | {now * 1e3:.0f} | **{before / now:.2f}x** | {same} |")
     print()
 
@@ -85,15 +89,8 @@ def main() -> None:
         values = np.unique(rng.integers(0, 2**63, n, dtype=np.uint64))
         queries = rng.integers(0, 2**63, args.lookups, dtype=np.uint64)
         queries[::20] = values[rng.integers(0, len(values), len(queries[::20]))]
-        times: dict[str, list[float]] = {"before": [], "now": []}
-        answers = {}
-        for _ in range(args.reps):
-            for name, fn in (("before", in_hash_order), ("now", is_in_sorted)):
-                t = time.perf_counter()
-                answers[name] = fn(values, queries)
-                times[name].append(time.perf_counter() - t)
-        before, now = statistics.median(times["before"]), statistics.median(times["now"])
-        same = bool(np.array_equal(answers["before"], answers["now"]))
+        before, now, same = in_turn(lambda: in_hash_order(values, queries), lambda: is_in_sorted(values, queries),
+                                    args.reps)
         print(f"| {len(values):,} | {len(queries):,} | {before * 1e3:.1f} | {now * 1e3:.1f} | **{before / now:.2f}x** "
               f"| {same} |")
 

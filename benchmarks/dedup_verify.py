@@ -70,39 +70,25 @@ def timed(chunk: int, batch: dict[str, np.ndarray]) -> tuple[float, float, float
 
 
 def numbering(members: int, images: int, reps: int) -> None:
+    from dedup_lookup import in_turn
+
     from preprocessing.dedup.verify import image_ids
 
     rng = np.random.default_rng(1)
     names = np.array([f"{v:040x}" for v in rng.integers(0, 2**63, images)], dtype=object)
     keys = names[rng.integers(0, images, members)]
     as_unicode = keys.astype(str)  # what `member_rows` handed on before
-    times: dict[str, list[float]] = {"before": [], "now": []}
-    out = {}
-    for _ in range(reps):
-        t = time.perf_counter()
-        out["before"] = np.unique(as_unicode, return_inverse=True)[1].reshape(-1)
-        times["before"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        out["now"] = image_ids(keys)
-        times["now"].append(time.perf_counter() - t)
-    before, now = statistics.median(times["before"]), statistics.median(times["now"])
+    buckets = rng.integers(0, members // 4, members)  # bucket_members: rows ordered by (bucket, key)
     print(f"\n{members:,} member rows of {images:,} images, numbered in key order")
     print("| step | before, s | now, s | **ratio** | same |")
     print("| --- | --- | --- | --- | --- |")
-    print(f"| candidate_pairs: np.unique on unicode keys / image_ids on str keys | {before:.2f} | {now:.2f} | "
-          f"**{before / now:.2f}x** | {np.array_equal(out['before'], out['now'])} |")
-    buckets = rng.integers(0, members // 4, members)  # bucket_members: rows ordered by (bucket, key)
-    times = {"before": [], "now": []}
-    for _ in range(reps):
-        t = time.perf_counter()
-        out["before"] = np.lexsort((as_unicode, buckets))
-        times["before"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        out["now"] = np.lexsort((image_ids(as_unicode), buckets))
-        times["now"].append(time.perf_counter() - t)
-    before, now = statistics.median(times["before"]), statistics.median(times["now"])
-    print(f"| bucket_members: lexsort by unicode key / by image_ids | {before:.2f} | {now:.2f} | "
-          f"**{before / now:.2f}x** | {np.array_equal(out['before'], out['now'])} |")
+    for step, before_fn, now_fn in (
+            ("candidate_pairs: np.unique on unicode keys / image_ids on str keys",
+             lambda: np.unique(as_unicode, return_inverse=True)[1].reshape(-1), lambda: image_ids(keys)),
+            ("bucket_members: lexsort by unicode key / by image_ids",
+             lambda: np.lexsort((as_unicode, buckets)), lambda: np.lexsort((image_ids(as_unicode), buckets)))):
+        before, now, same = in_turn(before_fn, now_fn, reps)
+        print(f"| {step} | {before:.2f} | {now:.2f} | **{before / now:.2f}x** | {same} |")
 
 
 def main() -> None:
