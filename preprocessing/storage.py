@@ -211,7 +211,7 @@ def read_bytes(uri: str) -> bytes:
     return p.read_bytes()
 
 
-def write_bytes(uri: str, data: bytes) -> None:
+def write_bytes(uri: str, data: bytes | memoryview) -> None:
     """Write an object whole: locally through a temporary file and a rename, so readers never see half of it."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
