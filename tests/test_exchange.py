@@ -120,3 +120,21 @@ def test_a_steps_inputs_arrive_resolved_in_every_task(ray_cluster):
                   [exchange.Step("g", 3, _offset, {"by": 1}, tables)]):
         got = exchange.gather(exchange.run([ray.put(b) for b in blocks], steps))
         assert sorted(zip(got["g"], got["v"])) == sorted(zip(whole["g"], want))
+
+
+def test_totals_of_ray_data_blocks_read_one_column_of_each_block_where_it_lives(ray_cluster):
+    """`exchange.total` over a materialized dataset's Arrow blocks (what dedup's blank and kept counts sum): bool and
+    int8 columns, blocks of unequal sizes and an empty one, beside a column of pixels it does not need."""
+    import pyarrow as pa
+
+    ray = ray_cluster
+    rng = np.random.default_rng(0)
+    sizes = [0, 1, 700, 33, 1290]
+    tables = [pa.table({"blank": rng.random(n) < 0.3, "keep": rng.integers(0, 2, n).astype(np.int8),
+                        "crop": [bytes(rng.integers(0, 256, 192, dtype=np.uint8)) for _ in range(n)]})
+              for n in sizes]
+    refs = ray.data.from_arrow(tables).materialize().to_arrow_refs()
+    assert sorted(ray.get(r).num_rows for r in refs) == sorted(sizes)
+    assert exchange.total(refs, "blank") == sum(t["blank"].to_numpy().sum() for t in tables) > 0
+    assert exchange.total(refs, "keep") == sum(int(t["keep"].to_numpy().sum()) for t in tables) > 0
+    assert exchange.total(refs) == sum(sizes)

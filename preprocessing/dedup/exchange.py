@@ -139,14 +139,17 @@ def gather(refs: list) -> Batch:
 
 
 def total(refs: list, column: str | None = None) -> int:
-    """The sum of an integer column (None: the rows) over the batches behind `refs`, each summed where it lives."""
+    """The sum of an integer or bool column (None: the rows) over the batches or Ray Data blocks (Arrow tables) behind
+    `refs`, each summed where it lives; of a block, only that column is read."""
     import ray
 
     task = ray.remote(_column_total)
     return sum(ray.get([task.remote(r, column) for r in refs]))
 
 
-def _column_total(batch: Batch, column: str | None) -> int:
+def _column_total(batch: Any, column: str | None) -> int:
+    if not isinstance(batch, dict):  # a Ray Data block
+        return batch.num_rows if column is None else int(np.sum(batch.column(column).to_numpy(), dtype=np.int64))
     if not batch:
         return 0
     return len(next(iter(batch.values()))) if column is None else int(np.sum(batch[column], dtype=np.int64))
