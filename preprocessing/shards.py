@@ -133,8 +133,8 @@ def _leaf(field: pa.Field) -> str:
 
 
 def _parquet_bytes(table: pa.Table) -> pa.Buffer:
-    """The table as a Parquet file, in an Arrow buffer (a BytesIO sink copied every page in, then the whole file out:
-    ~0.8x the CPU to write a shard, benchmarks/shard_codec.py)."""
+    """The table as a Parquet file, in an Arrow buffer: a BytesIO sink copied every page in, then the whole file out
+    (benchmarks/RESULTS.md, the codec section)."""
     buf = pa.BufferOutputStream()
     # Pixels in Snappy, the codec every Parquet reader has: on 64x64 LSUN-layout crops (benchmarks/shard_codec.py)
     # the files are 2% larger than with zstd, and cost ~0.7x zstd's CPU to write and to read; every epoch of

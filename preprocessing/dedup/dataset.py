@@ -48,9 +48,10 @@ from preprocessing.dedup.views import cut_views, encode_views, encode_views_prob
 from preprocessing.errors import InputError
 from preprocessing.progress import Progress
 from preprocessing.dedup.semantic_hash import group_views
-# preprocessing.dedup.model imports torch (~0.8 s): it is imported where it is used, so that a CLI that only asks
-# whether this dedup is done, or submits it as a Ray job, never loads torch.
 from preprocessing.shards import DatasetError, images_of, shard_schema, write_table
+
+# preprocessing.dedup.model imports torch (~0.8 s): it is imported in the functions that use it, so that a CLI that
+# only asks whether this dedup is done, or submits it as a Ray job, never loads torch.
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,8 @@ def _read_shard(src_uri: str, entry: dict[str, Any]) -> pa.Table:
 def _total(ds, column: str) -> int:
     """The sum of a numeric or bool column of a materialized dataset: a plain task per block sums it where it lives
     (`exchange.total`). Ray Data's own `sum` is a hash aggregate, a shuffle that cost ~7 s for 8,000 rows on 2 CPUs;
-    a `map_batches` of partial sums was one more Ray Data execution, ~1.1 s of a 512-image dedup on the 3-node
-    cluster (its executor starting, its task scheduled), twice a dedup."""
+    a `map_batches` of partial sums was one more Ray Data execution (an executor started, a task scheduled) for one
+    sum, twice a dedup."""
     return exchange.total(ds.to_arrow_refs(), column)
 
 
@@ -117,7 +118,7 @@ def _total(ds, column: str) -> int:
 
 def _crops_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], crop: int,
                 sources: bool = False) -> dict[str, np.ndarray]:
-    from preprocessing.dedup.model import crops_of  # here, not at the top: the model module imports torch (~0.8 s)
+    from preprocessing.dedup.model import crops_of  # not at the top: torch (see the imports)
 
     cv2.setNumThreads(1)
     out: dict[str, list] = {"key": [], "shard": [], "row": [], "crop": [], "blank": [],
