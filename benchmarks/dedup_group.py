@@ -106,7 +106,7 @@ def _ray_data_groups(coded, src_uri, shards, cfg, code_bytes, partitions):
                .map_groups(member_rows, batch_format="numpy", fn_kwargs={"partitions": partitions}).materialize())
     if not members.count():
         return {}, {"candidates_checked": 0, "verified_edges": 0, "unchecked_members": 0}
-    left = dedup._total(members, "left")
+    [left] = dedup._totals(members, ("left",))
     checks = members
     if partitions > 1:
         checks = members.groupby("pair", num_partitions=partitions).map_groups(first_alignments, batch_format="numpy")

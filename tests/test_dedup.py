@@ -324,6 +324,37 @@ def test_only_codes_two_images_have_go_on_to_the_group_shuffle():
         assert len(empty) == partitions and not any(len(e) for e in empty)
 
 
+def test_phase_one_keeps_the_training_sample_and_counts_the_blank_rows_it_leaves_out(tmp_path, ray_cluster):
+    """With views > 1 encode reads the shards again, so phase 1 keeps only the `train_images` sample's crops (every
+    other row here); the blank count and the rows read still cover every row, blank ones placed where the sample
+    does not look included. With `views: 1` encode needs every crop: all rows kept, the sample taken later."""
+    from preprocessing.dedup.dataset import _crops, _training_sample, checked_entries
+
+    keys, images = _distinct_images(56)
+    images = images[:60].copy()
+    blank_at = [1, 3, 35]                                 # odd rows: never in the sample of every other row
+    images[blank_at] = 128
+    src = str(tmp_path / "src")
+    entries = [write_table(src, f"shards/part-{s:05d}.parquet", make_table(keys[a:b], images[a:b], ["src"] * (b - a)))
+               for s, (a, b) in enumerate(((0, 30), (30, 60)))]
+    write_manifest(src, kind="lsun", resolution=RES, shards=entries, rejects=[], reject_counts={}, inputs=60,
+                   params={"resolution": RES})
+    shards = checked_entries(read_manifest(src))
+    cfg = DedupConfig(train_images=30)
+    crops, blank_rows, sampled = _crops(src, shards, cfg, 60)
+    assert sampled and blank_rows == 3
+    rows = crops.take_all()
+    assert [(r["shard"], r["row"]) for r in rows] == [(s, r) for s in (0, 1) for r in range(0, 30, 2)]
+    assert sum(r["read"] for r in rows) == 60 and sum(r["blank"] for r in rows) == 3
+    assert all(np.array_equal(r["crop"], crops_of(images[30 * r["shard"] + r["row"]][None], cfg.crop)[0])
+               for r in rows)
+
+    one = cfg.model_copy(update={"views": 1})
+    crops, blank_rows, sampled = _crops(src, shards, one, 60)
+    assert not sampled and blank_rows == 3 and crops.count() == 60
+    assert _training_sample(crops, 60, one).count() == 30
+
+
 def test_the_training_sample_is_spread_over_every_block():
     assert list(training_rows(10, 1.0)) == list(range(10))
     rows = training_rows(2000, 0.1)

@@ -1,8 +1,9 @@
 """De-duplicating a dataset's shards with the paper's semantic hash (section 4.1), end to end on Ray.
 
 Stages, each a Ray job that scales out with the cluster:
-1. crops   one task per source shard reads it and keeps (key, shard, row, 32x32 center crop) and, with
-           `views` > 1, the 64x64 center square the other views are cut from (`views`); nothing else moves.
+1. crops   one task per source shard reads it, counts its blank crops and keeps (key, shard, row, 32x32 center crop)
+           of the rows the next phases need: with `views` > 1 only the autoencoder's training sample, since encode
+           reads the shards again; nothing else moves.
 2. train   the hashing autoencoder (`model.fit_ray`: one Ray task on CPUs, Ray Train on GPUs), on the dataset being
            de-duplicated.
 3. encode  every image -> its `views` codes (ReLU > 0 of the code layer, packed: 16 bytes for 128 bits); view 0, the
@@ -105,35 +106,42 @@ def _read_shard(src_uri: str, entry: dict[str, Any]) -> pa.Table:
     return table
 
 
-def _total(ds, column: str) -> int:
-    """The sum of a numeric or bool column of a materialized dataset: a plain task per block sums it where it lives
-    (`exchange.total`). Ray Data's own `sum` is a hash aggregate, a shuffle that cost ~7 s for 8,000 rows on 2 CPUs;
+def _totals(ds, columns: tuple[str, ...]) -> list[int]:
+    """The sums of numeric or bool columns of a materialized dataset: a plain task per block sums them where it lives
+    (`exchange.totals`). Ray Data's own `sum` is a hash aggregate, a shuffle that cost ~7 s for 8,000 rows on 2 CPUs;
     a `map_batches` of partial sums was one more Ray Data execution (an executor started, a task scheduled) for one
     sum, twice a dedup."""
-    return exchange.total(ds.to_arrow_refs(), column)
+    return exchange.totals(ds.to_arrow_refs(), columns)
 
 
 # ------------------------------------------------------------------------------------------------------ stages
 
 
 def _crops_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], crop: int,
-                sources: bool = False) -> dict[str, np.ndarray]:
+                sources: bool = False, fraction: float = 1.0) -> dict[str, np.ndarray]:
+    """Each listed shard read -> (key, shard, row, crop[, source], read, blank) of its rows, or, with `fraction` < 1,
+    of the `training_rows` it keeps. A kept row accounts for the rows read from it up to the next kept one: `read`
+    counts them and `blank` counts their blank crops, so the two columns sum to the shard's totals either way."""
     from preprocessing.dedup.model import crops_of  # not at the top: torch (see the imports)
 
     cv2.setNumThreads(1)
-    out: dict[str, list] = {"key": [], "shard": [], "row": [], "crop": [], "blank": [],
+    out: dict[str, list] = {"key": [], "shard": [], "row": [], "crop": [], "read": [], "blank": [],
                             **({"source": []} if sources else {})}
     for i in batch["shard"]:
         table = _read_shard(src_uri, shards[int(i)])
         n = table.num_rows
         images = images_of(table)
-        out["key"].append(np.asarray(table.column("key").to_pylist(), dtype=object))
-        out["shard"].append(np.full(n, i, np.int32))
-        out["row"].append(np.arange(n, dtype=np.int32))
-        out["crop"].append(crops_of(images, crop))
-        out["blank"].append(blank(out["crop"][-1]).astype(np.int8))
+        crops = crops_of(images, crop)
+        keep = training_rows(n, fraction)
+        rows = slice(None) if len(keep) == n else keep  # every row: no copies
+        out["key"].append(np.asarray(table.column("key").to_pylist(), dtype=object)[rows])
+        out["shard"].append(np.full(len(keep), i, np.int32))
+        out["row"].append(keep.astype(np.int32))
+        out["crop"].append(crops[rows])
+        out["read"].append(np.diff(keep, append=n).astype(np.int32))
+        out["blank"].append(np.add.reduceat(blank(crops).astype(np.int32), keep) if n else np.zeros(0, np.int32))
         if sources:
-            out["source"].append(view_sources(images, crop))
+            out["source"].append(view_sources(images[rows], crop))
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -285,10 +293,10 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
         return out
 
     try:
-        crops, blank_rows = phase("crops", 1, f"{rows_in} crops read; training the autoencoder",
-                                  _crops, src_uri, shards, cfg, rows_in)
-        state, losses, trained_on = phase("train", 2, "autoencoder trained; hashing", _train, crops, cfg, out_uri,
-                                          cluster, rows_in)
+        crops, blank_rows, sampled = phase("crops", 1, f"{rows_in} crops read; training the autoencoder",
+                                           _crops, src_uri, shards, cfg, rows_in)
+        state, losses, trained_on = phase("train", 2, "autoencoder trained; hashing", _train, crops, sampled, cfg,
+                                          out_uri, cluster, rows_in)
         coded = phase("encode", 3, f"{rows_in} codes; grouping", _encode, crops, state, cfg, src_uri, shards)
         decisions, checks = phase("group", 4, "grouped; writing the kept rows",
                                   _group, coded, src_uri, shards, cfg, rows_in)
@@ -336,46 +344,56 @@ def _per_shard(shards: list[dict]):
 
 
 def _crops(src_uri: str, shards: list[dict], cfg: DedupConfig, rows_in: int):
-    """1. One task per source shard: (key, shard, row, crop[, view source]) of every row; refuses an all-blank set."""
-
+    """1. One task per source shard: (key, shard, row, crop) of the rows the next phases need, and the blank count of
+    all of them; refuses an all-blank set. With `views` > 1 encode reads the shards again, so only the training sample
+    is kept (`train_images`, `_sample_fraction`): at 3M images 200k crops in the object store, not 3M (9 GB).
+    Returns (crops, blank rows, whether the crops are already the training sample)."""
+    fraction = 1.0 if cfg.views == 1 else _sample_fraction(cfg, rows_in)
     crops = (_per_shard(shards)
              .map_batches(_crops_task, batch_size=1, batch_format="numpy",
-                          fn_kwargs={"src_uri": src_uri, "shards": shards, "crop": cfg.crop})
+                          fn_kwargs={"src_uri": src_uri, "shards": shards, "crop": cfg.crop, "fraction": fraction})
              .materialize())
-    if crops.count() != rows_in:
-        raise DatasetError(f"{src_uri}: read {crops.count()} rows, the shard list says {rows_in}")
-    blank_rows = _total(crops, "blank")
+    read, blank_rows = _totals(crops, ("read", "blank"))
+    if read != rows_in:
+        raise DatasetError(f"{src_uri}: read {read} rows, the shard list says {rows_in}")
     if blank_rows == rows_in:
         raise InputError(f"{src_uri}: all {rows_in} images are blank (pixel std < {BLANK_STD:g} in the "
                          f"{cfg.crop}x{cfg.crop} crop): nothing to de-duplicate; check the build, or pass --no-dedup")
-    return crops, blank_rows
+    return crops, blank_rows, cfg.views > 1
 
 
 def training_rows(n: int, fraction: float) -> np.ndarray:
     """Rows of a block of n that the autoencoder trains on: every (1/fraction)-th, spread over the whole block (shards
     are in key order, which may follow time or source), at least one."""
-    if fraction >= 1:
+    if fraction >= 1 or n == 0:
         return np.arange(n)
     return np.unique(np.minimum((np.arange(max(1, round(n * fraction))) / fraction).astype(np.int64), n - 1))
 
 
+def _sample_fraction(cfg: DedupConfig, rows_in: int) -> float:
+    """The share of the rows the autoencoder trains on: all, or `train_images` of them."""
+    return 1.0 if cfg.train_images is None or rows_in <= cfg.train_images else cfg.train_images / rows_in
+
+
 def _training_sample(crops, rows_in: int, cfg: DedupConfig):
     """The crops the autoencoder trains on: all of them, or `train_images` of them taken evenly from every block."""
-    if cfg.train_images is None or rows_in <= cfg.train_images:
-        return crops, rows_in
-    fraction = cfg.train_images / rows_in
-    sample = crops.map_batches(lambda b: {k: v[training_rows(len(v), fraction)] for k, v in b.items()},
-                               batch_format="numpy", batch_size=None).materialize()
-    return sample, sample.count()
+    fraction = _sample_fraction(cfg, rows_in)
+    if fraction >= 1:
+        return crops
+    return crops.map_batches(lambda b: {k: v[training_rows(len(v), fraction)] for k, v in b.items()},
+                             batch_format="numpy", batch_size=None).materialize()
 
 
-def _train(crops, cfg: DedupConfig, out_uri: str, cluster: ClusterConfig | None, rows_in: int
+def _train(crops, sampled: bool, cfg: DedupConfig, out_uri: str, cluster: ClusterConfig | None, rows_in: int
            ) -> tuple[dict, list[float], int]:
-    """2. The hashing autoencoder on Ray (`fit_ray`; on at most `train_images` of the crops); its weights saved beside the
-    dataset. Returns (weights, epoch losses, images trained on)."""
+    """2. The hashing autoencoder on Ray (`fit_ray`; on at most `train_images` of the crops, which phase 1 may have
+    `sampled` already); its weights saved beside the dataset. Returns (weights, epoch losses, images trained on)."""
     from preprocessing.dedup.model import fit_ray, save_state
 
-    sample, trained_on = _training_sample(crops.select_columns(["crop"]), rows_in, cfg)
+    sample = crops.select_columns(["crop"])
+    if not sampled:
+        sample = _training_sample(sample, rows_in, cfg)
+    trained_on = sample.count()
     with tempfile.TemporaryDirectory(prefix="dcgan-dedup-") as tmp:
         train_dir = dataset_layout.dedup_training(out_uri) if storage.is_s3(out_uri) else tmp
         state, losses = fit_ray(sample, cfg, train_dir, cluster)
@@ -422,7 +440,7 @@ def _group(coded, src_uri: str, shards: list[dict], cfg: DedupConfig, rows_in: i
 
 def _check_removal(decisions, src_uri: str, rows_in: int, cfg: DedupConfig) -> None:
     """`max_removed`, the last guard: a hash that collapsed to few codes removes most rows; nothing is written."""
-    kept = _total(decisions, "keep")
+    [kept] = _totals(decisions, ("keep",))
     if rows_in - kept > cfg.max_removed * rows_in:
         raise DatasetError(
             f"{src_uri}: the hash would remove {rows_in - kept} of {rows_in} rows (more than dedup.max_removed = "

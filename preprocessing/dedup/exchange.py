@@ -141,10 +141,20 @@ def gather(refs: list) -> Batch:
 def total(refs: list, column: str | None = None) -> int:
     """The sum of an integer or bool column (None: the rows) over the batches or Ray Data blocks (Arrow tables) behind
     `refs`, each summed where it lives; of a block, only that column is read."""
+    return totals(refs, (column,))[0]
+
+
+def totals(refs: list, columns: tuple[str | None, ...]) -> list[int]:
+    """`total` of several columns in one task a block."""
     import ray
 
-    task = ray.remote(_column_total)
-    return sum(ray.get([task.remote(r, column) for r in refs]))
+    task = ray.remote(_column_totals)
+    return [int(v) for v in np.sum(ray.get([task.remote(r, columns) for r in refs]), axis=0, dtype=np.int64)] \
+        if refs else [0] * len(columns)
+
+
+def _column_totals(batch: Any, columns: tuple[str | None, ...]) -> list[int]:
+    return [_column_total(batch, c) for c in columns]
 
 
 def _column_total(batch: Any, column: str | None) -> int:
