@@ -164,6 +164,30 @@ def test_near_duplicates_collapse_and_distinct_images_survive(trained):
     assert len({groups[i] for i in photos}) == len(photos), "distinct photos collided"
 
 
+def test_the_denoising_noise_drawn_in_the_basis_is_pixel_noise_as_the_encoder_reads_it(trained):
+    """Training corrupts a crop with N(0, s^2 I) in 3,072 pixels, but draws it in the whitening basis's 32 dimensions
+    (`HashAutoencoder.forward`): the code pre-activations must move as they do under pixel noise. Compared over 50,000
+    draws each: the mean shift and the covariance of the noise in the code layer (128 x 128)."""
+    from preprocessing.dedup.model import HashAutoencoder, whitening, chunks_of
+
+    cfg, keys, crops, origin, state, losses = trained
+    basis, center = whitening(chunks_of(torch.as_tensor(crops)), cfg)
+    assert basis.shape == (cfg.whiten, 3 * cfg.crop ** 2)
+    torch.manual_seed(0)
+    model = HashAutoencoder.from_config(cfg.model_copy(update={"dropout": 0.0}), basis, center)
+    model.encoder.weight.data.normal_(0, 1)  # random codes: every direction of the basis matters
+    x, s, n = inputs_of(crops[:1]), 0.1, 10_000
+    with torch.no_grad():
+        clean = model.pre_code(x)
+        drawn = torch.cat([model(x.expand(n, -1), s)[1] for _ in range(5)]) - clean                  # in the basis
+        pixels = torch.cat([model.pre_code(x + s * torch.randn(n, x.shape[1])) for _ in range(5)]) - clean  # pixels
+        assert torch.allclose(model(x)[1], clean, atol=1e-5)  # and no noise is no noise
+    assert drawn.mean(0).abs().max() < 0.05 * pixels.std(0).mean()
+    cov_d, cov_p = torch.cov(drawn.T), torch.cov(pixels.T)
+    off = float(torch.linalg.matrix_norm(cov_d - cov_p) / torch.linalg.matrix_norm(cov_p))
+    assert off < 0.1, off  # ~0.04 from sampling alone; a wrong scale or root of the covariance is >= 0.5
+
+
 def test_training_and_codes_are_deterministic(trained):
     cfg, keys, crops, origin, state, losses = trained
     again, losses2 = fit_local(crops, cfg)
