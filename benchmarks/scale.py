@@ -547,6 +547,13 @@ def stage_argv(stage: str, uris: tuple[str, str, str], lmdb_path: str, steps: in
     return dcgan + ["evaluate", "--run", run, "--suite", "samples", "--json"]
 
 
+def dedup_phases(dataset: str) -> dict[str, float]:
+    """Wall seconds of each dedup phase (crops, train, encode, group, write), from the report the dedup wrote."""
+    from preprocessing import dataset_layout, storage
+
+    return storage.read_json(dataset_layout.dedup_report(dataset))["seconds"]
+
+
 def kept_keys(dataset: str) -> set[str]:
     """The keys of every row a dataset (local or s3://) holds, through its manifest."""
     import io
@@ -601,12 +608,16 @@ def measure(n: int, work: Path, steps: int, seed: int, cache: Path | None, stage
         if stage == "dedup":
             kept = kept_keys(uris[1])
             fig.update(dedup_recall(truth["pairs"], kept, n, len(kept)))
+            fig["phases_s"] = dedup_phases(uris[1])
         out["stages"][stage] = fig
         s3 = (f", S3 {fig['s3_requests']} requests, {fig['s3_bytes_put'] / 2**20:.0f} MiB put, "
               f"{fig['s3_bytes_got'] / 2**20:.0f} MiB got" if after else "")
         print(f"[scale] N={n} {stage}: {wall:.1f} s ({cpu:.0f} CPU s), driver {peaks.driver_rss / 2**20:.0f} MiB, tree "
               f"{peaks.tree_anon / 2**20:.0f} MiB, store {peaks.object_store / 2**20:.0f} MiB, spilled "
               f"{peaks.spilled / 2**20:.0f} MiB{s3}", file=sys.stderr, flush=True)
+        if "phases_s" in fig:
+            print(f"[scale] N={n} dedup phases, wall s: " + ", ".join(
+                f"{k.removesuffix('_s')} {v:.1f}" for k, v in fig["phases_s"].items()), file=sys.stderr, flush=True)
     return out
 
 

@@ -297,6 +297,8 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
                                            _crops, src_uri, shards, cfg, rows_in)
         state, losses, trained_on = phase("train", 2, "autoencoder trained; hashing", _train, crops, sampled, cfg,
                                           out_uri, cluster, rows_in)
+        if sampled:  # the training sample is done with: its blocks leave the object store before the codes come
+            crops = None
         coded = phase("encode", 3, f"{rows_in} codes; grouping", _encode, crops, state, cfg, src_uri, shards)
         decisions, checks = phase("group", 4, "grouped; writing the kept rows",
                                   _group, coded, src_uri, shards, cfg, rows_in)
@@ -404,9 +406,9 @@ def _train(crops, sampled: bool, cfg: DedupConfig, out_uri: str, cluster: Cluste
 
 
 def _encode(crops, state: dict, cfg: DedupConfig, src_uri: str, shards: list[dict]):
-    """3. Every image to its `views` codes (the encoder only: hashing needs no decoder). One view: from the crops in
-    the object store. More: each source shard is read again and its views cut inside the task; carried from phase 1
-    they were 4x the crops in the object store (12 KB an image at crop 32; ~36 GB at 3M)."""
+    """3. Every image to its `views` codes (the encoder only: hashing needs no decoder). One view: from phase 1's crops
+    in the object store. More (`crops` None): each source shard is read again and its views cut inside the task;
+    carried from phase 1 they were 4x the crops in the object store (12 KB an image at crop 32; ~36 GB at 3M)."""
 
     state_np = {k: v.numpy() for k, v in state.items() if k.startswith("encoder.")}
     if cfg.views == 1:
