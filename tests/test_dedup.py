@@ -188,6 +188,18 @@ def test_the_denoising_noise_drawn_in_the_basis_is_pixel_noise_as_the_encoder_re
     assert off < 0.1, off  # ~0.04 from sampling alone; a wrong scale or root of the covariance is >= 0.5
 
 
+def test_the_whitening_pass_pools_as_the_pooling_matrix_does(trained):
+    """`model.pooled` (sums of neighbours) gives exactly the values of the pooling matrix's product, which the basis was
+    estimated with before, on real photo crops at 32 px and on an odd crop (no pooling)."""
+    from preprocessing.dedup.model import pooled, pooling_matrix
+
+    cfg, keys, crops, origin, state, losses = trained
+    x = inputs_of(crops)
+    assert torch.equal(pooled(x, 32), x.double() @ pooling_matrix(32).T)
+    odd = inputs_of(crops_of(np.repeat(np.repeat(crops, 2, 1), 2, 2), 31))
+    assert torch.equal(pooled(odd, 31), odd.double() @ pooling_matrix(31).T)
+
+
 def test_training_and_codes_are_deterministic(trained):
     cfg, keys, crops, origin, state, losses = trained
     again, losses2 = fit_local(crops, cfg)
