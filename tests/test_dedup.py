@@ -396,6 +396,7 @@ def test_the_training_sample_is_spread_over_every_block():
     rows = training_rows(2000, 0.1)
     assert len(rows) == 200 and rows[0] == 0 and rows[-1] >= 1980 and (np.diff(rows) == 10).all()
     assert len(training_rows(7, 0.01)) == 1 and list(training_rows(3, 0.5)) == [0, 2]
+    assert len(training_rows(0, 0.5)) == len(training_rows(0, 1.0)) == 0  # an empty shard keeps nothing
 
 
 def test_a_code_partition_sends_on_its_checks_not_every_bucket_member():

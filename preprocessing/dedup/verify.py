@@ -24,7 +24,8 @@ checked in up to `ALIGNMENTS` of those buckets (each its own alignment) and veri
 hashing (`dedup.probes`: codes one bit away at a view's least certain bits also propose pairs) made the candidates
 reach the copies whose codes never met their original's (~16% of the shift/crop copies): with 2 probes a view, 8
 alignments (4 before) and `MAX_REL` 0.08 (0.10 before), shift/crop recall 0.820-0.827 at 0.17-0.87 false positives per
-100 over seeds 0-3, still no distinct digit or mosaic grouped (RESULTS.md, "Multi-probe hashing").
+100 over seeds 0-3, still no distinct digit or mosaic grouped (RESULTS.md, "Multi-probe hashing"); 0.806-0.828 at
+0.00-0.85 over seeds 0-7 with the training noise drawn in the whitening basis (docs/dedup.md).
 
 Bounded work: equal codes are bucketed per hash partition; a bucket of s images yields the pairs between its
 `LEADERS` smallest keys and every other member (all pairs when s <= LEADERS + 1), so at most LEADERS x s checks, and
