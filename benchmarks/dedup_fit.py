@@ -46,7 +46,7 @@ def crops(n: int) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, nargs="+", default=[512, 20_000])
+    ap.add_argument("--n", type=int, nargs="+", help="crops (default 512 and 20,000; with --in-process 200,000)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--in-process", action="store_true", help="the whitening pass and the epochs against the code "
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="with --in-process: epochs of each training")
     args = ap.parse_args()
     if args.in_process:
-        in_process(args.n if args.n != [512, 20_000] else [200_000], args.reps, args.epochs, args.cpus)
+        in_process(args.n or [200_000], args.reps, args.epochs, args.cpus)
         return
 
     import ray
@@ -68,7 +68,7 @@ def main() -> None:
     cfg, cluster = DedupConfig(), ClusterConfig()
     print("| crops | Ray Train, 1 worker: wall s (runs) | one Ray task: wall s (runs) | **ratio** | same losses |")
     print("| --- | --- | --- | --- | --- |")
-    for n in args.n:
+    for n in args.n or [512, 20_000]:
         x = crops(n)
         ds = ray.data.from_numpy(x).rename_columns({"data": "crop"}).repartition(8).materialize()
         times: dict[str, list[float]] = {"ray-train": [], "task": []}
@@ -94,16 +94,15 @@ def in_process(sizes: list[int], reps: int, epochs: int, threads: int) -> None:
     import torch
 
     from preprocessing.config import DedupConfig
-    from preprocessing.dedup.model import HashAutoencoder, Moments, chunks_of, inputs_of, shuffled_batches, train_epochs
+    from preprocessing.dedup import model
+    from preprocessing.dedup.model import HashAutoencoder, chunks_of, shuffled_batches, train_epochs, whitening
 
-    class MatrixMoments(Moments):
-        """The pass before `model.pooled`: each chunk's product with the (768, 3072) float64 pooling matrix."""
+    torch.set_num_threads(threads)
+    cfg = DedupConfig(epochs=epochs)
+    sums_of_neighbours, matrix = model.pooled, model.pooling_matrix(cfg.crop).T  # the matrix made once, as before
 
-        def add(self, chunk) -> None:
-            z = inputs_of(chunk).double() @ self.pool.T
-            self.n += len(z)
-            self.sum += z.sum(0)
-            self.outer += z.T @ z
+    def by_matrix(x, crop):  # the pooling before `model.pooled`: the (768, 3072) float64 pooling matrix's product
+        return x.double() @ matrix
 
     class PixelNoise(HashAutoencoder):
         """The forward before: the noise drawn in the pixels, then read through the basis."""
@@ -111,8 +110,6 @@ def in_process(sizes: list[int], reps: int, epochs: int, threads: int) -> None:
         def forward(self, x, noise: float = 0.0):
             return super().forward(x + noise * torch.randn_like(x) if noise else x)
 
-    torch.set_num_threads(threads)
-    cfg = DedupConfig(epochs=epochs)
     print("| crops | part | before: s (runs) | now: s (runs) | **ratio** | same result |")
     print("| --- | --- | --- | --- | --- | --- |")
     for n in sizes:
@@ -120,13 +117,12 @@ def in_process(sizes: list[int], reps: int, epochs: int, threads: int) -> None:
         times: dict[str, list[float]] = {"before": [], "now": []}
         bases = {}
         for _ in range(reps):
-            for name, kind in (("before", MatrixMoments), ("now", Moments)):
+            for name, pool in (("before", by_matrix), ("now", sums_of_neighbours)):
+                model.pooled = pool  # what `Moments.add` pools with
                 t = time.perf_counter()
-                moments = kind(cfg.crop)
-                for chunk in chunks_of(data):
-                    moments.add(chunk)
-                bases[name] = moments.basis(cfg.whiten)
+                bases[name] = whitening(chunks_of(data), cfg)
                 times[name].append(time.perf_counter() - t)
+        model.pooled = sums_of_neighbours
         same = all(torch.equal(a, b) for a, b in zip(bases["before"], bases["now"]))
         _row(n, "whitening pass", times, str(same))
         basis, center = bases["now"]
@@ -148,7 +144,8 @@ def in_process(sizes: list[int], reps: int, epochs: int, threads: int) -> None:
 def _row(n: int, part: str, times: dict[str, list[float]], same: str) -> None:
     before, now = statistics.median(times["before"]), statistics.median(times["now"])
     print(f"| {n:,} | {part} | {before:.2f} ({' / '.join(f'{v:.2f}' for v in times['before'])}) | "
-          f"{now:.2f} ({' / '.join(f'{v:.2f}' for v in times['now'])}) | **{before / now:.2f}x** | {same} |", flush=True)
+          f"{now:.2f} ({' / '.join(f'{v:.2f}' for v in times['now'])}) | **{before / now:.2f}x** | {same} |",
+          flush=True)
 
 
 if __name__ == "__main__":

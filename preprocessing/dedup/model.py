@@ -92,7 +92,7 @@ def pooling_matrix(crop: int, pool: int = POOL) -> torch.Tensor:
 def pooled(x: torch.Tensor, crop: int) -> torch.Tensor:
     """(N, 3*crop*crop) HWC-flattened float -> float64 `x @ pooling_matrix(crop).T`, as sums of neighbours: the same
     values (a quarter of a float32 is exact in float64, and so are sums of four) without the matmul's 3,068 zero
-    products for every pooled value; the whitening pass 1.84x faster at 200k crops (benchmarks/dedup_fit.py
+    products for every pooled value; the whitening pass 1.77-1.84x faster at 200k crops (benchmarks/dedup_fit.py
     --in-process)."""
     x = x.double()
     if crop % POOL:
@@ -174,8 +174,8 @@ class HashAutoencoder(nn.Module):
         corruption: the caller compares the reconstruction with the clean x).
 
         With a basis the encoder reads only the input's projection on it, and the projection of N(0, noise^2 I) is
-        N(0, noise^2 B B^T): the same corruption is drawn in the basis's k dimensions, not in 3,072 (CPU epochs 1.55x
-        faster at 200k crops, benchmarks/dedup_fit.py --in-process)."""
+        N(0, noise^2 B B^T): the same corruption is drawn in the basis's k dimensions, not in 3,072 (CPU epochs
+        1.44-1.55x faster at 200k crops, benchmarks/dedup_fit.py --in-process)."""
         if not noise:
             h = self.pre_code(x)
         elif self.basis is None:
