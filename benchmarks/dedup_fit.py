@@ -12,7 +12,7 @@ in a materialized Ray Dataset of 8 blocks, on a local Ray with `--cpus` CPUs; de
 Run: `.venv/bin/python benchmarks/dedup_fit.py` (about 2 minutes on 2 cores).
 
 `--in-process` measures instead what the fit itself spends, in this process on `--n` crops (default 200,000, the
-`train_images` cap), each against the code it replaced, in turn, in one run:
+`train_images` cap until it became 50,000), each against the code it replaced, in turn, in one run:
   whitening  the basis's pass over the crops: 2x2 pooling as sums of neighbours (`model.pooled`) against the pooling
              matrix's float64 product; prints whether the two bases are equal.
   epochs     training epochs with the denoising noise drawn in the whitening basis (`HashAutoencoder.forward`)

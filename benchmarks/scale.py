@@ -533,13 +533,14 @@ class ClusterWithS3:
                 "s3_bytes_got": self.proxy.bytes_out}
 
 
-def stage_argv(stage: str, uris: tuple[str, str, str], lmdb_path: str, steps: int) -> list[str]:
+def stage_argv(stage: str, uris: tuple[str, str, str], lmdb_path: str, steps: int,
+               dedup_set: tuple[str, ...] = ()) -> list[str]:
     dcgan = [sys.executable, "-m", "dcgan.cli"]
     ds, dd, run = uris
     if stage == "build-lsun":
         return dcgan + ["build-lsun", lmdb_path, "--out", ds, "--no-dedup", "--quiet", "--json"]
     if stage == "dedup":
-        return dcgan + ["dedup", ds, "--out", dd, "--json"]
+        return dcgan + ["dedup", ds, "--out", dd, "--json"] + [a for kv in dedup_set for a in ("--set", kv)]
     if stage == "train":
         return dcgan + ["train", "--data", dd, "--run", run, "--steps", str(steps), "--json",
                         "--set", "model.ngf=16", "--set", "model.ndf=16", "--set", "train.batch_size=64",
@@ -586,19 +587,22 @@ def ensure_lmdbs(ns: list[int], folder: Path, seed: int) -> dict[int, str]:
     return paths
 
 
-def measure(n: int, work: Path, steps: int, seed: int, cache: Path | None, stages=STAGES, place=None) -> dict:
-    """Generate (or reuse) the LMDB of n images and run the stages on it at `place`; one dict of figures."""
+def measure(n: int, work: Path, steps: int, seed: int, cache: Path | None, stages=STAGES, place=None,
+            dedup_set: tuple[str, ...] = ()) -> dict:
+    """Generate (or reuse) the LMDB of n images and run the stages on it at `place`; one dict of figures.
+    `dedup_set`: config overrides for the dedup stage (`--set dedup.FIELD=VALUE`), recorded with the figures."""
     place = place or LocalRay()
     work.mkdir(parents=True, exist_ok=True)
     lmdb_path = ensure_lmdbs([n], cache or work, seed)[n]
     truth = json.loads(Path(lmdb_path + ".truth.json").read_text())
     print(f"[scale] N={n} on {place.name}: LMDB {truth['bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
-    out = {"n": n, "place": place.name, "lmdb_bytes": truth["bytes"], "stages": {}}
+    out = {"n": n, "place": place.name, "lmdb_bytes": truth["bytes"], "stages": {},
+           **({"dedup_set": list(dedup_set)} if dedup_set else {})}
     uris = place.uris(work)
     for stage in stages:
         before = place.traffic()
         with place.stage() as (env, ray_tmp, nodes):
-            wall, cpu, peaks = run_measured(stage_argv(stage, uris, lmdb_path, steps), env, ray_tmp,
+            wall, cpu, peaks = run_measured(stage_argv(stage, uris, lmdb_path, steps, dedup_set), env, ray_tmp,
                                             work / f"{stage}.log", nodes)
         after = place.traffic()
         fig = {"wall_s": wall, "cpu_s": cpu, "driver_rss": peaks.driver_rss, "driver_anon": peaks.driver_anon,
@@ -696,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", help="folder to keep generated LMDBs in between runs (default: inside --work)")
     p.add_argument("--generate-only", action="store_true", help="only make the LMDBs in --cache")
     p.add_argument("--json", help="write the raw figures here")
+    p.add_argument("--dedup-set", action="append", default=[], metavar="dedup.FIELD=VALUE",
+                   help="a config override for the dedup stage, e.g. dedup.train_images=200000 (repeatable)")
     p.add_argument("--warm-memory", action="store_true", help="first touch all but 2 GiB of the available memory "
                    "once (benchmarks/box_memory.py): on a VM that backs memory lazily, the first run to reach it pays "
                    "seconds per GiB in the kernel; recorded in --json as `warm_memory`")
@@ -727,7 +733,8 @@ def main(argv: list[str] | None = None) -> int:
                 for n in sorted(args.n):
                     stages = [s for s in args.stages if s == "build-lsun" or not args.full_upto
                               or n <= args.full_upto]
-                    results.append(measure(n, base / where / f"n{n}", args.steps, args.seed, cache, stages, place))
+                    results.append(measure(n, base / where / f"n{n}", args.steps, args.seed, cache, stages, place,
+                                           tuple(args.dedup_set)))
                     if args.json:
                         Path(args.json).write_text(json.dumps({"cores": cores, **box, "results": results}, indent=1))
     finally:

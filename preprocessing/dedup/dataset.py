@@ -348,7 +348,7 @@ def _per_shard(shards: list[dict]):
 def _crops(src_uri: str, shards: list[dict], cfg: DedupConfig, rows_in: int):
     """1. One task per source shard: (key, shard, row, crop) of the rows the next phases need, and the blank count of
     all of them; refuses an all-blank set. With `views` > 1 encode reads the shards again, so only the training sample
-    is kept (`train_images`, `_sample_fraction`): at 3M images 200k crops in the object store, not 3M (9 GB).
+    is kept (`train_images`, `_sample_fraction`): at 3M images 50k crops in the object store, not 3M (9 GB).
     Returns (crops, blank rows, whether the crops are already the training sample)."""
     fraction = 1.0 if cfg.views == 1 else _sample_fraction(cfg, rows_in)
     crops = (_per_shard(shards)

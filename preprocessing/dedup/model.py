@@ -297,7 +297,7 @@ def shuffled_batches(data: torch.Tensor, cfg: DedupConfig) -> Callable[[], Itera
 
 
 # A Ray Train worker holds its share of the training crops in memory when it is at most this many (3 KB a crop at
-# crop 32: 1.5 GB; the default `train_images` cap, 200k, is 600 MB on one CPU worker) and trains on it as `fit_local`
+# crop 32: 1.5 GB; the default `train_images` cap, 50k, is 150 MB on one CPU worker) and trains on it as `fit_local`
 # does; a larger share streams from Ray Data every epoch, as before.
 IN_MEMORY_ROWS = 500_000
 TRAIN_THREADS = 4  # torch threads of a CPU worker once its crops are in memory (Ray Data no longer needs the CPUs)
@@ -307,7 +307,7 @@ def fit_ray(crops_ds, cfg: DedupConfig, storage_path: str, cluster: ClusterConfi
             ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Train on Ray from a materialized Ray Dataset with a uint8 `crop` column; returns (state_dict, epoch losses).
 
-    On CPUs, up to `IN_MEMORY_ROWS` crops (the default `train_images` cap is 200k): one plain Ray task that holds them
+    On CPUs, up to `IN_MEMORY_ROWS` crops (the default `train_images` cap is 50k): one plain Ray task that holds them
     in memory and trains as `fit_local` does (`fit_task`), with up to `TRAIN_THREADS` torch threads; Ray runs it again
     on a lost node up to `cluster.max_failures` times. Otherwise on Ray Train, launched as the GAN's training is
     (`preprocessing.ray_train`: the same failure policy, retries and faults), on the workers `cluster` asks for:
