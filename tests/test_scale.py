@@ -63,6 +63,21 @@ def test_dedup_recall_counts_pairs_and_other_removals():
     assert r["removed"] == 3 and r["other_removed"] == 1
 
 
+def test_dedup_overrides_reach_the_dedup_commands_config():
+    """`--dedup-set` (how the 300k runs compared `dedup.train_images` 200k with the 50k default): the dedup stage's
+    command line resolves to a config with those values, and the default where none is given."""
+    from dcgan.cli import build_parser
+    from dcgan.commands import config_of
+
+    def dedup_config(*sets):
+        argv = scale.stage_argv("dedup", ("ds", "dd", "run"), "lmdb", 5, sets)
+        return config_of(build_parser().parse_args(argv[3:])).dedup
+
+    cfg = dedup_config("dedup.train_images=200000", "dedup.seed=1")
+    assert (cfg.train_images, cfg.seed) == (200_000, 1)
+    assert dedup_config().train_images == 50_000
+
+
 def test_monitor_sees_a_childs_peak_memory(tmp_path):
     """A child that allocates 300 MiB and frees it: the driver's VmHWM and the tree's private memory show it."""
     code = ("import time, subprocess, sys\n"
