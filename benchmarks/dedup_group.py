@@ -58,7 +58,9 @@ def main() -> None:
     rows_in = sum(e["rows"] for e in entries)
     for probes in args.probes:
         cfg = DedupConfig(probes=probes)
-        crops, _ = dedup._crops(args.data, entries, cfg, rows_in)
+        # as `dataset.deduplicate` runs it: with views, encode reads the shards itself and phase 1's crops (the
+        # training sample) are not needed
+        crops = dedup._crops(args.data, entries, cfg, rows_in)[0] if cfg.views == 1 else None
         coded = dedup._encode(crops, load_state(args.model), cfg, args.data, entries).materialize()
         code_bytes = (cfg.code_bits + 7) // 8
         print(f"{args.data}: {rows_in} images, views {cfg.views}, probes {probes}")

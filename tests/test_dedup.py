@@ -852,6 +852,36 @@ def test_benchmark_mosaics_are_distinct_and_share_quadrants():
     assert shared3 >= 1  # some pair agrees on three quadrants
 
 
+@pytest.mark.slow
+def test_the_group_benchmark_runs_on_a_built_dataset_and_its_partition_counts_agree(trained, tmp_path):
+    """benchmarks/dedup_group.py drives the dedup phases' own functions, and broke unseen once when one of them
+    changed. On two shards of photos, digits and their copies with a saved model it runs end to end, and 1 and 2
+    code partitions group the same images (some)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from preprocessing.dedup.model import save_state
+
+    cfg, keys, crops, _, state, _ = trained  # images at RES = the crop: the crops are the images
+    src, model = str(tmp_path / "src"), str(tmp_path / "model.pt")
+    half = len(keys) // 2
+    entries = [write_table(src, f"shards/part-{s:05d}.parquet", make_table(keys[a:b], crops[a:b], ["src"] * (b - a)))
+               for s, (a, b) in enumerate(((0, half), (half, len(keys))))]
+    write_manifest(src, kind="lsun", resolution=RES, shards=entries, rejects=[], reject_counts={}, inputs=len(keys),
+                   params={"resolution": RES})
+    save_state(state, model)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as a user runs it
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "dedup_group.py"), src, "--model", model,
+                          "--partitions", "1", "2"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split() for line in run.stdout.splitlines() if line.split()[:2] in (["1", "now"], ["2", "now"])]
+    assert len(rows) == 2 and rows[0][-1] == rows[1][-1] and int(rows[0][-1]) > 0, run.stdout
+    assert run.stdout.count("same groups as the first run (1 partition(s)): True") == 2, run.stdout
+
+
 def test_group_stage_shuffles_are_sized_to_the_data_and_the_cluster():
     """Every groupby of the group stage gets as many partitions as it has keys: Ray Data's default of 200 made a
     2,000-image dedup on the 3-node cluster spend most of its minutes starting shuffle tasks (benchmarks/scale.py)."""
