@@ -130,9 +130,9 @@ def in_process(sizes: list[int], reps: int, epochs: int, threads: int) -> None:
         for _ in range(reps):
             for name, kind in (("before", PixelNoise), ("now", HashAutoencoder)):
                 torch.manual_seed(cfg.seed)
-                model = kind.from_config(cfg, basis, center)
+                net = kind.from_config(cfg, basis, center)  # not `model`: that is the module patched above
                 marks = [time.perf_counter()]
-                losses[name] = train_epochs(model, shuffled_batches(data, cfg), cfg,
+                losses[name] = train_epochs(net, shuffled_batches(data, cfg), cfg,
                                             on_epoch=lambda epoch, loss: marks.append(time.perf_counter()))
                 times[name].append(marks[-1] - marks[-2])
                 print(f"[dedup_fit] {n} crops, epochs, {name}: {[round(b - a, 2) for a, b in zip(marks, marks[1:])]} s",
