@@ -69,6 +69,15 @@ def _with_copies(keys: list[str], images: np.ndarray, every: int = 3):
     return out_k, np.stack(out_i), np.array(origin)
 
 
+def _two_shards(src: str, keys: list[str], images: np.ndarray) -> None:
+    """A built dataset at `src`: the images in two shards (first half, second half) and its manifest."""
+    half = len(keys) // 2
+    entries = [write_table(src, f"shards/part-{s:05d}.parquet", make_table(keys[a:b], images[a:b], ["src"] * (b - a)))
+               for s, (a, b) in enumerate(((0, half), (half, len(keys))))]
+    write_manifest(src, kind="lsun", resolution=images.shape[1], shards=entries, rejects=[], reject_counts={},
+                   inputs=len(keys), params={"resolution": images.shape[1]})
+
+
 # ------------------------------------------------------------------------------------------------------ grouping
 
 
@@ -371,10 +380,7 @@ def test_phase_one_keeps_the_training_sample_and_counts_the_blank_rows_it_leaves
     blank_at = [1, 3, 35]                                 # odd rows: never in the sample of every other row
     images[blank_at] = 128
     src = str(tmp_path / "src")
-    entries = [write_table(src, f"shards/part-{s:05d}.parquet", make_table(keys[a:b], images[a:b], ["src"] * (b - a)))
-               for s, (a, b) in enumerate(((0, 30), (30, 60)))]
-    write_manifest(src, kind="lsun", resolution=RES, shards=entries, rejects=[], reject_counts={}, inputs=60,
-                   params={"resolution": RES})
+    _two_shards(src, keys[:60], images)
     shards = checked_entries(read_manifest(src))
     cfg = DedupConfig(train_images=30)
     crops, blank_rows, sampled = _crops(src, shards, cfg, 60)
@@ -818,11 +824,8 @@ def test_a_corrupt_source_shard_stops_dedup_in_its_task_with_one_line(tmp_path, 
     from dcgan.cli import main
 
     keys, images = _distinct_images(40)
-    src, half = str(tmp_path / "src"), len(keys) // 2
-    entries = [write_table(src, f"shards/part-{s:05d}.parquet", make_table(keys[a:b], images[a:b], ["src"] * (b - a)))
-               for s, (a, b) in enumerate(((0, half), (half, len(keys))))]
-    write_manifest(src, kind="lsun", resolution=RES, shards=entries, rejects=[], reject_counts={},
-                   inputs=len(keys), params={"resolution": RES})
+    src = str(tmp_path / "src")
+    _two_shards(src, keys, images)
     shard = tmp_path / "src" / "shards" / "part-00001.parquet"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -866,11 +869,7 @@ def test_the_group_benchmark_runs_on_a_built_dataset_and_its_partition_counts_ag
 
     cfg, keys, crops, _, state, _ = trained  # images at RES = the crop: the crops are the images
     src, model = str(tmp_path / "src"), str(tmp_path / "model.pt")
-    half = len(keys) // 2
-    entries = [write_table(src, f"shards/part-{s:05d}.parquet", make_table(keys[a:b], crops[a:b], ["src"] * (b - a)))
-               for s, (a, b) in enumerate(((0, half), (half, len(keys))))]
-    write_manifest(src, kind="lsun", resolution=RES, shards=entries, rejects=[], reject_counts={}, inputs=len(keys),
-                   params={"resolution": RES})
+    _two_shards(src, keys, crops)
     save_state(state, model)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as a user runs it
     root = Path(__file__).resolve().parents[1]
