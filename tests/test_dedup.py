@@ -645,6 +645,22 @@ def test_a_probe_is_the_code_with_one_least_certain_bit_flipped(trained):
     assert ham(codes[:1, 0], probes[:1, 0])[0] == 1
 
 
+def test_least_certain_names_the_bits_nearest_their_hyperplane_in_order():
+    """The probes' bits, for every probe count the config allows: the `probes` smallest |score| / ||w_b|| of each
+    view, nearest first, as a full sort of the scaled distances orders them; the scores are left as they were."""
+    from preprocessing.dedup.views import least_certain
+
+    g = torch.Generator().manual_seed(0)
+    scores, scale = torch.randn(7, 135, 128, generator=g), torch.rand(128, generator=g) + 0.5
+    before = scores.clone()
+    order = torch.argsort(scores.abs() / scale, dim=-1).numpy()
+    for probes in range(0, 9):
+        flips = least_certain(scores, scale, probes)
+        assert flips.shape == (7, 135, probes) and flips.dtype == np.uint8
+        assert np.array_equal(flips, order[..., :probes])
+    assert torch.equal(scores, before)
+
+
 def _as_pipeline(keys, codes, images, crop: int, partitions: int, flips=None) -> dict:
     """`dataset._verified_groups` without Ray, through the exchange's own cutting and grouping (`exchange.split`,
     `by_group`): code hashes of two batches counted per code partition -> the view rows of shared codes -> checks per

@@ -118,15 +118,16 @@ def _totals(ds, columns: tuple[str, ...]) -> list[int]:
 
 
 def _crops_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], crop: int,
-                sources: bool = False, fraction: float = 1.0) -> dict[str, np.ndarray]:
-    """Each listed shard read -> (key, shard, row, crop[, source], read, blank) of its rows, or, with `fraction` < 1,
+                sources: bool = False, fraction: float = 1.0, counts: bool = True) -> dict[str, np.ndarray]:
+    """Each listed shard read -> (key, shard, row, crop[, source][, read, blank]) of its rows, or, with `fraction` < 1,
     of the `training_rows` it keeps. A kept row accounts for the rows read from it up to the next kept one: `read`
-    counts them and `blank` counts their blank crops, so the two columns sum to the shard's totals either way."""
+    counts them and `blank` counts their blank crops, so the two columns sum to the shard's totals either way.
+    Without `counts` (the encode pass: phase 1 counted them) neither column is made."""
     from preprocessing.dedup.model import crops_of  # not at the top: torch (see the imports)
 
     cv2.setNumThreads(1)
-    out: dict[str, list] = {"key": [], "shard": [], "row": [], "crop": [], "read": [], "blank": [],
-                            **({"source": []} if sources else {})}
+    out: dict[str, list] = {"key": [], "shard": [], "row": [], "crop": [],
+                            **({"read": [], "blank": []} if counts else {}), **({"source": []} if sources else {})}
     for i in batch["shard"]:
         table = _read_shard(src_uri, shards[int(i)])
         n = table.num_rows
@@ -138,8 +139,9 @@ def _crops_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], 
         out["shard"].append(np.full(len(keep), i, np.int32))
         out["row"].append(keep.astype(np.int32))
         out["crop"].append(crops[rows])
-        out["read"].append(np.diff(keep, append=n).astype(np.int32))
-        out["blank"].append(np.add.reduceat(blank(crops).astype(np.int32), keep) if n else np.zeros(0, np.int32))
+        if counts:
+            out["read"].append(np.diff(keep, append=n).astype(np.int32))
+            out["blank"].append(np.add.reduceat(blank(crops).astype(np.int32), keep) if n else np.zeros(0, np.int32))
         if sources:
             out["source"].append(view_sources(images[rows], crop))
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -149,7 +151,7 @@ def _shard_codes_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[d
                       cfg: dict) -> dict[str, np.ndarray]:
     """One source shard read again -> its rows' view codes: the views' 2x sources (12 KB an image at crop 32) live
     only inside this task, never in the object store."""
-    return _encode_task(_crops_task(batch, src_uri, shards, cfg["crop"], sources=True), state, cfg)
+    return _encode_task(_crops_task(batch, src_uri, shards, cfg["crop"], sources=True, counts=False), state, cfg)
 
 
 def _encode_task(batch: dict[str, np.ndarray], state: dict, cfg: dict) -> dict[str, np.ndarray]:
