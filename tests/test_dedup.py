@@ -645,6 +645,26 @@ def test_a_probe_is_the_code_with_one_least_certain_bit_flipped(trained):
     assert ham(codes[:1, 0], probes[:1, 0])[0] == 1
 
 
+def test_code_mix_is_the_fibonacci_hash_of_the_xor_of_big_endian_words():
+    """`code_mix` (every code partition and shared-code count hangs on it) by its definition, one code at a time in
+    Python integers: the code zero-padded to whole 64-bit words, each read big-endian, XORed, times 2**64 / phi
+    modulo 2**64; for widths that are and are not whole words, one word and several."""
+    from preprocessing.dedup.semantic_hash import code_mix
+
+    rng = np.random.default_rng(0)
+    for width in (1, 3, 8, 9, 16, 24, 31):
+        codes = rng.integers(0, 256, (50, width), np.uint8)
+        want = []
+        for c in codes:
+            raw = bytes(c) + bytes(-width % 8)
+            x = 0
+            for j in range(0, len(raw), 8):
+                x ^= int.from_bytes(raw[j:j + 8], "big")
+            want.append(x * 0x9E3779B97F4A7C15 % 2 ** 64)
+        assert code_mix(codes).tolist() == want
+        assert code_mix(codes[::2]).tolist() == want[::2]  # a strided view of rows
+
+
 def test_least_certain_names_the_bits_nearest_their_hyperplane_in_order():
     """The probes' bits, for every probe count the config allows: the `probes` smallest |score| / ||w_b|| of each
     view, nearest first, as a full sort of the scaled distances orders them; the scores are left as they were."""
