@@ -208,8 +208,8 @@ def code_mix(codes: np.ndarray) -> np.ndarray:
     """(N, bytes) codes -> (N,) uint64, well mixed (Fibonacci hashing of the XOR of the code's 64-bit words).
 
     The words are read big-endian (the code's first byte most significant). They are XORed in the machine's own
-    order and only the result is swapped (XOR and a byte swap commute): `bitwise_xor.reduce` over big-endian words
-    cost ~9x more, a quarter of the group stage's hashing of 400 codes an image (`code_hashes`, `view_rows`)."""
+    order and only the result is swapped (XOR and a byte swap commute): numpy's `bitwise_xor.reduce` over big-endian
+    words takes a slow path, and the group stage mixes ~400 codes an image twice (`code_hashes`, `view_rows`)."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     pad = (-codes.shape[1]) % 8
     if pad:
