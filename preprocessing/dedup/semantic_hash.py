@@ -207,9 +207,10 @@ def mix_partition(mix: np.ndarray, partitions: int) -> np.ndarray:
 def code_mix(codes: np.ndarray) -> np.ndarray:
     """(N, bytes) codes -> (N,) uint64, well mixed (Fibonacci hashing of the XOR of the code's 64-bit words).
 
-    The words are read big-endian (the code's first byte most significant). They are XORed in the machine's own
-    order and only the result is swapped (XOR and a byte swap commute): numpy's `bitwise_xor.reduce` over big-endian
-    words takes a slow path, and the group stage mixes ~400 codes an image twice (`code_hashes`, `view_rows`)."""
+    The words are read big-endian (the code's first byte most significant). They are XORed a column at a time in the
+    machine's own order and only the result is swapped (XOR and a byte swap commute): `bitwise_xor.reduce` along
+    each row's two words was slow, mostly the reduction along so short an axis and partly the foreign byte order,
+    and the group stage mixes ~400 codes an image twice (`code_hashes`, `view_rows`)."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     pad = (-codes.shape[1]) % 8
     if pad:
