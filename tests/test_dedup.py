@@ -69,11 +69,12 @@ def _with_copies(keys: list[str], images: np.ndarray, every: int = 3):
     return out_k, np.stack(out_i), np.array(origin)
 
 
-def _two_shards(src: str, keys: list[str], images: np.ndarray) -> None:
-    """A built dataset at `src`: the images in two shards (first half, second half) and its manifest."""
-    half = len(keys) // 2
-    entries = [write_table(src, f"shards/part-{s:05d}.parquet", make_table(keys[a:b], images[a:b], ["src"] * (b - a)))
-               for s, (a, b) in enumerate(((0, half), (half, len(keys))))]
+def _in_shards(src: str, keys: list[str], images: np.ndarray, parts: int = 2) -> None:
+    """A built dataset at `src`: the images in `parts` shards of equal size, in order, and its manifest."""
+    size = -(-len(keys) // parts)
+    entries = [write_table(src, f"shards/part-{s:05d}.parquet", make_table(keys[a:a + size], images[a:a + size],
+                                                                         ["src"] * len(keys[a:a + size])))
+               for s, a in enumerate(range(0, len(keys), size))]
     write_manifest(src, kind="lsun", resolution=images.shape[1], shards=entries, rejects=[], reject_counts={},
                    inputs=len(keys), params={"resolution": images.shape[1]})
 
@@ -369,32 +370,63 @@ def test_only_codes_two_images_have_go_on_to_the_group_shuffle():
         assert len(empty) == partitions and not any(len(e) for e in empty)
 
 
-def test_phase_one_keeps_the_training_sample_and_counts_the_blank_rows_it_leaves_out(tmp_path, ray_cluster):
-    """With views > 1 encode reads the shards again, so phase 1 keeps only the `train_images` sample's crops (every
-    other row here); the blank count and the rows read still cover every row, blank ones placed where the sample
-    does not look included. With `views: 1` encode needs every crop: all rows kept, the sample taken later."""
-    from preprocessing.dedup.dataset import _crops, _training_sample, checked_entries
+def test_phase_one_reads_the_training_sample_from_the_fewest_shards_and_encode_counts_every_blank_row(
+        tmp_path, ray_cluster, trained):
+    """With views > 1 encode reads every shard, so phase 1 reads only the shards that hold the `train_images` sample
+    (2 of 4 here, spread over the list: the other two are corrupt, and are never opened) and keeps every k-th row of
+    them; encode counts the blank rows of all four, those of the shards phase 1 left out too. With `views: 1` encode
+    needs every crop: all rows kept and counted in phase 1, the sample taken later."""
+    from preprocessing.dedup.dataset import _crops, _encode, _totals, _training_sample, checked_entries
+    from preprocessing.errors import InputError
 
     keys, images = _distinct_images(56)
-    images = images[:60].copy()
-    blank_at = [1, 3, 35]                                 # odd rows: never in the sample of every other row
+    keys, images = keys[:60], images[:60].copy()
+    blank_at = [1, 3, 20, 35, 50]                        # in each of the 4 shards of 15 rows, two in shard 0
     images[blank_at] = 128
     src = str(tmp_path / "src")
-    _two_shards(src, keys[:60], images)
+    _in_shards(src, keys, images, parts=4)
     shards = checked_entries(read_manifest(src))
-    cfg = DedupConfig(train_images=30)
-    crops, blank_rows, sampled = _crops(src, shards, cfg, 60)
-    assert sampled and blank_rows == 3
+    cfg = trained[0].model_copy(update={"train_images": 20})
+    wrong = [{**e, "sha256": "0" * 64} for e in shards]  # shards 0 and 2 would fail their check if phase 1 read them
+    crops, blank_rows, sampled = _crops(src, [wrong[0], shards[1], wrong[2], shards[3]], cfg, 60)
+    assert sampled and blank_rows is None
     rows = crops.take_all()
-    assert [(r["shard"], r["row"]) for r in rows] == [(s, r) for s in (0, 1) for r in range(0, 30, 2)]
-    assert sum(r["read"] for r in rows) == 60 and sum(r["blank"] for r in rows) == 3
-    assert all(np.array_equal(r["crop"], crops_of(images[30 * r["shard"] + r["row"]][None], cfg.crop)[0])
+    assert [(r["shard"], r["row"]) for r in rows] == [(s, r) for s in (1, 3) for r in training_rows(15, 20 / 30)]
+    assert len(rows) == 20 and sum(r["read"] for r in rows) == 30 and sum(r["blank"] for r in rows) == 2
+    assert all(np.array_equal(r["crop"], crops_of(images[15 * r["shard"] + r["row"]][None], cfg.crop)[0])
                for r in rows)
+    coded = _encode(None, trained[4], cfg, src, shards)
+    assert coded.count() == 60 and _totals(coded, ("blank",)) == [5]
+
+    # a training sample with nothing but blank crops cannot train the autoencoder: one line naming the shards
+    images[15:30] = images[45:60] = 90
+    flat = str(tmp_path / "flat")
+    _in_shards(flat, keys, images, parts=4)
+    with pytest.raises(InputError, match="all 30 images of the 2 shards \\(of 4\\) the training sample is taken "
+                                         "from are blank"):
+        _crops(flat, checked_entries(read_manifest(flat)), cfg, 60)
 
     one = cfg.model_copy(update={"views": 1})
     crops, blank_rows, sampled = _crops(src, shards, one, 60)
-    assert not sampled and blank_rows == 3 and crops.count() == 60
-    assert _training_sample(crops, 60, one).count() == 30
+    assert not sampled and blank_rows == 5 and crops.count() == 60
+    assert _training_sample(crops, 60, one).count() == 20
+
+
+def test_the_training_shards_are_the_fewest_spread_over_the_list_that_hold_the_sample():
+    from preprocessing.dedup.dataset import training_shards
+
+    assert training_shards([100] * 10, None) == training_shards([100] * 10, 1000) == list(range(10))
+    assert training_shards([100] * 10, 100) == [5]                   # the middle of one stretch: the whole list
+    assert training_shards([100] * 10, 250) == [1, 5, 8]             # the middles of 3 equal stretches
+    assert training_shards([100] * 10, 999) == list(range(10))
+    assert training_shards([2048] * 1465 + [1000], 50_000) == [(2 * j + 1) * 1466 // 50 for j in range(25)]
+    # uneven shards: more are taken until their rows hold the sample
+    rows = [10, 500, 10, 10, 10, 10]
+    picked = training_shards(rows, 60)
+    assert sum(rows[i] for i in picked) >= 60 and len(picked) == len(set(picked))
+    assert picked == [1, 4]
+    assert training_shards([0, 0, 30, 0], 10) == [0, 2, 3]            # empty shards: stretches until one has rows
+    assert training_shards([5, 0, 0, 0], 4) == [0, 1, 2, 3]
 
 
 def test_the_training_sample_is_spread_over_every_block():
@@ -861,7 +893,7 @@ def test_a_corrupt_source_shard_stops_dedup_in_its_task_with_one_line(tmp_path, 
 
     keys, images = _distinct_images(40)
     src = str(tmp_path / "src")
-    _two_shards(src, keys, images)
+    _in_shards(src, keys, images)
     shard = tmp_path / "src" / "shards" / "part-00001.parquet"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -905,7 +937,7 @@ def test_the_group_benchmark_runs_on_a_built_dataset_and_its_partition_counts_ag
 
     cfg, keys, crops, _, state, _ = trained  # images at RES = the crop: the crops are the images
     src, model = str(tmp_path / "src"), str(tmp_path / "model.pt")
-    _two_shards(src, keys, crops)
+    _in_shards(src, keys, crops)
     save_state(state, model)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as a user runs it
     root = Path(__file__).resolve().parents[1]

@@ -1,9 +1,9 @@
 """De-duplicating a dataset's shards with the paper's semantic hash (section 4.1), end to end on Ray.
 
 Stages, each a Ray job that scales out with the cluster:
-1. crops   one task per source shard reads it, counts its blank crops and keeps (key, shard, row, 32x32 center crop)
-           of the rows the next phases need: with `views` > 1 only the autoencoder's training sample, since encode
-           reads the shards again; nothing else moves.
+1. crops   (key, shard, row, 32x32 center crop) of the rows the next phases need, one task per source shard read:
+           with `views` > 1 only the autoencoder's training sample, read from the fewest shards that hold it (encode
+           reads every shard and counts the blank crops); with `views: 1` every row, blank ones counted.
 2. train   the hashing autoencoder (`model.fit_ray`: one Ray task on CPUs, Ray Train on GPUs), on the dataset being
            de-duplicated.
 3. encode  every image -> its `views` codes (ReLU > 0 of the code layer, packed: 16 bytes for 128 bits); view 0, the
@@ -21,8 +21,9 @@ Stages, each a Ray job that scales out with the cluster:
 Then out/dedup/ gets model.pt (a plain tensor dict, `torch.load(weights_only=True)`), report.json and collisions.png
 (random collision groups, kept member framed green, removed ones red). The caller writes the manifest.
 The driver reads no shard: it checks that each one is there with its size (a HEAD each) before writing anything, and
-each task checks what it reads against the manifest (size, sha256, rows, schema), so a corrupt source stops phase 1;
-the source is read 4 times in all, not 5 (a driver pass read it all to check it first).
+each task checks what it reads against the manifest (size, sha256, rows, schema), so a corrupt source stops the phase
+that reads it first (encode, for a shard outside the training sample), before anything is written. With views a shard
+is read at most 3 times (encode, its candidates' pixels if it has any, write), the training sample's shards once more.
 """
 
 from __future__ import annotations
@@ -118,16 +119,15 @@ def _totals(ds, columns: tuple[str, ...]) -> list[int]:
 
 
 def _crops_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], crop: int,
-                sources: bool = False, fraction: float = 1.0, counts: bool = True) -> dict[str, np.ndarray]:
-    """Each listed shard read -> (key, shard, row, crop[, source][, read, blank]) of its rows, or, with `fraction` < 1,
+                sources: bool = False, fraction: float = 1.0) -> dict[str, np.ndarray]:
+    """Each listed shard read -> (key, shard, row, crop, read, blank[, source]) of its rows, or, with `fraction` < 1,
     of the `training_rows` it keeps. A kept row accounts for the rows read from it up to the next kept one: `read`
-    counts them and `blank` counts their blank crops, so the two columns sum to the shard's totals either way.
-    Without `counts` (the encode pass: phase 1 counted them) neither column is made."""
+    counts them and `blank` counts their blank crops, so the two columns sum to the shard's totals either way."""
     from preprocessing.dedup.model import crops_of  # not at the top: torch (see the imports)
 
     cv2.setNumThreads(1)
     out: dict[str, list] = {"key": [], "shard": [], "row": [], "crop": [],
-                            **({"read": [], "blank": []} if counts else {}), **({"source": []} if sources else {})}
+                            "read": [], "blank": [], **({"source": []} if sources else {})}
     for i in batch["shard"]:
         table = _read_shard(src_uri, shards[int(i)])
         n = table.num_rows
@@ -139,9 +139,8 @@ def _crops_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], 
         out["shard"].append(np.full(len(keep), i, np.int32))
         out["row"].append(keep.astype(np.int32))
         out["crop"].append(crops[rows])
-        if counts:
-            out["read"].append(np.diff(keep, append=n).astype(np.int32))
-            out["blank"].append(np.add.reduceat(blank(crops).astype(np.int32), keep) if n else np.zeros(0, np.int32))
+        out["read"].append(np.diff(keep, append=n).astype(np.int32))
+        out["blank"].append(np.add.reduceat(blank(crops).astype(np.int32), keep) if n else np.zeros(0, np.int32))
         if sources:
             out["source"].append(view_sources(images[rows], crop))
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -149,9 +148,9 @@ def _crops_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], 
 
 def _shard_codes_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], state: dict,
                       cfg: dict) -> dict[str, np.ndarray]:
-    """One source shard read again -> its rows' view codes: the views' 2x sources (12 KB an image at crop 32) live
-    only inside this task, never in the object store."""
-    return _encode_task(_crops_task(batch, src_uri, shards, cfg["crop"], sources=True, counts=False), state, cfg)
+    """One source shard read again -> its rows' view codes and blank flags (phase 1 read only the training sample):
+    the views' 2x sources (12 KB an image at crop 32) live only inside this task, never in the object store."""
+    return _encode_task(_crops_task(batch, src_uri, shards, cfg["crop"], sources=True), state, cfg)
 
 
 def _encode_task(batch: dict[str, np.ndarray], state: dict, cfg: dict) -> dict[str, np.ndarray]:
@@ -170,6 +169,8 @@ def _encode_task(batch: dict[str, np.ndarray], state: dict, cfg: dict) -> dict[s
            "views": np.array([c.tobytes() for c in codes], dtype=object)}
     if probes:
         out["flips"] = np.array([f.tobytes() for f in flips], dtype=object)
+    if "blank" in batch:
+        out["blank"] = batch["blank"].astype(bool)
     return out
 
 
@@ -302,6 +303,8 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
         if sampled:  # the training sample is done with: its blocks leave the object store before the codes come
             crops = None
         coded = phase("encode", 3, f"{rows_in} codes; grouping", _encode, crops, state, cfg, src_uri, shards)
+        if blank_rows is None:  # counted where encode read every row
+            [blank_rows] = _totals(coded, ("blank",))
         decisions, checks = phase("group", 4, "grouped; writing the kept rows",
                                   _group, coded, src_uri, shards, cfg, rows_in)
         _check_removal(decisions, src_uri, rows_in, cfg)
@@ -339,31 +342,56 @@ def _check(src_uri: str, shards: list[dict], cfg: DedupConfig) -> int:
     return rows_in
 
 
-def _per_shard(shards: list[dict]):
-    """A dataset of one row, one block per source shard: tasks that each read their own shard."""
+def _per_shard(shards: list[dict], picked=None):
+    """A dataset of one row, one block per source shard (the `picked` ones, or all): tasks that each read their own
+    shard."""
     import ray
 
-    items = [{"shard": i} for i in range(len(shards))]
+    items = [{"shard": i} for i in (range(len(shards)) if picked is None else picked)]
     return ray.data.from_items(items, override_num_blocks=len(items))
 
 
 def _crops(src_uri: str, shards: list[dict], cfg: DedupConfig, rows_in: int):
-    """1. One task per source shard: (key, shard, row, crop) of the rows the next phases need, and the blank count of
-    all of them; refuses an all-blank set. With `views` > 1 encode reads the shards again, so only the training sample
-    is kept (`train_images`, `_sample_fraction`): at 3M images 50k crops in the object store, not 3M (9 GB).
-    Returns (crops, blank rows, whether the crops are already the training sample)."""
-    fraction = 1.0 if cfg.views == 1 else _sample_fraction(cfg, rows_in)
-    crops = (_per_shard(shards)
+    """1. (key, shard, row, crop) of the rows the next phases need. With `views: 1` encode hashes these crops: every
+    shard is read, every row kept, and the blank rows counted. With views > 1 encode reads every shard again (and
+    counts the blank rows there), so only the `train_images` sample is read: every k-th row of the fewest shards,
+    spread over the dataset, that hold it (`training_shards`); at 3M images 50k crops from 1 shard in 60, not a pass
+    over all 3M. Refuses a set, or a training sample, whose crops are all blank.
+    Returns (crops, blank rows (None: encode counts them), whether the crops are already the training sample)."""
+    rows = [int(s["rows"]) for s in shards]
+    if cfg.views == 1:
+        picked, fraction = range(len(shards)), 1.0
+    else:
+        picked = training_shards(rows, cfg.train_images)
+        fraction = _sample_fraction(cfg, sum(rows[i] for i in picked))
+    crops = (_per_shard(shards, picked)
              .map_batches(_crops_task, batch_size=1, batch_format="numpy",
                           fn_kwargs={"src_uri": src_uri, "shards": shards, "crop": cfg.crop, "fraction": fraction})
              .materialize())
     read, blank_rows = _totals(crops, ("read", "blank"))
-    if read != rows_in:
-        raise DatasetError(f"{src_uri}: read {read} rows, the shard list says {rows_in}")
-    if blank_rows == rows_in:
-        raise InputError(f"{src_uri}: all {rows_in} images are blank (pixel std < {BLANK_STD:g} in the "
-                         f"{cfg.crop}x{cfg.crop} crop): nothing to de-duplicate; check the build, or pass --no-dedup")
-    return crops, blank_rows, cfg.views > 1
+    if read != sum(rows[i] for i in picked):
+        raise DatasetError(f"{src_uri}: read {read} rows, the shard list says {sum(rows[i] for i in picked)}")
+    if blank_rows == read:
+        what = f"all {rows_in} images are" if read == rows_in else (
+            f"all {read} images of the {len(picked)} shards (of {len(shards)}) the training sample is taken from are")
+        raise InputError(f"{src_uri}: {what} blank (pixel std < {BLANK_STD:g} in the {cfg.crop}x{cfg.crop} crop): "
+                         "nothing to de-duplicate; check the build, or pass --no-dedup")
+    return crops, (blank_rows if cfg.views == 1 else None), cfg.views > 1
+
+
+def training_shards(rows: list[int], train_images: int | None) -> list[int]:
+    """Indices of the shards the autoencoder's sample is read from: the fewest, one from each of that many equal
+    stretches of the shard list (its middle one), whose rows hold `train_images`; all of them when the set is no
+    larger. Shards are in key order, which may follow time or source, so the sample spans the whole list."""
+    total, s = sum(rows), len(rows)
+    if train_images is None or total <= train_images:
+        return list(range(s))
+    n = max(1, min(s, -(-train_images * s // total)))  # as many as equal shards would need
+    while True:
+        picked = sorted({(2 * j + 1) * s // (2 * n) for j in range(n)})
+        if n >= s or sum(rows[i] for i in picked) >= train_images:
+            return picked
+        n += 1
 
 
 def training_rows(n: int, fraction: float) -> np.ndarray:
