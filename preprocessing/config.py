@@ -50,8 +50,9 @@ class DedupConfig(Strict):
     epochs: int = Field(10, ge=1, description="autoencoder training epochs over the dataset being de-duplicated (over "
                         "its `train_images` sample when it is larger)")
     train_images: int | None = Field(50_000, ge=1, description="the autoencoder trains on at most this many images, "
-                                     "every k-th row of every shard, so its cost stops growing with the dataset "
-                                     "(3M images: 60x less); every image is still hashed (null = train on all)")
+                                     "every k-th row of shards spread over the dataset (with views only those "
+                                     "shards are read for it), so its cost stops growing with the dataset (3M "
+                                     "images: 60x less); every image is still hashed (null = train on all)")
     batch_size: int = Field(256, ge=1, description="autoencoder training batch size")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate of the autoencoder")
     input_noise: float = Field(0.1, ge=0, description="std of the Gaussian corruption of the denoising AE")

@@ -697,6 +697,24 @@ def test_code_mix_is_the_fibonacci_hash_of_the_xor_of_big_endian_words():
         assert code_mix(codes[::2]).tolist() == want[::2]  # a strided view of rows
 
 
+def test_the_view_encoder_is_made_once_per_process_for_the_same_weights(trained):
+    """A worker encodes shard after shard with one model: the factorisation is reused while the weights are equal
+    (even when they arrive as a new copy), and made again for other weights."""
+    from preprocessing.dedup import views
+
+    state = {k: v for k, v in trained[4].items() if k.startswith("encoder.")}
+    first = views._view_encoder_of(state, 32)
+    copy = {k: v.clone() for k, v in state.items()}
+    assert views._view_encoder_of(copy, 32) is first
+    fresh = views._view_encoder(state, 32)
+    assert all(torch.equal(x, y) for x, y in zip(first[:4], fresh[:4]) if x is not None) and first[4] == fresh[4]
+    other = {**copy, "encoder.bias": copy["encoder.bias"] + 1}
+    made = views._view_encoder_of(other, 32)
+    assert made is not first and torch.equal(made[3], other["encoder.bias"].float())
+    assert views._view_encoder_of(state, 32) is not first  # one model kept at a time: made again, equal
+    assert torch.equal(views._view_encoder_of(state, 32)[1], first[1])
+
+
 def test_least_certain_names_the_bits_nearest_their_hyperplane_in_order():
     """The probes' bits, for every probe count the config allows: the `probes` smallest |score| / ||w_b|| of each
     view, nearest first, as a full sort of the scaled distances orders them; the scores are left as they were."""
