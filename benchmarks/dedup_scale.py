@@ -15,6 +15,8 @@ Three measurements in one run (issue 19), each autoencoder trained on the set it
    convolution per zoom, `_conv_bits`), by the previous path (torch adds on NCHW copies, `previous_conv_bits` below)
    and by the first one (`view_inputs` + `_view_bits`), same images, same run, with the fraction of view codes equal
    to the first path's.
+4. The verification's pixels on one core (`--parts cut`): rows/s of `views.cut_views` against its previous path
+   (`previous_cut_views` below), the same check rows, with whether the pixels are equal.
 Both verified rows come with a sweep of the verification thresholds over the same candidate pairs, and the recall
 rows with a sweep of `probes` and of alignments per pair (how they were chosen). `--parts mosaic` (not in the default
 run: ~10 CPU minutes) adds distinct 2x2 digit mosaics, N = 10k-100k: wrongly grouped images and wrong pairs per N,
@@ -343,6 +345,59 @@ def throughput(n: int, seed: int, repeats: int = 6) -> None:
     print(f"view codes equal to the first path's: now {same:.6f}, previous {same_prev:.6f}")
 
 
+def previous_cut_views(sources: np.ndarray, views: np.ndarray) -> np.ndarray:
+    """`views.cut_views` before the eighteenth session: every view's rows resized, mirror-padded (zooms too), the
+    window cast to float32 and 2x2-averaged in float32."""
+    import cv2
+
+    from preprocessing.dedup.grid import SHIFT, VIEWS
+    from preprocessing.dedup.views import _pool2
+
+    m, s = len(sources), sources.shape[1]
+    c = s // 2
+    out = np.empty((m, c, c, 3), np.float32)
+    for v in np.unique(views):
+        rows = np.flatnonzero(views == v)
+        zy, zx, dy, dx = VIEWS[int(v)]
+        sub = sources[rows]
+        if zy or zx:
+            sub = np.stack([cv2.resize(im, (s + zx, s + zy), interpolation=cv2.INTER_LINEAR) for im in sub])
+        top, left = SHIFT + zy // 2 + dy, SHIFT + zx // 2 + dx
+        padded = np.pad(sub, ((0, 0), (SHIFT, SHIFT), (SHIFT, SHIFT), (0, 0)), mode="symmetric")
+        out[rows] = _pool2(padded[:, top:top + s, left:left + s].astype(np.float32))
+    return out
+
+
+def cut(n: int, seed: int, repeats: int = 6) -> None:
+    """The verification's pixels (`views.cut_views`: each check row's matched view, cut from its 64-px view source)
+    against the previous path, on one core: rows per CPU-second, same rows, same run, and whether they are equal."""
+    import cv2
+
+    from realdata import mnist_rgb32
+
+    from preprocessing.dedup.grid import MAX_VIEWS
+    from preprocessing.dedup.views import cut_views, view_sources
+
+    cv2.setNumThreads(1)
+    rng = np.random.default_rng(seed)
+    sources = view_sources(mnist_rgb32(n), 32)[rng.integers(0, n, n)]
+    views = rng.integers(0, MAX_VIEWS, n)                 # check rows of any of the 135 views
+
+    def cpu(fn) -> float:
+        t = time.process_time()
+        fn(sources, views)
+        return time.process_time() - t
+
+    rounds = [(cpu(previous_cut_views), cpu(cut_views)) for _ in range(repeats)]
+    t_prev, t_now = (min(r[i] for r in rounds) for i in range(2))
+    ratio = float(np.median([r[0] / r[1] for r in rounds]))
+    equal = np.array_equal(cut_views(sources, views), previous_cut_views(sources, views))
+    print(f"\n== the verification's pixels, CPU time of one thread ({n} check rows, views 0-{MAX_VIEWS - 1})\n")
+    for name, t in (("previous (pad every view, float32 pooling)", t_prev), ("now (cut_views)", t_now)):
+        print(f"  {name:<44} {n / t:>9.0f} rows/s  {1e6 * t / n:7.1f} us/row")
+    print(f"ratio now / previous: {ratio:.2f}x faster (median of {repeats} interleaved rounds); pixels equal: {equal}")
+
+
 class _LazySources:
     """`view_sources` of the rows asked for only (the verification's candidates): 100k sources would take 1.2 GB."""
 
@@ -431,7 +486,7 @@ def main() -> int:
     ap.add_argument("--variants", type=int, default=4)
     ap.add_argument("--encode-n", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--parts", default="digits,recall,encode", help="and/or mosaic (slow: see --mosaic-sizes)")
+    ap.add_argument("--parts", default="digits,recall,encode,cut", help="and/or mosaic (slow: see --mosaic-sizes)")
     ap.add_argument("--mosaic-sizes", default="10000,20000,40000,100000")
     ap.add_argument("--mosaic-pool", type=int, default=300)
     ap.add_argument("--mosaic-train", type=int, default=20000, help="images of each set the model is trained on")
@@ -447,6 +502,8 @@ def main() -> int:
         recall(args.seed, args.variants)
     if "encode" in parts:
         throughput(args.encode_n, args.seed)
+    if "cut" in parts:
+        cut(args.encode_n, args.seed)
     if "mosaic" in parts:
         mosaics([int(v) for v in args.mosaic_sizes.split(",")], args.mosaic_pool, args.seed, args.mosaic_train)
     print(f"\ntotal {time.perf_counter() - t0:.0f}s, load average at end {os.getloadavg()[0]:.1f}")

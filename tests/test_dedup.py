@@ -24,7 +24,7 @@ from preprocessing.dedup.model import (crops_of, encode, fit_local, fit_ray, fit
 from preprocessing.dedup.verify import (ALIGNMENTS, BUCKET_CAP, MARGIN, MAX_DIFF, MAX_REL, MAX_TOL, differences,
                                         measures, passes, star_groups)
 from preprocessing.dedup.grid import MAX_VIEWS
-from preprocessing.dedup.views import cut_views, image_codes, view_crops, view_sources
+from preprocessing.dedup.views import _pool2, cut_views, image_codes, view_crops, view_sources
 from preprocessing.dedup.semantic_hash import (group_codes, group_identical, group_views, hamming, keep_smallest_key,
                                          near_pairs, pack_bits, partition_of)
 from preprocessing.shards import ShardDataset, make_table, read_manifest, write_manifest, write_table
@@ -312,6 +312,21 @@ def test_view_codes_are_the_encoder_on_each_view_crop(trained):
     bits = torch.nn.functional.linear(inputs_of(views), state["encoder.weight"], state["encoder.bias"]) > 0
     plain = pack_bits(bits.numpy()).reshape(fast.shape)
     assert (fast == plain).all(-1).mean() >= 0.999  # a bit can flip where a unit sits at 0 (float rounding)
+
+
+def test_the_verifications_pixels_are_the_windows_the_codes_were_made_from():
+    """`cut_views` (one view per row, for the pixel check) cuts exactly the window `view_crops` encodes, for all 135
+    views of real photos, the shifts that read past the border and the unequal zooms included; view 0 is the
+    2x2-averaged source."""
+    _, photos = _photos64()
+    sources = view_sources(photos, 32)
+    every = view_crops(sources, MAX_VIEWS)                              # (photos, 134, 32, 32, 3)
+    rows = np.repeat(np.arange(len(photos)), MAX_VIEWS)
+    views = np.tile(np.arange(MAX_VIEWS), len(photos))
+    order = np.random.default_rng(0).permutation(len(rows))            # rows of many views mixed, as checks come
+    cut = cut_views(sources[rows[order]], views[order])
+    expected = np.concatenate([_pool2(sources.astype(np.float32))[:, None], every], 1)
+    assert np.array_equal(cut, expected[rows[order], views[order]])
 
 
 def test_an_images_own_views_are_not_duplicates_and_keepers_are_deterministic():

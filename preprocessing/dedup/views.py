@@ -126,12 +126,19 @@ def cut_views(sources: np.ndarray, views: np.ndarray) -> np.ndarray:
     for v in np.unique(views):
         rows = np.flatnonzero(views == v)
         zy, zx, dy, dx = VIEWS[int(v)]
-        sub = sources[rows]
-        if zy or zx:
-            sub = np.stack([cv2.resize(im, (s + zx, s + zy), interpolation=cv2.INTER_LINEAR) for im in sub])
-        top, left = SHIFT + zy // 2 + dy, SHIFT + zx // 2 + dx
-        padded = np.pad(sub, ((0, 0), (SHIFT, SHIFT), (SHIFT, SHIFT), (0, 0)), mode="symmetric")
-        out[rows] = _pool2(padded[:, top:top + s, left:left + s].astype(np.float32))
+        if zy or zx:  # a zoom's windows lie inside the resized source: no padding
+            top, left = zy // 2 + dy, zx // 2 + dx
+            window = np.empty((len(rows), s, s, 3), np.uint8)
+            for i, r in enumerate(rows):
+                resized = cv2.resize(sources[r], (s + zx, s + zy), interpolation=cv2.INTER_LINEAR)
+                window[i] = resized[top:top + s, left:left + s]
+        else:         # a shift reads up to SHIFT px beyond the source, mirrored
+            padded = np.pad(sources[rows], ((0, 0), (SHIFT, SHIFT), (SHIFT, SHIFT), (0, 0)), mode="symmetric")
+            window = padded[:, SHIFT + dy:SHIFT + dy + s, SHIFT + dx:SHIFT + dx + s]
+        # the 2x2 average as `_pool2` gives it (sums of 4 uint8 below 2**16: exact), summed in uint16
+        rows_summed = window[:, 0::2].astype(np.uint16)
+        rows_summed += window[:, 1::2]
+        out[rows] = (rows_summed[:, :, 0::2] + rows_summed[:, :, 1::2]) * np.float32(0.25)
     return out
 
 
