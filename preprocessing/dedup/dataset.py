@@ -359,18 +359,16 @@ def _crops(src_uri: str, shards: list[dict], cfg: DedupConfig, rows_in: int):
     over all 3M. Refuses a set, or a training sample, whose crops are all blank.
     Returns (crops, blank rows (None: encode counts them), whether the crops are already the training sample)."""
     rows = [int(s["rows"]) for s in shards]
-    if cfg.views == 1:
-        picked, fraction = range(len(shards)), 1.0
-    else:
-        picked = training_shards(rows, cfg.train_images)
-        fraction = _sample_fraction(cfg, sum(rows[i] for i in picked))
+    picked = range(len(shards)) if cfg.views == 1 else training_shards(rows, cfg.train_images)
+    listed = sum(rows[i] for i in picked)
+    fraction = 1.0 if cfg.views == 1 else _sample_fraction(cfg, listed)
     crops = (_per_shard(shards, picked)
              .map_batches(_crops_task, batch_size=1, batch_format="numpy",
                           fn_kwargs={"src_uri": src_uri, "shards": shards, "crop": cfg.crop, "fraction": fraction})
              .materialize())
     read, blank_rows = _totals(crops, ("read", "blank"))
-    if read != sum(rows[i] for i in picked):
-        raise DatasetError(f"{src_uri}: read {read} rows, the shard list says {sum(rows[i] for i in picked)}")
+    if read != listed:
+        raise DatasetError(f"{src_uri}: read {read} rows, the shard list says {listed}")
     if blank_rows == read:
         what = f"all {rows_in} images are" if read == rows_in else (
             f"all {read} images of the {len(picked)} shards (of {len(shards)}) the training sample is taken from are")

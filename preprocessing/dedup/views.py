@@ -48,9 +48,15 @@ def view_sources(images: np.ndarray, crop: int) -> np.ndarray:
 
 
 def _pool2(a: np.ndarray, py: int = 0, px: int = 0) -> np.ndarray:
-    """2x2 average of (N, H, W, C) starting at row py, column px (a trailing odd row/column is dropped)."""
+    """2x2 average of (N, H, W, C) starting at row py, column px (a trailing odd row/column is dropped). uint8 pixels
+    are summed in uint16 (four of them stay below 2**16) and give float32: the same values as on their float32 copy,
+    without making one."""
     a = a[:, py:, px:]
     a = a[:, :a.shape[1] // 2 * 2, :a.shape[2] // 2 * 2]
+    if a.dtype == np.uint8:
+        pairs = a[:, 0::2].astype(np.uint16)
+        pairs += a[:, 1::2]
+        return (pairs[:, :, 0::2] + pairs[:, :, 1::2]) * np.float32(0.25)
     return 0.25 * (a[:, 0::2, 0::2] + a[:, 1::2, 0::2] + a[:, 0::2, 1::2] + a[:, 1::2, 1::2])
 
 
@@ -135,10 +141,7 @@ def cut_views(sources: np.ndarray, views: np.ndarray) -> np.ndarray:
         else:         # a shift reads up to SHIFT px beyond the source, mirrored
             padded = np.pad(sources[rows], ((0, 0), (SHIFT, SHIFT), (SHIFT, SHIFT), (0, 0)), mode="symmetric")
             window = padded[:, SHIFT + dy:SHIFT + dy + s, SHIFT + dx:SHIFT + dx + s]
-        # the 2x2 average as `_pool2` gives it (sums of 4 uint8 below 2**16: exact), summed in uint16
-        rows_summed = window[:, 0::2].astype(np.uint16)
-        rows_summed += window[:, 1::2]
-        out[rows] = (rows_summed[:, :, 0::2] + rows_summed[:, :, 1::2]) * np.float32(0.25)
+        out[rows] = _pool2(window)
     return out
 
 
