@@ -12,7 +12,7 @@ from torch import nn
 from dcgan.batchnorm import CrossReplicaBatchNorm2d, convert_batchnorm, local_statistics
 from dcgan.config import ModelConfig, TrainConfig
 from dcgan.networks import Discriminator, Generator
-from dcgan.sampling import batch_statistics, generate
+from dcgan.sampling import generate
 from dcgan.step import GANStep, StepOptions, make_optimizers
 from tests.conftest import free_port
 from tests.realdata import mnist_rgb32
@@ -69,8 +69,8 @@ def test_conversion_keeps_parameters_and_checkpoint_keys():
     plain = Generator(MODEL)
     plain.load_state_dict(g.state_dict())  # a checkpoint of a distributed run loads into the plain network
     z = torch.rand(8, MODEL.z_dim)
-    with batch_statistics(g):
-        assert torch.equal(g(z), generate(plain, z))
+    # Equal up to float32 rounding: a process's first forward may sum BatchNorm's statistics in another order
+    torch.testing.assert_close(generate(g, z), generate(plain, z), rtol=0, atol=1e-5)
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, real: torch.Tensor) -> None:
@@ -131,8 +131,8 @@ def test_two_gloo_processes_equal_one_batchnorm_and_one_worker(tmp_path):
 
     torch.manual_seed(3)
     g = convert_batchnorm(Generator(MODEL))
-    with batch_statistics(g):
-        assert torch.equal(r0["grid"], g(torch.rand(8, MODEL.z_dim, generator=torch.Generator().manual_seed(2))))
+    z = torch.rand(8, MODEL.z_dim, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(r0["grid"], generate(g, z), **close)  # rank 0 alone drew its grid, not waiting
 
     one = gan_steps(real, 0, 1)
     assert all(torch.equal(r0["gan"][k], r1["gan"][k]) for k in one)  # the ranks stay identical
