@@ -9,8 +9,9 @@ with one line naming the holder; a lease is stolen only after it expired (a driv
 gone waits for the expiry, so the dead driver's workers have stopped by then).
 
 Workers watch the lease (`Watch`): a token that changed or a heartbeat counter that has not moved for two renewals
-(measured on the worker's own clock, so no clock skew matters) means their driver is gone, and they stop before
-writing on, before the lease expires and could be taken by the next driver.
+(measured on the worker's own clock, so no clock skew matters) means their driver is gone, and they stop before the
+lease expires and could be taken by the next driver. Until then they may still train and checkpoint: the lease is
+still theirs, so nothing else writes the run meanwhile.
 """
 
 from __future__ import annotations

@@ -261,11 +261,15 @@ def input_stream(cfg: Config, state: dict[str, Any] | None) -> tuple[stream.Stre
     return stored, note
 
 
-def _keep_newest_checkpoints(cfg: Config) -> None:
-    """Ray Train keeps the newest `keep_checkpoints` it registered; one uploaded just before a driver or worker died
-    was never registered, and nothing else would remove it: the run keeps `keep_checkpoints` all the same."""
+def _keep_newest_checkpoints(cfg: Config, valid: int | None = None) -> None:
+    """Ray Train keeps the newest `keep_checkpoints` it registered; one uploaded just before a driver or worker died,
+    or by workers whose driver had died (they train on until their lease watch notices, up to two renewals, and may
+    even finish the run), was never registered, and nothing else would remove it: the run keeps `keep_checkpoints`
+    all the same. `valid`, the run's newest valid checkpoint where newer ones are corrupt, is kept whatever its age.
+    The caller holds the run's lease."""
     for step in checkpoints.complete_steps(cfg.run_uri)[:-cfg.train.keep_checkpoints]:
-        storage.delete_prefix(run_layout.checkpoint(cfg.run_uri, step))
+        if step != valid:
+            storage.delete_prefix(run_layout.checkpoint(cfg.run_uri, step))
 
 
 @contextlib.contextmanager
@@ -316,6 +320,7 @@ def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dic
     if state is not None and is_finished(cfg, int(state["step"])):
         log.info("%s already has a checkpoint at step %d >= %d: nothing to train", cfg.run_uri, state["step"],
                  cfg.train.steps)
+        _keep_newest_checkpoints(cfg, int(state["step"]))  # what driverless workers that finished the run left
         return run_summary(cfg, int(state["step"]))
     storage.write_text(run_layout.config(cfg.run_uri), dump_config(cfg))
 

@@ -182,7 +182,9 @@ def test_two_concurrent_trainings_of_one_run_one_is_refused_and_the_run_stays_re
 def test_a_killed_driver_leaves_no_worker_writing_and_a_rerun_continues_the_run(mnist_on_s3, marks):
     """SIGKILL of the driver: its workers stop within one lease lifetime (6 s here) instead of training and writing
     on; the next `dcgan train` waits out the dead driver's lease, then continues: every interval logged once,
-    keep_checkpoints (3) kept."""
+    keep_checkpoints (3) kept. Until they notice (up to two renewals) the driverless workers train on, and may even
+    finish the first run's 40 steps, so the rerun asks for 60; a rerun of a finished run keeps the newest 3 as well
+    (and the newest valid checkpoint where newer ones are corrupt)."""
     import os
     import signal
     import time
@@ -202,12 +204,27 @@ def test_a_killed_driver_leaves_no_worker_writing_and_a_rerun_continues_the_run(
     time.sleep(3)  # nothing writes on after its driver died
     assert ([int(r["step"]) for r in read_metrics(run)] if logged_before else []) == logged_before
 
-    again = dcgan_train(mnist_on_s3, run, 40, marks())
+    again = dcgan_train(mnist_on_s3, run, 60, marks())
     _, err = again.communicate(timeout=400)
     assert again.returncode == 0, err
-    assert [int(r["step"]) for r in read_metrics(run)] == list(range(5, 45, 5))
+    assert [int(r["step"]) for r in read_metrics(run)] == list(range(5, 65, 5))
     assert storage.read_text(run_layout.metrics_csv(run)).count("step,") == 1
-    assert checkpoints.complete_steps(run) == [30, 35, 40]
+    assert checkpoints.complete_steps(run) == [50, 55, 60], err
+
+    # Two older valid checkpoints left behind (as driverless workers leave them) and the newest three corrupt: a
+    # rerun with nothing to train removes the older leftover and keeps 45, the newest valid one.
+    state = checkpoints.load_state(run, 50)
+    for step in (40, 45):
+        checkpoints.save(run, step, {**state, "step": step})
+    for step in (50, 55, 60):
+        state_pt = f"{run_layout.checkpoint(run, step)}/state.pt"
+        data = storage.read_bytes(state_pt)
+        storage.write_bytes(state_pt, bytes(len(data)))  # same size, other bytes: only the sha256 tells
+    finished = dcgan_train(mnist_on_s3, run, 45, marks())
+    _, err = finished.communicate(timeout=120)
+    assert finished.returncode == 0, err
+    assert "nothing to train" in err
+    assert checkpoints.complete_steps(run) == [45, 50, 55, 60], err
 
 
 def test_bad_input_inside_a_worker_fails_once_with_one_line_not_retried(tmp_path, marks):
