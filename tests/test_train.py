@@ -180,11 +180,11 @@ def test_two_concurrent_trainings_of_one_run_one_is_refused_and_the_run_stays_re
 
 
 def test_a_killed_driver_leaves_no_worker_writing_and_a_rerun_continues_the_run(mnist_on_s3, marks):
-    """SIGKILL of the driver: its workers stop within one lease lifetime (6 s here) instead of training and writing
-    on; the next `dcgan train` waits out the dead driver's lease, then continues: every interval logged once,
-    keep_checkpoints (3) kept. Until they notice (up to two renewals) the driverless workers train on, and may even
-    finish the first run's 40 steps, so the rerun asks for 60; a rerun of a finished run keeps the newest 3 as well
-    (and the newest valid checkpoint where newer ones are corrupt)."""
+    """SIGKILL of the driver: its workers stop within one lease lifetime (6 s here), before the lease could pass to
+    another driver, and write nothing after; the next `dcgan train` waits out the dead driver's lease, then continues:
+    every interval logged once, keep_checkpoints (3) kept. Until they notice (up to two renewals) the driverless
+    workers train on, and may even finish the first run's 40 steps, so the rerun asks for 60; a rerun of a finished
+    run keeps the newest 3 as well (and the newest valid checkpoint where newer ones are corrupt)."""
     import os
     import signal
     import time
