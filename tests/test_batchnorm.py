@@ -18,6 +18,10 @@ from tests.conftest import free_port
 from tests.realdata import mnist_rgb32
 from preprocessing import dataset_layout
 
+# A process's first torch.tanh on CPU with more than one thread can be a less exact one (up to 9e-5 relative off
+# float64 where later calls are 3e-8; 5 of 12 fresh processes with 2 threads, none with 1; torch 2.13 on this box):
+# samples drawn in two processes, or first and later in one, agree to this, not bit for bit.
+FIRST_TANH = dict(rtol=2e-4, atol=1e-6)
 MODEL = ModelConfig(resolution=32, ngf=8, ndf=8, z_dim=16, kernel_size=4)
 BATCH, STEPS = 16, 3
 
@@ -69,8 +73,7 @@ def test_conversion_keeps_parameters_and_checkpoint_keys():
     plain = Generator(MODEL)
     plain.load_state_dict(g.state_dict())  # a checkpoint of a distributed run loads into the plain network
     z = torch.rand(8, MODEL.z_dim)
-    # Equal up to float32 rounding: a process's first forward may sum BatchNorm's statistics in another order
-    torch.testing.assert_close(generate(g, z), generate(plain, z), rtol=0, atol=1e-5)
+    torch.testing.assert_close(generate(g, z), generate(plain, z), **FIRST_TANH)
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, real: torch.Tensor) -> None:
@@ -132,7 +135,7 @@ def test_two_gloo_processes_equal_one_batchnorm_and_one_worker(tmp_path):
     torch.manual_seed(3)
     g = convert_batchnorm(Generator(MODEL))
     z = torch.rand(8, MODEL.z_dim, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(r0["grid"], generate(g, z), **close)  # rank 0 alone drew its grid, not waiting
+    torch.testing.assert_close(r0["grid"], generate(g, z), **FIRST_TANH)  # rank 0 alone drew it, not waiting
 
     one = gan_steps(real, 0, 1)
     assert all(torch.equal(r0["gan"][k], r1["gan"][k]) for k in one)  # the ranks stay identical
