@@ -45,6 +45,12 @@ def complete_steps(run_uri: str) -> list[int]:
     return sorted(steps)
 
 
+def surplus_steps(run_uri: str, keep: int, valid: int | None = None) -> list[int]:
+    """The complete checkpoints a run holds beyond its newest `keep`, but never `valid` (the run's newest valid one,
+    kept whatever its age where newer ones are corrupt): what the trainer removes, under the run's lease."""
+    return [step for step in complete_steps(run_uri)[:-keep] if step != valid]
+
+
 def _marker(uri: str) -> dict[str, Any]:
     """A checkpoint's COMPLETE marker, checked for the fields it must have; CheckpointError otherwise."""
     try:

@@ -188,7 +188,7 @@ def _train_done(call: StageCall) -> tuple[str, dict[str, Any]] | None:
     step = finished_step(cfg)
     if step is None:
         return None
-    if len(checkpoints.complete_steps(cfg.run_uri)) > cfg.train.keep_checkpoints:
+    if checkpoints.surplus_steps(cfg.run_uri, cfg.train.keep_checkpoints, step):
         return None  # older checkpoints left by workers whose driver died: the trainer removes them, under the lease
     return (f"{cfg.run_uri} already has a checkpoint at step {step} >= train.steps {cfg.train.steps}",
             run_summary(cfg, step))

@@ -265,11 +265,9 @@ def _keep_newest_checkpoints(cfg: Config, valid: int | None = None) -> None:
     """Ray Train keeps the newest `keep_checkpoints` it registered; one uploaded just before a driver or worker died,
     or by workers whose driver had died (they train on until their lease watch notices, up to two renewals, and may
     even finish the run), was never registered, and nothing else would remove it: the run keeps `keep_checkpoints`
-    all the same. `valid`, the run's newest valid checkpoint where newer ones are corrupt, is kept whatever its age.
-    The caller holds the run's lease."""
-    for step in checkpoints.complete_steps(cfg.run_uri)[:-cfg.train.keep_checkpoints]:
-        if step != valid:
-            storage.delete_prefix(run_layout.checkpoint(cfg.run_uri, step))
+    all the same (`checkpoints.surplus_steps`). The caller holds the run's lease."""
+    for step in checkpoints.surplus_steps(cfg.run_uri, cfg.train.keep_checkpoints, valid):
+        storage.delete_prefix(run_layout.checkpoint(cfg.run_uri, step))
 
 
 @contextlib.contextmanager

@@ -184,7 +184,8 @@ def test_a_killed_driver_leaves_no_worker_writing_and_a_rerun_continues_the_run(
     another driver, and write nothing after; the next `dcgan train` waits out the dead driver's lease, then continues:
     every interval logged once, keep_checkpoints (3) kept. Until they notice (up to two renewals) the driverless
     workers train on, and may even finish the first run's 40 steps, so the rerun asks for 60; a rerun of a finished
-    run keeps the newest 3 as well (and the newest valid checkpoint where newer ones are corrupt)."""
+    run keeps the newest 3 as well (and the newest valid checkpoint where newer ones are corrupt), and the rerun after
+    that, with nothing left over, is skipped without starting Ray."""
     import os
     import signal
     import time
@@ -225,6 +226,9 @@ def test_a_killed_driver_leaves_no_worker_writing_and_a_rerun_continues_the_run(
     assert finished.returncode == 0, err
     assert "nothing to train" in err
     assert checkpoints.complete_steps(run) == [45, 50, 55, 60], err
+    again = subprocess.run([sys.executable, "-m", "dcgan.cli", "train", "--config", "configs/tiny-test.yaml", "--data",
+                            mnist_on_s3, "--run", run, "--steps", "45"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "skipping train" in again.stderr, again.stderr  # nothing left over: no Ray
 
 
 def test_bad_input_inside_a_worker_fails_once_with_one_line_not_retried(tmp_path, marks):
