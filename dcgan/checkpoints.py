@@ -17,15 +17,17 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from dcgan import run_layout
 from dcgan.config import Config, parse_config
-from dcgan.networks import Discriminator, Generator
 from preprocessing import storage
 from preprocessing.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where a checkpoint is written or loaded: asking which steps exist needs none
+    import torch
+
+    from dcgan.networks import Discriminator, Generator
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"checkpoints/step-(\d{7,})/COMPLETE$")
@@ -105,6 +107,8 @@ def latest_step(run_uri: str) -> int | None:
 
 
 def _encode(step: int, state: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    import torch
+
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
@@ -145,6 +149,8 @@ def _verified_bytes(run_uri: str, step: int) -> bytes:
 
 
 def _load_step(run_uri: str, step: int, map_location) -> dict[str, Any]:
+    import torch
+
     uri = run_layout.checkpoint(run_uri, step)
     data = _verified_bytes(run_uri, step)
     try:
@@ -188,6 +194,8 @@ class LoadedRun:
 
 def load_models(run_uri: str, step: int | None = None, device: str | torch.device = "cpu") -> LoadedRun:
     """G and D of a run's checkpoint, built from the config stored with it."""
+    from dcgan.networks import Discriminator, Generator
+
     state = load_state(run_uri, step, map_location=device)
     cfg = parse_config(state["config"], source=f"{run_uri} checkpoint config")
     g, d = Generator(cfg.model), Discriminator(cfg.model)

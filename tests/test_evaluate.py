@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -149,3 +152,33 @@ def test_every_checkpoint_evaluates_the_ones_not_yet_evaluated(tmp_path):
                                                          device="cpu")] == [100, 200]
     index = (tmp_path / "run" / "eval" / "report.md").read_text()
     assert index.index("step-0000200") < index.index("step-0000100")  # newest first
+
+
+def test_an_evaluation_starts_no_ray_and_its_done_checks_import_neither_torch_nor_sklearn(tmp_path):
+    """The evaluation computes in its own process: `dcgan evaluate` starts or joins no Ray (a local Ray's start was
+    ~4 s of a sample sheet's ~9, issue 22's fixed cost), and the done-checks a CLI makes before it submits a job
+    (evaluate's and train's) load neither torch nor sklearn (~1 s each); the suites import sklearn where they fit."""
+    g, d = Generator(ModelConfig(**SMALL)), Discriminator(ModelConfig(**SMALL))
+    run = str(tmp_path / "run")
+    save_run(run, g, d, SMALL)
+    code = ("import json, sys\n"
+            "from dcgan import stages\n"
+            "from dcgan.config import parse_config\n"
+            f"cfg = parse_config({{'name': 'eval-test', 'run': {run!r}, 'model': {SMALL!r}, 'train': {{'steps': 50}},"
+            " 'evaluate': {'suites': ['samples'], 'n_samples': 4}})\n"
+            "call = stages.StageCall('evaluate', cfg, {'device': 'cpu'})\n"
+            "checks = [stages.REGISTRY['evaluate'].done(call), stages.REGISTRY['train'].done("
+            "stages.StageCall('train', cfg))]\n"
+            "light = ['torch' in sys.modules, 'sklearn' in sys.modules]\n"
+            "result = stages.run(call, emit=lambda line: None)\n"
+            "import ray\n"
+            "print(json.dumps([light, [c is None for c in checks], checks[1][0], ray.is_initialized(), "
+            "result['metrics']['suites']['samples']['status'], stages.REGISTRY['evaluate'].done(call) is None]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    light, not_done, train_why, ray_started, status, redo = json.loads(done.stdout.strip().splitlines()[-1])
+    assert light == [False, False]
+    assert not_done == [True, False] and "already has a checkpoint at step 100" in train_why  # the checks ran
+    assert (ray_started, status, redo) == (False, "ok", False)
+    assert (tmp_path / "run" / "eval" / "step-0000100" / "samples.png").is_file()

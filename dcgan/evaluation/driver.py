@@ -20,7 +20,8 @@ from dcgan import run_layout
 from dcgan.config import EvalConfig
 from dcgan.evaluation import features
 from dcgan.evaluation.report import _jsonable, render_html, render_history, render_markdown
-from dcgan.evaluation.suites import RUNNERS, Context, NotRun, Section, check_suites, preflight
+from dcgan.evaluation.inputs import already_evaluated, check_suites, evaluation_inputs
+from dcgan.evaluation.suites import RUNNERS, Context, NotRun, Section, preflight
 from preprocessing import shards, storage
 from preprocessing.progress import Progress
 
@@ -110,25 +111,6 @@ def evaluate_every_checkpoint(run_uri: str, cfg: EvalConfig | None = None, **kwa
 
     done = [evaluate(run_uri, cfg, step=s, **kwargs) for s in checkpoints.valid_steps(run_uri)]
     return [m for m in done if not m.get("skipped")]
-
-
-def evaluation_inputs(cfg: EvalConfig, data_uri: str | None, arithmetic: str | None, boxes: str | None) -> dict:
-    """What makes an evaluation of a step this evaluation (recorded in its metrics.json)."""
-    return {"suites": check_suites(list(cfg.suites)), "n_samples": cfg.n_samples, "data": data_uri,
-            "arithmetic": arithmetic, "boxes": boxes, "cifar10": cfg.cifar10, "svhn": cfg.svhn,
-            "inception_weights": cfg.inception_weights}
-
-
-def already_evaluated(run_uri: str, step: int, inputs: dict) -> dict | None:
-    """The metrics of step `step` if it was evaluated with these `inputs`: the one test of "already evaluated"."""
-    uri = run_layout.eval_metrics(run_layout.eval_step(run_uri, step))
-    try:
-        done = storage.read_json(uri) if storage.exists(uri) else None
-    except storage.StorageUnreachable:
-        raise
-    except (storage.StorageError, ValueError):
-        return None
-    return done if done is not None and done.get("inputs") == inputs else None
 
 
 def _record(run_uri: str, name: str, metrics: dict) -> None:

@@ -22,7 +22,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from dcgan.evaluation.latent import CONTEXT, context_z, render
@@ -103,6 +102,8 @@ def fit_object_maps(g: nn.Module, z_sheet: torch.Tensor, boxes: dict[int, list],
         xs += [f[pos[:, 0], pos[:, 1]], f[neg[:, 0], neg[:, 1]]]
         ys += [np.ones(len(pos)), np.zeros(len(neg))]
     x, y = np.concatenate(xs), np.concatenate(ys)
+    from sklearn.linear_model import LogisticRegression  # ~1 s to import: only where the suite runs
+
     clf = LogisticRegression(max_iter=2000).fit(x, y)
     weights = clf.coef_[0]
     drop = np.flatnonzero(weights > 0)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dcgan import run_layout
-from dcgan.config import SUITES, EvalConfig
+from dcgan.config import EvalConfig
 from dcgan.evaluation import datasets, digits, features, fid, forgetting, guided_backprop, latent, memorisation, svm
 from dcgan.evaluation.inception import how_to_get_weights, load_inception
 from dcgan.sampling import save_grid, save_png, to_uint8
@@ -224,13 +224,6 @@ RUNNERS: dict[str, tuple[str, Callable[[Context, Section], None]]] = {
 
 
 # ------------------------------------------------------------------------------------------------------- checks
-
-
-def check_suites(suites: list[str]) -> list[str]:
-    unknown = [s for s in suites if s not in RUNNERS]
-    if unknown:
-        raise InputError(f"unknown evaluation suites {unknown}; choose from {', '.join(SUITES)}")
-    return [s for s in SUITES if s in suites]
 
 
 def preflight(cfg: EvalConfig, suites: list[str], arithmetic: str | None, boxes: str | None) -> None:

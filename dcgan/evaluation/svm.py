@@ -23,9 +23,12 @@ import time
 import warnings
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.svm import LinearSVC
+
+if TYPE_CHECKING:  # sklearn (~1 s to import) is imported where an SVM is fitted, not by every evaluation
+    from sklearn.svm import LinearSVC
 
 C_GRID = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)  # the authors' SVHN grid
 
@@ -67,6 +70,9 @@ def _check(features: np.ndarray, labels: np.ndarray, name: str) -> None:
 
 def fit_svm(x: np.ndarray, y: np.ndarray, C: float, seed: int = 0, max_iter: int = 2000) -> tuple[LinearSVC, bool]:
     """A fitted L2-SVM and whether liblinear converged within max_iter."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.svm import LinearSVC
+
     model = LinearSVC(C=C, loss="squared_hinge", penalty="l2", dual=True, max_iter=max_iter, random_state=seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
