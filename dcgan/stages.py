@@ -77,6 +77,16 @@ def run(call: StageCall, emit: Emit = log.info) -> dict[str, Any]:
     return run_here(call, emit)
 
 
+def where(call: StageCall) -> str:
+    """Where `run` sends the call, in words: "<stage> runs " + this (a Prefect task's first log line)."""
+    if call.stage == "train" and call.config.cluster.submit == "rayjob":
+        return "on a KubeRay RayJob (a cluster of its own)"
+    place = compute.placement(call.config.cluster.address)
+    if place.kind != "jobs" and not REGISTRY[call.stage].on_ray:
+        return "in this process (it sends no Ray task)"
+    return f"on {place}"
+
+
 def run_here(call: StageCall, emit: Emit = log.info) -> dict[str, Any]:
     """Run a stage in this process, on a local Ray or the cluster this process is on (a stage that computes in its
     own process, the evaluation, starts or joins no Ray: a local Ray's start was ~4 s of a sample sheet's ~9)."""

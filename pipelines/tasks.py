@@ -25,7 +25,6 @@ from prefect.states import State
 from dcgan import stages
 from dcgan.config import Config
 from dcgan.stages import StageCall
-from preprocessing import compute
 from preprocessing.errors import classify, retry_delays
 
 # Backoff between the attempts of a task that failed on a transient fault (the README's 10 s, 60 s, 300 s).
@@ -84,9 +83,7 @@ def _run(call: StageCall) -> dict[str, Any]:
     from pipelines import artifacts
 
     logger = get_run_logger()
-    rayjob = call.stage == "train" and call.config.cluster.submit == "rayjob"
-    where = "a KubeRay RayJob (a cluster of its own)" if rayjob else compute.placement(call.config.cluster.address)
-    logger.info("%s runs on %s", call.stage, where)
+    logger.info("%s runs %s", call.stage, stages.where(call))
     with _project_logs_to(logger), artifacts.progress_artifacts(stages.REGISTRY[call.stage].writes(call)):
         return stages.run(call, emit=logger.info)
 

@@ -170,15 +170,17 @@ def test_an_evaluation_starts_no_ray_and_its_done_checks_import_neither_torch_no
             "checks = [stages.REGISTRY['evaluate'].done(call), stages.REGISTRY['train'].done("
             "stages.StageCall('train', cfg))]\n"
             "light = ['torch' in sys.modules, 'sklearn' in sys.modules]\n"
+            "said = [stages.where(call), stages.where(stages.StageCall('train', cfg))]\n"
             "result = stages.run(call, emit=lambda line: None)\n"
             "import ray\n"
             "print(json.dumps([light, [c is None for c in checks], checks[1][0], ray.is_initialized(), "
-            "result['metrics']['suites']['samples']['status'], stages.REGISTRY['evaluate'].done(call) is None]))\n")
+            "result['metrics']['suites']['samples']['status'], stages.REGISTRY['evaluate'].done(call) is None, said]))\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    light, not_done, train_why, ray_started, status, redo = json.loads(done.stdout.strip().splitlines()[-1])
+    light, not_done, train_why, ray_started, status, redo, said = json.loads(done.stdout.strip().splitlines()[-1])
     assert light == [False, False]
+    assert said == ["in this process (it sends no Ray task)", "on a local Ray in this process"]  # a flow's log says
     assert not_done == [True, False] and "already has a checkpoint at step 100" in train_why  # the checks ran
     assert (ray_started, status, redo) == (False, "ok", False)
     assert (tmp_path / "run" / "eval" / "step-0000100" / "samples.png").is_file()
