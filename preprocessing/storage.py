@@ -332,8 +332,7 @@ def delete_prefix(uri: str) -> int:
             keys.append(key)
         client = s3_client()
         for i in range(0, len(keys), 1000):
-            chunk = [{"Key": k} for k in keys[i : i + 1000]]
-            _s3_call(uri, client.delete_objects, Bucket=bucket, Delete={"Objects": chunk, "Quiet": True})
+            _delete_objects(uri, client, bucket, keys[i : i + 1000])
         return len(keys)
     p = local_path(uri)
     if p.is_dir():
@@ -344,6 +343,37 @@ def delete_prefix(uri: str) -> int:
         p.unlink()
         return 1
     return 0
+
+
+DELETE_RETRY_S = (0.5, 2.0, 5.0)  # pauses before a DeleteObjects is sent again for its keys that met a transient error
+
+
+def _delete_objects(uri: str, client, bucket: str, keys: list[str]) -> None:
+    """One DeleteObjects of up to 1,000 keys. S3 answers 200 even when some keys were not deleted: each is listed in
+    the answer's Errors. Keys that met a transient error (InternalError, SlowDown) are sent again after each pause;
+    any other error, or a transient one still there after the last pause, raises, naming the first key, so a prune or
+    an overwrite never counts as gone an object that is still there."""
+    import time
+
+    for pause in (*DELETE_RETRY_S, None):
+        answer = _s3_call(uri, client.delete_objects, Bucket=bucket,
+                          Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True})
+        errors = answer.get("Errors") or []
+        if not errors:
+            return
+        transient = [e for e in errors if e.get("Code") in TRANSIENT_CODES]
+        if len(transient) < len(errors) or pause is None:
+            first = next((e for e in errors if e.get("Code") not in TRANSIENT_CODES), errors[0])
+            code = first.get("Code") or "unknown"
+            where = f"s3://{bucket}/{first.get('Key')}"
+            left = f"{len(errors)} of {len(keys)} objects were not deleted"
+            if code in ("AccessDenied", "403"):
+                raise StorageError(f"{where}: access denied ({code}) when deleting it; {left}")
+            if code in TRANSIENT_CODES:
+                raise StorageUnreachable(f"{where}: the S3 endpoint kept failing ({code}) when deleting it; {left}")
+            raise StorageError(f"{where}: not deleted ({code}: {first.get('Message') or 'no message'}); {left}")
+        keys = [e["Key"] for e in transient]
+        time.sleep(pause)
 
 
 def check_writable(uri: str) -> None:

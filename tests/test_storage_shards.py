@@ -149,3 +149,35 @@ def test_delete_prefix_removes_one_object_or_a_whole_prefix(where, tmp_path, req
     assert storage.delete_prefix(storage.join(root, "ds/shards")) == 2
     assert storage.list_uris(storage.join(root, "ds")) == []
     assert storage.exists(storage.join(root, "ds2/keep"))
+
+
+def _delete_answer(key: str, code: str) -> str:
+    """A DeleteObjects answer as S3 gives it when a key was not deleted: 200, the key and why in Errors."""
+    return ('<?xml version="1.0" encoding="UTF-8"?><DeleteResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+            f"<Error><Key>{key}</Key><Code>{code}</Code><Message>{code} for {key}</Message></Error></DeleteResult>")
+
+
+def test_delete_prefix_sends_a_key_s3_failed_again_and_raises_when_it_was_refused(s3_server, s3_bucket, monkeypatch):
+    """DeleteObjects answers 200 and lists the keys it did not delete in Errors. A transient error is sent again; a
+    refusal, or a transient error past the last pause, raises in one line naming the key, and the object is left (a
+    prune or an overwrite never counts as gone what is still there)."""
+    from tests.s3_faults import FaultProxy
+
+    bucket, _ = storage.split_s3(s3_bucket)
+    root, key = storage.join(s3_bucket, "run/checkpoints"), "run/checkpoints/step-0000010/state.pt"
+    monkeypatch.setattr(storage, "DELETE_RETRY_S", (0.0, 0.0))  # two pauses: three tries
+    cases = (("InternalError", 2, None), ("AccessDenied", 1, storage.StorageError),
+             ("SlowDown", 3, storage.StorageUnreachable), ("OperationAborted", 1, storage.StorageError))
+    for code, times, raised in cases:
+        storage.write_bytes(f"s3://{bucket}/{key}", b"x")
+        canned = {("POST", f"/{bucket}?delete"): (200, _delete_answer(key, code), times)}
+        with FaultProxy(s3_server, rate=0, canned=canned) as proxy:
+            monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+            if raised is None:
+                assert storage.delete_prefix(root) == 1
+                assert storage.list_uris(root) == [] and proxy.injected["canned 200"] == 2  # the third try went through
+            else:
+                with pytest.raises(raised, match=f"s3://{bucket}/{key}: .*{code}.*; 1 of 1 objects were not deleted"):
+                    storage.delete_prefix(root)
+                assert storage.exists(f"s3://{bucket}/{key}") and proxy.injected["canned 200"] == times, code
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
