@@ -1,4 +1,4 @@
-"""The dedup autoencoder's fit on CPUs: one plain Ray task (`model.fit_ray`, what dedup runs) against a Ray Train
+"""The dedup autoencoder's fit on CPUs: one plain Ray task (`fit.fit_ray`, what dedup runs) against a Ray Train
 worker group of one (`model.fit_ray_train`, what it ran before), on the same crops, in turn, in one run.
 
 Why: on CPUs Ray Train only ever ran one worker for this fit, and its controller and worker group cost more than the
@@ -61,7 +61,8 @@ def main() -> None:
 
     from preprocessing.compute import quiet_ray_data
     from preprocessing.config import ClusterConfig, DedupConfig
-    from preprocessing.dedup.model import fit_ray, fit_ray_train
+    from preprocessing.dedup.fit import fit_ray
+    from preprocessing.dedup.model import fit_ray_train
 
     quiet_ray_data()
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -78,7 +79,7 @@ def main() -> None:
                 for name in times:
                     t = time.perf_counter()
                     if name == "task":
-                        _, losses[name] = fit_ray(ds, cfg, tmp, cluster)
+                        losses[name] = fit_ray(ds, cfg, tmp, cluster).losses
                     else:
                         _, losses[name] = fit_ray_train(ds, cfg, f"{tmp}/rt{rep}", cluster, n)
                     times[name].append(time.perf_counter() - t)

@@ -19,8 +19,8 @@ from preprocessing.dedup.groups import (bucket_edges, code_hashes, edge_groups, 
                                         member_rows, shared_hashes, verified_groups, verify_rows, view_rows)
 from preprocessing.dedup import exchange
 from preprocessing.dedup.dataset import training_rows
-from preprocessing.dedup.model import (crops_of, encode, fit_local, fit_ray, fit_ray_train, fit_task, inputs_of,
-                                       load_state)
+from preprocessing.dedup.fit import fit_ray
+from preprocessing.dedup.model import crops_of, encode, fit_local, fit_ray_train, fit_task, inputs_of, load_state
 from preprocessing.dedup.verify import (ALIGNMENTS, BUCKET_CAP, MARGIN, MAX_DIFF, MAX_REL, MAX_TOL, differences,
                                         measures, passes, star_groups)
 from preprocessing.dedup.grid import MAX_VIEWS
@@ -268,7 +268,10 @@ def test_a_cpu_fit_in_one_task_trains_what_a_ray_train_worker_trains(trained, ra
     cfg = cfg.model_copy(update={"epochs": 3})
     ds = ray.data.from_items([{"crop": c} for c in crops], override_num_blocks=4).materialize()
     assert ds.num_blocks() == 4
-    state, losses = fit_ray(ds, cfg, str(tmp_path / "task"))
+    fitted = fit_ray(ds, cfg, str(tmp_path / "task"))  # numpy weights and model.pt's bytes: no torch in the driver
+    state, losses = {k: torch.from_numpy(v) for k, v in fitted.state.items()}, fitted.losses
+    saved = torch.load(io.BytesIO(fitted.model_file), map_location="cpu", weights_only=True)
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
     workers_before = len(ray.util.state.list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000))
     other, other_losses = fit_ray_train(ds, cfg, str(tmp_path / "ray-train"), ClusterConfig(), ds.count())
     assert len(ray.util.state.list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000)) > \
@@ -879,6 +882,37 @@ def test_dedup_command_over_s3_on_ray(s3_bucket, ray_cluster, capsys):
     assert "skipping dedup: " in capsys.readouterr().err and read_manifest(out) == m
     assert main(["dedup", src, "--epochs", "30", "--seed", "4", *sample]) == 2
     assert "already holds a dataset; pass --overwrite" in capsys.readouterr().err
+
+
+def test_a_cpu_dedup_leaves_torch_out_of_its_driver(tmp_path):
+    """The driver only dispatches: the fit task hands back numpy weights and model.pt's bytes and the encode tasks take
+    the weights as they are, so a dedup run in a process (a Ray Job's driver) never imports torch (~1-2 s of its fixed
+    cost); the model.pt it wrote reproduces the hash column."""
+    import os
+    import subprocess
+    import sys
+
+    keys, images = _distinct_images(120)
+    src, half = str(tmp_path / "src"), len(keys) // 2
+    entries = [write_table(src, f"shards/part-{s:05d}.parquet", make_table(keys[a:b], images[a:b], [f"src/{k}" for k in keys[a:b]]))
+               for s, (a, b) in enumerate(((0, half), (half, len(keys))))]
+    write_manifest(src, kind="lsun", resolution=RES, shards=entries)
+    code = ("import json, sys\n"
+            "from dcgan.cli import main\n"
+            f"rc = main(['dedup', {src!r}, '--epochs', '3'])\n"
+            "print(json.dumps([rc, 'torch' in sys.modules]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [0, False], done.stderr[-3000:]
+    out = f"{src}-dedup"
+    m = read_manifest(out)
+    state = load_state(storage.join(out, "dedup/model.pt"))
+    cfg = DedupConfig(**m["dedup"]["params"])
+    table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(out, m["shards"][0]["path"]))))
+    from preprocessing.shards import images_of
+
+    assert table.column("hash").to_pylist() == [c.tobytes() for c in encode(state, crops_of(images_of(table), cfg.crop), cfg)]
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ Stages, each a Ray job that scales out with the cluster:
 1. crops   (key, shard, row, 32x32 center crop) of the rows the next phases need, one task per source shard read:
            with `views` > 1 only the autoencoder's training sample, read from the fewest shards that hold it (encode
            reads every shard and counts the blank crops); with `views: 1` every row, blank ones counted.
-2. train   the hashing autoencoder (`model.fit_ray`: one Ray task on CPUs, Ray Train on GPUs), on the dataset being
+2. train   the hashing autoencoder (`fit.fit_ray`: one Ray task on CPUs, Ray Train on GPUs), on the dataset being
            de-duplicated.
 3. encode  every image -> its `views` codes (ReLU > 0 of the code layer, packed: 16 bytes for 128 bits); view 0, the
            paper's center-crop hash, is the `hash` column.
@@ -273,7 +273,7 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
 
     `shards` are manifest entries (path relative to src_uri, rows). Writes out/shards/ and out/dedup/, not the
     manifest. Deterministic for equal inputs and `cfg.seed` on CPU (Ray Data keeps block order while this runs).
-    The autoencoder trains on the workers `cluster` asks for (`model.fit_ray`).
+    The autoencoder trains on the workers `cluster` asks for (`fit.fit_ray`).
     """
     from ray.data import DataContext
     from ray.data.expressions import col
@@ -415,10 +415,11 @@ def _training_sample(crops, rows_in: int, cfg: DedupConfig):
 
 
 def _train(crops, sampled: bool, cfg: DedupConfig, out_uri: str, cluster: ClusterConfig | None, rows_in: int
-           ) -> tuple[dict, list[float], int]:
-    """2. The hashing autoencoder on Ray (`fit_ray`; on at most `train_images` of the crops, which phase 1 may have
-    `sampled` already); its weights saved beside the dataset. Returns (weights, epoch losses, images trained on)."""
-    from preprocessing.dedup.model import fit_ray, save_state
+           ) -> tuple[dict[str, np.ndarray], list[float], int]:
+    """2. The hashing autoencoder on Ray (`fit.fit_ray`; on at most `train_images` of the crops, which phase 1 may
+    have `sampled` already); its model.pt saved beside the dataset. Returns (numpy weights, epoch losses, images
+    trained on); a CPU fit leaves torch out of this process."""
+    from preprocessing.dedup.fit import fit_ray
 
     sample = crops.select_columns(["crop"])
     if not sampled:
@@ -426,11 +427,11 @@ def _train(crops, sampled: bool, cfg: DedupConfig, out_uri: str, cluster: Cluste
     trained_on = sample.count()
     with tempfile.TemporaryDirectory(prefix="dcgan-dedup-") as tmp:
         train_dir = dataset_layout.dedup_training(out_uri) if storage.is_s3(out_uri) else tmp
-        state, losses = fit_ray(sample, cfg, train_dir, cluster)
+        fitted = fit_ray(sample, cfg, train_dir, cluster)
         if storage.is_s3(out_uri):
             storage.delete_prefix(train_dir)
-    save_state(state, dataset_layout.dedup_model(out_uri))
-    return state, losses, trained_on
+    storage.write_bytes(dataset_layout.dedup_model(out_uri), fitted.model_file)
+    return fitted.state, fitted.losses, trained_on
 
 
 def _encode(crops, state: dict, cfg: DedupConfig, src_uri: str, shards: list[dict]):
@@ -438,7 +439,7 @@ def _encode(crops, state: dict, cfg: DedupConfig, src_uri: str, shards: list[dic
     in the object store. More (`crops` None): each source shard is read again and its views cut inside the task;
     carried from phase 1 they were 4x the crops in the object store (12 KB an image at crop 32; ~36 GB at 3M)."""
 
-    state_np = {k: v.numpy() for k, v in state.items() if k.startswith("encoder.")}
+    state_np = {k: np.asarray(v) for k, v in state.items() if k.startswith("encoder.")}
     if cfg.views == 1:
         return crops.map_batches(_encode_task, batch_format="numpy",
                                  fn_kwargs={"state": state_np, "cfg": cfg.model_dump()}).materialize()

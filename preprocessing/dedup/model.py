@@ -42,6 +42,7 @@ from torch import nn
 from preprocessing import storage
 from preprocessing.config import ClusterConfig, DedupConfig
 from preprocessing.progress import Progress
+from preprocessing.dedup.fit import IN_MEMORY_ROWS
 from preprocessing.dedup.semantic_hash import pack_bits
 
 log = logging.getLogger(__name__)
@@ -296,42 +297,12 @@ def shuffled_batches(data: torch.Tensor, cfg: DedupConfig) -> Callable[[], Itera
     return batches
 
 
-# A Ray Train worker holds its share of the training crops in memory when it is at most this many (3 KB a crop at
-# crop 32: 1.5 GB; the default `train_images` cap, 50k, is 150 MB on one CPU worker) and trains on it as `fit_local`
-# does; a larger share streams from Ray Data every epoch, as before.
-IN_MEMORY_ROWS = 500_000
 TRAIN_THREADS = 4  # torch threads of a CPU worker once its crops are in memory (Ray Data no longer needs the CPUs)
-
-
-def fit_ray(crops_ds, cfg: DedupConfig, storage_path: str, cluster: ClusterConfig | None = None
-            ) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Train on Ray from a materialized Ray Dataset with a uint8 `crop` column; returns (state_dict, epoch losses).
-
-    On CPUs, up to `IN_MEMORY_ROWS` crops (the default `train_images` cap is 50k): one plain Ray task that holds them
-    in memory and trains as `fit_local` does (`fit_task`), with up to `TRAIN_THREADS` torch threads; Ray runs it again
-    on a lost node up to `cluster.max_failures` times. Otherwise on Ray Train, launched as the GAN's training is
-    (`preprocessing.ray_train`: the same failure policy, retries and faults), on the workers `cluster` asks for:
-    `cluster.workers` GPUs with `use_gpu`, or one CPU worker with half a CPU that streams its crops from Ray Data every
-    epoch. A Ray Train worker reads its crops once and, up to `IN_MEMORY_ROWS`, trains on them in memory.
-    `storage_path` (local dir on one node, or s3://) holds Ray Train's checkpoint.
-
-    One CPU worker was all Ray Train ever ran here (DDP on CPUs only splits the same cores), and its controller and
-    worker group cost ~8 s a fit, more than the fit itself on small sets: the task is 3.6x faster on 512 crops and
-    1.55x on 20,000 (benchmarks/dedup_fit.py, the same losses).
-    """
-    cluster = cluster or ClusterConfig()
-    rows = crops_ds.count()
-    if not cluster.use_gpu and rows <= IN_MEMORY_ROWS:
-        import ray
-
-        task = ray.remote(fit_task).options(num_cpus=1, max_retries=cluster.max_failures)
-        return ray.get(task.remote(cfg.model_dump(), *crops_ds.to_arrow_refs()))
-    return fit_ray_train(crops_ds, cfg, storage_path, cluster, rows)
 
 
 def fit_ray_train(crops_ds, cfg: DedupConfig, storage_path: str, cluster: ClusterConfig, rows: int
                   ) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """`fit_ray` on Ray Train: DDP over `cluster.workers` GPUs, or one CPU worker."""
+    """A fit on Ray Train (`fit.fit_ray`'s choice): DDP over `cluster.workers` GPUs, or one CPU worker."""
     from ray.data import ExecutionOptions
     from ray.train import DataConfig, RunConfig
 
@@ -455,11 +426,15 @@ def encode(state: dict[str, torch.Tensor] | HashAutoencoder, crops: np.ndarray, 
     return np.concatenate(out) if out else np.zeros((0, (cfg.code_bits + 7) // 8), np.uint8)
 
 
-def save_state(state: dict[str, torch.Tensor], uri: str) -> None:
+def state_file(state: dict[str, torch.Tensor]) -> bytes:
     """Weights as a plain tensor dict: `torch.load(..., weights_only=True)` reads it back, no pickle of code."""
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, buf)
-    storage.write_bytes(uri, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_state(state: dict[str, torch.Tensor], uri: str) -> None:
+    storage.write_bytes(uri, state_file(state))
 
 
 def load_state(uri: str) -> dict[str, torch.Tensor]:
