@@ -20,7 +20,7 @@ from preprocessing.dedup.groups import (bucket_edges, code_hashes, edge_groups, 
 from preprocessing.dedup import exchange
 from preprocessing.dedup.dataset import training_rows
 from preprocessing.dedup.fit import fit_ray
-from preprocessing.dedup.model import crops_of, encode, fit_local, fit_ray_train, fit_task, inputs_of, load_state
+from preprocessing.dedup.model import crops_of, encode, fit_local, fit_ray_train, fit_blocks, inputs_of, load_state
 from preprocessing.dedup.verify import (ALIGNMENTS, BUCKET_CAP, MARGIN, MAX_DIFF, MAX_REL, MAX_TOL, differences,
                                         measures, passes, star_groups)
 from preprocessing.dedup.grid import MAX_VIEWS
@@ -260,7 +260,7 @@ def test_multi_view_finds_shifted_and_recropped_photos(trained):
 
 @pytest.mark.slow  # one Ray Train fit
 def test_a_cpu_fit_in_one_task_trains_what_a_ray_train_worker_trains(trained, ray_cluster, tmp_path):
-    """On CPUs the autoencoder trains in one plain Ray task (`fit_task`), not a Ray Train worker group of one: the
+    """On CPUs the autoencoder trains in one plain Ray task (`fit.fit_task`), not a Ray Train worker group of one: the
     same crops in several blocks give the same losses, weights and codes as the Ray Train worker's in-memory path."""
     import ray
 
@@ -286,7 +286,7 @@ def test_a_cpu_fit_in_one_task_trains_what_a_ray_train_worker_trains(trained, ra
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _, again = fit_task(cfg.model_dump(), *ray.get(ds.to_arrow_refs()))
+        _, again = fit_blocks(cfg.model_dump(), *ray.get(ds.to_arrow_refs()))
         assert torch.get_num_threads() == 1 and np.allclose(again, losses, rtol=1e-5)
     finally:
         torch.set_num_threads(threads)

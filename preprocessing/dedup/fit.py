@@ -1,7 +1,7 @@
 """Where the dedup autoencoder trains, as the driver asks for it (layer: preprocessing, no torch at import).
 
 On CPUs, up to `IN_MEMORY_ROWS` crops (the default `train_images` cap is 50k): one plain Ray task that holds them in
-memory and trains as `model.fit_local` does (`model.fit_task`), with up to `model.TRAIN_THREADS` torch threads; Ray
+memory and trains as `model.fit_local` does (`fit_task`, `model.fit_blocks`), with up to `model.TRAIN_THREADS` torch threads; Ray
 runs it again on a lost node up to `cluster.max_failures` times. Otherwise on Ray Train (`model.fit_ray_train`),
 launched as the GAN's training is (`preprocessing.ray_train`: the same failure policy, retries and faults), on the
 workers `cluster` asks for: `cluster.workers` GPUs with `use_gpu`, or one CPU worker with half a CPU that streams its
@@ -46,17 +46,18 @@ def fit_ray(crops_ds, cfg: DedupConfig, storage_path: str, cluster: ClusterConfi
     if not cluster.use_gpu and rows <= IN_MEMORY_ROWS:
         import ray
 
-        task = ray.remote(_fit_task).options(num_cpus=1, max_retries=cluster.max_failures)
+        task = ray.remote(fit_task).options(num_cpus=1, max_retries=cluster.max_failures)
         return ray.get(task.remote(cfg.model_dump(), *crops_ds.to_arrow_refs()))
     from preprocessing.dedup.model import fit_ray_train
 
     return _fitted(*fit_ray_train(crops_ds, cfg, storage_path, cluster, rows))
 
 
-def _fit_task(cfg: dict, *blocks) -> Fitted:
-    from preprocessing.dedup.model import fit_task
+def fit_task(cfg: dict, *blocks) -> Fitted:
+    """The CPU fit's Ray task (its epochs' progress lines carry its name)."""
+    from preprocessing.dedup.model import fit_blocks
 
-    return _fitted(*fit_task(cfg, *blocks))
+    return _fitted(*fit_blocks(cfg, *blocks))
 
 
 def _fitted(state, losses: list[float]) -> Fitted:

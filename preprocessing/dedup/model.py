@@ -327,9 +327,9 @@ def fit_ray_train(crops_ds, cfg: DedupConfig, storage_path: str, cluster: Cluste
     return state, losses
 
 
-def fit_task(cfg: dict, *blocks) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """A CPU fit as one Ray task: the training crops (Ray Data blocks with a `crop` column, in order) -> `fit_local`,
-    its epochs shown as a Ray Train worker's are (through Ray's log forwarding)."""
+def fit_blocks(cfg: dict, *blocks) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """A CPU fit (`fit.fit_task` runs it as one Ray task): the training crops (Ray Data blocks with a `crop` column,
+    in order) -> `fit_local`, its epochs shown as a Ray Train worker's are (through Ray's log forwarding)."""
     from preprocessing.dedup.exchange import as_batch
 
     dcfg = DedupConfig(**cfg)
