@@ -884,6 +884,7 @@ def test_dedup_command_over_s3_on_ray(s3_bucket, ray_cluster, capsys):
     assert "already holds a dataset; pass --overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a whole dedup on its own local Ray (~17 s)
 def test_a_cpu_dedup_leaves_torch_out_of_its_driver(tmp_path):
     """The driver only dispatches: the fit task hands back numpy weights and model.pt's bytes and the encode tasks take
     the weights as they are, so a dedup run in a process (a Ray Job's driver) never imports torch (~1-2 s of its fixed
