@@ -93,7 +93,7 @@ def run_here(call: StageCall, emit: Emit = log.info) -> dict[str, Any]:
     stage = REGISTRY[call.stage]
     if stage.on_ray:
         compute.connect(call.config.cluster.address)
-    return {"stage": call.stage, "skipped": False, **REGISTRY[call.stage].here(call, emit)}
+    return {"stage": call.stage, "skipped": False, **stage.here(call, emit)}
 
 
 # ------------------------------------------------------------------------------------------------- the stages

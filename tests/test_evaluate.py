@@ -174,7 +174,8 @@ def test_an_evaluation_starts_no_ray_and_its_done_checks_import_neither_torch_no
             "result = stages.run(call, emit=lambda line: None)\n"
             "import ray\n"
             "print(json.dumps([light, [c is None for c in checks], checks[1][0], ray.is_initialized(), "
-            "result['metrics']['suites']['samples']['status'], stages.REGISTRY['evaluate'].done(call) is None, said]))\n")
+            "result['metrics']['suites']['samples']['status'], stages.REGISTRY['evaluate'].done(call) is None, "
+            "said]))\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

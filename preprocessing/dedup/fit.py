@@ -1,11 +1,11 @@
 """Where the dedup autoencoder trains, as the driver asks for it (layer: preprocessing, no torch at import).
 
-On CPUs, up to `IN_MEMORY_ROWS` crops (the default `train_images` cap is 50k): one plain Ray task that holds them in
-memory and trains as `model.fit_local` does (`fit_task`, `model.fit_blocks`), with up to `model.TRAIN_THREADS` torch threads; Ray
-runs it again on a lost node up to `cluster.max_failures` times. Otherwise on Ray Train (`model.fit_ray_train`),
-launched as the GAN's training is (`preprocessing.ray_train`: the same failure policy, retries and faults), on the
-workers `cluster` asks for: `cluster.workers` GPUs with `use_gpu`, or one CPU worker with half a CPU that streams its
-crops from Ray Data every epoch.
+On CPUs, up to `IN_MEMORY_ROWS` crops (the default `train_images` cap is 50k): one plain Ray task (`fit_task`) that
+holds them in memory and trains as `model.fit_local` does (`model.fit_blocks`), with up to `model.TRAIN_THREADS`
+torch threads; Ray runs it again on a lost node up to `cluster.max_failures` times. Otherwise on Ray Train
+(`model.fit_ray_train`), launched as the GAN's training is (`preprocessing.ray_train`: the same failure policy,
+retries and faults), on the workers `cluster` asks for: `cluster.workers` GPUs with `use_gpu`, or one CPU worker with
+half a CPU that streams its crops from Ray Data every epoch.
 
 One CPU worker was all Ray Train ever ran here (DDP on CPUs only splits the same cores), and its controller and worker
 group cost ~8 s a fit, more than the fit itself on small sets: the task is 3.6x faster on 512 crops and 1.55x on
