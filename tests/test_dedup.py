@@ -28,6 +28,7 @@ from preprocessing.dedup.views import _pool2, cut_views, image_codes, view_crops
 from preprocessing.dedup.semantic_hash import (group_codes, group_identical, group_views, hamming, keep_smallest_key,
                                          near_pairs, pack_bits, partition_of)
 from preprocessing.shards import ShardDataset, make_table, read_manifest, write_manifest, write_table
+from fresh_process import run_fresh
 from realdata import mnist_rgb32, real_photos
 
 RES = 32
@@ -889,10 +890,6 @@ def test_a_cpu_dedup_leaves_torch_out_of_its_driver(tmp_path):
     """The driver only dispatches: the fit task hands back numpy weights and model.pt's bytes and the encode tasks take
     the weights as they are, so a dedup run in a process (a Ray Job's driver) never imports torch (~1-2 s of its fixed
     cost); the model.pt it wrote reproduces the hash column."""
-    import os
-    import subprocess
-    import sys
-
     keys, images = _distinct_images(120)
     src, half = str(tmp_path / "src"), len(keys) // 2
     entries = [write_table(src, f"shards/part-{s:05d}.parquet", make_table(keys[a:b], images[a:b], [f"src/{k}" for k in keys[a:b]]))
@@ -902,10 +899,7 @@ def test_a_cpu_dedup_leaves_torch_out_of_its_driver(tmp_path):
             "from dcgan.cli import main\n"
             f"rc = main(['dedup', {src!r}, '--epochs', '3'])\n"
             "print(json.dumps([rc, 'torch' in sys.modules]))\n")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == [0, False], done.stderr[-3000:]
+    assert run_fresh(code) == [0, False]  # exit 0, torch never imported
     out = f"{src}-dedup"
     m = read_manifest(out)
     state = load_state(storage.join(out, "dedup/model.pt"))

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,6 +15,7 @@ from dcgan.config import EvalConfig, ModelConfig, parse_config
 from dcgan.evaluation.driver import evaluate, evaluate_every_checkpoint
 from dcgan.networks import Discriminator, Generator
 from preprocessing import shards, storage
+from fresh_process import run_fresh
 from realdata import mnist_rgb32
 from test_latent import SMALL, trained_small_gan
 from test_svm import write_cifar, write_svhn
@@ -176,10 +174,7 @@ def test_an_evaluation_starts_no_ray_and_its_done_checks_import_neither_torch_no
             "print(json.dumps([light, [c is None for c in checks], checks[1][0], ray.is_initialized(), "
             "result['metrics']['suites']['samples']['status'], stages.REGISTRY['evaluate'].done(call) is None, "
             "said]))\n")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    light, not_done, train_why, ray_started, status, redo, said = json.loads(done.stdout.strip().splitlines()[-1])
+    light, not_done, train_why, ray_started, status, redo, said = run_fresh(code)
     assert light == [False, False]
     assert said == ["in this process (it sends no Ray task)", "on a local Ray in this process"]  # a flow's log says
     assert not_done == [True, False] and "already has a checkpoint at step 100" in train_why  # the checks ran

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -19,6 +18,7 @@ from preprocessing import dataset_layout, lsun, shards
 from preprocessing.build import BuildError, build_dataset, plan
 from preprocessing.config import BuildConfig
 from preprocessing.sources import Item, chunk_items
+from fresh_process import run_fresh
 from realdata import encode, lsun_like_photos
 
 BAD = {b"0" * 40: (b"", "empty"), b"1" * 40: (b"<html>not found</html>", "not_image"),
@@ -118,10 +118,7 @@ def test_a_build_on_its_own_local_ray_needs_neither_ray_data_nor_a_dashboard(lmd
             "progress=False)\n"
             "import json; print(json.dumps([m['counts']['rows'], len(m['shards']), 'ray.data' in sys.modules, "
             "'pandas' in sys.modules, ray._private.worker.global_worker.node.address_info.get('webui_url')]))\n")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows, n_shards, ray_data, pandas, dashboard = json.loads(done.stdout.strip().splitlines()[-1])
+    rows, n_shards, ray_data, pandas, dashboard = run_fresh(code)
     assert (rows, n_shards) == (len(good), -(-(len(good) + len(BAD)) // 8))  # every row, in several chunks
     assert (ray_data, pandas) == (False, False)
     assert not dashboard, dashboard
