@@ -61,7 +61,7 @@ def main() -> None:
 
     from preprocessing.compute import quiet_ray_data
     from preprocessing.config import ClusterConfig, DedupConfig
-    from preprocessing.dedup.fit import fit_ray
+    from preprocessing.dedup.fit import IN_MEMORY_ROWS, fit_ray
     from preprocessing.dedup.model import fit_ray_train
 
     quiet_ray_data()
@@ -81,7 +81,7 @@ def main() -> None:
                     if name == "task":
                         losses[name] = fit_ray(ds, cfg, tmp, cluster).losses
                     else:
-                        _, losses[name] = fit_ray_train(ds, cfg, f"{tmp}/rt{rep}", cluster, n)
+                        _, losses[name] = fit_ray_train(ds, cfg, f"{tmp}/rt{rep}", cluster, n, IN_MEMORY_ROWS)
                     times[name].append(time.perf_counter() - t)
                     print(f"[dedup_fit] {n} crops, {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
         rt, task = statistics.median(times["ray-train"]), statistics.median(times["task"])

@@ -14,7 +14,8 @@ Rows (each run `--reps` times, in turn; median and all values printed):
                ray.get(ray.remote(lambda: 0).remote())"`.
   build-lsun   `dcgan build-lsun` of a 512-image LSUN-layout LMDB (one chunk, real photos; scale.py's generator).
   dedup        `dcgan dedup` of that dataset, default settings (its work on 512 images, 135 views each, is a few
-               seconds of task time, so this row is its fixed cost plus that).
+               seconds of task time, so this row is its fixed cost plus that); the median of each phase's seconds
+               (crops, train, encode, group, write: the dedup's report) is printed below the table.
   train        `dcgan train` for `--steps` steps (small networks, as scale.py), from that dataset (de-duplicated, with
                the dedup row).
   evaluate     `dcgan evaluate --suite samples` of that run.
@@ -98,6 +99,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="startup-", dir="/tmp"))
     lmdb_path = scale.ensure_lmdbs([512], work, seed=0)[512]
     rows: dict[str, list[float]] = {"bare job": [], **{s: [] for s in args.stages}}
+    phases: list[dict[str, float]] = []  # each dedup's phases, from its report: where its fixed cost goes
     with ExitStack() as stack:
         place = scale.ClusterWithS3(stack)
         address = place.cluster.jobs_address
@@ -115,6 +117,8 @@ def main() -> None:
                 for stage in args.stages:
                     rows[stage].append(timed(scale.stage_argv(stage, uris, lmdb_path, args.steps), env,
                                              work / f"{stage}.log"))
+                    if stage == "dedup":
+                        phases.append(scale.dedup_phases(dd))
                 print(f"[startup] rep {rep + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in rows.items()),
                       file=sys.stderr, flush=True)
     if args.poll_baseline:
@@ -127,6 +131,11 @@ def main() -> None:
     for name, vals in rows.items():
         med = statistics.median(vals)
         print(f"| {name} | {med:.2f} | {' / '.join(f'{v:.2f}' for v in vals)} | {med / base:.2f}x |")
+    if phases:
+        split = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
+        print(f"\ndedup's phases, median s: {', '.join(f'{k[:-2]} {v:.2f}' for k, v in split.items())} (sum "
+              f"{sum(split.values()):.2f} of the row's {statistics.median(rows['dedup']):.2f}; the rest is the "
+              "job's start, its checks and its report)")
     if "build-lsun" in rows:
         med = statistics.median(rows["build-lsun"])
         print(f"\nbuild-lsun's fixed cost {med:.2f} s: goal <= 5 s on a warm cluster: "
@@ -135,7 +144,8 @@ def main() -> None:
         ratio = statistics.median(rows[POLL_ROWS[0]]) / statistics.median(rows[POLL_ROWS[1]])
         print(f"\nlocal train, Ray's default poll / ours: {ratio:.2f}x the wall time (median of {args.reps})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cores": os.cpu_count(), "reps": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"cores": os.cpu_count(), "reps": rows, "dedup_phases_s": phases},
+                                              indent=1))
 
 
 if __name__ == "__main__":

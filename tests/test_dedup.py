@@ -19,7 +19,7 @@ from preprocessing.dedup.groups import (bucket_edges, code_hashes, edge_groups, 
                                         member_rows, shared_hashes, verified_groups, verify_rows, view_rows)
 from preprocessing.dedup import exchange
 from preprocessing.dedup.dataset import training_rows
-from preprocessing.dedup.fit import fit_ray
+from preprocessing.dedup.fit import IN_MEMORY_ROWS, fit_ray
 from preprocessing.dedup.model import crops_of, encode, fit_local, fit_ray_train, fit_blocks, inputs_of, load_state
 from preprocessing.dedup.verify import (ALIGNMENTS, BUCKET_CAP, MARGIN, MAX_DIFF, MAX_REL, MAX_TOL, differences,
                                         measures, passes, star_groups)
@@ -274,7 +274,8 @@ def test_a_cpu_fit_in_one_task_trains_what_a_ray_train_worker_trains(trained, ra
     saved = torch.load(io.BytesIO(fitted.model_file), map_location="cpu", weights_only=True)
     assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
     workers_before = len(ray.util.state.list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000))
-    other, other_losses = fit_ray_train(ds, cfg, str(tmp_path / "ray-train"), ClusterConfig(), ds.count())
+    other, other_losses = fit_ray_train(ds, cfg, str(tmp_path / "ray-train"), ClusterConfig(), ds.count(),
+                                         IN_MEMORY_ROWS)
     assert len(ray.util.state.list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000)) > \
         workers_before  # the second fit did run on Ray Train, the first did not
     assert len(losses) == 3 and losses[-1] < losses[0]
@@ -892,7 +893,8 @@ def test_a_cpu_dedup_leaves_torch_out_of_its_driver(tmp_path):
     cost); the model.pt it wrote reproduces the hash column."""
     keys, images = _distinct_images(120)
     src, half = str(tmp_path / "src"), len(keys) // 2
-    entries = [write_table(src, f"shards/part-{s:05d}.parquet", make_table(keys[a:b], images[a:b], [f"src/{k}" for k in keys[a:b]]))
+    entries = [write_table(src, f"shards/part-{s:05d}.parquet",
+                           make_table(keys[a:b], images[a:b], [f"src/{k}" for k in keys[a:b]]))
                for s, (a, b) in enumerate(((0, half), (half, len(keys))))]
     write_manifest(src, kind="lsun", resolution=RES, shards=entries)
     code = ("import json, sys\n"
@@ -907,7 +909,8 @@ def test_a_cpu_dedup_leaves_torch_out_of_its_driver(tmp_path):
     table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(out, m["shards"][0]["path"]))))
     from preprocessing.shards import images_of
 
-    assert table.column("hash").to_pylist() == [c.tobytes() for c in encode(state, crops_of(images_of(table), cfg.crop), cfg)]
+    codes = encode(state, crops_of(images_of(table), cfg.crop), cfg)
+    assert table.column("hash").to_pylist() == [c.tobytes() for c in codes]
 
 
 @pytest.mark.slow

@@ -50,7 +50,7 @@ def fit_ray(crops_ds, cfg: DedupConfig, storage_path: str, cluster: ClusterConfi
         return ray.get(task.remote(cfg.model_dump(), *crops_ds.to_arrow_refs()))
     from preprocessing.dedup.model import fit_ray_train
 
-    return _fitted(*fit_ray_train(crops_ds, cfg, storage_path, cluster, rows))
+    return _fitted(*fit_ray_train(crops_ds, cfg, storage_path, cluster, rows, IN_MEMORY_ROWS))
 
 
 def fit_task(cfg: dict, *blocks) -> Fitted:

@@ -42,7 +42,6 @@ from torch import nn
 from preprocessing import storage
 from preprocessing.config import ClusterConfig, DedupConfig
 from preprocessing.progress import Progress
-from preprocessing.dedup.fit import IN_MEMORY_ROWS
 from preprocessing.dedup.semantic_hash import pack_bits
 
 log = logging.getLogger(__name__)
@@ -300,9 +299,10 @@ def shuffled_batches(data: torch.Tensor, cfg: DedupConfig) -> Callable[[], Itera
 TRAIN_THREADS = 4  # torch threads of a CPU worker once its crops are in memory (Ray Data no longer needs the CPUs)
 
 
-def fit_ray_train(crops_ds, cfg: DedupConfig, storage_path: str, cluster: ClusterConfig, rows: int
-                  ) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """A fit on Ray Train (`fit.fit_ray`'s choice): DDP over `cluster.workers` GPUs, or one CPU worker."""
+def fit_ray_train(crops_ds, cfg: DedupConfig, storage_path: str, cluster: ClusterConfig, rows: int,
+                  in_memory_rows: int) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """A fit on Ray Train (`fit.fit_ray`'s choice): DDP over `cluster.workers` GPUs, or one CPU worker. A worker whose
+    share is at most `in_memory_rows` crops (`fit.IN_MEMORY_ROWS`) reads it once and trains on it in memory."""
     from ray.data import ExecutionOptions
     from ray.train import DataConfig, RunConfig
 
@@ -312,7 +312,7 @@ def fit_ray_train(crops_ds, cfg: DedupConfig, storage_path: str, cluster: Cluste
         cluster = cluster.model_copy(update={"workers": 1})
     trainer = ray_train.Trainer(
         _train_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "rows": rows},
+        train_loop_config={"cfg": cfg.model_dump(), "rows": rows, "in_memory_rows": in_memory_rows},
         scaling_config=ray_train.scaling(cluster, cpus_per_worker=None if cluster.use_gpu else 0.5),
         datasets={"train": crops_ds.select_columns(["crop"])},
         run_config=RunConfig(name="dedup-autoencoder", storage_path=storage_path,
@@ -374,7 +374,7 @@ def _train_worker(config: dict) -> None:
                 t.copy_(moved.cpu())
 
     share = -(-config["rows"] // ctx.get_world_size())  # Ray Train splits the rows equally
-    if share <= IN_MEMORY_ROWS:
+    if share <= config["in_memory_rows"]:
         # One pass reads this worker's crops; the epochs then shuffle them in memory, like `fit_local`: streaming
         # them again every epoch through Ray Data cost more than the training itself (~2x on 2 CPUs at 100k).
         data = torch.cat(list(batches(shuffle=False)))
