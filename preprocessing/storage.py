@@ -146,6 +146,19 @@ def _transfer_config():
     return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
 
 
+def _coded(uri: str, code: str, status: int | None = None) -> StorageError:
+    """The error an S3 error code means for `uri` (a whole request's, or one key's in a DeleteObjects answer)."""
+    if code in ("NoSuchBucket",):
+        return StorageError(f"{uri}: bucket does not exist")
+    if code in ("NoSuchKey", "404", "NotFound"):
+        return StorageError(f"{uri}: no such object")
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "ExpiredToken"):
+        return StorageError(f"{uri}: access denied ({code}); check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/profile")
+    if (status or 0) >= 500 or code in TRANSIENT_CODES:
+        return StorageUnreachable(f"{uri}: the S3 endpoint kept failing ({code or status}) after retries")
+    return StorageError(f"{uri}: S3 error {code or status}")
+
+
 def _explain(err: Exception, uri: str) -> StorageError:
     """One clear line for the errors users hit: no bucket, no object, bad credentials, no endpoint."""
     from boto3.exceptions import Boto3Error
@@ -154,17 +167,8 @@ def _explain(err: Exception, uri: str) -> StorageError:
     from botocore.exceptions import NoCredentialsError, ReadTimeoutError
 
     if isinstance(err, ClientError):
-        code = err.response.get("Error", {}).get("Code", "")
-        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code in ("NoSuchBucket",):
-            return StorageError(f"{uri}: bucket does not exist")
-        if code in ("NoSuchKey", "404", "NotFound"):
-            return StorageError(f"{uri}: no such object")
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "ExpiredToken"):
-            return StorageError(f"{uri}: access denied ({code}); check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/profile")
-        if (status or 0) >= 500 or code in TRANSIENT_CODES:
-            return StorageUnreachable(f"{uri}: the S3 endpoint kept failing ({code or status}) after retries")
-        return StorageError(f"{uri}: S3 error {code or status}")
+        return _coded(uri, err.response.get("Error", {}).get("Code", ""),
+                      err.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
     if isinstance(err, NoCredentialsError):
         return StorageError(f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
     if isinstance(err, EndpointConnectionError):
@@ -364,14 +368,8 @@ def _delete_objects(uri: str, client, bucket: str, keys: list[str]) -> None:
         transient = [e for e in errors if e.get("Code") in TRANSIENT_CODES]
         if len(transient) < len(errors) or pause is None:
             first = next((e for e in errors if e.get("Code") not in TRANSIENT_CODES), errors[0])
-            code = first.get("Code") or "unknown"
-            where = f"s3://{bucket}/{first.get('Key')}"
-            left = f"{len(errors)} of {len(keys)} objects were not deleted"
-            if code in ("AccessDenied", "403"):
-                raise StorageError(f"{where}: access denied ({code}) when deleting it; {left}")
-            if code in TRANSIENT_CODES:
-                raise StorageUnreachable(f"{where}: the S3 endpoint kept failing ({code}) when deleting it; {left}")
-            raise StorageError(f"{where}: not deleted ({code}: {first.get('Message') or 'no message'}); {left}")
+            err = _coded(f"s3://{bucket}/{first.get('Key')}", first.get("Code") or "unknown")
+            raise type(err)(f"{err}; {len(errors)} of {len(keys)} objects were not deleted")
         keys = [e["Key"] for e in transient]
         time.sleep(pause)
 
