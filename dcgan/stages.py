@@ -67,7 +67,7 @@ def run(call: StageCall, emit: Emit = log.info) -> dict[str, Any]:
         why, result = done
         emit(f"skipping {call.stage}: {why}")
         return {"stage": call.stage, **result, "skipped": True}
-    if call.stage == "train" and call.config.cluster.submit == "rayjob":  # a cluster of its own (dcgan.rayjob)
+    if _on_its_own_cluster(call):
         from dcgan import rayjob
 
         return rayjob.run(call, emit, job_config(call.config), lambda logs: parse_result(logs) or stored_result(call))
@@ -77,9 +77,14 @@ def run(call: StageCall, emit: Emit = log.info) -> dict[str, Any]:
     return run_here(call, emit)
 
 
+def _on_its_own_cluster(call: StageCall) -> bool:
+    """A training with `cluster.submit: rayjob` runs on a cluster made for it (dcgan.rayjob)."""
+    return call.stage == "train" and call.config.cluster.submit == "rayjob"
+
+
 def where(call: StageCall) -> str:
     """Where `run` sends the call, in words: "<stage> runs " + this (a Prefect task's first log line)."""
-    if call.stage == "train" and call.config.cluster.submit == "rayjob":
+    if _on_its_own_cluster(call):
         return "on a KubeRay RayJob (a cluster of its own)"
     place = compute.placement(call.config.cluster.address)
     if place.kind != "jobs" and not REGISTRY[call.stage].on_ray:
