@@ -94,7 +94,7 @@ def where(call: StageCall) -> str:
 
 def run_here(call: StageCall, emit: Emit = log.info) -> dict[str, Any]:
     """Run a stage in this process, on a local Ray or the cluster this process is on (a stage that computes in its
-    own process, the evaluation, starts or joins no Ray: a local Ray's start was ~4 s of a sample sheet's ~9)."""
+    own process, the evaluation, starts or joins no Ray: a local Ray's start was most of a sample sheet's time)."""
     stage = REGISTRY[call.stage]
     if stage.on_ray:
         compute.connect(call.config.cluster.address)

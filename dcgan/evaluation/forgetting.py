@@ -102,7 +102,7 @@ def fit_object_maps(g: nn.Module, z_sheet: torch.Tensor, boxes: dict[int, list],
         xs += [f[pos[:, 0], pos[:, 1]], f[neg[:, 0], neg[:, 1]]]
         ys += [np.ones(len(pos)), np.zeros(len(neg))]
     x, y = np.concatenate(xs), np.concatenate(ys)
-    from sklearn.linear_model import LogisticRegression  # ~1 s to import: only where the suite runs
+    from sklearn.linear_model import LogisticRegression  # a slow import: only where the suite runs
 
     clf = LogisticRegression(max_iter=2000).fit(x, y)
     weights = clf.coef_[0]

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # sklearn (~1 s to import) is imported where an SVM is fitted, not by every evaluation
+if TYPE_CHECKING:  # sklearn (a slow import) is imported where an SVM is fitted, not by every evaluation
     from sklearn.svm import LinearSVC
 
 C_GRID = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)  # the authors' SVHN grid

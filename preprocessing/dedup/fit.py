@@ -11,8 +11,8 @@ One CPU worker was all Ray Train ever ran here (DDP on CPUs only splits the same
 group cost ~8 s a fit, more than the fit itself on small sets: the task is 3.6x faster on 512 crops and 1.55x on
 20,000 (benchmarks/dedup_fit.py, the same losses).
 
-The task hands back numpy weights and the bytes of model.pt, so the driver of a CPU fit never imports torch (~1-2 s
-of a dedup's fixed cost): it writes the file and sends the weights on to the encode tasks as they are.
+The task hands back numpy weights and the bytes of model.pt, so the driver of a CPU fit never imports torch (part of
+a dedup's fixed cost): it writes the file and sends the weights on to the encode tasks as they are.
 """
 
 from __future__ import annotations
