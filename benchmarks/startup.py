@@ -20,6 +20,10 @@ Rows (each run `--reps` times, in turn; median and all values printed):
                the dedup row).
   evaluate     `dcgan evaluate --suite samples` of that run.
 The ratio is stage / bare job. build-lsun's work on 512 images is ~0.1 s of task time, so its row is its fixed cost.
+`--first-chunk` runs only this, no cluster: a build's first chunk (`build.run_chunk`, 512 images) in a fresh process
+pinned to one core, `--reps` times in turn with and without pandas imported first. A build job's chunk worker is
+such a process; pyarrow's `pa.array` on Python objects imported pandas there until the shard columns were made from
+their buffers (`shards.text_column`), so "with pandas" is the worker as it was.
 `--poll-baseline` then runs `dcgan train` on a local Ray (the CLI's own), `--reps` times in turn with Ray Train's
 default controller poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=2, which the project leaves alone when set) and with the
 project's (`preprocessing.ray_train.POLL_INTERVAL_S`), and prints the ratio.
@@ -85,6 +89,34 @@ def _poll_rows(work: Path, lmdb_path: str, reps: int, steps: int) -> dict[str, l
     return rows
 
 
+FIRST_CHUNK = """import sys, tempfile, time
+t = time.perf_counter()
+if {pandas}:
+    import pandas  # noqa: F401  (the worker as it was)
+from preprocessing import build
+from preprocessing.config import BuildConfig
+cfg = BuildConfig(kind="lsun", input={lmdb!r}, resolution=64)
+out = tempfile.mkdtemp(dir={work!r})
+build.run_chunk(build.plan(cfg).chunks[0], cfg, out + "/shards", out)
+assert {pandas} or "pandas" not in sys.modules, "a build chunk imported pandas"
+print(time.perf_counter() - t)
+"""
+FIRST_CHUNK_ROWS = ("first chunk, fresh process", "the same, pandas imported first")
+
+
+def _first_chunk_rows(work: Path, lmdb_path: str, reps: int) -> dict[str, list[float]]:
+    """Wall seconds of a fresh process's first build chunk, without and with pandas imported, in turn, on one core."""
+    core = max(os.sched_getaffinity(0))
+    rows: dict[str, list[float]] = {name: [] for name in FIRST_CHUNK_ROWS}
+    for _ in range(reps):
+        for name, pandas in zip(FIRST_CHUNK_ROWS, (False, True)):
+            code = FIRST_CHUNK.format(pandas=pandas, lmdb=lmdb_path, work=str(work))
+            done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                                  preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+            rows[name].append(float(done.stdout.split()[-1]))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=3)
@@ -94,10 +126,24 @@ def main() -> None:
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--poll-baseline", action="store_true",
                     help="also train locally with Ray Train's default controller poll and with ours, in turn")
+    ap.add_argument("--first-chunk", action="store_true",
+                    help="only a build's first chunk in a fresh process, without and with pandas imported (no cluster)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="startup-", dir="/tmp"))
     lmdb_path = scale.ensure_lmdbs([512], work, seed=0)[512]
+    if args.first_chunk:
+        rows = _first_chunk_rows(work, lmdb_path, args.reps)
+        base = statistics.median(rows[FIRST_CHUNK_ROWS[1]])
+        print(f"\na build's first chunk (512 images) in a fresh process on one core, median of {args.reps}\n")
+        print("| row | wall s, median | all runs | **vs with pandas** |")
+        print("| --- | --- | --- | --- |")
+        for name, vals in rows.items():
+            med = statistics.median(vals)
+            print(f"| {name} | {med:.3f} | {' / '.join(f'{v:.3f}' for v in vals)} | {base / med:.2f}x |")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"cores": os.cpu_count(), "first_chunk": rows}, indent=1))
+        return
     rows: dict[str, list[float]] = {"bare job": [], **{s: [] for s in args.stages}}
     phases: list[dict[str, float]] = []  # each dedup's phases, from its report: where its fixed cost goes
     with ExitStack() as stack:

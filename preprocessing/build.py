@@ -198,7 +198,7 @@ def _transform(kind: str) -> Callable:
 def _reject_table(rejects: list[tuple[str, str, str, str]]) -> pa.Table:
     rejects = sorted(rejects)
     cols = list(zip(*rejects)) if rejects else [[], [], [], []]
-    return pa.Table.from_arrays([pa.array(list(c), pa.string()) for c in cols], schema=shards.REJECT_SCHEMA)
+    return pa.Table.from_arrays([shards.text_column(c, pa.string()) for c in cols], schema=shards.REJECT_SCHEMA)
 
 
 def run_chunk(chunk: dict[str, Any], cfg: BuildConfig, shards_uri: str, rejects_uri: str,

@@ -82,19 +82,49 @@ def make_table(
         raise ValueError(f"{len(keys)} keys for {n} images")
     schema = shard_schema(res, ch)
     image_col = pa.FixedSizeBinaryArray.from_buffers(image_type(res, ch), n, [None, pa.py_buffer(images)])
-    box_col = pa.array(
-        [None if b is None else [int(v) for v in b] for b in (boxes or [None] * n)], pa.list_(pa.int32(), 4)
-    )
     return pa.Table.from_arrays(
         [
-            pa.array(list(keys), pa.string()),
+            text_column(keys, pa.string()),
             image_col,
-            pa.array(list(sources) if sources is not None else [None] * n, pa.string()),
-            box_col,
-            pa.array(list(hashes) if hashes is not None else [None] * n, pa.binary()),
+            text_column(sources if sources is not None else [None] * n, pa.string()),
+            box_column(boxes if boxes is not None else [None] * n),
+            text_column(hashes if hashes is not None else [None] * n, pa.binary()),
         ],
         schema=schema,
     )
+
+
+def _validity(values: Sequence[Any]) -> tuple[pa.Buffer | None, int]:
+    """Arrow's validity bitmap of a column (None = null) and its null count; no bitmap when nothing is null."""
+    valid = np.fromiter((v is not None for v in values), bool, len(values))
+    nulls = len(valid) - int(valid.sum())
+    return (pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None), nulls
+
+
+def box_column(boxes: Sequence[Sequence[int] | None]) -> pa.Array:
+    """The face boxes (x, y, w, h; None = null, as for LSUN) as a list<int32>[4] column, from its buffers (see
+    `text_column`)."""
+    values = np.array([[0] * 4 if b is None else [int(v) for v in b] for b in boxes], np.int32).reshape(-1, 4)
+    bitmap, nulls = _validity(boxes)
+    flat = pa.Array.from_buffers(pa.int32(), values.size, [None, pa.py_buffer(values)])
+    return pa.Array.from_buffers(pa.list_(pa.int32(), 4), len(values), [bitmap], nulls, children=[flat])
+
+
+def text_column(values: Sequence[str | bytes | None], type_: pa.DataType) -> pa.Array:
+    """A string or binary column (None = null) made from its offsets, data and validity buffers.
+
+    Why not `pa.array`: on Python objects it imports pandas (pyarrow's pandas shim, pyarrow 26), about 0.3 s in a
+    fresh build worker that uses pandas nowhere else; a build's chunk worker writes shards and reads none (reading
+    Parquet imports pandas anyway). Equal to `pa.array(list(values), type_)`, as `box_column` is for the boxes
+    (tests/test_storage_shards.py)."""
+    items = [b"" if v is None else v.encode() if isinstance(v, str) else memoryview(v).tobytes() for v in values]
+    offsets = np.zeros(len(items) + 1, np.int64)
+    np.cumsum([len(b) for b in items], out=offsets[1:])
+    if offsets[-1] >= 2 ** 31:
+        raise ValueError(f"{offsets[-1]} bytes in one {type_} column: more than 32-bit offsets hold")
+    bitmap, nulls = _validity(values)
+    return pa.Array.from_buffers(type_, len(items), [bitmap, pa.py_buffer(offsets.astype(np.int32)),
+                                                     pa.py_buffer(b"".join(items))], nulls)
 
 
 def image_shape(field: pa.Field) -> tuple[int, int, int]:

@@ -211,3 +211,21 @@ def test_damaged_lmdb_is_a_one_line_input_error_not_a_crash(lmdb_dir, tmp_path):
     for name, why in (("truncated", "truncated LMDB"), ("random", "not a readable LMDB"),
                       ("overwritten", "corrupt LMDB")):
         assert lines[name].startswith(f"{cases[name]}: {why} ("), lines[name]
+
+
+def test_a_build_chunk_writes_shards_and_rejects_without_importing_pandas(lmdb_dir, tmp_path):
+    """What a build's chunk task runs (`run_chunk`: read, decode, write the shard and the rejects), in a fresh
+    process, imports no pandas: pyarrow's `pa.array` on Python objects does (~0.3 s in each fresh worker of a build
+    job, issue 22's fixed start-up), so the text columns are made from their buffers (`shards.text_column`)."""
+    path, good = lmdb_dir
+    out = str(tmp_path / "ds")
+    code = ("import sys, json\n"
+            "from preprocessing import build\n"
+            "from preprocessing.config import BuildConfig\n"
+            f"cfg = BuildConfig(kind='lsun', input={path!r}, shard_rows=8)\n"
+            f"done = [build.run_chunk(c, cfg, {out + '/shards'!r}, {out!r}) for c in build.plan(cfg).chunks]\n"
+            "print(json.dumps([sum(r['rows'] for r in done), sum(bool(r['rejects']) for r in done), "
+            "'pandas' in sys.modules]))\n")
+    rows, with_rejects, pandas = run_fresh(code)
+    assert rows == len(good) and with_rejects >= 1  # shards and a rejects file were written ...
+    assert pandas is False                          # ... and pandas never imported
