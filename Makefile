@@ -20,9 +20,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m pipelines.demo
 
-# Everything (what CI runs): ~27 minutes on 2 idle cores (25.3 min of tests, 474 passed, + 1.3 min of set-up on a
-# fresh clone, 2026-12-04, after dedup's CPU fit left Ray Train; 30.2 min of tests the same day before it); 45-55
-# minutes when other jobs share the cores.
+# Everything (what CI runs): ~29 minutes on 2 idle cores (28.5 min of tests, 496 passed, + ~1 min of set-up on a
+# fresh clone, 2026-12-06; CI took 29 min for the same tests); 45-55 minutes when other jobs share the cores.
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
