@@ -215,8 +215,8 @@ def test_damaged_lmdb_is_a_one_line_input_error_not_a_crash(lmdb_dir, tmp_path):
 
 def test_a_build_chunk_writes_shards_and_rejects_without_importing_pandas(lmdb_dir, tmp_path):
     """What a build's chunk task runs (`run_chunk`: read, decode, write the shard and the rejects), in a fresh
-    process, imports no pandas: pyarrow's `pa.array` on Python objects does (~0.3 s in each fresh worker of a build
-    job, issue 22's fixed start-up), so the text columns are made from their buffers (`shards.text_column`)."""
+    process, imports no pandas: pyarrow's `pa.array` on Python objects does (~0.16 s of each fresh build worker's
+    first chunk, issue 22's fixed start-up), so the columns are made from their buffers (`shards.text_column`)."""
     path, good = lmdb_dir
     out = str(tmp_path / "ds")
     code = ("import sys, json\n"
