@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m pipelines.demo
 
-# Everything (what CI runs): ~29 minutes on 2 idle cores (28.5 min of tests, 496 passed, + ~1 min of set-up on a
-# fresh clone, 2026-12-06; CI took 29 min for the same tests); 45-55 minutes when other jobs share the cores.
+# Everything (what CI runs): ~29 minutes on 2 idle cores (28.7 min of tests, 498 passed, + ~1 min of set-up on a
+# fresh clone, 2026-12-06; CI took 29 min at the previous stop); 45-55 minutes when other jobs share the cores.
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
