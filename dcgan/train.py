@@ -26,7 +26,7 @@ from dcgan.batchnorm import local_statistics
 from dcgan.config import Config, ConfigError, dump_config, parse_config
 from dcgan.networks import Discriminator, Generator, sample_z
 from dcgan.run_log import RunLog, mlflow_client, opened, read_metrics
-from dcgan.run_state import is_finished, run_summary, stored_config, stored_summary
+from dcgan.run_state import finished_step, is_finished, run_summary, stored_config, stored_summary
 from dcgan.sampling import generate, grid, save_png
 from dcgan.step import METRICS, GANStep, StepOptions, make_optimizers
 from preprocessing import compute, ownership, progress, shards, storage, stream
@@ -305,7 +305,10 @@ def _followed(cfg: Config, every_s: float = 5.0) -> Iterator[None]:
 
 def train(cfg: Config) -> dict[str, Any]:
     """Train (or resume) the run `cfg.run_uri` on the dataset `cfg.data_uri` until `cfg.train.steps`, as its one
-    writer (dcgan.lease: a second driver is refused)."""
+    writer (dcgan.lease: a second driver is refused). Ray is joined only for steps to train: a finished run's rerun
+    (it removes what driverless workers left, `_keep_newest_checkpoints`) starts none."""
+    if finished_step(cfg) is None:
+        compute.connect(cfg.cluster.address)  # before the preflight: it checks that the workers fit the cluster
     manifest = preflight(cfg)
     with lease.held(cfg.run_uri) as held:
         return _train_held(cfg, manifest, held)
@@ -326,7 +329,11 @@ def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dic
 
     from preprocessing import ray_train  # the one launcher: cluster settings, failure policy, known faults
 
-    compute.connect(cfg.cluster.address)
+    import ray
+
+    if not ray.is_initialized():  # the run looked finished to train() before the lease was held: it joined no Ray
+        compute.connect(cfg.cluster.address)
+        resources.check_fits(cfg.cluster)
     fs, path = storage.arrow_filesystem(cfg.run_uri)
     # Ray Train's run is <run>/checkpoints: its checkpoints are the run's (step-NNNNNNN), its retention is the run's
     run_config = RunConfig(name="checkpoints", storage_path=path, storage_filesystem=fs,
@@ -338,8 +345,6 @@ def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dic
     fail_at = os.environ.get(FAIL_AT_STEP_ENV)
     resume = None
     if state is not None:
-        import ray
-
         resume = (int(state["step"]), ray.put(state))
         log.info("resuming %s from step %d%s", cfg.run_uri, resume[0], input_stream(cfg, state)[1])
     trainer = ray_train.Trainer(

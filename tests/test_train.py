@@ -88,12 +88,12 @@ def test_two_workers_on_s3_survive_a_killed_worker_and_resume(ray_cluster, mnist
 # ------------------------------------------------------------------------------- one writer per run (issue 21)
 
 
-def dcgan_train(data: str, run: str, steps: int, mark: str) -> subprocess.Popen:
+def dcgan_train(data: str, run: str, steps: int, mark: str, **env: str) -> subprocess.Popen:
     """`dcgan train` of configs/tiny-test.yaml in its own process (its own local Ray), with a short lease and an
     environment mark that its Ray processes inherit (to find them, and to stop only them)."""
     import os
 
-    env = {**os.environ, "DCGAN_LEASE_S": "6", "DCGAN_TEST_MARK": mark}
+    env = {**os.environ, "DCGAN_LEASE_S": "6", "DCGAN_TEST_MARK": mark, **env}
     return subprocess.Popen([sys.executable, "-m", "dcgan.cli", "train", "--config", "configs/tiny-test.yaml",
                              "--data", data, "--run", run, "--steps", str(steps)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -184,8 +184,8 @@ def test_a_killed_driver_leaves_no_worker_writing_and_a_rerun_continues_the_run(
     another driver, and write nothing after; the next `dcgan train` waits out the dead driver's lease, then continues:
     every interval logged once, keep_checkpoints (3) kept. Until they notice (up to two renewals) the driverless
     workers train on, and may even finish the first run's 40 steps, so the rerun asks for 60; a rerun of a finished
-    run keeps the newest 3 as well (and the newest valid checkpoint where newer ones are corrupt), and the rerun after
-    that, with nothing left over, is skipped without starting Ray."""
+    run keeps the newest 3 as well (and the newest valid checkpoint where newer ones are corrupt) without joining any
+    Ray, and the rerun after that, with nothing left over, is skipped."""
     import os
     import signal
     import time
@@ -221,7 +221,8 @@ def test_a_killed_driver_leaves_no_worker_writing_and_a_rerun_continues_the_run(
         state_pt = f"{run_layout.checkpoint(run, step)}/state.pt"
         data = storage.read_bytes(state_pt)
         storage.write_bytes(state_pt, bytes(len(data)))  # same size, other bytes: only the sha256 tells
-    finished = dcgan_train(mnist_on_s3, run, 45, marks())
+    # a Ray address where nothing listens: the tidy-up must not join one (it started a local Ray, ~10 s, before)
+    finished = dcgan_train(mnist_on_s3, run, 45, marks(), RAY_ADDRESS="127.0.0.1:1")
     _, err = finished.communicate(timeout=120)
     assert finished.returncode == 0, err
     assert "nothing to train" in err
