@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from preprocessing.errors import InputError, known_fault
+from preprocessing.errors import InputError, TransientError, known_fault
 
 JOBS_SCHEMES = ("http://", "https://")
 LOG_LEVEL_ENV = "DCGAN_LOG_LEVEL"
@@ -35,6 +36,13 @@ PROJECT_LINES = r"^(?!.*(\[dcgan\]|\[progress\]|Traceback|Error\b))"
 # add a GPU node (minutes on a cloud), short of a night. DCGAN_WORKERS_WAIT_S sets it.
 WAIT_ENV = "DCGAN_WORKERS_WAIT_S"
 WORKERS_WAIT_S = 900.0
+
+
+PROBE_TIMEOUT_S = 10.0  # a cluster's GCS port answers a TCP connect at once; a firewall that drops it, by this time
+
+
+class ClusterUnreachable(TransientError, ConnectionError):
+    """Nothing answers at a HOST:PORT cluster address (transient: retried with backoff, then one line)."""
 
 
 def workers_wait_s() -> float:
@@ -149,7 +157,21 @@ def connect(address: str | None = None, *, quiet: bool = True) -> None:
         # start-up a stage). Jobs and the state API need a cluster, whose head runs one.
         ray.init(include_dashboard=False, **kwargs)
     else:
+        _answers(where.address)
         ray.init(address=where.address, **kwargs)
     _connected = (where, ray.get_runtime_context().gcs_address)
     if quiet and "ray.data" in sys.modules:
         quiet_ray_data()
+
+
+def _answers(address: str) -> None:
+    """ClusterUnreachable at once where nothing listens at a HOST:PORT address: `ray.init` would retry it for many
+    minutes, saying only "Failed to connect to GCS" on the console. `auto` and `ray://` addresses are left to Ray."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        raise ClusterUnreachable(f"cannot reach the Ray cluster at {address} (cluster.address, or RAY_ADDRESS): "
+                                 f"{err.strerror or f'no answer within {PROBE_TIMEOUT_S:g} s'}") from None

@@ -95,6 +95,21 @@ def test_unreachable_cluster_fails_the_run_with_the_address(monkeypatch, tmp_pat
     assert checkpoints.latest_step(cfg.run_uri) is None
 
 
+def test_a_cluster_address_where_nothing_listens_is_one_line_at_once(tmp_path):
+    """HOST:PORT of a cluster that is not there: `ray.init` retried it for more than 5 minutes, with only Ray's
+    "Failed to connect to GCS" warnings on the console. It is a transient fault: retried (off here), then one line,
+    exit 2, and nothing written."""
+    address = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "RAY_ADDRESS": address, "DCGAN_RETRY_DELAYS_S": ""}
+    done = subprocess.run([sys.executable, "-m", "dcgan.cli", "train", "--config", "configs/tiny-test.yaml", "--data",
+                           str(tmp_path / "data"), "--run", str(tmp_path / "run"), "--steps", "2"], env=env,
+                          capture_output=True, text=True, timeout=90, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (f"dcgan train: error: cannot reach the Ray cluster at {address} "
+                                                    "(cluster.address, or RAY_ADDRESS): Connection refused")
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------------------ a real Ray head
 
 
