@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m pipelines.demo
 
-# Everything (what CI runs): ~29 minutes on 2 idle cores (28.7 min of tests, 498 passed, + ~1 min of set-up on a
-# fresh clone, 2026-12-06; CI took 29 min at the previous stop); 45-55 minutes when other jobs share the cores.
+# Everything (what CI runs): ~29-34 minutes on 2 idle cores (fresh clones, 2026-12-06: 28.7 min of tests, 498
+# passed; 33.5 min, 499 passed; + ~1 min of set-up); 45-55 minutes when other jobs share the cores or the machine
+# runs slow (52 min the same morning, when benchmarks/startup.py --first-chunk ran 1.86x slower; CI took 57 min).
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
