@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
+from preprocessing.compute import ClusterUnreachable
 from preprocessing.errors import RETRY_DELAYS_ENV, TransientError, UserError, fault_in_job_log, one_line
 
 # The standard storage settings a job needs to reach the same object store (passed only when set). Credentials are
@@ -42,8 +43,9 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 LOG_TAIL_LINES = 30
 
 
-class RayClusterUnreachable(TransientError, ConnectionError):
-    """The Jobs API did not answer (a transient fault: a Prefect task retries it with backoff)."""
+class RayClusterUnreachable(ClusterUnreachable):
+    """The Jobs API did not answer (a transient fault: a Prefect task retries it with backoff); the Jobs API's case
+    of `compute.ClusterUnreachable` (a joined address where nothing listens)."""
 
 
 class RayClusterLost(RayClusterUnreachable):

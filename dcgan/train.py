@@ -26,7 +26,7 @@ from dcgan.batchnorm import local_statistics
 from dcgan.config import Config, ConfigError, dump_config, parse_config
 from dcgan.networks import Discriminator, Generator, sample_z
 from dcgan.run_log import RunLog, mlflow_client, opened, read_metrics
-from dcgan.run_state import finished_step, is_finished, run_summary, stored_config, stored_summary
+from dcgan.run_state import is_finished, run_summary, stored_config, stored_summary
 from dcgan.sampling import generate, grid, save_png
 from dcgan.step import METRICS, GANStep, StepOptions, make_optimizers
 from preprocessing import compute, ownership, progress, shards, storage, stream
@@ -307,7 +307,8 @@ def train(cfg: Config) -> dict[str, Any]:
     """Train (or resume) the run `cfg.run_uri` on the dataset `cfg.data_uri` until `cfg.train.steps`, as its one
     writer (dcgan.lease: a second driver is refused). Ray is joined only for steps to train: a finished run's rerun
     (it removes what driverless workers left, `_keep_newest_checkpoints`) starts none."""
-    if finished_step(cfg) is None:
+    markers = checkpoints.complete_steps(cfg.run_uri)  # "looks finished" from the markers: no checkpoint is read here
+    if not markers or not is_finished(cfg, markers[-1]):
         compute.connect(cfg.cluster.address)  # before the preflight: it checks that the workers fit the cluster
     manifest = preflight(cfg)
     with lease.held(cfg.run_uri) as held:
@@ -331,7 +332,7 @@ def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dic
 
     import ray
 
-    if not ray.is_initialized():  # the run looked finished to train() before the lease was held: it joined no Ray
+    if not ray.is_initialized():  # its markers said finished, but its newest valid checkpoint is older: no Ray yet
         compute.connect(cfg.cluster.address)
         resources.check_fits(cfg.cluster)
     fs, path = storage.arrow_filesystem(cfg.run_uri)

@@ -115,8 +115,8 @@ def text_column(values: Sequence[str | bytes | None], type_: pa.DataType) -> pa.
 
     Why not `pa.array`: on Python objects it imports pandas (pyarrow's pandas shim, pyarrow 26), ~0.16 s of a fresh
     build worker's first chunk (`benchmarks/startup.py --first-chunk`), and the build uses pandas nowhere else: its
-    chunk worker writes shards and reads none (reading Parquet imports pandas anyway). Equal to `pa.array(list(values), type_)`, as `box_column` is for the boxes
-    (tests/test_storage_shards.py)."""
+    chunk worker writes shards and reads none (reading Parquet imports pandas anyway). Equal to
+    `pa.array(list(values), type_)`, as `box_column` is for the boxes (tests/test_storage_shards.py)."""
     items = [b"" if v is None else v.encode() if isinstance(v, str) else memoryview(v).tobytes() for v in values]
     offsets = np.zeros(len(items) + 1, np.int64)
     np.cumsum([len(b) for b in items], out=offsets[1:])
