@@ -39,6 +39,8 @@ WORKERS_WAIT_S = 900.0
 
 
 PROBE_TIMEOUT_S = 10.0  # a cluster's GCS port answers a TCP connect at once; a firewall that drops it, by this time
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
+HTTP2_SETTINGS = 0x04  # the frame type a gRPC server's (the GCS's) connection preface starts with
 
 
 class ClusterUnreachable(TransientError, ConnectionError):
@@ -165,13 +167,31 @@ def connect(address: str | None = None, *, quiet: bool = True) -> None:
 
 
 def _answers(address: str) -> None:
-    """ClusterUnreachable at once where nothing listens at a HOST:PORT address: `ray.init` would retry it for many
-    minutes, saying only "Failed to connect to GCS" on the console. `auto` and `ray://` addresses are left to Ray."""
+    """Refuse at once a HOST:PORT address where no Ray cluster answers: `ray.init` would retry it for many minutes
+    (about 14 with Ray 2.60's defaults), saying only "Failed to connect to GCS" on the console.
+
+    Nothing listening, or no answer: ClusterUnreachable (transient: a head restarting). Something else listening, a
+    common slip being the dashboard's port without `http://`: InputError. A GCS is a gRPC server, so it answers
+    HTTP/2's connection preface with its SETTINGS frame; an HTTP/1 server answers "HTTP/1.x ...". With Ray's TLS
+    (RAY_USE_TLS) the GCS speaks TLS first and only the connect is checked. `auto` and `ray://` are left to Ray."""
     host, colon, port = address.rpartition(":")
     if not colon or not port.isdigit() or "://" in address:
         return
+    named = f"{address} (cluster.address, or RAY_ADDRESS)"
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S) as conn:
+            if os.environ.get("RAY_USE_TLS", "0").strip().lower() in ("1", "true"):
+                return
+            conn.sendall(HTTP2_PREFACE)
+            reply = b""
+            while len(reply) < 9 and (more := conn.recv(9 - len(reply))):
+                reply += more
     except OSError as err:
-        raise ClusterUnreachable(f"cannot reach the Ray cluster at {address} (cluster.address, or RAY_ADDRESS): "
+        raise ClusterUnreachable(f"cannot reach the Ray cluster at {named}: "
                                  f"{err.strerror or f'no answer within {PROBE_TIMEOUT_S:g} s'}") from None
+    if len(reply) == 9 and reply[3] == HTTP2_SETTINGS:
+        return
+    said = (f"an HTTP/1 server answers there (a Ray dashboard? its Jobs API address is http://{address})"
+            if reply.startswith(b"HTTP/") else "what answers there does not speak Ray's gRPC")
+    raise InputError(f"{named} is not a Ray cluster's GCS port: {said}; join a cluster at HEAD:PORT with the "
+                     "head's `ray start --port` (6379 by default)")

@@ -95,18 +95,41 @@ def test_unreachable_cluster_fails_the_run_with_the_address(monkeypatch, tmp_pat
     assert checkpoints.latest_step(cfg.run_uri) is None
 
 
-def test_a_cluster_address_where_nothing_listens_is_one_line_at_once(tmp_path):
-    """HOST:PORT of a cluster that is not there: `ray.init` retried it for more than 5 minutes, with only Ray's
-    "Failed to connect to GCS" warnings on the console. It is a transient fault: retried (off here), then one line,
-    exit 2, and nothing written."""
-    address = f"127.0.0.1:{free_port()}"
+def dcgan_train_at(address: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`dcgan train` of a 2-step tiny run with RAY_ADDRESS = `address`, transient faults not retried."""
     env = {**os.environ, "RAY_ADDRESS": address, "DCGAN_RETRY_DELAYS_S": ""}
-    done = subprocess.run([sys.executable, "-m", "dcgan.cli", "train", "--config", "configs/tiny-test.yaml", "--data",
+    return subprocess.run([sys.executable, "-m", "dcgan.cli", "train", "--config", "configs/tiny-test.yaml", "--data",
                            str(tmp_path / "data"), "--run", str(tmp_path / "run"), "--steps", "2"], env=env,
                           capture_output=True, text=True, timeout=90, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_a_cluster_address_where_nothing_or_no_ray_listens_is_one_line_at_once(tmp_path):
+    """HOST:PORT of a cluster that is not there: `ray.init` retried it for more than 5 minutes, with only Ray's
+    "Failed to connect to GCS" warnings on the console; a port where another server listens, for ~14 minutes. Nothing
+    listening is a transient fault: retried (off here), then one line, exit 2; another server is bad input, one line,
+    exit 2. Nothing is written either way."""
+    import http.server
+    import threading
+
+    address = f"127.0.0.1:{free_port()}"
+    done = dcgan_train_at(address, tmp_path)
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1] == (f"dcgan train: error: cannot reach the Ray cluster at {address} "
                                                     "(cluster.address, or RAY_ADDRESS): Connection refused")
+    assert list(tmp_path.iterdir()) == []
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{web.server_address[1]}"
+        done = dcgan_train_at(address, tmp_path)
+    finally:
+        web.shutdown()
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"dcgan train: error: {address} (cluster.address, or RAY_ADDRESS) is not a Ray cluster's GCS port: what "
+        "answers there does not speak Ray's gRPC; join a cluster at HEAD:PORT with the head's `ray start --port` "
+        "(6379 by default)")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -162,6 +185,23 @@ def tiny_dataset(uri: str, n: int = 64) -> None:
     entry = shards.write_table(uri, dataset_layout.part(0), shards.make_table([f"{i:05d}" for i in range(n)], images))
     shards.write_manifest(uri, kind="lsun", resolution=32, shards=[entry], inputs=n)
     assert np.asarray(images).shape == (n, 32, 32, 3)
+
+
+@pytest.mark.slow
+def test_the_dashboards_port_as_a_join_address_is_one_line_naming_the_jobs_api(ray_head, tmp_path):
+    """HEAD:8265 without `http://` (the dashboard's port where a GCS port or a Jobs API URL belongs): `ray.init` took
+    it for a GCS and retried for ~14 minutes. It is bad input, told at once with the address meant; the same head's
+    GCS passes the check (every Ray Job's driver joins with a HOST:PORT address and makes it)."""
+    address = ray_head.removeprefix("http://")
+    started = time.monotonic()
+    done = dcgan_train_at(address, tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"dcgan train: error: {address} (cluster.address, or RAY_ADDRESS) is not a Ray cluster's GCS port: an HTTP/1 "
+        f"server answers there (a Ray dashboard? its Jobs API address is http://{address}); join a cluster at "
+        "HEAD:PORT with the head's `ray start --port` (6379 by default)")
+    assert time.monotonic() - started < 60
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
