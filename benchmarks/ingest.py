@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -125,11 +126,12 @@ def on_workers(uri: str, workers: int, repeats: int) -> list[list[dict]]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    out = tempfile.mkdtemp(prefix="dcgan-ingest-out-")
-    TorchTrainer(worker_loop, train_loop_config={"uri": uri, "out": out, "repeats": repeats},
-                 scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
-                 run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="dcgan-ingest-ray-"))).fit()
-    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(workers)]
+    with tempfile.TemporaryDirectory(prefix="dcgan-ingest-out-") as out, \
+            tempfile.TemporaryDirectory(prefix="dcgan-ingest-ray-") as storage_path:
+        TorchTrainer(worker_loop, train_loop_config={"uri": uri, "out": out, "repeats": repeats},
+                     scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+                     run_config=RunConfig(storage_path=storage_path)).fit()
+        return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(workers)]
 
 
 def to_s3(local: str, uri: str) -> None:
@@ -196,6 +198,8 @@ def main() -> None:
         ray.shutdown()
         if server is not None:
             server.stop()
+        if not args.dir:  # the generated shards: this run's own (--dir keeps them for the next run)
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -131,6 +132,13 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="startup-", dir="/tmp"))
+    try:
+        _measure(args, work)
+    finally:  # the LMDB, the runs' logs and datasets: this run's own
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(args: argparse.Namespace, work: Path) -> None:
     lmdb_path = scale.ensure_lmdbs([512], work, seed=0)[512]
     if args.first_chunk:
         rows = _first_chunk_rows(work, lmdb_path, args.reps)
