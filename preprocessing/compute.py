@@ -115,6 +115,10 @@ def placement(address: str | None = None) -> Placement:
         return Placement("local")
     if address.startswith(JOBS_SCHEMES):
         return Placement("jobs", address.rstrip("/"))
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if address != "auto" and not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+        raise InputError(f"{address!r} (cluster.address, or RAY_ADDRESS) is not a Ray address: local, auto, HOST:PORT "
+                         "(a cluster's GCS), ray://HOST:PORT, or http://HEAD:8265 (its Jobs API)")
     return Placement("join", address)
 
 
@@ -160,7 +164,14 @@ def connect(address: str | None = None, *, quiet: bool = True) -> None:
         ray.init(include_dashboard=False, **kwargs)
     else:
         _answers(where.address)
-        ray.init(address=where.address, **kwargs)
+        try:
+            ray.init(address=where.address, **kwargs)
+        except ConnectionError as err:  # `auto` with no Ray on this node, a Ray Client server that never answered
+            if where.address == "auto":
+                raise InputError("cluster.address (or RAY_ADDRESS) auto finds no Ray on this node: `ray start` it "
+                                 "into the cluster first, or give the cluster's HOST:PORT") from None
+            raise ClusterUnreachable(f"cannot reach the Ray cluster at {where.address} (cluster.address, or "
+                                     f"RAY_ADDRESS): {str(err).split('. ')[0] or type(err).__name__}") from None
     _connected = (where, ray.get_runtime_context().gcs_address)
     if quiet and "ray.data" in sys.modules:
         quiet_ray_data()
@@ -171,11 +182,12 @@ def _answers(address: str) -> None:
     (about 14 with Ray 2.60's defaults), saying only "Failed to connect to GCS" on the console.
 
     Nothing listening, or no answer: ClusterUnreachable (transient: a head restarting). Something else listening, a
-    common slip being the dashboard's port without `http://`: InputError. A GCS is a gRPC server, so it answers
-    HTTP/2's connection preface with its SETTINGS frame; an HTTP/1 server answers "HTTP/1.x ...". With Ray's TLS
-    (RAY_USE_TLS) the GCS speaks TLS first and only the connect is checked. `auto` and `ray://` are left to Ray."""
-    host, colon, port = address.rpartition(":")
-    if not colon or not port.isdigit() or "://" in address:
+    common slip being the dashboard's port without `http://`: InputError. A GCS (and a Ray Client server, for
+    `ray://`) is a gRPC server, so it answers HTTP/2's connection preface with its SETTINGS frame; an HTTP/1 server
+    answers "HTTP/1.x ...". With Ray's TLS (RAY_USE_TLS) the GCS speaks TLS first and only the connect is checked.
+    `auto` is left to Ray."""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit():  # `auto`
         return
     named = f"{address} (cluster.address, or RAY_ADDRESS)"
     try:
@@ -191,7 +203,8 @@ def _answers(address: str) -> None:
                                  f"{err.strerror or f'no answer within {PROBE_TIMEOUT_S:g} s'}") from None
     if len(reply) == 9 and reply[3] == HTTP2_SETTINGS:
         return
-    said = (f"an HTTP/1 server answers there (a Ray dashboard? its Jobs API address is http://{address})"
+    said = (f"an HTTP/1 server answers there (a Ray dashboard? its Jobs API address is http://{host}:{port})"
             if reply.startswith(b"HTTP/") else "what answers there does not speak Ray's gRPC")
-    raise InputError(f"{named} is not a Ray cluster's GCS port: {said}; join a cluster at HEAD:PORT with the "
-                     "head's `ray start --port` (6379 by default)")
+    meant = ("Ray Client port (the head's `ray start --ray-client-server-port`, 10001 by default)"
+             if address.startswith("ray://") else "GCS port (the head's `ray start --port`, 6379 by default)")
+    raise InputError(f"{named} is not a Ray cluster's {meant}: {said}")

@@ -39,6 +39,11 @@ def test_one_rule_decides_where_work_runs(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265/")  # a Jobs API: the stage is submitted as a Ray Job
     assert compute.placement(None) == compute.Placement("jobs", "http://head:8265")
     assert compute.placement("auto") == compute.Placement("join", "auto")  # the config's address wins
+    assert compute.placement("ray://head:10001") == compute.Placement("join", "ray://head:10001")
+    assert compute.placement("[::1]:6379") == compute.Placement("join", "[::1]:6379")
+    for slip in ("127.0.0.1:abc", "head", "ray://head", "head:70000", ":6379"):  # ray.init: a traceback, or a hang
+        with pytest.raises(InputError, match=r"is not a Ray address: local, auto, HOST:PORT"):
+            compute.placement(slip)
     with pytest.raises(InputError, match="Jobs API address"):
         compute.connect("https://head:8265")
 
@@ -95,9 +100,9 @@ def test_unreachable_cluster_fails_the_run_with_the_address(monkeypatch, tmp_pat
     assert checkpoints.latest_step(cfg.run_uri) is None
 
 
-def dcgan_train_at(address: str, tmp_path: Path) -> subprocess.CompletedProcess:
+def dcgan_train_at(address: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     """`dcgan train` of a 2-step tiny run with RAY_ADDRESS = `address`, transient faults not retried."""
-    env = {**os.environ, "RAY_ADDRESS": address, "DCGAN_RETRY_DELAYS_S": ""}
+    env = {**os.environ, "RAY_ADDRESS": address, "DCGAN_RETRY_DELAYS_S": "", **env}
     return subprocess.run([sys.executable, "-m", "dcgan.cli", "train", "--config", "configs/tiny-test.yaml", "--data",
                            str(tmp_path / "data"), "--run", str(tmp_path / "run"), "--steps", "2"], env=env,
                           capture_output=True, text=True, timeout=90, cwd=Path(__file__).resolve().parents[1])
@@ -127,9 +132,8 @@ def test_a_cluster_address_where_nothing_or_no_ray_listens_is_one_line_at_once(t
         web.shutdown()
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1] == (
-        f"dcgan train: error: {address} (cluster.address, or RAY_ADDRESS) is not a Ray cluster's GCS port: what "
-        "answers there does not speak Ray's gRPC; join a cluster at HEAD:PORT with the head's `ray start --port` "
-        "(6379 by default)")
+        f"dcgan train: error: {address} (cluster.address, or RAY_ADDRESS) is not a Ray cluster's GCS port (the head's "
+        "`ray start --port`, 6379 by default): what answers there does not speak Ray's gRPC")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -137,12 +141,18 @@ def test_a_cluster_address_where_nothing_or_no_ray_listens_is_one_line_at_once(t
 
 
 @pytest.fixture(scope="module")
-def ray_head():
+def head_ports() -> dict[str, int]:
+    """The `ray start` port options of `ray_head`, free loopback ports."""
+    return {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
+                                           "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                           "metrics-export-port", "runtime-env-agent-port")}
+
+
+@pytest.fixture(scope="module")
+def ray_head(head_ports):
     """`ray start --head --block` with the dashboard on free ports, stopped by its PID (never `ray stop`, which would
     end every Ray on the machine)."""
-    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
-                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                            "metrics-export-port", "runtime-env-agent-port")}
+    ports = head_ports
     temp_dir = tempfile.mkdtemp(prefix="rayj-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "disabled",
            "RAY_TRAIN_V2_ENABLED": "1"}
@@ -197,10 +207,23 @@ def test_the_dashboards_port_as_a_join_address_is_one_line_naming_the_jobs_api(r
     done = dcgan_train_at(address, tmp_path)
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1] == (
-        f"dcgan train: error: {address} (cluster.address, or RAY_ADDRESS) is not a Ray cluster's GCS port: an HTTP/1 "
-        f"server answers there (a Ray dashboard? its Jobs API address is http://{address}); join a cluster at "
-        "HEAD:PORT with the head's `ray start --port` (6379 by default)")
+        f"dcgan train: error: {address} (cluster.address, or RAY_ADDRESS) is not a Ray cluster's GCS port (the head's "
+        f"`ray start --port`, 6379 by default): an HTTP/1 server answers there (a Ray dashboard? its Jobs API address "
+        f"is http://{address})")
     assert time.monotonic() - started < 60
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_ray_client_address_that_never_answers_as_one_is_a_transient_fault_in_one_line(ray_head, head_ports,
+                                                                                           tmp_path):
+    """ray://HEAD:<the GCS port>: a gRPC server, but not a Ray Client server, so Ray's client gives up with a
+    ConnectionError (a traceback, exit 1, before). It is a transient fault: retried (off here), then one line."""
+    address = f"ray://127.0.0.1:{head_ports['port']}"
+    done = dcgan_train_at(address, tmp_path, RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S="1")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (f"dcgan train: error: cannot reach the Ray cluster at {address} "
+                                                    "(cluster.address, or RAY_ADDRESS): ray client connection timeout")
     assert list(tmp_path.iterdir()) == []
 
 
