@@ -22,6 +22,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit
 
 from preprocessing.errors import InputError, TransientError, known_fault
 
@@ -113,13 +114,21 @@ def placement(address: str | None = None) -> Placement:
     address = (address or os.environ.get("RAY_ADDRESS") or "").strip()
     if not address or address == "local":
         return Placement("local")
-    if address.startswith(JOBS_SCHEMES):
+    if address.startswith(JOBS_SCHEMES) and _has_host_and_port(address):
         return Placement("jobs", address.rstrip("/"))
     host, colon, port = address.removeprefix("ray://").rpartition(":")
-    if address != "auto" and not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+    if address != "auto" and not (colon and host and "://" not in host and port.isdigit() and 0 < int(port) < 65536):
         raise InputError(f"{address!r} (cluster.address, or RAY_ADDRESS) is not a Ray address: local, auto, HOST:PORT "
                          "(a cluster's GCS), ray://HOST:PORT, or http://HEAD:8265 (its Jobs API)")
     return Placement("join", address)
+
+
+def _has_host_and_port(url: str) -> bool:
+    """A URL with a host and, if it names a port, a valid one."""
+    try:
+        return bool(urlsplit(url).hostname) and urlsplit(url).port != 0
+    except ValueError:  # a port that is not a number or out of range
+        return False
 
 
 def cluster_cpus() -> int:

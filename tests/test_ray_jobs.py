@@ -41,7 +41,7 @@ def test_one_rule_decides_where_work_runs(monkeypatch):
     assert compute.placement("auto") == compute.Placement("join", "auto")  # the config's address wins
     assert compute.placement("ray://head:10001") == compute.Placement("join", "ray://head:10001")
     assert compute.placement("[::1]:6379") == compute.Placement("join", "[::1]:6379")
-    for slip in ("127.0.0.1:abc", "head", "ray://head", "head:70000", ":6379"):  # ray.init: a traceback, or a hang
+    for slip in ("127.0.0.1:abc", "head", "ray://head", "head:70000", ":6379", "http://", "http://head:abc", "ftp://head:21"):  # ray.init: a traceback, or a hang
         with pytest.raises(InputError, match=r"is not a Ray address: local, auto, HOST:PORT"):
             compute.placement(slip)
     with pytest.raises(InputError, match="Jobs API address"):
