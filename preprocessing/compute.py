@@ -59,7 +59,8 @@ def verbose() -> bool:
 
 def quiet_console() -> None:
     """Unless `verbose()`, keep Ray's worker chatter off the console, and colour codes out of a console that is not
-    a terminal: call before `ray` is imported (Ray reads the setting once). Entry points (the `dcgan` CLI, the demo) call it; a library user keeps Ray's defaults."""
+    a terminal: call before `ray` is imported (Ray reads the setting once). Entry points (the `dcgan` CLI, the demo)
+    call it; a library user keeps Ray's defaults."""
     if not verbose():
         os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", PROJECT_LINES)
     if not sys.stderr.isatty():  # a log file or a pipe: Ray's worker prefixes without colour codes, and no
@@ -211,9 +212,40 @@ def _answers(address: str) -> None:
         raise ClusterUnreachable(f"cannot reach the Ray cluster at {named}: "
                                  f"{err.strerror or f'no answer within {PROBE_TIMEOUT_S:g} s'}") from None
     if len(reply) == 9 and reply[3] == HTTP2_SETTINGS:
+        if not address.startswith("ray://") and (refused := _token_refused(address)):
+            raise InputError(f"cannot join the Ray cluster at {named} with this client's token ({refused}): a "
+                             "cluster with token authentication needs RAY_AUTH_MODE=token and its token in "
+                             "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
         return
     said = (f"an HTTP/1 server answers there (a Ray dashboard? its Jobs API address is http://{host}:{port})"
             if reply.startswith(b"HTTP/") else "what answers there does not speak Ray's gRPC")
     meant = ("Ray Client port (the head's `ray start --ray-client-server-port`, 10001 by default)"
              if address.startswith("ray://") else "GCS port (the head's `ray start --port`, 6379 by default)")
     raise InputError(f"{named} is not a Ray cluster's {meant}: {said}")
+
+
+def _token_refused(address: str) -> str | None:
+    """The GCS's reason where it refuses this process's token, asked as `ray.init` will ask it (one GetClusterId RPC
+    with Ray's own auth metadata, which follows RAY_AUTH_MODE as ray.init does for an explicit address): `ray.init`
+    would retry a refusal 20 times, ~22 s and a warning line each, then say only "Failed to connect". None where it
+    answers, or where this Ray has no such interface (the check then leaves it to ray.init)."""
+    try:
+        import grpc
+        from ray._private.authentication.grpc_authentication_client_interceptor import (
+            SyncAuthenticationMetadataClientInterceptor,
+        )
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+        from ray.exceptions import AuthenticationError
+    except ImportError:
+        return None
+    channel = grpc.intercept_channel(grpc.insecure_channel(address), SyncAuthenticationMetadataClientInterceptor())
+    try:
+        gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(gcs_service_pb2.GetClusterIdRequest(),
+                                                                          timeout=PROBE_TIMEOUT_S)
+    except grpc.RpcError as err:
+        return err.details() if err.code() == grpc.StatusCode.UNAUTHENTICATED else None
+    except AuthenticationError as err:  # RAY_AUTH_MODE=token, and no token anywhere
+        return str(err).split(". ")[0].rstrip(".")
+    finally:
+        channel.close()
+    return None

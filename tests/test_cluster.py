@@ -156,6 +156,28 @@ def test_the_jobs_api_refuses_a_client_without_the_token(multinode_cluster, tmp_
     assert "AuthenticationError: Authentication required: Unauthorized: Missing authentication token" in proc.stderr
 
 
+def test_joining_with_a_wrong_token_or_none_is_one_line_at_once(multinode_cluster, tmp_path):
+    """`dcgan dedup` joining the GCS (HOST:PORT) with a wrong token, or with token auth off in the client: ray.init
+    retried the refusal 20 times (~22 s, a warning line each) and then said only "Failed to connect", which reads as
+    a transient fault and was retried for minutes more. It is bad input, named at once, not retried."""
+    cluster = multinode_cluster
+    for auth in ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, {"RAY_AUTH_MODE": "disabled"}):
+        env = {**cluster.client_env(HOME=str(tmp_path), RAY_ADDRESS=cluster.gcs_address, PYTHONPATH=str(REPO)),
+               **auth}
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "dcgan.cli", "dedup", str(tmp_path / "none"), "--out",
+                               str(tmp_path / "out")], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - started
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"dcgan dedup: error: cannot join the Ray cluster at {cluster.gcs_address} (cluster.address, or "
+            "RAY_ADDRESS) with this client's token (InvalidAuthToken: Authentication token is missing or incorrect): "
+            "a cluster with token authentication needs RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN, "
+            "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"), auth
+        assert took < 15, (took, auth)
+        assert not (tmp_path / "out").exists()
+
+
 def test_a_job_with_the_token_joins_the_cluster_and_reaches_s3(multinode_cluster, s3_server, s3_bucket, tmp_path):
     from ray.job_submission import JobSubmissionClient
 

@@ -220,7 +220,8 @@ def test_a_ray_client_address_that_never_answers_as_one_is_a_transient_fault_in_
     """ray://HEAD:<the GCS port>: a gRPC server, but not a Ray Client server, so Ray's client gives up with a
     ConnectionError (a traceback, exit 1, before). It is a transient fault: retried (off here), then one line."""
     address = f"ray://127.0.0.1:{head_ports['port']}"
-    done = dcgan_train_at(address, tmp_path, RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S="1")
+    done = dcgan_train_at(address, tmp_path, RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S="1",
+                          RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S="1")
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1] == (f"dcgan train: error: cannot reach the Ray cluster at {address} "
                                                     "(cluster.address, or RAY_ADDRESS): ray client connection timeout")
