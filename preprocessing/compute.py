@@ -4,8 +4,10 @@ The address comes from the configuration (`cluster.address`), else from Ray's st
 - none                                  -> `local`: a Ray started inside this process (the laptop default);
 - `http(s)://HEAD:8265`, a Jobs API     -> `jobs`: the stage is submitted to that cluster as a Ray Job
                                            (`dcgan.stages` does it; library code never submits itself);
-- `auto`, `HOST:PORT`, `ray://HOST:PORT` -> `join`: this process joins the cluster it runs on (the driver of a Ray
-                                           Job, where Ray sets RAY_ADDRESS, or a shell on a node).
+- `auto`, `HOST:PORT`                   -> `join`: this process joins the cluster it runs on (the driver of a Ray
+                                           Job, where Ray sets RAY_ADDRESS, or a shell on a node);
+- `ray://HOST:PORT`, Ray Client         -> refused in one line: Ray advises against it for Ray Train, and Ray Data's
+                                           steps (dedup's) fail under it.
 Ray's token authentication (on by default for `ray start` since Ray 2.52) needs nothing from the project: Ray's client
 finds the token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
 
@@ -117,10 +119,14 @@ def placement(address: str | None = None) -> Placement:
         return Placement("local")
     if address.startswith(JOBS_SCHEMES) and _has_host_and_port(address):
         return Placement("jobs", address.rstrip("/"))
-    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if address.startswith("ray://"):
+        raise InputError(f"{address} (cluster.address, or RAY_ADDRESS) is a Ray Client address, which the stages do "
+                         "not use (Ray advises against it for Ray Train, and Ray Data's steps fail under it): give "
+                         "the cluster's Jobs API, http://HEAD:8265, and the stage runs there as a Ray Job")
+    host, colon, port = address.rpartition(":")
     if address != "auto" and not (colon and host and "://" not in host and port.isdigit() and 0 < int(port) < 65536):
         raise InputError(f"{address!r} (cluster.address, or RAY_ADDRESS) is not a Ray address: local, auto, HOST:PORT "
-                         "(a cluster's GCS), ray://HOST:PORT, or http://HEAD:8265 (its Jobs API)")
+                         "(a cluster's GCS), or http://HEAD:8265 (its Jobs API)")
     return Placement("join", address)
 
 
@@ -176,7 +182,7 @@ def connect(address: str | None = None, *, quiet: bool = True) -> None:
         _answers(where.address)
         try:
             ray.init(address=where.address, **kwargs)
-        except ConnectionError as err:  # `auto` with no Ray on this node, a Ray Client server that never answered
+        except ConnectionError as err:  # `auto` with no Ray on this node; a GCS that stopped answering meanwhile
             if where.address == "auto":
                 raise InputError("cluster.address (or RAY_ADDRESS) auto finds no Ray on this node: `ray start` it "
                                  "into the cluster first, or give the cluster's HOST:PORT") from None
@@ -192,11 +198,11 @@ def _answers(address: str) -> None:
     (about 14 with Ray 2.60's defaults), saying only "Failed to connect to GCS" on the console.
 
     Nothing listening, or no answer: ClusterUnreachable (transient: a head restarting). Something else listening, a
-    common slip being the dashboard's port without `http://`: InputError. A GCS (and a Ray Client server, for
-    `ray://`) is a gRPC server, so it answers HTTP/2's connection preface with its SETTINGS frame; an HTTP/1 server
-    answers "HTTP/1.x ...". With Ray's TLS (RAY_USE_TLS) the GCS speaks TLS first and only the connect is checked.
-    `auto` is left to Ray."""
-    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    common slip being the dashboard's port without `http://`: InputError. A GCS is a gRPC server, so it answers
+    HTTP/2's connection preface with its SETTINGS frame; an HTTP/1 server answers "HTTP/1.x ...". A GCS that refuses
+    this client's token: InputError. With Ray's TLS (RAY_USE_TLS) the GCS speaks TLS first and only the connect is
+    checked. `auto` is left to Ray."""
+    host, colon, port = address.rpartition(":")
     if not colon or not port.isdigit():  # `auto`
         return
     named = f"{address} (cluster.address, or RAY_ADDRESS)"
@@ -212,16 +218,15 @@ def _answers(address: str) -> None:
         raise ClusterUnreachable(f"cannot reach the Ray cluster at {named}: "
                                  f"{err.strerror or f'no answer within {PROBE_TIMEOUT_S:g} s'}") from None
     if len(reply) == 9 and reply[3] == HTTP2_SETTINGS:
-        if not address.startswith("ray://") and (refused := _token_refused(address)):
+        if refused := _token_refused(address):
             raise InputError(f"cannot join the Ray cluster at {named} with this client's token ({refused}): a "
                              "cluster with token authentication needs RAY_AUTH_MODE=token and its token in "
                              "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
         return
     said = (f"an HTTP/1 server answers there (a Ray dashboard? its Jobs API address is http://{host}:{port})"
             if reply.startswith(b"HTTP/") else "what answers there does not speak Ray's gRPC")
-    meant = ("Ray Client port (the head's `ray start --ray-client-server-port`, 10001 by default)"
-             if address.startswith("ray://") else "GCS port (the head's `ray start --port`, 6379 by default)")
-    raise InputError(f"{named} is not a Ray cluster's {meant}: {said}")
+    raise InputError(f"{named} is not a Ray cluster's GCS port (the head's `ray start --port`, 6379 by default): "
+                     f"{said}")
 
 
 def _token_refused(address: str) -> str | None:

@@ -39,9 +39,11 @@ def test_one_rule_decides_where_work_runs(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265/")  # a Jobs API: the stage is submitted as a Ray Job
     assert compute.placement(None) == compute.Placement("jobs", "http://head:8265")
     assert compute.placement("auto") == compute.Placement("join", "auto")  # the config's address wins
-    assert compute.placement("ray://head:10001") == compute.Placement("join", "ray://head:10001")
+    with pytest.raises(InputError, match="is a Ray Client address, which the stages do not use"):
+        compute.placement("ray://head:10001")  # Ray Data's steps fail under it (dedup: an AttributeError traceback)
     assert compute.placement("[::1]:6379") == compute.Placement("join", "[::1]:6379")
-    for slip in ("127.0.0.1:abc", "head", "ray://head", "head:70000", ":6379", "http://", "http://head:abc", "ftp://head:21"):  # ray.init: a traceback, or a hang
+    # ray.init: a traceback, or a hang
+    for slip in ("127.0.0.1:abc", "head", "head:70000", ":6379", "http://", "http://head:abc", "ftp://head:21"):
         with pytest.raises(InputError, match=r"is not a Ray address: local, auto, HOST:PORT"):
             compute.placement(slip)
     with pytest.raises(InputError, match="Jobs API address"):
@@ -141,18 +143,12 @@ def test_a_cluster_address_where_nothing_or_no_ray_listens_is_one_line_at_once(t
 
 
 @pytest.fixture(scope="module")
-def head_ports() -> dict[str, int]:
-    """The `ray start` port options of `ray_head`, free loopback ports."""
-    return {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
-                                           "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                           "metrics-export-port", "runtime-env-agent-port")}
-
-
-@pytest.fixture(scope="module")
-def ray_head(head_ports):
+def ray_head():
     """`ray start --head --block` with the dashboard on free ports, stopped by its PID (never `ray stop`, which would
     end every Ray on the machine)."""
-    ports = head_ports
+    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
+                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                            "metrics-export-port", "runtime-env-agent-port")}
     temp_dir = tempfile.mkdtemp(prefix="rayj-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "disabled",
            "RAY_TRAIN_V2_ENABLED": "1"}
@@ -211,20 +207,6 @@ def test_the_dashboards_port_as_a_join_address_is_one_line_naming_the_jobs_api(r
         f"`ray start --port`, 6379 by default): an HTTP/1 server answers there (a Ray dashboard? its Jobs API address "
         f"is http://{address})")
     assert time.monotonic() - started < 60
-    assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.slow
-def test_a_ray_client_address_that_never_answers_as_one_is_a_transient_fault_in_one_line(ray_head, head_ports,
-                                                                                           tmp_path):
-    """ray://HEAD:<the GCS port>: a gRPC server, but not a Ray Client server, so Ray's client gives up with a
-    ConnectionError (a traceback, exit 1, before). It is a transient fault: retried (off here), then one line."""
-    address = f"ray://127.0.0.1:{head_ports['port']}"
-    done = dcgan_train_at(address, tmp_path, RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S="1",
-                          RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S="1")
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert done.stderr.strip().splitlines()[-1] == (f"dcgan train: error: cannot reach the Ray cluster at {address} "
-                                                    "(cluster.address, or RAY_ADDRESS): ray client connection timeout")
     assert list(tmp_path.iterdir()) == []
 
 
