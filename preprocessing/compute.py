@@ -132,8 +132,9 @@ def placement(address: str | None = None) -> Placement:
 
 def _has_host_and_port(url: str) -> bool:
     """A URL with a host and, if it names a port, a valid one."""
+    parts = urlsplit(url)
     try:
-        return bool(urlsplit(url).hostname) and urlsplit(url).port != 0
+        return bool(parts.hostname) and parts.port != 0
     except ValueError:  # a port that is not a number or out of range
         return False
 
@@ -201,10 +202,10 @@ def _answers(address: str) -> None:
     common slip being the dashboard's port without `http://`: InputError. A GCS is a gRPC server, so it answers
     HTTP/2's connection preface with its SETTINGS frame; an HTTP/1 server answers "HTTP/1.x ...". A GCS that refuses
     this client's token: InputError. With Ray's TLS (RAY_USE_TLS) the GCS speaks TLS first and only the connect is
-    checked. `auto` is left to Ray."""
-    host, colon, port = address.rpartition(":")
-    if not colon or not port.isdigit():  # `auto`
+    checked. `auto` is left to Ray; any other address is a HOST:PORT (`placement` refused the rest)."""
+    if address == "auto":
         return
+    host, _, port = address.rpartition(":")
     named = f"{address} (cluster.address, or RAY_ADDRESS)"
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S) as conn:
