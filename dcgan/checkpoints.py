@@ -93,6 +93,22 @@ def valid_steps(run_uri: str) -> list[int]:
     return out
 
 
+def resume_state(run_uri: str) -> dict[str, Any] | None:
+    """What a run resumes from: the newest valid checkpoint's state (`load_state`), or None for a run with no
+    checkpoint, or whose every checkpoint is a write that never finished (state.pt missing or shorter than its
+    marker says: the disk filled up, the upload was cut off). Those hold no progress, so the run starts again at
+    step 0 (one warning; they stay in place until new checkpoints replace them) rather than refusing the same command
+    that stopped it. A checkpoint written whole that fails its checksum is damage: `load_state` refuses that."""
+    steps = complete_steps(run_uri)
+    if not steps:
+        return None
+    if not valid_steps(run_uri):
+        log.warning("%s: no checkpoint was written whole (step %s: state.pt missing or cut off, left in place): "
+                    "starting at step 0", run_uri, ", ".join(map(str, steps)))
+        return None
+    return load_state(run_uri)
+
+
 def latest_step(run_uri: str) -> int | None:
     """The newest checkpoint whose content passes its checks (size and sha256, as `load_state` checks it), with the
     same fallback: a corrupt newer one is reported in one warning line and the one before it counts. Run completion

@@ -110,6 +110,9 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    # Ray Train logs a failed background checkpoint upload (a full disk) with its traceback before it fails the run,
+    # which then ends in the fault's one line
+    compute.no_known_fault_tracebacks("ray", "ray.train")
     cfg = parse_config(loop_config["config"])
     run_uri, train_cfg = cfg.run_uri, cfg.train
     ctx = ray.train.get_context()
@@ -318,7 +321,7 @@ def train(cfg: Config) -> dict[str, Any]:
 def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dict[str, Any]:
     # Where the run stands, read once: the newest valid checkpoint's state (a corrupt newer one is reported in one
     # warning and skipped, as `run_state.finished_step` skips it): finished, or the resume point.
-    state = checkpoints.load_state(cfg.run_uri) if checkpoints.complete_steps(cfg.run_uri) else None
+    state = checkpoints.resume_state(cfg.run_uri)
     if state is not None and is_finished(cfg, int(state["step"])):
         log.info("%s already has a checkpoint at step %d >= %d: nothing to train", cfg.run_uri, state["step"],
                  cfg.train.steps)

@@ -86,19 +86,27 @@ class _NoKnownFaultTracebacks(logging.Filter):
         return known_fault(exc) is None
 
 
+def no_known_fault_tracebacks(*names: str) -> None:
+    """No console copy of a known fault's traceback from these loggers' handlers (Ray's own, which log an exception
+    they are about to raise); a bug's is kept. Ray's session log files keep everything."""
+    for name in names:
+        for handler in logging.getLogger(name).handlers:
+            if type(handler).__name__ == "SessionFileHandler":
+                continue
+            if not any(isinstance(f, _NoKnownFaultTracebacks) for f in handler.filters):
+                handler.addFilter(_NoKnownFaultTracebacks())
+
+
 def quiet_ray_data() -> None:
     """Ray Data's INFO lines (execution plans, "Progress bars disabled") to its log file only, unless verbose; no
     console traceback for a known fault (its one line comes from the caller). A stage calls it before its first
     Ray Data step: importing Ray Data (and pandas with it) costs ~0.5 s, which a stage without it does not pay."""
     import ray.data  # noqa: F401 - configures Ray Data's loggers
 
-    for name in ("ray", "ray.data"):
-        for handler in logging.getLogger(name).handlers:
-            if type(handler).__name__ == "SessionFileHandler":
-                continue
-            if not any(isinstance(f, _NoKnownFaultTracebacks) for f in handler.filters):
-                handler.addFilter(_NoKnownFaultTracebacks())
-            if name == "ray.data" and not verbose():
+    no_known_fault_tracebacks("ray", "ray.data")
+    if not verbose():
+        for handler in logging.getLogger("ray.data").handlers:
+            if type(handler).__name__ != "SessionFileHandler":
                 handler.setLevel(logging.ERROR)
 
 

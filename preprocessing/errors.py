@@ -15,6 +15,7 @@ the Prefect tasks' retry condition (`pipelines.tasks`) and `retrying`.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -44,6 +45,16 @@ class InputError(UserError, ValueError):
 
 class MissingError(UserError, FileNotFoundError):
     """A file, folder or object that should exist and does not; the message names it."""
+
+
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})  # a full disk or an exhausted quota: the user must act
+
+
+def no_space_line(where: str | None, err: OSError) -> str:
+    """The one line for a write that found no space (a full disk or quota): it fails the same way until the user frees
+    space or writes elsewhere, so bad input, not transient; what was written before stays and resumes."""
+    at = f"{where}: " if where else ""
+    return f"{at}{err.strerror or 'No space left on device'}: free space there or write elsewhere, then run the same command again"
 
 
 def one_line(err: BaseException) -> str:
@@ -78,6 +89,8 @@ def known_fault(err: BaseException) -> UserError | None:
             continue
         seen.add(id(e))
         cause = getattr(e, "cause", None)  # RayTaskError: its own type also subclasses the cause's
+        if isinstance(e, OSError) and e.errno in NO_SPACE and not isinstance(e, UserError):
+            return UserError(no_space_line(e.filename, e))  # any write: a checkpoint, a log, a shard
         if isinstance(e, UserError) and not isinstance(cause, BaseException):
             if "\n" not in str(e) and not type(e).__module__.startswith("ray"):
                 return e

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from preprocessing.errors import TransientError, UserError
+from preprocessing.errors import NO_SPACE, TransientError, UserError, no_space_line
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 # Error codes that say "not now" rather than "no": still failing after boto3's retries, they are worth a later retry.
@@ -229,8 +229,10 @@ def write_bytes(uri: str, data: bytes | memoryview) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in NO_SPACE:
+            raise StorageError(no_space_line(uri, err)) from None
         raise
 
 
@@ -265,8 +267,14 @@ def upload_file(path: str | Path, uri: str) -> None:
         dst = local_path(uri)
         _make_dirs(dst.parent, uri)
         tmp = dst.with_name(f".{dst.name}.tmp")
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, dst)
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, dst)
+        except BaseException as err:  # no half-copied file left behind (as write_bytes)
+            tmp.unlink(missing_ok=True)
+            if isinstance(err, OSError) and err.errno in NO_SPACE:
+                raise StorageError(no_space_line(uri, err)) from None
+            raise
 
 
 def download_file(uri: str, path: str | Path) -> None:

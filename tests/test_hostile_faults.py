@@ -5,8 +5,12 @@ Prefect tasks alike. Storage faults are met for real: a moto S3 server on 127.0.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -14,7 +18,8 @@ import pytest
 from test_faults import TINY, make_run, world  # noqa: F401 (fixture)
 
 from dcgan.cli import main
-from preprocessing import storage
+from preprocessing import lsun, storage
+from realdata import encode, lsun_like_photos
 from preprocessing.errors import (DEFAULT_RETRY_DELAYS, InputError, TransientError, classify, retry_delays,
                                   retrying)
 
@@ -327,3 +332,121 @@ def test_ray_train_retries_all_but_bad_input(monkeypatch, tmp_path):
     assert decision(ingest.ShardError("shard shards/part-00001.parquet: sha256 differs")) == FailureDecision.RAISE
     assert decision(unreachable.value) == FailureDecision.RETRY
     assert decision(RuntimeError("a bug, or a lost worker")) == FailureDecision.RETRY
+
+
+# ------------------------------------------------------------------------------------------------ a full disk
+
+
+def test_a_write_that_finds_no_space_is_bad_input_in_one_line(tmp_path):
+    """A real ENOSPC (/dev/full answers every write with it): the user must free space or write elsewhere, so it is
+    bad input (one line, exit 2, never retried), also when Ray's task wrapper carries it; and a run whose only
+    checkpoint is a write the disk cut off starts again at step 0, while a whole checkpoint that fails its checksum
+    is still refused."""
+    import errno
+
+    import ray.exceptions
+
+    from dcgan import checkpoints
+    from dcgan.config import load_config
+    from dcgan.networks import Discriminator, Generator
+    from preprocessing.errors import UserError
+
+    with pytest.raises(OSError) as full:
+        with open("/dev/full", "wb", buffering=0) as f:
+            f.write(b"a shard")
+    assert full.value.errno == errno.ENOSPC
+    for err in (full.value, ray.exceptions.RayTaskError("_chunk_task", "tb", full.value).as_instanceof_cause()):
+        fault = classify(err)
+        assert (fault.kind, fault.worth_retrying) == ("bad_input", False)
+        assert fault.line.startswith("No space left on device: free space there or write elsewhere"), fault.line
+    assert classify(OSError(errno.EACCES, "Permission denied")).kind == "bug"  # only the full-disk errnos
+
+    run = str(tmp_path / "run")
+    cfg = load_config(TINY, {"run": run})
+    state = {"generator": Generator(cfg.model).state_dict(), "discriminator": Discriminator(cfg.model).state_dict(),
+             "step": 5}
+    state_pt = Path(checkpoints.save(run, 5, state)) / "state.pt"
+    whole = state_pt.read_bytes()
+    state_pt.write_bytes(whole[: len(whole) // 3])       # the disk filled up while it was written
+    assert checkpoints.resume_state(run) is None
+    state_pt.unlink()                                    # or the upload never got to it
+    assert checkpoints.resume_state(run) is None
+    state_pt.write_bytes(whole[:-1] + bytes([whole[-1] ^ 1]))  # whole, but damaged: not for a silent restart
+    with pytest.raises(UserError, match="every checkpoint .* is corrupt"):
+        checkpoints.resume_state(run)
+    state_pt.write_bytes(whole)
+    assert checkpoints.resume_state(run)["step"] == 5
+
+
+FULL_DISK = r"""
+set -u
+cli() { "$PY" -m dcgan.cli "$@"; }
+files() { (cd "$1" && find . -type f -printf '%P %i %s %T@\n' | sort); }
+mount -t tmpfs -o size=64k tmpfs "$DATA"
+mount -t tmpfs -o size=512k tmpfs "$RUN"
+cli build-lsun "$LMDB" --out "$DATA/ds" --resolution 32 --shard-rows 4 --no-dedup 2> "$OUT/build1.err"
+echo $? > "$OUT/build1.rc"; files "$DATA" > "$OUT/build1.files"
+mount -o remount,size=16m "$DATA"
+cli build-lsun "$LMDB" --out "$DATA/ds" --resolution 32 --shard-rows 4 --no-dedup --json > "$OUT/build2.json" \
+    2> "$OUT/build2.err"
+echo $? > "$OUT/build2.rc"; files "$DATA" > "$OUT/build2.files"
+cli train --config "$TINY" --data "$DIGITS" --run "$RUN/tiny" --steps 10 2> "$OUT/train.err"
+echo $? > "$OUT/train.rc"
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_same_commands_finish_once_there_is_space(tmp_path):
+    """A dataset and a run on disks that fill up (small tmpfs mounts in a mount namespace of the test's own:
+    `unshare -rm`, no root needed where user namespaces are allowed): the build stops with one line that names the
+    file, exit 2, no traceback and no half-written file; with space again the same command keeps the chunks it
+    wrote and finishes with every row. The training's first checkpoint does not fit: one line, exit 2, no traceback
+    (Ray Train logs its failed background upload with one), no second attempt. (That the same command then starts
+    such a run again at step 0: `test_a_write_that_finds_no_space_is_bad_input_in_one_line`.)"""
+    from test_faults import make_dataset
+
+    lmdb_path = tmp_path / "bedroom_val_lmdb"
+    good = {}
+    for name, rgb in lsun_like_photos().items():
+        for ext in (".jpg", ".webp"):
+            data = encode(rgb, ext)
+            good[hashlib.sha1(data).hexdigest()] = data
+    lsun.write_lmdb(str(lmdb_path), {k.encode(): v for k, v in good.items()})
+    digits = str(tmp_path / "digits")
+    make_dataset(digits)
+    out, data, run = (tmp_path / d for d in ("out", "data", "run"))
+    for d in (out, data, run):
+        d.mkdir()
+    env = {**os.environ, "PY": sys.executable, "PYTHONPATH": str(REPO), "LMDB": str(lmdb_path), "DIGITS": digits,
+           "TINY": TINY, "DATA": str(data), "RUN": str(run), "OUT": str(out), "DCGAN_RETRY_DELAYS_S": "1",
+           "RAY_ADDRESS": ""}
+    done = subprocess.run(["unshare", "-rm", "bash", "-c", FULL_DISK], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = {p.name: p.read_text() for p in out.iterdir()}
+
+    def the_line(err: str, command: str) -> str:
+        lines = [ln for ln in err.splitlines() if ln.startswith(f"dcgan {command}: error: ")]
+        assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+        return lines[0]
+
+    assert got["build1.rc"].strip() == "2", got["build1.err"][-3000:]
+    line = the_line(got["build1.err"], "build-lsun")
+    assert re.search(r"/ds/\S+: No space left on device: free space there or write elsewhere", line), line
+    assert "retrying" not in got["build1.err"]                    # bad input: not retried
+    written = dict(ln.split(" ", 1) for ln in got["build1.files"].splitlines())
+    assert not [p for p in written if p.endswith(".tmp")], written  # no half-written file left behind
+    finished = {m.group(1) for m in (re.search(r"_chunks/part-(\d+)\.json$", p) for p in written) if m}
+    kept = {p: v for p, v in written.items() if re.fullmatch(r"ds/shards/part-(\d+)\.parquet", p)
+            and p[-13:-8] in finished}                              # chunks with their sidecar: done
+    assert kept, written                                           # some chunks finished before the disk filled
+
+    assert got["build2.rc"].strip() == "0", got["build2.err"][-3000:]
+    result = json.loads(got["build2.json"].splitlines()[-1])["dcgan_result"]
+    assert result["counts"]["rows"] == len(good) and result["counts"]["inputs"] == len(good), result
+    after = dict(ln.split(" ", 1) for ln in got["build2.files"].splitlines())
+    assert {p: after.get(p) for p in kept} == kept                 # the finished chunks were kept, not redone
+
+    assert got["train.rc"].strip() == "2", got["train.err"][-3000:]
+    assert "No space left on device: free space there" in the_line(got["train.err"], "train")
+    assert got["train.err"].count("starting step 0/10") == 1, got["train.err"][-3000:]  # not retried by Ray Train
