@@ -41,6 +41,8 @@ WAIT_ENV = "DCGAN_WORKERS_WAIT_S"
 WORKERS_WAIT_S = 900.0
 
 
+LOCAL_RAY_MIN_FREE_MIB = 64  # a local Ray's session folder (logs, sockets, spilled objects) on a disk with less room:
+# its GCS never writes its port file and `ray.init` ends in a traceback after a timeout
 PROBE_TIMEOUT_S = 10.0  # a cluster's GCS port answers a TCP connect at once; a firewall that drops it, by this time
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
 HTTP2_SETTINGS = 0x04  # the frame type a gRPC server's (the GCS's) connection preface starts with
@@ -186,6 +188,7 @@ def connect(address: str | None = None, *, quiet: bool = True) -> None:
     if where.kind == "local":
         # A local Ray is this process's own: no dashboard (nothing here reads it; it cost ~3 CPU-s and ~1 s of
         # start-up a stage). Jobs and the state API need a cluster, whose head runs one.
+        _room_for_local_ray()
         ray.init(include_dashboard=False, **kwargs)
     else:
         _answers(where.address)
@@ -200,6 +203,27 @@ def connect(address: str | None = None, *, quiet: bool = True) -> None:
     _connected = (where, ray.get_runtime_context().gcs_address)
     if quiet and "ray.data" in sys.modules:
         quiet_ray_data()
+
+
+def _room_for_local_ray() -> None:
+    """Refuse at once to start a local Ray on a temp disk without room for its session folder (a full /tmp on a
+    shared machine): Ray's GCS cannot write its port file and `ray.init` fails after a timeout, with a traceback."""
+    import shutil
+    from pathlib import Path
+
+    try:
+        from ray._common.utils import get_default_system_temp_dir  # Ray's own choice: RAY_TMPDIR, TMPDIR, /tmp
+    except ImportError:  # a Ray that moved it: the same rule
+        def get_default_system_temp_dir() -> str:
+            return os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+
+    where = Path(get_default_system_temp_dir())
+    existing = next((p for p in (where, *where.parents) if p.exists()), Path("/"))
+    free_mib = shutil.disk_usage(existing).free / 2**20
+    if free_mib < LOCAL_RAY_MIN_FREE_MIB:
+        raise InputError(f"{where}: {free_mib:.0f} MiB free, where a local Ray keeps its session (logs, sockets, "
+                         f"spilled objects; at least {LOCAL_RAY_MIN_FREE_MIB} MiB): free space there or set RAY_TMPDIR "
+                         "to a folder with room")
 
 
 def _answers(address: str) -> None:

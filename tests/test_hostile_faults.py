@@ -392,6 +392,9 @@ cli build-lsun "$LMDB" --out "$DATA/ds" --resolution 32 --shard-rows 4 --no-dedu
 echo $? > "$OUT/build2.rc"; files "$DATA" > "$OUT/build2.files"
 cli train --config "$TINY" --data "$DIGITS" --run "$RUN/tiny" --steps 10 2> "$OUT/train.err"
 echo $? > "$OUT/train.rc"
+mount -t tmpfs -o size=1m tmpfs "$TEMP"
+RAY_TMPDIR="$TEMP" cli build-lsun "$LMDB" --out "$OUT/never" --no-dedup 2> "$OUT/local_ray.err"
+echo $? > "$OUT/local_ray.rc"
 """
 
 
@@ -402,7 +405,8 @@ def test_a_full_disk_is_one_line_and_the_same_commands_finish_once_there_is_spac
     file, exit 2, no traceback and no half-written file; with space again the same command keeps the chunks it
     wrote and finishes with every row. The training's first checkpoint does not fit: one line, exit 2, no traceback
     (Ray Train logs its failed background upload with one), no second attempt. (That the same command then starts
-    such a run again at step 0: `test_a_write_that_finds_no_space_is_bad_input_in_one_line`.)"""
+    such a run again at step 0: `test_a_write_that_finds_no_space_is_bad_input_in_one_line`.) A local Ray asked for
+    on a temp disk without room for its session is one line before Ray starts."""
     from test_faults import make_dataset
 
     lmdb_path = tmp_path / "bedroom_val_lmdb"
@@ -414,11 +418,12 @@ def test_a_full_disk_is_one_line_and_the_same_commands_finish_once_there_is_spac
     lsun.write_lmdb(str(lmdb_path), {k.encode(): v for k, v in good.items()})
     digits = str(tmp_path / "digits")
     make_dataset(digits)
-    out, data, run = (tmp_path / d for d in ("out", "data", "run"))
-    for d in (out, data, run):
+    out, data, run, temp = (tmp_path / d for d in ("out", "data", "run", "temp"))
+    for d in (out, data, run, temp):
         d.mkdir()
     env = {**os.environ, "PY": sys.executable, "PYTHONPATH": str(REPO), "LMDB": str(lmdb_path), "DIGITS": digits,
-           "TINY": TINY, "DATA": str(data), "RUN": str(run), "OUT": str(out), "DCGAN_RETRY_DELAYS_S": "1",
+           "TINY": TINY, "DATA": str(data), "RUN": str(run), "OUT": str(out), "TEMP": str(temp),
+           "DCGAN_RETRY_DELAYS_S": "1",
            "RAY_ADDRESS": ""}
     done = subprocess.run(["unshare", "-rm", "bash", "-c", FULL_DISK], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=400)
@@ -450,3 +455,8 @@ def test_a_full_disk_is_one_line_and_the_same_commands_finish_once_there_is_spac
     assert got["train.rc"].strip() == "2", got["train.err"][-3000:]
     assert "No space left on device: free space there" in the_line(got["train.err"], "train")
     assert got["train.err"].count("starting step 0/10") == 1, got["train.err"][-3000:]  # not retried by Ray Train
+
+    # a temp disk without room for a local Ray's session: told before Ray is started (it timed out in a traceback)
+    assert got["local_ray.rc"].strip() == "2", got["local_ray.err"][-3000:]
+    assert "a local Ray keeps its session" in the_line(got["local_ray.err"], "build-lsun")
+    assert not (out / "never").exists()
