@@ -30,7 +30,7 @@ from dcgan.run_state import is_finished, run_summary, stored_config, stored_summ
 from dcgan.sampling import generate, grid, save_png
 from dcgan.step import METRICS, GANStep, StepOptions, make_optimizers
 from preprocessing import compute, ownership, progress, shards, storage, stream
-from preprocessing.errors import InputError
+from preprocessing.errors import InputError, NoSpaceError
 
 log = logging.getLogger("dcgan.train")
 
@@ -367,6 +367,8 @@ def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dic
     try:
         with _followed(cfg):  # Ctrl-C: exit 130 at once, the run resumable
             ray_train.fit(trainer, unplaced=lambda err: resources.never_placed(err, cfg.cluster))
+    except NoSpaceError as err:  # Ray Train's background upload of a checkpoint into the run names no file
+        raise err.at(cfg.run_uri) from None
     finally:  # what a rank 0 Ray ended on this machine left (a local run's workers share it)
         scratch.clear(cfg.run_uri)
     _keep_newest_checkpoints(cfg)

@@ -57,6 +57,19 @@ def no_space_line(where: str | None, err: OSError) -> str:
     return f"{at}{err.strerror or 'No space left on device'}: free space there or write elsewhere, then run the same command again"
 
 
+class NoSpaceError(UserError, OSError):
+    """A write that found no space (`no_space_line`); `where` is None when the failing write did not say (an
+    upload by a library): the caller that knows where it was writing may name it (`NoSpaceError.at`)."""
+
+    def __init__(self, line: str, where: str | None = None):
+        super().__init__(line)
+        self.where = where
+
+    def at(self, where: str) -> NoSpaceError:
+        """This fault naming `where`, unless it names a place already."""
+        return self if self.where else NoSpaceError(f"{where}: {self}", where)
+
+
 def one_line(err: BaseException) -> str:
     """The message of an error on one line (multi-line details joined with '; ')."""
     parts = [p.strip() for p in str(err).splitlines() if p.strip()]
@@ -90,7 +103,7 @@ def known_fault(err: BaseException) -> UserError | None:
         seen.add(id(e))
         cause = getattr(e, "cause", None)  # RayTaskError: its own type also subclasses the cause's
         if isinstance(e, OSError) and e.errno in NO_SPACE and not isinstance(e, UserError):
-            return UserError(no_space_line(e.filename, e))  # any write: a checkpoint, a log, a shard
+            return NoSpaceError(no_space_line(e.filename, e), e.filename)  # any write: a checkpoint, a log, a shard
         if isinstance(e, UserError) and not isinstance(cause, BaseException):
             if "\n" not in str(e) and not type(e).__module__.startswith("ray"):
                 return e

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from preprocessing.errors import NO_SPACE, TransientError, UserError, no_space_line
+from preprocessing.errors import NO_SPACE, NoSpaceError, TransientError, UserError, no_space_line
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 # Error codes that say "not now" rather than "no": still failing after boto3's retries, they are worth a later retry.
@@ -35,6 +35,10 @@ class StorageError(UserError, RuntimeError):
 
 class StorageUnreachable(StorageError, TransientError):
     """The S3 endpoint did not answer (after boto3's own retries): worth another try later."""
+
+
+class StorageFull(StorageError, NoSpaceError):
+    """A local write found its disk (or quota) full: bad input, named by its URI."""
 
 
 # ---------------------------------------------------------------------------------------------------------- URIs
@@ -232,7 +236,7 @@ def write_bytes(uri: str, data: bytes | memoryview) -> None:
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError) and err.errno in NO_SPACE:
-            raise StorageError(no_space_line(uri, err)) from None
+            raise StorageFull(no_space_line(uri, err), uri) from None
         raise
 
 
@@ -273,7 +277,7 @@ def upload_file(path: str | Path, uri: str) -> None:
         except BaseException as err:  # no half-copied file left behind (as write_bytes)
             tmp.unlink(missing_ok=True)
             if isinstance(err, OSError) and err.errno in NO_SPACE:
-                raise StorageError(no_space_line(uri, err)) from None
+                raise StorageFull(no_space_line(uri, err), uri) from None
             raise
 
 

@@ -453,7 +453,8 @@ def test_a_full_disk_is_one_line_and_the_same_commands_finish_once_there_is_spac
     assert {p: after.get(p) for p in kept} == kept                 # the finished chunks were kept, not redone
 
     assert got["train.rc"].strip() == "2", got["train.err"][-3000:]
-    assert "No space left on device: free space there" in the_line(got["train.err"], "train")
+    line = the_line(got["train.err"], "train")  # Ray Train's upload names no file: the run is named
+    assert line.startswith(f"dcgan train: error: {run / 'tiny'}: ") and "No space left on device" in line, line
     assert got["train.err"].count("starting step 0/10") == 1, got["train.err"][-3000:]  # not retried by Ray Train
 
     # a temp disk without room for a local Ray's session: told before Ray is started (it timed out in a traceback)
