@@ -41,8 +41,9 @@ WAIT_ENV = "DCGAN_WORKERS_WAIT_S"
 WORKERS_WAIT_S = 900.0
 
 
-LOCAL_RAY_MIN_FREE_MIB = 64  # a local Ray's session folder (logs, sockets, spilled objects) on a disk with less room:
-# its GCS never writes its port file and `ray.init` ends in a traceback after a timeout
+# A local Ray's session folder (logs, sockets, spilled objects) needs room: on a full disk its GCS never writes its
+# port file and `ray.init` ends in a traceback after a timeout
+LOCAL_RAY_MIN_FREE_MIB = 64
 PROBE_TIMEOUT_S = 10.0  # a cluster's GCS port answers a TCP connect at once; a firewall that drops it, by this time
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
 HTTP2_SETTINGS = 0x04  # the frame type a gRPC server's (the GCS's) connection preface starts with

@@ -54,7 +54,8 @@ def no_space_line(where: str | None, err: OSError) -> str:
     """The one line for a write that found no space (a full disk or quota): it fails the same way until the user frees
     space or writes elsewhere, so bad input, not transient; what was written before stays and resumes."""
     at = f"{where}: " if where else ""
-    return f"{at}{err.strerror or 'No space left on device'}: free space there or write elsewhere, then run the same command again"
+    return (f"{at}{err.strerror or 'No space left on device'}: free space there or write elsewhere, then run the "
+            "same command again")
 
 
 class NoSpaceError(UserError, OSError):
