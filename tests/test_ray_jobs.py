@@ -4,6 +4,7 @@ loopback ports; the flow submits `dcgan train` as a Ray Job, streams its log, an
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,6 +184,7 @@ def ray_head():
         except ProcessLookupError:
             pass
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)  # the head's session logs (2-3 MB), left behind before
 
 
 def tiny_dataset(uri: str, n: int = 64) -> None:
