@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from dcgan import run_layout
 from dcgan.config import Config, parse_config
 from preprocessing import storage
-from preprocessing.errors import NO_SPACE, NoSpaceError, UserError, no_space_line
+from preprocessing.errors import UserError, naming_no_space
 
 if TYPE_CHECKING:  # torch is imported where a checkpoint is written or loaded: asking which steps exist needs none
     import torch
@@ -146,13 +146,9 @@ def write_dir(folder: str | Path, step: int, state: dict[str, Any]) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data, marker = _encode(step, state)
-    try:
+    with naming_no_space(str(folder)):  # a full temporary disk
         (folder / run_layout.STATE_FILE).write_bytes(data)
         (folder / run_layout.MARKER_FILE).write_text(json.dumps(marker))
-    except OSError as err:  # a full temporary disk: name it (the write does not)
-        if err.errno in NO_SPACE:
-            raise NoSpaceError(no_space_line(str(folder), err), str(folder)) from None
-        raise
     return folder
 
 

@@ -212,11 +212,7 @@ def _room_for_local_ray() -> None:
     import shutil
     from pathlib import Path
 
-    try:
-        from ray._common.utils import get_default_system_temp_dir  # Ray's own choice: RAY_TMPDIR, TMPDIR, /tmp
-    except ImportError:  # a Ray that moved it: the same rule
-        def get_default_system_temp_dir() -> str:
-            return os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    from ray._common.utils import get_default_system_temp_dir  # Ray's own choice: RAY_TMPDIR, TMPDIR, /tmp
 
     where = Path(get_default_system_temp_dir())
     existing = next((p for p in (where, *where.parents) if p.exists()), Path("/"))

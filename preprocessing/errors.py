@@ -15,13 +15,14 @@ the Prefect tasks' retry condition (`pipelines.tasks`) and `retrying`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, TypeVar
+from typing import Callable, Iterator, Literal, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,17 @@ class NoSpaceError(UserError, OSError):
     def at(self, where: str) -> NoSpaceError:
         """This fault naming `where`, unless it names a place already."""
         return self if self.where else NoSpaceError(f"{where}: {self}", where)
+
+
+@contextlib.contextmanager
+def naming_no_space(where: str, cls: type[NoSpaceError] = NoSpaceError) -> Iterator[None]:
+    """Writes to `where`: one that finds no space is `cls` naming `where` (an OSError from a write names no file)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in NO_SPACE and not isinstance(err, UserError):
+            raise cls(no_space_line(where, err), where) from None
+        raise
 
 
 def one_line(err: BaseException) -> str:

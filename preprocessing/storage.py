@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from preprocessing.errors import NO_SPACE, NoSpaceError, TransientError, UserError, no_space_line
+from preprocessing.errors import NoSpaceError, TransientError, UserError, naming_no_space
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 # Error codes that say "not now" rather than "no": still failing after boto3's retries, they are worth a later retry.
@@ -230,13 +230,11 @@ def write_bytes(uri: str, data: bytes | memoryview) -> None:
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file is the user's, as their umask says
-        with os.fdopen(fd, "wb") as f:
+        with naming_no_space(uri, StorageFull), os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, p)
-    except BaseException as err:
+    except BaseException:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno in NO_SPACE:
-            raise StorageFull(no_space_line(uri, err), uri) from None
         raise
 
 
@@ -272,12 +270,11 @@ def upload_file(path: str | Path, uri: str) -> None:
         _make_dirs(dst.parent, uri)
         tmp = dst.with_name(f".{dst.name}.tmp")
         try:
-            shutil.copyfile(path, tmp)
+            with naming_no_space(uri, StorageFull):
+                shutil.copyfile(path, tmp)
             os.replace(tmp, dst)
-        except BaseException as err:  # no half-copied file left behind (as write_bytes)
+        except BaseException:  # no half-copied file left behind (as write_bytes)
             tmp.unlink(missing_ok=True)
-            if isinstance(err, OSError) and err.errno in NO_SPACE:
-                raise StorageFull(no_space_line(uri, err), uri) from None
             raise
 
 
