@@ -14,6 +14,11 @@ trainer's `_initialize_and_run_controller`, which receives the policy it will us
 Ray also retries, for ever, a worker group it cannot place within RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s): a
 training on a busy cluster, or one waiting for an autoscaler's node that never comes, would hang silently. The policy
 gives up after `workers_wait_s()` and the caller reports it in one line (`dcgan.resources.never_placed`).
+
+Ray Train's controller also starts helper actors, each a fresh Python process beside the workers' own start: a
+preemption watcher, which only logs a node's drain and tells a training function that asks (ours does not), and a
+dataset manager for the Ray Datasets a trainer is given (ours are given none: each worker reads its own stream of
+shards). `Trainer` starts neither (issue 22: a training's fixed start-up).
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from typing import Any, Callable, Iterator
 
 from ray.train import FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from ray.train.v2._internal.constants import (DEFAULT_WORKER_GROUP_START_TIMEOUT_S, HEALTH_CHECK_INTERVAL_S_ENV_VAR,
-                                              WORKER_GROUP_START_TIMEOUT_S_ENV_VAR)
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+from ray.train.v2._internal.constants import (DEFAULT_WORKER_GROUP_START_TIMEOUT_S, ENABLE_PREEMPTION_WATCHER_ENV_VAR,
+                                              HEALTH_CHECK_INTERVAL_S_ENV_VAR, WORKER_GROUP_START_TIMEOUT_S_ENV_VAR)
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
 from ray.train.v2.api.exceptions import ControllerError
@@ -72,10 +78,10 @@ POLL_INTERVAL_S = 0.5  # the controller's look at its workers; with Ray's 2 s ea
 @contextlib.contextmanager
 def _controller_env(wait_s: float) -> Iterator[None]:
     """Settings Ray Train's controller reads from the driver's environment when it starts, unless the user set them:
-    a wait shorter than Ray's start timeout shortens that timeout, and the controller polls its workers every
+    a wait shorter than Ray's start timeout shortens that timeout, the controller polls its workers every
     POLL_INTERVAL_S (it notices a finished or failed worker group at its next poll; a poll is one small call a
-    worker)."""
-    ours = {HEALTH_CHECK_INTERVAL_S_ENV_VAR: f"{POLL_INTERVAL_S:g}"}
+    worker), and it starts no preemption watcher."""
+    ours = {HEALTH_CHECK_INTERVAL_S_ENV_VAR: f"{POLL_INTERVAL_S:g}", ENABLE_PREEMPTION_WATCHER_ENV_VAR: "0"}
     if wait_s < DEFAULT_WORKER_GROUP_START_TIMEOUT_S:
         ours[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = f"{max(wait_s, 1.0):g}"
     ours = {k: v for k, v in ours.items() if k not in os.environ}
@@ -88,7 +94,14 @@ def _controller_env(wait_s: float) -> Iterator[None]:
 
 
 class Trainer(TorchTrainer):
-    """A TorchTrainer that runs its controller with `KnownFaultPolicy`."""
+    """A TorchTrainer that runs its controller with `KnownFaultPolicy`, and without a dataset manager when it is
+    given no Ray Dataset."""
+
+    def _create_default_callbacks(self):
+        callbacks = super()._create_default_callbacks()
+        if self.datasets:
+            return callbacks
+        return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         policy = controller_init_kwargs.get("failure_policy")

@@ -286,23 +286,45 @@ def test_the_demo_export_takes_over_an_export_from_before_the_marker(tmp_path):
 
 def test_ray_trains_controller_gets_our_poll_interval_and_start_timeout_unless_the_user_set_them(monkeypatch):
     """Ray Train's controller polls its workers every 2 s by default, so each fit ended ~1.5 s after its workers did
-    (issue 22's fixed start-up); `_controller_env` sets 0.5 s and a wait shorter than Ray's start timeout while the
-    controller starts, never over what the user set, and leaves the environment as it was."""
+    (issue 22's fixed start-up); `_controller_env` sets 0.5 s, a wait shorter than Ray's start timeout and no
+    preemption watcher (a process of its own, of no use to our loop) while the controller starts, never over what the
+    user set, and leaves the environment as it was."""
     from preprocessing import ray_train
 
     poll, start = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-    monkeypatch.delenv(poll, raising=False)
-    monkeypatch.delenv(start, raising=False)
+    watcher = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+    for name in (poll, start, watcher):
+        monkeypatch.delenv(name, raising=False)
     with ray_train._controller_env(4.0):
-        assert os.environ[poll] == "0.5" and os.environ[start] == "4"
-    assert poll not in os.environ and start not in os.environ
+        assert os.environ[poll] == "0.5" and os.environ[start] == "4" and os.environ[watcher] == "0"
+    assert poll not in os.environ and start not in os.environ and watcher not in os.environ
     with ray_train._controller_env(600.0):
         assert os.environ[poll] == "0.5" and start not in os.environ
     monkeypatch.setenv(poll, "3")
     monkeypatch.setenv(start, "90")
+    monkeypatch.setenv(watcher, "1")
     with ray_train._controller_env(4.0):
-        assert os.environ[poll] == "3" and os.environ[start] == "90"
-    assert os.environ[poll] == "3" and os.environ[start] == "90"
+        assert os.environ[poll] == "3" and os.environ[start] == "90" and os.environ[watcher] == "1"
+    assert os.environ[poll] == "3" and os.environ[start] == "90" and os.environ[watcher] == "1"
+
+
+def test_a_trainer_given_no_ray_dataset_starts_no_dataset_manager():
+    """Ray Train's dataset callback starts a DatasetManager actor (a fresh process) for every worker group, Ray
+    Datasets or none; our trainers read their own stream of shards, so `Trainer` drops it, and keeps it for a trainer
+    that is given a Ray Dataset (the dedup autoencoder's fit on Ray Train)."""
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    from preprocessing import ray_train
+    from preprocessing.config import ClusterConfig
+
+    def callbacks(**kw):
+        trainer = ray_train.Trainer(lambda: None, scaling_config=ray_train.scaling(ClusterConfig()), **kw)
+        return [type(cb) for cb in trainer._create_default_callbacks()]
+
+    without = callbacks()
+    assert DatasetsCallback not in without and without  # Ray's other callbacks stay
+    with_data = callbacks(datasets={"train": lambda: None})  # a dataset made when the workers start (never, here)
+    assert DatasetsCallback in with_data and set(with_data) - {DatasetsCallback} == set(without)
 
 
 def test_ray_train_retries_all_but_bad_input(monkeypatch, tmp_path):
