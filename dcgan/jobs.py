@@ -179,18 +179,26 @@ def _no_answer(err: BaseException) -> bool:
 
 
 def follow(client, job_id: str, emit: Callable[[str], None], poll_s: float = 1.0,
-           address: str = "") -> tuple[Any, str]:
+           address: str = "", last_line: Callable[[str], bool] | None = None) -> tuple[Any, str]:
     """Stream a job's log through `emit` until it ends; returns (JobDetails, full log).
 
     Polls the Jobs API rather than holding a websocket, so a dropped connection costs one poll, not the run. The
-    first `FAST_POLL_FOR_S` are polled every `FAST_POLL_S`: a short stage's end is seen within a fifth of a second,
-    not up to a second later, and a long one still costs one poll a `poll_s`. A head that stops answering for
-    `lost_after_s()` is a lost cluster: RayClusterLost, in one line, never a hang. If the follower is interrupted
-    (Ctrl-C, SIGTERM, a cancelled Prefect run), the job is stopped.
+    first `FAST_POLL_FOR_S` are polled every `FAST_POLL_S`, and so are the `FAST_POLL_FOR_S` after a line for which
+    `last_line` is true (the command's last line: what is left is its process's exit): a stage's end is seen within
+    a fifth of a second, not up to a second later, and a long one still costs one poll a `poll_s` while it works.
+    A head that stops answering for `lost_after_s()` is a lost cluster: RayClusterLost, in one line, never a hang.
+    If the follower is interrupted (Ctrl-C, SIGTERM, a cancelled Prefect run), the job is stopped.
     """
-    stream = _LineStream(emit)
-    logs, silent_since, wait = "", None, lost_after_s()
     fast_until = time.monotonic() + FAST_POLL_FOR_S
+
+    def line_seen(line: str) -> None:
+        nonlocal fast_until
+        if last_line is not None and last_line(line):
+            fast_until = time.monotonic() + FAST_POLL_FOR_S
+        emit(line)
+
+    stream = _LineStream(line_seen)
+    logs, silent_since, wait = "", None, lost_after_s()
     try:
         with _sigterm_stops():
             while True:
@@ -263,8 +271,9 @@ def submit(client, address: str, emit: Callable[[str], None], retry_s: tuple[flo
 
 def run_job(address: str, entrypoint: str, runtime_env: dict[str, Any], emit: Callable[[str], None], *,
             submission_id: str | None = None, metadata: dict[str, str] | None = None, poll_s: float = 1.0,
-            **entrypoint_resources: Any) -> str:
+            last_line: Callable[[str], bool] | None = None, **entrypoint_resources: Any) -> str:
     """Submit `entrypoint` to the cluster, stream its log through `emit`, and return the log if it SUCCEEDED.
+    `last_line` tells the entrypoint's last line, after which its end is looked for often (`follow`).
 
     `entrypoint_resources` (entrypoint_num_cpus, entrypoint_num_gpus, entrypoint_memory) place the job's driver: a
     stage that computes in its driver (evaluation) asks for a worker node's CPU or GPU.
@@ -274,7 +283,8 @@ def run_job(address: str, entrypoint: str, runtime_env: dict[str, Any], emit: Ca
                     submission_id=submission_id, metadata=metadata or {}, **entrypoint_resources)
     names = ", ".join(sorted(n for n in runtime_env.get("env_vars", {}) if n.startswith("AWS_"))) or "none"
     emit(f"submitted Ray job {job_id} to {address}: {entrypoint} (storage settings passed: {names})")
-    info, logs = follow(client, job_id, lambda line: emit(f"[ray job] {line}"), poll_s=poll_s, address=address)
+    info, logs = follow(client, job_id, lambda line: emit(f"[ray job] {line}"), poll_s=poll_s, address=address,
+                        last_line=last_line)
     if str(info.status) != "SUCCEEDED":
         raise job_failure(job_id, info, logs)
     emit(f"Ray job {job_id} SUCCEEDED")

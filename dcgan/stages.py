@@ -23,7 +23,7 @@ from typing import Any, Callable
 from dcgan import run_layout
 from dcgan.config import ENV_PREFIX, Config, dump_config
 from preprocessing import compute, progress, shards, storage
-from preprocessing.errors import InputError
+from preprocessing.errors import FAULT_KEY, InputError
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +358,7 @@ def run_as_job(call: StageCall, address: str, emit: Emit = log.info, poll_s: flo
                             runtime_env, relayed,
                             submission_id=f"dcgan-{call.stage}-{slug}-{uuid.uuid4().hex[:8]}",
                             metadata={"dcgan.stage": call.stage, "dcgan.run": call.config.run_uri},
-                            poll_s=poll_s, **where)
+                            poll_s=poll_s, last_line=is_last_line, **where)
     return parse_result(logs) or stored_result(call)
 
 
@@ -371,6 +371,12 @@ def _quote(arg: str) -> str:
 def result_line(result: dict[str, Any]) -> str:
     """The one line of JSON a stage prints with --json (and a job's caller reads back)."""
     return json.dumps({RESULT_KEY: result}, default=str, separators=(",", ":"))
+
+
+def is_last_line(line: str) -> bool:
+    """A command's result line or its fault's (`errors.Fault.job_line`): the last it prints before it exits."""
+    line = line.strip()
+    return line.startswith('{"' + RESULT_KEY + '"') or line.startswith('{"' + FAULT_KEY + '"')
 
 
 def parse_result(logs: str) -> dict[str, Any] | None:

@@ -90,6 +90,40 @@ def test_a_short_jobs_end_is_seen_within_a_fifth_of_a_second(monkeypatch):
     assert client.calls <= 1.0 / jobs.FAST_POLL_S + 2.5 + 2, client.calls
 
 
+def test_a_jobs_end_is_polled_for_often_once_its_command_printed_its_last_line(monkeypatch):
+    """Past the first FAST_POLL_FOR_S a job is polled once a poll_s, so a long stage's end was seen up to a second
+    late; once its command printed its result (or fault) line only its process's exit is left, and the end is seen
+    within a fifth of a second again."""
+    from dcgan import stages
+
+    monkeypatch.setattr(jobs, "FAST_POLL_FOR_S", 0.5)
+    result = stages.result_line({"stage": "train"})
+
+    class Finishing:
+        def __init__(self):
+            start = time.monotonic()
+            self.prints, self.ends = start + 1.3, start + 1.75  # the result at 1.3 s, the process gone at 1.75 s
+
+        def get_job_info(self, job_id):
+            status = "SUCCEEDED" if time.monotonic() >= self.ends else "RUNNING"
+            return type("Info", (), {"status": status})()
+
+        def get_job_logs(self, job_id):
+            return "step 1\n" + (result + "\n" if time.monotonic() >= self.prints else "")
+
+    for last_line, (low, high) in ((stages.is_last_line, (1.75, 1.75 + jobs.FAST_POLL_S + 0.15)),
+                                   (None, (2.3, 3.0))):  # polls to ~0.6 s, then every second: seen at ~2.6 s
+        started = time.monotonic()
+        info, logs = jobs.follow(Finishing(), "raysubmit_3", lambda line: None, poll_s=1.0, last_line=last_line)
+        seen_after = time.monotonic() - started
+        assert str(info.status) == "SUCCEEDED" and stages.parse_result(logs) == {"stage": "train"}
+        assert low <= seen_after < high, (last_line, seen_after)
+    from preprocessing.errors import Fault, InputError
+
+    fault = Fault("bad_input", InputError("x")).job_line()
+    assert stages.is_last_line(result) and stages.is_last_line(" " + fault) and not stages.is_last_line("step 1")
+
+
 def test_unreachable_cluster_fails_the_run_with_the_address(monkeypatch, tmp_path):
     address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("RAY_ADDRESS", address)
