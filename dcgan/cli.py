@@ -88,10 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         os.environ["DCGAN_LOG_LEVEL"] = "INFO"
     log_to_stderr()
-    from preprocessing.compute import quiet_console
+    from preprocessing import compute
 
-    quiet_console()
-    return run_command(f"dcgan {args.command}", lambda: args.func(args))
+    compute.quiet_console()
+    try:
+        return run_command(f"dcgan {args.command}", lambda: args.func(args))
+    finally:
+        if argv is None:  # the command is done: leave Ray now, not at the interpreter's exit (compute.disconnect)
+            compute.disconnect()
 
 
 def run_command(prog: str, fn) -> int:

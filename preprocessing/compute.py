@@ -206,6 +206,21 @@ def connect(address: str | None = None, *, quiet: bool = True) -> None:
         quiet_ray_data()
 
 
+def disconnect() -> None:
+    """Leave the Ray that `connect` started (it stops) or joined here. A command calls it once its work has returned
+    rather than leave it to the interpreter's exit, where Ray first sleeps 0.5 s for workers' log lines still on
+    their way: a command's tasks and workers have ended by then (a training's last worker lines come a second or
+    more before Ray Train's teardown is done), so the sleep only added to every stage's fixed cost (issue 22)."""
+    global _connected
+    if _connected is None:
+        return
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    _connected = None
+
+
 def _room_for_local_ray() -> None:
     """Refuse at once to start a local Ray on a temp disk without room for its session folder (a full /tmp on a
     shared machine): Ray's GCS cannot write its port file and `ray.init` fails after a timeout, with a traceback."""

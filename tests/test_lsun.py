@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -122,6 +123,21 @@ def test_a_build_on_its_own_local_ray_needs_neither_ray_data_nor_a_dashboard(lmd
     assert (rows, n_shards) == (len(good), -(-(len(good) + len(BAD)) // 8))  # every row, in several chunks
     assert (ray_data, pandas) == (False, False)
     assert not dashboard, dashboard
+
+
+def test_a_command_leaves_its_ray_when_it_is_done_not_at_the_interpreters_exit(lmdb_dir, tmp_path):
+    """At the interpreter's exit Ray sleeps 0.5 s for workers' log lines before it disconnects (and stops a local
+    Ray); `dcgan` leaves Ray as soon as the command returns (issue 22's fixed cost), with the same output."""
+    path, good = lmdb_dir
+    code = ("import sys, ray\n"
+            "from dcgan import cli\n"
+            f"sys.argv = ['dcgan', 'build-lsun', {path!r}, '--out', {str(tmp_path / 'ds')!r}, '--quiet', '--no-dedup', "
+            "'--json']\n"
+            "rc = cli.main()\n"
+            "import json; print(json.dumps([rc, ray.is_initialized()]))\n")
+    assert run_fresh(code) == [0, False]
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert manifest["counts"]["rows"] == len(good)
 
 
 def test_idempotent_resumable_and_overwrite_guarded(lmdb_dir, tmp_path, ray_cluster):
