@@ -16,6 +16,10 @@ Rows (each run `--reps` times, in turn; median and all values printed):
   dedup        `dcgan dedup` of that dataset, default settings (its work on 512 images, 135 views each, is a few
                seconds of task time, so this row is its fixed cost plus that); the median of each phase's seconds
                (crops, train, encode, group, write: the dedup's report) is printed below the table.
+  bare Ray Train job  (with train) the floor a training pays on top: a job whose driver runs a TorchTrainer of one
+               1-CPU worker whose loop does nothing (`BARE_TRAIN`), with the project's controller poll
+               (`preprocessing.ray_train.POLL_INTERVAL_S`): Ray Train's controller, its worker group and their
+               processes' imports (torch among them), and its teardown.
   train        `dcgan train` for `--steps` steps (small networks, as scale.py), from that dataset (de-duplicated, with
                the dedup row).
   evaluate     `dcgan evaluate --suite samples` of that run.
@@ -53,11 +57,23 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import scale  # noqa: E402
 
 BARE = "python -c 'import ray; ray.init(); ray.get(ray.remote(num_cpus=1)(lambda: 0).remote())'"
+BARE_TRAIN = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S={poll} python -c 'import ray; from ray.train import RunConfig, "
+              "ScalingConfig; from ray.train.torch import TorchTrainer; ray.init(); TorchTrainer(lambda: None, "
+              "scaling_config=ScalingConfig(num_workers=1, resources_per_worker={{\"CPU\": 1}}), "
+              "run_config=RunConfig(storage_path=\"{storage}\")).fit()'")
 
 
-def bare_argv(address: str) -> list[str]:
-    follow = (f"from dcgan import jobs; jobs.run_job({address!r}, {BARE!r}, {{}}, lambda line: None)")
+def bare_argv(address: str, entrypoint: str = BARE) -> list[str]:
+    follow = (f"from dcgan import jobs; jobs.run_job({address!r}, {entrypoint!r}, {{}}, lambda line: None)")
     return [sys.executable, "-c", follow]
+
+
+def bare_train_argv(address: str, storage: Path) -> list[str]:
+    """The bare Ray Train job; its run folder (nothing is written in it but Ray Train's own) in `storage`, which every
+    node of this one-machine cluster sees."""
+    from preprocessing.ray_train import POLL_INTERVAL_S
+
+    return bare_argv(address, BARE_TRAIN.format(poll=f"{POLL_INTERVAL_S:g}", storage=storage))
 
 
 def timed(argv: list[str], env: dict[str, str], log: Path) -> float:
@@ -152,14 +168,18 @@ def _measure(args: argparse.Namespace, work: Path) -> None:
         if args.json:
             Path(args.json).write_text(json.dumps({"cores": os.cpu_count(), "first_chunk": rows}, indent=1))
         return
-    rows: dict[str, list[float]] = {"bare job": [], **{s: [] for s in args.stages}}
+    bare_train = ["bare Ray Train job"] if "train" in args.stages else []
+    rows: dict[str, list[float]] = {"bare job": [], **{s: [] for s in bare_train + args.stages}}
     phases: list[dict[str, float]] = []  # each dedup's phases, from its report: where its fixed cost goes
     with ExitStack() as stack:
         place = scale.ClusterWithS3(stack)
         address = place.cluster.jobs_address
-        print("[startup] warming the cluster: one bare job and one build (not counted)", file=sys.stderr, flush=True)
+        print("[startup] warming the cluster: one bare job, one build and, with train, one bare Ray Train job (not "
+              "counted)", file=sys.stderr, flush=True)
         with place.stage() as (env, _, _):
             timed(bare_argv(address), env, work / "warm.log")
+            if bare_train:  # its first fit starts Ray's detached autoscaling coordinator, which every later fit reuses
+                timed(bare_train_argv(address, work / "bare-train"), env, work / "warm.log")
             timed(scale.stage_argv("build-lsun", place.uris(work / "warm"), lmdb_path, args.steps), env,
                   work / "warm.log")
             for rep in range(args.reps):
@@ -168,6 +188,9 @@ def _measure(args: argparse.Namespace, work: Path) -> None:
                     ds = place.uris(work / "warm")[0]
                 uris = (ds, dd if "dedup" in args.stages else ds, run)  # without dedup, training reads the build's
                 rows["bare job"].append(timed(bare_argv(address), env, work / "bare.log"))
+                for name in bare_train:
+                    rows[name].append(timed(bare_train_argv(address, work / "bare-train"), env,
+                                            work / "bare-train.log"))
                 for stage in args.stages:
                     rows[stage].append(timed(scale.stage_argv(stage, uris, lmdb_path, args.steps), env,
                                              work / f"{stage}.log"))
@@ -190,6 +213,10 @@ def _measure(args: argparse.Namespace, work: Path) -> None:
         print(f"\ndedup's phases, median s: {', '.join(f'{k[:-2]} {v:.2f}' for k, v in split.items())} (sum "
               f"{sum(split.values()):.2f} of the row's {statistics.median(rows['dedup']):.2f}; the rest is the "
               "job's start, its checks and its report)")
+    if bare_train:
+        train, floor = statistics.median(rows["train"]), statistics.median(rows[bare_train[0]])
+        print(f"\ntrain / bare Ray Train job: {train / floor:.2f}x ({train - floor:.2f} s above Ray Train's own "
+              f"start and teardown, {floor:.2f} s)")
     if "build-lsun" in rows:
         med = statistics.median(rows["build-lsun"])
         print(f"\nbuild-lsun's fixed cost {med:.2f} s: goal <= 5 s on a warm cluster: "
