@@ -127,7 +127,7 @@ def test_a_build_on_its_own_local_ray_needs_neither_ray_data_nor_a_dashboard(lmd
 
 def test_a_command_leaves_its_ray_when_it_is_done_not_at_the_interpreters_exit(lmdb_dir, tmp_path):
     """At the interpreter's exit Ray sleeps 0.5 s for workers' log lines before it disconnects (and stops a local
-    Ray); `dcgan` leaves Ray as soon as the command returns (issue 22's fixed cost), with the same output."""
+    Ray); `dcgan` leaves Ray as soon as the command returns (issue 22's fixed cost), its work done."""
     path, good = lmdb_dir
     code = ("import sys, ray\n"
             "from dcgan import cli\n"

@@ -95,6 +95,7 @@ def test_a_jobs_end_is_polled_for_often_once_its_command_printed_its_last_line(m
     late; once its command printed its result (or fault) line only its process's exit is left, and the end is seen
     within a fifth of a second again."""
     from dcgan import stages
+    from preprocessing.errors import Fault, InputError
 
     monkeypatch.setattr(jobs, "FAST_POLL_FOR_S", 0.5)
     result = stages.result_line({"stage": "train"})
@@ -118,8 +119,6 @@ def test_a_jobs_end_is_polled_for_often_once_its_command_printed_its_last_line(m
         seen_after = time.monotonic() - started
         assert str(info.status) == "SUCCEEDED" and stages.parse_result(logs) == {"stage": "train"}
         assert low <= seen_after < high, (last_line, seen_after)
-    from preprocessing.errors import Fault, InputError
-
     fault = Fault("bad_input", InputError("x")).job_line()
     assert stages.is_last_line(result) and stages.is_last_line(" " + fault) and not stages.is_last_line("step 1")
 
