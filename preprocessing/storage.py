@@ -361,6 +361,25 @@ def delete_prefix(uri: str) -> int:
 DELETE_RETRY_S = (0.5, 2.0, 5.0)  # pauses before a DeleteObjects is sent again for its keys that met a transient error
 
 
+def delete_objects(uris: list[str]) -> int:
+    """Remove these objects, each one object (not a prefix), that a listing has found: on S3 one DeleteObjects a
+    1,000 keys of a bucket, where `delete_prefix` makes a listing, a HEAD and a delete of each; local ones as
+    `delete_prefix` does. Returns how many were given."""
+    by_bucket: dict[str, list[str]] = {}
+    for uri in uris:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            by_bucket.setdefault(bucket, []).append(key)
+        else:
+            delete_prefix(uri)
+    if by_bucket:
+        client = s3_client()
+        for bucket, keys in by_bucket.items():
+            for i in range(0, len(keys), 1000):
+                _delete_objects(f"s3://{bucket}/{keys[i]}", client, bucket, keys[i : i + 1000])
+    return len(uris)
+
+
 def _delete_objects(uri: str, client, bucket: str, keys: list[str]) -> None:
     """One DeleteObjects of up to 1,000 keys. S3 answers 200 even when some keys were not deleted: each is listed in
     the answer's Errors. Keys that met a transient error (InternalError, SlowDown) are sent again after each pause;
