@@ -718,6 +718,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[scale] uptime before: {Path('/proc/loadavg').read_text().strip()}", file=sys.stderr)
     ensure_lmdbs(sorted(args.n), cache, args.seed)  # every N in one pass: they share their entries
     if args.generate_only:
+        if args.cache and not args.work:  # the LMDBs went to --cache: the temporary work folder was never used
+            shutil.rmtree(base, ignore_errors=True)
         return 0
     box = {}
     if args.warm_memory:
