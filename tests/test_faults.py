@@ -345,6 +345,7 @@ def test_overwrite_removes_only_the_projects_own_files(tmp_path, s3_bucket):
         assert storage.read_bytes(storage.join(root, "NOTES.md")) == THESIS
 
 
+@pytest.mark.slow  # ~10 s writing 1,001 objects; the fast loop keeps test_overwrite_removes_only_the_projects_own_files
 def test_a_builds_chunk_records_on_s3_go_in_a_few_requests_not_three_each(s3_server, s3_bucket, monkeypatch):
     """At the end of every build `remove_own` removes its chunk records, one a chunk: each went with a listing, a
     HEAD and a delete (~4,400 requests in a row at the end of a 3M-image build, issue 22). The listing that found
@@ -367,7 +368,8 @@ def test_a_builds_chunk_records_on_s3_go_in_a_few_requests_not_three_each(s3_ser
     assert removed == chunks
     assert requests <= 8, requests  # the marker, the listing's pages, two DeleteObjects (3,000+ one by one)
     left = sorted(u[len(root) + 1:] for u in storage.list_uris(root))
-    assert left == ["_chunks/notes.txt", "_dcgan.json", "manifest.json", dataset_layout.part(0), dataset_layout.part(1)]
+    assert left == ["_chunks/notes.txt", "_dcgan.json", "manifest.json", dataset_layout.part(0),
+                    dataset_layout.part(1)]
 
 
 def test_sample_falls_back_past_a_truncated_newest_checkpoint(world, capfd):
