@@ -343,9 +343,7 @@ def delete_prefix(uri: str) -> int:
         keys = [split_s3(u)[1] for u in list_uris(uri)]  # under `key/`: the object `key` itself is not listed
         if key and not key.endswith("/") and exists(uri):
             keys.append(key)
-        client = s3_client()
-        for i in range(0, len(keys), 1000):
-            _delete_objects(uri, client, bucket, keys[i : i + 1000])
+        _delete_keys(uri, bucket, keys)
         return len(keys)
     p = local_path(uri)
     if p.is_dir():
@@ -372,12 +370,16 @@ def delete_objects(uris: list[str]) -> int:
             by_bucket.setdefault(bucket, []).append(key)
         else:
             delete_prefix(uri)
-    if by_bucket:
-        client = s3_client()
-        for bucket, keys in by_bucket.items():
-            for i in range(0, len(keys), 1000):
-                _delete_objects(f"s3://{bucket}/{keys[i]}", client, bucket, keys[i : i + 1000])
+    for bucket, keys in by_bucket.items():
+        _delete_keys(f"s3://{bucket}/{keys[0]}", bucket, keys)
     return len(uris)
+
+
+def _delete_keys(uri: str, bucket: str, keys: list[str]) -> None:
+    """These keys of `bucket` deleted in DeleteObjects of up to 1,000 (S3's limit); `uri` names them in an error."""
+    client = s3_client()
+    for i in range(0, len(keys), 1000):
+        _delete_objects(uri, client, bucket, keys[i : i + 1000])
 
 
 def _delete_objects(uri: str, client, bucket: str, keys: list[str]) -> None:
