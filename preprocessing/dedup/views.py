@@ -261,7 +261,6 @@ def _conv_scores(encoder, sources: np.ndarray, views: int) -> "torch.Tensor":
     c, k = s // 2, s // 4
     kern = bmat.reshape(-1, k, k, 3).permute(0, 3, 1, 2) / 16          # (rank, 3, k, k), on 16 x the 4x4 means
     kern = torch.cat([kern, torch.full((1, 3, k, k), 1 / 16)]).contiguous(memory_format=torch.channels_last)
-    kern4 = kern * 4                                                    # the same, on 4 x the 4x4 means
     wanted = VIEWS[1:views]
     ats, msqs, order = [], [], []                                       # per zoom; put in view order at the end
     ones = np.ones((1, 3), np.float32)
@@ -284,28 +283,31 @@ def _conv_scores(encoder, sources: np.ndarray, views: int) -> "torch.Tensor":
         if not (ty % 2).any() and not (tx % 2).any():
             # every view starts on an even pixel: only the 2x2 means on the even grid are read, a quarter of the plane
             hh, ww = hh // 2, ww // 2
-            p2 = cv2.resize(tall.astype(np.float32), (ww, n * hh), interpolation=cv2.INTER_AREA)  # exact means
-            a4 = box(p2, -1, (2, 2))                                      # 4 x the 4x4 means, on the even grid
-            ty, tx, st, dil, stride, w, norm = ty // 2, tx // 2, max(step // 2, 1), 2, 1, kern4, 1
+            quad = tall.astype(np.uint16)
+            quad <<= 2          # INTER_AREA halves 4 x the pixels to their 2x2 sums: exact in uint16, unlike on floats
+            s2 = cv2.resize(quad, (ww, n * hh), interpolation=cv2.INTER_AREA)  # (2.2x faster than on float32)
+            p2 = s2.astype(np.float32)                                    # 4 x the 2x2 means, exact
+            a4 = box(s2, cv2.CV_32F, (2, 2))                              # 16 x the 4x4 means, on the even grid
+            ty, tx, st, dil, stride = ty // 2, tx // 2, max(step // 2, 1), 2, 1
         else:
             p2 = box(tall, cv2.CV_32F, (2, 2))                            # 4 x the 2x2 means, exact
             a4 = box(tall, cv2.CV_32F, (4, 4))                            # 16 x the 4x4 means, exact
-            st, dil, stride, w, norm = step, 4, 2, kern, 16
+            st, dil, stride = step, 4, 2
         plane = torch.from_numpy(cv2.transform(p2 * p2, ones)).view(n, hh, ww)  # summed over channels
         x = torch.from_numpy(a4).view(n, hh, ww, 3).permute(0, 3, 1, 2)   # channels-last, no copy
         edge = 3 if dil == 4 else 1                  # last rows/columns of a box: they straddle two images
         gy, gx = (hh - edge - dil * (k - 1) - 1) // st + 1, (ww - edge - dil * (k - 1) - 1) // st + 1
         if gy * gx > SMALL_GRID:
-            grid = F.conv2d(x[..., :hh - edge, :ww - edge], w, stride=st, dilation=dil)  # channels-last out:
+            grid = F.conv2d(x[..., :hh - edge, :ww - edge], kern, stride=st, dilation=dil)  # channels-last out:
             grid = grid.permute(0, 2, 3, 1).reshape(n, gy * gx, -1)                      # (n, views, rank+1), a view
         else:  # a few views: oneDNN's convolution costs more than copying their windows for one matmul
             win = torch.from_numpy(a4).as_strided((n, gy, gx, k, k, 3), (hh * ww * 3, st * ww * 3, st * 3,
                                                                          dil * ww * 3, dil * 3, 1))
-            grid = (win.reshape(n * gy * gx, -1) @ w.permute(0, 2, 3, 1).reshape(len(w), -1).T
+            grid = (win.reshape(n * gy * gx, -1) @ kern.permute(0, 2, 3, 1).reshape(len(kern), -1).T
                     ).reshape(n, gy * gx, -1)
         ats.append(grid.index_select(1, torch.from_numpy((ty // st) * gx + tx // st)))
         uy, ux = np.unique(ty), np.unique(tx)                              # the zoom's views: a grid uy x ux
-        sums = _window_sums(plane, uy, ux, c, stride) / (norm * c * c * 3)
+        sums = _window_sums(plane, uy, ux, c, stride) / (16 * c * c * 3)  # p2 is 4 x the means
         msqs.append(sums.flatten(1).index_select(1, torch.from_numpy(np.searchsorted(uy, ty) * len(ux)
                                                                      + np.searchsorted(ux, tx))))
         order += ks
