@@ -408,6 +408,7 @@ def two_workers_ready(timeout_s: float = 120.0) -> None:
     assert len(set(pids)) == 2, pids
 
 
+@pytest.mark.slow  # ~29 s of paced fetches (three runs of 32 URLs, 2 at a time at 0.5 s each): `make test` runs it
 def test_per_host_limits_hold_over_the_whole_build_not_per_task(tmp_path, ray_cluster, caplog):
     """Two build tasks (two Ray worker processes) fetch from one host at once: the build's gates keep the host at
     `host_concurrency` in flight and `host_rate` starts a second over both (per task it would be 2x each). The two
