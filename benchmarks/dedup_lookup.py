@@ -1,19 +1,21 @@
-"""The group stage's shared codes: their count (`groups.shared_hashes`) and their lookup (`groups.is_in_sorted`, in
+"""The group stage's shared codes: their count (`groups.shared_hashes`) and their lookup (`groups.is_in`, in
 `view_rows`), each now against before on the same arrays, in turn, in one run.
 
 Count: a code partition's hashes from every block, concatenated, and the values met twice kept; now sorted in place
 and read off neighbours, before `np.unique(..., return_counts=True)`, which makes four more arrays the input's size
 (fresh memory the kernel zeroes). `--counted` values (a 300k-image partition counts ~30M), 5% of them repeated.
 
-Lookup: each block's code hashes looked up in a partition's sorted shared hashes, in ascending order (now) against
-in the hashes' own order (before).
+Lookup: each block's code hashes looked up in a partition's sorted shared hashes: in the values of each hash's
+top-bit bucket (`is_in`, now; the buckets made once a partition, not timed), against a binary search in ascending
+order (`is_in_sorted`, before, from the thirteenth to the twenty-sixth session) and in the hashes' own order (until
+the twelfth).
 
 Why: a perf profile of a 300k-image group stage put ~24% of its CPU time in numpy's binary search, and the shared
 hashes a block looks up in grow with the dataset, so in random order each lookup missed the cache more often as N
 grew. Sizes: ~206k lookups, a 2,041-image block's hashes (135 views, each with 2 probes) cut into 4 partitions;
 two sizes of a partition's shared set, 4x apart (`--shared`). The hashes are 64-bit mixes of codes (`code_mix`), i.e.
 uniform: random 64-bit values stand for them; 5% of the lookups are present. Prints milliseconds per lookup batch
-(median of `--reps`), the ratio, and whether both gave the same answer.
+(median of `--reps`), the ratios, and whether all gave the same answer.
 
 Run: `.venv/bin/python benchmarks/dedup_lookup.py` (seconds).
 """
@@ -34,6 +36,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def in_hash_order(values: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """The lookup as `view_rows` did it until the twelfth session."""
     return values[np.minimum(np.searchsorted(values, queries), len(values) - 1)] == queries
+
+
+def is_in_sorted(values: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """The lookup as `view_rows` did it from the thirteenth to the twenty-sixth session: a binary search, the queries
+    sorted first so that its probes stay in cache."""
+    if len(values) == 0 or len(queries) == 0:
+        return np.zeros(len(queries), bool)
+    order = np.argsort(queries)
+    ascending = queries[order]
+    found = values[np.minimum(np.searchsorted(values, ascending), len(values) - 1)] == ascending
+    out = np.empty(len(queries), bool)
+    out[order] = found
+    return out
 
 
 def unique_counted(*pieces: np.ndarray) -> np.ndarray:
@@ -79,20 +94,25 @@ def main() -> None:
     ap.add_argument("--count-reps", type=int, default=5)
     args = ap.parse_args()
 
-    from preprocessing.dedup.groups import is_in_sorted
+    from preprocessing.dedup.groups import bucket_starts, is_in
 
     rng = np.random.default_rng(0)
     count_rows(args.counted, args.count_reps, rng)
-    print("| shared hashes | lookups | hash order, ms | ascending (now), ms | **ratio** | same |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| shared hashes | lookups | hash order, ms | ascending, ms | buckets (now), ms | **vs ascending** | vs hash "
+          "order | same |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for n in args.shared:
-        values = np.unique(rng.integers(0, 2**63, n, dtype=np.uint64))
-        queries = rng.integers(0, 2**63, args.lookups, dtype=np.uint64)
+        values = np.unique(rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True))
+        queries = rng.integers(0, 2**64 - 1, args.lookups, dtype=np.uint64, endpoint=True)
         queries[::20] = values[rng.integers(0, len(values), len(queries[::20]))]
-        before, now, same = in_turn(lambda: in_hash_order(values, queries), lambda: is_in_sorted(values, queries),
+        starts = bucket_starts(values)
+        oldest, _, _ = in_turn(lambda: in_hash_order(values, queries), lambda: is_in(values, starts, queries),
+                               args.reps)
+        before, now, same = in_turn(lambda: is_in_sorted(values, queries), lambda: is_in(values, starts, queries),
                                     args.reps)
-        print(f"| {len(values):,} | {len(queries):,} | {before * 1e3:.1f} | {now * 1e3:.1f} | **{before / now:.2f}x** "
-              f"| {same} |")
+        same = same and bool(np.array_equal(in_hash_order(values, queries), is_in(values, starts, queries)))
+        print(f"| {len(values):,} | {len(queries):,} | {oldest * 1e3:.1f} | {before * 1e3:.1f} | {now * 1e3:.1f} | "
+              f"**{before / now:.2f}x** | {oldest / now:.2f}x | {same} |")
 
 
 if __name__ == "__main__":

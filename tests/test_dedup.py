@@ -16,7 +16,8 @@ import torch
 from preprocessing import storage
 from preprocessing.config import ClusterConfig, DedupConfig
 from preprocessing.dedup.groups import (bucket_edges, code_hashes, edge_groups, first_alignments, group_ids, groups_of,
-                                        member_rows, shared_hashes, verified_groups, verify_rows, view_rows)
+                                        member_rows, shared_hashes, shared_lookup, verified_groups, verify_rows,
+                                        view_rows)
 from preprocessing.dedup import exchange
 from preprocessing.dedup.dataset import training_rows
 from preprocessing.dedup.fit import IN_MEMORY_ROWS, fit_ray
@@ -375,8 +376,8 @@ def test_only_codes_two_images_have_go_on_to_the_group_shuffle():
     batches = [{c: v[:20] for c, v in batch.items()}, {c: v[20:] for c, v in batch.items()}]
     for partitions in (1, 3):
         pieces = [code_hashes(b, 16, partitions) for b in batches]
-        shared = [shared_hashes(*[p[i] for p in pieces]) for i in range(partitions)]
-        assert sum(len(s) for s in shared) == 3
+        shared = [shared_lookup(*[p[i] for p in pieces]) for i in range(partitions)]
+        assert sum(len(s[0]) for s in shared) == 3
         rows = [view_rows(b, 16, partitions, shared) for b in batches]
         kept = sorted((k, c.tobytes()) for r in rows for k, c in zip(r["key"], r["code"]))
         everything = view_rows(batch, 16, partitions)
@@ -770,7 +771,7 @@ def _as_pipeline(keys, codes, images, crop: int, partitions: int, flips=None) ->
     half = len(keys) // 2
     batches = [{c: v[:half] for c, v in batch.items()}, {c: v[half:] for c, v in batch.items()}]
     pieces = [code_hashes(b, codes.shape[2], partitions) for b in batches]
-    shared = [shared_hashes(*[p[i] for p in pieces]) for i in range(partitions)]
+    shared = [shared_lookup(*[p[i] for p in pieces]) for i in range(partitions)]
     rows = [view_rows(b, codes.shape[2], partitions, shared) for b in batches]
     checks = shuffle(rows, "part", member_rows, partitions=partitions)
     if partitions > 1:
@@ -1069,20 +1070,28 @@ def test_the_collision_picture_reads_one_shard_at_a_time_and_shows_each_member(t
             assert tuple(cell[0, 0]) == ((0, 170, 0) if m["keep"] else (220, 0, 0))
 
 
-def test_shared_code_lookup_in_ascending_order_answers_as_a_plain_search():
-    """`groups.is_in_sorted` (the shared-code filter of `view_rows`) sorts its queries for the search and must hand
-    each answer back to its own query: the same as a search in the queries' order, repeats and edges included."""
-    from preprocessing.dedup.groups import is_in_sorted
+def test_shared_code_lookup_by_top_bit_buckets_answers_as_a_plain_search():
+    """`groups.is_in` (the shared-code filter of `view_rows`) compares each query with the values of its top-bit bucket:
+    the same answer as `np.isin` for values anywhere in 64 bits, buckets of many values (a crowded top), the first and
+    last values, zero and 2**64 - 1, and for one value, none, or no queries."""
+    from preprocessing.dedup.groups import bucket_starts, is_in
 
     rng = np.random.default_rng(3)
-    values = np.unique(rng.integers(0, 2**63, 5000, dtype=np.uint64))
-    queries = rng.integers(0, 2**63, 20000, dtype=np.uint64)
+    spread = rng.integers(0, 2**64 - 1, 5000, dtype=np.uint64, endpoint=True)
+    crowded = np.uint64(2**64 - 2**40) + rng.integers(0, 2**40, 300, dtype=np.uint64)  # one bucket, 300 values
+    values = np.unique(np.r_[spread, crowded, np.uint64(0), np.uint64(2**64 - 1)])
+    starts = bucket_starts(values)
+    assert len(starts) == 2 ** 12 + 1 and starts[-1] == len(values) and np.diff(starts).max() >= 300
+    queries = rng.integers(0, 2**64 - 1, 20000, dtype=np.uint64, endpoint=True)
     queries[::7] = values[rng.integers(0, len(values), len(queries[::7]))]
-    queries[:3] = [values[0], values[-1], np.uint64(2**64 - 1)]  # the first, the last, beyond the last
+    queries[:5] = [values[0], values[-1], values[1], np.uint64(1), crowded.max() + np.uint64(1)]  # the last: a miss
     want = np.isin(queries, values)
-    assert want.sum() >= len(queries) // 7 and np.array_equal(is_in_sorted(values, queries), want)
-    assert is_in_sorted(values, queries[:0]).shape == (0,)
-    assert not is_in_sorted(values[:0], queries).any()
+    assert want.sum() >= len(queries) // 7 and np.array_equal(is_in(values, starts, queries), want)
+    assert is_in(values, starts, queries[:0]).shape == (0,)
+    empty = values[:0]
+    assert not is_in(empty, bucket_starts(empty), queries).any()
+    one = values[5:6]
+    assert np.array_equal(is_in(one, bucket_starts(one), queries), queries == one[0])
 
 
 def test_shared_hashes_are_the_values_two_pieces_or_one_piece_twice_hold_and_the_pieces_stay_as_they_were():

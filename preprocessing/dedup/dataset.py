@@ -43,7 +43,7 @@ from preprocessing import compute, dataset_layout, storage, stream
 from preprocessing.config import ClusterConfig, DedupConfig
 from preprocessing.dedup import exchange
 from preprocessing.dedup.groups import (bucket_edges, code_hashes, codes_of, decide, edge_groups, first_alignments,
-                                       groups_of, member_rows, shared_hashes, verify_rows, view_rows)
+                                       groups_of, member_rows, shared_lookup, verify_rows, view_rows)
 from preprocessing.dedup.report import bit_stats, collision_picture
 from preprocessing.dedup.verify import BLANK_STD, blank, star_groups
 from preprocessing.dedup.views import cut_views, encode_views, encode_views_probed, view_sources
@@ -211,7 +211,7 @@ def _hashes_task(block: pa.Table, code_bytes: int, partitions: int) -> list[np.n
     return pieces if partitions > 1 else pieces[0]
 
 
-def _shared_view_rows(batch: dict[str, np.ndarray], *shared: np.ndarray, code_bytes: int, partitions: int) -> dict:
+def _shared_view_rows(batch: dict[str, np.ndarray], *shared: tuple, code_bytes: int, partitions: int) -> dict:
     return view_rows(batch, code_bytes, partitions, shared=list(shared))
 
 
@@ -222,7 +222,7 @@ def _code_rows(coded, code_bytes: int, partitions: int, shared_only: bool = True
     Most codes belong to one image (95% of the 9.6M rows at 25k images): they make no bucket, yet they were most of
     what went through the code shuffle (~19 of the stage's ~36 s at 25k on 2 CPUs). So first each block sends 8 bytes
     a row (the code's `code_mix`) to its code partition, in plain tasks (one per block, one output per partition:
-    `code_hashes`), each partition counts them (`shared_hashes`), and the rows are made again with only the codes met
+    `code_hashes`), each partition counts them (`shared_lookup`), and the rows are made again with only the codes met
     twice kept. Nothing goes through the driver but object references. `shared_only=False`: every row, as before
     (benchmarks/dedup_group.py's baseline)."""
     import ray
@@ -235,7 +235,7 @@ def _code_rows(coded, code_bytes: int, partitions: int, shared_only: bool = True
     pieces = [split.remote(block, code_bytes, partitions) for block in blocks]
     if partitions == 1:
         pieces = [[p] for p in pieces]
-    count = ray.remote(shared_hashes)
+    count = ray.remote(shared_lookup)
     shared = [count.remote(*[p[i] for p in pieces]) for i in range(partitions)]
     return blocks, exchange.Step(None, len(blocks), _shared_view_rows, {"code_bytes": code_bytes,
                                                                        "partitions": partitions}, tuple(shared))
