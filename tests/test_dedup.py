@@ -16,8 +16,8 @@ import torch
 from preprocessing import storage
 from preprocessing.config import ClusterConfig, DedupConfig
 from preprocessing.dedup.groups import (bucket_edges, code_hashes, edge_groups, first_alignments, group_ids, groups_of,
-                                        member_rows, shared_hashes, shared_lookup, verified_groups, verify_rows,
-                                        view_rows)
+                                        member_rows, pixel_bytes, shared_hashes, shared_lookup, verified_groups,
+                                        verify_rows, view_rows)
 from preprocessing.dedup import exchange
 from preprocessing.dedup.dataset import training_rows
 from preprocessing.dedup.fit import IN_MEMORY_ROWS, fit_ray
@@ -762,7 +762,7 @@ def _as_pipeline(keys, codes, images, crop: int, partitions: int, flips=None) ->
 
     def pixels_of(checks):
         pixels = cut_views(view_sources(images, crop)[checks["row"]], np.asarray(checks["view"]))
-        return {**checks, "pixels": np.array([p.astype(np.float16).tobytes() for p in pixels], dtype=object)}
+        return {**checks, "pixels": pixel_bytes(pixels)}
 
     batch = {"key": np.asarray(keys, dtype=object), "views": np.array([c.tobytes() for c in codes], dtype=object),
              "shard": np.zeros(len(keys), np.int32), "row": np.arange(len(keys), dtype=np.int32)}
@@ -1068,6 +1068,20 @@ def test_the_collision_picture_reads_one_shard_at_a_time_and_shows_each_member(t
             cell = png[r * side:(r + 1) * side, c * side:(c + 1) * side]
             assert np.array_equal(cell[2:-2, 2:-2], digits[m["shard"] * 500 + m["row"]])
             assert tuple(cell[0, 0]) == ((0, 170, 0) if m["keep"] else (220, 0, 0))
+
+
+def test_the_check_rows_carry_their_views_pixels_exactly():
+    """`groups.pixel_bytes` (what a check row carries to `verify_rows`) gives back exactly the pixels `cut_views`
+    made, for every view of the scikit-image photos: the verification sees the same numbers as in one process."""
+    from preprocessing.dedup.groups import bytes_pixels
+
+    sources = view_sources(_photos64()[1], 32)
+    rows = np.repeat(np.arange(len(sources)), MAX_VIEWS)
+    pixels = cut_views(sources[rows], np.tile(np.arange(MAX_VIEWS), len(sources)))
+    assert (pixels % 1).any() and pixels.max() > 250  # quarter values and bright pixels among them
+    got = bytes_pixels(pixel_bytes(pixels)[::-1])[::-1]
+    assert got.dtype == np.float32 and np.array_equal(got, pixels)
+    assert bytes_pixels(pixel_bytes(pixels[:0])).size == 0
 
 
 def test_shared_code_lookup_by_top_bit_buckets_answers_as_a_plain_search():

@@ -43,7 +43,7 @@ from preprocessing import compute, dataset_layout, storage, stream
 from preprocessing.config import ClusterConfig, DedupConfig
 from preprocessing.dedup import exchange
 from preprocessing.dedup.groups import (bucket_edges, code_hashes, codes_of, decide, edge_groups, first_alignments,
-                                       groups_of, member_rows, shared_lookup, verify_rows, view_rows)
+                                       groups_of, member_rows, pixel_bytes, shared_lookup, verify_rows, view_rows)
 from preprocessing.dedup.report import bit_stats, collision_picture
 from preprocessing.dedup.verify import BLANK_STD, blank, star_groups
 from preprocessing.dedup.views import cut_views, encode_views, encode_views_probed, view_sources
@@ -194,14 +194,14 @@ def _write_task(batch: dict[str, np.ndarray], src_uri: str, out_uri: str, shards
 
 
 def _pixels_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], crop: int) -> dict[str, np.ndarray]:
-    """The check rows of one source shard -> the pixels of each row's matched view (float16, exact for these values)."""
+    """The check rows of one source shard -> the pixels of each row's matched view (`pixel_bytes`)."""
     cv2.setNumThreads(1)
     rows = np.asarray(batch["row"], np.int64)
     images = images_of(_read_shard(src_uri, shards[int(batch["shard"][0])]))
     wanted, at = np.unique(rows, return_inverse=True)
     pixels = cut_views(view_sources(images[wanted], crop)[at], np.asarray(batch["view"]))
     return {"key": batch["key"], "bucket": batch["bucket"], "part": batch["part"],
-            "pixels": np.array([p.astype(np.float16).tobytes() for p in pixels], dtype=object)}
+            "pixels": pixel_bytes(pixels)}
 
 
 def _hashes_task(block: pa.Table, code_bytes: int, partitions: int) -> list[np.ndarray] | np.ndarray:
