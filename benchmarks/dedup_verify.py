@@ -20,6 +20,10 @@ keys as fixed-width unicode (before; ~10% of a 100k group stage in a py-spy prof
 (before; ~6% of a 300k group stage); on `--members` member rows of `--images` distinct 40-character hex keys
 (LSUN-like), median of `--reps`, and whether the answers agree.
 
+A third table makes `--pixel-rows` check rows' pixels as `_pixels_task` does and reads them back as `verify_rows`
+does: as uint16 sums (`groups.pixel_bytes`, now) against float16 (before; numpy converts float16 in software, ~4% of
+a 300k-image dedup's CPU in a py-spy profile), and checks both give back `cut_views`' pixels exactly.
+
 Run: `.venv/bin/python benchmarks/dedup_verify.py` (about a minute on 2 cores).
 """
 
@@ -93,6 +97,43 @@ def numbering(members: int, images: int, reps: int) -> None:
         print(f"| {step} | {before:.2f} | {now:.2f} | **{before / now:.2f}x** | {same} |")
 
 
+def pixel_rows(n: int, reps: int) -> None:
+    """The check rows' pixels: made in `_pixels_task` and read back in `verify_rows` (by chunks of 512 rows in a
+    shuffled order), as uint16 sums (`groups.pixel_bytes` / `bytes_pixels`, now) against float16 (before)."""
+    from dedup_lookup import in_turn
+    from realdata import mnist_rgb32
+
+    from preprocessing.dedup.grid import MAX_VIEWS
+    from preprocessing.dedup.groups import bytes_pixels, pixel_bytes
+    from preprocessing.dedup.views import cut_views, view_sources
+
+    rng = np.random.default_rng(2)
+    sources = view_sources(mnist_rgb32(2000), 32)
+    pixels = cut_views(sources[rng.integers(0, len(sources), n)], rng.integers(0, MAX_VIEWS, n))
+    order = rng.permutation(n)
+
+    def made_before():
+        return np.array([p.astype(np.float16).tobytes() for p in pixels], dtype=object)
+
+    def read_before(rows):
+        return np.concatenate([np.stack([np.frombuffer(rows[i], np.float16).reshape(32, 32, 3)
+                                         for i in order[s:s + 512]]).astype(np.float32) for s in range(0, n, 512)])
+
+    def read_now(rows):
+        return np.concatenate([bytes_pixels(rows[order[s:s + 512]]) for s in range(0, n, 512)])
+
+    old, new = made_before(), pixel_bytes(pixels)
+    exact = np.array_equal(read_before(old), pixels[order]) and np.array_equal(read_now(new), pixels[order])
+    print(f"\n{n:,} check rows' pixels (views cut from MNIST digits' view sources), seconds, median of {reps}")
+    print("| step | float16 (before), s | uint16 sums (now), s | **ratio** |")
+    print("| --- | --- | --- | --- |")
+    for step, before_fn, now_fn in (("made (`_pixels_task`)", made_before, lambda: pixel_bytes(pixels)),
+                                    ("read back (`verify_rows`)", lambda: read_before(old), lambda: read_now(new))):
+        before, now, _ = in_turn(before_fn, now_fn, reps)
+        print(f"| {step} | {before:.3f} | {now:.3f} | **{before / now:.2f}x** |")
+    print(f"pixels read back equal to `cut_views`' in both: {exact}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=16_000, help="members")
@@ -100,6 +141,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--members", type=int, default=1_000_000, help="member rows numbered (second table)")
     ap.add_argument("--images", type=int, default=100_000, help="distinct keys among them")
+    ap.add_argument("--pixel-rows", type=int, default=20_000, help="check rows whose pixels are made and read (third "
+                    "table)")
     args = ap.parse_args()
 
     from preprocessing.dedup import verify
@@ -121,6 +164,7 @@ def main() -> None:
         print(f"| {c} | {med[c][0]:.2f} | {med[c][1]:.2f} | {med[c][2]:.2f} |")
     print(f"ratio (wall, {BEFORE} / {now}): **{med[BEFORE][0] / med[now][0]:.2f}x**; same verified pairs: {same}")
     numbering(args.members, args.images, args.reps)
+    pixel_rows(args.pixel_rows, args.reps)
 
 
 if __name__ == "__main__":
