@@ -21,7 +21,7 @@ keys as fixed-width unicode (before; ~10% of a 100k group stage in a py-spy prof
 (LSUN-like), median of `--reps`, and whether the answers agree.
 
 A third table makes `--pixel-rows` check rows' pixels as `_pixels_task` does and reads them back as `verify_rows`
-does: as uint16 sums (`groups.pixel_bytes`, now) against float16 (before; numpy converts float16 in software, ~4% of
+does: as uint16 sums (`groups.pixel_bytes`, now) against float16 (before; numpy converts float16 in software: ~1% of
 a 300k-image dedup's CPU in a py-spy profile), and checks both give back `cut_views`' pixels exactly.
 
 Run: `.venv/bin/python benchmarks/dedup_verify.py` (about a minute on 2 cores).

@@ -125,8 +125,8 @@ def bucket_starts(values: np.ndarray) -> np.ndarray:
 def is_in(values: np.ndarray, starts: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """Which `queries` are in the sorted hashes `values` (`starts`: their `bucket_starts`): each query is compared with
     the few values of its bucket, the n-th of every bucket at once, so the work is one pass a value a bucket holds.
-    A binary search per query (with the queries sorted first, to keep it in cache) cost 2.1-2.6x as much
-    (benchmarks/dedup_lookup.py), ~5% of a 300k-image dedup's CPU time."""
+    A binary search per query (with the queries sorted first, to keep it in cache) cost 2.0-2.6x as much
+    (benchmarks/dedup_lookup.py): ~4% of a 300k-image dedup's CPU in a py-spy profile."""
     hit = np.zeros(len(queries), bool)
     if len(values) == 0 or len(queries) == 0:
         return hit
@@ -241,7 +241,7 @@ def first_alignments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def pixel_bytes(pixels: np.ndarray) -> np.ndarray:
     """(M, S, S, 3) float32 view pixels (`cut_views`: 2x2 means of uint8 pixels, multiples of 1/4) -> a bytes object a
     row, as the check rows carry them to `verify_rows`: 4 x each pixel in uint16, exact. (They were float16, exact too,
-    but numpy converts float16 in software: ~14 us a row each way, ~2% of a 300k-image dedup.)"""
+    but numpy converts float16 in software: ~14 us a row each way, ~1% of a 300k-image dedup's CPU.)"""
     pixels = np.asarray(pixels, np.float32)
     sums = (pixels * 4).astype(np.uint16).reshape(len(pixels), int(np.prod(pixels.shape[1:])))
     return np.array([r.tobytes() for r in sums], dtype=object)
