@@ -284,8 +284,9 @@ def _conv_scores(encoder, sources: np.ndarray, views: int) -> "torch.Tensor":
             # every view starts on an even pixel: only the 2x2 means on the even grid are read, a quarter of the plane
             hh, ww = hh // 2, ww // 2
             quad = tall.astype(np.uint16)
-            quad <<= 2          # INTER_AREA halves 4 x the pixels to their 2x2 sums: exact in uint16, unlike on floats
-            s2 = cv2.resize(quad, (ww, n * hh), interpolation=cv2.INTER_AREA)  # (2.2x faster than on float32)
+            quad <<= 2  # INTER_AREA halves 4 x the pixels to their exact 2x2 sums (uint8 would round the means):
+            # cheaper than halving a float32 copy
+            s2 = cv2.resize(quad, (ww, n * hh), interpolation=cv2.INTER_AREA)
             p2 = s2.astype(np.float32)                                    # 4 x the 2x2 means, exact
             a4 = box(s2, cv2.CV_32F, (2, 2))                              # 16 x the 4x4 means, on the even grid
             ty, tx, st, dil, stride = ty // 2, tx // 2, max(step // 2, 1), 2, 1
