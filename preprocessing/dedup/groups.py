@@ -241,7 +241,8 @@ def first_alignments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def pixel_bytes(pixels: np.ndarray) -> np.ndarray:
     """(M, S, S, 3) float32 view pixels (`cut_views`: 2x2 means of uint8 pixels, multiples of 1/4) -> a bytes object a
     row, as the check rows carry them to `verify_rows`: 4 x each pixel in uint16, exact. (They were float16, exact too,
-    but numpy converts float16 in software: ~14 us a row each way, ~1% of a 300k-image dedup's CPU.)"""
+    but numpy converts float16 in software: 11-14 us a row each way, benchmarks/dedup_verify.py; ~1% of a 300k-image
+    dedup's CPU.)"""
     pixels = np.asarray(pixels, np.float32)
     sums = (pixels * 4).astype(np.uint16).reshape(len(pixels), int(np.prod(pixels.shape[1:])))
     return np.array([r.tobytes() for r in sums], dtype=object)
