@@ -57,7 +57,7 @@ STATE_DIR, STAGING = dataset_layout.CHUNKS, dataset_layout.STAGING
 # Run options: they change how a build runs, not a single output byte, so they are not part of a dataset's identity
 # (changing them neither invalidates finished chunks nor makes a finished dataset "different").
 RUN_OPTIONS = frozenset({"overwrite", "download_concurrency", "max_reject_rate", "contact", "host_concurrency",
-                         "host_rate", "max_retry_wait_s"})
+                         "host_rate", "max_retry_wait_s", "yunet_gpus"})
 
 
 class BuildError(shards.DatasetError):
@@ -103,6 +103,8 @@ def preflight(cfg: BuildConfig) -> None:
     if cfg.kind == "faces":
         from preprocessing.faces import detector
 
+        if cfg.detector == "yunet" and cfg.yunet_device.startswith("cuda"):
+            cfg = cfg.model_copy(update={"yunet_device": "cpu"})  # the model checked here; the GPU is the tasks'
         detector(cfg)
 
 
@@ -110,7 +112,7 @@ def preflight(cfg: BuildConfig) -> None:
 # keep theirs.
 LATER_DEFAULTS = {"allow_private_hosts": [], "max_redirects": 5, "robots_txt": True,
                   "opt_out_tags": ["noai", "noimageai", "noindex", "noimageindex"], "detector": "haar",
-                  "detector_model": None, "yunet_face_px": 64}
+                  "detector_model": None, "yunet_face_px": 64, "yunet_device": "opencv"}
 
 
 def _params(cfg: BuildConfig) -> dict[str, Any]:
@@ -226,6 +228,10 @@ def run_chunk(chunk: dict[str, Any], cfg: BuildConfig, shards_uri: str, rejects_
         return {**done, "resumed": True}
 
     transform = _transform(cfg.kind)
+    if cfg.kind == "faces":  # a detector this task cannot load (yunet_device cuda, no GPU here) fails the chunk as
+        from preprocessing.faces import detector  # one error, not as an `error` reject for every photo
+
+        detector(cfg)
     started = time.perf_counter()
     rows, rejects, n, nbytes = [], [], 0, 0
     for key, source, got in _inputs(chunk, cfg, gates):
@@ -310,6 +316,21 @@ def _with_retries(spec: dict, cfg: BuildConfig, shards_uri: str, rejects_uri: st
 # ---------------------------------------------------------------------------------------------------- the build
 
 
+def _task_gpus(cfg: BuildConfig) -> float:
+    """The GPU share a chunk task asks for: `yunet_gpus` where YuNet runs on CUDA, else none. A cluster without a GPU
+    is a one-line error here: Ray would hold such tasks pending, never run them."""
+    import ray
+
+    if not (cfg.kind == "faces" and cfg.detector == "yunet" and cfg.yunet_device.startswith("cuda")):
+        return 0
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus < cfg.yunet_gpus:
+        raise InputError(f"build.yunet_device: {cfg.yunet_device}, but the Ray cluster has {gpus:g} GPUs (each build "
+                         f"task asks for build.yunet_gpus = {cfg.yunet_gpus:g}); use yunet_device: opencv or add a "
+                         f"GPU node")
+    return cfg.yunet_gpus
+
+
 def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_uri: str, total: int,
                 progress: bool) -> list[dict]:
     """Run the chunks as Ray tasks, at most `IN_FLIGHT_PER_CPU` a cluster CPU at a time, spread over the nodes.
@@ -330,7 +351,7 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
     try:
         gates = _start_gates(cfg)
         task = ray.remote(_chunk_task).options(
-            num_cpus=1, max_retries=CHUNK_TASK_RETRIES, scheduling_strategy="SPREAD",
+            num_cpus=1, num_gpus=_task_gpus(cfg), max_retries=CHUNK_TASK_RETRIES, scheduling_strategy="SPREAD",
             # OpenCV's own pixel cap, a second guard behind the header checks, read once when a worker loads cv2:
             # it goes with these tasks, whoever started Ray in this process (the demo does, without it)
             runtime_env={"env_vars": {PIXEL_CAP_ENV: str(cfg.max_pixels)}})

@@ -109,6 +109,14 @@ class BuildConfig(Strict):
                                "of the photo shrunk to it (never enlarged; a JPEG decoded at 1/2-1/8 scale by libjpeg "
                                "where that reaches it): 32 is ~3.5-4.5x faster and misses more small faces "
                                "(benchmarks/face_detect.py --detectors)")
+    yunet_device: str = Field("opencv", pattern=r"^(opencv|cpu|cuda)$", description="where YuNet runs: "
+                              "opencv = OpenCV's DNN on the task's CPU (cv2.FaceDetectorYN); cuda (or cpu) = "
+                              "the same ONNX graph in torch on that device, with FaceDetectorYN's decoding and NMS "
+                              "(the same faces up to float rounding: a face scored at the threshold may go either "
+                              "way); with cuda each build task asks Ray for `yunet_gpus` of a GPU")
+    yunet_gpus: float = Field(0.125, gt=0, le=1, description="the share of a GPU each build task asks Ray for when "
+                              "yunet_device is cuda (0.125: eight tasks a GPU, as many as the CPUs of a typical "
+                              "8-GPU node allow); unmeasured on a GPU so far")
     cascade: str = Field("haarcascade_frontalface_default.xml", description="file under cv2.data.haarcascades or a path")
     scale_factor: float = Field(1.1, gt=1, description="cascade pyramid step between scales (detectMultiScale)")
     min_neighbors: int = Field(5, ge=0, description="overlapping detections a face needs (detectMultiScale); "

@@ -169,11 +169,15 @@ class HaarDetector:
 class YuNetDetector:
     """cv2.FaceDetectorYN (the YuNet ONNX model, which the user supplies); boxes are made square around the face.
 
-    The model is read through `preprocessing.storage` (a local path or s3://) and loaded from memory: no temp file."""
+    The model is read through `preprocessing.storage` (a local path or s3://) and loaded from memory: no temp file.
+    `device` "opencv" runs it in OpenCV's DNN (CPU); a torch device ("cuda": the GPU Ray gave the task, or "cpu")
+    runs the same graph in torch (`onnx_torch`) with FaceDetectorYN's own input padding, decoding and NMS
+    (`_yunet_faces`): the same faces (tests/test_faces.py compares them on the CPU), on a GPU where the task has one."""
 
     path: str
     score_threshold: float = 0.8
     face_px: int = DETECT_FACE_PX
+    device: str = "opencv"
 
     def __post_init__(self):
         from preprocessing import storage
@@ -184,6 +188,9 @@ class YuNetDetector:
             raise  # the store, not the model, is failing: transient
         except storage.StorageError as err:
             raise MissingError(f"build.detector_model: {err}") from None
+        if self.device != "opencv":
+            self._graph = _torch_graph(self.path, data, self.device)
+            return
         try:
             self._net = cv2.FaceDetectorYN.create("onnx", np.frombuffer(data, np.uint8), np.zeros(0, np.uint8),
                                                   (320, 320), self.score_threshold)
@@ -192,20 +199,89 @@ class YuNetDetector:
             raise InputError(f"build.detector_model: {self.path} is not a loadable YuNet ONNX model "
                              f"({first})") from None
 
+    def faces(self, bgr: np.ndarray) -> np.ndarray:
+        """FaceDetectorYN's rows (N, 15): box x, y, w, h, five landmarks, score; best first."""
+        if self.device != "opencv":
+            return _yunet_faces(self._graph, bgr, self.score_threshold)
+        self._net.setInputSize((bgr.shape[1], bgr.shape[0]))
+        _, faces = self._net.detect(bgr)
+        return np.zeros((0, 15), np.float32) if faces is None else faces
+
     def detect(self, rgb: np.ndarray, min_face: int) -> list[Box]:
         scale = max(1.0, min_face / self.face_px)
         bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
         if scale > 1.0:
             h, w = bgr.shape[:2]
             bgr = cv2.resize(bgr, (max(1, round(w / scale)), max(1, round(h / scale))), interpolation=cv2.INTER_AREA)
-        self._net.setInputSize((bgr.shape[1], bgr.shape[0]))
-        _, faces = self._net.detect(bgr)
         boxes = []
-        for f in faces if faces is not None else []:
+        for f in self.faces(bgr):
             x, y, w, h = f[:4]
             side = max(w, h)
             boxes.append((x + (w - side) / 2, y + (h - side) / 2, side, side))
         return _to_source(boxes, scale, min_face)
+
+
+YUNET_STRIDES = (8, 16, 32)  # FaceDetectorYN's heads: cls_8 ... kps_32, one row per cell of each stride's grid
+YUNET_NMS, YUNET_TOP_K = 0.3, 5000  # FaceDetectorYN's defaults (nms_threshold, top_k)
+
+
+def _torch_graph(path: str, data: bytes, device: str):
+    """The YuNet graph on `device`, or a one-line error naming the setting."""
+    import torch
+
+    from preprocessing.onnx_torch import OnnxError, OnnxGraph
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"build.yunet_device: {device}, but this process sees no CUDA GPU (torch "
+                         f"{torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): "
+                         f"give the build's tasks a GPU (build.yunet_gpus) or use yunet_device: opencv")
+    try:
+        graph = OnnxGraph(data)
+    except OnnxError as err:
+        raise InputError(f"build.detector_model: {path}: {err}") from None
+    missing = [f"{k}_{s}" for k in ("cls", "obj", "bbox", "kps") for s in YUNET_STRIDES
+               if f"{k}_{s}" not in graph.outputs]
+    if missing:
+        raise InputError(f"build.detector_model: {path} is not a YuNet model (no output {missing[0]})")
+    return graph.to(device)
+
+
+def _yunet_faces(graph, bgr: np.ndarray, score_threshold: float) -> np.ndarray:
+    """FaceDetectorYN.detect in torch: the BGR photo zero-padded right and bottom to a multiple of 32, the graph run
+    on it, each stride's cells decoded (score sqrt(cls x obj), clamped; box centre (cell + offset) x stride, side
+    exp(d) x stride; landmarks likewise), the cells at or above the threshold kept and cv2.dnn.NMSBoxes on their
+    boxes truncated to integers, as OpenCV's C++ does."""
+    import torch
+
+    h, w = bgr.shape[:2]
+    ph, pw = (h - 1) // 32 * 32 + 32, (w - 1) // 32 * 32 + 32
+    device = next(iter(v for v in graph.weights.values() if v.is_floating_point())).device
+    x = torch.zeros((1, 3, ph, pw), dtype=torch.float32, device=device).contiguous(memory_format=torch.channels_last)
+    x[0, :, :h, :w] = torch.from_numpy(np.ascontiguousarray(bgr)).to(device).permute(2, 0, 1)
+    # fp32 convolutions on a GPU too (cuDNN may use TF32 on Ampere and later): the faces of the CPU's run
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        out = graph.run(x)
+        rows = []
+        for s in YUNET_STRIDES:
+            cols = pw // s
+            score = torch.sqrt(out[f"cls_{s}"].reshape(-1).clamp(0, 1) * out[f"obj_{s}"].reshape(-1).clamp(0, 1))
+            idx = torch.nonzero(score >= score_threshold).reshape(-1)
+            if not len(idx):
+                continue
+            cell = torch.stack([idx % cols, idx // cols], 1).float()                 # (c, r)
+            bbox, kps = out[f"bbox_{s}"].reshape(-1, 4)[idx], out[f"kps_{s}"].reshape(-1, 10)[idx]
+            centre = (cell + bbox[:, :2]) * s
+            size = torch.exp(bbox[:, 2:]) * s
+            marks = ((kps.reshape(-1, 5, 2) + cell[:, None]) * s).reshape(-1, 10)
+            rows.append(torch.cat([centre - size / 2, size, marks, score[idx, None]], 1))
+    if not rows:
+        return np.zeros((0, 15), np.float32)
+    faces = torch.cat(rows).cpu().numpy()
+    if len(faces) == 1:
+        return faces
+    keep = cv2.dnn.NMSBoxes(faces[:, :4].astype(np.int32).tolist(), faces[:, 14].tolist(), score_threshold,
+                            YUNET_NMS, top_k=YUNET_TOP_K)
+    return faces[np.asarray(keep, np.intp).reshape(-1)]
 
 
 def resolve_model(name: str) -> str:
@@ -227,14 +303,14 @@ def _cached(name: str, scale_factor: float, min_neighbors: int, stride: int) -> 
 
 
 @functools.lru_cache(maxsize=4)
-def _yunet(model: str, face_px: int) -> Detector:
-    return YuNetDetector(model, face_px=face_px)
+def _yunet(model: str, face_px: int, device: str) -> Detector:
+    return YuNetDetector(model, face_px=face_px, device=device)
 
 
 def detector(cfg: BuildConfig) -> Detector:
     """The configured detector, built once per process (Ray workers reuse it across batches)."""
     if cfg.detector == "yunet":
-        return _yunet(cfg.detector_model, cfg.yunet_face_px)
+        return _yunet(cfg.detector_model, cfg.yunet_face_px, cfg.yunet_device)
     return _cached(cfg.cascade, cfg.scale_factor, cfg.min_neighbors, cfg.detect_stride)
 
 

@@ -262,3 +262,76 @@ def test_yunet_at_32_px_searches_a_half_size_jpeg_decode():
     assert len(boxes) == 1 and iou(boxes[0], KNOWN["astronaut"][1]) > 0.6, boxes
     rows = faces.face_rows("a", "a", data, cfg)
     assert (rows[0][1] == faces.crop_square(decode(data, 10**8), boxes[0], 0.0, 64)).all()
+
+
+def _bgr_photos() -> list[np.ndarray]:
+    """Real photos with and without faces: the benchmark photos, face composites (2-4 pasted real faces on 640-1024 px
+    photos) and three of them resized to sides that are not multiples of 32 (the input padding)."""
+    from realdata import face_composites, real_photos
+
+    rgb = list(real_photos().values()) + [np.asarray(p) for p in face_composites(8, seed=3)]
+    rgb += [cv2.resize(p, (333, 517), interpolation=cv2.INTER_AREA) for p in rgb[-3:]]
+    return [cv2.cvtColor(p, cv2.COLOR_RGB2BGR) for p in rgb]
+
+
+@needs_yunet
+def test_yunet_in_torch_finds_the_faces_opencv_finds():
+    """`yunet_device: cpu` (the torch runner, as on a GPU) against OpenCV's FaceDetectorYN on the same photos: the
+    same faces in the same order, boxes, landmarks and scores equal up to float rounding. Fails with the padding, the
+    cell order, the decoding or the NMS done otherwise."""
+    found = {}
+    for threshold in (0.8, 0.5):  # the default, and one that lets borderline and false faces through
+        ref = faces.YuNetDetector(str(YUNET), score_threshold=threshold)
+        ours = faces.YuNetDetector(str(YUNET), score_threshold=threshold, device="cpu")
+        found[threshold] = 0
+        for bgr in _bgr_photos():
+            a, b = ref.faces(bgr), ours.faces(bgr)
+            assert a.shape == b.shape, (threshold, bgr.shape, a[:, 14], b[:, 14])
+            assert np.abs(a[:, :14] - b[:, :14]).max(initial=0) < 0.01
+            assert np.abs(a[:, 14] - b[:, 14]).max(initial=0) < 1e-4
+            found[threshold] += len(a)
+    assert found[0.8] >= 15 and found[0.5] > found[0.8], found  # not a comparison of empty lists
+
+
+@needs_yunet
+def test_yunet_device_is_checked_and_the_rows_do_not_change(tmp_path):
+    """A bad device is a config error naming the field; CUDA in a process without a GPU is a one-line error; the
+    build's checks before Ray load the model on the CPU instead (the GPU is the tasks'); and the rows of a photo are
+    those of OpenCV's run."""
+    from preprocessing.build import preflight
+
+    with pytest.raises(ValueError, match="yunet_device"):
+        BuildConfig(kind="faces", detector="yunet", detector_model=str(YUNET), yunet_device="gpu")
+    from dcgan.commands import build as cmd
+
+    parser = argparse.ArgumentParser()
+    cmd.register(parser.add_subparsers(dest="command"))
+    argv = ["build-faces", "photos", "--out", "ds", "--detector", "yunet", "--detector-model", str(YUNET)]
+    assert cmd.call_of(parser.parse_args(argv)).config.build.yunet_device == "opencv"
+    assert cmd.call_of(parser.parse_args(argv + ["--yunet-device", "cuda"])).config.build.yunet_device == "cuda"
+    cfg = BuildConfig(kind="faces", detector="yunet", detector_model=str(YUNET), yunet_device="cuda", margin=0.1)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="build.yunet_device: cuda, but this process sees no CUDA GPU"):
+            faces.detector(cfg)
+    preflight(cfg)  # no GPU needed where the build starts
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not an onnx model" * 10)
+    with pytest.raises(ValueError, match="build.detector_model: .*junk.onnx: not an ONNX model"):
+        preflight(cfg.model_copy(update={"detector_model": str(junk)}))
+    if not torch.cuda.is_available():  # a build task without the GPU fails whole, not with a reject per photo
+        from preprocessing import build
+
+        photos = tmp_path / "photos"
+        photos.mkdir()
+        (photos / "g.jpg").write_bytes(KNOWN["grace_hopper"][0].read_bytes())
+        task_cfg = cfg.model_copy(update={"input": str(photos)})
+        with pytest.raises(ValueError, match="build.yunet_device: cuda, but this process sees no CUDA GPU"):
+            build.run_chunk(build.plan(task_cfg).chunks[0], task_cfg, str(tmp_path / "ds" / "shards"),
+                            str(tmp_path / "ds"))
+    path, _ = KNOWN["grace_hopper"]
+    on_cpu = faces.face_rows("g", "g", path.read_bytes(), cfg.model_copy(update={"yunet_device": "cpu"}))
+    opencv = faces.face_rows("g", "g", path.read_bytes(), cfg.model_copy(update={"yunet_device": "opencv"}))
+    assert [r[3] for r in on_cpu] == [r[3] for r in opencv] and len(on_cpu) == 1
+    assert all((a[1] == b[1]).all() for a, b in zip(on_cpu, opencv))

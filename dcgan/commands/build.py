@@ -55,6 +55,9 @@ def register(sub) -> None:
                        help="haar (default, the paper's OpenCV cascade) or yunet (OpenCV's CNN; needs --detector-model)")
     faces.add_argument("--detector-model", dest="build.detector_model",
                        help="the YuNet ONNX file for --detector yunet (local path or s3://; you supply it)")
+    faces.add_argument("--yunet-device", dest="build.yunet_device",
+                       help="where YuNet runs: opencv (default, OpenCV's DNN on the CPU) or cuda (the same model in "
+                            "torch on a GPU; each build task asks Ray for build.yunet_gpus of one)")
     faces.add_argument("--cascade", dest="build.cascade",
                        help="cascade name under cv2.data.haarcascades, a cascade XML file, or a YuNet .onnx model")
     faces.add_argument("--scale-factor", type=float, dest="build.scale_factor",
