@@ -242,7 +242,7 @@ def _torch_graph(path: str, data: bytes, device: str):
     missing = [f"{k}_{s}" for k in ("cls", "obj", "bbox", "kps") for s in YUNET_STRIDES
                if f"{k}_{s}" not in graph.outputs]
     if missing:
-        raise InputError(f"build.detector_model: {path} is not a YuNet model (no output {missing[0]})")
+        raise InputError(f"build.detector_model: {path}: not a YuNet model (no output {missing[0]})")
     return graph.to(device)
 
 

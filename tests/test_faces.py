@@ -335,3 +335,16 @@ def test_yunet_device_is_checked_and_the_rows_do_not_change(tmp_path):
     opencv = faces.face_rows("g", "g", path.read_bytes(), cfg.model_copy(update={"yunet_device": "opencv"}))
     assert [r[3] for r in on_cpu] == [r[3] for r in opencv] and len(on_cpu) == 1
     assert all((a[1] == b[1]).all() for a, b in zip(on_cpu, opencv))
+
+
+@needs_yunet
+@pytest.mark.parametrize("edit, error", [
+    (lambda b: b[: len(b) // 2], "not an ONNX model"),                          # truncated
+    (lambda b: b.replace(b"MaxPool", b"MaxPoo1"), "ONNX op MaxPoo1 is not one the torch runner knows"),
+    (lambda b: b.replace(b"kps_32", b"kps_3x"), r"not a YuNet model \(no output kps_32\)"),
+])
+def test_a_yunet_file_the_torch_runner_cannot_run_is_one_error_naming_it(tmp_path, edit, error):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(edit(YUNET.read_bytes()))
+    with pytest.raises(ValueError, match=f"build.detector_model: .*bad.onnx: .*{error}"):
+        faces.YuNetDetector(str(bad), device="cpu")
