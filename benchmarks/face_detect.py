@@ -17,7 +17,9 @@ Run: `.venv/bin/python benchmarks/face_detect.py` (about a minute of CPU).
 
 Haar vs YuNet (`--detectors`, issue 23): `build.detector: haar` (as configured by default) against `build.detector:
 yunet` (the model in ../shared/data/yunet/, which the project does not ship), YuNet with `yunet_face_px` 48 and 32
-and Haar searching a min_face face at 32 px instead of its 48 (haar@32, a shrink the build does not make),
+Haar searching a min_face face at 32 px instead of its 48 (haar@32, a shrink the build does not make), and YuNet run
+in torch (`build.yunet_device`) on the CPU (yunet/cpu) and, where there is one, on a CUDA GPU (yunet/cuda: its
+photos per CPU-second are then what detection costs a core),
 each through `preprocessing.faces.find_faces` as the build runs it ('reduced': a JPEG decoded in libjpeg at 1/2, 1/4
 or 1/8 scale where min_face allows) and decoded at full size ('full', the code before), at `--min-face` (64), on
 the composites against the pasted faces' own boxes (ground truth): recall = pasted faces of side >= min_face matched
@@ -124,6 +126,12 @@ def matches_at(ref: list, got: list, threshold: float) -> int:
     return len(used_r)
 
 
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def detectors_table(n: int, seed: int, model: Path, min_face: int) -> None:
     """Haar vs YuNet on composites with known faces: recall, false positives per photo, speed per core; each as the
     build runs it (`faces.find_faces`: a JPEG decoded at reduced scale where min_face allows) and at full size."""
@@ -143,7 +151,12 @@ def detectors_table(n: int, seed: int, model: Path, min_face: int) -> None:
             "yunet": BuildConfig(kind="faces", min_face=min_face, **yunet),
             # the same model searching a min_face face at 48 / 32 px: faster, lossier on these faces
             **{f"yunet@{px}": BuildConfig(kind="faces", min_face=min_face, yunet_face_px=px, **yunet)
-               for px in (48, 32)}}
+               for px in (48, 32)},
+            # the same graph in torch (build.yunet_device): on the CPU, and on a GPU where there is one
+            **{f"yunet/{dev}": BuildConfig(kind="faces", min_face=min_face, yunet_device=dev, **yunet)
+               for dev in ("cpu", "cuda") if dev == "cpu" or cuda_available()}}
+    if not cuda_available():
+        print("(no CUDA GPU here: the row yunet/cuda, YuNet in torch on a GPU, is unmeasured)")
     photos, truth = [], []
     for i, band in enumerate(BANDS + ((64, 400),)):
         p, t = face_composites(n, band, seed + 100 + i, boxes=True)

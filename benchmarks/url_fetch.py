@@ -11,7 +11,9 @@ Measured: CPU seconds of this process (download threads, decoding, detection, wr
 decoded images per CPU-second (one core's worth), and the ratio ours / baseline is printed. Both use 16 download
 threads and 1.5 s timeouts with one retry. Ours = `preprocessing.build.run_chunk` on one chunk, exactly a Ray task's
 work (robots.txt, X-Robots-Tag, per-host limits 4 in flight and 10/s, Retry-After), with `build.detector` haar and
-yunet (the model in ../shared/data/yunet/), and yunet with `build.yunet_face_px: 32`, at `build.min_face` 64
+yunet (the model in ../shared/data/yunet/), yunet with `build.yunet_face_px: 32`, and, where this machine has a CUDA
+GPU, yunet in torch on it (`build.yunet_device: cuda`; the CPU seconds are then what a photo costs a core), at
+`build.min_face` 64
 (`--min-face`: a larger one lets the detection decode JPEGs at 1/2-1/8 scale, preprocessing.faces.find_faces).
 A third row runs our task as a center-crop build (the same fetching, decode, crop and write, no detection): the
 baseline's work through our polite fetcher, to tell fetching cost from detection cost; the last row is that task with
@@ -139,12 +141,20 @@ def ours(urls: list[str], detector: str, out: str, min_face: int = 64, gates: tu
     extra = {"detector": "yunet", "detector_model": str(YUNET)} if detector.startswith("yunet") else {}
     if detector == "yunet@32":
         extra["yunet_face_px"] = 32
+    if detector == "yunet@cuda":  # YuNet in torch on this machine's GPU (build.yunet_device: cuda)
+        extra["yunet_device"] = "cuda"
     cfg = BuildConfig(kind="center-crop" if detector == "none" else "faces", resolution=SIZE, min_face=min_face,
                       allow_private_hosts=["127.0.0.1"], download_timeout_s=TIMEOUT_S,
                       download_retries=1, download_concurrency=THREADS, max_retry_wait_s=2.0, **extra)
     result = run_chunk({"index": 0, "items": [[u, u] for u in urls]}, cfg, out, out, gates)
     decoded = result["inputs"] - sum(v for k, v in result["reject_counts"].items() if k != "no_face")
     return decoded, result
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def gated(urls: list[str]):
@@ -212,9 +222,12 @@ def main() -> None:
               f"50-300 ms, {THREADS} threads, one process, min_face {args.min_face}"
               + (f", measured on {args.pin} pinned core(s) {cores[0]}, server on {cores[1]}" if cores else ""))
         rows = {"baseline (img2dataset-style)": measure(lambda: (baseline(urls), None))}
-        for det in ("none", "haar", "yunet", "yunet@32"):
+        for det in ("none", "haar", "yunet", "yunet@32", "yunet@cuda"):
             if det.startswith("yunet") and not YUNET.is_file():
                 print(f"(no YuNet model at {YUNET}: its row is skipped)")
+                continue
+            if det == "yunet@cuda" and not cuda_available():
+                print("(no CUDA GPU here: the row 'ours, faces, detector yunet@cuda' is unmeasured)")
                 continue
             with tempfile.TemporaryDirectory() as out:
                 name = "ours, center-crop, no faces" if det == "none" else f"ours, faces, detector {det}"
