@@ -14,7 +14,7 @@ from typing import Any
 
 from dcgan.config import ClusterConfig, ConfigError
 from preprocessing.errors import TransientError
-from preprocessing.compute import WAIT_ENV, workers_wait_s
+from preprocessing.compute import WAIT_ENV, autoscaler_maximum, workers_wait_s
 
 READER_CPUS = 0.25  # ingest.training_dataset: a read asks for at least this much CPU
 
@@ -25,16 +25,6 @@ class WorkersNeverCame(TransientError):
 
 def _fmt(resources: dict[str, float]) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in resources.items())
-
-
-def _autoscaler_maximum() -> dict[str, float] | None:
-    """What an autoscaling cluster may grow to, or None for a fixed cluster (Ray's own check reads the same)."""
-    try:
-        from ray._private import state as ray_state
-
-        return ray_state.state.get_max_resources_from_cluster_config()
-    except Exception:  # noqa: BLE001 - another Ray: no autoscaler information, judge the cluster as it is
-        return None
 
 
 def _ask(cluster: ClusterConfig) -> tuple[dict[str, float], dict[str, float], str]:
@@ -55,7 +45,7 @@ def check_fits(cluster: ClusterConfig) -> None:
     if not ray.is_initialized():
         return
     per_worker, asked, what = _ask(cluster)
-    maximum = _autoscaler_maximum()
+    maximum = autoscaler_maximum()
     totals: dict[str, Any] = maximum or ray.cluster_resources()
     has = "can grow to" if maximum else "has"
     short = [k for k, v in asked.items() if v > float(totals.get(k, 0)) + 1e-9]

@@ -317,18 +317,23 @@ def _with_retries(spec: dict, cfg: BuildConfig, shards_uri: str, rejects_uri: st
 
 
 def _task_gpus(cfg: BuildConfig) -> float:
-    """The GPU share a chunk task asks for: `yunet_gpus` where YuNet runs on CUDA, else none. A cluster without a GPU
-    is a one-line error here: Ray would hold such tasks pending, never run them."""
+    """The GPU share a chunk task asks for: `yunet_gpus` where YuNet runs on CUDA, else none. A cluster that has no
+    GPU and cannot grow one (its autoscaler's maximum) is a one-line error here: Ray would hold the tasks pending."""
     import ray
 
     if not (cfg.kind == "faces" and cfg.detector == "yunet" and cfg.yunet_device.startswith("cuda")):
         return 0
-    gpus = ray.cluster_resources().get("GPU", 0)
+    maximum = compute.autoscaler_maximum() or {}
+    gpus = max(ray.cluster_resources().get("GPU", 0), maximum.get("GPU", 0))
     if gpus < cfg.yunet_gpus:
         raise InputError(f"build.yunet_device: {cfg.yunet_device}, but the Ray cluster has {gpus:g} GPUs (each build "
                          f"task asks for build.yunet_gpus = {cfg.yunet_gpus:g}); use yunet_device: opencv or add a "
                          f"GPU node")
     return cfg.yunet_gpus
+
+
+class GpusNeverCame(TransientError):
+    """A face build's cluster had no GPU within the wait (an autoscaler's GPU node that never came)."""
 
 
 def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_uri: str, total: int,
@@ -350,8 +355,9 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
     pending: set = set()  # chunk tasks in flight
     try:
         gates = _start_gates(cfg)
+        gpus = _task_gpus(cfg)
         task = ray.remote(_chunk_task).options(
-            num_cpus=1, num_gpus=_task_gpus(cfg), max_retries=CHUNK_TASK_RETRIES, scheduling_strategy="SPREAD",
+            num_cpus=1, num_gpus=gpus, max_retries=CHUNK_TASK_RETRIES, scheduling_strategy="SPREAD",
             # OpenCV's own pixel cap, a second guard behind the header checks, read once when a worker loads cv2:
             # it goes with these tasks, whoever started Ray in this process (the demo does, without it)
             runtime_env={"env_vars": {PIXEL_CAP_ENV: str(cfg.max_pixels)}})
@@ -359,13 +365,25 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
         window = IN_FLIGHT_PER_CPU * compute.cluster_cpus()
         queued = iter(chunks)
         rows = rejected = resumed = 0
+        gpu_seen = not gpus or ray.cluster_resources().get("GPU", 0) >= gpus
         with Progress(cfg.kind, total, "inputs", show=progress) as shown:
             while True:
                 while len(pending) < window and (spec := next(queued, None)) is not None:
                     pending.add(task.remote(spec, *args))
                 if not pending:
                     break
-                [ref], _ = ray.wait(list(pending), num_returns=1)
+                # a GPU build on a cluster with no GPU yet (an autoscaler's to come) waits for one at most
+                # `workers_wait_s()`: one line, not a silent hang, if it never comes
+                wait_s = compute.workers_wait_s() if gpus and not gpu_seen else None
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+                gpu_seen = gpu_seen or ray.cluster_resources().get("GPU", 0) >= gpus
+                if not done and not gpu_seen:
+                    raise GpusNeverCame(f"build.yunet_device: {cfg.yunet_device}: the Ray cluster had no GPU for the "
+                                        f"build's tasks within {wait_s:g} s ({compute.WAIT_ENV}): the GPU node its "
+                                        f"autoscaler was to add never came; add one, or use yunet_device: opencv")
+                if not done:
+                    continue
+                [ref] = done
                 pending.remove(ref)
                 r = ray.get(ref)
                 results.append(r)

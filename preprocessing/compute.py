@@ -57,6 +57,16 @@ def workers_wait_s() -> float:
     return float(os.environ.get(WAIT_ENV) or WORKERS_WAIT_S)
 
 
+def autoscaler_maximum() -> dict[str, float] | None:
+    """What an autoscaling cluster may grow to, or None for a fixed cluster (Ray's own check reads the same)."""
+    try:
+        from ray._private import state as ray_state
+
+        return ray_state.state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - another Ray: no autoscaler information, judge the cluster as it is
+        return None
+
+
 def verbose() -> bool:
     """Ray's own logs on the console too (DCGAN_LOG_LEVEL=INFO or DEBUG)."""
     return os.environ.get(LOG_LEVEL_ENV, "WARNING").strip().upper() in ("INFO", "DEBUG")

@@ -21,7 +21,7 @@ from preprocessing.build import BuildError, build_dataset
 from preprocessing.config import BuildConfig
 from preprocessing.errors import InputError, MissingError
 from preprocessing.sources import list_items
-from realdata import encode, grace_hopper_path, skimage_path, skimage_rgb
+from realdata import encode, grace_hopper_path, shared_data, skimage_path, skimage_rgb
 from local_http import LocalHTTPServer
 
 PHOTOS = {"grace_hopper.jpg": grace_hopper_path(), "astronaut.png": skimage_path("astronaut.png"),
@@ -279,3 +279,25 @@ def test_dedup_integration_writes_final_shards_and_removes_staging(tmp_path, ray
     assert all(s["path"].startswith("shards/") for s in manifest["shards"])
     assert not (tmp_path / "ds" / "staging").exists()
     shards.verify(out)
+
+
+def test_a_gpu_face_build_waits_for_an_autoscalers_gpu_then_says_it_never_came(tmp_path, ray_cluster, monkeypatch):
+    """`yunet_device: cuda` on a cluster with no GPU whose autoscaler may add one (its maximum, which Ray reads from
+    the autoscaler's config; here that reading is made to say so) submits the tasks and waits
+    DCGAN_WORKERS_WAIT_S for a GPU: then one line, not a hang. With no autoscaler it is refused at once."""
+    from preprocessing import compute
+    from preprocessing.build import GpusNeverCame
+
+    model = shared_data("yunet", "face_detection_yunet_2026may.onnx")
+    src = tmp_path / "photos"
+    src.mkdir()
+    (src / "g.jpg").write_bytes(PHOTOS["grace_hopper.jpg"].read_bytes())
+    cfg = BuildConfig(kind="faces", input=str(src), detector="yunet", detector_model=str(model), yunet_device="cuda")
+    with pytest.raises(InputError, match="build.yunet_device: cuda, but the Ray cluster has 0 GPUs"):
+        build_dataset(cfg, str(tmp_path / "ds"))
+    monkeypatch.setattr(compute, "autoscaler_maximum", lambda: {"CPU": 64.0, "GPU": 8.0})
+    monkeypatch.setenv(compute.WAIT_ENV, "2")
+    t = time.perf_counter()
+    with pytest.raises(GpusNeverCame, match=r"no GPU for the build's tasks within 2 s \(DCGAN_WORKERS_WAIT_S\)"):
+        build_dataset(cfg, str(tmp_path / "ds"))
+    assert time.perf_counter() - t < 30
