@@ -281,6 +281,7 @@ def test_dedup_integration_writes_final_shards_and_removes_staging(tmp_path, ray
     shards.verify(out)
 
 
+@pytest.mark.slow
 def test_a_gpu_face_build_waits_for_an_autoscalers_gpu_then_says_it_never_came(tmp_path, ray_cluster, monkeypatch):
     """`yunet_device: cuda` on a cluster with no GPU whose autoscaler may add one (its maximum, which Ray reads from
     the autoscaler's config; here that reading is made to say so) submits the tasks and waits

@@ -22,7 +22,7 @@ from typing import Callable
 
 import pytest
 from prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
-from realdata import grace_hopper_path, mnist_rgb32, shared_data
+from realdata import grace_hopper_path, mnist_rgb32
 
 from dcgan import checkpoints
 from dcgan.cli import main
@@ -211,11 +211,6 @@ CASES = [
          "u.txt", out_dir("o"), ray=True),
     Case("faces-bad-min-face", lambda w: ["build-faces", w.p("x"), "--out", w.p("o"), "--min-face", "0"], "min_face"),
     Case("faces-bad-margin", lambda w: ["build-faces", w.p("x"), "--out", w.p("o"), "--margin", "3"], "margin"),
-    Case("faces-yunet-on-cuda-without-a-gpu", lambda w: [  # Ray would hold GPU tasks pending on a CPU-only cluster
-        "build-faces", digits_folder(w), "--out", w.p("o"), "--config", write(w.p("c.yaml"), (
-            "build:\n  detector: yunet\n  detector_model: {}\n  yunet_device: cuda\n").format(
-                shared_data("yunet", "face_detection_yunet_2026may.onnx")))],
-         "build.yunet_device: cuda, but the Ray cluster has 0 GPUs", out_dir("o"), ray=True),
     # ---- dedup
     Case("dedup-missing-source", lambda w: ["dedup", w.p("nowhere")], "nowhere"),
     Case("dedup-source-not-a-dataset", lambda w: ["dedup", str(w.user)], "thesis"),
