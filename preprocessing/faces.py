@@ -243,7 +243,15 @@ def _torch_graph(path: str, data: bytes, device: str):
                if f"{k}_{s}" not in graph.outputs]
     if missing:
         raise InputError(f"build.detector_model: {path}: not a YuNet model (no output {missing[0]})")
-    return graph.to(device)
+    graph.to(device)
+    try:  # weights of the wrong shapes fail here, once, not on every photo
+        with torch.no_grad():
+            graph.run(torch.zeros((1, 3, 64, 64), device=device))
+    except (RuntimeError, ValueError, IndexError, KeyError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise InputError(f"build.detector_model: {path}: the torch runner cannot run it ({type(err).__name__}: "
+                         f"{first})") from None
+    return graph
 
 
 def _yunet_faces(graph, bgr: np.ndarray, score_threshold: float) -> np.ndarray:

@@ -26,11 +26,15 @@ class OnnxError(ValueError):
     """The bytes are not an ONNX graph this runner can run (one line: what, and where)."""
 
 
+class _Malformed(OnnxError):
+    """The protobuf itself is broken (truncated, a wire type ONNX never uses)."""
+
+
 def _varint(b: bytes, i: int) -> tuple[int, int]:
     out = shift = 0
     while True:
         if i >= len(b):
-            raise OnnxError("truncated varint")
+            raise _Malformed("truncated varint")
         x = b[i]
         i += 1
         out |= (x & 0x7F) << shift
@@ -55,9 +59,9 @@ def _fields(b: bytes) -> dict[int, list]:
             size, i = _varint(b, i)
             value, i = b[i:i + size], i + size
         else:
-            raise OnnxError(f"protobuf wire type {wire} (field {number})")
+            raise _Malformed(f"protobuf wire type {wire} (field {number})")
         if i > len(b):
-            raise OnnxError(f"field {number} runs past the end of its message")
+            raise _Malformed(f"field {number} runs past the end of its message")
         out[number].append(value)
     return out
 
@@ -129,10 +133,17 @@ class OnnxGraph:
 
     def __init__(self, data: bytes):
         try:
-            model = _fields(data)
-            graph = _fields(model[7][0]) if model.get(7) else None
-        except (OnnxError, IndexError, UnicodeDecodeError) as err:
+            self._read(data)
+        except _Malformed as err:
             raise OnnxError(f"not an ONNX model ({err})") from None
+        except OnnxError:
+            raise  # a well-formed file with what this runner does not run: said as it is
+        except (KeyError, IndexError, StopIteration, UnicodeDecodeError, ValueError, TypeError, struct.error) as err:
+            raise OnnxError(f"not an ONNX model ({type(err).__name__}: {err})") from None
+
+    def _read(self, data: bytes) -> None:
+        model = _fields(data)
+        graph = _fields(model[7][0]) if model.get(7) else None
         if graph is None or not graph.get(1):
             raise OnnxError("not an ONNX model (no graph nodes)")
         self.nodes: list[Node] = []
