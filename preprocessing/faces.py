@@ -2,9 +2,11 @@
 
 The default is OpenCV's Haar frontal-face cascade (`build.detector: haar`; any cascade XML through `build.cascade`);
 `build.detector: yunet` runs OpenCV's YuNet CNN (`cv2.FaceDetectorYN`) from the ONNX file `build.detector_model`
-names (a local path or s3://, which the user supplies). Both keep faces of side >= min_face and crop them with the
-same margin rule, in the same Ray tasks. A JPEG is searched on a libjpeg decode at 1/2, 1/4 or 1/8 scale when a
-min_face face still spans the detector's `face_px` there (`find_faces`); at the default min_face 64 neither shrinks.
+names (a local path or s3://, which the user supplies), or, with `build.yunet_device: cuda`, the same graph in torch
+on the GPU Ray gives the build task (`onnx_torch`, `YuNetDetector`). Both keep faces of side >= min_face and crop
+them with the same margin rule, in the same Ray tasks. A JPEG is searched on a libjpeg decode at 1/2, 1/4 or 1/8
+scale when a min_face face still spans the detector's `face_px` there (`find_faces`); at the default min_face 64
+neither shrinks.
 
 For a cascade, the faces are those of OpenCV's `detectMultiScale(grey, scale_factor, min_neighbors, minSize=min_face)`
 on the photo at full resolution, and `detect_stride: 1` runs exactly that. It slides the window over every position of
