@@ -265,7 +265,7 @@ def _yunet_faces(graph, bgr: np.ndarray, score_threshold: float) -> np.ndarray:
 
     h, w = bgr.shape[:2]
     ph, pw = (h - 1) // 32 * 32 + 32, (w - 1) // 32 * 32 + 32
-    device = next(iter(v for v in graph.weights.values() if v.is_floating_point())).device
+    device = graph.device
     x = torch.zeros((1, 3, ph, pw), dtype=torch.float32, device=device).contiguous(memory_format=torch.channels_last)
     x[0, :, :h, :w] = torch.from_numpy(np.ascontiguousarray(bgr)).to(device).permute(2, 0, 1)
     # fp32 convolutions on a GPU too (cuDNN may use TF32 on Ampere and later): the faces of the CPU's run

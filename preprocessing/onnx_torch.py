@@ -157,13 +157,17 @@ class OnnxGraph:
         import torch
 
         self.weights = {name: torch.from_numpy(arr) for name, arr in (_tensor(t) for t in graph.get(5, []))}
+        self.device = torch.device("cpu")  # where the float weights are (`to`), and so where inputs must be
         self.input = next(x for x in (_fields(v)[1][0].decode() for v in graph.get(11, [])) if x not in self.weights)
         self.outputs = [_fields(v)[1][0].decode() for v in graph.get(12, [])]
 
     def to(self, device) -> "OnnxGraph":
         """The float weights moved to `device`; integer constants (Reshape's shapes) stay on the CPU, where they are
         read."""
+        import torch
+
         self.weights = {k: v.to(device) if v.is_floating_point() else v for k, v in self.weights.items()}
+        self.device = torch.device(device)
         return self
 
     def run(self, x) -> dict[str, Any]:
