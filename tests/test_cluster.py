@@ -115,22 +115,6 @@ print("PROBE " + json.dumps(seen))
 """
 
 # Runs as a Ray Job: a two-worker DDP fit of a tiny model, checkpoints to S3, each worker reports its node.
-TRAIN = """
-import sys, ray.train, torch
-from ray.train import RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer, prepare_model
-
-def loop(config):
-    model = prepare_model(torch.nn.Linear(4, 1))
-    model(torch.randn(8, 4)).pow(2).mean().backward()
-    ray.train.report({"node": ray.get_runtime_context().get_node_id()})
-
-scaling = ScalingConfig(num_workers=2, placement_strategy="STRICT_SPREAD", resources_per_worker={"CPU": 1})
-result = TorchTrainer(loop, scaling_config=scaling, run_config=RunConfig(name="spread", storage_path=sys.argv[1])).fit()
-assert result.error is None, result.error
-"""
-
-
 def run_job(client, tmp_path, script: str, *args: str, timeout: float = 240) -> tuple[str, str]:
     """Submit `python job.py ARGS` with the script as the job's working_dir; its final status and log."""
     (tmp_path / "job.py").write_text(script)
@@ -194,16 +178,6 @@ def test_a_job_with_the_token_joins_the_cluster_and_reaches_s3(multinode_cluster
     assert seen["AWS_ENDPOINT_URL"] == s3_server
     body = boto3.client("s3", endpoint_url=s3_server).get_object(Bucket=bucket, Key="from-node-a")["Body"].read()
     assert body.decode() == nodes["node_a"].node_id
-
-
-def test_ray_train_puts_its_two_workers_on_the_two_worker_nodes(multinode_cluster, s3_bucket, tmp_path):
-    status, logs = run_job(multinode_cluster.jobs(), tmp_path, TRAIN, f"{s3_bucket}/runs")
-    assert status == "SUCCEEDED", logs[-3000:]
-    workers = multinode_cluster.state("actors", class_name="RayTrainWorker")  # also after the job ended
-    used = sorted(w["node_id"] for w in workers)
-    assert used == sorted(multinode_cluster.nodes[name].node_id for name in ("node_a", "node_b"))
-    keys = boto3.client("s3").list_objects_v2(Bucket=s3_bucket.removeprefix("s3://"), Prefix="runs/spread/")
-    assert keys.get("KeyCount", 0) > 0  # the run's state went to S3, the only storage the nodes share
 
 
 def test_a_killed_node_is_reported_dead_within_seconds(multinode_cluster):
