@@ -65,7 +65,7 @@ def main() -> None:
     from preprocessing.dedup.model import fit_ray_train
 
     quiet_ray_data()
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     cfg, cluster = DedupConfig(), ClusterConfig()
     print("| crops | Ray Train, 1 worker: wall s (runs) | one Ray task: wall s (runs) | **ratio** | same losses |")
     print("| --- | --- | --- | --- | --- |")

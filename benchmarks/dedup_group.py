@@ -50,7 +50,7 @@ def main() -> None:
     from preprocessing.dedup.model import load_state
     from preprocessing.dedup.verify import bucket_members
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True

@@ -176,7 +176,7 @@ def main() -> None:
         from preprocessing.config import BuildConfig
 
         t = time.perf_counter()
-        ray.init(num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False

@@ -163,7 +163,7 @@ def gated(urls: list[str]):
 
     from preprocessing import host_gate
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         gates = host_gate.start(4, 10.0)
         before = host_gate.cpu_seconds(gates)

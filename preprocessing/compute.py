@@ -198,9 +198,11 @@ def connect(address: str | None = None, *, quiet: bool = True) -> None:
         kwargs.update(logging_level=logging.WARNING, log_to_driver=True)
     if where.kind == "local":
         # A local Ray is this process's own: no dashboard (nothing here reads it; it cost ~3 CPU-s and ~1 s of
-        # start-up a stage). Jobs and the state API need a cluster, whose head runs one.
+        # start-up a stage). Jobs and the state API need a cluster, whose head runs one. "local", not no address:
+        # without one `ray.init` joins the GCS named in Ray's temp dir (ray_current_cluster), which `ray start`
+        # writes and only `ray stop` removes; after a killed or crashed head it waited minutes on that dead address.
         _room_for_local_ray()
-        ray.init(include_dashboard=False, **kwargs)
+        ray.init(address="local", include_dashboard=False, **kwargs)
     else:
         _answers(where.address)
         try:
@@ -256,11 +258,19 @@ def _answers(address: str) -> None:
     common slip being the dashboard's port without `http://`: InputError. A GCS is a gRPC server, so it answers
     HTTP/2's connection preface with its SETTINGS frame; an HTTP/1 server answers "HTTP/1.x ...". A GCS that refuses
     this client's token: InputError. With Ray's TLS (RAY_USE_TLS) the GCS speaks TLS first and only the connect is
-    checked. `auto` is left to Ray; any other address is a HOST:PORT (`placement` refused the rest)."""
-    if address == "auto":
-        return
-    host, _, port = address.rpartition(":")
+    checked. `auto` is checked at the address Ray reads for it (`ray start`'s ray_current_cluster file), else left
+    to Ray; any other address is a HOST:PORT (`placement` refused the rest)."""
     named = f"{address} (cluster.address, or RAY_ADDRESS)"
+    if address == "auto":
+        from ray._private.utils import read_ray_address  # what `ray.init(address="auto")` reads first
+
+        # `ray start` writes its address there and only `ray stop` removes it: after a head that was killed or
+        # crashed, `auto` named a dead GCS, and ray.init retried it for minutes. Without the file Ray looks for a
+        # GCS process on this node, or says it finds none (an InputError in `connect`).
+        if not (address := read_ray_address()):
+            return
+        named = f"{address} (what cluster.address or RAY_ADDRESS auto finds in Ray's ray_current_cluster file)"
+    host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S) as conn:
             if os.environ.get("RAY_USE_TLS", "0").strip().lower() in ("1", "true"):

@@ -61,6 +61,6 @@ def ray_cluster(s3_server, tmp_path_factory):
     if ray.is_initialized():  # started by an earlier test's command (a build that failed after connecting), whose
         ray.shutdown()         # workers never saw the S3 settings: start again with them
     # The dashboard carries the State API that Ray Train polls; without it every fit logs warnings.
-    ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

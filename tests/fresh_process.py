@@ -11,8 +11,8 @@ import sys
 from typing import Any
 
 
-def run_fresh(code: str, timeout: int = 300) -> Any:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def run_fresh(code: str, timeout: int = 300, **env_vars: str) -> Any:
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env_vars}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

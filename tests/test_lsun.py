@@ -8,8 +8,11 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -123,6 +126,52 @@ def test_a_build_on_its_own_local_ray_needs_neither_ray_data_nor_a_dashboard(lmd
     assert (rows, n_shards) == (len(good), -(-(len(good) + len(BAD)) // 8))  # every row, in several chunks
     assert (ray_data, pandas) == (False, False)
     assert not dashboard, dashboard
+
+
+def test_a_local_command_starts_its_own_ray_whatever_a_killed_ray_start_left_behind(lmdb_dir, tmp_path):
+    """`ray start` writes its GCS address to ray_current_cluster in Ray's temp dir, and only `ray stop` removes it:
+    a head that was killed or crashed leaves it. `ray.init()` without an address joins what that file names, so a
+    command with no cluster address (its own local Ray) hung in Ray's GCS client on the dead address, minutes with
+    nothing said (and with a live head there it would have run on that cluster, not its own Ray). Ray's temp dir
+    here is this test's own (RAY_TMPDIR, short: Ray's sockets live under it). `auto`, which means that file, probes
+    its address first, as any other address."""
+    path, good = lmdb_dir
+    temp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
+    try:
+        (temp / "ray").mkdir()
+        with socket.socket() as s:  # a port nothing listens on
+            s.bind(("127.0.0.1", 0))
+            dead = f"127.0.0.1:{s.getsockname()[1]}"
+        (temp / "ray" / "ray_current_cluster").write_text(dead)
+        code = ("import sys, ray\n"
+                "from dcgan import cli\n"
+                "from preprocessing import compute\n"
+                f"sys.argv = ['dcgan', 'build-lsun', {path!r}, '--out', {str(tmp_path / 'ds')!r}, '--quiet', "
+                "'--no-dedup', '--json']\n"
+                "seen = []\n"
+                "connect = compute.connect\n"
+                "def spy(*a, **k):\n"
+                "    connect(*a, **k)\n"
+                "    seen.append(ray.get_runtime_context().gcs_address)\n"
+                "compute.connect = spy\n"
+                "rc = cli.main()\n"
+                "import time\n"
+                "from preprocessing.compute import ClusterUnreachable\n"
+                "t = time.monotonic()\n"
+                "try:\n"
+                "    compute.connect('auto')\n"
+                "    auto = 'joined'\n"
+                "except ClusterUnreachable as err:\n"
+                "    auto = str(err)\n"
+                "import json; print(json.dumps([rc, seen, auto, time.monotonic() - t]))\n")
+        rc, seen, auto, took = run_fresh(code, timeout=120, RAY_TMPDIR=str(temp))
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert rc == 0 and seen and all(a.split(":")[-1] != dead.split(":")[-1] for a in seen), (dead, seen)
+    assert json.loads((tmp_path / "ds" / "manifest.json").read_text())["counts"]["rows"] == len(good)
+    # `auto` means that file: its dead address is one line at once, not minutes of Ray retrying it
+    assert auto.startswith(f"cannot reach the Ray cluster at {dead} (what cluster.address or RAY_ADDRESS auto finds "
+                           "in Ray's ray_current_cluster file)") and took < 10, (auto, took)
 
 
 def test_a_command_leaves_its_ray_when_it_is_done_not_at_the_interpreters_exit(lmdb_dir, tmp_path):
