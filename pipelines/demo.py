@@ -6,7 +6,8 @@ classifier of the report's sample-quality figure, dcgan.evaluation.digits) are e
 (decode, center crop, 32x32, de-duplicate, shards + manifest), Ray Train trains the DCGAN on CPU, and the evaluation
 writes its report. Everything lands under `./runs` (local storage); Prefect runs without a server (a temporary local
 API, its database under PREFECT_HOME, by default ~/.prefect, so `prefect server start` shows the demo's runs later)
-unless PREFECT_API_URL names one. A second `make demo` skips what is already complete.
+unless PREFECT_API_URL names one (in the environment or the Prefect profile; it must answer). A second `make demo`
+skips what is already complete.
 
     python -m pipelines.demo [--root ./runs] [--steps N] [--digits N]
 """
@@ -19,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from preprocessing.errors import InputError
+from preprocessing.errors import InputError, TransientError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo-mnist-32.yaml"
@@ -66,6 +67,40 @@ def export_mnist(out_dir: str | Path, n: int = 4000) -> Path:
     return digits
 
 
+PREFECT_PROBE_S = 5.0
+
+
+def prefect_api() -> str | None:
+    """The Prefect API the demo's flow runs report to (PREFECT_API_URL, from the environment or the active Prefect
+    profile), asked for its health first; None: a temporary local server. A configured API that did not answer was a
+    traceback from deep inside Prefect's client, after the digits were exported and Ray had started: now one line
+    before anything starts (transient, as an unreachable cluster is: a server that is restarting answers a retry).
+    Any HTTP answer counts as an answer (a Prefect Cloud workspace may want its key for /health): Prefect's client
+    takes it from there."""
+    import urllib.error
+    import urllib.request
+
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        return None
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=PREFECT_PROBE_S) as answer:
+            answer.read(64)
+    except urllib.error.HTTPError:
+        pass
+    except ValueError as err:  # no scheme, a bad port
+        raise InputError(f"PREFECT_API_URL {url!r} is not a URL ({err}): unset it for a temporary local server, or "
+                         "name a Prefect server's API, e.g. http://HOST:4200/api") from None
+    except OSError as err:  # refused, unresolvable, no answer in time (URLError is an OSError)
+        reason = getattr(err, "reason", None) or err
+        raise TransientError(f"the Prefect API at {url} (PREFECT_API_URL) does not answer ({reason}): start that "
+                             "server (`prefect server start`), or unset PREFECT_API_URL for a temporary local "
+                             "server") from None
+    return url
+
+
 def quiet() -> None:
     """Keep the console to what a person wants to read: stage logs and the final summary."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from the local API
@@ -103,11 +138,12 @@ def run_demo(args: argparse.Namespace) -> int:
     from pipelines.flows import dcgan_pipeline
     from preprocessing import compute
 
+    api = prefect_api()  # before anything is written or started
     root = Path(args.root).resolve()
     folder = export_mnist(root / "demo-input", args.digits)
     cfg = load_config(args.config, {"root": str(root), "build.input": str(folder), "train.steps": args.steps})
     print(f"demo: {args.digits} MNIST digits in {folder}; dataset {cfg.data_uri}; run {cfg.run_uri}; "
-          f"Prefect API: {os.environ.get('PREFECT_API_URL') or 'temporary local server'}", flush=True)
+          f"Prefect API: {api or 'temporary local server'}", flush=True)
     if compute.placement(cfg.cluster.address).kind != "jobs":
         compute.connect(cfg.cluster.address)  # one Ray for every stage, started quietly here
     result = dcgan_pipeline(cfg)

@@ -128,6 +128,32 @@ def test_the_demo_prints_stages_progress_and_summary_in_under_60_lines(tmp_path)
     assert "\x1b[" not in done.stdout + done.stderr  # a log, not a terminal: no colours or cursor moves
 
 
+def test_a_prefect_api_that_does_not_answer_is_one_line_before_the_demo_writes_anything(tmp_path):
+    """PREFECT_API_URL naming a server that is not there, set in the Prefect profile (as `prefect config set` leaves
+    it: the demo's "temporary local server" was not that) or in the environment, was a traceback from inside
+    Prefect's client after the digits were exported and Ray had started: now the demo's one line, exit 2, before it
+    writes anything. Malformed, it is bad input; a live server is kept (tests/test_cluster.py's Prefect runs)."""
+    import socket
+
+    from prefect_server import BIN
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "DCGAN_RETRY_DELAYS_S": ""}  # no retry: its line
+    env.pop("PREFECT_API_URL", None)
+    subprocess.run([str(BIN / "prefect"), "config", "set", f"PREFECT_API_URL={dead}"], env=env, check=True,
+                   capture_output=True, timeout=120)
+    runs = tmp_path / "runs"
+    for extra, said in (({}, f"demo: error: the Prefect API at {dead} (PREFECT_API_URL) does not answer ("),
+                        ({"PREFECT_API_URL": "no-scheme"}, "demo: error: PREFECT_API_URL 'no-scheme' is not a URL")):
+        done = subprocess.run([sys.executable, "-m", "pipelines.demo", "--root", str(runs), "--digits", "10"],
+                              capture_output=True, text=True, cwd=REPO, env={**env, **extra}, timeout=120)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert done.stderr.strip().splitlines()[-1].startswith(said), done.stderr[-1000:]
+    assert not runs.exists()
+
+
 def test_every_subcommand_has_a_description_and_every_flag_a_help():
     import argparse
 
