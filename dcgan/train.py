@@ -51,9 +51,10 @@ def fixed_z(cfg: Config) -> torch.Tensor:
     return sample_z(cfg.model, N_FIXED_SAMPLES, generator=torch.Generator().manual_seed(cfg.train.seed + 7919))
 
 
-def preflight(cfg: Config) -> dict[str, Any]:
-    """Fail before any worker starts, and before the run's files change: data must be a complete dataset that fits
-    the model; the run location must be ours (or new); a resumed run must keep its networks."""
+def checked_data(cfg: Config) -> dict[str, Any]:
+    """The dataset's manifest, once it is known to be a complete dataset that fits the model, and the tracking
+    settings usable: checked before Ray is started or joined (a missing dataset was one line only after a local Ray
+    had started, ~10 s)."""
     manifest = shards.read_manifest(cfg.data_uri)
     if manifest["resolution"] != cfg.model.resolution:
         raise ConfigError(
@@ -65,10 +66,15 @@ def preflight(cfg: Config) -> dict[str, Any]:
     if rows < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) exceeds the dataset's {rows} rows")
     mlflow_client()  # MLFLOW_TRACKING_URI set without mlflow installed: one line now, not a worker's traceback later
+    return manifest
+
+
+def preflight(cfg: Config) -> None:
+    """Fail before any worker starts, and before the run's files change (after `checked_data`): the workers must fit
+    the cluster; the run location must be ours (or new); a resumed run must keep its networks."""
     resources.check_fits(cfg.cluster)  # Ray would wait for ever for workers the cluster cannot place
     ownership.claim(cfg.run_uri, "run", legacy=lambda uri: stored_config(uri) is not None)
     check_resumable(cfg)
-    return manifest
 
 
 def check_resumable(cfg: Config) -> None:
@@ -310,10 +316,11 @@ def train(cfg: Config) -> dict[str, Any]:
     """Train (or resume) the run `cfg.run_uri` on the dataset `cfg.data_uri` until `cfg.train.steps`, as its one
     writer (dcgan.lease: a second driver is refused). Ray is joined only for steps to train: a finished run's rerun
     (it removes what driverless workers left, `_keep_newest_checkpoints`) starts none."""
+    manifest = checked_data(cfg)
     markers = checkpoints.complete_steps(cfg.run_uri)  # "looks finished" from the markers: no checkpoint is read here
     if not markers or not is_finished(cfg, markers[-1]):
         compute.connect(cfg.cluster.address)  # before the preflight: it checks that the workers fit the cluster
-    manifest = preflight(cfg)
+    preflight(cfg)
     with lease.held(cfg.run_uri) as held:
         return _train_held(cfg, manifest, held)
 

@@ -128,6 +128,7 @@ def test_a_build_on_its_own_local_ray_needs_neither_ray_data_nor_a_dashboard(lmd
     assert not dashboard, dashboard
 
 
+@pytest.mark.slow  # a fresh process that starts a Ray (11 s): `make test-fast` stays under 5 minutes
 def test_a_local_command_starts_its_own_ray_whatever_a_killed_ray_start_left_behind(lmdb_dir, tmp_path):
     """`ray start` writes its GCS address to ray_current_cluster in Ray's temp dir, and only `ray stop` removes it:
     a head that was killed or crashed leaves it. `ray.init()` without an address joins what that file names, so a
