@@ -137,7 +137,10 @@ def test_unreachable_cluster_fails_the_run_with_the_address(monkeypatch, tmp_pat
 
 
 def dcgan_train_at(address: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    """`dcgan train` of a 2-step tiny run with RAY_ADDRESS = `address`, transient faults not retried."""
+    """`dcgan train` of a 2-step tiny run with RAY_ADDRESS = `address`, transient faults not retried, on a real
+    dataset in tmp_path/data (the dataset is checked before Ray is joined: a missing one would be the error)."""
+    if not (tmp_path / "data").exists():
+        tiny_dataset(str(tmp_path / "data"))
     env = {**os.environ, "RAY_ADDRESS": address, "DCGAN_RETRY_DELAYS_S": "", **env}
     return subprocess.run([sys.executable, "-m", "dcgan.cli", "train", "--config", "configs/tiny-test.yaml", "--data",
                            str(tmp_path / "data"), "--run", str(tmp_path / "run"), "--steps", "2"], env=env,
@@ -157,7 +160,7 @@ def test_a_cluster_address_where_nothing_or_no_ray_listens_is_one_line_at_once(t
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1] == (f"dcgan train: error: cannot reach the Ray cluster at {address} "
                                                     "(cluster.address, or RAY_ADDRESS): Connection refused")
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # nothing but the test's dataset
 
     web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     threading.Thread(target=web.serve_forever, daemon=True).start()
@@ -170,7 +173,7 @@ def test_a_cluster_address_where_nothing_or_no_ray_listens_is_one_line_at_once(t
     assert done.stderr.strip().splitlines()[-1] == (
         f"dcgan train: error: {address} (cluster.address, or RAY_ADDRESS) is not a Ray cluster's GCS port (the head's "
         "`ray start --port`, 6379 by default): what answers there does not speak Ray's gRPC")
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # nothing but the test's dataset
 
 
 # ------------------------------------------------------------------------------------------ a real Ray head
@@ -242,7 +245,7 @@ def test_the_dashboards_port_as_a_join_address_is_one_line_naming_the_jobs_api(r
         f"`ray start --port`, 6379 by default): an HTTP/1 server answers there (a Ray dashboard? its Jobs API address "
         f"is http://{address})")
     assert time.monotonic() - started < 60
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # nothing but the test's dataset
 
 
 @pytest.mark.slow
