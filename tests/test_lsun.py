@@ -8,7 +8,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from preprocessing import dataset_layout, lsun, shards
 from preprocessing.build import BuildError, build_dataset, plan
 from preprocessing.config import BuildConfig
 from preprocessing.sources import Item, chunk_items
+from conftest import free_port
 from fresh_process import run_fresh
 from realdata import encode, lsun_like_photos
 
@@ -140,9 +140,7 @@ def test_a_local_command_starts_its_own_ray_whatever_a_killed_ray_start_left_beh
     temp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
     try:
         (temp / "ray").mkdir()
-        with socket.socket() as s:  # a port nothing listens on
-            s.bind(("127.0.0.1", 0))
-            dead = f"127.0.0.1:{s.getsockname()[1]}"
+        dead = f"127.0.0.1:{free_port()}"  # nothing listens there
         (temp / "ray" / "ray_current_cluster").write_text(dead)
         code = ("import sys, ray\n"
                 "from dcgan import cli\n"

@@ -133,13 +133,10 @@ def test_a_prefect_api_that_does_not_answer_is_one_line_before_the_demo_writes_a
     it: the demo's "temporary local server" was not that) or in the environment, was a traceback from inside
     Prefect's client after the digits were exported and Ray had started: now the demo's one line, exit 2, before it
     writes anything. Malformed, it is bad input; a live server is kept (tests/test_cluster.py's Prefect runs)."""
-    import socket
-
+    from conftest import free_port
     from prefect_server import BIN
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}/api"
+    dead = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "DCGAN_RETRY_DELAYS_S": ""}  # no retry: its line
     env.pop("PREFECT_API_URL", None)
     subprocess.run([str(BIN / "prefect"), "config", "set", f"PREFECT_API_URL={dead}"], env=env, check=True,
