@@ -24,12 +24,26 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
+class _OwnInfo(logging.Filter):
+    """Below WARNING, the project's own lines only, unless --verbose: a library's INFO chatter reached the console
+    through the root logger (botocore's "Found credentials in environment variables." before every S3 command's
+    lines, twice before a fault's)."""
+
+    OWN = ("preprocessing", "dcgan", "pipelines", "__main__")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from preprocessing.compute import verbose
+
+        return record.levelno >= logging.WARNING or record.name.split(".")[0] in self.OWN or verbose()
+
+
 def log_to_stderr(level: int = logging.INFO) -> None:
     """Progress and log lines on stderr (stdout is for results), once per process."""
     root = logging.getLogger()
     if not any(isinstance(h, _Stderr) for h in root.handlers):
         handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler.addFilter(_OwnInfo())
         root.addHandler(handler)
     root.setLevel(level)
 

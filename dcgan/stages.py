@@ -93,13 +93,11 @@ def where(call: StageCall) -> str:
 
 
 def run_here(call: StageCall, emit: Emit = log.info) -> dict[str, Any]:
-    """Run a stage in this process, on a local Ray or the cluster this process is on (a stage that computes in its
-    own process, the evaluation, starts or joins no Ray: a local Ray's start was most of a sample sheet's time; the
-    training joins it itself, once it knows it has steps to train)."""
-    stage = REGISTRY[call.stage]
-    if stage.on_ray and not stage.connects_itself:
-        compute.connect(call.config.cluster.address)
-    return {"stage": call.stage, "skipped": False, **stage.here(call, emit)}
+    """Run a stage in this process, on a local Ray or the cluster this process is on. A stage on Ray starts or joins
+    it itself (`compute.connect(cluster.address)`), once its inputs and outputs are checked: a missing dataset, a
+    location it may not write or storage it cannot reach is one line before a local Ray's ~5 s start (or a
+    cluster's join); the evaluation computes in its own process and starts no Ray."""
+    return {"stage": call.stage, "skipped": False, **REGISTRY[call.stage].here(call, emit)}
 
 
 # ------------------------------------------------------------------------------------------------- the stages
@@ -117,7 +115,6 @@ class Stage:
     arguments: Callable[[StageCall], list[str]] = lambda call: []   # its command line's positional arguments
     build_kind: str | None = None                                   # a build's `build.kind`
     on_ray: bool = True                                             # its work runs as Ray tasks
-    connects_itself: bool = False                                   # it joins Ray itself, only when it has work
 
 
 def dataset_result(uri: str, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -294,7 +291,7 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
     Stage("dedup", _dedup, _dedup_done, lambda call: _dedup_result(call, shards.read_manifest(call.options["out"])),
           lambda call: call.options["out"], arguments=lambda call: [call.options["source"], "--out",
                                                                      call.options["out"]]),
-    Stage("train", _train, _train_done, _train_stored, _run, connects_itself=True),  # a finished run: no Ray
+    Stage("train", _train, _train_done, _train_stored, _run),
     Stage("evaluate", _evaluate, _evaluate_done, _evaluate_stored, _run, on_ray=False),  # computes in its process
 )}
 STAGES = tuple(REGISTRY)

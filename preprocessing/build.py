@@ -337,7 +337,7 @@ class GpusNeverCame(TransientError):
 
 
 def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_uri: str, total: int,
-                progress: bool) -> list[dict]:
+                progress: bool, address: str | None = None) -> list[dict]:
     """Run the chunks as Ray tasks, at most `IN_FLIGHT_PER_CPU` a cluster CPU at a time, spread over the nodes.
 
     Plain tasks, not Ray Data: a chunk's inputs and outputs never pass through the driver (its result is a few
@@ -346,10 +346,10 @@ def _run_chunks(chunks: list[dict], cfg: BuildConfig, shards_uri: str, rejects_u
     retried by Ray (`max_retries`); a chunk's known fault reaches the caller as itself. Chunks still in flight are
     not cancelled: each finishes whole (its sidecar lets a re-run reuse it) or ends with this driver's job, and
     `ray.cancel` racing a task's completion while an interrupted driver exits aborted Ray's core worker (exit 1,
-    not 130, on Ctrl-C)."""
+    not 130, on Ctrl-C). Ray is started or joined here (`address`: cluster.address), after the build's checks."""
     import ray
 
-    compute.connect()
+    compute.connect(address)
     results: list[dict] = []
     gates: tuple[str, ...] = ()
     pending: set = set()  # chunk tasks in flight
@@ -459,12 +459,14 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig = NO_DEDUP, pro
                          "never into or around it (a later build would read its own shards as inputs)")
     started = time.perf_counter()
     p = plan(cfg)  # bad input fails here, before anything is written
+    address = cluster.address if cluster else None
+    compute.check_place(address)  # a Ray that cannot start: nothing written; Ray itself starts after the checks
     _prepare(out, cfg.overwrite)
     use_dedup = dedup.enabled  # the one switch (dcgan build --no-dedup sets it)
     shards_uri = storage.join(out, STAGING) if use_dedup else out
     log.info("%s build of %s: %d inputs in %d chunks -> %s%s", cfg.kind, cfg.input, p.inputs, len(p.chunks), out,
              " (de-duplicated)" if use_dedup else "")
-    results = _run_chunks(p.chunks, cfg, shards_uri, out, p.inputs, progress)
+    results = _run_chunks(p.chunks, cfg, shards_uri, out, p.inputs, progress, address)
 
     reject_counts = Counter()
     for r in results:

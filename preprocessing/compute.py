@@ -183,10 +183,7 @@ def connect(address: str | None = None, *, quiet: bool = True) -> None:
     global _connected
     import ray
 
-    where = placement(address)
-    if where.kind == "jobs":
-        raise InputError(f"{where.address} is a Ray Jobs API address: a stage sent there runs as a Ray Job "
-                         "(the dcgan CLI and the flows submit it); inside a job or on a node use auto or HOST:PORT")
+    where = _not_jobs(placement(address))
     if ray.is_initialized():
         first = _connected[0] if _connected and _connected[1] == ray.get_runtime_context().gcs_address else None
         if address is not None and first is not None and where != first:
@@ -201,10 +198,12 @@ def connect(address: str | None = None, *, quiet: bool = True) -> None:
         # start-up a stage). Jobs and the state API need a cluster, whose head runs one. "local", not no address:
         # without one `ray.init` joins the GCS named in Ray's temp dir (ray_current_cluster), which `ray start`
         # writes and only `ray stop` removes; after a killed or crashed head it waited minutes on that dead address.
-        _room_for_local_ray()
+        _check_place(where)
+        if quiet and not verbose():
+            _no_auth_default_notice()
         ray.init(address="local", include_dashboard=False, **kwargs)
     else:
-        _answers(where.address)
+        _check_place(where)
         try:
             ray.init(address=where.address, **kwargs)
         except ConnectionError as err:  # `auto` with no Ray on this node; a GCS that stopped answering meanwhile
@@ -216,6 +215,46 @@ def connect(address: str | None = None, *, quiet: bool = True) -> None:
     _connected = (where, ray.get_runtime_context().gcs_address)
     if quiet and "ray.data" in sys.modules:
         quiet_ray_data()
+
+
+def check_place(address: str | None = None) -> None:
+    """What `connect(address)` would refuse about where it starts or joins Ray, told without starting or joining it
+    (no room for a local Ray's session, nothing answering at a cluster's address, a Jobs API address): a stage asks
+    before it writes anything, and connects once its other checks are done, so a Ray that cannot start leaves
+    nothing behind and a bad location or missing credentials is told before a Ray's start."""
+    where = _not_jobs(placement(address))
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return  # `connect` keeps the Ray this process has (or refuses another place: told there)
+    _check_place(where)
+
+
+def _not_jobs(where: Placement) -> Placement:
+    if where.kind == "jobs":
+        raise InputError(f"{where.address} is a Ray Jobs API address: a stage sent there runs as a Ray Job "
+                         "(the dcgan CLI and the flows submit it); inside a job or on a node use auto or HOST:PORT")
+    return where
+
+
+def _check_place(where: Placement) -> None:
+    if where.kind == "local":
+        _room_for_local_ray()
+    else:
+        _answers(where.address)
+
+
+class _AuthDefaultNotice(logging.Filter):
+    """Ray's WARNING that it turned token authentication on for a new local instance (RAY_AUTH_MODE unset), with how
+    to opt out: a command's own local Ray is not shared, yet the line was on every command's console, and a known
+    fault's one line came second to it. Authentication stays on; only the line is dropped (`--verbose` keeps it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+def _no_auth_default_notice() -> None:
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _AuthDefaultNotice) for f in logger.filters):
+        logger.addFilter(_AuthDefaultNotice())
 
 
 def disconnect() -> None:

@@ -140,8 +140,25 @@ def _client(endpoint: str | None, pid: int):
 
 
 def s3_client():
-    """A boto3 S3 client for the configured endpoint (one per process; boto3 clients are not fork-safe)."""
-    return _client(endpoint_url(), os.getpid())
+    """A boto3 S3 client for the configured endpoint (one per process; boto3 clients are not fork-safe).
+
+    AWS settings boto3 cannot use (a profile that is not in the config file, a config file it cannot parse, an
+    endpoint that is not a URL, a retry mode it does not know) fail here, when the client is made, before any
+    request: one line naming the setting, not botocore's traceback."""
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        return _client(endpoint_url(), os.getpid())
+    except (BotoCoreError, ValueError) as err:
+        raise StorageError(f"the AWS settings do not make an S3 client ({_aws_settings()}): {err}") from None
+
+
+def _aws_settings() -> str:
+    """The AWS settings of this environment that shape a client, as NAME=value (no secrets), or where they come from."""
+    names = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL",
+             "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", "AWS_CA_BUNDLE", "AWS_DEFAULT_REGION", "AWS_REGION")
+    shown = [f"{n}={os.environ[n]}" for n in names if os.environ.get(n)]
+    return ", ".join(shown) or "~/.aws/config and the defaults"
 
 
 def _transfer_config():

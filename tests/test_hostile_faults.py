@@ -155,6 +155,84 @@ def test_no_aws_credentials_is_one_line(s3_bucket, monkeypatch, tmp_path, capfd)
     assert len(errors) == 1 and "no AWS credentials" in errors[0] and "retrying" not in err
 
 
+def _digits_folder(where: Path, n: int = 8) -> Path:
+    import cv2
+    from realdata import mnist_rgb32
+
+    where.mkdir()
+    for i, img in enumerate(mnist_rgb32(n)):
+        (where / f"{i:03d}.png").write_bytes(cv2.imencode(".png", img)[1].tobytes())
+    return where
+
+
+def _cli_in_own_process(args: list[str], ray_tmp: Path, **env: str | None) -> subprocess.CompletedProcess:
+    """`dcgan ...` in a fresh process, Ray's temp dir its own (so a session Ray starts is seen), RAY_ADDRESS unset."""
+    full = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": str(ray_tmp), "DCGAN_RETRY_DELAYS_S": ""}
+    full.pop("RAY_ADDRESS", None)
+    for name, value in env.items():
+        full.pop(name, None) if value is None else full.__setitem__(name, value)
+    return subprocess.run([sys.executable, "-m", "dcgan.cli", *args], capture_output=True, text=True, timeout=300,
+                          env=full)
+
+
+NO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_SESSION_TOKEN": None,
+                  "AWS_PROFILE": None, "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/credentials",
+                  "AWS_CONFIG_FILE": "/nonexistent/config", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.mark.parametrize("env, culprit", [
+    ({"AWS_PROFILE": "no-such-profile"}, "The config profile (no-such-profile) could not be found"),
+    ({"AWS_PROFILE": "x", "AWS_CONFIG_FILE": str(REPO / "README.md")}, "Unable to parse config file"),
+    ({"AWS_ENDPOINT_URL": "not-a-url"}, "Invalid endpoint: not-a-url"),
+    (NO_CREDENTIALS, "no AWS credentials found"),
+], ids=["profile-not-found", "config-file-unparsable", "endpoint-not-a-url", "no-credentials"])
+def test_aws_settings_that_make_no_s3_client_are_one_line_before_ray_starts(env, culprit, s3_bucket, tmp_path):
+    """AWS settings boto3 cannot use (AWS_PROFILE naming no profile, an AWS_CONFIG_FILE that is not one, an
+    AWS_ENDPOINT_URL that is not a URL) were botocore's traceback (exit 1) from where the client is made; with no
+    credentials at all the line came only after a local Ray had started (~7 s, and Ray's token-authentication
+    WARNING before it). Now each is the command's one line on stderr, exit 2, and no Ray session is made."""
+    import shutil
+    import tempfile
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: Ray's sockets would live under it
+    try:
+        done = _cli_in_own_process(["build-lsun", str(_digits_folder(tmp_path / "digits")), "--out",
+                                    f"{s3_bucket}/d", "--no-dedup"], ray_tmp, **env)
+        sessions = list(ray_tmp.glob("ray/session_*"))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("dcgan build-lsun: error: ") and culprit in lines[0], lines
+    assert sessions == [], sessions
+    assert storage.list_uris(s3_bucket) == []
+
+
+@pytest.mark.slow
+def test_an_s3_build_on_its_own_local_ray_prints_only_its_own_lines(s3_bucket, tmp_path):
+    """A build to S3 on the command's own local Ray, as a user runs it (Ray's default token authentication, the
+    credentials in the environment): stderr held botocore's "Found credentials in environment variables." and Ray's
+    "Token authentication is enabled for this Ray cluster" WARNING beside the project's lines. Now only ours."""
+    import shutil
+    import tempfile
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    home = tmp_path / "home"  # Ray writes its token under ~/.ray: this test's own home
+    home.mkdir()
+    try:
+        done = _cli_in_own_process(["build-lsun", str(_digits_folder(tmp_path / "digits")), "--out",
+                                    f"{s3_bucket}/d", "--resolution", "32", "--no-dedup"], ray_tmp, HOME=str(home),
+                                   RAY_AUTH_MODE=None,
+                                   RAY_AUTH_TOKEN=None, RAY_AUTH_TOKEN_PATH=None)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (home / ".ray" / "auth_token").exists()  # authentication was on: only its notice is gone
+    ours = re.compile(r"^(\d\d:\d\d:\d\d (INFO|WARNING) (preprocessing|dcgan)\.|\[progress\] )")
+    assert [ln for ln in done.stderr.splitlines() if not ours.match(ln)] == [], done.stderr[-3000:]
+    assert "8 rows" in done.stdout
+
+
 @pytest.mark.slow
 def test_s3_lost_mid_build_is_retried_and_the_build_is_the_clean_one(flaky_s3, s3_server, ray_cluster, tmp_path,
                                                                      monkeypatch):

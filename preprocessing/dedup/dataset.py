@@ -279,7 +279,7 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
     from ray.data.expressions import col
 
     rows_in = _check(src_uri, shards, cfg)
-    compute.connect()
+    compute.connect(cluster.address if cluster else None)  # after the checks: a bad source is one line before Ray
     compute.quiet_ray_data()
     ctx = DataContext.get_current()
     saved_order, saved_raise = ctx.execution_options.preserve_order, ctx.raise_original_map_exception
@@ -558,6 +558,7 @@ def dedup_dataset(src: str, out: str, cfg: DedupConfig, overwrite: bool = False,
                          "input, never into or around it")
     manifest = read_manifest(src)
     check_sizes(src, manifest)  # before anything is written; the bytes are checked where tasks read them
+    compute.check_place(cluster.address if cluster else None)  # likewise a Ray that cannot start (it starts later)
     ownership.claim(out, "dataset", legacy=is_complete)
     done = None if overwrite else already_deduplicated(src, out, cfg)
     if done is not None:
