@@ -107,9 +107,28 @@ def main(argv: list[str] | None = None) -> int:
     compute.quiet_console()
     try:
         return run_command(f"dcgan {args.command}", lambda: args.func(args))
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe or socket: a bug's traceback
+        # stdout's reader left (`dcgan info | head -1`): its choice, not a fault; what is still buffered for stdout
+        # goes nowhere, not into a second traceback at the interpreter's exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as a command SIGPIPE ended: what a shell expects of `... | head`
     finally:
         if argv is None:  # the command is done: leave Ray now, not at the interpreter's exit (compute.disconnect)
             compute.disconnect()
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on its write end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no stdout, or not a file descriptor
+        return False
 
 
 def run_command(prog: str, fn) -> int:

@@ -238,6 +238,7 @@ def _not_jobs(where: Placement) -> Placement:
 def _check_place(where: Placement) -> None:
     if where.kind == "local":
         _room_for_local_ray()
+        _home_for_local_ray_token()
     else:
         _answers(where.address)
 
@@ -287,6 +288,32 @@ def _room_for_local_ray() -> None:
         raise InputError(f"{where}: {free_mib:.0f} MiB free, where a local Ray keeps its session (logs, sockets, "
                          f"spilled objects; at least {LOCAL_RAY_MIN_FREE_MIB} MiB): free space there or set RAY_TMPDIR "
                          "to a folder with room")
+
+
+def _home_for_local_ray_token() -> None:
+    """Refuse at once a local Ray that could not write its token: a new local Ray has token authentication on (Ray's
+    default, RAY_AUTH_MODE unset or token) and, given no token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or an existing
+    ~/.ray/auth_token), writes one to ~/.ray/auth_token. A home it cannot write (HOME naming a file, a read-only or
+    missing home, as a container's user may have) was Ray's traceback from inside `ray.init`."""
+    from pathlib import Path
+
+    given = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if os.environ.get("RAY_AUTH_MODE", "token").strip().lower() == "disabled" or os.environ.get("RAY_AUTH_TOKEN") \
+            or (given and Path(given).expanduser().is_file()):
+        return
+    try:
+        token = Path.home() / ".ray" / "auth_token"
+    except RuntimeError:  # no HOME and no home in the user database
+        raise InputError("a new local Ray writes its authentication token to ~/.ray/auth_token, and this user has no "
+                         "home: set HOME to a folder you can write, or give a token in RAY_AUTH_TOKEN or "
+                         "RAY_AUTH_TOKEN_PATH") from None
+    if token.is_file():
+        return
+    existing = next((p for p in token.parents if p.exists()), Path("/"))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{token}: a new local Ray writes its authentication token there and cannot ({existing} is "
+                         f"{'not a folder' if not existing.is_dir() else 'not writable'}): set HOME to a folder you "
+                         "can write, or give a token in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
 
 
 def _answers(address: str) -> None:

@@ -25,3 +25,17 @@ def test_a_console_that_is_a_log_file_gets_no_progress_bars_nor_colour(tmp_path)
         out = subprocess.run([sys.executable, "-c", PROBE], stdout=subprocess.PIPE, stderr=log, env=env, cwd=ROOT,
                              text=True, check=True).stdout.split()
     assert out == ["0", "0"]
+
+
+def test_a_reader_that_stops_reading_is_not_a_traceback():
+    """`dcgan info | head -1`: the reader closes the pipe, the next write fails with EPIPE. It was a BrokenPipeError
+    traceback (exit 1) and, at the interpreter's exit, a second "Exception ignored" one; now the exit status a
+    command ended by SIGPIPE has (141) and nothing on stderr. Here the reader is gone before the first write."""
+    read, write = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "dcgan.cli", "info"], stdout=write, stderr=subprocess.PIPE,
+                            cwd=ROOT, text=True)
+    os.close(write)
+    os.close(read)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141, err
+    assert err == ""

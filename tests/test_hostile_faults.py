@@ -208,6 +208,52 @@ def test_aws_settings_that_make_no_s3_client_are_one_line_before_ray_starts(env,
     assert storage.list_uris(s3_bucket) == []
 
 
+def test_a_home_where_a_local_ray_cannot_write_its_token_is_one_line_before_anything_is_written(tmp_path):
+    """A new local Ray (token authentication on, Ray's default) writes its token to ~/.ray/auth_token when it is given
+    none; a home it cannot write (here HOME names a file) was Ray's NotADirectoryError traceback from `ray.init`,
+    after the build had claimed its output. Now one line naming the token's path, exit 2, nothing written."""
+    import shutil
+    import tempfile
+
+    home = tmp_path / "home-is-a-file"
+    home.write_text("not a folder")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    try:
+        done = _cli_in_own_process(["build-lsun", str(_digits_folder(tmp_path / "digits")), "--out",
+                                    str(tmp_path / "out"), "--resolution", "32", "--no-dedup"], ray_tmp,
+                                   HOME=str(home), RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None, RAY_AUTH_TOKEN_PATH=None)
+        sessions = list(ray_tmp.glob("ray/session_*"))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith(f"dcgan build-lsun: error: {home}/.ray/auth_token: ") and "not a folder" in lines[0]
+    assert sessions == [] and not (tmp_path / "out").exists()
+
+
+def test_a_local_rays_token_home_is_refused_only_where_ray_would_write_a_token(tmp_path, monkeypatch):
+    from preprocessing import compute
+    from preprocessing.errors import InputError
+
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    monkeypatch.setenv("HOME", str(a_file))
+    with pytest.raises(InputError, match="not a folder"):
+        compute._home_for_local_ray_token()
+    for name, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_AUTH_TOKEN", "0" * 32), ("RAY_AUTH_TOKEN_PATH", a_file)):
+        with monkeypatch.context() as m:
+            m.setenv(name, str(value))
+            compute._home_for_local_ray_token()  # no token to write: nothing refused
+    monkeypatch.setenv("HOME", str(tmp_path / "new" / "home"))  # missing: Ray makes it (mkdir parents=True)
+    compute._home_for_local_ray_token()
+    (tmp_path / "with-token" / ".ray").mkdir(parents=True)
+    (tmp_path / "with-token" / ".ray" / "auth_token").write_text("t")
+    monkeypatch.setenv("HOME", str(tmp_path / "with-token"))
+    compute._home_for_local_ray_token()
+
+
 @pytest.mark.slow
 def test_an_s3_build_on_its_own_local_ray_prints_only_its_own_lines(s3_bucket, tmp_path):
     """A build to S3 on the command's own local Ray, as a user runs it (Ray's default token authentication, the
