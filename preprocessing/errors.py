@@ -49,6 +49,8 @@ class MissingError(UserError, FileNotFoundError):
 
 
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})  # a full disk or an exhausted quota: the user must act
+# a path the user gave that the system refuses as it is: too long, read-only, not permitted, a symlink loop
+BAD_PATH = frozenset({errno.ENAMETOOLONG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ELOOP})
 
 
 def no_space_line(where: str | None, err: OSError) -> str:
@@ -117,6 +119,8 @@ def known_fault(err: BaseException) -> UserError | None:
         cause = getattr(e, "cause", None)  # RayTaskError: its own type also subclasses the cause's
         if isinstance(e, OSError) and e.errno in NO_SPACE and not isinstance(e, UserError):
             return NoSpaceError(no_space_line(e.filename, e), e.filename)  # any write: a checkpoint, a log, a shard
+        if isinstance(e, OSError) and e.errno in BAD_PATH and e.filename and not isinstance(e, UserError):
+            return InputError(f"{e.filename}: {e.strerror}")  # the same every time: a path to change, not retry
         if isinstance(e, UserError) and not isinstance(cause, BaseException):
             if "\n" not in str(e) and not type(e).__module__.startswith("ray"):
                 return e

@@ -413,8 +413,10 @@ def list_items(uri: str, limit: int | None = None) -> list[Item]:
     else:
         path = storage.local_path(uri)
         if not path.is_dir():
-            raise MissingError(f"input: {uri} is not a folder, an s3:// prefix or a URL list "
-                                    f"({', '.join(URL_LIST_SUFFIXES)})")
+            lmdb_file = path.name in ("data.mdb", "lock.mdb") and path.is_file()  # LSUN's folder holds these two
+            raise MissingError(f"input: {uri} is " + (f"a file of an LMDB: give its folder, {path.parent}" if lmdb_file
+                               else "not a folder, an s3:// prefix or a URL list "
+                               f"({', '.join(URL_LIST_SUFFIXES)})"))
         items = list_folder(str(path))
     if not items:
         raise MissingError(f"input: no files under {uri}")

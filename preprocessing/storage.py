@@ -62,6 +62,7 @@ def normalize(uri: str | Path) -> str:
     """s3:// URIs without a trailing slash; local URIs as absolute paths."""
     s = str(uri)
     if is_s3(s):
+        split_s3(s)  # it names a bucket: "s3://" stripped of its slashes was the local folder "s3:"
         return s.rstrip("/")
     return str(local_path(s).expanduser().resolve())
 
@@ -104,7 +105,9 @@ def _make_dirs(path: Path, uri: str) -> None:
 
 def split_s3(uri: str) -> tuple[str, str]:
     parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
+    if parsed.scheme == "s3" and not parsed.netloc:
+        raise StorageError(f"{uri} names no bucket: give s3://BUCKET or s3://BUCKET/PREFIX")
+    if parsed.scheme != "s3":
         raise StorageError(f"not an s3:// URI: {uri}")
     return parsed.netloc, parsed.path.lstrip("/")
 

@@ -197,9 +197,15 @@ CASES = [
     Case("lsun-nothing-usable", lambda w: ["build-lsun", str(Path(write(w.p("junk", "a.png"), b"not a png")).parent),
                                            "--out", w.p("o"), "--no-dedup"], "junk", out_dir("o"), ray=True),
     Case("lsun-missing-bucket", lambda w: ["build-lsun", digits_folder(w), "--out", "s3://no-such-bucket-x/d"],
-         "no-such-bucket-x", ray=True),
+         "no-such-bucket-x"),  # told before Ray starts (as the two below)
     Case("lsun-bucket-with-other-data", lambda w: ["build-lsun", digits_folder(w), "--out", w.bucket],
-         "family/photo.jpg", setup=foreign_bucket, ray=True),
+         "family/photo.jpg", setup=foreign_bucket),
+    Case("lsun-out-s3-names-no-bucket", lambda w: ["build-lsun", digits_folder(w), "--out", "s3://"],
+         "s3:// names no bucket"),  # "s3://" without its slashes was the local folder "s3:", and a build went there
+    Case("lsun-out-name-too-long", lambda w: ["build-lsun", digits_folder(w), "--out", w.p("d" * 300)],
+         "File name too long"),
+    Case("lsun-input-is-an-lmdbs-file", lambda w: ["build-lsun", write(w.p("bedroom_lmdb", "data.mdb"), b"x"),
+                                                   "--out", w.p("o")], "a file of an LMDB: give its folder"),
     # ---- build-faces
     Case("faces-missing-cascade", lambda w: ["build-faces", digits_folder(w), "--out", w.p("o"), "--cascade",
                                              "haarcascade_nothing.xml"], "haarcascade_nothing.xml", out_dir("o"),

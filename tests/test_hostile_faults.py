@@ -63,6 +63,23 @@ def test_each_class_is_retried_or_not(fault, calls, raised):
     assert classify(fault).kind == {TransientError: "transient", InputError: "bad_input", KeyError: "bug"}[raised]
 
 
+@pytest.mark.parametrize("err, kind", [
+    (PermissionError(13, "Permission denied", "/data/theirs"), "bad_input"),
+    (OSError(30, "Read-only file system", "/mnt/ro/ds"), "bad_input"),
+    (OSError(36, "File name too long", "/d/" + "x" * 300), "bad_input"),
+    (OSError(40, "Too many levels of symbolic links", "/loop/a"), "bad_input"),
+    (PermissionError(1, "Operation not permitted"), "bug"),   # names no path: not the user's to change
+    (OSError(5, "Input/output error", "/dev/sdz"), "bug"),
+])
+def test_a_path_the_system_refuses_is_bad_input_naming_it(err, kind):
+    """A path the user gave that the system refuses as it is (no permission, a read-only mount, too long a name, a
+    symlink loop) fails the same way every time: one line naming it, not a traceback, never retried."""
+    fault = classify(err)
+    assert fault.kind == kind
+    if kind == "bad_input":
+        assert fault.line == f"{err.filename}: {err.strerror}" and not fault.worth_retrying
+
+
 def test_a_transient_fault_that_passes_is_retried_to_success():
     attempts = iter([TransientError("down"), TransientError("still down"), "done"])
 
