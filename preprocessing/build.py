@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from preprocessing import compute, dataset_layout, ownership, shards, storage
+from preprocessing import compute, dataset_layout, lease, ownership, shards, storage
 from preprocessing.config import BuildConfig, ClusterConfig, DedupConfig
 from preprocessing.images import Reject
 from preprocessing.progress import Progress
@@ -418,13 +418,17 @@ def _start_gates(cfg: BuildConfig) -> tuple[str, ...]:
     return host_gate.start(cfg.host_concurrency, cfg.host_rate)
 
 
-def _prepare(out: str, overwrite: bool) -> None:
-    """Claim `out` (refusing a location with files the project did not write); an existing dataset there is kept
-    unless `overwrite`, which removes only the project's own files, manifest first."""
+def _refuse_a_dataset(out: str, overwrite: bool) -> None:
+    """An existing dataset at `out` is kept unless `overwrite`."""
     if not overwrite and shards.is_complete(out):
         raise BuildError(f"{out} already holds a dataset (manifest.json); pass --overwrite "
                          "(BuildConfig.overwrite=True) to replace it")
-    ownership.claim(out, "dataset", legacy=shards.is_complete)
+
+
+def _prepare(out: str, overwrite: bool) -> None:
+    """Under the dataset's lease: an existing dataset there (it may have been committed by the writer before this
+    one) is kept unless `overwrite`, which removes only the project's own files, manifest first."""
+    _refuse_a_dataset(out, overwrite)
     if storage.exists(dataset_layout.manifest(out)):
         ownership.remove_own(out, "dataset")
 
@@ -461,12 +465,21 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig = NO_DEDUP, pro
     p = plan(cfg)  # bad input fails here, before anything is written
     address = cluster.address if cluster else None
     compute.check_place(address)  # a Ray that cannot start: nothing written; Ray itself starts after the checks
-    _prepare(out, cfg.overwrite)
+    _refuse_a_dataset(out, cfg.overwrite)
+    ownership.claim(out, "dataset", legacy=shards.is_complete)  # refuses a location with files we did not write
+    with lease.held(out, dataset_layout.lease(out), lease.DATASET):  # one writer: a second build is one line
+        _prepare(out, cfg.overwrite)
+        return _build_into(out, cfg, p, dedup, progress, cluster, started)
+
+
+def _build_into(out: str, cfg: BuildConfig, p: Plan, dedup: DedupConfig, progress: bool, cluster: ClusterConfig | None,
+                started: float) -> dict:
+    """The build's writes into `out`, its lease held: chunks, de-duplication, the manifest last."""
     use_dedup = dedup.enabled  # the one switch (dcgan build --no-dedup sets it)
     shards_uri = storage.join(out, STAGING) if use_dedup else out
     log.info("%s build of %s: %d inputs in %d chunks -> %s%s", cfg.kind, cfg.input, p.inputs, len(p.chunks), out,
              " (de-duplicated)" if use_dedup else "")
-    results = _run_chunks(p.chunks, cfg, shards_uri, out, p.inputs, progress, address)
+    results = _run_chunks(p.chunks, cfg, shards_uri, out, p.inputs, progress, cluster.address if cluster else None)
 
     reject_counts = Counter()
     for r in results:

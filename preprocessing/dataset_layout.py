@@ -8,6 +8,9 @@
     <dataset>/_chunks/part-NNNNN.json     a finished build chunk (resume state; removed when the build commits)
     <dataset>/staging/                    the build's shards before de-duplication (removed when it commits)
     <dataset>/_dcgan.json                 the project's ownership marker (preprocessing.ownership)
+    <dataset>/_lease.json                 who writes the dataset now (preprocessing.lease): present only while a
+                                          build or dedup writes it; never removed by pattern (`OWN_FILES`), only by
+                                          its holder or the next writer once it expired
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ def stats(index: int) -> str:
 
 def manifest(dataset: str) -> str:
     return join(dataset, MANIFEST)
+
+
+def lease(dataset: str) -> str:
+    return join(dataset, "_lease.json")
 
 
 # The dedup step's files, relative to the dataset (the manifest's `dedup` section names them so)

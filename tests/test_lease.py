@@ -1,9 +1,11 @@
-"""A run has one writer (dcgan.lease) and a metrics history that survives a repeated interval (dcgan.run_log):
-the lease's compare-and-swap on local disk and on a real S3 server (moto), and the CSV a resume rewrites."""
+"""A run has one writer (dcgan.lease), so has a dataset being built or de-duplicated (preprocessing.lease), and a
+metrics history survives a repeated interval (dcgan.run_log): the lease's compare-and-swap on local disk and on a
+real S3 server (moto), and the CSV a resume rewrites."""
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -54,7 +56,7 @@ def test_a_dead_driver_on_this_host_is_waited_out_not_refused(tmp_path):
     dead = lease.Lease(lease.lease_uri(run), 1.0)
     body = dead.body()
     body["holder"]["pid"] = int(gone.stdout)
-    assert lease._create(dead.uri, body) is not None
+    assert lease._lease._create(dead.uri, body) is not None
     waited = []
     taken = lease.acquire(run, ttl_s=30, wait=lambda s: (waited.append(s), time.sleep(s)))
     assert len(waited) == 1 and 0 < waited[0] <= 1.2
@@ -152,3 +154,42 @@ def test_a_remote_runs_scratch_folder_goes_on_close_on_error_and_with_the_next_w
     assert not killed.dir.exists() and not checkpoint.exists() and theirs.is_dir() and mine.is_dir()
     killed._csv.close()
     killed._tb.close()
+
+
+def test_a_dataset_being_written_is_refused_to_a_second_build_and_a_second_dedup(run_uri, tmp_path, capfd):
+    """Two commands writing one dataset location at once (a scheduled build overlapping a manual one) both ran and
+    both reported success: the later one's manifest stood over files either may have written last, and the first
+    one's result line named a dataset that was no longer there. Now the dataset's lease (`_lease.json`, taken after
+    the location is claimed) refuses the second with one line naming the holder, before it writes anything."""
+    import cv2
+    from realdata import mnist_rgb32
+    from test_faults import make_dataset
+
+    from dcgan.cli import main
+    from preprocessing import dataset_layout, ownership
+    from preprocessing import lease as generic
+
+    out = run_uri.replace("/runs/r", "/datasets/d")
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for i, img in enumerate(mnist_rgb32(8)):
+        (folder / f"{i}.png").write_bytes(cv2.imencode(".png", img)[1].tobytes())
+    source = str(tmp_path / "source")
+    make_dataset(source)
+    ownership.claim(out, "dataset")
+    first = generic.acquire(out, dataset_layout.lease(out), generic.DATASET, ttl_s=30)
+    try:
+        capfd.readouterr()
+        for argv in (["build-lsun", str(folder), "--out", out, "--resolution", "32", "--no-dedup"],
+                     ["dedup", source, "--out", out]):
+            assert main(argv) == 2
+            err = capfd.readouterr().err
+            lines = [ln for ln in err.splitlines() if ln.startswith(f"dcgan {argv[0]}: error: ")]
+            assert len(lines) == 1 and "Traceback" not in err, err
+            assert f"{out} is being written by another command (host " in lines[0], lines[0]
+            assert f"pid {os.getpid()} " in lines[0] and "write to another --out" in lines[0], lines[0]
+        assert storage.read_json(dataset_layout.lease(out))["token"] == first.token
+        assert sorted(ownership.contents(out)) == ["_dcgan.json", "_lease.json"]  # nothing else was written
+    finally:
+        first.release()
+    assert ownership.contents(out) == ["_dcgan.json"]

@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preprocessing import compute, dataset_layout, storage, stream
+from preprocessing import compute, dataset_layout, lease, storage, stream
 from preprocessing.config import ClusterConfig, DedupConfig
 from preprocessing.dedup import exchange
 from preprocessing.dedup.groups import (bucket_edges, code_hashes, codes_of, decide, edge_groups, first_alignments,
@@ -550,7 +550,7 @@ def dedup_dataset(src: str, out: str, cfg: DedupConfig, overwrite: bool = False,
     (`already_deduplicated`); another dataset at `out` needs `overwrite`.
     """
     from preprocessing import ownership
-    from preprocessing.shards import check_sizes, is_complete, read_manifest, write_manifest
+    from preprocessing.shards import check_sizes, is_complete, read_manifest
 
     src, out = storage.normalize(src), storage.normalize(out)
     if storage.overlaps(src, out):
@@ -560,6 +560,17 @@ def dedup_dataset(src: str, out: str, cfg: DedupConfig, overwrite: bool = False,
     check_sizes(src, manifest)  # before anything is written; the bytes are checked where tasks read them
     compute.check_place(cluster.address if cluster else None)  # likewise a Ray that cannot start (it starts later)
     ownership.claim(out, "dataset", legacy=is_complete)
+    with lease.held(out, dataset_layout.lease(out), lease.DATASET):  # one writer: a second dedup is one line
+        return _dedup_into(src, out, manifest, cfg, overwrite, cluster)
+
+
+def _dedup_into(src: str, out: str, manifest: dict[str, Any], cfg: DedupConfig, overwrite: bool,
+                cluster: ClusterConfig | None) -> dict[str, Any]:
+    """`dedup_dataset`'s writes into `out`, its lease held; what is there is looked at again under the lease (a
+    writer before this one may have finished it)."""
+    from preprocessing import ownership
+    from preprocessing.shards import is_complete, write_manifest
+
     done = None if overwrite else already_deduplicated(src, out, cfg)
     if done is not None:
         return done
