@@ -418,6 +418,19 @@ def _start_gates(cfg: BuildConfig) -> tuple[str, ...]:
     return host_gate.start(cfg.host_concurrency, cfg.host_rate)
 
 
+def _enough_to_deduplicate(cfg: BuildConfig, p: Plan, dedup: DedupConfig) -> None:
+    """A center-crop build gives at most a row an input: with fewer inputs than the hashing autoencoder needs, its
+    de-duplication would fail after the whole build (a face build may find several faces a photo: it is told then)."""
+    if not dedup.enabled or cfg.kind != "center-crop":
+        return
+    from preprocessing.dedup.dataset import min_images
+
+    if p.inputs < min_images(dedup):
+        raise InputError(f"{cfg.input}: {p.inputs} inputs are too few to train the hashing autoencoder (dedup needs "
+                         f"at least {min_images(dedup)} images: dedup.whiten + 1 to estimate its whitening basis); "
+                         "pass --no-dedup")
+
+
 def _refuse_a_dataset(out: str, overwrite: bool) -> None:
     """An existing dataset at `out` is kept unless `overwrite`."""
     if not overwrite and shards.is_complete(out):
@@ -463,6 +476,7 @@ def build_dataset(cfg: BuildConfig, out: str, dedup: DedupConfig = NO_DEDUP, pro
                          "never into or around it (a later build would read its own shards as inputs)")
     started = time.perf_counter()
     p = plan(cfg)  # bad input fails here, before anything is written
+    _enough_to_deduplicate(cfg, p, dedup)
     address = cluster.address if cluster else None
     compute.check_place(address)  # a Ray that cannot start: nothing written; Ray itself starts after the checks
     _refuse_a_dataset(out, cfg.overwrite)

@@ -204,6 +204,8 @@ CASES = [
          "s3:// names no bucket"),  # "s3://" without its slashes was the local folder "s3:", and a build went there
     Case("lsun-out-name-too-long", lambda w: ["build-lsun", digits_folder(w), "--out", w.p("d" * 300)],
          "File name too long"),
+    Case("lsun-too-few-to-deduplicate", lambda w: ["build-lsun", digits_folder(w), "--out", w.p("o"), "--resolution",
+                                                   "32"], "8 inputs are too few to train the hashing autoencoder"),
     Case("lsun-input-is-an-lmdbs-file", lambda w: ["build-lsun", write(w.p("bedroom_lmdb", "data.mdb"), b"x"),
                                                    "--out", w.p("o")], "a file of an LMDB: give its folder"),
     # ---- build-faces
