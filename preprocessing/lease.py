@@ -49,10 +49,16 @@ class Writer:
     noun: str     # "run", "dataset"
     busy: str     # "trained by another driver"
     advice: str   # what the refused one may do instead
+    # whether a dead holder on this host is waited out until its lease expires: a training's workers may still
+    # checkpoint until they see their driver gone (Watch); a build's or dedup's tasks write whole files, the same
+    # bytes the next writer writes, so its lease is taken over at once
+    wait_for_dead: bool = True
 
 
 DATASET = Writer("dataset", "written by another command", "one dataset has one writer; wait for it to finish or "
-                 "write to another --out")
+                 "write to another --out", wait_for_dead=False)
+
+_HELD: set[str] = set()  # tokens of the leases this process holds now: one of its own that is not is a leftover
 
 
 def lease_s() -> float:
@@ -243,8 +249,11 @@ class Lease:
         self.version = version
 
     def release(self) -> None:
-        if self.lost is None and not _delete(self.uri, self.version):
-            log.warning("%s changed under this writer; left as it is", self.uri)
+        try:
+            if self.lost is None and not _delete(self.uri, self.version):
+                log.warning("%s changed under this writer; left as it is", self.uri)
+        finally:
+            _HELD.discard(self.token)  # not held any more, even where storage kept it (it expires by itself)
 
     def watch_config(self) -> dict[str, Any]:
         """What a worker needs to watch this lease (see Watch)."""
@@ -253,12 +262,14 @@ class Lease:
 
 def acquire(location: str, uri: str, writer: Writer, ttl_s: float | None = None, *,
             wait: Callable[[float], None] = time.sleep) -> Lease:
-    """Take the lease `uri` of `location`, or raise LeaseError naming its live holder. An expired lease is taken over;
-    one whose holder was a writer on this host that is gone is waited for until it expires (its workers stop before
-    that)."""
+    """Take the lease `uri` of `location`, or raise LeaseError naming its live holder. An expired lease is taken over,
+    and so at once is one this process left (an earlier attempt whose release met a storage fault: the command's
+    retry found its own lease and was refused). One whose holder on this host is gone is waited for until it expires
+    when `writer.wait_for_dead` (its workers stop before that), else taken over; one whose holder elsewhere has
+    missed two renewals is waited for until it expires (at most a third of its life), not refused."""
     ttl = lease_s() if ttl_s is None else ttl_s
     lease = Lease(uri, ttl, noun=writer.noun)
-    for _ in range(100):  # each turn is a lost race with another driver: bounded
+    for _ in range(100):  # each turn is a lost race with another writer: bounded
         lease.version = _create(lease.uri, lease.body())
         if lease.version is not None:
             break
@@ -267,23 +278,33 @@ def acquire(location: str, uri: str, writer: Writer, ttl_s: float | None = None,
             continue
         left = float(current.get("expires") or 0) - time.time()
         holder = current.get("holder") or {}
-        if left > 0 and holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid")):
+        here = holder.get("host") == socket.gethostname()
+        ours = here and str(holder.get("pid")) == str(os.getpid()) and current.get("token") not in _HELD
+        dead = here and not ours and not _pid_alive(holder.get("pid"))
+        if left > 0 and dead and writer.wait_for_dead:
             log.warning("the %s's last writer (%s) is gone; waiting %.0f s for its lease to expire",
                         writer.noun, describe(current), left)
             wait(left + 0.1)
             continue
-        if left > 0:
+        if left > 0 and not (ours or dead):
+            if left < float(current.get("lease_s") or ttl) / 3:  # two renewals missed: it stopped or is stalled
+                log.warning("%s: its writer (%s) has not renewed its lease since %s; waiting %.0f s for it to "
+                            "expire", location, describe(current), current.get("renewed", "?"), left)
+                wait(left + 0.1)
+                continue
             raise LeaseError(f"{location} is being {writer.busy} ({describe(current)}; lease renewed "
                              f"{current.get('renewed', '?')}, expires in {left:.0f} s): {writer.advice}")
         lease.version = _replace(lease.uri, lease.body(), version)
         if lease.version is not None:
-            log.warning("took over the expired lease of %s (%s)", describe(current), lease.uri)
+            log.warning("took over the %s lease of %s (%s)", "expired" if left <= 0 else "left", describe(current),
+                        lease.uri)
             break
     else:  # pragma: no cover - a hundred lost races in a row
         raise LeaseError(f"{lease.uri}: could not take the {writer.noun}'s lease (other writers keep changing it)")
     check, version = _read(lease.uri)  # read back: a storage that ignored a precondition loses here, not later
     if not check or check.get("token") != lease.token or version != lease.version:
         raise LeaseError(f"{location} is being {writer.busy} ({describe(check or {})})")
+    _HELD.add(lease.token)
     return lease
 
 

@@ -143,13 +143,17 @@ def test_the_jobs_api_refuses_a_client_without_the_token(multinode_cluster, tmp_
 def test_joining_with_a_wrong_token_or_none_is_one_line_at_once(multinode_cluster, tmp_path):
     """`dcgan dedup` joining the GCS (HOST:PORT) with a wrong token, or with token auth off in the client: ray.init
     retried the refusal 20 times (~22 s, a warning line each) and then said only "Failed to connect", which reads as
-    a transient fault and was retried for minutes more. It is bad input, named at once, not retried."""
+    a transient fault and was retried for minutes more. It is bad input, named at once, not retried. (The source is
+    a real dataset: dedup checks it before it joins Ray.)"""
+    from test_faults import make_dataset
+
     cluster = multinode_cluster
+    make_dataset(str(tmp_path / "source"))
     for auth in ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, {"RAY_AUTH_MODE": "disabled"}):
         env = {**cluster.client_env(HOME=str(tmp_path), RAY_ADDRESS=cluster.gcs_address, PYTHONPATH=str(REPO)),
                **auth}
         started = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "dcgan.cli", "dedup", str(tmp_path / "none"), "--out",
+        done = subprocess.run([sys.executable, "-m", "dcgan.cli", "dedup", str(tmp_path / "source"), "--out",
                                str(tmp_path / "out")], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
         took = time.monotonic() - started
         assert done.returncode == 2, done.stderr[-3000:]

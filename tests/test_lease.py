@@ -193,3 +193,42 @@ def test_a_dataset_being_written_is_refused_to_a_second_build_and_a_second_dedup
     finally:
         first.release()
     assert ownership.contents(out) == ["_dcgan.json"]
+
+
+def test_a_lease_left_by_this_process_a_dead_builder_or_a_silent_holder_is_not_a_refusal(run_uri):
+    """Three leases that are nobody's any more: (1) this process's own, whose release met a storage fault (the CLI's
+    retry of a build after S3 came back found it and was refused: exit 2 instead of the clean build); (2) a dead
+    builder's on this host, taken over at once (a build's tasks write whole files, the same bytes as the next
+    build's: nothing to wait for; a run's driver is waited out, test above); (3) one whose holder on another host
+    has missed two renewals, waited for until it expires (at most a third of its life) rather than refused."""
+    from preprocessing import dataset_layout
+    from preprocessing import lease as generic
+
+    out = run_uri.replace("/runs/r", "/datasets/d")
+    uri = dataset_layout.lease(out)
+    never = []
+    first = generic.acquire(out, uri, generic.DATASET, ttl_s=30)
+    generic._HELD.discard(first.token)  # what a release that met a storage fault leaves: the object, not the hold
+    second = generic.acquire(out, uri, generic.DATASET, ttl_s=30, wait=never.append)
+    assert never == [] and storage.read_json(uri)["token"] == second.token != first.token
+    with pytest.raises(lease.LeaseError, match="is being written by another command"):  # held now: refused
+        generic.acquire(out, uri, generic.DATASET, ttl_s=30, wait=never.append)
+    second.release()
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = generic.Lease(uri, 30.0, noun="dataset")
+    body = dead.body()
+    body["holder"]["pid"] = int(gone.stdout)
+    assert generic._create(uri, body) is not None
+    third = generic.acquire(out, uri, generic.DATASET, ttl_s=30, wait=never.append)
+    assert never == [] and storage.read_json(uri)["token"] == third.token
+    third.release()
+
+    silent = generic.Lease(uri, 30.0, noun="dataset")
+    body = silent.body()
+    body["holder"]["host"], body["expires"] = "another-host", time.time() + 2.0  # renewed 28 s ago, of 30
+    assert generic._create(uri, body) is not None
+    waited = []
+    fourth = generic.acquire(out, uri, generic.DATASET, ttl_s=30, wait=lambda s: (waited.append(s), time.sleep(s)))
+    assert len(waited) == 1 and 0 < waited[0] <= 2.2 and storage.read_json(uri)["token"] == fourth.token
+    fourth.release()
