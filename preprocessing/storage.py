@@ -146,8 +146,8 @@ def s3_client():
     """A boto3 S3 client for the configured endpoint (one per process; boto3 clients are not fork-safe).
 
     AWS settings boto3 cannot use (a profile that is not in the config file, a config file it cannot parse, an
-    endpoint that is not a URL, a retry mode it does not know) fail here, when the client is made, before any
-    request: one line naming the setting, not botocore's traceback."""
+    endpoint that is not a URL) fail here, when the client is made, before any request: one line naming the
+    settings, not botocore's traceback."""
     from botocore.exceptions import BotoCoreError
 
     try:
