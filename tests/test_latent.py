@@ -78,6 +78,7 @@ def test_arithmetic_walks_and_sheet_on_a_trained_generator():
     torch.testing.assert_close(walk[4], walk[5])  # consecutive legs share their end point
 
 
+@pytest.mark.slow  # ~15 s of CPU
 def test_rendering_does_not_depend_on_batch_companions():
     g, _ = trained_small_gan()
     z = latent.sheet_z(g, 8)

@@ -111,6 +111,7 @@ def test_build_gives_expected_rows_rejects_and_pixels(lmdb_dir, tmp_path, ray_cl
     assert all(r["detail"] for r in rejects)
 
 
+@pytest.mark.slow  # a fresh process that starts a local Ray (~13 s)
 def test_a_build_on_its_own_local_ray_needs_neither_ray_data_nor_a_dashboard(lmdb_dir, tmp_path):
     """A build's chunks are plain Ray tasks: its process never imports Ray Data (0.5 s of pandas and more a stage,
     issue 22's fixed start-up) and its own local Ray starts no dashboard; the build itself is the same."""
@@ -173,6 +174,7 @@ def test_a_local_command_starts_its_own_ray_whatever_a_killed_ray_start_left_beh
                            "in Ray's ray_current_cluster file)") and took < 10, (auto, took)
 
 
+@pytest.mark.slow  # a fresh process that starts a local Ray (~13 s): test-fast stays under 5 minutes
 def test_a_command_leaves_its_ray_when_it_is_done_not_at_the_interpreters_exit(lmdb_dir, tmp_path):
     """At the interpreter's exit Ray sleeps 0.5 s for workers' log lines before it disconnects (and stops a local
     Ray); `dcgan` leaves Ray as soon as the command returns (issue 22's fixed cost), its work done."""

@@ -296,6 +296,7 @@ def test_train_flow_runs_a_ray_job_and_streams_its_log(ray_head, tmp_path, monke
     assert "storage settings passed: AWS_REGION" in logs and "not-to-be-logged-4711" not in logs
 
 
+@pytest.mark.slow  # fresh processes that start Rays (~13 s)
 def test_a_second_connect_to_another_ray_is_refused_not_ignored(tmp_path):
     """Whoever connects first used to win silently (the demo's Ray kept the build's pixel cap from its workers):
     the same place is kept, another one is one clear error, and a build after a plain connect still gives its

@@ -85,6 +85,7 @@ def _run(tmp_path, g, d, name: str) -> tuple[str, dict]:
     return run, m
 
 
+@pytest.mark.slow  # ~18 s of CPU
 def test_suite_writes_its_numbers_into_metrics_jsonl(tmp_path):
     torch.manual_seed(0)
     cfg = ModelConfig(**SMALL)
