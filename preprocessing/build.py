@@ -421,14 +421,10 @@ def _start_gates(cfg: BuildConfig) -> tuple[str, ...]:
 def _enough_to_deduplicate(cfg: BuildConfig, p: Plan, dedup: DedupConfig) -> None:
     """A center-crop build gives at most a row an input: with fewer inputs than the hashing autoencoder needs, its
     de-duplication would fail after the whole build (a face build may find several faces a photo: it is told then)."""
-    if not dedup.enabled or cfg.kind != "center-crop":
-        return
-    from preprocessing.dedup.dataset import min_images
+    if dedup.enabled and cfg.kind == "center-crop":
+        from preprocessing.dedup.dataset import require_enough
 
-    if p.inputs < min_images(dedup):
-        raise InputError(f"{cfg.input}: {p.inputs} inputs are too few to train the hashing autoencoder (dedup needs "
-                         f"at least {min_images(dedup)} images: dedup.whiten + 1 to estimate its whitening basis); "
-                         "pass --no-dedup")
+        require_enough(cfg.input, p.inputs, "inputs", dedup)
 
 
 def _refuse_a_dataset(out: str, overwrite: bool) -> None:

@@ -336,10 +336,15 @@ def _check(src_uri: str, shards: list[dict], cfg: DedupConfig) -> int:
     if cfg.crop <= 0:
         raise InputError(f"dedup.crop must be positive, got {cfg.crop}")
     rows_in = sum(int(s["rows"]) for s in shards)
-    if rows_in < min_images(cfg):
-        raise InputError(f"{src_uri}: {rows_in} images are too few to train the hashing autoencoder (dedup needs at "
-                         f"least {min_images(cfg)}: dedup.whiten + 1 to estimate its whitening basis); pass --no-dedup")
+    require_enough(src_uri, rows_in, "images", cfg)
     return rows_in
+
+
+def require_enough(where: str, count: int, noun: str, cfg: DedupConfig) -> None:
+    """`count` images (or inputs that give at most an image each) are enough to train the hashing autoencoder."""
+    if count < min_images(cfg):
+        raise InputError(f"{where}: {count} {noun} are too few to train the hashing autoencoder (dedup needs at least "
+                         f"{min_images(cfg)} images: dedup.whiten + 1 to estimate its whitening basis); pass --no-dedup")
 
 
 def _per_shard(shards: list[dict], picked=None):
