@@ -68,6 +68,16 @@ def mnist_rgb32(n: int = 5000) -> np.ndarray:
     return np.repeat(x[..., None], 3, axis=-1)
 
 
+def digits_folder(folder: Path, n: int = 8) -> Path:
+    """A folder of the first `n` MNIST digits (`mnist_rgb32`) as PNG files 000.png, 001.png, ...: a build's input."""
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(mnist_rgb32(n)):
+        (folder / f"{i:03d}.png").write_bytes(cv2.imencode(".png", img)[1].tobytes())
+    return folder
+
+
 def lsun_like_photos(short_side: int = 256) -> dict[str, np.ndarray]:
     """skimage.data photos rescaled like LSUN's release (shorter side 256 by default), RGB uint8."""
     import cv2

@@ -22,6 +22,7 @@ from typing import Callable
 
 import pytest
 from prefect_fixtures import prefect_harness  # noqa: F401  (fixture)
+import realdata
 from realdata import grace_hopper_path, mnist_rgb32
 
 from dcgan import checkpoints
@@ -135,13 +136,7 @@ def bad_lmdb(w: World, kind: str) -> str:
 
 
 def digits_folder(w: World, n: int = 8) -> str:
-    import cv2
-
-    folder = Path(w.p("digits-in"))
-    folder.mkdir(exist_ok=True)
-    for i, img in enumerate(mnist_rgb32(n)):
-        (folder / f"{i:03d}.png").write_bytes(cv2.imencode(".png", img)[1].tobytes())
-    return str(folder)
+    return str(realdata.digits_folder(Path(w.p("digits-in")), n))
 
 
 def truncate_newest(w: World) -> None:

@@ -19,7 +19,8 @@ from test_faults import TINY, make_run, world  # noqa: F401 (fixture)
 
 from dcgan.cli import main
 from preprocessing import lsun, storage
-from realdata import encode, lsun_like_photos
+from fresh_process import own_ray_temp_dir, ray_sessions
+from realdata import digits_folder, encode, lsun_like_photos
 from preprocessing.errors import (DEFAULT_RETRY_DELAYS, InputError, TransientError, classify, retry_delays,
                                   retrying)
 
@@ -172,16 +173,6 @@ def test_no_aws_credentials_is_one_line(s3_bucket, monkeypatch, tmp_path, capfd)
     assert len(errors) == 1 and "no AWS credentials" in errors[0] and "retrying" not in err
 
 
-def _digits_folder(where: Path, n: int = 8) -> Path:
-    import cv2
-    from realdata import mnist_rgb32
-
-    where.mkdir()
-    for i, img in enumerate(mnist_rgb32(n)):
-        (where / f"{i:03d}.png").write_bytes(cv2.imencode(".png", img)[1].tobytes())
-    return where
-
-
 def _cli_in_own_process(args: list[str], ray_tmp: Path, **env: str | None) -> subprocess.CompletedProcess:
     """`dcgan ...` in a fresh process, Ray's temp dir its own (so a session Ray starts is seen), RAY_ADDRESS unset."""
     full = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": str(ray_tmp), "DCGAN_RETRY_DELAYS_S": ""}
@@ -208,16 +199,10 @@ def test_aws_settings_that_make_no_s3_client_are_one_line_before_ray_starts(env,
     AWS_ENDPOINT_URL that is not a URL) were botocore's traceback (exit 1) from where the client is made; with no
     credentials at all the line came only after a local Ray had started (~7 s, and Ray's token-authentication
     WARNING before it). Now each is the command's one line on stderr, exit 2, and no Ray session is made."""
-    import shutil
-    import tempfile
-
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: Ray's sockets would live under it
-    try:
-        done = _cli_in_own_process(["build-lsun", str(_digits_folder(tmp_path / "digits")), "--out",
+    with own_ray_temp_dir() as ray_tmp:
+        done = _cli_in_own_process(["build-lsun", str(digits_folder(tmp_path / "digits")), "--out",
                                     f"{s3_bucket}/d", "--no-dedup"], ray_tmp, **env)
-        sessions = list(ray_tmp.glob("ray/session_*"))
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        sessions = ray_sessions(ray_tmp)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("dcgan build-lsun: error: ") and culprit in lines[0], lines
@@ -229,19 +214,13 @@ def test_a_home_where_a_local_ray_cannot_write_its_token_is_one_line_before_anyt
     """A new local Ray (token authentication on, Ray's default) writes its token to ~/.ray/auth_token when it is given
     none; a home it cannot write (here HOME names a file) was Ray's NotADirectoryError traceback from `ray.init`,
     after the build had claimed its output. Now one line naming the token's path, exit 2, nothing written."""
-    import shutil
-    import tempfile
-
     home = tmp_path / "home-is-a-file"
     home.write_text("not a folder")
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
-    try:
-        done = _cli_in_own_process(["build-lsun", str(_digits_folder(tmp_path / "digits")), "--out",
+    with own_ray_temp_dir() as ray_tmp:
+        done = _cli_in_own_process(["build-lsun", str(digits_folder(tmp_path / "digits")), "--out",
                                     str(tmp_path / "out"), "--resolution", "32", "--no-dedup"], ray_tmp,
                                    HOME=str(home), RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None, RAY_AUTH_TOKEN_PATH=None)
-        sessions = list(ray_tmp.glob("ray/session_*"))
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        sessions = ray_sessions(ray_tmp)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
     assert lines[0].startswith(f"dcgan build-lsun: error: {home}/.ray/auth_token: ") and "not a folder" in lines[0]
@@ -276,19 +255,12 @@ def test_an_s3_build_on_its_own_local_ray_prints_only_its_own_lines(s3_bucket, t
     """A build to S3 on the command's own local Ray, as a user runs it (Ray's default token authentication, the
     credentials in the environment): stderr held botocore's "Found credentials in environment variables." and Ray's
     "Token authentication is enabled for this Ray cluster" WARNING beside the project's lines. Now only ours."""
-    import shutil
-    import tempfile
-
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
     home = tmp_path / "home"  # Ray writes its token under ~/.ray: this test's own home
     home.mkdir()
-    try:
-        done = _cli_in_own_process(["build-lsun", str(_digits_folder(tmp_path / "digits")), "--out",
+    with own_ray_temp_dir() as ray_tmp:
+        done = _cli_in_own_process(["build-lsun", str(digits_folder(tmp_path / "digits")), "--out",
                                     f"{s3_bucket}/d", "--resolution", "32", "--no-dedup"], ray_tmp, HOME=str(home),
-                                   RAY_AUTH_MODE=None,
-                                   RAY_AUTH_TOKEN=None, RAY_AUTH_TOKEN_PATH=None)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+                                   RAY_AUTH_MODE=None, RAY_AUTH_TOKEN=None, RAY_AUTH_TOKEN_PATH=None)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (home / ".ray" / "auth_token").exists()  # authentication was on: only its notice is gone
     ours = re.compile(r"^(\d\d:\d\d:\d\d (INFO|WARNING) (preprocessing|dcgan)\.|\[progress\] )")
@@ -308,19 +280,13 @@ def test_s3_lost_mid_build_is_retried_and_the_build_is_the_clean_one(flaky_s3, s
     import sys
     import time
 
-    import cv2
-    from realdata import mnist_rgb32
-
     from preprocessing import shards
 
     bucket, start, stop = flaky_s3
     flaky_endpoint = os.environ["AWS_ENDPOINT_URL"]
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)  # this process watches through the server that stays up
     storage._client.cache_clear()
-    folder = tmp_path / "digits"
-    folder.mkdir()
-    for i, img in enumerate(mnist_rgb32(480)):
-        (folder / f"{i:03d}.png").write_bytes(cv2.imencode(".png", img)[1].tobytes())
+    folder = digits_folder(tmp_path / "digits", 480)
     args = ["build-lsun", str(folder), "--resolution", "32", "--shard-rows", "20", "--no-dedup"]
     assert main([*args, "--out", f"{bucket}/clean"]) == 0
 

@@ -161,8 +161,7 @@ def test_a_dataset_being_written_is_refused_to_a_second_build_and_a_second_dedup
     both reported success: the later one's manifest stood over files either may have written last, and the first
     one's result line named a dataset that was no longer there. Now the dataset's lease (`_lease.json`, taken after
     the location is claimed) refuses the second with one line naming the holder, before it writes anything."""
-    import cv2
-    from realdata import mnist_rgb32
+    from realdata import digits_folder
     from test_faults import make_dataset
 
     from dcgan.cli import main
@@ -170,10 +169,7 @@ def test_a_dataset_being_written_is_refused_to_a_second_build_and_a_second_dedup
     from preprocessing import lease as generic
 
     out = run_uri.replace("/runs/r", "/datasets/d")
-    folder = tmp_path / "digits"
-    folder.mkdir()
-    for i, img in enumerate(mnist_rgb32(8)):
-        (folder / f"{i}.png").write_bytes(cv2.imencode(".png", img)[1].tobytes())
+    folder = digits_folder(tmp_path / "digits")
     source = str(tmp_path / "source")
     make_dataset(source)
     ownership.claim(out, "dataset")

@@ -2,14 +2,12 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
+from fresh_process import own_ray_temp_dir, ray_sessions
 
 from preprocessing import shards, storage
 from preprocessing.shards import DatasetError, ShardDataset
@@ -150,14 +148,11 @@ def test_missing_bucket_is_one_line(s3_server):
 def test_train_cli_fails_before_ray_on_missing_manifest(tmp_path):
     """The dataset is checked before a local Ray is started (it was, ~10 s of a one-line error): Ray's temp dir, this
     test's own, gets no session."""
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: Ray's sockets would live under it
-    try:
+    with own_ray_temp_dir() as ray_tmp:
         r = subprocess.run([sys.executable, "-m", "dcgan.cli", "train", "--config", "configs/tiny-test.yaml",
                             "--data", str(tmp_path / "nope"), "--run", str(tmp_path / "run")],
                            capture_output=True, text=True, env={**os.environ, "RAY_TMPDIR": str(ray_tmp)}, timeout=120)
-        sessions = list(ray_tmp.glob("ray/session_*"))
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        sessions = ray_sessions(ray_tmp)
     assert r.returncode == 2
     assert "no manifest.json" in r.stderr and "Traceback" not in r.stderr
     assert sessions == [], sessions
