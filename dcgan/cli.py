@@ -138,9 +138,11 @@ def run_command(prog: str, fn) -> int:
     traceback. Inside a Ray Job the project submitted, the fault's class is also printed for the job's follower
     (`dcgan.jobs`), which raises the same class on the caller's side (a transient fault stays retryable there)."""
     from dcgan.stages import JOB_CONFIG_ENV
+    from preprocessing import settings
     from preprocessing.errors import classify, retrying
 
     try:
+        settings.check()  # a bad DCGAN_* value is this one line, before the command does anything
         return int(retrying(fn, prog) or 0)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; run the same command again to resume", file=sys.stderr)

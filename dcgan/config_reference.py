@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from dcgan.config import Config
+from preprocessing import settings
 
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -71,7 +72,11 @@ def render() -> str:
     lines.append("")
     for name, model in sections:
         lines += _section(name, model)
-    return "\n".join(lines + [END])
+    lines += ["**environment** — Settings of the process rather than the experiment, read and checked when a command "
+              "or a Prefect stage starts (`preprocessing/settings.py`); a bad value is one line, exit 2.", "",
+              "| variable | default | meaning |", "| --- | --- | --- |"]
+    lines += [f"| `{name}` | `{default}` | {meaning} |" for name, default, meaning in settings.reference()]
+    return "\n".join(lines + ["", END])
 
 
 def rewrite(readme: Path = README) -> bool:

@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
+from preprocessing import settings
 from preprocessing.compute import ClusterUnreachable
 from preprocessing.errors import RETRY_DELAYS_ENV, TransientError, UserError, fault_in_job_log, one_line
 
@@ -33,11 +34,10 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # The Jobs API's own "try again" (HTTP 500 "No available agent to submit job, please try again later"): a head that
 # has just started, or a loaded one, has no job agent registered yet. Retried after these pauses, then one line.
 TRY_AGAIN = re.compile(r"try again later|No available agent", re.IGNORECASE)
-# DCGAN_JOB_SUBMIT_RETRY_S ("2,5,10") sets other pauses.
-SUBMIT_RETRY_S = (2, 5, 10, 20, 30)
+# DCGAN_JOB_SUBMIT_RETRY_S ("2,5,10") sets other pauses (default 2,5,10,20,30: preprocessing.settings).
 POLL_TIMEOUT_S = 30  # one Jobs API request while following a job
 FAST_POLL_S, FAST_POLL_FOR_S = 0.2, 10.0  # a followed job is polled every 0.2 s for its first 10 s, then every poll_s
-LOST_AFTER_S = 60    # no answer for this long while a job runs: the cluster is lost (DCGAN_CLUSTER_LOST_AFTER_S)
+# no answer for DCGAN_CLUSTER_LOST_AFTER_S (60 s) while a job runs: the cluster is lost
 # Terminal colours and cursor moves (Ray's prefixes, progress bars) mean nothing in a run log.
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 LOG_TAIL_LINES = 30
@@ -147,7 +147,7 @@ def _sigterm_stops() -> Iterator[None]:
 
 def lost_after_s() -> float:
     """How long a job's follower waits for a Jobs API that stopped answering before it reports the cluster lost."""
-    return float(os.environ.get("DCGAN_CLUSTER_LOST_AFTER_S") or LOST_AFTER_S)
+    return settings.seconds("DCGAN_CLUSTER_LOST_AFTER_S")
 
 
 def _within(seconds: float, fn: Callable[..., Any], *args: Any) -> Any:
@@ -254,8 +254,7 @@ def submit(client, address: str, emit: Callable[[str], None], retry_s: tuple[flo
            **job: Any) -> str:
     """`client.submit_job(**job)`, retrying the Jobs API's "please try again later" with backoff; still refused after
     the last pause, RayClusterUnreachable (a transient fault: one line, and a Prefect task retries it)."""
-    pauses = retry_s if retry_s is not None else tuple(
-        float(p) for p in os.environ.get("DCGAN_JOB_SUBMIT_RETRY_S", "").split(",") if p.strip()) or SUBMIT_RETRY_S
+    pauses = retry_s if retry_s is not None else settings.seconds_list("DCGAN_JOB_SUBMIT_RETRY_S")
     for tries, pause in enumerate((*pauses, None), start=1):
         try:
             return client.submit_job(**job)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from dcgan import run_layout
 from dcgan.config import ENV_PREFIX, Config, dump_config
-from preprocessing import compute, progress, shards, storage
+from preprocessing import compute, progress, settings, shards, storage
 from preprocessing.errors import FAULT_KEY, InputError
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ Emit = Callable[[str], None]
 def run(call: StageCall, emit: Emit = log.info) -> dict[str, Any]:
     """Run a stage where the configuration says (see preprocessing.compute); returns its result dict. "Is it done?"
     is asked once, first: a stage with nothing to do is not sent anywhere."""
+    settings.check()  # a Prefect task's process reads the settings here: a bad one is a line, before anything runs
     stage = REGISTRY[call.stage]
     done = stage.done(call)
     if done is not None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
+from preprocessing import settings
 from preprocessing.errors import InputError, TransientError, known_fault
 
 JOBS_SCHEMES = ("http://", "https://")
@@ -36,9 +37,8 @@ PROJECT_LINES = r"^(?!.*(\[dcgan\]|\[progress\]|Traceback|Error\b))"
 
 
 # How long a Ray Train fit waits for workers that fit the cluster but are not placed: long enough for an autoscaler to
-# add a GPU node (minutes on a cloud), short of a night. DCGAN_WORKERS_WAIT_S sets it.
+# add a GPU node (minutes on a cloud), short of a night (15 minutes; preprocessing.settings).
 WAIT_ENV = "DCGAN_WORKERS_WAIT_S"
-WORKERS_WAIT_S = 900.0
 
 
 # A local Ray's session folder (logs, sockets, spilled objects) needs room: on a full disk its GCS never writes its
@@ -54,7 +54,7 @@ class ClusterUnreachable(TransientError, ConnectionError):
 
 
 def workers_wait_s() -> float:
-    return float(os.environ.get(WAIT_ENV) or WORKERS_WAIT_S)
+    return settings.seconds(WAIT_ENV)
 
 
 def autoscaler_maximum() -> dict[str, float] | None:

@@ -19,15 +19,13 @@ import contextlib
 import errno
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, TypeVar
 
 log = logging.getLogger(__name__)
 
-RETRY_DELAYS_ENV = "DCGAN_RETRY_DELAYS_S"
-DEFAULT_RETRY_DELAYS = (10.0, 60.0, 300.0)  # the README's promise for transient storage and cluster faults
+RETRY_DELAYS_ENV = "DCGAN_RETRY_DELAYS_S"  # its default and its check: preprocessing.settings
 
 T = TypeVar("T")
 
@@ -94,16 +92,9 @@ def one_line(err: BaseException) -> str:
 def retry_delays() -> list[float]:
     """Seconds to wait before each retry of a transient fault: DCGAN_RETRY_DELAYS_S ("10,60,300"; tests shorten it,
     an empty value turns retries off)."""
-    raw = os.environ.get(RETRY_DELAYS_ENV)
-    if raw is None:
-        return list(DEFAULT_RETRY_DELAYS)
-    try:
-        delays = [float(s) for s in raw.replace(" ", "").split(",") if s]
-    except ValueError:
-        delays = [-1.0]
-    if any(d < 0 for d in delays):
-        raise InputError(f"{RETRY_DELAYS_ENV}={raw!r}: give seconds separated by commas, e.g. 10,60,300")
-    return delays
+    from preprocessing import settings  # it raises InputError, defined here
+
+    return list(settings.seconds_list(RETRY_DELAYS_ENV))
 
 
 def known_fault(err: BaseException) -> UserError | None:

@@ -29,13 +29,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from preprocessing import storage
+from preprocessing import settings, storage
 from preprocessing.errors import UserError
 
 log = logging.getLogger(__name__)
 
-LEASE_ENV = "DCGAN_LEASE_S"
-DEFAULT_LEASE_S = 60.0
+LEASE_ENV = "DCGAN_LEASE_S"  # default 60 s (preprocessing.settings)
 
 
 class LeaseError(UserError):
@@ -63,14 +62,7 @@ _HELD: set[str] = set()  # tokens of the leases this process holds now: one of i
 
 def lease_s() -> float:
     """How long a lease lives without renewal (DCGAN_LEASE_S, default 60 s); the driver renews it 3 times as often."""
-    raw = os.environ.get(LEASE_ENV)
-    try:
-        value = float(raw) if raw else DEFAULT_LEASE_S
-    except ValueError:
-        raise LeaseError(f"{LEASE_ENV}={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise LeaseError(f"{LEASE_ENV}={raw!r} must be a positive number of seconds")
-    return value
+    return settings.seconds(LEASE_ENV)
 
 
 # ------------------------------------------------------------------------ compare-and-swap on one object or file

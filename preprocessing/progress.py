@@ -15,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import re
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, TextIO
+
+from preprocessing import settings
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.show = show
         tty = show and (self.stream.isatty() if bar is None else bar)
-        self.interval = interval if interval is not None else (0.5 if tty else float(os.environ.get(INTERVAL_ENV, 10)))
+        self.interval = interval if interval is not None else (0.5 if tty else settings.seconds(INTERVAL_ENV))
         self.done = self.initial = int(initial)
         self.note = ""
         self._start = time.monotonic()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from preprocessing import settings
 from preprocessing.errors import NoSpaceError, TransientError, UserError, naming_no_space
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
@@ -114,10 +115,7 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 def timeout_s() -> float:
     """How long one S3 request may go without an answer before it is retried (DCGAN_S3_TIMEOUT_S, default 60)."""
-    try:
-        return float(os.environ.get("DCGAN_S3_TIMEOUT_S") or 60)
-    except ValueError:
-        raise StorageError(f"DCGAN_S3_TIMEOUT_S={os.environ['DCGAN_S3_TIMEOUT_S']!r} is not a number of seconds") from None
+    return settings.seconds("DCGAN_S3_TIMEOUT_S")
 
 
 def endpoint_url() -> str | None:

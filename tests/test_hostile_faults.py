@@ -18,10 +18,10 @@ import pytest
 from test_faults import TINY, make_run, world  # noqa: F401 (fixture)
 
 from dcgan.cli import main
-from preprocessing import lsun, storage
+from preprocessing import lsun, settings, storage
 from fresh_process import own_ray_temp_dir, ray_sessions
 from realdata import digits_folder, encode, lsun_like_photos
-from preprocessing.errors import (DEFAULT_RETRY_DELAYS, InputError, TransientError, classify, retry_delays,
+from preprocessing.errors import (InputError, TransientError, classify, retry_delays,
                                   retrying)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def test_the_readme_and_the_code_promise_the_same_backoff(monkeypatch):
     text = " ".join((REPO / "README.md").read_text().split())
     promised = re.search(r"faults are retried after (\d+) s, (\d+) s and (\d+) s", text)
     assert promised, "README no longer states the retry delays"
-    assert tuple(float(s) for s in promised.groups()) == DEFAULT_RETRY_DELAYS
+    assert tuple(float(s) for s in promised.groups()) == settings.SECONDS_LISTS["DCGAN_RETRY_DELAYS_S"][0]
     monkeypatch.delenv("DCGAN_RETRY_DELAYS_S", raising=False)
     assert retry_delays() == [10.0, 60.0, 300.0]
     from pipelines import tasks
@@ -181,6 +181,41 @@ def _cli_in_own_process(args: list[str], ray_tmp: Path, **env: str | None) -> su
         full.pop(name, None) if value is None else full.__setitem__(name, value)
     return subprocess.run([sys.executable, "-m", "dcgan.cli", *args], capture_output=True, text=True, timeout=300,
                           env=full)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("DCGAN_PROGRESS_INTERVAL", "abc"), ("DCGAN_PROGRESS_INTERVAL", "0"), ("DCGAN_S3_TIMEOUT_S", "-1"),
+    ("DCGAN_S3_TIMEOUT_S", "nan"), ("DCGAN_WORKERS_WAIT_S", "soon"), ("DCGAN_CLUSTER_LOST_AFTER_S", "inf"),
+    ("DCGAN_JOB_SUBMIT_RETRY_S", "1,x"), ("DCGAN_LEASE_S", "0"), ("DCGAN_LOG_LEVEL", "LOUD"),
+    ("DCGAN_RETRY_DELAYS_S", "-1"),
+])
+def test_a_bad_setting_in_the_environment_is_one_line_before_anything_is_written(name, value, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """Each DCGAN_* setting was read where it is used: `DCGAN_PROGRESS_INTERVAL=abc` was a ValueError traceback once
+    the build had claimed its output and started Ray, `DCGAN_S3_TIMEOUT_S=-1` blamed the AWS settings. Now every one
+    is read when the command starts (preprocessing.settings)."""
+    monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    assert main(["build-lsun", str(digits_folder(tmp_path / "digits")), "--out", str(out), "--no-dedup",
+                 "--resolution", "32"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dcgan build-lsun: error: {name}={value!r}"), lines
+    assert not out.exists()
+
+
+def test_settings_take_their_defaults_and_the_values_the_readme_names(monkeypatch):
+    for name in (*settings.SECONDS, *settings.SECONDS_LISTS, settings.LOG_LEVEL):
+        monkeypatch.delenv(name, raising=False)
+    settings.check()
+    assert settings.seconds("DCGAN_LEASE_S") == 60 and settings.seconds("DCGAN_WORKERS_WAIT_S") == 900
+    assert settings.log_level() == "WARNING"
+    monkeypatch.setenv("DCGAN_WORKERS_WAIT_S", "0")  # 0 or more: do not wait
+    monkeypatch.setenv("DCGAN_RETRY_DELAYS_S", "")  # empty: no retries
+    monkeypatch.setenv("DCGAN_PROGRESS_INTERVAL", " 2.5 ")
+    monkeypatch.setenv("DCGAN_LOG_LEVEL", "info")
+    settings.check()
+    assert settings.seconds("DCGAN_WORKERS_WAIT_S") == 0 and settings.seconds_list("DCGAN_RETRY_DELAYS_S") == ()
+    assert settings.seconds("DCGAN_PROGRESS_INTERVAL") == 2.5 and settings.log_level() == "INFO"
 
 
 NO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_SESSION_TOKEN": None,
