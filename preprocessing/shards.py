@@ -110,6 +110,13 @@ def box_column(boxes: Sequence[Sequence[int] | None]) -> pa.Array:
     return pa.Array.from_buffers(pa.list_(pa.int32(), 4), len(values), [bitmap], nulls, children=[flat])
 
 
+def _utf8(value: str) -> bytes:
+    try:
+        return value.encode()
+    except UnicodeEncodeError:  # a local file name that is not UTF-8 (a source path, a reject's detail)
+        return storage.text(value).encode()
+
+
 def text_column(values: Sequence[str | bytes | None], type_: pa.DataType) -> pa.Array:
     """A string or binary column (None = null) made from its offsets, data and validity buffers.
 
@@ -117,7 +124,7 @@ def text_column(values: Sequence[str | bytes | None], type_: pa.DataType) -> pa.
     build worker's first chunk (`benchmarks/startup.py --first-chunk`), and the build uses pandas nowhere else: its
     chunk worker writes shards and reads none (reading Parquet imports pandas anyway). Equal to
     `pa.array(list(values), type_)`, as `box_column` is for the boxes (tests/test_storage_shards.py)."""
-    items = [b"" if v is None else v.encode() if isinstance(v, str) else memoryview(v).tobytes() for v in values]
+    items = [b"" if v is None else _utf8(v) if isinstance(v, str) else memoryview(v).tobytes() for v in values]
     offsets = np.zeros(len(items) + 1, np.int64)
     np.cumsum([len(b) for b in items], out=offsets[1:])
     if offsets[-1] >= 2 ** 31:

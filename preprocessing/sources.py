@@ -370,7 +370,7 @@ def list_folder(root: str) -> list[Item]:
             items.append(Item(prefix.rstrip("/"), folder, (UNREADABLE, f"cannot list folder: {err.strerror}")))
             continue
         for e in entries:
-            key = prefix + e.name
+            key = prefix + storage.text(e.name)  # a name that is not UTF-8: its bytes as \\xNN
             if _hidden(e.name):
                 items.append(Item(key, e.path, (HIDDEN, "hidden folder, not listed" if e.is_dir() else "not read")))
                 continue

@@ -118,6 +118,21 @@ def timeout_s() -> float:
     return settings.seconds("DCGAN_S3_TIMEOUT_S")
 
 
+def text(name: str) -> str:
+    """`name` as text that UTF-8 can hold: a local file name that is not UTF-8 (Python keeps its bytes as surrogate
+    escapes) has those bytes written \\xNN, as LSUN's binary keys are (`lsun.read_range`). Such a name is an input's
+    key and source like any other, not a reason for its chunk to fail."""
+    try:
+        name.encode()
+        return name
+    except UnicodeEncodeError:
+        pass
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name gives
+        return name.encode("utf-8", "backslashreplace").decode()
+
+
 def endpoint_url() -> str | None:
     """The S3 endpoint from the standard settings (None = AWS itself)."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
