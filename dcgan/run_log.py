@@ -1,8 +1,8 @@
 """Per-step training metrics as CSV and TensorBoard events, staged locally and published to the run URI
 (layer: dcgan).
 
-TensorBoard gets the scalars (losses, D(x), D(G(z)), images/s) and the fixed-z sample grid at every checkpoint
-(`add_image`). It writes local files; for an s3:// run they are staged in a temporary directory and uploaded at every
+TensorBoard gets the scalars (losses, D(x), D(G(z)), images/s) and the fixed-z sample grid at every checkpoint, in
+event files written by `dcgan.tfevents`. It writes local files; for an s3:// run they are staged in a temporary directory and uploaded at every
 checkpoint and at the end (metrics.csv also every PUBLISH_CSV_S, so a caller can follow the run), and
 `runs/<name>/metrics/` holds the same files wherever the run lives. With MLFLOW_TRACKING_URI set (and mlflow
 installed), the same scalars and grids also go to MLflow, in an MLflow run named after the run. An evaluation adds
@@ -25,6 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from dcgan import run_layout, scratch
+from dcgan.tfevents import EventWriter
 from preprocessing import storage
 from preprocessing.errors import InputError
 
@@ -64,9 +65,7 @@ class RunLog:
         _truncate_csv(self.csv_path, resume_step)
         self._csv = open(self.csv_path, "a", newline="")
         self._writer = csv.writer(self._csv)
-        from torch.utils.tensorboard import SummaryWriter
-
-        self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
+        self._tb = EventWriter(self.dir / "tensorboard")
         self._published = time.monotonic()
         self._mlflow = mlflow_client()
         if self._mlflow is not None:
@@ -83,7 +82,7 @@ class RunLog:
     def log(self, step: int, values: dict[str, float]) -> None:
         self._writer.writerow([step] + [values.get(c, "") for c in COLUMNS[1:]])
         for k, v in values.items():
-            self._tb.add_scalar(f"train/{k}", v, step)
+            self._tb.scalar(f"train/{k}", v, step)
         if self._mlflow is not None:
             self._mlflow.log_metrics({f"train/{k}": float(v) for k, v in values.items()}, step=step)
         if self.remote and time.monotonic() - self._published >= PUBLISH_CSV_S:
@@ -93,7 +92,7 @@ class RunLog:
 
     def image(self, step: int, grid: np.ndarray, tag: str = "samples/fixed_z") -> None:
         """A picture (H, W, C uint8, e.g. the fixed-z sample grid) at `step`."""
-        self._tb.add_image(tag, grid, step, dataformats="HWC")
+        self._tb.image(tag, grid, step)
         if self._mlflow is not None:
             self._mlflow.log_image(grid, key=tag.replace("/", "_"), step=step)
 
@@ -190,19 +189,14 @@ def read_metrics(run_uri: str) -> list[dict[str, float]]:
 def publish_evaluation(run_uri: str, step: int, pictures: dict[str, bytes], scalars: dict[str, float]) -> None:
     """An evaluation's pictures (PNG bytes by name) and numbers in the run's TensorBoard at `step`: tags
     `eval/<picture>` and `eval/<suite>/<metric>`, in an event file of their own beside training's."""
-    import cv2
-    from torch.utils.tensorboard import SummaryWriter
-
     remote = storage.is_s3(run_uri)
     with tempfile.TemporaryDirectory(prefix="dcgan-eval-tb-") as tmp:
         logdir = Path(tmp) if remote else storage.local_path(run_layout.tensorboard(run_uri))
-        writer = SummaryWriter(log_dir=str(logdir), filename_suffix=".eval")
-        for name, png in pictures.items():
-            image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
-            if image is not None:
-                writer.add_image(f"eval/{Path(name).stem}", image[:, :, ::-1].copy(), step, dataformats="HWC")
+        writer = EventWriter(logdir, suffix=".eval")
+        for name, png in pictures.items():  # the report's PNG files, as they are
+            writer.png(f"eval/{Path(name).stem}", png, step)
         for tag, value in scalars.items():
-            writer.add_scalar(tag, value, step)
+            writer.scalar(tag, value, step)
         writer.close()
         if remote:
             _publish(Path(tmp), run_layout.tensorboard(run_uri))
