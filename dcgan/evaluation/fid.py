@@ -18,7 +18,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from scipy import linalg
 
 from dcgan.evaluation.features import resolve_device
 
@@ -33,6 +32,8 @@ def activation_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), pytorch-fid's calculate_frechet_distance."""
+    from scipy import linalg  # here, not at import: ~0.09 s of every evaluation's start, and only this needs it
+
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
