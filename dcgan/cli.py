@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # this process is the command (a console script or `python -m dcgan.cli`)
         ctrl_c_interrupts()
     args = build_parser().parse_args(argv)
+    if sys.stdout is None:  # started with its standard output closed (`dcgan ... >&-`): print() would drop every
+        # result line without a word and the command would still exit 0
+        print(f"dcgan {args.command}: error: standard output is closed: its results would be lost; redirect it "
+              "(e.g. > result.txt, or > /dev/null to drop them)", file=sys.stderr)
+        return 2
     if args.verbose:
         os.environ["DCGAN_LOG_LEVEL"] = "INFO"
     log_to_stderr()

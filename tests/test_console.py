@@ -27,6 +27,16 @@ def test_a_console_that_is_a_log_file_gets_no_progress_bars_nor_colour(tmp_path)
     assert out == ["0", "0"]
 
 
+def test_a_closed_standard_output_is_one_line_not_results_silently_lost():
+    """`dcgan info >&-`: Python sets sys.stdout to None, print() then writes nothing, and the command exited 0."""
+    proc = subprocess.run(["sh", "-c", f"exec {sys.executable} -m dcgan.cli info >&-"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "dcgan info: error: standard output is closed: its results would be lost; redirect it (e.g. > result.txt, "
+        "or > /dev/null to drop them)"]
+
+
 def test_a_reader_that_stops_reading_is_not_a_traceback():
     """`dcgan info | head -1`: the reader closes the pipe, the next write fails with EPIPE. It was a BrokenPipeError
     traceback (exit 1) and, at the interpreter's exit, a second "Exception ignored" one; now the exit status a
