@@ -2,11 +2,11 @@
 (layer: dcgan).
 
 TensorBoard gets the scalars (losses, D(x), D(G(z)), images/s) and the fixed-z sample grid at every checkpoint, in
-event files written by `dcgan.tfevents`. It writes local files; for an s3:// run they are staged in a temporary directory and uploaded at every
-checkpoint and at the end (metrics.csv also every PUBLISH_CSV_S, so a caller can follow the run), and
-`runs/<name>/metrics/` holds the same files wherever the run lives. With MLFLOW_TRACKING_URI set (and mlflow
-installed), the same scalars and grids also go to MLflow, in an MLflow run named after the run. An evaluation adds
-its pictures and numbers at the evaluated checkpoint's step (`publish_evaluation`).
+event files written by `dcgan.tfevents`. These are local files; for an s3:// run they are staged in a temporary
+directory and uploaded at every checkpoint and at the end (metrics.csv also every PUBLISH_CSV_S, so a caller can
+follow the run), and `runs/<name>/metrics/` holds the same files wherever the run lives. With MLFLOW_TRACKING_URI
+set (and mlflow installed), the same scalars and grids also go to MLflow, in an MLflow run named after the run. An
+evaluation adds its pictures and numbers at the evaluated checkpoint's step (`publish_evaluation`).
 """
 
 from __future__ import annotations
