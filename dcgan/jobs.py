@@ -264,7 +264,7 @@ def submit(client, address: str, emit: Callable[[str], None], retry_s: tuple[flo
             if pause is None:
                 raise RayClusterUnreachable(f"the Ray cluster at {address} did not take the job after {tries} "
                                             f"tries: {one_line(err).rstrip('.')}") from None
-            emit(f"the Ray cluster at {address} asked to try again later; retrying in {pause} s")
+            emit(f"the Ray cluster at {address} asked to try again later; retrying in {pause:g} s")
             time.sleep(pause)
 
 

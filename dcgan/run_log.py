@@ -193,11 +193,13 @@ def publish_evaluation(run_uri: str, step: int, pictures: dict[str, bytes], scal
     with tempfile.TemporaryDirectory(prefix="dcgan-eval-tb-") as tmp:
         logdir = Path(tmp) if remote else storage.local_path(run_layout.tensorboard(run_uri))
         writer = EventWriter(logdir, suffix=".eval")
-        for name, png in pictures.items():  # the report's PNG files, as they are
-            writer.png(f"eval/{Path(name).stem}", png, step)
-        for tag, value in scalars.items():
-            writer.scalar(tag, value, step)
-        writer.close()
+        try:
+            for name, png in pictures.items():  # the report's PNG files, as they are
+                writer.png(f"eval/{Path(name).stem}", png, step)
+            for tag, value in scalars.items():
+                writer.scalar(tag, value, step)
+        finally:
+            writer.close()
         if remote:
             _publish(Path(tmp), run_layout.tensorboard(run_uri))
 

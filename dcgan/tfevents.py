@@ -11,6 +11,7 @@ only the fields below are written, encoded here by hand. TensorBoard reads these
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import struct
@@ -31,6 +32,8 @@ def _crc_table() -> list[int]:
 
 
 _CRC = _crc_table()
+_FLOAT32_MAX = 3.4028234663852886e38
+FLUSH_S = 120.0  # as torch's writer: what is logged reaches the file at least this often
 
 
 def crc32c(data: bytes) -> int:
@@ -72,13 +75,15 @@ def _event(step: int, summary: bytes | None = None, file_version: bytes | None =
     return out
 
 
+_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}  # a PNG's colour type: grey, RGB, palette, grey+alpha, RGBA
+
+
 def png_size(png: bytes) -> tuple[int, int, int]:
     """(height, width, channels) from a PNG's IHDR; ValueError for bytes that are not a PNG."""
-    if png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR" or len(png) < 26 or png[25] not in _CHANNELS:
         raise ValueError("not a PNG")
     width, height = struct.unpack(">II", png[16:24])
-    channels = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}[png[25]]  # grey, RGB, palette, grey+alpha, RGBA
-    return height, width, channels
+    return height, width, _CHANNELS[png[25]]
 
 
 class EventWriter:
@@ -92,15 +97,21 @@ class EventWriter:
                                     f"{os.getpid()}.{EventWriter._count}{suffix}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "ab")
+        self._flushed = time.monotonic()
         self._record(_event(0, file_version=b"brain.Event:2"))
 
     def _record(self, event: bytes) -> None:
         header = struct.pack("<Q", len(event))
         self._file.write(header + _masked(header) + event + _masked(event))
+        if time.monotonic() - self._flushed >= FLUSH_S:
+            self.flush()
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         # Summary.value = 1 (Value: tag = 1, simple_value = 2 as a 32-bit float)
-        value_ = _field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", float(value))
+        value = float(value)
+        if math.isfinite(value) and abs(value) > _FLOAT32_MAX:  # as torch's writer stores it: +-inf, not an error
+            value = math.copysign(math.inf, value)
+        value_ = _field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value)
         self._record(_event(step, _field(1, value_)))
 
     def png(self, tag: str, png: bytes, step: int) -> None:
@@ -122,6 +133,7 @@ class EventWriter:
 
     def flush(self) -> None:
         self._file.flush()
+        self._flushed = time.monotonic()
 
     def close(self) -> None:
         self._file.close()

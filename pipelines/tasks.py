@@ -25,10 +25,16 @@ from prefect.states import State
 from dcgan import stages
 from dcgan.config import Config
 from dcgan.stages import StageCall
-from preprocessing.errors import classify, retry_delays
+from preprocessing import settings
+from preprocessing.errors import InputError, classify, retry_delays
 
-# Backoff between the attempts of a task that failed on a transient fault (the README's 10 s, 60 s, 300 s).
-RETRY_DELAYS = retry_delays()
+# Backoff between the attempts of a task that failed on a transient fault (the README's 10 s, 60 s, 300 s). A bad
+# DCGAN_RETRY_DELAYS_S is not an import traceback in the worker: the stage reports it in one line when it starts
+# (`stages.run` checks every setting), and that bad input is never retried.
+try:
+    RETRY_DELAYS = retry_delays()
+except InputError:
+    RETRY_DELAYS = list(settings.SECONDS_LISTS["DCGAN_RETRY_DELAYS_S"][0])
 
 
 def retry_transient(task_: Any, task_run: TaskRun, state: State) -> bool:

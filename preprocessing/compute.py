@@ -30,7 +30,6 @@ from preprocessing import settings
 from preprocessing.errors import InputError, TransientError, known_fault
 
 JOBS_SCHEMES = ("http://", "https://")
-LOG_LEVEL_ENV = "DCGAN_LOG_LEVEL"
 # What a worker process prints that reaches the console when quiet: the project's lines and errors. Ray applies it
 # where it forwards workers' output to a driver (this process, or a Ray Job's driver and so the job's log).
 PROJECT_LINES = r"^(?!.*(\[dcgan\]|\[progress\]|Traceback|Error\b))"
@@ -68,8 +67,12 @@ def autoscaler_maximum() -> dict[str, float] | None:
 
 
 def verbose() -> bool:
-    """Ray's own logs on the console too (DCGAN_LOG_LEVEL=INFO or DEBUG)."""
-    return os.environ.get(LOG_LEVEL_ENV, "WARNING").strip().upper() in ("INFO", "DEBUG")
+    """Ray's own logs on the console too (DCGAN_LOG_LEVEL=INFO or DEBUG). A bad value is not verbose here: called
+    before the command's error handling, it leaves that value to `settings.check`."""
+    try:
+        return settings.log_level() <= logging.INFO
+    except InputError:
+        return False
 
 
 def quiet_console() -> None:

@@ -8,6 +8,7 @@ starts (`dcgan.cli.main`, `dcgan.stages.run`): a bad value is one line naming it
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -22,7 +23,7 @@ SECONDS = {
                                                  "(an autoscaler adding a node) are waited for, then one line"),
     "DCGAN_CLUSTER_LOST_AFTER_S": (60.0, "above 0", "a Jobs API that stops answering this long while a job runs is "
                                                     "a lost cluster"),
-    "DCGAN_PROGRESS_INTERVAL": (10.0, "above 0", "seconds between progress lines when stderr is not a terminal"),
+    "DCGAN_PROGRESS_INTERVAL": (10.0, "0 or more", "seconds between progress lines when stderr is not a terminal"),
 }
 # name -> (default pauses, what they are for); set but empty: no retries
 SECONDS_LISTS = {
@@ -31,7 +32,7 @@ SECONDS_LISTS = {
                                                                "try again later"),
 }
 LOG_LEVEL = "DCGAN_LOG_LEVEL"
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # and what else Python's logging takes: WARN, 20, ...
 
 
 def reference() -> list[tuple[str, str, str]]:
@@ -53,7 +54,7 @@ def seconds(name: str) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 0 or (rule == "above 0" and value == 0):
-        raise InputError(f"{name}={raw!r} is not a number of seconds {rule} (default {default:g})")
+        raise InputError(f"{name}={raw!r} is not a finite number of seconds {rule} (default {default:g})")
     return value
 
 
@@ -72,14 +73,16 @@ def seconds_list(name: str) -> tuple[float, ...]:
     return values
 
 
-def log_level() -> str:
-    """DCGAN_LOG_LEVEL (default WARNING: only the project's lines on the console; INFO or DEBUG adds Ray's)."""
+def log_level() -> int:
+    """DCGAN_LOG_LEVEL as a logging level (default WARNING: only the project's lines on the console; INFO or DEBUG
+    adds Ray's): a level name or number, as Python's logging takes them."""
     raw = os.environ.get(LOG_LEVEL, "").strip()
     if not raw:
-        return "WARNING"
-    if raw.upper() not in LOG_LEVELS:
-        raise InputError(f"{LOG_LEVEL}={raw!r} is not a log level: one of {', '.join(LOG_LEVELS)}")
-    return raw.upper()
+        return logging.WARNING
+    level = int(raw) if raw.isdigit() else logging.getLevelName(raw.upper())
+    if not isinstance(level, int):  # getLevelName answers "Level X" for a name it does not know
+        raise InputError(f"{LOG_LEVEL}={raw!r} is not a log level: one of {', '.join(LOG_LEVELS)}, or a number")
+    return level
 
 
 def check() -> None:

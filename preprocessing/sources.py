@@ -369,8 +369,12 @@ def list_folder(root: str) -> list[Item]:
                 raise InputError(f"input: cannot list {root} ({err.strerror})") from None
             items.append(Item(prefix.rstrip("/"), folder, (UNREADABLE, f"cannot list folder: {err.strerror}")))
             continue
+        texts: dict[str, str] = {}
         for e in entries:
-            key = prefix + storage.text(e.name)  # a name that is not UTF-8: its bytes as \\xNN
+            key = prefix + storage.text(e.name)  # a name that is not UTF-8: its bytes as \xNN
+            if texts.setdefault(key, e.name) != e.name:  # a name that is not UTF-8 and one that spells its \xNN
+                raise InputError(f"input: two file names in {storage.text(folder)} read {key!r} (one is not UTF-8): "
+                                 "rename one")
             if _hidden(e.name):
                 items.append(Item(key, e.path, (HIDDEN, "hidden folder, not listed" if e.is_dir() else "not read")))
                 continue

@@ -9,6 +9,7 @@ import io
 import logging
 import os
 import threading
+import re
 import time
 
 import cv2
@@ -204,6 +205,18 @@ def test_listing_reports_every_entry_it_does_not_read(tmp_path):
         "out_again": "symlink_loop", "pipe": "not_a_file", "self.jpg": "symlink_loop", "sub/a.png": None,
         "sub/out": "symlink_loop", "sub/up": "symlink_loop"}
     assert got["link.jpg"][1] == str(src / "link.jpg") and got["out/b.jpg"][1] == str(src / "out" / "b.jpg")
+
+
+def test_a_name_that_is_not_utf8_and_one_that_spells_its_bytes_are_one_line(tmp_path):
+    """A Latin-1 name's key spells its bytes \\xNN; a second file whose UTF-8 name is that spelling would give two
+    inputs one key (keys name rows): a line that names them, not the listing's assertion."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    (src / os.fsdecode(b"caf\xe9.jpg")).write_bytes(b"a")
+    assert [it.key for it in list_items(str(src))] == ["caf\\xe9.jpg"]
+    (src / "caf\\xe9.jpg").write_bytes(b"b")
+    with pytest.raises(InputError, match=re.escape(f"two file names in {src} read {'caf' + chr(92) + 'xe9.jpg'!r}")):
+        list_items(str(src))
 
 
 def test_missing_or_unloadable_cascade_fails_once_before_any_input_is_read(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -184,7 +185,7 @@ def _cli_in_own_process(args: list[str], ray_tmp: Path, **env: str | None) -> su
 
 
 @pytest.mark.parametrize("name, value", [
-    ("DCGAN_PROGRESS_INTERVAL", "abc"), ("DCGAN_PROGRESS_INTERVAL", "0"), ("DCGAN_S3_TIMEOUT_S", "-1"),
+    ("DCGAN_PROGRESS_INTERVAL", "abc"), ("DCGAN_PROGRESS_INTERVAL", "-2"), ("DCGAN_S3_TIMEOUT_S", "-1"),
     ("DCGAN_S3_TIMEOUT_S", "nan"), ("DCGAN_WORKERS_WAIT_S", "soon"), ("DCGAN_CLUSTER_LOST_AFTER_S", "inf"),
     ("DCGAN_JOB_SUBMIT_RETRY_S", "1,x"), ("DCGAN_LEASE_S", "0"), ("DCGAN_LOG_LEVEL", "LOUD"),
     ("DCGAN_RETRY_DELAYS_S", "-1"),
@@ -208,14 +209,17 @@ def test_settings_take_their_defaults_and_the_values_the_readme_names(monkeypatc
         monkeypatch.delenv(name, raising=False)
     settings.check()
     assert settings.seconds("DCGAN_LEASE_S") == 60 and settings.seconds("DCGAN_WORKERS_WAIT_S") == 900
-    assert settings.log_level() == "WARNING"
+    assert settings.log_level() == logging.WARNING
     monkeypatch.setenv("DCGAN_WORKERS_WAIT_S", "0")  # 0 or more: do not wait
     monkeypatch.setenv("DCGAN_RETRY_DELAYS_S", "")  # empty: no retries
     monkeypatch.setenv("DCGAN_PROGRESS_INTERVAL", " 2.5 ")
     monkeypatch.setenv("DCGAN_LOG_LEVEL", "info")
     settings.check()
     assert settings.seconds("DCGAN_WORKERS_WAIT_S") == 0 and settings.seconds_list("DCGAN_RETRY_DELAYS_S") == ()
-    assert settings.seconds("DCGAN_PROGRESS_INTERVAL") == 2.5 and settings.log_level() == "INFO"
+    assert settings.seconds("DCGAN_PROGRESS_INTERVAL") == 2.5 and settings.log_level() == logging.INFO
+    for level, number in (("warn", logging.WARNING), ("20", logging.INFO), ("NOTSET", 0)):  # as logging takes them
+        monkeypatch.setenv("DCGAN_LOG_LEVEL", level)
+        assert settings.log_level() == number
 
 
 NO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_SESSION_TOKEN": None,

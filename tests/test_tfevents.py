@@ -42,6 +42,7 @@ def test_tensorboard_reads_our_scalars_and_pictures_as_torchs_writer_writes_them
     for step in (0, 7, 2**40):
         ours.scalar("train/loss_d", 0.25 + step % 5, step)
         theirs.add_scalar("train/loss_d", 0.25 + step % 5, step)
+    ours.scalar("eval/huge", 1e300, 3)  # beyond float32: stored as inf, as torch's writer stores it
     ours.png("eval/samples", png, 7)
     ours.image("samples/grey", grey, 9)
     ours.image("samples/fixed_z", photo, 9)
@@ -68,9 +69,11 @@ def test_tensorboard_reads_our_scalars_and_pictures_as_torchs_writer_writes_them
     acc = EventAccumulator(str(tmp_path / "ours"), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("train/loss_d")] == [(0, 0.25), (7, 2.25), (2**40, 1.25)]
+    assert [e.value for e in acc.Scalars("eval/huge")] == [float("inf")]
     [shown] = acc.Images("eval/samples")
     assert shown.step == 7 and shown.encoded_image_string == png and (shown.height, shown.width) == (128, 128)
     [grey_shown] = acc.Images("samples/grey")
     assert png_size(grey_shown.encoded_image_string) == (64, 64, 1)
-    with pytest.raises(ValueError, match="not a PNG"):
-        png_size(b"GIF89a" + bytes(40))
+    for not_png in (b"GIF89a" + bytes(40), png[:20], png[:25] + b"\x07" + png[26:]):  # colour type 7: none
+        with pytest.raises(ValueError, match="not a PNG"):
+            png_size(not_png)
