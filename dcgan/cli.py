@@ -148,7 +148,7 @@ def run_command(prog: str, fn) -> int:
 
     try:
         settings.check()  # a bad DCGAN_* value is this one line, before the command does anything
-        return int(retrying(fn, prog) or 0)
+        return int(retrying(fn, prog, settings.retry_delays()) or 0)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

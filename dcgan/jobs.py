@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterator
 
 from preprocessing import settings
 from preprocessing.compute import ClusterUnreachable
-from preprocessing.errors import RETRY_DELAYS_ENV, TransientError, UserError, fault_in_job_log, one_line
+from preprocessing.errors import TransientError, UserError, fault_in_job_log, one_line
+from preprocessing.settings import RETRY_DELAYS_ENV
 
 # The standard storage settings a job needs to reach the same object store (passed only when set). Credentials are
 # not among them: the nodes bring their own (environment, profile, instance or pod role) unless the caller opts in.

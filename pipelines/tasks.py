@@ -26,13 +26,13 @@ from dcgan import stages
 from dcgan.config import Config
 from dcgan.stages import StageCall
 from preprocessing import settings
-from preprocessing.errors import InputError, classify, retry_delays
+from preprocessing.errors import InputError, classify
 
 # Backoff between the attempts of a task that failed on a transient fault (the README's 10 s, 60 s, 300 s). A bad
 # DCGAN_RETRY_DELAYS_S is not an import traceback in the worker: the stage reports it in one line when it starts
 # (`stages.run` checks every setting), and that bad input is never retried.
 try:
-    RETRY_DELAYS = retry_delays()
+    RETRY_DELAYS = settings.retry_delays()
 except InputError:
     RETRY_DELAYS = list(settings.SECONDS_LISTS["DCGAN_RETRY_DELAYS_S"][0])
 

@@ -2,7 +2,8 @@
 
 Three classes, one rule each:
 - transient (`TransientError`: storage unreachable or throttled past boto3's own retries, a cluster that does not
-  answer, a lost node): retried after `retry_delays()` (the README's 10 s, 60 s, 300 s), then reported in one line;
+  answer, a lost node): retried after `settings.retry_delays()` (the README's 10 s, 60 s, 300 s), then reported in
+  one line;
 - bad input (`UserError`: a damaged dataset, a bad config, missing credentials, a bad path): one line on stderr and
   exit 2, never retried (not by the CLI, not by Ray, not by Prefect): it fails the same way every time;
 - anything else is a bug and keeps its traceback.
@@ -25,7 +26,6 @@ from typing import Callable, Iterator, Literal, TypeVar
 
 log = logging.getLogger(__name__)
 
-RETRY_DELAYS_ENV = "DCGAN_RETRY_DELAYS_S"  # its default and its check: preprocessing.settings
 
 T = TypeVar("T")
 
@@ -87,14 +87,6 @@ def one_line(err: BaseException) -> str:
     """The message of an error on one line (multi-line details joined with '; ')."""
     parts = [p.strip() for p in str(err).splitlines() if p.strip()]
     return "; ".join(parts) if parts else type(err).__name__
-
-
-def retry_delays() -> list[float]:
-    """Seconds to wait before each retry of a transient fault: DCGAN_RETRY_DELAYS_S ("10,60,300"; tests shorten it,
-    an empty value turns retries off)."""
-    from preprocessing import settings  # it raises InputError, defined here
-
-    return list(settings.seconds_list(RETRY_DELAYS_ENV))
 
 
 def known_fault(err: BaseException) -> UserError | None:
@@ -174,14 +166,14 @@ def fault_in_job_log(logs: str) -> tuple[str, str] | None:
     return None
 
 
-def retrying(fn: Callable[[], T], what: str, delays: list[float] | None = None,
-             sleep: Callable[[float], None] = time.sleep) -> T:
-    """`fn()`, run again after each of `delays` (default `retry_delays()`) while it fails on a transient fault.
+def retrying(fn: Callable[[], T], what: str, delays: list[float], sleep: Callable[[float], None] = time.sleep) -> T:
+    """`fn()`, run again after each of `delays` (a front end's `settings.retry_delays()`) while it fails on a
+    transient fault.
 
     A known fault comes out as its one line (unwrapped from Ray's wrappers): a transient one after the last retry,
     bad input at once; anything else is re-raised as it is.
     """
-    delays = retry_delays() if delays is None else list(delays)
+    delays = list(delays)
     for attempt in range(len(delays) + 1):
         try:
             return fn()

@@ -31,6 +31,7 @@ SECONDS_LISTS = {
     "DCGAN_JOB_SUBMIT_RETRY_S": ((2.0, 5.0, 10.0, 20.0, 30.0), "pauses before each retry of a Jobs API that asks to "
                                                                "try again later"),
 }
+RETRY_DELAYS_ENV = "DCGAN_RETRY_DELAYS_S"
 LOG_LEVEL = "DCGAN_LOG_LEVEL"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # and what else Python's logging takes: WARN, 20, ...
 
@@ -71,6 +72,12 @@ def seconds_list(name: str) -> tuple[float, ...]:
         example = ",".join(f"{v:g}" for v in SECONDS_LISTS[name][0])
         raise InputError(f"{name}={raw!r}: give seconds separated by commas, e.g. {example}")
     return values
+
+
+def retry_delays() -> list[float]:
+    """Seconds to wait before each retry of a transient fault (DCGAN_RETRY_DELAYS_S; empty: no retries). Here, not
+    in preprocessing.errors, which this module imports."""
+    return list(seconds_list(RETRY_DELAYS_ENV))
 
 
 def log_level() -> int:

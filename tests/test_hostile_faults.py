@@ -22,8 +22,8 @@ from dcgan.cli import main
 from preprocessing import lsun, settings, storage
 from fresh_process import own_ray_temp_dir, ray_sessions
 from realdata import digits_folder, encode, lsun_like_photos
-from preprocessing.errors import (InputError, TransientError, classify, retry_delays,
-                                  retrying)
+from preprocessing.errors import InputError, TransientError, classify, retrying
+from preprocessing.settings import retry_delays
 
 REPO = Path(__file__).resolve().parents[1]
 
