@@ -34,7 +34,7 @@ from preprocessing.errors import InputError, classify
 try:
     RETRY_DELAYS = settings.retry_delays()
 except InputError:
-    RETRY_DELAYS = list(settings.SECONDS_LISTS["DCGAN_RETRY_DELAYS_S"][0])
+    RETRY_DELAYS = list(settings.SECONDS_LISTS[settings.RETRY_DELAYS_ENV][0])
 
 
 def retry_transient(task_: Any, task_run: TaskRun, state: State) -> bool:

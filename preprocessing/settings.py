@@ -25,13 +25,13 @@ SECONDS = {
                                                     "a lost cluster"),
     "DCGAN_PROGRESS_INTERVAL": (10.0, "0 or more", "seconds between progress lines when stderr is not a terminal"),
 }
+RETRY_DELAYS_ENV = "DCGAN_RETRY_DELAYS_S"
 # name -> (default pauses, what they are for); set but empty: no retries
 SECONDS_LISTS = {
-    "DCGAN_RETRY_DELAYS_S": ((10.0, 60.0, 300.0), "pauses before each retry of a transient storage or cluster fault"),
+    RETRY_DELAYS_ENV: ((10.0, 60.0, 300.0), "pauses before each retry of a transient storage or cluster fault"),
     "DCGAN_JOB_SUBMIT_RETRY_S": ((2.0, 5.0, 10.0, 20.0, 30.0), "pauses before each retry of a Jobs API that asks to "
                                                                "try again later"),
 }
-RETRY_DELAYS_ENV = "DCGAN_RETRY_DELAYS_S"
 LOG_LEVEL = "DCGAN_LOG_LEVEL"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # and what else Python's logging takes: WARN, 20, ...
 
