@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m pipelines.demo
 
-# Everything (what CI runs): ~22-34 minutes on 2 idle cores, by the box (fresh clones: 2026-12-07, AMD Zen 5, 22.3
-# min of tests, 553 passed; 2026-12-06, 28.7 and 33.5 min; + ~1 min of set-up); 45-55 minutes when other jobs share
-# the cores or the machine runs slow (52 min one morning, when benchmarks/startup.py --first-chunk ran 1.86x slower).
+# Everything (what CI runs): ~22-34 minutes on 2 idle cores, by the box (fresh clones, `make venv` then
+# `.venv/bin/python -m pytest -q tests -p no:cacheprovider`: 2026-12-07, AMD Zen 5, 22.3 min of tests, 553 passed;
+# 2026-12-06, 28.7 and 33.5 min; + ~1 min of set-up); 45-55 minutes when other jobs share the cores or the machine
+# runs slow (52 min one morning, when benchmarks/startup.py --first-chunk ran 1.86x slower).
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
