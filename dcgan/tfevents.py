@@ -6,8 +6,8 @@ PIL, also the evaluation's, which are PNG files already: 0.64 s of a ~2.5 s `dcg
 profile (benchmarks/RESULTS.md, thirtieth session; benchmarks/startup.py's evaluate row is that command as a Ray
 job). The format is small and stable: TFRecord framing (the length, its masked CRC-32C, the bytes, their masked
 CRC-32C) around `Event` protocol buffers, of which only the fields below are written, encoded here by hand.
-TensorBoard reads these files as its own
-(tests/test_evaluate.py, tests/test_flows.py read them with its EventAccumulator).
+TensorBoard reads these files as its own (tests/test_evaluate.py, tests/test_flows.py read them with its
+EventAccumulator).
 """
 
 from __future__ import annotations
