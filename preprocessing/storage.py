@@ -25,6 +25,7 @@ from preprocessing import settings
 from preprocessing.errors import NoSpaceError, TransientError, UserError, naming_no_space
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
+BODY_ATTEMPTS = 5  # an object's body broken off mid-way is asked for this many times in all (boto3's transfer manager's)
 # Error codes that say "not now" rather than "no": still failing after boto3's retries, they are worth a later retry.
 TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
                    "ThrottlingException", "RequestTimeTooSkewed"}
@@ -238,18 +239,46 @@ def _s3_call(uri: str, fn, *args, **kwargs):
 def read_bytes(uri: str) -> bytes:
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        buf = io.BytesIO()
         try:
-            _s3_call(uri, s3_client().download_fileobj, bucket, key, buf, Config=_transfer_config())
+            return _get_object(uri, bucket, key)
         except StorageError as err:
             if "no such object" in str(err):
                 check_writable(f"s3://{bucket}")  # a missing bucket says so, rather than "no such object"
             raise
-        return buf.getvalue()
     p = local_path(uri)
     if not p.is_file():
         raise StorageError(f"{uri}: no such file")
     return p.read_bytes()
+
+
+def _get_object(uri: str, bucket: str, key: str) -> bytes:
+    """An object's bytes in one GET, read whole. boto3's transfer manager (`download_fileobj`: threads and a queue of
+    256 KB writes) cost 3.4x the CPU of this for a 23 MB shard, and 2-4x its wall time (benchmarks/s3_read.py); a
+    shard is read once a dedup phase and once an epoch of training. botocore retries the request; a body broken off
+    mid-way is asked for again here, BODY_ATTEMPTS times in all, as the transfer manager did. An object larger than
+    MULTIPART_THRESHOLD (a large checkpoint) goes to the transfer manager's parallel ranged GETs."""
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+    client = s3_client()
+    for _ in range(BODY_ATTEMPTS):
+        answer = _s3_call(uri, client.get_object, Bucket=bucket, Key=key)
+        body = answer["Body"]
+        try:
+            if answer.get("ContentLength", 0) > MULTIPART_THRESHOLD:
+                break
+            return _s3_call(uri, body.read)
+        except StorageError as err:
+            broken = err.__context__  # what botocore raised
+            if not isinstance(broken, (IncompleteReadError, ReadTimeoutError, ResponseStreamingError)):
+                raise
+        finally:
+            body.close()
+    else:
+        raise StorageUnreachable(f"{uri}: the S3 endpoint broke off the object's body {BODY_ATTEMPTS} times "
+                                 f"({type(broken).__name__})")
+    buf = io.BytesIO()
+    _s3_call(uri, client.download_fileobj, bucket, key, buf, Config=_transfer_config())
+    return buf.getvalue()
 
 
 def write_bytes(uri: str, data: bytes | memoryview) -> None:

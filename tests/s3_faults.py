@@ -28,15 +28,18 @@ class FaultProxy:
     """`with FaultProxy(upstream, seed=1, rate=0.1) as proxy:` then point AWS_ENDPOINT_URL at `proxy.url`."""
 
     def __init__(self, upstream: str, seed: int = 0, rate: float = 0.1, attempts: int = 1, stall_s: float = 3.0,
-                 stubborn: dict[str, int] | None = None, canned: dict[tuple[str, str], tuple[int, str, int]] | None = None):
+                 stubborn: dict[str, int] | None = None, canned: dict[tuple[str, str], tuple[int, str, int]] | None = None,
+                 cut: dict[str, int] | None = None):
         """`stubborn`: PUTs whose path ends with a key fail with 503 that many times in a row (past a client's own
-        retries), to show what the next layer up does about it. `canned`: {(method, path): (status, text, times)}
+        retries), to show what the next layer up does about it. `cut`: GETs whose path ends with a key get their
+        answer's headers and half its body, then a reset, that many times in a row (a connection lost mid-body). `canned`: {(method, path): (status, text, times)}
         answers that request with `status` and the plain `text` its first `times` tries (any HTTP server: e.g. the
         Ray Jobs API's "please try again later")."""
         self.canned, self.canned_sent = canned or {}, Counter()
         self.upstream = urlparse(upstream)
         self.seed, self.rate, self.attempts, self.stall_s = seed, rate, attempts, stall_s
         self.stubborn = stubborn or {}
+        self.cut, self.cut_sent = cut or {}, Counter()
         self.seen: Counter = Counter()
         self.injected: Counter = Counter()
         self.requests = 0
@@ -115,6 +118,18 @@ class FaultProxy:
                 self.wfile.write(body)
                 return True
 
+            def _cut(self) -> bool:
+                """Whether this GET's body is cut off half-way (`cut`): the rest never comes, the connection resets."""
+                suffix = next((k for k in proxy.cut if self.path.split("?")[0].endswith(k)), None)
+                if self.command != "GET" or suffix is None:
+                    return False
+                with proxy._lock:
+                    if proxy.cut_sent[suffix] >= proxy.cut[suffix]:
+                        return False
+                    proxy.cut_sent[suffix] += 1
+                    proxy.injected["cut mid-body"] += 1
+                return True
+
             def _any(self) -> None:
                 body = self._body()
                 if self._canned():
@@ -146,9 +161,14 @@ class FaultProxy:
                 length = resp.getheader("Content-Length") if self.command == "HEAD" else None
                 self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
                 up.close()
+                if self.command == "HEAD":
+                    return
+                if self._cut():
+                    self.wfile.write(data[:len(data) // 2])
+                    self.wfile.flush()
+                    return self._reset()
+                self.wfile.write(data)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 

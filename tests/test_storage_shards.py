@@ -213,3 +213,34 @@ def test_delete_prefix_sends_a_key_s3_failed_again_and_raises_when_it_was_refuse
                     storage.delete_prefix(root)
                 assert storage.exists(f"s3://{bucket}/{key}") and proxy.injected["canned 200"] == times, code
         monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+
+
+def test_an_object_read_in_one_get_survives_a_body_broken_off_and_a_large_one_in_ranged_gets(s3_server, s3_bucket,
+                                                                                             monkeypatch):
+    """`storage.read_bytes` reads an object in one GET. A connection lost half-way through the body (the proxy sends
+    the headers and half the bytes, then resets) is asked for again, up to BODY_ATTEMPTS GETs, and then is one line,
+    transient (a later retry may get it). An object larger than MULTIPART_THRESHOLD is read in parallel ranged GETs."""
+    from tests.s3_faults import FaultProxy
+
+    data = np.random.default_rng(1).integers(0, 256, 3 * 2**20, dtype=np.uint8).tobytes()
+    uri = storage.join(s3_bucket, "shards/part-00000.parquet")
+    storage.write_bytes(uri, data)
+    path = "/" + "/".join(storage.split_s3(uri))
+    gets = lambda proxy: sum(n for (method, p), n in proxy.seen.items() if method == "GET" and p == path)  # noqa: E731
+    for cuts in (1, storage.BODY_ATTEMPTS - 1):
+        with FaultProxy(s3_server, rate=0, cut={"part-00000.parquet": cuts}) as proxy:
+            monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+            assert storage.read_bytes(uri) == data
+            assert proxy.injected["cut mid-body"] == cuts and gets(proxy) == cuts + 1
+    with FaultProxy(s3_server, rate=0, cut={"part-00000.parquet": storage.BODY_ATTEMPTS}) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        with pytest.raises(storage.StorageUnreachable, match=f"^{uri}: the S3 endpoint broke off the object's body "
+                           f"{storage.BODY_ATTEMPTS} times \\(\\w+Error\\)$"):
+            storage.read_bytes(uri)
+        assert gets(proxy) == storage.BODY_ATTEMPTS
+
+    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 2**20)  # 3 MiB: a GET's headers, then 3 ranged GETs
+    with FaultProxy(s3_server, rate=0) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        assert storage.read_bytes(uri) == data
+        assert gets(proxy) == 4, proxy.seen
