@@ -1,9 +1,9 @@
 """One URI for every location: a local path / file:// URI, or s3://bucket/prefix on any S3-compatible store.
 
 The endpoint and credentials come only from the standard AWS settings (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL,
-AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, profiles, instance roles). boto3 does object I/O with multipart
-transfers and bounded retries with backoff; `arrow_filesystem` gives Ray Data and Ray Train the same store through
-pyarrow. No credential is printed or written: errors name the URI and the cause, never a key.
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, profiles, instance roles). boto3 does object I/O with bounded
+retries and backoff: an object in one GET, or in parallel ranged GETs past MULTIPART_THRESHOLD, and multipart uploads;
+`arrow_filesystem` gives Ray Data and Ray Train the same store through pyarrow. No credential is printed or written: errors name the URI and the cause, never a key.
 
 Layer: preprocessing. Longer than most modules because the two backends of the one interface (local and S3,
 with their error translation) belong side by side: every operation is defined once for both.
