@@ -174,6 +174,15 @@ def cluster_cpus() -> int:
 _connected: tuple[Placement, str] | None = None  # where connect() started or joined Ray here, and that Ray's GCS
 
 
+def owns_ray() -> bool:
+    """Whether the Ray this process works on is its own local one (`connect` started it): every worker, actor and
+    placement group of it ends with this process."""
+    import ray
+
+    return bool(_connected and _connected[0].kind == "local" and ray.is_initialized()
+                and _connected[1] == ray.get_runtime_context().gcs_address)
+
+
 def connect(address: str | None = None, *, quiet: bool = True) -> None:
     """Start or join Ray for work in this process, once.
 

@@ -18,7 +18,11 @@ gives up after `workers_wait_s()` and the caller reports it in one line (`dcgan.
 Ray Train's controller also starts helper actors, each a fresh Python process beside the workers' own start: a
 preemption watcher, which only logs a node's drain and tells a training function that asks (ours does not), and a
 dataset manager for the Ray Datasets a trainer is given (ours are given none: each worker reads its own stream of
-shards). `Trainer` starts neither (issue 22: a training's fixed start-up).
+shards). `Trainer` starts neither (issue 22: a training's fixed start-up). On the process's own local Ray
+(`compute.owns_ray`) it starts no placement group cleaner either: that actor removes a dead controller's placement
+group, which a local Ray removes anyway when it stops with the process; it asks the State API, which a local Ray
+here does not serve, and with another Ray on the machine it could not tell which was its own and printed a
+traceback on the user's console ("Found multiple active Ray instances") in runs that went well.
 """
 
 from __future__ import annotations
@@ -31,13 +35,14 @@ from typing import Any, Callable, Iterator
 from ray.train import FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.constants import (DEFAULT_WORKER_GROUP_START_TIMEOUT_S, ENABLE_PREEMPTION_WATCHER_ENV_VAR,
                                               HEALTH_CHECK_INTERVAL_S_ENV_VAR, WORKER_GROUP_START_TIMEOUT_S_ENV_VAR)
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
 from ray.train.v2.api.exceptions import ControllerError
 
-from preprocessing.compute import workers_wait_s
+from preprocessing.compute import owns_ray, workers_wait_s
 from preprocessing.config import ClusterConfig
 from preprocessing.errors import TransientError, UserError, known_fault
 
@@ -94,14 +99,13 @@ def _controller_env(wait_s: float) -> Iterator[None]:
 
 
 class Trainer(TorchTrainer):
-    """A TorchTrainer that runs its controller with `KnownFaultPolicy`, and without a dataset manager when it is
-    given no Ray Dataset."""
+    """A TorchTrainer that runs its controller with `KnownFaultPolicy`, without a dataset manager when it is given
+    no Ray Dataset, and without a placement group cleaner on the process's own local Ray."""
 
     def _create_default_callbacks(self):
-        callbacks = super()._create_default_callbacks()
-        if self.datasets:
-            return callbacks
-        return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
+        unwanted = (() if self.datasets else (DatasetsCallback,)) + \
+            ((PlacementGroupCleanerCallback,) if owns_ray() else ())
+        return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, unwanted)]
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         policy = controller_init_kwargs.get("failure_policy")

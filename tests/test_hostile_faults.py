@@ -576,7 +576,6 @@ def test_a_full_disk_is_one_line_and_the_same_commands_finish_once_there_is_spac
     such a run again at step 0: `test_a_write_that_finds_no_space_is_bad_input_in_one_line`.) A local Ray asked for
     on a temp disk without room for its session is one line before Ray starts."""
     from test_faults import make_dataset
-    from test_train import without_ray_internals  # Ray's PlacementGroupCleaner, when other tests' Rays run
 
     lmdb_path = tmp_path / "bedroom_val_lmdb"
     good = {}
@@ -600,7 +599,7 @@ def test_a_full_disk_is_one_line_and_the_same_commands_finish_once_there_is_spac
 
     def the_line(err: str, command: str) -> str:
         lines = [ln for ln in err.splitlines() if ln.startswith(f"dcgan {command}: error: ")]
-        assert len(lines) == 1 and "Traceback" not in without_ray_internals(err), err[-3000:]
+        assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
         return lines[0]
 
     assert got["build1.rc"].strip() == "2", got["build1.err"][-3000:]
