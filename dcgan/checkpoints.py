@@ -31,10 +31,18 @@ if TYPE_CHECKING:  # torch is imported where a checkpoint is written or loaded: 
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"checkpoints/step-(\d{7,})/COMPLETE$")
+STEP_FOLDER = re.compile(r"checkpoints/step-(\d{7,})/")
 
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, incomplete, or does not fit the architecture asked for."""
+
+
+def step_folders(run_uri: str) -> list[int]:
+    """Steps of every checkpoint folder that holds a file, complete or not, ascending."""
+    found = {int(m.group(1)) for uri in storage.list_uris(run_layout.checkpoints(run_uri))
+             if (m := STEP_FOLDER.search(uri.replace("\\", "/")))}
+    return sorted(found)
 
 
 def complete_steps(run_uri: str) -> list[int]:

@@ -279,6 +279,20 @@ def _keep_newest_checkpoints(cfg: Config, valid: int | None = None) -> None:
         storage.delete_prefix(run_layout.checkpoint(cfg.run_uri, step))
 
 
+def _forget_checkpoints_past(cfg: Config, resume_step: int | None) -> None:
+    """Ray Train remembers the checkpoints it registered in a run (<run>/checkpoints/checkpoint_manager_snapshot.json)
+    and, past `keep_checkpoints`, removes the oldest of them by folder. A run resumed from an older step than its
+    newest checkpoint (the newer ones corrupt or cut off) writes those steps' folders again, and Ray then removed the
+    new folders for the old ones it remembered: a resumed run whose two checkpoints were cut off ended with none,
+    exit 0. Then Ray's memory of the run is dropped: it keeps this fit's checkpoints, `_keep_newest_checkpoints` the
+    run's. The caller holds the run's lease."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME  # pinned Ray version
+
+    newest = max(checkpoints.step_folders(cfg.run_uri), default=None)
+    if newest is not None and newest > (-1 if resume_step is None else resume_step):
+        storage.delete_prefix(storage.join(run_layout.checkpoints(cfg.run_uri), CHECKPOINT_MANAGER_SNAPSHOT_FILENAME))
+
+
 @contextlib.contextmanager
 def _followed(cfg: Config, every_s: float = 5.0) -> Iterator[None]:
     """For progress listeners in this process (a Prefect task's progress artifact): the run's step, read from its
@@ -353,6 +367,7 @@ def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dic
                            # Every failure reaches the driver once: a worker's known fault as one line, anything else
                            # with each worker's traceback; Ray Train's console copies of it would only repeat it.
                            logging_config=LoggingConfig(log_level="CRITICAL"))
+    _forget_checkpoints_past(cfg, None if state is None else int(state["step"]))
     fail_at = os.environ.get(FAIL_AT_STEP_ENV)
     resume = None
     if state is not None:

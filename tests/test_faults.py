@@ -409,6 +409,27 @@ def test_relative_run_trains_and_resumes_past_a_corrupt_checkpoint(world, ray_cl
 
 
 @pytest.mark.slow
+def test_a_resume_from_before_its_cut_off_checkpoints_keeps_the_ones_it_writes_again(world, ray_cluster, capfd):
+    """Every checkpoint of a run cut off (state.pt emptied): the rerun starts at step 0 and writes the same steps'
+    folders again. Ray Train remembered the old ones and, past keep_checkpoints, removed the new folders in their
+    place: the run ended with no checkpoint at all, exit 0, its summary naming a step-0 checkpoint that was never
+    written."""
+    args = ["train", "--config", TINY, "--data", "data/digits", "--run", "runs/cut", "--steps", "4",
+            "--set", "train.checkpoint_every=2", "--set", "train.keep_checkpoints=2"]
+    assert main(args) == 0
+    run = str(world.root / "runs" / "cut")
+    assert checkpoints.valid_steps(run) == [2, 4]
+    for step in (2, 4):
+        (Path(run_layout.checkpoint(run, step)) / "state.pt").write_bytes(b"")
+    capfd.readouterr()
+    assert main(args) == 0
+    out, err = capfd.readouterr()
+    assert "no checkpoint was written whole" in err and "starting at step 0" in err
+    assert checkpoints.valid_steps(run) == [2, 4] and checkpoints.load_state(run)["step"] == 4
+    assert f"run {run} at step 4: checkpoint {run_layout.checkpoint(run, 4)}" in out, out
+
+
+@pytest.mark.slow
 def test_flows_fail_once_with_the_same_line_and_touch_nothing(world, ray_cluster, prefect_harness):
     """A deployment run meets the same known faults: the run fails at the first attempt (a bad input is not
     retried), its message names the culprit, and the user's files are untouched."""
