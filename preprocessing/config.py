@@ -31,7 +31,7 @@ Resolution = Annotated[int, AfterValidator(_power_of_two_side)]
 class Strict(BaseModel):
     """Every config section: unknown keys and impossible values fail when the config is read, naming the field."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DedupConfig(Strict):

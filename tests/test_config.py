@@ -19,6 +19,19 @@ def test_unknown_key_names_the_field():
         parse_config({"train": {"learning_rate": 0.1}})
 
 
+@pytest.mark.parametrize("field, value", [("train.lr", "inf"), ("train.weight_decay", ".inf"), ("dedup.lr", "inf"),
+                                          ("dedup.input_noise", "nan"), ("cluster.cpus_per_worker", "inf")])
+def test_an_infinite_number_is_refused_naming_the_field(tmp_path, field, value):
+    """`--set train.lr=inf` passed `gt=0` (NaN fails every bound, infinity does not) and trained a NaN model to the
+    end, exit 0. A number in the config is finite or refused."""
+    p = tmp_path / "c.yaml"
+    section, name = field.split(".")
+    p.write_text(f"{section}:\n  {name}: {value}\n")
+    for given in ({"config": p, "overrides": {}}, {"config": None, "overrides": {field: float(value.strip("."))}}):
+        with pytest.raises(ConfigError, match=rf"{field}: Input should be a finite number"):
+            load_config(given["config"], given["overrides"])
+
+
 def test_resolution_not_power_of_two():
     with pytest.raises(ConfigError, match=r"model\.resolution.*power of two"):
         parse_config({"model": {"resolution": 48}})
