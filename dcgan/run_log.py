@@ -121,8 +121,8 @@ class RunLog:
 
 
 def parse_metrics(text: str, source: str = "metrics.csv") -> list[dict[str, float]]:
-    """Rows of a metrics CSV by step, numbers parsed. A damaged history (a repeated header, a cut or garbled row, a
-    step logged twice by two writers) is read as far as it makes sense, with one warning: the last row of a step
+    """Rows of a metrics CSV by step, numbers parsed. A damaged history (a repeated header, a cut or garbled row, bytes
+    that are not UTF-8, a step logged twice by two writers) is read as far as it makes sense, with one warning: the last row of a step
     wins, and rows come out in step order."""
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None) or list(COLUMNS)
@@ -163,7 +163,7 @@ def opened(run_uri: str, resume_step: int, enabled: bool = True) -> Iterator[Run
 
 def _truncate_csv(path: Path, resume_step: int) -> None:
     """The CSV as one header and the rows up to `resume_step`, rewritten whole (a temporary file and a rename)."""
-    rows = parse_metrics(path.read_text(), str(path)) if path.exists() else []
+    rows = parse_metrics(path.read_text(errors="replace"), str(path)) if path.exists() else []
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
@@ -181,9 +181,10 @@ def _cell(value: float | None) -> str | int | float:
 
 
 def read_metrics(run_uri: str) -> list[dict[str, float]]:
-    """The run's metrics.csv as a list of rows (numbers parsed; a damaged history is read with one warning)."""
+    """The run's metrics.csv as a list of rows (numbers parsed; a damaged history, bytes that are not text included,
+    is read with one warning)."""
     uri = run_layout.metrics_csv(run_uri)
-    return parse_metrics(storage.read_text(uri), uri)
+    return parse_metrics(storage.read_bytes(uri).decode("utf-8", errors="replace"), uri)
 
 
 def publish_evaluation(run_uri: str, step: int, pictures: dict[str, bytes], scalars: dict[str, float]) -> None:

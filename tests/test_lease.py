@@ -123,6 +123,21 @@ def test_a_resume_rewrites_the_rows_after_its_step_so_no_interval_is_written_twi
     assert text.count("step,") == 1
 
 
+def test_a_history_with_bytes_that_are_not_text_is_read_and_resumed_with_one_warning(run_uri, caplog):
+    """A metrics.csv holding bytes that are not UTF-8 (a disk error, an editor's encoding) was a UnicodeDecodeError in
+    every worker of the resumed run, retried by Ray and then a traceback, exit 1: it is a damaged history like the
+    others, read as far as it makes sense."""
+    uri = storage.join(run_uri, "metrics", "metrics.csv")
+    storage.write_bytes(uri, DAMAGED.encode() + b"\xff\xfe\x00garbage\n20,\xe9\n")
+    with caplog.at_level(logging.WARNING):
+        assert [r["step"] for r in read_metrics(run_uri)] == [5, 10]
+    assert len([r for r in caplog.records if "damaged or repeated" in r.getMessage()]) == 1
+    log = RunLog(run_uri, resume_step=10)
+    log.log(15, {"loss_d": 1.0, "loss_g": 1.0, "d_x": 0.5, "d_g_z": 0.5, "images_per_s": 1.0, "epoch": 0})
+    log.close()
+    assert [r["step"] for r in read_metrics(run_uri)] == [5, 10, 15]
+
+
 def test_a_remote_runs_scratch_folder_goes_on_close_on_error_and_with_the_next_worker(s3_bucket, tmp_path,
                                                                                        monkeypatch):
     """A remote run's metrics are written in a local scratch folder first: `close` publishes and removes it, a failing
