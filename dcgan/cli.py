@@ -121,7 +121,20 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + 13  # as a command SIGPIPE ended: what a shell expects of `... | head`
     finally:
         if argv is None:  # the command is done: leave Ray now, not at the interpreter's exit (compute.disconnect)
-            compute.disconnect()
+            _leave_ray(f"dcgan {args.command}")
+
+
+def _leave_ray(command: str) -> None:
+    """`compute.disconnect`, where a Ctrl-C (a user who takes the second or so that a local Ray takes to stop for a
+    hang) was a KeyboardInterrupt traceback and exit 1 after the command's results were printed. The command's work
+    is done: one line says so, and the exit status stays the command's."""
+    from preprocessing import compute
+
+    try:
+        compute.disconnect()
+    except KeyboardInterrupt:
+        print(f"{command}: Ctrl-C while Ray was stopping; the command had finished: its results above stand",
+              file=sys.stderr)
 
 
 def _stdout_reader_gone() -> bool:

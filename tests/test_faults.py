@@ -490,6 +490,34 @@ def test_ctrl_c_exits_130_and_the_build_resumes(world):
     assert "chunks resumed" in again.stderr
 
 
+@pytest.mark.slow
+def test_ctrl_c_while_ray_stops_after_the_results_keeps_the_commands_exit_status(world):
+    """A command's results are printed, then its local Ray takes a second or so to stop: a user who presses Ctrl-C
+    then (it looks like a hang) got a KeyboardInterrupt traceback from inside `ray.shutdown` and exit 1 for a build
+    that was whole. Now one line says the command had finished, and its exit status stays 0."""
+    import signal
+    import time
+
+    folder = digits_folder(world, 40)
+    out, result = world.p("o"), world.root / "result.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    with open(result, "w") as stdout:
+        proc = subprocess.Popen([sys.executable, "-m", "dcgan.cli", "build-lsun", folder, "--out", out,
+                                 "--resolution", "32", "--no-dedup", "--json"], cwd=world.root, env=env,
+                                stdout=stdout, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while '"rows"' not in result.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        assert proc.poll() is None, "it ended before its Ray stopped? " + proc.stderr.read()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    assert "dcgan build-lsun: Ctrl-C while Ray was stopping; the command had finished" in err
+    assert shards.read_manifest(out)["counts"]["rows"] == 40
+    assert json.loads(result.read_text())["dcgan_result"]["counts"]["rows"] == 40
+
+
 def test_mlflow_asked_for_without_mlflow_is_one_line_before_training(world, monkeypatch, capfd):
     try:
         import mlflow  # noqa: F401
