@@ -430,8 +430,8 @@ def _enough_to_deduplicate(cfg: BuildConfig, p: Plan, dedup: DedupConfig) -> Non
 def _refuse_a_dataset(out: str, overwrite: bool) -> None:
     """An existing dataset at `out` is kept unless `overwrite`."""
     if not overwrite and shards.is_complete(out):
-        raise BuildError(f"{out} already holds a dataset (manifest.json); pass --overwrite "
-                         "(BuildConfig.overwrite=True) to replace it")
+        raise BuildError(f"{out} already holds a dataset (manifest.json); pass --overwrite (a flow's build "
+                         "parameter: \"overwrite\": true) to replace it, or choose another output")
 
 
 def _prepare(out: str, overwrite: bool) -> None:

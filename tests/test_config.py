@@ -90,3 +90,23 @@ def test_readme_configuration_reference_is_current():
     start = text.index(config_reference.START)
     end = text.index(config_reference.END) + len(config_reference.END)
     assert text[start:end] == config_reference.render(), "README.md is stale: run python -m dcgan.config_reference"
+
+
+def test_set_takes_a_top_level_field_as_the_readme_says_any_field():
+    """`--set root=s3://bucket` was refused ("expected SECTION.FIELD=VALUE"), so a shipped config whose root is
+    ./runs could not be pointed at object storage without editing it. A top-level field is set as a section's is,
+    once; any other key without a section is refused, naming what is taken."""
+    from dcgan.cli import build_parser
+    from dcgan.commands import config_of
+
+    def config(*argv: str):
+        return config_of(build_parser().parse_args(["train", "--config", "configs/faces-64.yaml", *argv]))
+
+    cfg = config("--set", "root=s3://dcgan", "--set", "name=faces-b")
+    assert (cfg.root, cfg.data_uri, cfg.run_uri) == ("s3://dcgan", "s3://dcgan/datasets/faces-b/v1",
+                                                     "s3://dcgan/runs/faces-b")
+    with pytest.raises(ConfigError, match=r"--data s3://x/d and --set data=s3://y/d both set data: give it once"):
+        config("--data", "s3://x/d", "--set", "data=s3://y/d")
+    with pytest.raises(ConfigError, match=r"--set 'roots=x': expected SECTION.FIELD=VALUE, e.g. train.lr=0.001, or a "
+                                          r"top-level field \(name, root, data, run\)"):
+        config("--set", "roots=x")

@@ -195,7 +195,8 @@ def test_idempotent_resumable_and_overwrite_guarded(lmdb_dir, tmp_path, ray_clus
     out = str(tmp_path / "ds")
     cfg = BuildConfig(kind="lsun", input=path, shard_rows=8)
     first = build_dataset(cfg, out, progress=False)
-    with pytest.raises(BuildError, match="--overwrite"):
+    with pytest.raises(BuildError, match=r"already holds a dataset \(manifest.json\); pass --overwrite \(a flow.s "
+                                         r"build parameter: \"overwrite\": true\)"):
         build_dataset(cfg, out, progress=False)
     again = build_dataset(cfg.model_copy(update={"overwrite": True}), out, progress=False)
     assert again["content_hash"] == first["content_hash"] and again["shards"] == first["shards"]

@@ -21,7 +21,8 @@ TOP_LEVEL = ("name", "root", "data", "run")  # config fields outside the section
 def add_config_flags(p: argparse.ArgumentParser, address: bool = True) -> None:
     p.add_argument("--config", help="experiment YAML (configs/*.yaml); flags override its fields")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", dest="sets",
-                   help="override any config field, e.g. --set train.lr=0.001 (repeatable; the value is YAML)")
+                   help="override any config field, e.g. --set train.lr=0.001 or --set root=s3://bucket (repeatable; "
+                        "the value is YAML)")
     if address:
         p.add_argument("--address", dest="cluster.address", metavar="ADDRESS",
                        help="where to run: http://HEAD:8265 (a Ray Job on that cluster), auto or HOST:PORT (join "
@@ -41,8 +42,9 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     for item in getattr(args, "sets", []) or []:
         key, sep, value = item.partition("=")
         key = key.strip()
-        if not sep or "." not in key:
-            raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. train.lr=0.001")
+        if not sep or ("." not in key and key not in TOP_LEVEL):
+            raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. train.lr=0.001, or a top-level "
+                              f"field ({', '.join(TOP_LEVEL)}), e.g. root=s3://bucket")
         if not value.strip():
             raise ConfigError(f"--set {item!r}: no value after '='; give one (YAML), or leave the flag out to keep "
                               f"the config's {key}")
