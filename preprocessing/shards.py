@@ -292,10 +292,17 @@ def check_manifest(manifest: Any, uri: str) -> dict[str, Any]:
             if not isinstance(entry.get(field), kind) or isinstance(entry.get(field), bool):
                 raise DatasetError(f"{uri}: shards[{i}].{field} should be {kind.__name__}, "
                                    f"not {type(entry.get(field)).__name__}")
-    counts = manifest.setdefault("counts", {"rows": sum(e["rows"] for e in manifest["shards"])})
+    rows = sum(e["rows"] for e in manifest["shards"])
+    counts = manifest.setdefault("counts", {"rows": rows})
     if not isinstance(counts.get("rows", 0), int):
         raise DatasetError(f"{uri}: counts.rows should be int")
-    counts.setdefault("rows", sum(e["rows"] for e in manifest["shards"]))
+    counts.setdefault("rows", rows)
+    # A shard entry removed or edited by hand left a dataset that read fewer rows than it said, without a word.
+    edited = "(edited by hand, or not written by this project): rebuild the dataset or restore its manifest"
+    if counts["rows"] != rows:
+        raise DatasetError(f"{uri}: its shards hold {rows:,} rows, its counts.rows says {counts['rows']:,} {edited}")
+    if "content_hash" in manifest and manifest["content_hash"] != content_hash(manifest["shards"]):
+        raise DatasetError(f"{uri}: its shard list does not give its content_hash {edited}")
     return manifest
 
 

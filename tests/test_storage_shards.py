@@ -122,9 +122,22 @@ def test_missing_shard_and_wrong_counts_and_version(tmp_path):
     m = json.loads((tmp_path / "ds/manifest.json").read_text())
     m["shards"][0]["rows"] += 1
     (tmp_path / "ds/manifest.json").write_text(json.dumps(m))
+    # a shard entry edited by hand: the manifest no longer adds up, before any shard is read
+    with pytest.raises(DatasetError, match=r"manifest.json: its shards hold 301 rows, its counts.rows says 300 "
+                                           r"\(edited by hand"):
+        shards.read_manifest(uri)
+    m["counts"]["rows"] += 1
+    (tmp_path / "ds/manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DatasetError, match=r"manifest.json: its shard list does not give its content_hash \(edited"):
+        shards.read_manifest(uri)
+    # a manifest that adds up, over a shard that does not hold what it says
+    m["content_hash"] = shards.content_hash(m["shards"])
+    (tmp_path / "ds/manifest.json").write_text(json.dumps(m))
     with pytest.raises(DatasetError, match=r"shards/part-00000.parquet: 128 rows, manifest says 129"):
         shards.verify(uri, checksums=False)
     m["shards"][0]["rows"] -= 1
+    m["counts"]["rows"] -= 1
+    m["content_hash"] = shards.content_hash(m["shards"])
     m["schema_version"] = 99
     (tmp_path / "ds/manifest.json").write_text(json.dumps(m))
     with pytest.raises(DatasetError, match="schema_version 99"):
