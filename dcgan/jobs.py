@@ -179,6 +179,17 @@ def _no_answer(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and bool(re.search(r"status code 5\d\d", str(err)))
 
 
+def _gist(err: BaseException) -> str:
+    """An error on one line; a Jobs API answer that carries a server's traceback gives its last line (the exception
+    itself), not every frame joined."""
+    text = str(err)
+    if "Traceback (most recent call last)" in text:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and ln.strip() != "."]
+        head = text.split("Traceback (most recent call last)")[0].strip().rstrip(":")
+        return f"{head}: {lines[-1]}" if head else lines[-1]
+    return one_line(err)
+
+
 def follow(client, job_id: str, emit: Callable[[str], None], poll_s: float = 1.0,
            address: str = "", last_line: Callable[[str], bool] | None = None) -> tuple[Any, str]:
     """Stream a job's log through `emit` until it ends; returns (JobDetails, full log).
@@ -188,7 +199,8 @@ def follow(client, job_id: str, emit: Callable[[str], None], poll_s: float = 1.0
     `last_line` is true (the command's last line: what is left is its process's exit): a stage's end is seen within
     a fifth of a second, not up to a second later, and a long one still costs one poll a `poll_s` while it works.
     A head that stops answering for `lost_after_s()` is a lost cluster: RayClusterLost, in one line, never a hang.
-    If the follower is interrupted (Ctrl-C, SIGTERM, a cancelled Prefect run), the job is stopped.
+    A head that answers but cannot give the job's log is said once, and the job is followed by its status. If the
+    follower is interrupted (Ctrl-C, SIGTERM, a cancelled Prefect run), the job is stopped.
     """
     fast_until = time.monotonic() + FAST_POLL_FOR_S
 
@@ -199,29 +211,40 @@ def follow(client, job_id: str, emit: Callable[[str], None], poll_s: float = 1.0
         emit(line)
 
     stream = _LineStream(line_seen)
-    logs, silent_since, wait = "", None, lost_after_s()
+    logs, silent_since, wait, unreadable = "", None, lost_after_s(), False
     try:
         with _sigterm_stops():
             while True:
                 try:
                     info = _within(POLL_TIMEOUT_S, client.get_job_info, job_id)
-                    logs = _within(POLL_TIMEOUT_S, client.get_job_logs, job_id)
                 except Exception as err:  # noqa: BLE001 - sorted by _no_answer
                     if not _no_answer(err):
                         raise
                     if silent_since is None:
                         silent_since = time.monotonic()
-                        emit(f"the Ray cluster at {address or 'the Jobs API'} does not answer ({one_line(err)}); "
+                        emit(f"the Ray cluster at {address or 'the Jobs API'} does not answer ({_gist(err)}); "
                              f"waiting up to {wait:.0f} s")
                     if time.monotonic() - silent_since >= wait:
                         raise RayClusterLost(
                             f"lost the Ray cluster at {address or 'the Jobs API'} while Ray job {job_id} ran: no "
-                            f"answer for {wait:.0f} s ({one_line(err)}); run the same command once the cluster is "
+                            f"answer for {wait:.0f} s ({_gist(err)}); run the same command once the cluster is "
                             "back: training resumes from its newest checkpoint, a build keeps its finished chunks"
                         ) from None
                     time.sleep(poll_s)
                     continue
                 silent_since = None
+                try:
+                    logs = _within(POLL_TIMEOUT_S, client.get_job_logs, job_id)
+                except Exception as err:  # noqa: BLE001 - sorted by _no_answer
+                    if not _no_answer(err):
+                        raise
+                    # The head answers, but cannot fetch the log from the job driver's node (its dashboard agent
+                    # down, or on a port it could not bind): the job is followed by its status; its end and its
+                    # result (`stages.stored_result`) do not need the log.
+                    if not unreadable:
+                        emit(f"the log of Ray job {job_id} cannot be read through {address or 'the Jobs API'} "
+                             f"({_gist(err)}); following its status only")
+                    unreadable = True
                 stream.feed(logs)
                 if str(info.status) in TERMINAL:
                     stream.close()

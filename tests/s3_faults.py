@@ -33,7 +33,8 @@ class FaultProxy:
         """`stubborn`: PUTs whose path ends with a key fail with 503 that many times in a row (past a client's own
         retries), to show what the next layer up does about it. `cut`: GETs whose path ends with a key get their
         answer's headers and half its body, then a reset, that many times in a row (a connection lost mid-body). `canned`: {(method, path): (status, text, times)}
-        answers that request with `status` and the plain `text` its first `times` tries (any HTTP server: e.g. the
+        answers that request (a path "*/logs": any path that ends so) with `status` and the plain `text` its first
+        `times` tries (any HTTP server: e.g. the
         Ray Jobs API's "please try again later")."""
         self.canned, self.canned_sent = canned or {}, Counter()
         self.upstream = urlparse(upstream)
@@ -104,11 +105,15 @@ class FaultProxy:
                 self.wfile.write(body)
 
             def _canned(self) -> bool:
-                status, text, times = proxy.canned.get((self.command, self.path), (0, "", 0))
+                key = (self.command, self.path)
+                if key not in proxy.canned:  # ("GET", "*/logs"): any path that ends so
+                    key = next((k for k in proxy.canned if k[0] == self.command and k[1].startswith("*")
+                                and self.path.split("?")[0].endswith(k[1][1:])), key)
+                status, text, times = proxy.canned.get(key, (0, "", 0))
                 with proxy._lock:
-                    if proxy.canned_sent[(self.command, self.path)] >= times:
+                    if proxy.canned_sent[key] >= times:
                         return False
-                    proxy.canned_sent[(self.command, self.path)] += 1
+                    proxy.canned_sent[key] += 1
                     proxy.injected[f"canned {status}"] += 1
                 body = text.encode()
                 self.send_response(status)

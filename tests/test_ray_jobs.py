@@ -276,6 +276,40 @@ def test_the_jobs_api_try_again_answer_is_retried_then_one_line(ray_head, tmp_pa
 
 
 @pytest.mark.slow
+def test_a_job_whose_log_cannot_be_read_is_followed_by_its_status_to_its_result(ray_head, tmp_path):
+    """The head answers but cannot fetch the job's log from the node its driver runs on (that node's dashboard agent
+    down, or on a port it could not bind: HTTP 500 with the head's traceback). The follower took that for a cluster
+    that does not answer, and after a minute reported it lost, with every frame of the traceback on one line, though
+    the job had SUCCEEDED; a Prefect task then submitted it again. Now one line says the log cannot be read, the job
+    is followed by its status, and the stage's result is read from what it wrote."""
+    import cv2
+    import json
+
+    from s3_faults import FaultProxy
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, image in enumerate(mnist_rgb32(40)):
+        cv2.imwrite(str(photos / f"d{i:03d}.png"), image[:, :, ::-1])
+    agent_down = (500, "Traceback (most recent call last):\n  File \"aiohttp/client.py\", line 760, in _request\n"
+                  "aiohttp.client_exceptions.InvalidUrlClientError: http://192.0.2.2:-1/api/job_agent/jobs/x/logs\n",
+                  10_000)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DCGAN_CLUSTER_LOST_AFTER_S": "5"}
+    with FaultProxy(ray_head, rate=0, canned={("GET", "*/logs"): agent_down}) as proxy:
+        proc = subprocess.run([sys.executable, "-m", "dcgan.cli", "build-lsun", str(photos), "--out",
+                               str(tmp_path / "ds"), "--resolution", "32", "--no-dedup", "--json", "--address",
+                               proxy.url], env=env, capture_output=True, text=True, timeout=300)
+        assert proxy.injected["canned 500"] >= 1
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [ln for ln in proc.stderr.splitlines() if "cannot be read through" in ln]
+    assert len(said) == 1 and said[0].endswith(
+        "(Request failed with status code 500: aiohttp.client_exceptions.InvalidUrlClientError: "
+        "http://192.0.2.2:-1/api/job_agent/jobs/x/logs); following its status only"), proc.stderr[-3000:]
+    assert "SUCCEEDED" in proc.stderr and "does not answer" not in proc.stderr and "lost" not in proc.stderr
+    assert json.loads(proc.stdout)["dcgan_result"]["counts"]["rows"] == 40
+
+
+@pytest.mark.slow
 def test_train_flow_runs_a_ray_job_and_streams_its_log(ray_head, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-to-be-logged-4711")
     monkeypatch.setenv("AWS_REGION", "us-east-1")
