@@ -25,7 +25,7 @@ def _type(field) -> str:
 def _raw_type(field) -> str:
     annotation = field.annotation
     text = repr(annotation).replace("typing.", "") + repr(field.metadata)
-    if "resolve_location" in text:
+    if "_location " in text:  # config._location, the Location validator
         return "location"
     if "_power_of_two_side" in text:
         return "resolution"

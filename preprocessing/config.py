@@ -13,9 +13,15 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from preprocessing.dedup.grid import DEFAULT_VIEWS, MAX_VIEWS
 from preprocessing.storage import resolve_location
 
-Location = Annotated[str, AfterValidator(resolve_location)]
+def _location(uri: str) -> str:
+    if not uri.strip():  # `--out "$OUT"` with OUT unset: it would have meant the current directory
+        raise ValueError("an empty location: give a path or s3://bucket/prefix")
+    return resolve_location(uri)
+
+
+Location = Annotated[str, AfterValidator(_location)]
 """A storage location: a local path is made absolute where the config is read (the edge), so every later step,
-Ray worker or Ray Job sees the same place."""
+Ray worker or Ray Job sees the same place. An empty one is refused."""
 
 
 def _power_of_two_side(v: int) -> int:

@@ -204,6 +204,27 @@ def test_a_bad_setting_in_the_environment_is_one_line_before_anything_is_written
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args, said", [
+    (["build-lsun", "{digits}", "--out", ""], "data: Value error, an empty location"),
+    (["train", "--data", "", "--run", "{tmp}/run"], "data: Value error, an empty location"),
+    (["train", "--data", "{tmp}/ds", "--run", " "], "run: Value error, an empty location"),
+    (["dedup", "{tmp}/ds", "--out", ""], "--out is empty"), (["dedup", ""], "URI is empty"),
+    (["sample", "--run", ""], "--run is empty"), (["sample", "--run", "{tmp}/run", "--out", ""], "--out is empty"),
+])
+def test_an_empty_location_is_one_line_not_the_current_directory_or_a_default(args, said, tmp_path, monkeypatch,
+                                                                              capsys):
+    """`--out "$OUT"` with OUT unset: build-lsun took the current directory for its output (and told of an overlap
+    with a path the user never typed), dedup and sample took their default. Every empty location is refused."""
+    digits = str(digits_folder(tmp_path / "digits"))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main([a.format(digits=digits, tmp=tmp_path) for a in args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dcgan {args[0]}: error: ") and said in lines[0], lines
+    assert not list(work.iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "digits"]
+
+
 def test_settings_take_their_defaults_and_the_values_the_readme_names(monkeypatch):
     for name in (*settings.SECONDS, *settings.SECONDS_LISTS, settings.LOG_LEVEL):
         monkeypatch.delenv(name, raising=False)

@@ -8,7 +8,7 @@ Layer: dcgan.
 
 from __future__ import annotations
 
-from dcgan.commands import add_config_flags, config_of, finish
+from dcgan.commands import add_config_flags, config_of, finish, given_location
 
 
 def register(sub) -> None:
@@ -31,10 +31,9 @@ def register(sub) -> None:
 
 def call_of(args):
     from dcgan.stages import StageCall
-    from preprocessing import storage
 
-    source = storage.resolve_location(args.uri)
-    out = storage.resolve_location(args.out) if args.out else source + "-dedup"
+    source = given_location(args.uri, "URI")
+    out = given_location(args.out, "--out") or source + "-dedup"
     return StageCall("dedup", config_of(args), {"source": source, "out": out, "overwrite": args.overwrite})
 
 

@@ -41,7 +41,10 @@ def run(args) -> int:
     from preprocessing import storage
     from preprocessing.errors import InputError
 
-    run_uri = storage.normalize(args.run)
+    from dcgan.commands import given_location
+
+    run_uri = storage.normalize(given_location(args.run, "--run"))
+    given_location(args.out, "--out")
     if args.out and storage.exists(args.out) and not args.overwrite:
         raise InputError(f"--out {args.out} exists; pass --overwrite to replace it, or choose another file")
     loaded = load_models(run_uri, args.step)
