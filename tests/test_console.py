@@ -49,3 +49,13 @@ def test_a_reader_that_stops_reading_is_not_a_traceback():
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141, err
     assert err == ""
+
+
+def test_the_training_summary_gives_the_step_once_as_a_whole_number():
+    """The step also came among the metrics' figures, as `step 4.000`."""
+    from dcgan.commands.train import summary
+
+    text = summary({"run": "r", "step": 4, "checkpoint": "r/checkpoints/step-0000004", "samples": "s.png",
+                    "metrics": {"step": 4.0, "loss_d": 1.5, "epoch": 2.0, "images_per_s": 300.25}})
+    assert text.splitlines() == ["run r at step 4: checkpoint r/checkpoints/step-0000004, samples s.png",
+                                 "loss_d 1.500, images_per_s 300.250"]

@@ -26,7 +26,7 @@ def register(sub) -> None:
 
 def summary(r: dict) -> str:
     m = r.get("metrics") or {}
-    figures = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float) and k != "epoch")
+    figures = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float) and k not in ("epoch", "step"))
     return f"run {r['run']} at step {r['step']}: checkpoint {r['checkpoint']}, samples {r['samples']}" + (
         f"\n{figures}" if figures else "")
 
