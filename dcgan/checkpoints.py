@@ -117,6 +117,17 @@ def resume_state(run_uri: str) -> dict[str, Any] | None:
     return load_state(run_uri)
 
 
+_told: set[str] = set()  # the corrupt checkpoints this process has told of
+
+
+def _skip(err: CheckpointError) -> None:
+    """One warning a corrupt checkpoint a process: a command that asks where the run stands, then loads it (an
+    evaluation's done-check, then its models), told of each one twice."""
+    if str(err) not in _told:
+        _told.add(str(err))
+        log.warning("skipping a corrupt checkpoint (left in place): %s", err)
+
+
 def latest_step(run_uri: str) -> int | None:
     """The newest checkpoint whose content passes its checks (size and sha256, as `load_state` checks it), with the
     same fallback: a corrupt newer one is reported in one warning line and the one before it counts. Run completion
@@ -126,7 +137,7 @@ def latest_step(run_uri: str) -> int | None:
             _verified_bytes(run_uri, step)
             return step
         except CheckpointError as err:
-            log.warning("skipping a corrupt checkpoint (left in place): %s", err)
+            _skip(err)
     return None
 
 
@@ -204,7 +215,7 @@ def load_state(run_uri: str, step: int | None = None, map_location: str | torch.
         try:
             return _load_step(run_uri, s, map_location)
         except CheckpointError as err:
-            log.warning("skipping a corrupt checkpoint (left in place): %s", err)
+            _skip(err)
     raise CheckpointError(f"{run_uri}: every checkpoint ({', '.join(map(str, steps))}) is corrupt; see the warnings")
 
 

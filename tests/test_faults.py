@@ -387,6 +387,16 @@ def test_sample_falls_back_past_a_truncated_newest_checkpoint(world, capfd):
     assert (Path(run_layout.checkpoint(world.run, 10)) / "state.pt").exists()  # left in place, not deleted
 
 
+def test_evaluate_tells_of_a_truncated_newest_checkpoint_once(world, capfd):
+    """An evaluation asks where the run stands, then loads its models: it told of the same corrupt checkpoint twice."""
+    truncate_newest(world)
+    capfd.readouterr()
+    assert main(["evaluate", "--run", world.run, "--suite", "samples"]) == 0
+    err = capfd.readouterr().err
+    warnings = [ln for ln in err.splitlines() if "corrupt checkpoint" in ln]
+    assert len(warnings) == 1 and "step-0000010" in warnings[0] and "Traceback" not in err, err
+
+
 @pytest.mark.slow
 def test_relative_run_trains_and_resumes_past_a_corrupt_checkpoint(world, ray_cluster, capfd):
     """`--run runs/x` (relative, as the shipped configs' `root: ./runs`) trains; a cut-off newest checkpoint is
