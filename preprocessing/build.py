@@ -429,7 +429,7 @@ def _enough_to_deduplicate(cfg: BuildConfig, p: Plan, dedup: DedupConfig) -> Non
 
 def _refuse_a_dataset(out: str, overwrite: bool) -> None:
     """An existing dataset at `out` is kept unless `overwrite`."""
-    if not overwrite and shards.is_complete(out):
+    if not overwrite and shards.has_manifest(out):
         raise BuildError(f"{out} already holds a dataset (manifest.json); pass --overwrite (a flow's build "
                          "parameter: \"overwrite\": true) to replace it, or choose another output")
 

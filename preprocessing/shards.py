@@ -259,6 +259,12 @@ def read_manifest(dataset_uri: str) -> dict[str, Any]:
     return check_manifest(manifest, uri)
 
 
+def has_manifest(dataset_uri: str) -> bool:
+    """Whether a manifest is there, readable or not: a writer replaces such a dataset only when told to overwrite
+    (one whose manifest no longer adds up is still the user's dataset, not an unfinished output to clear)."""
+    return storage.exists(dataset_layout.manifest(dataset_uri))
+
+
 def is_complete(dataset_uri: str) -> bool:
     """Whether `dataset_uri` holds a committed dataset: its manifest exists and reads (the one test of completeness:
     the manifest is written last)."""

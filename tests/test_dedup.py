@@ -908,6 +908,12 @@ def test_dedup_command_over_s3_on_ray(s3_bucket, ray_cluster, capsys):
     assert "skipping dedup: " in capsys.readouterr().err and read_manifest(out) == m
     assert main(["dedup", src, "--epochs", "30", "--seed", "4", *sample]) == 2
     assert "already holds a dataset; pass --overwrite" in capsys.readouterr().err
+    # its manifest edited so that it no longer adds up: still the user's dataset, refused, not cleared and redone
+    edited = json.dumps({**m, "counts": {**m["counts"], "rows": m["counts"]["rows"] + 1}})
+    storage.write_text(storage.join(out, "manifest.json"), edited)
+    assert main(["dedup", src, "--epochs", "30", "--seed", "3", *sample]) == 2
+    assert "already holds a dataset; pass --overwrite" in capsys.readouterr().err
+    assert storage.read_text(storage.join(out, "manifest.json")) == edited
 
 
 @pytest.mark.slow  # a whole dedup on its own local Ray (~17 s)

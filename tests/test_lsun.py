@@ -198,6 +198,17 @@ def test_idempotent_resumable_and_overwrite_guarded(lmdb_dir, tmp_path, ray_clus
     with pytest.raises(BuildError, match=r"already holds a dataset \(manifest.json\); pass --overwrite \(a flow.s "
                                          r"build parameter: \"overwrite\": true\)"):
         build_dataset(cfg, out, progress=False)
+    # a manifest edited so that it no longer adds up (or not JSON at all) is still the user's dataset: refused too,
+    # not taken for an unfinished output and cleared
+    manifest_file = tmp_path / "ds" / "manifest.json"
+    text = manifest_file.read_text()
+    for damaged in (text.replace('"rows": ', '"rows": 1', 1), "{not json"):
+        manifest_file.write_text(damaged)
+        with pytest.raises(BuildError, match=r"already holds a dataset \(manifest.json\)"):
+            build_dataset(cfg, out, progress=False)
+        assert manifest_file.read_text() == damaged and len(list((tmp_path / "ds" / "shards").iterdir())) == \
+            len(first["shards"])
+    manifest_file.write_text(text)
     again = build_dataset(cfg.model_copy(update={"overwrite": True}), out, progress=False)
     assert again["content_hash"] == first["content_hash"] and again["shards"] == first["shards"]
     # A build that stops before its manifest (here: too many rejects) leaves its finished chunks; one shard is

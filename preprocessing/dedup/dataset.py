@@ -574,12 +574,12 @@ def _dedup_into(src: str, out: str, manifest: dict[str, Any], cfg: DedupConfig, 
     """`dedup_dataset`'s writes into `out`, its lease held; what is there is looked at again under the lease (a
     writer before this one may have finished it)."""
     from preprocessing import ownership
-    from preprocessing.shards import is_complete, write_manifest
+    from preprocessing.shards import has_manifest, write_manifest
 
     done = None if overwrite else already_deduplicated(src, out, cfg)
     if done is not None:
         return done
-    if is_complete(out) and not overwrite:
+    if has_manifest(out) and not overwrite:
         raise InputError(f"{out} already holds a dataset; pass --overwrite to replace it")
     ownership.remove_own(out, "dataset")  # an earlier (unfinished or replaced) output: our files only
 
