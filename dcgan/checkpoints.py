@@ -31,18 +31,10 @@ if TYPE_CHECKING:  # torch is imported where a checkpoint is written or loaded: 
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"checkpoints/step-(\d{7,})/COMPLETE$")
-STEP_FOLDER = re.compile(r"checkpoints/step-(\d{7,})/")
 
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, incomplete, or does not fit the architecture asked for."""
-
-
-def step_folders(run_uri: str) -> list[int]:
-    """Steps of every checkpoint folder that holds a file, complete or not, ascending."""
-    found = {int(m.group(1)) for uri in storage.list_uris(run_layout.checkpoints(run_uri))
-             if (m := STEP_FOLDER.search(uri.replace("\\", "/")))}
-    return sorted(found)
 
 
 def complete_steps(run_uri: str) -> list[int]:
@@ -121,11 +113,16 @@ _told: set[str] = set()  # the corrupt checkpoints this process has told of
 
 
 def _skip(err: CheckpointError) -> None:
-    """One warning a corrupt checkpoint a process: a command that asks where the run stands, then loads it (an
-    evaluation's done-check, then its models), told of each one twice."""
+    """Each corrupt checkpoint is told of once in a command: one that asks where the run stands and then loads it
+    (an evaluation's done-check, then its models) told of it twice. `forget_told` starts a new command's count."""
     if str(err) not in _told:
         _told.add(str(err))
         log.warning("skipping a corrupt checkpoint (left in place): %s", err)
+
+
+def forget_told() -> None:
+    """A new command or stage in this process (a flow runs several): its corrupt checkpoints are told of again."""
+    _told.clear()
 
 
 def latest_step(run_uri: str) -> int | None:
@@ -177,6 +174,9 @@ def _verified_bytes(run_uri: str, step: int) -> bytes:
     marker = check(run_uri, step)
     try:
         data = storage.read_bytes(run_layout.checkpoint_state(uri))
+    except storage.StorageUnreachable:
+        raise  # the store is failing, not this checkpoint: transient, retried (taken for corrupt, the run would
+        #        resume from an older one and train its newer steps again)
     except storage.StorageError as err:
         raise CheckpointError(f"{uri}/state.pt: {err}") from None
     if len(data) != marker["bytes"] or hashlib.sha256(data).hexdigest() != marker["sha256"]:

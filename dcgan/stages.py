@@ -62,6 +62,9 @@ def run(call: StageCall, emit: Emit = log.info) -> dict[str, Any]:
     """Run a stage where the configuration says (see preprocessing.compute); returns its result dict. "Is it done?"
     is asked once, first: a stage with nothing to do is not sent anywhere."""
     settings.check()  # a Prefect task's process reads the settings here: a bad one is a line, before anything runs
+    from dcgan import checkpoints  # light: torch only where a checkpoint is read
+
+    checkpoints.forget_told()  # a flow's stages each tell of a corrupt checkpoint they meet
     stage = REGISTRY[call.stage]
     done = stage.done(call)
     if done is not None:

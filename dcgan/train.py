@@ -279,18 +279,18 @@ def _keep_newest_checkpoints(cfg: Config, valid: int | None = None) -> None:
         storage.delete_prefix(run_layout.checkpoint(cfg.run_uri, step))
 
 
-def _forget_checkpoints_past(cfg: Config, resume_step: int | None) -> None:
-    """Ray Train remembers the checkpoints it registered in a run (<run>/checkpoints/checkpoint_manager_snapshot.json)
-    and, past `keep_checkpoints`, removes the oldest of them by folder. A run resumed from an older step than its
-    newest checkpoint (the newer ones corrupt or cut off) writes those steps' folders again, and Ray then removed the
-    new folders for the old ones it remembered: a resumed run whose two checkpoints were cut off ended with none,
-    exit 0. Then Ray's memory of the run is dropped: it keeps this fit's checkpoints, `_keep_newest_checkpoints` the
-    run's. The caller holds the run's lease."""
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME  # pinned Ray version
+def _forget_rays_checkpoints(cfg: Config) -> None:
+    """Ray Train remembers the checkpoints it registered in a run (`ray_train.checkpoint_memory`) and, past
+    `keep_checkpoints`, removes the oldest it remembers, by folder. The run's resume point and retention are the
+    project's (`checkpoints.resume_state`, `_keep_newest_checkpoints`); what Ray remembered of earlier fits only did
+    harm: a run resumed from an older step than its newest checkpoint (the newer ones corrupt or cut off) writes
+    those steps' folders again, and Ray removed the new folders for the old ones (a rerun of a run whose two
+    checkpoints were cut off ended with none, exit 0); and a remembered folder that the run's retention had removed
+    makes Ray refuse to start. So each fit starts with none remembered: Ray keeps this fit's newest, the run's
+    retention the run's (older ones stay until the fit ends). The caller holds the run's lease."""
+    from preprocessing import ray_train
 
-    newest = max(checkpoints.step_folders(cfg.run_uri), default=None)
-    if newest is not None and newest > (-1 if resume_step is None else resume_step):
-        storage.delete_prefix(storage.join(run_layout.checkpoints(cfg.run_uri), CHECKPOINT_MANAGER_SNAPSHOT_FILENAME))
+    storage.delete_prefix(ray_train.checkpoint_memory(run_layout.checkpoints(cfg.run_uri)))
 
 
 @contextlib.contextmanager
@@ -367,7 +367,7 @@ def _train_held(cfg: Config, manifest: dict[str, Any], held: lease.Lease) -> dic
                            # Every failure reaches the driver once: a worker's known fault as one line, anything else
                            # with each worker's traceback; Ray Train's console copies of it would only repeat it.
                            logging_config=LoggingConfig(log_level="CRITICAL"))
-    _forget_checkpoints_past(cfg, None if state is None else int(state["step"]))
+    _forget_rays_checkpoints(cfg)
     fail_at = os.environ.get(FAIL_AT_STEP_ENV)
     resume = None
     if state is not None:

@@ -36,12 +36,14 @@ from ray.train import FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-from ray.train.v2._internal.constants import (DEFAULT_WORKER_GROUP_START_TIMEOUT_S, ENABLE_PREEMPTION_WATCHER_ENV_VAR,
+from ray.train.v2._internal.constants import (CHECKPOINT_MANAGER_SNAPSHOT_FILENAME,
+                                              DEFAULT_WORKER_GROUP_START_TIMEOUT_S, ENABLE_PREEMPTION_WATCHER_ENV_VAR,
                                               HEALTH_CHECK_INTERVAL_S_ENV_VAR, WORKER_GROUP_START_TIMEOUT_S_ENV_VAR)
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
 from ray.train.v2.api.exceptions import ControllerError
 
+from preprocessing import storage
 from preprocessing.compute import owns_ray, workers_wait_s
 from preprocessing.config import ClusterConfig
 from preprocessing.errors import TransientError, UserError, known_fault
@@ -114,6 +116,12 @@ class Trainer(TorchTrainer):
             if type(policy) is DefaultFailurePolicy:
                 controller_init_kwargs["failure_policy"] = KnownFaultPolicy(policy.failure_config, wait_s)
             return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+
+def checkpoint_memory(run_dir: str) -> str:
+    """The file in which Ray Train remembers the checkpoints it registered in a Ray Train run folder (`run_dir`: the
+    RunConfig's storage_path/name), which it reads when a fit starts there."""
+    return storage.join(run_dir, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
 
 
 def scaling(cluster: ClusterConfig, cpus_per_worker: float | None = None) -> ScalingConfig:
