@@ -176,6 +176,11 @@ def _no_answer(err: BaseException) -> bool:
     """The Jobs API is down or restarting (refused, reset, timed out, 5xx), not a refusal of the request."""
     if isinstance(err, (OSError, TimeoutError)):  # requests' errors are OSErrors
         return True
+    return _server_error(err)
+
+
+def _server_error(err: BaseException) -> bool:
+    """The Jobs API answered with a 5xx (Ray's client raises it as a RuntimeError naming the status code)."""
     return isinstance(err, RuntimeError) and bool(re.search(r"status code 5\d\d", str(err)))
 
 
@@ -235,16 +240,18 @@ def follow(client, job_id: str, emit: Callable[[str], None], poll_s: float = 1.0
                 silent_since = None
                 try:
                     logs = _within(POLL_TIMEOUT_S, client.get_job_logs, job_id)
+                    unreadable = False
                 except Exception as err:  # noqa: BLE001 - sorted by _no_answer
                     if not _no_answer(err):
                         raise
-                    # The head answers, but cannot fetch the log from the job driver's node (its dashboard agent
-                    # down, or on a port it could not bind): the job is followed by its status; its end and its
-                    # result (`stages.stored_result`) do not need the log.
-                    if not unreadable:
+                    # A 5xx: the head answers, but cannot fetch the log from the job driver's node (its dashboard
+                    # agent down, or on a port it could not bind). The job is followed by its status; its end, its
+                    # result (`stages.stored_result`) and its fault (`job_failure`) do not need the log. Anything
+                    # else is a hiccup since the status came: the next poll reads the log again.
+                    if _server_error(err) and not unreadable:
                         emit(f"the log of Ray job {job_id} cannot be read through {address or 'the Jobs API'} "
                              f"({_gist(err)}); following its status only")
-                    unreadable = True
+                        unreadable = True
                 stream.feed(logs)
                 if str(info.status) in TERMINAL:
                     stream.close()
@@ -263,7 +270,8 @@ def follow(client, job_id: str, emit: Callable[[str], None], poll_s: float = 1.0
 def job_failure(job_id: str, info: Any, logs: str) -> RayJobError:
     """One error that says why the job ended: the fault the command classified (its `Fault.job_line`), of the same
     class here; else Ray's message and the end of the log (a bug)."""
-    fault = fault_in_job_log(logs)
+    # A log that could not be read (`follow`): Ray keeps the end of the driver's output in the job's message
+    fault = fault_in_job_log(logs) or fault_in_job_log(info.message or "")
     if fault is not None:
         kind, line = fault
         cls = RayJobTransientError if kind == "transient" else RayJobInputError

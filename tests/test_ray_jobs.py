@@ -308,6 +308,18 @@ def test_a_job_whose_log_cannot_be_read_is_followed_by_its_status_to_its_result(
     assert "SUCCEEDED" in proc.stderr and "does not answer" not in proc.stderr and "lost" not in proc.stderr
     assert json.loads(proc.stdout)["dcgan_result"]["counts"]["rows"] == 40
 
+    # a job that fails on bad input is still its one line, exit 2: the fault comes from the end of the driver's
+    # output that Ray keeps in the job's message
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"name: gone\nroot: {tmp_path}\ndata: {tmp_path / 'no-dataset'}\n")
+    with FaultProxy(ray_head, rate=0, canned={("GET", "*/logs"): agent_down}) as proxy:
+        proc = subprocess.run([sys.executable, "-m", "dcgan.cli", "train", "--config", str(cfg), "--address",
+                               proxy.url], env={**env, "DCGAN_RETRY_DELAYS_S": ""}, capture_output=True, text=True,
+                              timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1].startswith("dcgan train: error: ") and "no manifest.json" in lines[-1], lines[-1]
+
 
 @pytest.mark.slow
 def test_train_flow_runs_a_ray_job_and_streams_its_log(ray_head, tmp_path, monkeypatch):
