@@ -110,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     from preprocessing import compute
 
     compute.quiet_console()
+    code = None
     try:
-        return run_command(f"dcgan {args.command}", lambda: args.func(args))
+        code = run_command(f"dcgan {args.command}", lambda: args.func(args))
+        return code
     except BrokenPipeError:
         if not _stdout_reader_gone():
             raise  # another pipe or socket: a bug's traceback
@@ -121,20 +123,20 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + 13  # as a command SIGPIPE ended: what a shell expects of `... | head`
     finally:
         if argv is None:  # the command is done: leave Ray now, not at the interpreter's exit (compute.disconnect)
-            _leave_ray(f"dcgan {args.command}")
+            _leave_ray(f"dcgan {args.command}", code)
 
 
-def _leave_ray(command: str) -> None:
+def _leave_ray(command: str, code: int | None) -> None:
     """`compute.disconnect`, where a Ctrl-C (a user who takes the second or so that a local Ray takes to stop for a
-    hang) was a KeyboardInterrupt traceback and exit 1 after the command's results were printed. The command's work
-    is done: one line says so, and the exit status stays the command's."""
+    hang) was a KeyboardInterrupt traceback and exit 1 after the command's results were printed. The command is
+    over: one line says so, and the exit status stays the command's (Ray's exit hook finishes the stop)."""
     from preprocessing import compute
 
     try:
         compute.disconnect()
     except KeyboardInterrupt:
-        print(f"{command}: Ctrl-C while Ray was stopping; the command had finished: its results above stand",
-              file=sys.stderr)
+        done = "; the command had finished: its results above stand" if code == 0 else ""
+        print(f"{command}: Ctrl-C while Ray was stopping{done}", file=sys.stderr)
 
 
 def _stdout_reader_gone() -> bool:
