@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import logging
 import os
 import shutil
@@ -124,11 +123,16 @@ def parse_metrics(text: str, source: str = "metrics.csv") -> list[dict[str, floa
     """Rows of a metrics CSV by step, numbers parsed. A damaged history (a repeated header, a cut or garbled row, bytes
     that are not UTF-8, a step logged twice by two writers) is read as far as it makes sense, with one warning: the last row of a step
     wins, and rows come out in step order."""
-    reader = csv.reader(io.StringIO(text))
-    header = next(reader, None) or list(COLUMNS)
+    lines = text.replace("\x00", "").splitlines()  # NUL and over-long fields are csv's own errors: damaged rows
+    header = _fields(lines[0]) if lines else None
+    header = header or list(COLUMNS)
     by_step: dict[float, dict[str, float]] = {}
     damaged = 0
-    for fields in reader:
+    for line in lines[1:]:
+        fields = _fields(line)
+        if fields is None:
+            damaged += 1
+            continue
         if not fields:
             continue
         try:
@@ -144,6 +148,14 @@ def parse_metrics(text: str, source: str = "metrics.csv") -> list[dict[str, floa
     if damaged:
         log.warning("%s: %d damaged or repeated rows skipped (the last row of each step is kept)", source, damaged)
     return [by_step[k] for k in sorted(by_step)]
+
+
+def _fields(line: str) -> list[str] | None:
+    """One CSV line's fields; None where csv refuses it (a field over its size limit)."""
+    try:
+        return next(csv.reader([line]), [])
+    except csv.Error:
+        return None
 
 
 @contextlib.contextmanager

@@ -128,7 +128,7 @@ def test_a_history_with_bytes_that_are_not_text_is_read_and_resumed_with_one_war
     every worker of the resumed run, retried by Ray and then a traceback, exit 1: it is a damaged history like the
     others, read as far as it makes sense."""
     uri = storage.join(run_uri, "metrics", "metrics.csv")
-    storage.write_bytes(uri, DAMAGED.encode() + b"\xff\xfe\x00garbage\n20,\xe9\n")
+    storage.write_bytes(uri, DAMAGED.encode() + b"\xff\xfe\x00garbage\n20,\xe9\n" + b"\x01" * 200_000 + b"\n")
     with caplog.at_level(logging.WARNING):
         assert [r["step"] for r in read_metrics(run_uri)] == [5, 10]
     assert len([r for r in caplog.records if "damaged or repeated" in r.getMessage()]) == 1
