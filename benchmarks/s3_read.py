@@ -59,11 +59,13 @@ def main() -> None:
 def _measure(args: argparse.Namespace) -> None:
     from preprocessing import storage
 
-    for _ in range(100):  # the server starting
+    for tries in range(100):  # the server starting
         try:
             storage.s3_client().create_bucket(Bucket="s3-read")
             break
-        except storage.StorageError:
+        except Exception:  # noqa: BLE001 - botocore's connection errors while the server starts
+            if tries == 99:
+                raise
             time.sleep(0.1)
     objects = {"shard, 23 MB": os.urandom(23 * 2**20), "manifest, 64 KB": os.urandom(64 * 2**10)}
     for name, data in objects.items():

@@ -253,11 +253,12 @@ def read_bytes(uri: str) -> bytes:
 
 def _get_object(uri: str, bucket: str, key: str) -> bytes:
     """An object's bytes in one GET, read whole. boto3's transfer manager (`download_fileobj`: threads and a queue of
-    256 KB writes) cost 3.4x the CPU of this for a 23 MB shard, and 2-4x its wall time (benchmarks/s3_read.py); a
-    shard is read once a dedup phase and once an epoch of training. botocore retries the request; a body broken off
+    256 KB writes) cost 2.4x the client CPU of this for a 23 MB shard (3x for a 64 KB manifest) and 1.6-1.7x its wall
+    time, against moto (benchmarks/s3_read.py, RESULTS.md); a shard is read once a dedup phase and once an epoch. botocore retries the request; a body broken off
     mid-way is asked for again here, BODY_ATTEMPTS times in all, as the transfer manager did. An object larger than
     MULTIPART_THRESHOLD (a large checkpoint) goes to the transfer manager's parallel ranged GETs."""
     from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+    from urllib3.exceptions import HTTPError as Urllib3Error
 
     client = s3_client()
     for _ in range(BODY_ATTEMPTS):
@@ -271,6 +272,8 @@ def _get_object(uri: str, bucket: str, key: str) -> bytes:
             broken = err.__context__  # what botocore raised
             if not isinstance(broken, (IncompleteReadError, ReadTimeoutError, ResponseStreamingError)):
                 raise
+        except Urllib3Error as err:  # a TLS connection cut mid-body (SSLError), which botocore passes on as it is
+            broken = err
         finally:
             body.close()
     else:
