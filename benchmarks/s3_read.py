@@ -90,8 +90,8 @@ def _measure(args: argparse.Namespace) -> None:
                 got = per.setdefault((name, way), {"cpu_ms": [], "wall_ms": []})
                 got["cpu_ms"].append((cpu_s() - c) / args.reps * 1e3)
                 got["wall_ms"].append((time.perf_counter() - w) / args.reps * 1e3)
-    print(f"\nS3 reads from moto (its own process), {os.cpu_count()} cores; per read, median of {args.rounds} rounds of "
-          f"{args.reps}\n")
+    print(f"\nS3 reads from moto (its own process), {os.cpu_count()} cores; per read, median of {args.rounds} "
+          f"rounds of {args.reps}\n")
     print("| object | way | client CPU ms | wall ms | **CPU: before / ours** | wall: before / ours |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name in objects:

@@ -121,8 +121,8 @@ class RunLog:
 
 def parse_metrics(text: str, source: str = "metrics.csv") -> list[dict[str, float]]:
     """Rows of a metrics CSV by step, numbers parsed. A damaged history (a repeated header, a cut or garbled row, bytes
-    that are not UTF-8, a step logged twice by two writers) is read as far as it makes sense, with one warning: the last row of a step
-    wins, and rows come out in step order."""
+    that are not UTF-8, a step logged twice by two writers) is read as far as it makes sense, with one warning: the last
+    row of a step wins, and rows come out in step order."""
     lines = text.replace("\x00", "").splitlines()  # NUL and over-long fields are csv's own errors: damaged rows
     header = _fields(lines[0]) if lines else None
     header = header or list(COLUMNS)

@@ -11,12 +11,11 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from preprocessing.dedup.grid import DEFAULT_VIEWS, MAX_VIEWS
-from preprocessing.storage import resolve_location
+from preprocessing.storage import given
+
 
 def _location(uri: str) -> str:
-    if not uri.strip():  # `--out "$OUT"` with OUT unset: it would have meant the current directory
-        raise ValueError("an empty location: give a path or s3://bucket/prefix")
-    return resolve_location(uri)
+    return given(uri, "the location")
 
 
 Location = Annotated[str, AfterValidator(_location)]

@@ -3,7 +3,8 @@
 The endpoint and credentials come only from the standard AWS settings (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, profiles, instance roles). boto3 does object I/O with bounded
 retries and backoff: an object in one GET, or in parallel ranged GETs past MULTIPART_THRESHOLD, and multipart uploads;
-`arrow_filesystem` gives Ray Data and Ray Train the same store through pyarrow. No credential is printed or written: errors name the URI and the cause, never a key.
+`arrow_filesystem` gives Ray Data and Ray Train the same store through pyarrow. No credential is printed or written:
+errors name the URI and the cause, never a key.
 
 Layer: preprocessing. Longer than most modules because the two backends of the one interface (local and S3,
 with their error translation) belong side by side: every operation is defined once for both.
@@ -22,10 +23,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 from preprocessing import settings
-from preprocessing.errors import NoSpaceError, TransientError, UserError, naming_no_space
+from preprocessing.errors import InputError, NoSpaceError, TransientError, UserError, naming_no_space
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
-BODY_ATTEMPTS = 5  # an object's body broken off mid-way is asked for this many times in all (boto3's transfer manager's)
+BODY_ATTEMPTS = 5  # tries of an object's body broken off mid-way, in all (as boto3's transfer manager)
 # Error codes that say "not now" rather than "no": still failing after boto3's retries, they are worth a later retry.
 TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
                    "ThrottlingException", "RequestTimeTooSkewed"}
@@ -67,6 +68,14 @@ def normalize(uri: str | Path) -> str:
         split_s3(s)  # it names a bucket: "s3://" stripped of its slashes was the local folder "s3:"
         return s.rstrip("/")
     return str(local_path(s).expanduser().resolve())
+
+
+def given(uri: str, what: str) -> str:
+    """`uri` resolved (`resolve_location`), or InputError (a ValueError: a config field's validation error) when it
+    is empty: `--out "$OUT"` with OUT unset would otherwise mean the current directory, or a default."""
+    if not uri.strip():
+        raise InputError(f"{what} is empty: give a path or s3://bucket/prefix")
+    return resolve_location(uri)
 
 
 def resolve_location(uri: str | None) -> str | None:
@@ -254,9 +263,10 @@ def read_bytes(uri: str) -> bytes:
 def _get_object(uri: str, bucket: str, key: str) -> bytes:
     """An object's bytes in one GET, read whole. boto3's transfer manager (`download_fileobj`: threads and a queue of
     256 KB writes) cost 2.4x the client CPU of this for a 23 MB shard (3x for a 64 KB manifest) and 1.6-1.7x its wall
-    time, against moto (benchmarks/s3_read.py, RESULTS.md); a shard is read once a dedup phase and once an epoch. botocore retries the request; a body broken off
-    mid-way is asked for again here, BODY_ATTEMPTS times in all, as the transfer manager did. An object larger than
-    MULTIPART_THRESHOLD (a large checkpoint) goes to the transfer manager's parallel ranged GETs."""
+    time, against moto (benchmarks/s3_read.py, RESULTS.md); a shard is read once a dedup phase and once an epoch.
+    botocore retries the request; a body broken off mid-way is asked for again here, BODY_ATTEMPTS times in all, as the
+    transfer manager did. An object larger than MULTIPART_THRESHOLD (a large checkpoint) goes to the transfer manager's
+    parallel ranged GETs."""
     from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
     from urllib3.exceptions import HTTPError as Urllib3Error
 

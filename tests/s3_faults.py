@@ -28,14 +28,14 @@ class FaultProxy:
     """`with FaultProxy(upstream, seed=1, rate=0.1) as proxy:` then point AWS_ENDPOINT_URL at `proxy.url`."""
 
     def __init__(self, upstream: str, seed: int = 0, rate: float = 0.1, attempts: int = 1, stall_s: float = 3.0,
-                 stubborn: dict[str, int] | None = None, canned: dict[tuple[str, str], tuple[int, str, int]] | None = None,
-                 cut: dict[str, int] | None = None):
+                 stubborn: dict[str, int] | None = None,
+                 canned: dict[tuple[str, str], tuple[int, str, int]] | None = None, cut: dict[str, int] | None = None):
         """`stubborn`: PUTs whose path ends with a key fail with 503 that many times in a row (past a client's own
         retries), to show what the next layer up does about it. `cut`: GETs whose path ends with a key get their
-        answer's headers and half its body, then a reset, that many times in a row (a connection lost mid-body). `canned`: {(method, path): (status, text, times)}
-        answers that request (a path "*/logs": any path that ends so) with `status` and the plain `text` its first
-        `times` tries (any HTTP server: e.g. the
-        Ray Jobs API's "please try again later")."""
+        answer's headers and half its body, then a reset, that many times in a row (a connection lost mid-body).
+        `canned`: {(method, path): (status, text, times)} answers that request (a path "*/logs": any path that ends so)
+        with `status` and the plain `text` its first `times` tries (any HTTP server: e.g. the Ray Jobs API's "please try
+        again later")."""
         self.canned, self.canned_sent = canned or {}, Counter()
         self.upstream = urlparse(upstream)
         self.seed, self.rate, self.attempts, self.stall_s = seed, rate, attempts, stall_s

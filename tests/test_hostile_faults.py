@@ -205,9 +205,9 @@ def test_a_bad_setting_in_the_environment_is_one_line_before_anything_is_written
 
 
 @pytest.mark.parametrize("args, said", [
-    (["build-lsun", "{digits}", "--out", ""], "data: Value error, an empty location"),
-    (["train", "--data", "", "--run", "{tmp}/run"], "data: Value error, an empty location"),
-    (["train", "--data", "{tmp}/ds", "--run", " "], "run: Value error, an empty location"),
+    (["build-lsun", "{digits}", "--out", ""], "data: Value error, the location is empty"),
+    (["train", "--data", "", "--run", "{tmp}/run"], "data: Value error, the location is empty"),
+    (["train", "--data", "{tmp}/ds", "--run", " "], "run: Value error, the location is empty"),
     (["dedup", "{tmp}/ds", "--out", ""], "--out is empty"), (["dedup", ""], "URI is empty"),
     (["sample", "--run", ""], "--run is empty"), (["sample", "--run", "{tmp}/run", "--out", ""], "--out is empty"),
 ])

@@ -60,16 +60,10 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def given_location(value: str | None, flag: str) -> str | None:
-    """A location given on the command line, resolved (`storage.resolve_location`); None when not given. An empty
-    one (`--out "$OUT"` with OUT unset) is refused rather than taken for the default or the current directory."""
+    """A location given on the command line (`storage.given`: resolved, an empty one refused); None when not given."""
     from preprocessing import storage
-    from preprocessing.errors import InputError
 
-    if value is None:
-        return None
-    if not value.strip():
-        raise InputError(f"{flag} is empty: give a path or s3://bucket/prefix")
-    return storage.resolve_location(value)
+    return None if value is None else storage.given(value, flag)
 
 
 def config_of(args: argparse.Namespace, base=None):

@@ -43,12 +43,12 @@ def run(args) -> int:
 
     from dcgan.commands import given_location
 
-    run_uri = storage.normalize(given_location(args.run, "--run"))
-    given_location(args.out, "--out")
-    if args.out and storage.exists(args.out) and not args.overwrite:
+    run_uri = given_location(args.run, "--run")
+    out = given_location(args.out, "--out")
+    if out and storage.exists(out) and not args.overwrite:
         raise InputError(f"--out {args.out} exists; pass --overwrite to replace it, or choose another file")
     loaded = load_models(run_uri, args.step)
-    out = args.out or run_layout.sample_grid(run_uri, loaded.step, args.seed)
+    out = out or run_layout.sample_grid(run_uri, loaded.step, args.seed)
     z = sample_z(loaded.config.model, args.n, generator=torch.Generator().manual_seed(args.seed))
     images = generate(loaded.generator, z, bn=args.bn)
     save_grid(images, out, nrow=max(1, math.isqrt(args.n - 1) + 1) if args.n > 1 else 1)
