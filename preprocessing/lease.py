@@ -261,6 +261,7 @@ def acquire(location: str, uri: str, writer: Writer, ttl_s: float | None = None,
     missed two renewals is waited for until it expires (at most a third of its life), not refused."""
     ttl = lease_s() if ttl_s is None else ttl_s
     lease = Lease(uri, ttl, noun=writer.noun)
+    dead_until: dict[str, float] = {}  # a dead holder's token -> when its lease counts as expired here
     for _ in range(100):  # each turn is a lost race with another writer: bounded
         lease.version = _create(lease.uri, lease.body())
         if lease.version is not None:
@@ -274,10 +275,16 @@ def acquire(location: str, uri: str, writer: Writer, ttl_s: float | None = None,
         ours = here and str(holder.get("pid")) == str(os.getpid()) and current.get("token") not in _HELD
         dead = here and not ours and not _pid_alive(holder.get("pid"))
         if left > 0 and dead and writer.wait_for_dead:
-            log.warning("the %s's last writer (%s) is gone; waiting %.0f s for its lease to expire",
-                        writer.noun, describe(current), left)
-            wait(left + 0.1)
-            continue
+            # Its workers stop within one lease life of its last renewal (`lease_s`, in the lease). An expiry further
+            # off than that (a file edited by hand, a clock set back) is not waited for in full: it was an hour.
+            until = dead_until.setdefault(str(current.get("token")),
+                                          time.time() + min(left, float(current.get("lease_s") or ttl)))
+            left = until - time.time()
+            if left > 0:
+                log.warning("the %s's last writer (%s) is gone; waiting %.0f s for its lease to expire",
+                            writer.noun, describe(current), left)
+                wait(left + 0.1)
+                continue
         if left > 0 and not (ours or dead):
             if left < float(current.get("lease_s") or ttl) / 3:  # two renewals missed: it stopped or is stalled
                 log.warning("%s: its writer (%s) has not renewed its lease since %s; waiting %.0f s for it to "

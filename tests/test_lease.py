@@ -61,6 +61,15 @@ def test_a_dead_driver_on_this_host_is_waited_out_not_refused(tmp_path):
     taken = lease.acquire(run, ttl_s=30, wait=lambda s: (waited.append(s), time.sleep(s)))
     assert len(waited) == 1 and 0 < waited[0] <= 1.2
     assert storage.read_json(lease.lease_uri(run))["token"] == taken.token
+    taken.release()
+
+    # an expiry an hour off (a file edited by hand, a clock set back) is waited for one lease life, not an hour
+    body["expires"] = time.time() + 3600
+    assert lease._lease._create(dead.uri, body) is not None
+    waited.clear()
+    taken = lease.acquire(run, ttl_s=30, wait=lambda s: (waited.append(s), time.sleep(s)))
+    assert len(waited) == 1 and 0 < waited[0] <= 1.2, waited
+    assert storage.read_json(lease.lease_uri(run))["token"] == taken.token
 
 
 def test_workers_see_their_driver_go(run_uri):
