@@ -6,7 +6,8 @@ token, a heartbeat counter and an expiry. A writer takes it before it writes (`h
 both believe they hold it: on S3 a conditional put (`If-None-Match: *` to create, `If-Match: <etag>` to renew, steal
 or delete), on local disk an exclusive create (a hard link of a complete file) and an flock'd read-compare-write. A
 second writer is refused with one line naming the holder; a lease is stolen only after it expired (a writer on this
-host whose holder pid is gone waits for the expiry, so the dead writer's workers have stopped by then).
+host whose holder pid is gone waits for the expiry, at most one lease life, so the dead writer's workers have stopped
+by then).
 
 Workers may watch the lease (`Watch`, a training's workers do): a token that changed or a heartbeat counter that has
 not moved for two renewals (measured on the worker's own clock, so no clock skew matters) means their writer is
