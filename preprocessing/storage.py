@@ -267,9 +267,11 @@ def _get_object(uri: str, bucket: str, key: str) -> bytes:
     botocore retries the request; a body broken off mid-way is asked for again here, BODY_ATTEMPTS times in all, as the
     transfer manager did. An object larger than MULTIPART_THRESHOLD (a large checkpoint) goes to the transfer manager's
     parallel ranged GETs."""
-    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+    from botocore.exceptions import BotoCoreError, IncompleteReadError, ReadTimeoutError, ResponseStreamingError
     from urllib3.exceptions import HTTPError as Urllib3Error
 
+    # a body broken off mid-way; urllib3's own errors are a TLS connection cut (SSLError), which botocore passes on
+    broken_off = (IncompleteReadError, ReadTimeoutError, ResponseStreamingError, Urllib3Error)
     client = s3_client()
     for _ in range(BODY_ATTEMPTS):
         answer = _s3_call(uri, client.get_object, Bucket=bucket, Key=key)
@@ -277,13 +279,11 @@ def _get_object(uri: str, bucket: str, key: str) -> bytes:
         try:
             if answer.get("ContentLength", 0) > MULTIPART_THRESHOLD:
                 break
-            return _s3_call(uri, body.read)
-        except StorageError as err:
-            broken = err.__context__  # what botocore raised
-            if not isinstance(broken, (IncompleteReadError, ReadTimeoutError, ResponseStreamingError)):
-                raise
-        except Urllib3Error as err:  # a TLS connection cut mid-body (SSLError), which botocore passes on as it is
+            return body.read()
+        except broken_off as err:
             broken = err
+        except BotoCoreError as err:  # any other error of the body (a checksum that differs): one line
+            raise _explain(err, uri) from None
         finally:
             body.close()
     else:
