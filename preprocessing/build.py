@@ -438,7 +438,7 @@ def _prepare(out: str, overwrite: bool) -> None:
     """Under the dataset's lease: an existing dataset there (it may have been committed by the writer before this
     one) is kept unless `overwrite`, which removes only the project's own files, manifest first."""
     _refuse_a_dataset(out, overwrite)
-    if storage.exists(dataset_layout.manifest(out)):
+    if shards.has_manifest(out):
         ownership.remove_own(out, "dataset")
 
 

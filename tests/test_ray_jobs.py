@@ -282,15 +282,12 @@ def test_a_job_whose_log_cannot_be_read_is_followed_by_its_status_to_its_result(
     that does not answer, and after a minute reported it lost, with every frame of the traceback on one line, though
     the job had SUCCEEDED; a Prefect task then submitted it again. Now one line says the log cannot be read, the job
     is followed by its status, and the stage's result is read from what it wrote."""
-    import cv2
     import json
 
+    from realdata import digits_folder
     from s3_faults import FaultProxy
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i, image in enumerate(mnist_rgb32(40)):
-        cv2.imwrite(str(photos / f"d{i:03d}.png"), image[:, :, ::-1])
+    photos = digits_folder(tmp_path / "photos", 40)
     agent_down = (500, "Traceback (most recent call last):\n  File \"aiohttp/client.py\", line 760, in _request\n"
                   "aiohttp.client_exceptions.InvalidUrlClientError: http://192.0.2.2:-1/api/job_agent/jobs/x/logs\n",
                   10_000)
