@@ -14,12 +14,16 @@ dedup recall is measured at scale too.
 Where (`--where`): `local`, each stage its own `python -m dcgan.cli` process on a local Ray started inside it, as a
 user runs it; `cluster`, the 3-node Ray cluster of tests/multinode.py on 127.0.0.1 with moto's S3 server as the only
 storage behind a proxy that counts S3 requests and bytes, each stage submitted as a Ray job through the Jobs API.
+Its two worker nodes declare 2 CPUs each (`--node-cpus`), as the tests' cluster does: 4 Ray CPUs on this 2-core box,
+so four tasks share two cores; `--node-cpus 1` declares the box's cores, as `ray start` on a machine of its own would.
 
 While a stage runs, /proc is sampled every 0.25 s for: the driver's peak RSS (VmHWM), the peak private memory
 (RssAnon) summed over the driver and all its descendants (raylet, Ray workers), the object store's peak (the largest
 shared-memory RSS of one process in the tree, a lower bound of the plasma pages in use), the bytes under Ray's
 spill directory, and the CPU seconds of the whole tree (robust on a shared machine, where wall time is not); on the
-cluster, every process of every node, with per-node peaks, and the job's driver found by its command line.
+cluster, every process of every node, with per-node peaks, and the job's driver found by its command line. The CPU
+seconds are also told apart by what spent them (`process_kind`: the driver, Ray workers, Ray's own processes, other)
+and the processes that spent the most are listed (`cpu_top`), so a cluster's overhead is seen beside the work.
 
 Then a line is fitted per stage, wall (and CPU) = fixed + per_image * N (least squares over the Ns), and the ratios that say
 whether it scales are printed: the marginal per-image cost between the two largest Ns over that between the two
@@ -310,6 +314,33 @@ class Peaks:
     cpu_ticks: dict = field(default_factory=dict)  # pid -> utime+stime seen last (clock ticks)
     cpu_base: dict = field(default_factory=dict)  # pid -> its ticks when first seen, for processes older than the stage
     pids: dict = field(default_factory=dict)  # pid -> start time, of every process seen in the tree
+    kinds: dict = field(default_factory=dict)  # pid -> what it is (`process_kind`), once it names itself
+    cpu_by_kind: dict = field(default_factory=dict)  # kind -> CPU seconds, set when the stage has ended
+    titles: dict = field(default_factory=dict)  # pid -> its command line's start (a worker: its last busy title)
+    cpu_top: list = field(default_factory=list)  # the processes that spent the most CPU (`Monitor.cpu_top`)
+
+
+RAY_SYSTEM = (b"raylet", b"gcs_server", b"dashboard", b"Dashboard", b"agent", b"Agent", b"log_monitor", b"monitor.py",
+              b"runtime_env", b"ray.util.client.server")
+
+
+def process_kind(pid: int, driver: int) -> str:
+    """What a process of a stage's tree is, for the CPU breakdown: the stage's driver (the CLI locally, the Ray job's
+    driver on a cluster), a Ray worker (tasks and actors), Ray's own processes (raylet, GCS, dashboard and its
+    agents, log monitor), or other (the job submission client, a Prefect or pip process)."""
+    if pid == driver or _is_job_driver(pid):
+        return "driver"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return "other"
+    line = b" ".join(argv[:4])
+    if any(word in line for word in RAY_SYSTEM):  # before the workers: the dashboard agent calls itself ray::...
+        return "ray system"
+    if argv[0].startswith(b"ray::") or b"default_worker.py" in line:
+        return "ray worker"
+    return "other"
 
 
 def _is_job_driver(pid: int) -> bool:
@@ -347,6 +378,12 @@ class Monitor:
                     p.pids[q] = _start_time(q)
                     if self._first and q != self.pid:  # a cluster's process, older than this stage
                         p.cpu_base[q] = _cpu_ticks(q)
+                if p.kinds.get(q, "other") == "other":  # a process may name itself after it starts (exec, a title)
+                    p.kinds[q] = process_kind(q, self.pid if not self.nodes else -1)
+                if q not in p.titles or p.kinds[q] == "ray worker":
+                    title = _title(q)
+                    if title and not title.startswith("ray::IDLE") or q not in p.titles:
+                        p.titles[q] = title
                 p.cpu_ticks[q] = max(p.cpu_ticks.get(q, 0), _cpu_ticks(q))
                 node_anon += st.get("RssAnon", 0)
                 node_store = max(node_store, st.get("RssShmem", 0))
@@ -383,8 +420,30 @@ class Monitor:
     def cpu_s(self) -> float:
         """CPU seconds of the whole tree (user + system, as last sampled): robust to a machine shared with others,
         where wall time is not. On a cluster this includes the idle cluster's own ticking while the stage ran."""
-        p = self.peaks
-        return sum(t - p.cpu_base.get(q, 0) for q, t in p.cpu_ticks.items()) / os.sysconf("SC_CLK_TCK")
+        return sum(self.cpu_by_kind.values())
+
+    def cpu_top(self, count: int = 12) -> list[dict]:
+        """The processes that spent the most CPU: kind, title (a worker's last task), CPU seconds."""
+        p, hz = self.peaks, os.sysconf("SC_CLK_TCK")
+        spent = sorted(((t - p.cpu_base.get(q, 0)) / hz, q) for q, t in p.cpu_ticks.items())[::-1][:count]
+        return [{"kind": p.kinds.get(q, "other"), "title": p.titles.get(q, ""), "cpu_s": round(c, 2)} for c, q in spent]
+
+    @property
+    def cpu_by_kind(self) -> dict[str, float]:
+        """The CPU seconds by `process_kind`: on a cluster, "ray system" is mostly the cluster ticking over."""
+        p, by = self.peaks, {}
+        for q, t in p.cpu_ticks.items():
+            kind = p.kinds.get(q, "other")
+            by[kind] = by.get(kind, 0.0) + (t - p.cpu_base.get(q, 0)) / os.sysconf("SC_CLK_TCK")
+        return by
+
+
+def _title(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ")[:100].decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def _cpu_ticks(pid: int) -> int:
@@ -426,6 +485,7 @@ def run_measured(argv: list[str], env: dict[str, str], ray_tmp: str | None, log:
     if b'"skipped":true' in out.replace(b" ", b""):  # its output was already there: nothing was measured
         raise RuntimeError(f"{' '.join(argv[2:4])} skipped: its output already exists (a --work of an earlier run?); "
                            f"use a new --work")
+    mon.peaks.cpu_by_kind, mon.peaks.cpu_top = mon.cpu_by_kind, mon.cpu_top()
     return wall, mon.cpu_s, mon.peaks
 
 
@@ -492,9 +552,9 @@ class ClusterWithS3:
     Jobs API: it runs as a Ray job, as on an operator's cluster. The LMDB stays a local path, which every node of
     this one-machine cluster sees (on a real cluster: a shared file system)."""
 
-    name = "3-node + S3"
+    name = "3-node + S3"  # with other than 2 CPUs a node, the CPUs are named too
 
-    def __init__(self, stack: ExitStack):
+    def __init__(self, stack: ExitStack, node_cpus: int = 2):
         import boto3
         from conftest import free_port
         from moto.server import ThreadedMotoServer
@@ -513,7 +573,9 @@ class ClusterWithS3:
         self.bucket = "scale"
         boto3.client("s3", endpoint_url=self.proxy.url).create_bucket(Bucket=self.bucket)
         t = time.perf_counter()
-        self.cluster = stack.enter_context(start_cluster())
+        self.cluster = stack.enter_context(start_cluster(cpus=node_cpus))
+        if node_cpus != 2:
+            self.name = f"3-node + S3, {node_cpus} CPU a node"
         print(f"[scale] 3-node cluster up in {time.perf_counter() - t:.0f} s at {self.cluster.jobs_address}",
               file=sys.stderr, flush=True)
 
@@ -606,7 +668,7 @@ def measure(n: int, work: Path, steps: int, seed: int, cache: Path | None, stage
                                             work / f"{stage}.log", nodes)
         after = place.traffic()
         fig = {"wall_s": wall, "cpu_s": cpu, "driver_rss": peaks.driver_rss, "driver_anon": peaks.driver_anon,
-               "tree_anon": peaks.tree_anon,
+               "tree_anon": peaks.tree_anon, "cpu_by_kind": peaks.cpu_by_kind, "cpu_top": peaks.cpu_top,
                "object_store": peaks.object_store, "spilled": peaks.spilled, "nodes": peaks.nodes,
                **{k: after[k] - before[k] for k in after}}
         if stage == "dedup":
@@ -616,9 +678,13 @@ def measure(n: int, work: Path, steps: int, seed: int, cache: Path | None, stage
         out["stages"][stage] = fig
         s3 = (f", S3 {fig['s3_requests']} requests, {fig['s3_bytes_put'] / 2**20:.0f} MiB put, "
               f"{fig['s3_bytes_got'] / 2**20:.0f} MiB got" if after else "")
-        print(f"[scale] N={n} {stage}: {wall:.1f} s ({cpu:.0f} CPU s), driver {peaks.driver_rss / 2**20:.0f} MiB, tree "
+        kinds = ", ".join(f"{k} {v:.0f}" for k, v in sorted(peaks.cpu_by_kind.items()))
+        print(f"[scale] N={n} {stage}: {wall:.1f} s ({cpu:.0f} CPU s: {kinds}), "
+              f"driver {peaks.driver_rss / 2**20:.0f} MiB, tree "
               f"{peaks.tree_anon / 2**20:.0f} MiB, store {peaks.object_store / 2**20:.0f} MiB, spilled "
               f"{peaks.spilled / 2**20:.0f} MiB{s3}", file=sys.stderr, flush=True)
+        print(f"[scale] N={n} {stage}, most CPU: " + "; ".join(
+            f"{t['cpu_s']:.1f} s {t['title'][:60]}" for t in peaks.cpu_top[:6]), file=sys.stderr, flush=True)
         if "phases_s" in fig:
             print(f"[scale] N={n} dedup phases, wall s: " + ", ".join(
                 f"{k.removesuffix('_s')} {v:.1f}" for k, v in fig["phases_s"].items()), file=sys.stderr, flush=True)
@@ -690,6 +756,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--where", nargs="+", choices=("local", "cluster"), default=["local"],
                    help="local: each stage starts its own local Ray, local disk; cluster: a 3-node Ray cluster on "
                         "127.0.0.1 with moto S3 as the only storage, each stage a Ray job")
+    p.add_argument("--node-cpus", type=int, default=2, help="--where cluster: the CPUs each of the two worker nodes "
+                   "declares (default 2, as tests/multinode.py: 4 in all, twice this 2-core box's cores)")
     p.add_argument("--steps", type=int, default=200, help="training steps (tiny widths, batch 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
@@ -731,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for where in args.where:
             with ExitStack() as stack:
-                place = ClusterWithS3(stack) if where == "cluster" else LocalRay()
+                place = ClusterWithS3(stack, args.node_cpus) if where == "cluster" else LocalRay()
                 for n in sorted(args.n):
                     stages = [s for s in args.stages if s == "build-lsun" or not args.full_upto
                               or n <= args.full_upto]

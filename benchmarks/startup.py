@@ -141,6 +141,7 @@ def main() -> None:
     ap.add_argument("--stages", nargs="+", default=["build-lsun", "dedup", "train", "evaluate"],
                     choices=["build-lsun", "dedup", "train", "evaluate"])
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--node-cpus", type=int, default=2, help="the CPUs each worker node declares (scale.py's option)")
     ap.add_argument("--poll-baseline", action="store_true",
                     help="also train locally with Ray Train's default controller poll and with ours, in turn")
     ap.add_argument("--first-chunk", action="store_true",
@@ -172,7 +173,7 @@ def _measure(args: argparse.Namespace, work: Path) -> None:
     rows: dict[str, list[float]] = {"bare job": [], **{s: [] for s in bare_train + args.stages}}
     phases: list[dict[str, float]] = []  # each dedup's phases, from its report: where its fixed cost goes
     with ExitStack() as stack:
-        place = scale.ClusterWithS3(stack)
+        place = scale.ClusterWithS3(stack, args.node_cpus)
         address = place.cluster.jobs_address
         print("[startup] warming the cluster: one bare job, one build and, with train, one bare Ray Train job (not "
               "counted)", file=sys.stderr, flush=True)
@@ -225,8 +226,8 @@ def _measure(args: argparse.Namespace, work: Path) -> None:
         ratio = statistics.median(rows[POLL_ROWS[0]]) / statistics.median(rows[POLL_ROWS[1]])
         print(f"\nlocal train, Ray's default poll / ours: {ratio:.2f}x the wall time (median of {args.reps})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cores": os.cpu_count(), "reps": rows, "dedup_phases_s": phases},
-                                              indent=1))
+        Path(args.json).write_text(json.dumps({"cores": os.cpu_count(), "node_cpus": args.node_cpus, "reps": rows,
+                                               "dedup_phases_s": phases}, indent=1))
 
 
 if __name__ == "__main__":

@@ -121,6 +121,26 @@ def test_monitor_on_a_cluster_counts_each_node_and_only_the_cpu_spent_while_it_r
     assert 0.9 <= mon.cpu_s < 1.6, mon.cpu_s  # the stage's second, not the node's earlier one too
 
 
+def test_the_cpu_is_told_apart_by_what_spent_it():
+    """The CPU breakdown (`cpu_by_kind`): the stage's driver, a Ray worker (its process title `ray::...`), Ray's own
+    processes (a raylet) and others, each counted where it belongs, adding up to the whole."""
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < {}: pass\ntime.sleep(0.5)\n"
+    children = [("ray::IDLE", 0.8), ("ray::DashboardAgent", 0.5), ("python3", 0.4)]
+    stage_code = ("import subprocess, sys, time\n"
+                  f"kids = [subprocess.Popen(['bash', '-c', 'exec -a \"' + name + '\" ' + sys.executable + ' -c \"$0\"', "
+                  f"{burn!r}.format(secs)]) for name, secs in {children!r}]\n"
+                  + burn.format(0.3) + "for k in kids: k.wait()\n")  # each sleeps after its burn: sampled alive
+    stage = subprocess.Popen([sys.executable, "-c", stage_code])
+    with scale.Monitor(stage.pid, interval=0.05) as mon:
+        stage.wait()
+    kinds = mon.peaks.kinds
+    assert sorted(kinds.values()) == ["driver", "other", "ray system", "ray worker"], kinds
+    by = mon.cpu_by_kind
+    assert 0.25 <= by["driver"] < 0.6 and 0.7 <= by["ray worker"] < 1.1, by
+    assert 0.4 <= by["ray system"] < 0.8 and 0.35 <= by["other"] < 0.7, by  # the bash before its exec: "other"
+    assert mon.cpu_s == pytest.approx(sum(by.values()))
+
+
 def test_the_memory_warm_up_touches_what_it_says_and_leaves_the_rest():
     """benchmarks/box_memory.py, which `scale.py --warm-memory` runs first: a pass over 1 GiB shows in the process's
     page faults (one per 4 KiB page at least, or per huge page), and a pass that must leave more than is available
