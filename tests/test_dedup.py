@@ -220,6 +220,40 @@ def test_training_and_codes_are_deterministic(trained):
     assert np.array_equal(encode(state, crops, cfg), encode(again, crops, cfg))
 
 
+def test_the_fits_adam_is_torchs_to_the_bit_and_imports_no_dynamo(trained, tmp_path):
+    """The autoencoder's own Adam (`model.Adam`) gives torch.optim.Adam's weights to the bit over a run of steps on real
+    crops, and a fit in a fresh process never imports torch._dynamo (torch.optim's first call does: 0.8 s here)."""
+    from preprocessing.dedup.model import Adam, HashAutoencoder, code_penalty
+
+    cfg, keys, crops, origin, state, losses = trained
+    torch.manual_seed(cfg.seed)
+    ours = HashAutoencoder.from_config(cfg, None, None)
+    theirs = HashAutoencoder.from_config(cfg, None, None)
+    theirs.load_state_dict(ours.state_dict())
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    x = inputs_of(crops[:96])
+    opts = {id(ours): Adam(ours.parameters(), lr=cfg.lr), id(theirs): torch.optim.Adam(theirs.parameters(), lr=cfg.lr)}
+    for step in range(12):
+        for model in (ours, theirs):
+            torch.manual_seed(step)  # the same input noise for both
+            recon, h = model(x, cfg.input_noise)
+            loss = torch.nn.functional.mse_loss(recon, x) + code_penalty(h, cfg)
+            opts[id(model)].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[id(model)].step()
+    assert not any(torch.equal(v, before[k]) for k, v in ours.state_dict().items() if v.is_floating_point())
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.state_dict().items())
+
+    np.save(tmp_path / "crops.npy", crops[:64])
+    code = ("import json, sys, numpy as np\n"
+            "from preprocessing.config import DedupConfig\n"
+            "from preprocessing.dedup.model import fit_local\n"
+            f"crops = np.load({str(tmp_path / 'crops.npy')!r})\n"
+            "_, losses = fit_local(crops, DedupConfig(whiten=16, epochs=2, batch_size=32))\n"
+            "print(json.dumps([len(losses), 'torch._dynamo' in sys.modules]))\n")
+    assert run_fresh(code) == [2, False]
+
+
 def _photos64() -> tuple[list[str], np.ndarray]:
     """The distinct skimage photos' center squares at 64 px (the stored resolution of the paper's datasets)."""
     keys, images = [], []

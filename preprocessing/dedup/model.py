@@ -225,13 +225,49 @@ def code_penalty(h: torch.Tensor, cfg: DedupConfig) -> torch.Tensor:
     return penalty
 
 
+class Adam:
+    """torch.optim.Adam's update as it runs on CPUs (its single-tensor path; no weight decay, no amsgrad), without
+    torch.optim: the first call of a torch.optim optimizer's methods imports torch._dynamo (0.8 s here, more than
+    torch itself), which every dedup's fit task paid before its first step. The same arithmetic in the same order,
+    so the same weights to the bit (tests/test_dedup.py compares the two)."""
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        self.params = [q for q in params if q.requires_grad]
+        self.lr, (self.beta1, self.beta2), self.eps = lr, betas, eps
+        self.steps = [0] * len(self.params)  # per tensor, as torch counts them: only a tensor with a gradient steps
+        self.exp_avg = [torch.zeros_like(q, memory_format=torch.preserve_format) for q in self.params]
+        self.exp_avg_sq = [torch.zeros_like(q, memory_format=torch.preserve_format) for q in self.params]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for q in self.params:
+            if set_to_none:
+                q.grad = None
+            elif q.grad is not None:
+                q.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for i, q in enumerate(self.params):
+            if q.grad is None:
+                continue
+            grad, exp_avg, exp_avg_sq = q.grad, self.exp_avg[i], self.exp_avg_sq[i]
+            self.steps[i] += 1
+            exp_avg.lerp_(grad, 1 - self.beta1)
+            exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+            step = float(self.steps[i])  # torch keeps the count in a float tensor and reads it back
+            step_size = self.lr / (1 - self.beta1 ** step)
+            denom = (exp_avg_sq.sqrt() / (1 - self.beta2 ** step) ** 0.5).add_(self.eps)
+            q.addcdiv_(exp_avg, denom, value=-step_size)
+
+
 def train_epochs(model: nn.Module, batches: Callable[[], Iterable[torch.Tensor]], cfg: DedupConfig,
                  device: torch.device | str = "cpu", on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
     """The denoising objective (reconstruct each clean crop from its noisy copy) plus the code penalty.
 
     `batches()` yields uint8 crops. Returns the reconstruction loss per epoch.
     """
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = Adam(model.parameters(), lr=cfg.lr)
     losses = []
     model.train()
     for epoch in range(cfg.epochs):
