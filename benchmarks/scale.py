@@ -314,32 +314,59 @@ class Peaks:
     cpu_ticks: dict = field(default_factory=dict)  # pid -> utime+stime seen last (clock ticks)
     cpu_base: dict = field(default_factory=dict)  # pid -> its ticks when first seen, for processes older than the stage
     pids: dict = field(default_factory=dict)  # pid -> start time, of every process seen in the tree
-    kinds: dict = field(default_factory=dict)  # pid -> what it is (`process_kind`), once it names itself
+    kinds: dict = field(default_factory=dict)  # pid -> what it is (`process_kind`), as last seen alive
     cpu_by_kind: dict = field(default_factory=dict)  # kind -> CPU seconds, set when the stage has ended
     titles: dict = field(default_factory=dict)  # pid -> its command line's start (a worker: its last busy title)
     cpu_top: list = field(default_factory=list)  # the processes that spent the most CPU (`Monitor.cpu_top`)
 
 
-RAY_SYSTEM = (b"raylet", b"gcs_server", b"dashboard", b"Dashboard", b"agent", b"Agent", b"log_monitor", b"monitor.py",
-              b"runtime_env", b"ray.util.client.server")
+# Ray's own processes, by program (argv[0]'s file name), by script path (a Python program's first .py argument, or its
+# `-m` module), or by the title a Ray process gives itself: the runtime's own actors and IO workers count here too.
+RAY_PROGRAMS = ("raylet", "gcs_server")
+RAY_SCRIPTS = ("dashboard/dashboard.py", "dashboard/agent.py", "_private/log_monitor.py",
+               "autoscaler/_private/monitor.py", "runtime_env/agent/main.py", "ray.util.client.server")
+RAY_TITLES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::JobSupervisor", "ray::_StatsActor",
+              "ray::_AutoscalingCoordinatorActor", "ray::IDLE_SpillWorker", "ray::IDLE_RestoreWorker", "ray::SPILL_",
+              "ray::RESTORE_", "ray::DELETE_", "ray-dashboard-")
+WORKER_SCRIPTS = ("workers/default_worker.py", "workers/setup_worker.py")
 
 
-def process_kind(pid: int, driver: int) -> str:
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a node of 0 CPUs would leave every task unscheduled)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def process_kind(pid: int, driver: int) -> str | None:
     """What a process of a stage's tree is, for the CPU breakdown: the stage's driver (the CLI locally, the Ray job's
-    driver on a cluster), a Ray worker (tasks and actors), Ray's own processes (raylet, GCS, dashboard and its
-    agents, log monitor), or other (the job submission client, a Prefect or pip process)."""
+    driver on a cluster), a Ray worker (the stage's tasks and actors), Ray's own processes (raylet, GCS, dashboard and
+    its agents, log monitor, and the runtime's own actors: job supervisor, stats, autoscaling coordinator, spill
+    workers), or other (the job submission client, a shell, a multiprocessing helper). Matched on the program, script or title, never on a
+    folder's name (a checkout under `/.../agent/` is not Ray's agent). None when it has no command line to tell by
+    (it has exited: a zombie's is empty)."""
     if pid == driver or _is_job_driver(pid):
         return "driver"
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
     except OSError:
-        return "other"
-    line = b" ".join(argv[:4])
-    if any(word in line for word in RAY_SYSTEM):  # before the workers: the dashboard agent calls itself ray::...
+        return None
+    if not argv:
+        return None
+    title = argv[0]
+    if title.startswith(RAY_TITLES) or os.path.basename(title) in RAY_PROGRAMS:
         return "ray system"
-    if argv[0].startswith(b"ray::") or b"default_worker.py" in line:
+    if title.startswith("ray::"):
         return "ray worker"
+    if os.path.basename(title).startswith("python"):
+        script = next((a if a.endswith(".py") else argv[i + 1] for i, a in enumerate(argv[1:], 1)
+                       if a.endswith(".py") or a == "-m" and i + 1 < len(argv)), "")
+        if script.endswith(RAY_SCRIPTS):
+            return "ray system"
+        if script.endswith(WORKER_SCRIPTS):
+            return "ray worker"
     return "other"
 
 
@@ -378,8 +405,8 @@ class Monitor:
                     p.pids[q] = _start_time(q)
                     if self._first and q != self.pid:  # a cluster's process, older than this stage
                         p.cpu_base[q] = _cpu_ticks(q)
-                if p.kinds.get(q, "other") == "other":  # a process may name itself after it starts (exec, a title)
-                    p.kinds[q] = process_kind(q, self.pid if not self.nodes else -1)
+                if p.kinds.get(q) != "driver":  # a process names itself after it starts (exec, a title): the last wins
+                    p.kinds[q] = process_kind(q, self.pid if not self.nodes else -1) or p.kinds.get(q, "other")
                 if q not in p.titles or p.kinds[q] == "ray worker":
                     title = _title(q)
                     if title and not title.startswith("ray::IDLE") or q not in p.titles:
@@ -756,8 +783,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--where", nargs="+", choices=("local", "cluster"), default=["local"],
                    help="local: each stage starts its own local Ray, local disk; cluster: a 3-node Ray cluster on "
                         "127.0.0.1 with moto S3 as the only storage, each stage a Ray job")
-    p.add_argument("--node-cpus", type=int, default=2, help="--where cluster: the CPUs each of the two worker nodes "
-                   "declares (default 2, as tests/multinode.py: 4 in all, twice this 2-core box's cores)")
+    p.add_argument("--node-cpus", type=positive_int, default=2, help="--where cluster: the CPUs each of the two "
+                   "worker nodes declares (default 2, as tests/multinode.py: 4 in all, twice this 2-core box's cores)")
     p.add_argument("--steps", type=int, default=200, help="training steps (tiny widths, batch 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),

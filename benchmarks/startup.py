@@ -141,7 +141,8 @@ def main() -> None:
     ap.add_argument("--stages", nargs="+", default=["build-lsun", "dedup", "train", "evaluate"],
                     choices=["build-lsun", "dedup", "train", "evaluate"])
     ap.add_argument("--json", help="write the figures here")
-    ap.add_argument("--node-cpus", type=int, default=2, help="the CPUs each worker node declares (scale.py's option)")
+    ap.add_argument("--node-cpus", type=scale.positive_int, default=2,
+                    help="the CPUs each worker node declares (scale.py's option)")
     ap.add_argument("--poll-baseline", action="store_true",
                     help="also train locally with Ray Train's default controller poll and with ours, in turn")
     ap.add_argument("--first-chunk", action="store_true",

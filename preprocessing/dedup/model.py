@@ -228,8 +228,10 @@ def code_penalty(h: torch.Tensor, cfg: DedupConfig) -> torch.Tensor:
 class Adam:
     """torch.optim.Adam's update as it runs on CPUs (its single-tensor path; no weight decay, no amsgrad), without
     torch.optim: the first call of a torch.optim optimizer's methods imports torch._dynamo (0.8 s here, more than
-    torch itself), which every dedup's fit task paid before its first step. The same arithmetic in the same order,
-    so the same weights to the bit (tests/test_dedup.py compares the two)."""
+    torch itself), which every dedup's CPU fit task paid before its first step. The same arithmetic in the same
+    order, so the same weights to the bit on CPUs (tests/test_dedup.py compares the two). On a GPU torch's own runs
+    (`train_epochs`): its multi-tensor kernels there are another order of operations, and Ray Train's start dwarfs
+    the import."""
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8):
@@ -267,7 +269,8 @@ def train_epochs(model: nn.Module, batches: Callable[[], Iterable[torch.Tensor]]
 
     `batches()` yields uint8 crops. Returns the reconstruction loss per epoch.
     """
-    opt = Adam(model.parameters(), lr=cfg.lr)
+    cpu = torch.device(device).type == "cpu"
+    opt = Adam(model.parameters(), lr=cfg.lr) if cpu else torch.optim.Adam(model.parameters(), lr=cfg.lr)
     losses = []
     model.train()
     for epoch in range(cfg.epochs):
