@@ -339,20 +339,16 @@ def positive_int(text: str) -> int:
     return value
 
 
-def process_kind(pid: int, driver: int) -> str | None:
-    """What a process of a stage's tree is, for the CPU breakdown: the stage's driver (the CLI locally, the Ray job's
-    driver on a cluster), a Ray worker (the stage's tasks and actors), Ray's own processes (raylet, GCS, dashboard and
-    its agents, log monitor, and the runtime's own actors: job supervisor, stats, autoscaling coordinator, spill
-    workers), or other (the job submission client, a shell, a multiprocessing helper). Matched on the program, script or title, never on a
-    folder's name (a checkout under `/.../agent/` is not Ray's agent). None when it has no command line to tell by
-    (it has exited: a zombie's is empty)."""
-    if pid == driver or _is_job_driver(pid):
+def process_kind(argv: list[str], stage_driver: bool = False) -> str | None:
+    """What a process of a stage's tree is, by its command line (`_argv`), for the CPU breakdown: the stage's driver
+    (`stage_driver`: the CLI locally; the Ray job's driver on a cluster), a Ray worker (the stage's tasks and actors),
+    Ray's own processes (raylet, GCS, dashboard and its agents, log monitor, and the runtime's own actors: job
+    supervisor, stats, autoscaling coordinator, spill workers), or other (the job submission client, a shell, a
+    multiprocessing helper). Matched on the program, script or title, never on a folder's name (a checkout under
+    `/.../agent/` is not Ray's agent). None when there is no command line to tell by (it has exited: a zombie's is
+    empty)."""
+    if stage_driver or _is_job_driver(argv):
         return "driver"
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return None
     if not argv:
         return None
     title = argv[0]
@@ -370,14 +366,18 @@ def process_kind(pid: int, driver: int) -> str | None:
     return "other"
 
 
-def _is_job_driver(pid: int) -> bool:
-    """A Ray job's `dcgan <stage> ... --config env:...` driver (the command line the project submits)."""
+def _argv(pid: int) -> list[str]:
+    """A process's command line (its title, for a Ray worker that renamed itself); [] once it has exited."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
     except OSError:
-        return False
-    return any(a.endswith(b"dcgan") for a in argv[:3]) and b"--config" in argv
+        return []
+
+
+def _is_job_driver(argv: list[str]) -> bool:
+    """A Ray job's `dcgan <stage> ... --config env:...` driver (the command line the project submits)."""
+    return any(a.endswith("dcgan") for a in argv[:3]) and "--config" in argv
 
 
 class Monitor:
@@ -405,16 +405,18 @@ class Monitor:
                     p.pids[q] = _start_time(q)
                     if self._first and q != self.pid:  # a cluster's process, older than this stage
                         p.cpu_base[q] = _cpu_ticks(q)
+                argv = _argv(q)  # read once a sample: the kind, the title and the job's driver all come from it
+                stage_driver = q == self.pid and not self.nodes
                 if p.kinds.get(q) != "driver":  # a process names itself after it starts (exec, a title): the last wins
-                    p.kinds[q] = process_kind(q, self.pid if not self.nodes else -1) or p.kinds.get(q, "other")
+                    p.kinds[q] = process_kind(argv, stage_driver) or p.kinds.get(q, "other")
                 if q not in p.titles or p.kinds[q] == "ray worker":
-                    title = _title(q)
+                    title = " ".join(argv)[:100]
                     if title and not title.startswith("ray::IDLE") or q not in p.titles:
                         p.titles[q] = title
                 p.cpu_ticks[q] = max(p.cpu_ticks.get(q, 0), _cpu_ticks(q))
                 node_anon += st.get("RssAnon", 0)
                 node_store = max(node_store, st.get("RssShmem", 0))
-                if q == self.pid and not self.nodes or self.nodes and _is_job_driver(q):
+                if stage_driver or self.nodes and _is_job_driver(argv):
                     p.driver_rss = max(p.driver_rss, st.get("VmHWM", 0))
                     p.driver_anon = max(p.driver_anon, st.get("RssAnon", 0))
             anon += node_anon
@@ -449,28 +451,25 @@ class Monitor:
         where wall time is not. On a cluster this includes the idle cluster's own ticking while the stage ran."""
         return sum(self.cpu_by_kind.values())
 
+    def _spent(self) -> dict[int, float]:
+        """CPU seconds of each process seen, since the stage started (as last sampled)."""
+        p, hz = self.peaks, os.sysconf("SC_CLK_TCK")
+        return {q: (t - p.cpu_base.get(q, 0)) / hz for q, t in p.cpu_ticks.items()}
+
     def cpu_top(self, count: int = 12) -> list[dict]:
         """The processes that spent the most CPU: kind, title (a worker's last task), CPU seconds."""
-        p, hz = self.peaks, os.sysconf("SC_CLK_TCK")
-        spent = sorted(((t - p.cpu_base.get(q, 0)) / hz, q) for q, t in p.cpu_ticks.items())[::-1][:count]
+        p = self.peaks
+        spent = sorted(((c, q) for q, c in self._spent().items()), reverse=True)[:count]
         return [{"kind": p.kinds.get(q, "other"), "title": p.titles.get(q, ""), "cpu_s": round(c, 2)} for c, q in spent]
 
     @property
     def cpu_by_kind(self) -> dict[str, float]:
         """The CPU seconds by `process_kind`: on a cluster, "ray system" is mostly the cluster ticking over."""
-        p, by = self.peaks, {}
-        for q, t in p.cpu_ticks.items():
-            kind = p.kinds.get(q, "other")
-            by[kind] = by.get(kind, 0.0) + (t - p.cpu_base.get(q, 0)) / os.sysconf("SC_CLK_TCK")
+        by: dict[str, float] = {}
+        for q, c in self._spent().items():
+            kind = self.peaks.kinds.get(q, "other")
+            by[kind] = by.get(kind, 0.0) + c
         return by
-
-
-def _title(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ")[:100].decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 def _cpu_ticks(pid: int) -> int:
