@@ -239,7 +239,7 @@ def test_the_fits_adam_is_torchs_to_the_bit_and_imports_no_dynamo(trained, tmp_p
             torch.manual_seed(step)  # the same input noise for both
             recon, h = model(x, cfg.input_noise)
             loss = torch.nn.functional.mse_loss(recon, x) + code_penalty(h, cfg)
-            opts[id(model)].zero_grad(set_to_none=True)
+            opts[id(model)].zero_grad()
             loss.backward()
             if 3 <= step < 6:  # a tensor without a gradient is left alone, its step count too
                 list(model.parameters())[-1].grad = None

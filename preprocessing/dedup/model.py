@@ -227,8 +227,8 @@ def code_penalty(h: torch.Tensor, cfg: DedupConfig) -> torch.Tensor:
 
 class Adam:
     """torch.optim.Adam's update as it runs on CPUs (its single-tensor path; no weight decay, no amsgrad), without
-    torch.optim: the first call of a torch.optim optimizer's methods imports torch._dynamo (0.8 s here, more than
-    torch itself), which every dedup's CPU fit task paid before its first step. The same arithmetic in the same
+    torch.optim: the first call of a torch.optim optimizer's methods imports torch._dynamo, which every dedup's CPU
+    fit task paid before its first step (its training phase is 0.5-0.9 s shorter without: benchmarks/startup.py). The same arithmetic in the same
     order, so the same weights to the bit on CPUs (tests/test_dedup.py compares the two). On a GPU torch's own runs
     (`train_epochs`): its multi-tensor kernels there are another order of operations, and Ray Train's start dwarfs
     the import."""
@@ -241,12 +241,9 @@ class Adam:
         self.exp_avg = [torch.zeros_like(q, memory_format=torch.preserve_format) for q in self.params]
         self.exp_avg_sq = [torch.zeros_like(q, memory_format=torch.preserve_format) for q in self.params]
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def zero_grad(self) -> None:
         for q in self.params:
-            if set_to_none:
-                q.grad = None
-            elif q.grad is not None:
-                q.grad.zero_()
+            q.grad = None
 
     @torch.no_grad()
     def step(self) -> None:
@@ -280,7 +277,7 @@ def train_epochs(model: nn.Module, batches: Callable[[], Iterable[torch.Tensor]]
             recon, h = model(x, cfg.input_noise)
             mse = nn.functional.mse_loss(recon, x)
             loss = mse + code_penalty(h, cfg)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()  # torch's default too: set to None
             loss.backward()
             opt.step()
             total += mse.detach() * len(x)
