@@ -495,6 +495,49 @@ def test_phase_one_reads_the_training_sample_from_the_fewest_shards_and_encode_c
     assert _training_sample(crops, 60, one).count() == 20
 
 
+def test_the_fit_takes_phase_ones_blocks_as_they_are_and_the_crops_task_imports_no_torch(tmp_path, ray_cluster,
+                                                                                          trained):
+    """Phase 1's training crops go to the CPU fit as the blocks phase 1 made: no Ray Data step copies them first (a
+    projection to their `crop` column was one more execution and, at 3M images, one more copy of the 50k-crop sample
+    in the object store). The crops task imports no torch: a worker that only reads crops never pays torch's import
+    (~0.7 s); the fit and the codes import it where they run."""
+    import ray
+    from ray.util.state import list_tasks
+
+    from preprocessing.dedup.dataset import _crops, _train, checked_entries
+
+    keys, images = _distinct_images(56)
+    src = str(tmp_path / "src")
+    _in_shards(src, keys[:60], images[:60], parts=4)
+    shards = checked_entries(read_manifest(src))
+    cfg = trained[0].model_copy(update={"train_images": 20, "epochs": 2})
+    crops, _, sampled = _crops(src, shards, cfg, 60)
+    here, job = ray.get_runtime_context().gcs_address, ray.get_runtime_context().get_job_id()
+    since_ms = time.time() * 1000
+    _, losses, trained_on = _train(crops, sampled, cfg, str(tmp_path / "out"), None, 60)
+    assert sampled and trained_on == 20 and len(losses) == 2
+
+    def started() -> list[str]:  # this job's tasks since `_train` began (the State API sees them within ~1 s)
+        tasks = list_tasks(here, filters=[("job_id", "=", job)], detail=True, limit=10_000,
+                           raise_on_missing_output=False)
+        return sorted(t.name for t in tasks if (t.creation_time_ms or 0) >= since_ms)
+
+    deadline = time.monotonic() + 30
+    while "fit_task" not in started() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(1.5)  # any other task of the phase is reported by now too
+    assert started() == ["fit_task"]
+
+    code = ("import sys, json\n"
+            "import numpy as np\n"
+            "from preprocessing.dedup.dataset import _crops_task, checked_entries\n"
+            "from preprocessing.shards import read_manifest\n"
+            f"shards = checked_entries(read_manifest({src!r}))\n"
+            f"out = _crops_task({{'shard': np.array([0, 1])}}, {src!r}, shards, {cfg.crop})\n"
+            "print(json.dumps([len(out['crop']), 'torch' in sys.modules]))\n")
+    assert run_fresh(code) == [30, False]
+
+
 def test_the_training_shards_are_the_fewest_spread_over_the_list_that_hold_the_sample():
     from preprocessing.dedup.dataset import training_shards
 

@@ -46,7 +46,7 @@ from preprocessing.dedup.groups import (bucket_edges, code_hashes, codes_of, dec
                                        groups_of, member_rows, pixel_bytes, shared_lookup, verify_rows, view_rows)
 from preprocessing.dedup.report import bit_stats, collision_picture
 from preprocessing.dedup.verify import BLANK_STD, blank, star_groups
-from preprocessing.dedup.views import cut_views, encode_views, encode_views_probed, view_sources
+from preprocessing.dedup.views import crops_of, cut_views, encode_views, encode_views_probed, view_sources
 from preprocessing.errors import InputError
 from preprocessing.progress import Progress
 from preprocessing.dedup.semantic_hash import group_views
@@ -123,8 +123,6 @@ def _crops_task(batch: dict[str, np.ndarray], src_uri: str, shards: list[dict], 
     """Each listed shard read -> (key, shard, row, crop, read, blank[, source]) of its rows, or, with `fraction` < 1,
     of the `training_rows` it keeps. A kept row accounts for the rows read from it up to the next kept one: `read`
     counts them and `blank` counts their blank crops, so the two columns sum to the shard's totals either way."""
-    from preprocessing.dedup.model import crops_of  # not at the top: torch (see the imports)
-
     cv2.setNumThreads(1)
     out: dict[str, list] = {"key": [], "shard": [], "row": [], "crop": [],
                             "read": [], "blank": [], **({"source": []} if sources else {})}
@@ -426,9 +424,7 @@ def _train(crops, sampled: bool, cfg: DedupConfig, out_uri: str, cluster: Cluste
     trained on); a CPU fit leaves torch out of this process."""
     from preprocessing.dedup.fit import fit_ray
 
-    sample = crops.select_columns(["crop"])
-    if not sampled:
-        sample = _training_sample(sample, rows_in, cfg)
+    sample = crops if sampled else _training_sample(crops, rows_in, cfg)  # the fit reads its `crop` column
     trained_on = sample.count()
     with tempfile.TemporaryDirectory(prefix="dcgan-dedup-") as tmp:
         train_dir = dataset_layout.dedup_training(out_uri) if storage.is_s3(out_uri) else tmp

@@ -34,7 +34,6 @@ import os
 import sys
 from typing import Callable, Iterable, Iterator
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -43,6 +42,7 @@ from preprocessing import storage
 from preprocessing.config import ClusterConfig, DedupConfig
 from preprocessing.progress import Progress
 from preprocessing.dedup.semantic_hash import pack_bits
+from preprocessing.dedup.views import crops_of  # noqa: F401  (the crops' step, re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +52,6 @@ EIG_FLOOR = 1e-4     # whitening divides by sqrt(max(eigenvalue, EIG_FLOOR * lar
 
 
 # ------------------------------------------------------------------------------------------------------ inputs
-
-
-def crops_of(images: np.ndarray, crop: int) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N, crop, crop, 3) uint8: the largest center square, area-downsampled to crop x crop."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be (N, H, W, 3) uint8, got {images.shape} {images.dtype}")
-    n, h, w, _ = images.shape
-    side = min(h, w)
-    y, x = (h - side) // 2, (w - side) // 2
-    out = np.empty((n, crop, crop, 3), np.uint8)
-    for i in range(n):
-        out[i] = cv2.resize(images[i, y:y + side, x:x + side], (crop, crop), interpolation=cv2.INTER_AREA)
-    return out
 
 
 def inputs_of(crops: np.ndarray | torch.Tensor) -> torch.Tensor:

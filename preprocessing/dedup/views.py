@@ -32,6 +32,23 @@ if TYPE_CHECKING:  # annotations only: torch is imported where the codes are com
     import torch
 
 
+def crops_of(images: np.ndarray, crop: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, crop, crop, 3) uint8: the largest center square, area-downsampled to crop x crop
+    (the paper's 32x32 center crop). Here, without torch: a dedup's crops task runs it on a fresh worker."""
+    import cv2
+
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be (N, H, W, 3) uint8, got {images.shape} {images.dtype}")
+    n, h, w, _ = images.shape
+    side = min(h, w)
+    y, x = (h - side) // 2, (w - side) // 2
+    out = np.empty((n, crop, crop, 3), np.uint8)
+    for i in range(n):
+        out[i] = cv2.resize(images[i, y:y + side, x:x + side], (crop, crop), interpolation=cv2.INTER_AREA)
+    return out
+
+
 def view_sources(images: np.ndarray, crop: int) -> np.ndarray:
     """(N, H, W, 3) uint8 -> (N, 2*crop, 2*crop, 3) uint8: the largest center square at twice the crop's side."""
     import cv2
@@ -397,8 +414,6 @@ def _encode(state, crops, sources, cfg, chunk: int, probes: int) -> tuple[np.nda
 def image_codes(state, images: np.ndarray, cfg, probed: bool = False):
     """(N, H, W, 3) uint8 images -> (N, cfg.views, code_bits/8) packed codes (view 0: the paper's center crop); with
     `probed`, (codes, flips) as `encode_views_probed`."""
-    from preprocessing.dedup.model import crops_of
-
     sources = view_sources(images, cfg.crop) if cfg.views > 1 else None
     encode = encode_views_probed if probed else encode_views
     return encode(state, crops_of(images, cfg.crop), sources, cfg)
