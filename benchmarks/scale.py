@@ -23,7 +23,8 @@ shared-memory RSS of one process in the tree, a lower bound of the plasma pages 
 spill directory, and the CPU seconds of the whole tree (robust on a shared machine, where wall time is not); on the
 cluster, every process of every node, with per-node peaks, and the job's driver found by its command line. The CPU
 seconds are also told apart by what spent them (`process_kind`: the driver, Ray workers, Ray's own processes, other)
-and the processes that spent the most are listed (`cpu_top`), so a cluster's overhead is seen beside the work.
+and what spent the most is listed (`cpu_top`: Ray workers' CPU by the task they ran, other processes one by one), so
+a cluster's overhead is seen beside the work.
 
 Then a line is fitted per stage, wall (and CPU) = fixed + per_image * N (least squares over the Ns), and the ratios that say
 whether it scales are printed: the marginal per-image cost between the two largest Ns over that between the two
@@ -317,7 +318,9 @@ class Peaks:
     kinds: dict = field(default_factory=dict)  # pid -> what it is (`process_kind`), as last seen alive
     cpu_by_kind: dict = field(default_factory=dict)  # kind -> CPU seconds, set when the stage has ended
     titles: dict = field(default_factory=dict)  # pid -> its command line's start (a worker: its last busy title)
-    cpu_top: list = field(default_factory=list)  # the processes that spent the most CPU (`Monitor.cpu_top`)
+    task_ticks: dict = field(default_factory=dict)  # a Ray worker's title -> the ticks workers spent under it
+    counted: dict = field(default_factory=dict)  # pid of a Ray worker -> its ticks already put under a title
+    cpu_top: list = field(default_factory=list)  # what spent the most CPU (`Monitor.cpu_top`)
 
 
 # Ray's own processes, by program (argv[0]'s file name), by script path (a Python program's first .py argument, or its
@@ -414,6 +417,10 @@ class Monitor:
                     if title and not title.startswith("ray::IDLE") or q not in p.titles:
                         p.titles[q] = title
                 p.cpu_ticks[q] = max(p.cpu_ticks.get(q, 0), _cpu_ticks(q))
+                if p.kinds[q] == "ray worker":  # the ticks since the last sample, under the task it runs (or ran)
+                    done = p.counted.get(q, p.cpu_base.get(q, 0))
+                    p.task_ticks[p.titles[q]] = p.task_ticks.get(p.titles[q], 0) + p.cpu_ticks[q] - done
+                    p.counted[q] = p.cpu_ticks[q]
                 node_anon += st.get("RssAnon", 0)
                 node_store = max(node_store, st.get("RssShmem", 0))
                 if stage_driver or self.nodes and _is_job_driver(argv):
@@ -457,10 +464,15 @@ class Monitor:
         return {q: (t - p.cpu_base.get(q, 0)) / hz for q, t in p.cpu_ticks.items()}
 
     def cpu_top(self, count: int = 12) -> list[dict]:
-        """The processes that spent the most CPU: kind, title (a worker's last task), CPU seconds."""
-        p = self.peaks
-        spent = sorted(((c, q) for q, c in self._spent().items()), reverse=True)[:count]
-        return [{"kind": p.kinds.get(q, "other"), "title": p.titles.get(q, ""), "cpu_s": round(c, 2)} for c, q in spent]
+        """What spent the most CPU: Ray workers' CPU by the task they ran (their process title at each sample; the
+        one they had just run while idle), summed over workers; any other process by itself, under its command line.
+        Each: kind, title, CPU seconds. A worker's start-up (its imports before its first task) shows as ray::IDLE."""
+        p, hz = self.peaks, os.sysconf("SC_CLK_TCK")
+        rows = [("ray worker", title, ticks / hz) for title, ticks in p.task_ticks.items()]
+        rows += [(p.kinds.get(q, "other"), p.titles.get(q, ""), c) for q, c in self._spent().items()
+                 if p.kinds.get(q) != "ray worker"]
+        rows.sort(key=lambda r: r[2], reverse=True)
+        return [{"kind": k, "title": t, "cpu_s": round(c, 2)} for k, t, c in rows[:count]]
 
     @property
     def cpu_by_kind(self) -> dict[str, float]:

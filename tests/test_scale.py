@@ -149,6 +149,33 @@ def test_the_cpu_is_told_apart_by_what_spent_it():
     assert abs(sum(by.values()) - kernel) < 0.25, (by, kernel)
 
 
+def test_a_workers_cpu_is_put_under_the_task_it_ran():
+    """`cpu_top` puts a Ray worker's CPU under the task it ran when it was spent (its process title at each sample),
+    not all of it under the last one: a worker that ran task A for 0.4 s, then task B for 0.6 s, then went idle shows
+    A and B with their own CPU; the tasks' CPU adds up to the workers' in `cpu_by_kind`."""
+    worker = ("import time\n"
+              "from ray._raylet import setproctitle\n"  # Ray's own: what a worker titles itself with
+              "def burn(s):\n"
+              "    t = time.process_time()\n"
+              "    while time.process_time() - t < s: pass\n"
+              "for title, secs in (('ray::A()', 0.4), ('ray::B()', 0.6), ('ray::IDLE', 0)):\n"
+              "    setproctitle(title)\n"
+              "    burn(secs)\n"
+              "    time.sleep(0.3)\n")
+    stage_code = ("import os, subprocess, sys\n"  # the venv's packages (Ray) named, as its prefix is not found
+                  "env = dict(os.environ, PYTHONHOME=sys.base_prefix,\n"
+                  "           PYTHONPATH=os.pathsep.join(filter(None, sys.path)))\n"
+                  "subprocess.run(['bash', '-c', 'exec -a ray::IDLE ' + sys.executable + ' -c \"$0\"', "
+                  f"{worker!r}], env=env, check=True)\n")
+    stage = subprocess.Popen([sys.executable, "-c", stage_code])
+    with scale.Monitor(stage.pid, interval=0.05) as mon:
+        stage.wait()
+    assert stage.returncode == 0
+    tasks = {t["title"]: t["cpu_s"] for t in mon.cpu_top() if t["kind"] == "ray worker"}
+    assert 0.3 <= tasks["ray::A()"] < 0.55 and 0.5 <= tasks["ray::B()"] < 0.75, tasks
+    assert abs(sum(tasks.values()) - mon.cpu_by_kind["ray worker"]) < 0.02, (tasks, mon.cpu_by_kind)
+
+
 def test_the_memory_warm_up_touches_what_it_says_and_leaves_the_rest():
     """benchmarks/box_memory.py, which `scale.py --warm-memory` runs first: a pass over 1 GiB shows in the process's
     page faults (one per 4 KiB page at least, or per huge page), and a pass that must leave more than is available
