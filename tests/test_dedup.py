@@ -21,11 +21,11 @@ from preprocessing.dedup.groups import (bucket_edges, code_hashes, edge_groups, 
 from preprocessing.dedup import exchange
 from preprocessing.dedup.dataset import training_rows
 from preprocessing.dedup.fit import IN_MEMORY_ROWS, fit_ray
-from preprocessing.dedup.model import crops_of, encode, fit_local, fit_ray_train, fit_blocks, inputs_of, load_state
+from preprocessing.dedup.model import encode, fit_local, fit_ray_train, fit_blocks, inputs_of, load_state
 from preprocessing.dedup.verify import (ALIGNMENTS, BUCKET_CAP, MARGIN, MAX_DIFF, MAX_REL, MAX_TOL, differences,
                                         measures, passes, star_groups)
 from preprocessing.dedup.grid import MAX_VIEWS
-from preprocessing.dedup.views import _pool2, cut_views, image_codes, view_crops, view_sources
+from preprocessing.dedup.views import _pool2, crops_of, cut_views, image_codes, view_crops, view_sources
 from preprocessing.dedup.semantic_hash import (group_codes, group_identical, group_views, hamming, keep_smallest_key,
                                          near_pairs, pack_bits, partition_of)
 from preprocessing.shards import ShardDataset, make_table, read_manifest, write_manifest, write_table

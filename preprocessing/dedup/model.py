@@ -42,7 +42,6 @@ from preprocessing import storage
 from preprocessing.config import ClusterConfig, DedupConfig
 from preprocessing.progress import Progress
 from preprocessing.dedup.semantic_hash import pack_bits
-from preprocessing.dedup.views import crops_of  # noqa: F401  (the crops' step, re-exported)
 
 log = logging.getLogger(__name__)
 
