@@ -318,8 +318,8 @@ class Peaks:
     kinds: dict = field(default_factory=dict)  # pid -> what it is (`process_kind`), as last seen alive
     cpu_by_kind: dict = field(default_factory=dict)  # kind -> CPU seconds, set when the stage has ended
     titles: dict = field(default_factory=dict)  # pid -> its command line's start (a worker: its last busy title)
-    task_ticks: dict = field(default_factory=dict)  # a Ray worker's title -> the ticks workers spent under it
-    counted: dict = field(default_factory=dict)  # pid of a Ray worker -> its ticks already put under a title
+    task_ticks: dict = field(default_factory=dict)  # (pid, task) -> the ticks a Ray worker spent running it
+    counted: dict = field(default_factory=dict)  # pid of a Ray worker -> its ticks already put under a task
     cpu_top: list = field(default_factory=list)  # what spent the most CPU (`Monitor.cpu_top`)
 
 
@@ -369,6 +369,14 @@ def process_kind(argv: list[str], stage_driver: bool = False) -> str | None:
     return "other"
 
 
+WORKER_START = "(a worker starting, or idle before its first task)"
+
+
+def _task(title: str) -> str:
+    """The task a Ray worker's title names (`ray::MapBatches(...)`), or WORKER_START (its command line, ray::IDLE)."""
+    return title if title.startswith("ray::") and not title.startswith("ray::IDLE") else WORKER_START
+
+
 def _argv(pid: int) -> list[str]:
     """A process's command line (its title, for a Ray worker that renamed itself); [] once it has exited."""
     try:
@@ -416,10 +424,15 @@ class Monitor:
                     title = " ".join(argv)[:100]
                     if title and not title.startswith("ray::IDLE") or q not in p.titles:
                         p.titles[q] = title
-                p.cpu_ticks[q] = max(p.cpu_ticks.get(q, 0), _cpu_ticks(q))
+                before = p.cpu_ticks.get(q)
+                p.cpu_ticks[q] = max(before or 0, _cpu_ticks(q))
                 if p.kinds[q] == "ray worker":  # the ticks since the last sample, under the task it runs (or ran)
+                    if q not in p.counted and before is not None:  # seen before it was a worker: it was starting
+                        p.task_ticks[q, WORKER_START] = before - p.cpu_base.get(q, 0)
+                        p.counted[q] = before
                     done = p.counted.get(q, p.cpu_base.get(q, 0))
-                    p.task_ticks[p.titles[q]] = p.task_ticks.get(p.titles[q], 0) + p.cpu_ticks[q] - done
+                    task = _task(p.titles[q])
+                    p.task_ticks[q, task] = p.task_ticks.get((q, task), 0) + p.cpu_ticks[q] - done
                     p.counted[q] = p.cpu_ticks[q]
                 node_anon += st.get("RssAnon", 0)
                 node_store = max(node_store, st.get("RssShmem", 0))
@@ -465,10 +478,16 @@ class Monitor:
 
     def cpu_top(self, count: int = 12) -> list[dict]:
         """What spent the most CPU: Ray workers' CPU by the task they ran (their process title at each sample; the
-        one they had just run while idle), summed over workers; any other process by itself, under its command line.
-        Each: kind, title, CPU seconds. A worker's start-up (its imports before its first task) shows as ray::IDLE."""
+        one they had just run while idle; before their first task, WORKER_START), summed over workers; any other
+        process by itself, under its command line. Each: kind, title, CPU seconds. A process counts as what it was
+        last (`cpu_by_kind`'s rule): a worker that became one of Ray's own actors (a job supervisor) is one of those,
+        its whole life."""
         p, hz = self.peaks, os.sysconf("SC_CLK_TCK")
-        rows = [("ray worker", title, ticks / hz) for title, ticks in p.task_ticks.items()]
+        by_task: dict[str, float] = {}
+        for (q, task), ticks in p.task_ticks.items():
+            if p.kinds.get(q) == "ray worker":
+                by_task[task] = by_task.get(task, 0.0) + ticks / hz
+        rows = [("ray worker", task, c) for task, c in by_task.items()]
         rows += [(p.kinds.get(q, "other"), p.titles.get(q, ""), c) for q, c in self._spent().items()
                  if p.kinds.get(q) != "ray worker"]
         rows.sort(key=lambda r: r[2], reverse=True)

@@ -152,28 +152,35 @@ def test_the_cpu_is_told_apart_by_what_spent_it():
 def test_a_workers_cpu_is_put_under_the_task_it_ran():
     """`cpu_top` puts a Ray worker's CPU under the task it ran when it was spent (its process title at each sample),
     not all of it under the last one: a worker that ran task A for 0.4 s, then task B for 0.6 s, then went idle shows
-    A and B with their own CPU; the tasks' CPU adds up to the workers' in `cpu_by_kind`."""
-    worker = ("import time\n"
-              "from ray._raylet import setproctitle\n"  # Ray's own: what a worker titles itself with
-              "def burn(s):\n"
-              "    t = time.process_time()\n"
-              "    while time.process_time() - t < s: pass\n"
-              "for title, secs in (('ray::A()', 0.4), ('ray::B()', 0.6), ('ray::IDLE', 0)):\n"
-              "    setproctitle(title)\n"
-              "    burn(secs)\n"
-              "    time.sleep(0.3)\n")
-    stage_code = ("import os, subprocess, sys\n"  # the venv's packages (Ray) named, as its prefix is not found
-                  "env = dict(os.environ, PYTHONHOME=sys.base_prefix,\n"
-                  "           PYTHONPATH=os.pathsep.join(filter(None, sys.path)))\n"
-                  "subprocess.run(['bash', '-c', 'exec -a ray::IDLE ' + sys.executable + ' -c \"$0\"', "
-                  f"{worker!r}], env=env, check=True)\n")
+    A and B with their own CPU. A worker that became one of Ray's own actors (as Ray's job supervisor starts) counts
+    as that, its whole life, and not also as a worker: the workers' rows add up to the workers' `cpu_by_kind`."""
+    code = ("import sys, time\n"
+            "from ray._raylet import setproctitle\n"  # Ray's own: what a worker titles itself with
+            "def burn(s):\n"
+            "    t = time.process_time()\n"
+            "    while time.process_time() - t < s: pass\n"
+            "time.sleep(0.3)\n"  # each step between sleeps that the sampler sees: none straddles a title
+            "for title, secs in zip(sys.argv[1::2], map(float, sys.argv[2::2])):\n"
+            "    setproctitle(title)\n"
+            "    time.sleep(0.3)\n"
+            "    burn(secs)\n"
+            "    time.sleep(0.3)\n")
+    # a worker titled by Ray; then a worker process (Ray's worker script on its command line) that becomes Ray's job
+    # supervisor; both in turn
+    stage_code = ("import os, subprocess, sys\n"
+                  f"code = {code!r}\n"
+                  "subprocess.run([sys.executable, '-c', code, 'ray::A()', '0.4', 'ray::B()', '0.6', 'ray::IDLE', '0', "
+                  "'ray::Z()', '0'], check=True)\n"  # Z: the interpreter's exit is not B's
+                  "subprocess.run([sys.executable, '-c', code, '/x/ray/_private/workers/default_worker.py', '0.3', "
+                  "'ray::JobSupervisor', '0.2'], check=True)\n")
     stage = subprocess.Popen([sys.executable, "-c", stage_code])
     with scale.Monitor(stage.pid, interval=0.05) as mon:
         stage.wait()
     assert stage.returncode == 0
     tasks = {t["title"]: t["cpu_s"] for t in mon.cpu_top() if t["kind"] == "ray worker"}
-    assert 0.3 <= tasks["ray::A()"] < 0.55 and 0.5 <= tasks["ray::B()"] < 0.75, tasks
+    assert 0.35 <= tasks["ray::A()"] < 0.5 and 0.55 <= tasks["ray::B()"] < 0.7, tasks
     assert abs(sum(tasks.values()) - mon.cpu_by_kind["ray worker"]) < 0.02, (tasks, mon.cpu_by_kind)
+    assert mon.cpu_by_kind["ray system"] >= 0.5, mon.cpu_by_kind  # the supervisor's 0.3 s as a worker, and its 0.2
 
 
 def test_the_memory_warm_up_touches_what_it_says_and_leaves_the_rest():
