@@ -517,16 +517,21 @@ def test_the_fit_takes_phase_ones_blocks_as_they_are_and_the_crops_task_imports_
     _, losses, trained_on = _train(crops, sampled, cfg, str(tmp_path / "out"), None, 60)
     assert sampled and trained_on == 20 and len(losses) == 2
 
-    def started() -> list[str]:  # this job's tasks since `_train` began (the State API sees them within ~1 s)
-        tasks = list_tasks(here, filters=[("job_id", "=", job)], detail=True, limit=10_000,
+    def started(name: str) -> int:  # this job's tasks of that name since `_train` began (reported within ~1 s)
+        tasks = list_tasks(here, filters=[("job_id", "=", job), ("name", "=", name)], detail=True, limit=10_000,
                            raise_on_missing_output=False)
-        return sorted(t.name for t in tasks if (t.creation_time_ms or 0) >= since_ms)
+        return sum((t.creation_time_ms or 0) >= since_ms for t in tasks)
 
     deadline = time.monotonic() + 30
-    while "fit_task" not in started() and time.monotonic() < deadline:
+    while not started("fit_task") and time.monotonic() < deadline:
         time.sleep(0.5)
-    time.sleep(1.5)  # any other task of the phase is reported by now too
-    assert started() == ["fit_task"]
+    time.sleep(1.5)  # a task of the phase before the fit is reported by now too
+    assert started("fit_task") == 1 and started("Project") == 0  # the old code's projection: two Project tasks
+    # with one view phase 1 keeps every row; the sample is cut from its blocks, all their columns, for the fit
+    one = cfg.model_copy(update={"views": 1})
+    every, _, sampled = _crops(src, shards, one, 60)
+    _, losses, trained_on = _train(every, sampled, one, str(tmp_path / "out-one"), None, 60)
+    assert not sampled and trained_on == 20 and len(losses) == 2
 
     code = ("import sys, json\n"
             "import numpy as np\n"
