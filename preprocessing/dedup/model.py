@@ -213,10 +213,10 @@ def code_penalty(h: torch.Tensor, cfg: DedupConfig) -> torch.Tensor:
 class Adam:
     """torch.optim.Adam's update as it runs on CPUs (its single-tensor path; no weight decay, no amsgrad), without
     torch.optim: the first call of a torch.optim optimizer's methods imports torch._dynamo, which every dedup's CPU
-    fit task paid before its first step (its training phase is 0.5-0.9 s shorter without: benchmarks/startup.py). The same arithmetic in the same
-    order, so the same weights to the bit on CPUs (tests/test_dedup.py compares the two). On a GPU torch's own runs
-    (`train_epochs`): its multi-tensor kernels there are another order of operations, and Ray Train's start dwarfs
-    the import."""
+    fit task paid before its first step (its training phase is 0.5-0.9 s shorter without: benchmarks/startup.py).
+    The same arithmetic in the same order, so the same weights to the bit on CPUs (tests/test_dedup.py compares the
+    two). On a GPU torch's own runs (`train_epochs`): its multi-tensor kernels there are another order of operations,
+    and Ray Train's start dwarfs the import."""
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8):

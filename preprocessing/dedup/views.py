@@ -40,13 +40,7 @@ def crops_of(images: np.ndarray, crop: int) -> np.ndarray:
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be (N, H, W, 3) uint8, got {images.shape} {images.dtype}")
-    n, h, w, _ = images.shape
-    side = min(h, w)
-    y, x = (h - side) // 2, (w - side) // 2
-    out = np.empty((n, crop, crop, 3), np.uint8)
-    for i in range(n):
-        out[i] = cv2.resize(images[i, y:y + side, x:x + side], (crop, crop), interpolation=cv2.INTER_AREA)
-    return out
+    return _center_squares(images, crop, cv2.INTER_AREA)
 
 
 def view_sources(images: np.ndarray, crop: int) -> np.ndarray:
@@ -54,13 +48,20 @@ def view_sources(images: np.ndarray, crop: int) -> np.ndarray:
     import cv2
 
     images = np.asarray(images)
+    size = 2 * crop
+    return _center_squares(images, size, cv2.INTER_AREA if min(images.shape[1:3]) >= size else cv2.INTER_LINEAR)
+
+
+def _center_squares(images: np.ndarray, size: int, interpolation: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, size, size, 3) uint8: each image's largest center square resized to size x size."""
+    import cv2
+
     n, h, w, _ = images.shape
-    side, size = min(h, w), 2 * crop
+    side = min(h, w)
     y, x = (h - side) // 2, (w - side) // 2
-    interp = cv2.INTER_AREA if side >= size else cv2.INTER_LINEAR
     out = np.empty((n, size, size, 3), np.uint8)
     for i in range(n):
-        out[i] = cv2.resize(images[i, y:y + side, x:x + side], (size, size), interpolation=interp)
+        out[i] = cv2.resize(images[i, y:y + side, x:x + side], (size, size), interpolation=interpolation)
     return out
 
 
