@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/face_detect.py
 	$(PY) benchmarks/dedup_quality.py
 	$(PY) benchmarks/dedup_grouping.py
+	$(PY) benchmarks/dedup_report.py
 	$(PY) benchmarks/svm_features.py
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/sample_quality.py

@@ -82,8 +82,9 @@ def main() -> None:
                 if path == "ray-data":
                     groups, figures = _ray_data_groups(coded, args.data, entries, cfg, code_bytes, p)
                 else:
-                    groups, figures = dedup._verified_groups(coded, args.data, entries, cfg, code_bytes, p,
+                    lookup, figures = dedup._verified_groups(coded, args.data, entries, cfg, code_bytes, p,
                                                              shared_only=path != "every-row")
+                    groups = lookup.as_dict()
                 walls.setdefault(path, []).append(time.perf_counter() - t)
                 print(f"{p:>10} {path:>9} {walls[path][-1]:>7.1f} {codes.count():>10} {shared:>8} {members:>8} "
                       f"{2 * figures['candidates_checked']:>10} {figures['candidates_checked']:>7} "

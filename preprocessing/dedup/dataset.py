@@ -42,10 +42,11 @@ import pyarrow.parquet as pq
 from preprocessing import compute, dataset_layout, lease, storage, stream
 from preprocessing.config import ClusterConfig, DedupConfig
 from preprocessing.dedup import exchange
-from preprocessing.dedup.groups import (bucket_edges, code_hashes, codes_of, decide, edge_groups, first_alignments,
-                                       groups_of, member_rows, pixel_bytes, shared_lookup, verify_rows, view_rows)
-from preprocessing.dedup.report import bit_stats, collision_picture
-from preprocessing.dedup.verify import BLANK_STD, blank, star_groups
+from preprocessing.dedup.groups import (GroupLookup, bucket_edges, code_hashes, codes_of, decide, edge_groups,
+                                       first_alignments, groups_of, member_rows, pixel_bytes, shared_lookup,
+                                       verify_rows, view_rows)
+from preprocessing.dedup.report import COLLIDING, CollisionGroups, bit_stats, collision_picture
+from preprocessing.dedup.verify import BLANK_STD, blank, star_group_arrays
 from preprocessing.dedup.views import crops_of, cut_views, encode_views, encode_views_probed, view_sources
 from preprocessing.errors import InputError
 from preprocessing.progress import Progress
@@ -240,7 +241,7 @@ def _code_rows(coded, code_bytes: int, partitions: int, shared_only: bool = True
 
 
 def _verified_groups(coded, src_uri: str, shards: list[dict], cfg: DedupConfig, code_bytes: int,
-                     partitions: int, shared_only: bool = True) -> tuple[dict, dict]:
+                     partitions: int, shared_only: bool = True) -> tuple[GroupLookup, dict]:
     """The multi-view group stage (`verify`): codes propose, pixels decide, groups are stars.
 
     One chain of plain-task shuffles (`exchange`), none through the driver: (image, code) rows of shared codes
@@ -258,11 +259,12 @@ def _verified_groups(coded, src_uri: str, shards: list[dict], cfg: DedupConfig, 
     edges = exchange.gather(exchange.run(members, steps))
     left = exchange.total(members, "left")
     if not edges:
-        return {}, {"candidates_checked": 0, "verified_edges": 0, "unchecked_members": left}
+        return GroupLookup.of([], [], []), {"candidates_checked": 0, "verified_edges": 0, "unchecked_members": left}
     a, b = edges["a"].astype(object), edges["b"].astype(object)
     real = a != ""
-    return star_groups(a[real], b[real]), {"candidates_checked": int(edges["checked"].sum()),
-                                           "verified_edges": int(real.sum()), "unchecked_members": left}
+    return GroupLookup.of(*star_group_arrays(a[real], b[real])), {"candidates_checked": int(edges["checked"].sum()),
+                                                                  "verified_edges": int(real.sum()),
+                                                                  "unchecked_members": left}
 
 
 def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig, cluster: ClusterConfig | None = None
@@ -308,8 +310,7 @@ def deduplicate(src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig
         _check_removal(decisions, src_uri, rows_in, cfg)
         entries = phase("write", 5, lambda e: f"{sum(x['rows'] for x in e)} of {rows_in} rows kept",
                         _write, decisions, src_uri, out_uri, shards)
-        colliding = sorted(decisions.filter(expr=col("size") > 1).select_columns(
-            ["key", "shard", "row", "keep", "group", "size"]).take_all(), key=lambda r: (r["group"], str(r["key"])))
+        colliding = _colliding(decisions.filter(expr=col("size") > 1).select_columns(list(COLLIDING)))
         bits = bit_stats(coded, cfg.code_bits)
     finally:
         ctx.execution_options.preserve_order, ctx.raise_original_map_exception = saved_order, saved_raise
@@ -462,11 +463,11 @@ def _group(coded, src_uri: str, shards: list[dict], cfg: DedupConfig, rows_in: i
     elif cfg.radius == 0:
         blocks, rows = _code_rows(coded, code_bytes, partitions)
         edges = exchange.gather(exchange.run(blocks, [rows, exchange.Step("part", partitions, bucket_edges)]))
-        groups = edge_groups(edges["a"].astype(object), edges["b"].astype(object)) if edges else {}
+        groups = GroupLookup.of_dict(edge_groups(edges["a"].astype(object), edges["b"].astype(object)) if edges else {})
     else:  # multi-index hashing needs every code in one place (16 bytes x views + key per row)
         whole = coded.select_columns(["key", "views"]).to_pandas()
         batch = {c: whole[c].to_numpy() for c in whole.columns}
-        groups = groups_of(batch["key"], group_views(codes_of(batch, code_bytes), cfg.radius))
+        groups = GroupLookup.of_dict(groups_of(batch["key"], group_views(codes_of(batch, code_bytes), cfg.radius)))
     return coded.map_batches(decide, batch_format="numpy", fn_kwargs={"groups": groups}).materialize(), checks
 
 
@@ -493,19 +494,21 @@ def _write(decisions, src_uri: str, out_uri: str, shards: list[dict]) -> list[di
                    zip(written["path"], written["rows"], written["bytes"], written["sha256"])), key=lambda e: e["path"])
 
 
-def _report(info: dict, colliding: list[dict], src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig,
+def _colliding(rows) -> CollisionGroups:
+    """The rows of groups of two or more, brought to the driver as Arrow blocks, not a Python dict a row
+    (`CollisionGroups`)."""
+    import ray
+
+    return CollisionGroups.of(ray.get(rows.to_arrow_refs()))
+
+
+def _report(info: dict, colliding: CollisionGroups, src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig,
             timings: dict[str, float]) -> dict:
     """The groups' picture and report.json; returns the manifest's dedup info with the group figures."""
-    by_group: dict[str, list[dict]] = {}
-    for r in colliding:
-        by_group.setdefault(str(r["group"]), []).append(r)
-    for members in by_group.values():
-        members.sort(key=lambda m: (not m["keep"], str(m["key"])))
-    sizes = np.array([len(m) for m in by_group.values()], np.int64)
+    sizes = colliding.sizes
     rng = np.random.default_rng(cfg.seed)
-    names = sorted(by_group)
-    picked = [names[i] for i in sorted(rng.choice(len(names), min(PICTURE_GROUPS, len(names)), replace=False))]
-    collision_picture(lambda i: _read_shard(src_uri, shards[i]), [by_group[g] for g in picked],
+    picked = sorted(rng.choice(len(colliding), min(PICTURE_GROUPS, len(colliding)), replace=False))
+    collision_picture(lambda i: _read_shard(src_uri, shards[i]), [colliding.members(j) for j in picked],
                       dataset_layout.dedup_collisions(out_uri))
     info = {**info, "groups": int(len(sizes)), "largest_group": int(sizes.max()) if len(sizes) else 1}
     if info["removed"] != int((sizes - 1).sum()):
@@ -515,9 +518,10 @@ def _report(info: dict, colliding: list[dict], src_uri: str, shards: list[dict],
         **info,
         "seconds": {k: round(v, 2) for k, v in timings.items()},
         "group_sizes": {str(int(s)): int(c) for s, c in zip(*np.unique(sizes, return_counts=True))} if len(sizes) else {},
-        "pictured_groups": picked,
-        "groups_detail": [{"kept": g, "size": len(by_group[g]), "removed": [str(m["key"]) for m in by_group[g][1:]]}
-                          for g in sorted(by_group, key=lambda g: (-len(by_group[g]), g))[:1000]],
+        "pictured_groups": [colliding.name(j) for j in picked],
+        "groups_detail": [{"kept": colliding.name(j), "size": int(sizes[j]),
+                           "removed": [str(m["key"]) for m in colliding.members(j)[1:]]}
+                          for j in colliding.largest(1000)],
     }
     storage.write_json(dataset_layout.dedup_report(out_uri), report)
     log.info("dedup %s: %d rows -> %d (%d removed in %d groups)", src_uri, info["rows_in"], info["rows_out"],

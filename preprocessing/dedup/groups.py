@@ -13,8 +13,10 @@ image's own views sharing a code are one row, never an edge: an image is not its
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from preprocessing.dedup.verify import ALIGNMENTS, bucket_members, candidate_pairs, star_groups, verified_pairs
 from preprocessing.dedup.views import cut_views
@@ -324,11 +326,76 @@ def edge_groups(a: np.ndarray, b: np.ndarray) -> dict[str, tuple[str, int]]:
     return groups_of(keys, components(len(keys), idx[:len(a)], idx[len(a):]))
 
 
-def decide(batch: dict[str, np.ndarray], groups: dict[str, tuple[str, int]]) -> dict[str, np.ndarray]:
-    """Keep (bool), group (the keeper's key: a stable group name) and size of each row, from `groups_of`."""
-    keys = [str(k) for k in batch["key"]]
-    found = [groups.get(k, (k, 1)) for k in keys]
-    group = np.array([g for g, _ in found], dtype=object)
+def key_hashes(keys) -> np.ndarray:
+    """A 64-bit hash of each key's UTF-8 text, the same in every process (Python's `hash` is salted per process)."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "little")
+                        for k in keys), np.uint64, len(keys))
+
+
+@dataclass(frozen=True)
+class GroupLookup:
+    """The members of groups of two or more, for `decide`: their 64-bit key hashes, sorted, beside their keys, their
+    keepers' keys (Arrow) and their group sizes (numpy), so a task finds its rows by binary search and confirms each
+    hit on the key itself.
+
+    Why not a dict of every member's key: every `decide` task (one a source shard) received it, and unpickling a dict
+    builds its Python objects again: 0.17 s a task at the ~450k colliding rows of the paper's LSUN de-duplication, so
+    the tasks' cost grew as shards x duplicates (benchmarks/dedup_report.py). Arrays travel as buffers, which Ray
+    maps without building anything; their driver copy is ~50 bytes a member, not a few hundred."""
+
+    hashes: np.ndarray
+    keys: pa.Array
+    keepers: pa.Array
+    sizes: np.ndarray
+
+    @classmethod
+    def of(cls, keys, keepers, sizes) -> "GroupLookup":
+        """From the members' keys, their keepers' keys and their group sizes (`verify.star_group_arrays`)."""
+        hashes = key_hashes(keys)
+        order = np.argsort(hashes, kind="stable")
+        take = pa.array(order)
+        return cls(hashes[order], pa.array(keys, pa.string()).take(take), pa.array(keepers, pa.string()).take(take),
+                   np.asarray(sizes, np.int64)[order])
+
+    @classmethod
+    def of_dict(cls, groups: dict[str, tuple[str, int]]) -> "GroupLookup":
+        """From `groups_of`'s dict (the paths that make one: `views: 1`, a Hamming radius)."""
+        return cls.of(list(groups), [g for g, _ in groups.values()], [s for _, s in groups.values()])
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def as_dict(self) -> dict[str, tuple[str, int]]:
+        """`groups_of`'s dict (tests, benchmarks: a few thousand members)."""
+        return {k: (g, int(s)) for k, g, s in zip(self.keys.to_pylist(), self.keepers.to_pylist(), self.sizes)}
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """Each key's position here, or -1. A hit on the hash is confirmed on the key; the next entries are tried
+        while they share the hash (two keys with one 64-bit hash: possible, never assumed away)."""
+        at = np.full(len(keys), -1, np.int64)
+        n = len(self.hashes)
+        if n == 0 or len(keys) == 0:
+            return at
+        h = key_hashes(keys)
+        i = np.minimum(np.searchsorted(self.hashes, h), n - 1)
+        for c in np.flatnonzero(self.hashes[i] == h):
+            j = int(i[c])
+            while j < n and self.hashes[j] == h[c]:
+                if self.keys[j].as_py() == str(keys[c]):
+                    at[c] = j
+                    break
+                j += 1
+        return at
+
+
+def decide(batch: dict[str, np.ndarray], groups: GroupLookup) -> dict[str, np.ndarray]:
+    """Keep (bool), group (the keeper's key: a stable group name) and size of each row (`GroupLookup`)."""
+    keys = np.array([str(k) for k in batch["key"]], dtype=object)
+    at = groups.find(keys)
+    hit = at >= 0
+    group, size = keys.copy(), np.ones(len(keys), np.int64)
+    if hit.any():
+        group[hit] = np.array(groups.keepers.take(pa.array(at[hit])).to_pylist(), dtype=object)
+        size[hit] = groups.sizes[at[hit]]
     return {**{k: batch[k] for k in ("key", "shard", "row", "hash")},
-            "keep": np.array([g == k for g, k in zip(group, keys)], bool), "group": group,
-            "size": np.array([s for _, s in found], np.int64)}
+            "keep": np.array([g == k for g, k in zip(group, keys)], bool), "group": group, "size": size}

@@ -3,11 +3,13 @@ collision groups (kept member framed green, removed ones red), so a collapsed ha
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from preprocessing import storage
 from preprocessing.dedup.semantic_hash import stack_codes
@@ -29,6 +31,53 @@ def bit_stats(codes_ds, code_bits: int) -> dict[str, Any]:
     q = np.clip(p, 1e-12, 1 - 1e-12)
     entropy = float(-(q * np.log2(q) + (1 - q) * np.log2(1 - q)).sum())
     return {"bits_used": int(((p > 0.01) & (p < 0.99)).sum()), "code_entropy_bits": round(entropy, 1)}
+
+
+COLLIDING = ("key", "shard", "row", "keep", "group", "size")   # a colliding row's columns, as `groups.decide` makes them
+
+
+@dataclass(frozen=True)
+class CollisionGroups:
+    """The groups of two or more rows, held as the columns of one Arrow table sorted by group name, each group's kept
+    member first, then by key; `starts` and `sizes` give each group's run of rows, in group-name order.
+
+    Why columns: the driver used to gather every colliding row as a Python dict (Ray Data's `take_all`) and group
+    them in a dict of lists. That is a few hundred bytes a row, and rows that collide grow with the dataset: LSUN
+    bedrooms' ~275k near duplicates (paper 4.1) are ~550k rows, ~300 MiB of Python objects on the driver
+    (benchmarks/dedup_report.py). Here a row is its columns' bytes, and only what the report shows becomes Python."""
+
+    table: pa.Table
+    starts: np.ndarray
+    sizes: np.ndarray
+
+    @classmethod
+    def of(cls, tables: list[pa.Table]) -> "CollisionGroups":
+        """Colliding rows in any order and blocks (`COLLIDING` columns) -> the groups. Strings sort by their UTF-8
+        bytes, which is the order of their code points: Python's `sorted` order, which the report always had."""
+        tables = [t.select(list(COLLIDING)) for t in tables if t.num_rows]
+        if not tables:
+            return cls(pa.table({}), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        table = pa.concat_tables(tables, promote_options="permissive").sort_by(
+            [("group", "ascending"), ("keep", "descending"), ("key", "ascending")]).combine_chunks()
+        group, n = table.column("group"), table.num_rows
+        change = pc.not_equal(group.slice(1), group.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+        starts = np.flatnonzero(np.concatenate([[True], change]))
+        return cls(table, starts, np.diff(np.append(starts, n)))
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def name(self, j: int) -> str:
+        """Group j's name: its kept member's key."""
+        return str(self.table.column("group")[int(self.starts[j])].as_py())
+
+    def members(self, j: int) -> list[dict]:
+        """Group j's rows as dicts (`COLLIDING` keys), kept member first, then by key."""
+        return self.table.slice(int(self.starts[j]), int(self.sizes[j])).to_pylist()
+
+    def largest(self, limit: int) -> list[int]:
+        """The `limit` largest groups, larger first, then by name."""
+        return [int(j) for j in np.lexsort((np.arange(len(self)), -self.sizes))[:limit]]
 
 
 def collision_picture(table_of: Callable[[int], pa.Table], members: list[list[dict]], uri: str) -> None:

@@ -246,8 +246,15 @@ def star_groups(a: np.ndarray, b: np.ndarray) -> dict[str, tuple[str, int]]:
     """Groups from verified edges between keys (a[k], b[k]), without chains: in key order, an image not yet placed
     keeps, and its verified neighbours not yet placed join it. key -> (keeper, group size) for groups of two or more
     (as `groups.groups_of`). Linear in edges after one sort; the edges are verified duplicates only."""
+    keys, keepers, sizes = star_group_arrays(a, b)
+    return {str(k): (str(g), int(s)) for k, g, s in zip(keys, keepers, sizes)}
+
+
+def star_group_arrays(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`star_groups` as three arrays (the members' keys in key order, their keepers' keys, their group sizes): no
+    Python object a member (`groups.GroupLookup`)."""
     if len(a) == 0:
-        return {}
+        return np.zeros(0, str), np.zeros(0, str), np.zeros(0, np.int64)
     names, idx = np.unique(np.concatenate([np.asarray(a), np.asarray(b)]).astype(str), return_inverse=True)
     ia, ib = idx[:len(a)], idx[len(a):]
     src, dst = np.r_[ia, ib], np.r_[ib, ia]
@@ -261,6 +268,6 @@ def star_groups(a: np.ndarray, b: np.ndarray) -> dict[str, tuple[str, int]]:
         keeper[i] = i
         nb = dst[bounds[i]:bounds[i + 1]]
         keeper[nb[keeper[nb] < 0]] = i
-    size = np.bincount(keeper, minlength=len(names))
-    return {str(names[i]): (str(names[keeper[i]]), int(size[keeper[i]])) for i in range(len(names))
-            if size[keeper[i]] > 1}
+    size = np.bincount(keeper, minlength=len(names))[keeper]
+    many = size > 1
+    return names[many], names[keeper[many]], size[many].astype(np.int64)
