@@ -1311,52 +1311,79 @@ def test_bucket_members_come_back_sorted_by_bucket_then_key_as_text():
 
 
 def _collisions(n_groups: int, seed: int) -> list[dict]:
-    """Rows as `groups.decide` makes them for groups of 2-5 (LSUN-like 40-hex keys, some with a non-ASCII suffix so
-    that text order is tested beyond ASCII): the group's name is its kept member's key, which is its smallest."""
+    """Rows as `groups.decide` makes them for groups of 2-5, named after their kept member: LSUN-like 40-hex keys;
+    every 7th group's keys share their hex and differ in a last character beyond ASCII (U+00E9, U+E000, U+1F600,
+    'z': UTF-16 would order U+1F600 before U+E000, code points after), and every 5th keeps a member that is not its
+    smallest key (the pipeline keeps the smallest; the order kept-first is tested apart from it)."""
     rng = np.random.default_rng(seed)
     rows = []
     for g in range(n_groups):
         size = int(rng.choice([2, 2, 2, 3, 5]))
-        keys = sorted(f"{rng.integers(0, 2**63):016x}{rng.integers(0, 2**63):016x}{'é' if g % 7 == 0 else ''}"
-                      for _ in range(size))
+        if g % 7 == 0:
+            stem = f"{rng.integers(0, 2**63):016x}"
+            keys = sorted(stem + c for c in rng.permutation(["z", "\u00e9", "\ue000", "\U0001f600", "a"])[:size])
+        else:
+            keys = sorted(f"{rng.integers(0, 2**63):016x}{rng.integers(0, 2**63):016x}" for _ in range(size))
+        kept = keys[-1] if g % 5 == 0 else keys[0]
         rows += [{"key": k, "shard": int(rng.integers(0, 1500)), "row": int(rng.integers(0, 2048)),
-                  "keep": k == keys[0], "group": keys[0], "size": size} for k in keys]
+                  "keep": k == kept, "group": kept, "size": size} for k in keys]
     rng.shuffle(rows)
     return rows
 
 
+def _report_before(rows: list[dict], seed: int, pictured: int) -> tuple[list[list[dict]], dict]:
+    """The driver's group figures before `CollisionGroups`, as `dataset._report` made them (its picture's members
+    and the report's group fields)."""
+    by_group: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: (r["group"], str(r["key"]))):
+        by_group.setdefault(str(r["group"]), []).append(r)
+    for members in by_group.values():
+        members.sort(key=lambda m: (not m["keep"], str(m["key"])))
+    sizes = np.array([len(m) for m in by_group.values()], np.int64)
+    names = sorted(by_group)
+    picked = [names[i] for i in sorted(np.random.default_rng(seed).choice(len(names), min(pictured, len(names)),
+                                                                          replace=False))]
+    return [by_group[g] for g in picked], {
+        "groups": len(sizes), "largest_group": int(sizes.max()) if len(sizes) else 1,
+        "group_sizes": {str(int(s)): int(c) for s, c in zip(*np.unique(sizes, return_counts=True))} if len(sizes) else {},
+        "pictured_groups": picked,
+        "groups_detail": [{"kept": g, "size": len(by_group[g]), "removed": [str(m["key"]) for m in by_group[g][1:]]}
+                          for g in sorted(by_group, key=lambda g: (-len(by_group[g]), g))[:1000]]}
+
+
 def test_the_collision_groups_reach_the_driver_as_columns_and_report_what_the_dicts_did(ray_cluster):
     """A dedup's report groups the colliding rows on the driver. They came as one Python dict a row (`take_all`),
-    grouped in a dict of lists: ~300 MiB of Python objects at LSUN's ~550k colliding rows (benchmarks/
-    dedup_report.py). Now they come as Arrow blocks and only what the report shows becomes Python objects. The
-    groups, their order, the pictured groups and members and the largest groups' detail are what the dict code gave
-    (written out below as it was); and the Python heap the driver allocates for 200k colliding rows stays small
-    (numpy and Python objects report to tracemalloc; Arrow's buffers do not, and are the rows' own bytes)."""
+    grouped in a dict of lists: ~260 MiB of Python heap at the ~450k colliding rows of the paper's LSUN
+    de-duplication (benchmarks/dedup_report.py). Now they come as Arrow blocks and only what the report shows becomes
+    Python objects. The picture's members and the report's group fields are what the dict code gave (written out
+    above as it was), from blocks of mixed string and integer widths; and the Python heap the driver allocates for
+    200k colliding rows stays small (numpy and Python objects report to tracemalloc; Arrow's buffers do not, and are
+    the rows' own bytes)."""
     import sys
     import tracemalloc
     from pathlib import Path
 
     import ray.data
 
-    from preprocessing.dedup.dataset import _colliding
+    from preprocessing.dedup.dataset import PICTURE_GROUPS, _colliding
     from preprocessing.dedup.report import CollisionGroups
 
     rows = _collisions(3000, seed=1)
-    got = CollisionGroups.of([pa.Table.from_pylist(rows[i:i + 997]) for i in range(0, len(rows), 997)])
-    by_group: dict[str, list[dict]] = {}                       # the driver's code before, as it was
-    for r in sorted(rows, key=lambda r: (r["group"], str(r["key"]))):
-        by_group.setdefault(str(r["group"]), []).append(r)
-    for members in by_group.values():
-        members.sort(key=lambda m: (not m["keep"], str(m["key"])))
-    names = sorted(by_group)
-    assert len(got) == len(names) and [got.name(j) for j in range(len(got))] == names
-    assert got.sizes.tolist() == [len(by_group[g]) for g in names]
-    for j in np.random.default_rng(2).choice(len(names), 50, replace=False):
-        assert got.members(j) == by_group[names[j]]
-    largest = sorted(by_group, key=lambda g: (-len(by_group[g]), g))[:1000]
-    assert [got.name(j) for j in got.largest(1000)] == largest
-    assert len(CollisionGroups.of([])) == len(CollisionGroups.of([pa.Table.from_pylist(rows).slice(0, 0)])) == 0
-
+    blocks = [pa.Table.from_pylist(rows[i:i + 997]) for i in range(0, len(rows), 997)]
+    wide = pa.schema([("key", pa.large_string()), ("shard", pa.int64()), ("row", pa.int64()), ("keep", pa.bool_()),
+                      ("group", pa.large_string()), ("size", pa.int64())])
+    blocks[1] = blocks[1].cast(wide)
+    got = CollisionGroups.of(blocks)
+    for seed in (0, 7):
+        picked, figures = got.summary(seed, PICTURE_GROUPS)
+        members, want = _report_before(rows, seed, PICTURE_GROUPS)
+        assert figures == want and [got.members(j) for j in picked] == members
+    members_of: dict[str, list[str]] = {}
+    for r in rows:
+        members_of.setdefault(r["group"], []).append(r["key"])
+    assert sum(min(keys) != g for g, keys in members_of.items()) >= 500  # kept members that are not the smallest key
+    empty = CollisionGroups.of([pa.Table.from_pylist(rows).slice(0, 0)])
+    assert len(CollisionGroups.of([])) == len(empty) == 0 and empty.summary(0, 8) == ([], _report_before([], 0, 8)[1])
     # ~200k rows, made as benchmarks/dedup_report.py makes them (checked here to be groups as `decide` makes them),
     # in blocks through Ray's object store
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -1380,7 +1407,8 @@ def test_the_collision_groups_reach_the_driver_as_columns_and_report_what_the_di
 
 def test_decide_finds_its_rows_in_groups_that_travel_as_buffers():
     """Every `decide` task (one a source shard) received the groups as a dict of every colliding key, and unpickling
-    it built its Python objects again in each task: 0.17 s a task at the paper's ~450k colliding rows, a cost of
+    it built its Python objects again in each task: 0.17 s a task at the ~450k colliding rows of the paper's LSUN
+    de-duplication, a cost of
     shards x duplicates (benchmarks/dedup_report.py). `GroupLookup` pickles to a few hundred bytes beside its
     buffers, which Ray maps without building anything; each task finds its own rows by binary search. Its decisions
     are the dict's, for members, for outsiders and for keys that share a 64-bit hash."""
@@ -1410,6 +1438,11 @@ def test_decide_finds_its_rows_in_groups_that_travel_as_buffers():
     for stored in (["a", "zz"], ["zz", "a"]):
         shared = GroupLookup(np.array([h, h], np.uint64), pa.array(stored), pa.array(["k", "k"]), np.array([2, 2]))
         assert shared.find(np.array(["a", "zz", "b"], dtype=object)).tolist() == [stored.index("a"), -1, -1]
+    # ... at the end of the array, after a smaller hash; and a key whose hash is above every stored one
+    end = GroupLookup(np.array([0, h, h], np.uint64), pa.array(["p", "zz", "a"]), pa.array(["k"] * 3), np.full(3, 2))
+    assert end.find(np.array(["a", "zz", "p"], dtype=object)).tolist() == [2, -1, -1]
+    low = GroupLookup(np.array([0, 1], np.uint64), pa.array(["p", "q"]), pa.array(["k", "k"]), np.array([2, 2]))
+    assert low.find(np.array(["a"], dtype=object)).tolist() == [-1] and h > 1
 
     # what a task unpickles: a few hundred bytes beside the buffers, whatever the number of members
     many = GroupLookup.of([f"{i:040x}" for i in range(200_000)], [f"{i - i % 2:040x}" for i in range(200_000)],
@@ -1422,7 +1455,7 @@ def test_decide_finds_its_rows_in_groups_that_travel_as_buffers():
 
 @pytest.mark.slow
 def test_the_report_benchmark_runs_and_both_ways_find_the_same_groups():
-    """benchmarks/dedup_report.py (what RESULTS.md cites for the driver's collision bookkeeping and the decide tasks'
+    """benchmarks/dedup_report.py (RESULTS.md's figures for the driver's collision bookkeeping and the decide tasks'
     groups) runs end to end on a small set: its baselines and ours agree (it exits otherwise) and it prints both
     tables."""
     import os

@@ -505,27 +505,17 @@ def _colliding(rows) -> CollisionGroups:
 def _report(info: dict, colliding: CollisionGroups, src_uri: str, shards: list[dict], out_uri: str, cfg: DedupConfig,
             timings: dict[str, float]) -> dict:
     """The groups' picture and report.json; returns the manifest's dedup info with the group figures."""
-    sizes = colliding.sizes
-    rng = np.random.default_rng(cfg.seed)
-    picked = sorted(rng.choice(len(colliding), min(PICTURE_GROUPS, len(colliding)), replace=False))
+    picked, figures = colliding.summary(cfg.seed, PICTURE_GROUPS)
     collision_picture(lambda i: _read_shard(src_uri, shards[i]), [colliding.members(j) for j in picked],
                       dataset_layout.dedup_collisions(out_uri))
-    info = {**info, "groups": int(len(sizes)), "largest_group": int(sizes.max()) if len(sizes) else 1}
-    if info["removed"] != int((sizes - 1).sum()):
-        raise RuntimeError(f"dedup bookkeeping: {info['removed']} rows removed but groups account for "
-                           f"{(sizes - 1).sum()}")
-    report = {
-        **info,
-        "seconds": {k: round(v, 2) for k, v in timings.items()},
-        "group_sizes": {str(int(s)): int(c) for s, c in zip(*np.unique(sizes, return_counts=True))} if len(sizes) else {},
-        "pictured_groups": [colliding.name(j) for j in picked],
-        "groups_detail": [{"kept": colliding.name(j), "size": int(sizes[j]),
-                           "removed": [str(m["key"]) for m in colliding.members(j)[1:]]}
-                          for j in colliding.largest(1000)],
-    }
+    info = {**info, "groups": figures.pop("groups"), "largest_group": figures.pop("largest_group")}
+    removed = int((colliding.sizes - 1).sum())
+    if info["removed"] != removed:
+        raise RuntimeError(f"dedup bookkeeping: {info['removed']} rows removed but groups account for {removed}")
+    report = {**info, "seconds": {k: round(v, 2) for k, v in timings.items()}, **figures}
     storage.write_json(dataset_layout.dedup_report(out_uri), report)
     log.info("dedup %s: %d rows -> %d (%d removed in %d groups)", src_uri, info["rows_in"], info["rows_out"],
-             info["removed"], len(sizes))
+             info["removed"], info["groups"])
     return info
 
 

@@ -341,7 +341,8 @@ class GroupLookup:
     Why not a dict of every member's key: every `decide` task (one a source shard) received it, and unpickling a dict
     builds its Python objects again: 0.17 s a task at the ~450k colliding rows of the paper's LSUN de-duplication, so
     the tasks' cost grew as shards x duplicates (benchmarks/dedup_report.py). Arrays travel as buffers, which Ray
-    maps without building anything; their driver copy is ~50 bytes a member, not a few hundred."""
+    maps without building anything; their driver copy is ~100 bytes a member (40-character keys), not a few
+    hundred."""
 
     hashes: np.ndarray
     keys: pa.Array
@@ -351,6 +352,7 @@ class GroupLookup:
     @classmethod
     def of(cls, keys, keepers, sizes) -> "GroupLookup":
         """From the members' keys, their keepers' keys and their group sizes (`verify.star_group_arrays`)."""
+        keys = [str(k) for k in keys]        # hashed and stored as the same text
         hashes = key_hashes(keys)
         order = np.argsort(hashes, kind="stable")
         take = pa.array(order)

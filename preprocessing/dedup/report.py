@@ -43,8 +43,9 @@ class CollisionGroups:
 
     Why columns: the driver used to gather every colliding row as a Python dict (Ray Data's `take_all`) and group
     them in a dict of lists. That is a few hundred bytes a row, and rows that collide grow with the dataset: LSUN
-    bedrooms' ~275k near duplicates (paper 4.1) are ~550k rows, ~300 MiB of Python objects on the driver
-    (benchmarks/dedup_report.py). Here a row is its columns' bytes, and only what the report shows becomes Python."""
+    bedrooms' ~275k near duplicates removed (paper 4.1) are ~450k colliding rows in groups of 2-5: ~260 MiB of Python
+    heap on the driver (benchmarks/dedup_report.py). Here a row is its columns' bytes, and only what the report shows
+    becomes Python."""
 
     table: pa.Table
     starts: np.ndarray
@@ -78,6 +79,19 @@ class CollisionGroups:
     def largest(self, limit: int) -> list[int]:
         """The `limit` largest groups, larger first, then by name."""
         return [int(j) for j in np.lexsort((np.arange(len(self)), -self.sizes))[:limit]]
+
+    def summary(self, seed: int, pictured: int, detail: int = 1000) -> tuple[list[int], dict[str, Any]]:
+        """(the groups the picture shows: `pictured` drawn with `seed`, in name order; the report's group figures:
+        count, largest, sizes' histogram, the pictured groups' names, the `detail` largest groups' members)."""
+        sizes = self.sizes
+        picked = sorted(int(j) for j in np.random.default_rng(seed).choice(len(self), min(pictured, len(self)),
+                                                                           replace=False))
+        return picked, {
+            "groups": len(self), "largest_group": int(sizes.max()) if len(sizes) else 1,
+            "group_sizes": {str(int(s)): int(c) for s, c in zip(*np.unique(sizes, return_counts=True))},
+            "pictured_groups": [self.name(j) for j in picked],
+            "groups_detail": [{"kept": self.name(j), "size": int(sizes[j]),
+                               "removed": [str(m["key"]) for m in self.members(j)[1:]]} for j in self.largest(detail)]}
 
 
 def collision_picture(table_of: Callable[[int], pa.Table], members: list[list[dict]], uri: str) -> None:
