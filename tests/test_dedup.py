@@ -1469,3 +1469,41 @@ def test_the_report_benchmark_runs_and_both_ways_find_the_same_groups():
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "in 3,000 groups" in run.stdout and run.stdout.count("x** |") >= 4 and "| seconds a task |" in run.stdout
+
+
+def test_one_long_key_does_not_make_every_key_long():
+    """The group stage turned keys into numpy's fixed-width unicode (`astype(str)`), 4 bytes x the longest key for
+    every key: one 4,096-character URL key (faces cut from a scraped photo are keyed by its URL) made each of a
+    partition's keys 16 KiB, 320 MiB for 20,000 rows. Keys are now Python strings (`verify.key_texts`), ordered by
+    `image_ids`: the steps that sort and compare keys allocate in proportion to the keys' own text, and order them as
+    before (a long key among short ones, text order beyond ASCII)."""
+    import tracemalloc
+
+    from preprocessing.dedup.verify import bucket_members, key_texts, star_group_arrays
+
+    rng = np.random.default_rng(8)
+    n = 20_000
+    long_key = "https://images.example/" + "q" * 4073
+    keys = np.array([f"img-{i:05d}" for i in range(n - 2)] + [long_key, "img-\U0001f600"], dtype=object)
+    codes = np.array([int(rng.integers(0, 2**62)).to_bytes(8, "little") * 2 for _ in range(n // 4)], dtype=object)
+    codes = codes[rng.integers(0, len(codes), n)]                 # ~4 images a code: every row shared
+    checks = rng.permutation(n)                                    # rows paired into checks of two
+    batch = {"key": keys[checks], "bucket": np.repeat(np.arange(n // 2), 2), "prio": np.zeros(n, np.int64),
+             "pos": np.zeros(n, np.int64), "pair": np.zeros(n, np.int64)}
+    a, b = keys[checks[0::2]], keys[checks[1::2]]
+    steps = {"bucket_members": lambda: bucket_members(keys, codes), "first_alignments": lambda: first_alignments(batch),
+             "star_group_arrays": lambda: star_group_arrays(a, b), "edge_groups": lambda: edge_groups(a, b),
+             "groups_of": lambda: groups_of(keys, np.arange(n) // 2)}
+    for name, step in steps.items():
+        tracemalloc.start()
+        try:
+            step()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 24 * 2**20, f"{name}: {peak / 2**20:.0f} MiB for {n} keys"
+    # the same order as text: the long key and the non-ASCII one among the short ones
+    names, keepers, _ = star_group_arrays(np.array(["b", long_key], dtype=object), np.array(["img-\U0001f600", "a"],
+                                                                                               dtype=object))
+    assert names.tolist() == sorted(["b", long_key, "img-\U0001f600", "a"]) and keepers.tolist() == ["a", "b", "a", "b"]
+    assert key_texts(np.array(["x", "yy"])).dtype == object

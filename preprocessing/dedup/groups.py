@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from preprocessing.dedup.verify import ALIGNMENTS, bucket_members, candidate_pairs, star_groups, verified_pairs
+from preprocessing.dedup.verify import (ALIGNMENTS, bucket_members, candidate_pairs, image_ids, key_texts, star_groups,
+                                        verified_pairs)
 from preprocessing.dedup.views import cut_views
 from preprocessing.dedup.semantic_hash import (code_mix, components, group_identical, keep_smallest_key,
                                                mix_partition, partition_of, stack_codes)
@@ -223,7 +224,7 @@ def first_alignments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     Each code partition caps a pair at ALIGNMENTS of ITS buckets; a pair's ~100 shared codes are spread over all
     partitions, so without this a pair was checked up to ALIGNMENTS x partitions times: at 25k / 50k / 100k images
     (1 / 2 / 4 partitions) 3,944 / 14,502 / 52,283 checks for 654 / 1,356 / 2,798 images removed."""
-    keys = np.asarray(batch["key"]).astype(str)
+    keys = image_ids(np.asarray(batch["key"], dtype=object))  # key order as numbers (`verify.key_texts`)
     check = np.asarray(batch["bucket"])
     order = np.lexsort((keys, check))                       # two rows a check, its smaller key first
     first, second = order[0::2], order[1::2]
@@ -262,8 +263,8 @@ def verify_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """One partition of checks (two rows each) with their views' pixels (`pixel_bytes`) -> verified edges between
     keys, and the number of candidate pairs checked (on the first row; one row with empty keys when nothing
     verified)."""
-    keys = np.asarray(batch["key"]).astype(str)
-    order = np.lexsort((keys, np.asarray(batch["bucket"])))
+    keys = key_texts(batch["key"])
+    order = np.lexsort((image_ids(keys), np.asarray(batch["bucket"])))
     keys, buckets = keys[order], np.asarray(batch["bucket"])[order]
     pix = np.asarray(batch["pixels"], dtype=object)[order]
     a, b, checked = verified_pairs(buckets, keys, lambda idx: bytes_pixels(pix[idx]))
@@ -277,7 +278,7 @@ def verified_groups(keys: np.ndarray, codes: np.ndarray, sources: np.ndarray, re
     """In one process (benchmarks, tests): (N, views, bytes) codes and (N, S, S, 3) view sources -> (`groups_of`-style
     groups from verified edges, figures: candidate pairs checked, verified edges, members left unchecked); `record`
     and `alignments` as `verified_pairs`; `flips` (`views.encode_views_probed`): probes too."""
-    keys = np.asarray(keys).astype(str)
+    keys = key_texts(keys)
     owner, view, flat = distinct_views(*probed(np.asarray(codes, np.uint8), flips))
     rows, buckets, left = bucket_members(keys[owner], flat)
     members, views = owner[rows], view[rows]
@@ -289,7 +290,7 @@ def verified_groups(keys: np.ndarray, codes: np.ndarray, sources: np.ndarray, re
 
 def group_ids(keys: np.ndarray, groups: dict[str, tuple[str, int]]) -> np.ndarray:
     """A group id per key (its keeper's position; itself when ungrouped): the array form of `groups_of`."""
-    keys = np.asarray(keys).astype(str)
+    keys = key_texts(keys)
     pos = {k: i for i, k in enumerate(keys)}
     return np.array([pos[groups[k][0]] if k in groups else i for i, k in enumerate(keys)], np.int64)
 
@@ -300,7 +301,7 @@ def bucket_edges(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if len(keys) < 2:
         return {"a": np.zeros(0, object), "b": np.zeros(0, object)}
     buckets = group_identical(stack_codes(batch["code"]))
-    keep = keep_smallest_key(buckets, keys.astype(str))
+    keep = keep_smallest_key(buckets, image_ids(keys))
     hub = np.empty(int(buckets.max()) + 1, dtype=object)
     hub[buckets[keep]] = keys[keep]
     other = ~keep & (hub[buckets] != keys)
@@ -313,7 +314,7 @@ def groups_of(keys: np.ndarray, groups: np.ndarray) -> dict[str, tuple[str, int]
     if len(keys) == 0:
         return {}
     size = np.bincount(groups)[groups]
-    keep = keep_smallest_key(groups, keys.astype(str))
+    keep = keep_smallest_key(groups, image_ids(keys))
     keeper = np.empty(int(groups.max()) + 1, dtype=object)
     keeper[groups[keep]] = keys[keep]
     many = size > 1
@@ -322,7 +323,7 @@ def groups_of(keys: np.ndarray, groups: np.ndarray) -> dict[str, tuple[str, int]
 
 def edge_groups(a: np.ndarray, b: np.ndarray) -> dict[str, tuple[str, int]]:
     """Connected components of the key edges (union-find), as `groups_of` gives them."""
-    keys, idx = np.unique(np.concatenate([a, b]).astype(str), return_inverse=True)
+    keys, idx = np.unique(key_texts(np.concatenate([a, b])), return_inverse=True)
     return groups_of(keys, components(len(keys), idx[:len(a)], idx[len(a):]))
 
 

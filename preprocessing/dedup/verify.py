@@ -135,7 +135,7 @@ def bucket_members(keys: np.ndarray, codes: list[bytes] | np.ndarray) -> tuple[n
     codes = stack_codes(codes)
     buckets = group_identical(codes)
     shared = np.flatnonzero(np.bincount(buckets)[buckets] > 1)  # the few rows whose code another image has too:
-    keys = np.asarray(keys, dtype=object)[shared].astype(str)   # only they are sorted by key (3.3M rows -> 4%)
+    keys = key_texts(np.asarray(keys, dtype=object)[shared])   # only they are sorted by key (3.3M rows -> 4%)
     ids = image_ids(keys)   # key order as numbers: numpy's sort of the unicode keys was ~6% of a 300k group stage
     order = np.lexsort((ids, buckets[shared]))
     b = buckets[shared][order]
@@ -155,6 +155,13 @@ def bucket_members(keys: np.ndarray, codes: list[bytes] | np.ndarray) -> tuple[n
         keep.append(rows)
     rows = shared[np.concatenate(keep)]
     return rows, buckets[rows], left
+
+
+def key_texts(keys) -> np.ndarray:
+    """Keys as an object array of Python strings, ordered and compared as text. Not numpy's fixed-width unicode
+    (`astype(str)`): that gives every key 4 bytes x the LONGEST key's length, so one 4,096-character URL key (a face
+    cut from a scraped photo is keyed by its URL) made each of a partition's keys 16 KiB."""
+    return np.array([str(k) for k in keys], dtype=object)
 
 
 def image_ids(owners: np.ndarray) -> np.ndarray:
@@ -255,7 +262,8 @@ def star_group_arrays(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndar
     Python object a member (`groups.GroupLookup`)."""
     if len(a) == 0:
         return np.zeros(0, str), np.zeros(0, str), np.zeros(0, np.int64)
-    names, idx = np.unique(np.concatenate([np.asarray(a), np.asarray(b)]).astype(str), return_inverse=True)
+    names, idx = np.unique(key_texts(np.concatenate([np.asarray(a, dtype=object), np.asarray(b, dtype=object)])),
+                           return_inverse=True)
     ia, ib = idx[:len(a)], idx[len(a):]
     src, dst = np.r_[ia, ib], np.r_[ib, ia]
     order = np.argsort(src, kind="stable")
