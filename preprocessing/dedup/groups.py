@@ -224,14 +224,14 @@ def first_alignments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     Each code partition caps a pair at ALIGNMENTS of ITS buckets; a pair's ~100 shared codes are spread over all
     partitions, so without this a pair was checked up to ALIGNMENTS x partitions times: at 25k / 50k / 100k images
     (1 / 2 / 4 partitions) 3,944 / 14,502 / 52,283 checks for 654 / 1,356 / 2,798 images removed."""
-    keys = image_ids(np.asarray(batch["key"], dtype=object))  # key order as numbers (`verify.key_texts`)
+    ids = image_ids(np.asarray(batch["key"], dtype=object))  # key order as numbers (`verify.key_texts`)
     check = np.asarray(batch["bucket"])
-    order = np.lexsort((keys, check))                       # two rows a check, its smaller key first
+    order = np.lexsort((ids, check))                        # two rows a check, its smaller key first
     first, second = order[0::2], order[1::2]
     by_pair = np.lexsort((check[first], np.asarray(batch["prio"])[first], np.asarray(batch["pos"])[first],
-                          keys[second], keys[first]))
+                          ids[second], ids[first]))
     first, second = first[by_pair], second[by_pair]
-    a, b = keys[first], keys[second]
+    a, b = ids[first], ids[second]
     new = np.ones(len(a), bool)
     new[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
     rank = np.arange(len(a)) - np.maximum.accumulate(np.where(new, np.arange(len(a)), 0))
@@ -353,7 +353,7 @@ class GroupLookup:
     @classmethod
     def of(cls, keys, keepers, sizes) -> "GroupLookup":
         """From the members' keys, their keepers' keys and their group sizes (`verify.star_group_arrays`)."""
-        keys = [str(k) for k in keys]        # hashed and stored as the same text
+        keys = key_texts(keys)               # hashed and stored as the same text
         hashes = key_hashes(keys)
         order = np.argsort(hashes, kind="stable")
         take = pa.array(order)
@@ -393,7 +393,7 @@ class GroupLookup:
 
 def decide(batch: dict[str, np.ndarray], groups: GroupLookup) -> dict[str, np.ndarray]:
     """Keep (bool), group (the keeper's key: a stable group name) and size of each row (`GroupLookup`)."""
-    keys = np.array([str(k) for k in batch["key"]], dtype=object)
+    keys = key_texts(batch["key"])
     at = groups.find(keys)
     hit = at >= 0
     group, size = keys.copy(), np.ones(len(keys), np.int64)

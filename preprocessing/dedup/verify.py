@@ -261,7 +261,7 @@ def star_group_arrays(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndar
     """`star_groups` as three arrays (the members' keys in key order, their keepers' keys, their group sizes): no
     Python object a member (`groups.GroupLookup`)."""
     if len(a) == 0:
-        return np.zeros(0, str), np.zeros(0, str), np.zeros(0, np.int64)
+        return np.zeros(0, object), np.zeros(0, object), np.zeros(0, np.int64)
     names, idx = np.unique(key_texts(np.concatenate([np.asarray(a, dtype=object), np.asarray(b, dtype=object)])),
                            return_inverse=True)
     ia, ib = idx[:len(a)], idx[len(a):]
